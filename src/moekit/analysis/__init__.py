@@ -1,0 +1,1 @@
+"""Looking inside models: parameter accounting, routing and specialisation analysis."""

@@ -1,0 +1,158 @@
+"""Parameter, FLOP and memory accounting computed from a `ModelConfig` alone (no weights needed).
+
+Conventions, chosen to match how published MoE models state their sizes:
+- *total* counts every parameter tensor the model holds (every routed expert); buffers such as
+  the aux-loss-free selection bias are not parameters and are not counted.
+- *active* counts what one token uses: everything outside the MoE layers, the router, the shared
+  experts and `top_k` routed experts (`capacity_factor` experts on average for expert choice).
+  Embedding tables count in full in both, as model cards do.
+- FLOPs are forward multiply-adds x 2 for one token: the matmuls of its active weights (the
+  input embedding is a lookup and costs none; the LM head does) plus attention scores and
+  values against `context` earlier positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moekit.config import ModelConfig
+
+CATEGORIES = (
+    "embeddings",
+    "lm_head",
+    "attention",
+    "dense_mlp",
+    "routed_experts",
+    "shared_experts",
+    "router",
+    "norms",
+)
+
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+@dataclass
+class ParamCount:
+    """Parameter counts by category: `total[c]` held by the model, `active[c]` used per token."""
+
+    total_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    active_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+
+    @property
+    def total(self) -> int:
+        return sum(self.total_by.values())
+
+    @property
+    def active(self) -> int:
+        return sum(self.active_by.values())
+
+    def add(self, category: str, total: int, active: int | None = None) -> None:
+        self.total_by[category] += total
+        self.active_by[category] += total if active is None else active
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    """Parameters of one attention block (projections and any norms inside attention)."""
+    a, d, h = cfg.attention, cfg.dim, cfg.num_heads
+    if a.kind == "mla":
+        qk_head = a.qk_nope_head_dim + a.qk_rope_head_dim
+        if a.q_lora_rank is None:
+            q = d * h * qk_head
+        else:
+            q = d * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * h * qk_head
+        kv = (
+            d * (a.kv_lora_rank + a.qk_rope_head_dim)  # compressed latent + shared rope key
+            + a.kv_lora_rank  # latent norm
+            + a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
+        )
+        return q + kv + h * a.v_head_dim * d
+    hd, hkv = cfg.head_dim, cfg.kv_heads
+    n = d * h * hd + 2 * d * hkv * hd + h * hd * d
+    if a.qkv_bias:
+        n += h * hd + 2 * hkv * hd
+    if a.qk_norm == "head":
+        n += 2 * hd
+    elif a.qk_norm == "full":
+        n += h * hd + hkv * hd
+    return n
+
+
+def mlp_params(cfg: ModelConfig, hidden: int) -> int:
+    return (3 if cfg.activation == "swiglu" else 2) * cfg.dim * hidden
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Total and per-token active parameters of `cfg`, broken down by category."""
+    pc = ParamCount()
+    d, v = cfg.dim, cfg.vocab_size
+    pc.add("embeddings", v * d)
+    if not cfg.tie_embeddings:
+        pc.add("lm_head", v * d)
+    pc.add("norms", (2 * cfg.num_layers + 1) * d)
+    pc.add("attention", cfg.num_layers * attention_params(cfg))
+    moe = cfg.moe
+    for layer in range(cfg.num_layers):
+        if moe is None or not moe.is_moe_layer(layer):
+            pc.add("dense_mlp", mlp_params(cfg, cfg.dense_hidden))
+            continue
+        per_expert = mlp_params(cfg, moe.expert_hidden)
+        if moe.router == "expert_choice":
+            assert moe.capacity_factor is not None  # validated by MoEConfig
+            active_experts = round(moe.capacity_factor * per_expert)
+        else:
+            active_experts = moe.top_k * per_expert
+        pc.add("routed_experts", moe.num_experts * per_expert, active_experts)
+        pc.add("router", moe.num_experts * d)
+        if moe.num_shared_experts:
+            pc.add(
+                "shared_experts",
+                mlp_params(cfg, moe.shared_hidden_total) + (d if moe.shared_expert_gate else 0),
+            )
+    return pc
+
+
+def attention_flops_per_token(cfg: ModelConfig, context: int) -> int:
+    """Forward FLOPs of attention scores and weighted values for one token over `context` keys."""
+    a = cfg.attention
+    if a.kind == "mla":
+        qk, vd = a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
+    else:
+        qk = vd = cfg.head_dim
+    return cfg.num_layers * 2 * cfg.num_heads * (qk + vd) * context
+
+
+def flops_per_token(cfg: ModelConfig, context: int = 2048) -> int:
+    """Forward FLOPs for one token that attends to `context` positions."""
+    pc = count_params(cfg)
+    # Matmul weights: everything active except the embedding lookup and the norm gains; a tied
+    # LM head reuses the embedding matrix as a matmul.
+    matmul = pc.active - pc.active_by["embeddings"] - pc.active_by["norms"]
+    if cfg.tie_embeddings:
+        matmul += cfg.vocab_size * cfg.dim
+    return 2 * matmul + attention_flops_per_token(cfg, context)
+
+
+def weight_memory_bytes(num_params: int) -> dict[str, int]:
+    """Bytes needed to hold `num_params` weights in each storage dtype (no quantisation scales)."""
+    return {name: int(num_params * b) for name, b in BYTES_PER_PARAM.items()}
+
+
+def summary(cfg: ModelConfig, context: int = 2048) -> dict[str, Any]:
+    """Every accounting figure of `cfg` in one JSON-ready dict (what `moekit info --json`
+    prints): total and active parameters with their breakdown, FLOPs per token, weight memory."""
+    pc = count_params(cfg)
+    return {
+        "total_params": pc.total,
+        "active_params": pc.active,
+        "active_fraction": pc.active / pc.total,
+        "flops_per_token": flops_per_token(cfg, context),
+        "flops_context": context,
+        "weight_memory_bytes": weight_memory_bytes(pc.total),
+        "total_params_by": dict(pc.total_by),
+        "active_params_by": dict(pc.active_by),
+        "num_layers": cfg.num_layers,
+        "moe_layers": len(cfg.moe_layers),
+        "num_experts": cfg.moe.num_experts if cfg.moe else 0,
+        "top_k": cfg.moe.top_k if cfg.moe else 0,
+    }

@@ -1,0 +1,441 @@
+"""Model configuration: keyword-only dataclasses, validated on construction, JSON round-trip.
+
+A `ModelConfig` fully describes a decoder-only language model: its attention (`AttentionConfig`)
+and, when some feed-forward layers are Mixture-of-Experts layers, their routing and experts
+(`MoEConfig`). Configs hold plain data only (no devices, process groups or modules); pass those
+to the function that builds or applies the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+FORMAT_VERSION = 1
+
+ROUTERS = ("topk", "switch", "expert_choice")
+SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
+ACTIVATIONS = ("swiglu", "gelu")
+ATTENTION_KINDS = ("gqa", "mla")
+QK_NORMS = ("none", "head", "full")
+
+
+def _fail(owner: str, name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{owner}.{name}={value!r} is invalid: {allowed}")
+
+
+def _check_positive(owner: str, **values: int | float) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise _fail(owner, name, value, "must be a positive number")
+
+
+def _check_non_negative(owner: str, **values: int | float) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise _fail(owner, name, value, "must be >= 0")
+
+
+def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _fail(owner, name, value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+class _ConfigBase:
+    """JSON helpers shared by the config dataclasses (nested configs become nested dicts)."""
+
+    _nested: ClassVar[dict[str, type]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
+                f"known fields are {', '.join(sorted(names))}"
+            )
+        kwargs = dict(data)
+        for name, sub in cls._nested.items():
+            if kwargs.get(name) is not None and not isinstance(kwargs[name], sub):
+                kwargs[name] = sub.from_dict(kwargs[name])  # type: ignore[attr-defined]
+        return cls(**kwargs)
+
+
+@dataclass(kw_only=True)
+class AttentionConfig(_ConfigBase):
+    """Self-attention options.
+
+    `kind="gqa"` is grouped-query attention (multi-head when `num_kv_heads == num_heads`,
+    multi-query when it is 1). `kind="mla"` is DeepSeek's multi-head latent attention: queries
+    optionally through a low-rank bottleneck (`q_lora_rank`), keys and values from a shared
+    compressed latent of size `kv_lora_rank`, and a decoupled RoPE part of `qk_rope_head_dim`
+    per head shared by all heads for the keys.
+    """
+
+    kind: str = "gqa"
+    head_dim: int | None = None  # gqa: None means dim // num_heads
+    qk_norm: str = "none"  # "head": RMSNorm per head (Qwen3); "full": over all heads (OLMoE)
+    qkv_bias: bool = False
+    # Multi-head latent attention (kind="mla") only.
+    q_lora_rank: int | None = None  # None: a full-rank query projection
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        owner = "AttentionConfig"
+        _check_choice(owner, "kind", self.kind, ATTENTION_KINDS)
+        _check_choice(owner, "qk_norm", self.qk_norm, QK_NORMS)
+        if self.head_dim is not None:
+            _check_positive(owner, head_dim=self.head_dim)
+            if self.head_dim % 2:
+                raise _fail(owner, "head_dim", self.head_dim, "must be even for RoPE")
+        if self.kind == "mla":
+            _check_positive(
+                owner,
+                kv_lora_rank=self.kv_lora_rank,
+                qk_nope_head_dim=self.qk_nope_head_dim,
+                qk_rope_head_dim=self.qk_rope_head_dim,
+                v_head_dim=self.v_head_dim,
+            )
+            if self.qk_rope_head_dim % 2:
+                raise _fail(owner, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
+            if self.q_lora_rank is not None:
+                _check_positive(owner, q_lora_rank=self.q_lora_rank)
+            if self.qk_norm != "none":
+                raise _fail(owner, "qk_norm", self.qk_norm, "must be 'none' with kind='mla'")
+            if self.head_dim is not None:
+                raise _fail(
+                    owner, "head_dim", self.head_dim,
+                    "must be None with kind='mla' (use qk_nope_head_dim, qk_rope_head_dim, "
+                    "v_head_dim)",
+                )  # fmt: skip
+        else:
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name):
+                    raise _fail(owner, name, getattr(self, name), "is only used with kind='mla'")
+            if self.q_lora_rank is not None:
+                raise _fail(owner, "q_lora_rank", self.q_lora_rank, "is only used with kind='mla'")
+
+
+@dataclass(kw_only=True)
+class MoEConfig(_ConfigBase):
+    """Mixture-of-Experts feed-forward options, and which layers use them.
+
+    Routers (`router`):
+      - "topk": token choice, each token picks its `top_k` best-scoring experts (Mixtral, Qwen,
+        OLMoE with `score_func="softmax"`; DeepSeek-V3 with `score_func="sigmoid"`).
+      - "switch": top-1 token choice with capacity (Switch Transformer); requires `top_k=1`.
+      - "expert_choice": each expert picks its top-C tokens, C = capacity_factor * T / E, so a
+        token gets 0..E experts. Over a batch this lets a token's routing depend on *later*
+        tokens, which leaks the future in a causal LM; `expert_choice_causal=True` (always used
+        when generating) lets each expert choose among already-seen tokens of a sequence only.
+
+    Layer placement: layers `0 .. first_dense_layers-1` are dense; after them every
+    `layer_step`-th layer is an MoE layer (layer i is MoE when
+    `(i - first_dense_layers + 1) % layer_step == 0`): `layer_step=2` interleaves dense and
+    MoE layers as Llama 4 Maverick does, `first_dense_layers=3` is DeepSeek-V3.
+    """
+
+    num_experts: int
+    top_k: int
+    expert_hidden: int
+    num_shared_experts: int = 0
+    shared_expert_hidden: int | None = None  # None: expert_hidden
+    shared_expert_gate: bool = False  # a learned sigmoid gate on the shared output (Qwen2-MoE)
+    router: str = "topk"
+    score_func: str = "softmax"
+    norm_topk_prob: bool = True  # renormalise the chosen K weights to sum to 1
+    capacity_factor: float | None = None  # None: dropless
+    aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss
+    z_loss_weight: float = 0.0  # router z-loss
+    bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing with a selection-only bias
+    num_groups: int = 1  # group-limited routing: experts split into groups ...
+    topk_groups: int = 1  # ... and each token picks from its best `topk_groups` groups only
+    group_score: str = "top2_sum"  # how a group is scored: its best score, or its best two summed
+    routed_scaling_factor: float = 1.0
+    router_jitter: float = 0.0  # multiplicative input noise in [1-eps, 1+eps] while training
+    expert_choice_causal: bool = False
+    first_dense_layers: int = 0
+    layer_step: int = 1
+    backend: str = "auto"  # expert computation backend, see moekit.moe.experts.BACKENDS
+
+    def __post_init__(self) -> None:
+        owner = "MoEConfig"
+        _check_positive(
+            owner, num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden
+        )
+        _check_non_negative(
+            owner,
+            num_shared_experts=self.num_shared_experts,
+            aux_loss_weight=self.aux_loss_weight,
+            z_loss_weight=self.z_loss_weight,
+            bias_update_rate=self.bias_update_rate,
+            router_jitter=self.router_jitter,
+            first_dense_layers=self.first_dense_layers,
+        )
+        _check_positive(
+            owner,
+            num_groups=self.num_groups,
+            topk_groups=self.topk_groups,
+            routed_scaling_factor=self.routed_scaling_factor,
+            layer_step=self.layer_step,
+        )
+        _check_choice(owner, "router", self.router, ROUTERS)
+        _check_choice(owner, "score_func", self.score_func, SCORE_FUNCS)
+        _check_choice(owner, "group_score", self.group_score, GROUP_SCORES)
+        if self.shared_expert_hidden is not None:
+            _check_positive(owner, shared_expert_hidden=self.shared_expert_hidden)
+        if self.top_k > self.num_experts:
+            raise _fail(
+                owner, "top_k", self.top_k,
+                f"must be <= num_experts ({self.num_experts}): a token cannot pick more experts "
+                "than there are",
+            )  # fmt: skip
+        if self.router_jitter >= 1:
+            raise _fail(owner, "router_jitter", self.router_jitter, "must be in [0, 1)")
+        if self.capacity_factor is not None:
+            _check_positive(owner, capacity_factor=self.capacity_factor)
+        if self.router == "switch" and self.top_k != 1:
+            raise _fail(owner, "top_k", self.top_k, "must be 1 with router='switch'")
+        if self.router == "expert_choice":
+            if self.capacity_factor is None:
+                raise _fail(
+                    owner, "capacity_factor", None,
+                    "router='expert_choice' needs a capacity factor (the mean number of "
+                    "experts per token), e.g. 2.0",
+                )  # fmt: skip
+            if self.capacity_factor > self.num_experts:
+                raise _fail(
+                    owner, "capacity_factor", self.capacity_factor,
+                    f"must be <= num_experts ({self.num_experts}) with router='expert_choice'",
+                )  # fmt: skip
+            if self.bias_update_rate:
+                raise _fail(
+                    owner, "bias_update_rate", self.bias_update_rate,
+                    "must be 0 with router='expert_choice' (it is balanced by construction)",
+                )  # fmt: skip
+        elif self.expert_choice_causal:
+            raise _fail(
+                owner, "expert_choice_causal", True, "is only used with router='expert_choice'"
+            )
+        if self.num_experts % self.num_groups:
+            raise _fail(
+                owner, "num_groups", self.num_groups,
+                f"must divide num_experts ({self.num_experts})",
+            )  # fmt: skip
+        if self.topk_groups > self.num_groups:
+            raise _fail(
+                owner, "topk_groups", self.topk_groups, f"must be <= num_groups ({self.num_groups})"
+            )
+        if self.num_groups > 1:
+            if self.router == "expert_choice":
+                raise _fail(
+                    owner, "num_groups", self.num_groups, "must be 1 with router='expert_choice'"
+                )
+            per_group = self.num_experts // self.num_groups
+            if self.topk_groups * per_group < self.top_k:
+                raise _fail(
+                    owner, "topk_groups", self.topk_groups,
+                    f"the {self.topk_groups} chosen group(s) hold {self.topk_groups * per_group} "
+                    f"experts, fewer than top_k={self.top_k}",
+                )  # fmt: skip
+            if self.group_score == "top2_sum" and per_group < 2:
+                raise _fail(
+                    owner, "group_score", self.group_score,
+                    "needs at least 2 experts per group; use 'max'",
+                )  # fmt: skip
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise _fail(owner, "shared_expert_gate", True, "needs num_shared_experts >= 1")
+
+    @property
+    def shared_hidden_total(self) -> int:
+        """Hidden size of all shared experts together (they act as one dense MLP)."""
+        return self.num_shared_experts * (self.shared_expert_hidden or self.expert_hidden)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        if layer < self.first_dense_layers:
+            return False
+        return (layer - self.first_dense_layers + 1) % self.layer_step == 0
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for `num_tokens` tokens, or None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        copies = num_tokens * (1 if self.router == "expert_choice" else self.top_k)
+        return max(1, math.ceil(self.capacity_factor * copies / self.num_experts))
+
+
+@dataclass(kw_only=True)
+class ModelConfig(_ConfigBase):
+    """A decoder-only transformer language model, dense or Mixture-of-Experts.
+
+    Every layer is `x + attn(norm(x))` then `x + ffn(norm(x))`; the feed-forward `ffn` is a
+    dense MLP of `ffn_hidden` units, or an MoE layer where `moe.is_moe_layer(i)` holds.
+    `moe=None` gives a dense model from the same code.
+    """
+
+    _nested: ClassVar[dict[str, type]] = {"attention": AttentionConfig, "moe": MoEConfig}
+
+    vocab_size: int
+    dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None  # None: num_heads (multi-head attention)
+    ffn_hidden: int | None = None  # dense MLP hidden size; None: a SwiGLU-sized 8/3 * dim
+    activation: str = "swiglu"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig | None = None
+
+    def __post_init__(self) -> None:
+        owner = "ModelConfig"
+        if isinstance(self.attention, dict):
+            self.attention = AttentionConfig.from_dict(self.attention)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        _check_positive(
+            owner,
+            vocab_size=self.vocab_size,
+            dim=self.dim,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps,
+            max_seq_len=self.max_seq_len,
+            init_std=self.init_std,
+        )
+        _check_choice(owner, "activation", self.activation, ACTIVATIONS)
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        _check_positive(owner, num_kv_heads=self.num_kv_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise _fail(
+                owner, "num_kv_heads", self.num_kv_heads,
+                f"must divide num_heads ({self.num_heads}) so query heads share K/V heads evenly",
+            )  # fmt: skip
+        if self.attention.kind == "gqa" and self.attention.head_dim is None:
+            if self.dim % self.num_heads:
+                raise _fail(
+                    owner, "num_heads", self.num_heads,
+                    f"must divide dim ({self.dim}), or set attention.head_dim explicitly",
+                )  # fmt: skip
+            if (self.dim // self.num_heads) % 2:
+                raise _fail(
+                    owner, "num_heads", self.num_heads,
+                    f"gives an odd head dim {self.dim // self.num_heads}; RoPE needs an even one",
+                )  # fmt: skip
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 256 * math.ceil(8 * self.dim / 3 / 256)
+        _check_positive(owner, ffn_hidden=self.ffn_hidden)
+        if self.attention.kind == "mla" and self.num_kv_heads != self.num_heads:
+            raise _fail(
+                owner, "num_kv_heads", self.num_kv_heads,
+                "must equal num_heads with multi-head latent attention",
+            )  # fmt: skip
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        if self.attention.kind == "mla":
+            return self.attention.qk_nope_head_dim + self.attention.qk_rope_head_dim
+        return self.attention.head_dim or self.dim // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        assert self.num_kv_heads is not None  # set in __post_init__
+        return self.num_kv_heads
+
+    @property
+    def dense_hidden(self) -> int:
+        assert self.ffn_hidden is not None  # set in __post_init__
+        return self.ffn_hidden
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and self.moe.is_moe_layer(layer)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    def num_params(self) -> int:
+        """Total parameter count (every expert), computed from the config alone."""
+        from moekit.analysis.params import count_params
+
+        return count_params(self).total
+
+    def num_active_params(self) -> int:
+        """Parameters used per token: non-MoE weights plus the top-k routed and shared experts."""
+        from moekit.analysis.params import count_params
+
+        return count_params(self).active
+
+    # ---- JSON ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        from moekit import __version__
+
+        return {
+            "format_version": FORMAT_VERSION,
+            "moekit_version": __version__,
+            **super().to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        data.pop("moekit_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"config format_version={version!r} is not supported by this moekit "
+                f"(it reads format_version {FORMAT_VERSION})"
+            )
+        result: ModelConfig = super().from_dict(data)
+        return result
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config as JSON, atomically (a temporary file renamed into place)."""
+        from moekit.io import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ModelConfig:
+        """Read a config.json file, or the config.json inside a model directory."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.exists():
+            raise FileNotFoundError(f"no moekit config at {p}")
+        try:
+            return cls.from_json(p.read_text())
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{p}: {e}") from e

@@ -1,0 +1,17 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("moekit", max_examples=40, deadline=None, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "moekit"))
+
+# Each pytest-xdist worker gets one thread so two workers share the 2 cores without
+# oversubscription.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
