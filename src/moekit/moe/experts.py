@@ -1,0 +1,259 @@
+"""Routed experts: stacked weights and a registry of backends that compute them.
+
+Shape legend: S kept token copies, D model dim, F expert hidden dim, E experts.
+
+Weights are stacked over experts: `w_gate_EFD`, `w_up_EFD` (SwiGLU: silu(x W_gate^T) *
+(x W_up^T); GELU: gelu(x W_up^T) with no gate) and `w_down_EDF`. A backend is called as
+`fn(x_SD, expert_S, counts_E, scale_S, experts)` and returns `scale_S * expert(x_SD)` row by
+row, in the same row order: each copy's expert output already multiplied by its routing
+weight. Backends that set `needs_sorted` receive rows grouped by expert in expert order (see
+`moekit.moe.dispatch.plan`); `counts_E` gives the group sizes.
+
+- `eager`: the reference. A plain loop over experts with boolean masks; slow, obviously
+  correct; every other backend is tested against it (outputs and gradients).
+- `grouped`: one grouped GEMM per projection over the expert-sorted rows
+  (`torch._grouped_mm` where this torch build runs it for the dtype and device; otherwise
+  contiguous-slice matmuls, one per non-empty expert).
+- `sliced`: contiguous-slice matmuls, one per non-empty expert, over the expert-sorted rows.
+- `gather`: the small-batch decode path: gathers each copy's expert weights and uses batched
+  matmuls; no sorting. Cost grows with copies x expert size, so it only pays for a few tokens.
+- `auto`: picks per call from the number of copies and the device (see `select_backend`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ExpertFn = Callable[[Tensor, Tensor, Tensor, Tensor, "Experts"], Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertBackend:
+    name: str
+    fn: ExpertFn
+    needs_sorted: bool
+    description: str
+
+
+BACKENDS: dict[str, ExpertBackend] = {}
+
+
+def register_backend(
+    name: str, *, needs_sorted: bool, description: str
+) -> Callable[[ExpertFn], ExpertFn]:
+    """Add an expert backend to the registry under `name` (used by `MoEConfig.backend`)."""
+
+    def wrap(fn: ExpertFn) -> ExpertFn:
+        BACKENDS[name] = ExpertBackend(name, fn, needs_sorted, description)
+        return fn
+
+    return wrap
+
+
+class Experts(nn.Module):
+    """E feed-forward experts with stacked weights."""
+
+    w_gate: nn.Parameter | None
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu"):
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.activation = activation
+        E, D, F_ = num_experts, dim, hidden
+        if activation == "swiglu":
+            self.w_gate = nn.Parameter(torch.empty(E, F_, D))
+        else:
+            self.register_parameter("w_gate", None)
+        self.w_up = nn.Parameter(torch.empty(E, F_, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, F_))
+
+    def act(self, gate: Tensor | None, up: Tensor) -> Tensor:
+        if gate is None:
+            return F.gelu(up)
+        return F.silu(gate) * up
+
+    def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
+        """Expert `e` on rows `x_ND` (the single-expert building block the loops use)."""
+        gate = F.linear(x_ND, self.w_gate[e]) if self.w_gate is not None else None
+        return F.linear(self.act(gate, F.linear(x_ND, self.w_up[e])), self.w_down[e])
+
+    def init_weights(
+        self, std: float, out_std: float, generator: torch.Generator | None = None
+    ) -> None:
+        for w in (self.w_gate, self.w_up):
+            if w is not None:
+                nn.init.normal_(w, mean=0.0, std=std, generator=generator)
+        nn.init.normal_(self.w_down, mean=0.0, std=out_std, generator=generator)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
+            f"activation={self.activation}"
+        )
+
+
+# ---- backends ------------------------------------------------------------------------------
+
+
+@register_backend("eager", needs_sorted=False, description="reference loop over experts")
+def eager_experts(
+    x_SD: Tensor, expert_S: Tensor, counts_E: Tensor, scale_S: Tensor, ex: Experts
+) -> Tensor:
+    y_SD = x_SD.new_zeros(x_SD.shape[0], ex.dim)
+    for e in range(ex.num_experts):
+        rows = (expert_S == e).nonzero().squeeze(1)
+        if rows.numel():
+            y_SD = y_SD.index_put((rows,), ex.expert_forward(x_SD[rows], e))
+    return y_SD * scale_S.to(y_SD.dtype).unsqueeze(1)
+
+
+def _scaled_down(
+    ex: Experts, h_SF: Tensor, scale_S: Tensor, down: Callable[[Tensor], Tensor]
+) -> Tensor:
+    # Scaling the (S, F) hidden rows before the down projection equals scaling the (S, D)
+    # outputs after it; scale whichever side is smaller (fine-grained experts: F < D).
+    scale = scale_S.to(h_SF.dtype).unsqueeze(1)
+    if ex.hidden <= ex.dim:
+        return down(h_SF * scale)
+    return down(h_SF) * scale
+
+
+def _per_expert(w: Tensor) -> Tensor | tuple[Tensor, ...]:
+    """Per-expert views of a stacked weight for a Python loop over experts.
+
+    With autograd, `unbind` makes backward stack the per-expert gradients once; indexing
+    `w[e]` in the loop would allocate a full (E, ...) gradient for every expert. Without
+    autograd, plain indexing is cheaper than creating E views.
+    """
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        return w
+    return w.unbind(0)
+
+
+@register_backend("sliced", needs_sorted=True, description="one matmul per expert slice")
+def sliced_experts(
+    x_SD: Tensor, expert_S: Tensor, counts_E: Tensor, scale_S: Tensor, ex: Experts
+) -> Tensor:
+    w_up, w_down = _per_expert(ex.w_up), _per_expert(ex.w_down)
+    w_gate = _per_expert(ex.w_gate) if ex.w_gate is not None else None
+    outs = []
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            rows = slice(start, start + n)
+            x = x_SD[rows]
+            gate = F.linear(x, w_gate[e]) if w_gate is not None else None
+            h = ex.act(gate, F.linear(x, w_up[e]))
+            outs.append(_scaled_down(ex, h, scale_S[rows], partial(F.linear, weight=w_down[e])))
+            start += n
+    if not outs:
+        return x_SD.new_zeros(0, ex.dim)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class _GroupedMM(torch.autograd.Function):
+    """`torch._grouped_mm` with an explicit backward (its own needs contiguous gradients)."""
+
+    @staticmethod
+    def forward(ctx, x_SK: Tensor, w_EKN: Tensor, offs_E: Tensor) -> Tensor:
+        ctx.save_for_backward(x_SK, w_EKN, offs_E)
+        return torch._grouped_mm(x_SK, w_EKN, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, grad_SN: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x_SK, w_EKN, offs_E = ctx.saved_tensors
+        grad_SN = grad_SN.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(grad_SN, w_EKN.transpose(-2, -1), offs=offs_E)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch._grouped_mm(x_SK.t(), grad_SN, offs=offs_E)
+            # Experts that received no rows get an exactly-zero gradient (not every kernel
+            # writes their block).
+            empty_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1)) == 0
+            if bool(empty_E.any()):
+                grad_w = grad_w.masked_fill(empty_E.view(-1, 1, 1), 0.0)
+        return grad_x, grad_w, None
+
+
+def _aligned(t: Tensor) -> bool:
+    # The kernels want 16-byte aligned data and row strides.
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
+
+
+def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
+    """Whether this torch build runs `torch._grouped_mm` for these operands."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if not (_aligned(x) and _aligned(w)):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+def grouped_linear(x_SD: Tensor, w_ENK: Tensor, counts_E: Tensor) -> Tensor:
+    """Rows of expert e (contiguous, in expert order) times `w_ENK[e]^T`: (S, N)."""
+    if grouped_mm_available(x_SD, w_ENK):
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        out: Tensor = _GroupedMM.apply(x_SD, w_ENK.transpose(-2, -1), offs_E)
+        return out
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            outs.append(F.linear(x_SD[start : start + n], w_ENK[e]))
+            start += n
+    if not outs:
+        return x_SD.new_zeros(0, w_ENK.shape[1])
+    return torch.cat(outs)
+
+
+@register_backend("grouped", needs_sorted=True, description="grouped GEMM over sorted rows")
+def grouped_experts(
+    x_SD: Tensor, expert_S: Tensor, counts_E: Tensor, scale_S: Tensor, ex: Experts
+) -> Tensor:
+    gate = grouped_linear(x_SD, ex.w_gate, counts_E) if ex.w_gate is not None else None
+    h_SF = ex.act(gate, grouped_linear(x_SD, ex.w_up, counts_E))
+    return _scaled_down(ex, h_SF, scale_S, lambda h: grouped_linear(h, ex.w_down, counts_E))
+
+
+@register_backend("gather", needs_sorted=False, description="gathered weights + bmm (decode)")
+def gather_experts(
+    x_SD: Tensor, expert_S: Tensor, counts_E: Tensor, scale_S: Tensor, ex: Experts
+) -> Tensor:
+    x_S1D = x_SD.unsqueeze(1)
+    up = torch.bmm(x_S1D, ex.w_up[expert_S].transpose(1, 2))
+    gate = torch.bmm(x_S1D, ex.w_gate[expert_S].transpose(1, 2)) if ex.w_gate is not None else None
+    h = ex.act(gate, up) * scale_S.to(up.dtype).view(-1, 1, 1)
+    return torch.bmm(h, ex.w_down[expert_S].transpose(1, 2)).squeeze(1)
+
+
+def select_backend(
+    name: str, num_copies: int, num_experts: int, device: torch.device
+) -> ExpertBackend:
+    """The backend called `name`; for "auto", the one expected fastest for this shape.
+
+    auto: decode-sized batches (no more token copies than experts) go to `sliced` on CPU,
+    which touches only the chosen experts with one small matmul each, and to `gather` on
+    GPUs, where one batched kernel beats many small launches; larger batches use `grouped`.
+    """
+    if name == "auto":
+        if num_copies > num_experts:
+            name = "grouped"
+        else:
+            name = "sliced" if device.type == "cpu" else "gather"
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown expert backend {name!r}; available: auto, {', '.join(BACKENDS)}"
+        ) from None

@@ -1,0 +1,121 @@
+"""The MoE feed-forward layer: router -> dispatch -> experts -> combine, plus shared experts.
+
+Shape legend: B sequences, S positions, T = B * S tokens, D model dim, E experts,
+K expert slots per token, S' kept copies (written `_C` in names below: copies).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.moe import dispatch, losses
+from moekit.moe.experts import Experts, select_backend
+from moekit.moe.router import RouterOutput, build_router
+from moekit.nn.mlp import MLP
+
+
+class MoEStats(NamedTuple):
+    """What one MoE layer reports about one forward pass (no global state involved).
+
+    tokens_per_expert: (E,) int64 copies the router sent to each expert (before capacity).
+    dropped: () int64 copies dropped by the capacity rule.
+    aux_loss: () float32 load-balancing loss, unweighted, differentiable.
+    z_loss: () float32 router z-loss, unweighted, differentiable.
+    entropy: () float32 mean routing entropy in nats, detached.
+
+    The three losses are computed when autograd is enabled; under `torch.no_grad()` they are 0.
+    """
+
+    tokens_per_expert: Tensor
+    dropped: Tensor
+    aux_loss: Tensor
+    z_loss: Tensor
+    entropy: Tensor
+
+
+class MoELayer(nn.Module):
+    shared: MLP | None
+    shared_gate: nn.Linear | None
+
+    def __init__(self, dim: int, cfg: MoEConfig, activation: str = "swiglu") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = build_router(dim, cfg)
+        self.experts = Experts(cfg.num_experts, dim, cfg.expert_hidden, activation)
+        self.shared = (
+            MLP(dim, cfg.shared_hidden_total, activation) if cfg.num_shared_experts else None
+        )
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
+        self.backend = cfg.backend
+
+    def forward(
+        self, x_BSD: Tensor, *, causal_routing: bool | None = None
+    ) -> tuple[Tensor, MoEStats]:
+        """Returns the layer output (B, S, D) and its `MoEStats`.
+
+        `causal_routing=True` forces expert-choice routers into their causal mode (generation
+        does this); token-choice routers are always causal.
+        """
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        route = self.router(x_TD, seq_len=S, causal=causal_routing)
+        T, K = route.experts.shape
+
+        backend = select_backend(self.backend, T * K, self.cfg.num_experts, x_BSD.device)
+        p = dispatch.plan(
+            route.experts,
+            route.weights,
+            self.cfg.num_experts,
+            capacity=self.cfg.capacity(T) if self.cfg.router != "expert_choice" else None,
+            sort=backend.needs_sorted,
+        )
+        y_CD = backend.fn(
+            dispatch.permute(x_TD, p), p.expert_S, p.tokens_per_expert, p.weight_S, self.experts
+        )
+        out_TD = dispatch.combine(y_CD, p, T)
+
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+            out_TD = out_TD + shared_TD
+
+        return out_TD.view(B, S, D), self._stats(route, p)
+
+    def _stats(self, route: RouterOutput, p: dispatch.DispatchPlan) -> MoEStats:
+        # The router losses only matter for training: without autograd (evaluation, decoding)
+        # they are reported as 0 and cost nothing.
+        if torch.is_grad_enabled():
+            probs_TE = self.router.probs(route.logits)
+            aux = losses.load_balancing_loss(probs_TE, route.experts)
+            z = losses.z_loss(route.logits)
+            entropy = losses.router_entropy(probs_TE.detach())
+        else:
+            aux = z = entropy = route.logits.new_zeros(())
+        return MoEStats(p.routed_per_expert, p.num_dropped, aux, z, entropy)
+
+    def weighted_loss(self, stats: MoEStats) -> Tensor:
+        """The layer's contribution to the training loss: its aux and z losses, weighted."""
+        return self.cfg.aux_loss_weight * stats.aux_loss + self.cfg.z_loss_weight * stats.z_loss
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_E: Tensor) -> None:
+        """Apply one aux-loss-free bias step from the step's routed counts (no-op without bias)."""
+        if self.router.selection_bias is not None:
+            losses.update_selection_bias(
+                self.router.selection_bias, tokens_per_expert_E, self.cfg.bias_update_rate
+            )
+
+    def init_weights(
+        self, std: float, out_std: float, generator: torch.Generator | None = None
+    ) -> None:
+        self.router.init_weights(std, generator)
+        self.experts.init_weights(std, out_std, generator)
+        if self.shared is not None:
+            self.shared.init_weights(std, out_std, generator)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, mean=0.0, std=std, generator=generator)

@@ -1,0 +1,54 @@
+"""Router losses as pure functions, and the aux-loss-free bias update.
+
+Shape legend: T tokens, E experts, K expert slots per token.
+
+None of these keep state: the MoE layer returns its losses in `MoEStats`, the model sums them,
+and the trainer applies `update_selection_bias` after the optimizer step, outside autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
+    """Switch/GShard load-balancing loss: `E * sum_e f_e * P_e`.
+
+    `f_e` is the fraction of routed copies that went to expert e (empty slots, expert -1, are
+    not copies) and `P_e` the mean router probability of e over tokens. Equals 1 when both are
+    uniform; the gradient flows through `P_e` only.
+    """
+    E = probs_TE.shape[-1]
+    valid = experts_TK >= 0
+    counts_E = torch.zeros(E, device=probs_TE.device, dtype=probs_TE.dtype)
+    counts_E.index_add_(
+        0, experts_TK[valid], torch.ones_like(experts_TK[valid], dtype=probs_TE.dtype)
+    )
+    f_E = counts_E / counts_E.sum().clamp_min(1.0)
+    P_E = probs_TE.mean(dim=0)
+    return E * (f_E.detach() * P_E).sum()
+
+
+def z_loss(logits_TE: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of `logsumexp(logits)^2`; keeps logits small."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def router_entropy(probs_TE: Tensor) -> Tensor:
+    """Mean entropy (nats) of the per-token routing distribution; log(E) is uniform, 0 collapsed."""
+    p = probs_TE.float().clamp_min(1e-12)
+    return -(p * p.log()).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_selection_bias(bias_E: Tensor, tokens_per_expert_E: Tensor, rate: float) -> Tensor:
+    """Aux-loss-free balancing (DeepSeek-V3): nudge the selection bias toward balanced load.
+
+    Each expert's bias moves by `rate` up when it received fewer copies than the mean and down
+    when it received more (`bias += rate * sign(mean - load)`), in place. Call after the
+    optimizer step with the counts summed over the step's micro-batches. Returns `bias_E`.
+    """
+    load = tokens_per_expert_E.to(bias_E.dtype)
+    bias_E.add_(rate * torch.sign(load.mean() - load))
+    return bias_E

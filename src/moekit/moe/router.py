@@ -1,0 +1,229 @@
+"""Routers: map tokens `x_TD` to `RouterOutput(weights_TK, experts_TK, logits_TE)` in float32.
+
+Shape legend: T tokens, D model dim, E experts, K expert slots per token, G expert groups,
+B sequences, S positions per sequence (T = B * S), C capacity (tokens per expert).
+
+Every router computes its logits in float32 from a float32 weight, whatever the model's dtype
+or autocast state: low-precision routing flips top-k choices and is a classic silent failure.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+
+
+class RouterOutput(NamedTuple):
+    """What a router decides for each token.
+
+    weights: (T, K) float32 routing weights; 0 in empty slots.
+    experts: (T, K) int64 expert ids in [0, E), or -1 for an empty slot. Token-choice routers
+        fill every slot with K distinct experts; expert choice gives a token 0..E experts and
+        pads the rest of its row with -1.
+    logits: (T, E) float32 router logits (before any selection bias).
+    """
+
+    weights: Tensor
+    experts: Tensor
+    logits: Tensor
+
+
+class Router(nn.Module):
+    """Base router: a bias-free float32 linear map D -> E plus the score function."""
+
+    selection_bias: Tensor | None
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim, dtype=torch.float32))
+        # A selection-only bias for aux-loss-free balancing; None for routers without one.
+        self.register_buffer("selection_bias", None)
+
+    def compute_logits(self, x_TD: Tensor) -> Tensor:
+        if self.training and self.cfg.router_jitter > 0:
+            eps = self.cfg.router_jitter
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return F.linear(x_TD.float(), self.weight.float())
+
+    def probs(self, logits_TE: Tensor) -> Tensor:
+        """Per-token scores normalised to sum to 1 (what the load-balancing loss uses)."""
+        if self.cfg.score_func == "softmax":
+            return logits_TE.softmax(dim=-1)
+        scores = logits_TE.sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+    def forward(
+        self, x_TD: Tensor, *, seq_len: int | None = None, causal: bool | None = None
+    ) -> RouterOutput:
+        """Route `x_TD`. `seq_len` splits tokens into sequences; `causal` forces a router that
+        can see later tokens (expert choice) into its causal mode; token choice ignores both."""
+        raise NotImplementedError
+
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=std, generator=generator)
+        if self.selection_bias is not None:
+            self.selection_bias.zero_()
+
+
+class TopKRouter(Router):
+    """Token choice: each token takes its K best experts ("topk" and "switch").
+
+    softmax (Mixtral, Qwen, OLMoE): weights are the softmax probabilities of the chosen experts,
+    renormalised over the K when `norm_topk_prob`. sigmoid (DeepSeek-V3, Llama 4): weights are
+    the sigmoid scores of the chosen experts, renormalised when `norm_topk_prob`. With
+    `bias_update_rate > 0` a selection bias (a buffer updated outside autograd by
+    `moekit.moe.losses.update_selection_bias`) is added to the scores for *choosing* experts
+    only; the weights never see it. Group-limited routing keeps each token to its best
+    `topk_groups` of `num_groups` expert groups. All weights are finally multiplied by
+    `routed_scaling_factor`. "switch" is top-1 with the raw probability as weight (a
+    renormalised top-1 weight would be constant 1 and starve the router of gradient).
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__(dim, cfg)
+        self.top_k = cfg.top_k
+        self.normalize = cfg.norm_topk_prob and cfg.router != "switch"
+        if cfg.bias_update_rate > 0:
+            self.register_buffer("selection_bias", torch.zeros(cfg.num_experts))
+
+    def forward(
+        self, x_TD: Tensor, *, seq_len: int | None = None, causal: bool | None = None
+    ) -> RouterOutput:
+        cfg = self.cfg
+        logits_TE = self.compute_logits(x_TD)
+        if cfg.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+        else:
+            scores_TE = logits_TE.sigmoid()
+        choice_TE = scores_TE.detach()
+        if self.selection_bias is not None:
+            choice_TE = choice_TE + self.selection_bias.float()
+        if cfg.num_groups > 1:
+            choice_TE = self._limit_groups(choice_TE)
+        experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, experts_TK)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if cfg.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * cfg.routed_scaling_factor
+        return RouterOutput(weights_TK, experts_TK, logits_TE)
+
+    def _limit_groups(self, choice_TE: Tensor) -> Tensor:
+        """Mask (to -inf) every expert outside the token's best `topk_groups` groups."""
+        cfg = self.cfg
+        T = choice_TE.shape[0]
+        grouped_TGE = choice_TE.view(T, cfg.num_groups, -1)
+        if cfg.group_score == "max":
+            group_TG = grouped_TGE.max(dim=-1).values
+        else:
+            group_TG = grouped_TGE.topk(2, dim=-1).values.sum(dim=-1)
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_TG.topk(cfg.topk_groups, dim=-1).indices, True)
+        masked = grouped_TGE.masked_fill(~keep_TG.unsqueeze(-1), float("-inf"))
+        return masked.view(T, -1)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al., 2022): each expert takes the C tokens that score it highest.
+
+    Scores are softmax over experts per token; C = ceil(capacity_factor * T / E), so on
+    average a token is processed by `capacity_factor` experts, and a token may get anywhere
+    from 0 to E. Load is balanced by construction (no aux loss needed).
+
+    Causality: in batch mode an expert compares a token with every other token of the batch,
+    later positions included, so a future token can change an earlier token's output: a leak
+    in a causal language model. In causal mode (`causal=True`, or the config's
+    `expert_choice_causal`; generation always uses it), an expert decides on the token at
+    position t looking only at positions <= t of the same sequence: it takes the token when
+    its score ranks within the top `ceil(capacity_factor * (t + 1) / E)` of that prefix and
+    the expert has taken fewer than that many tokens of the prefix so far. Every decision
+    depends on the past only, and no expert ever exceeds its capacity for any prefix.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__(dim, cfg)
+        assert cfg.capacity_factor is not None  # validated by MoEConfig
+        self.capacity_factor = cfg.capacity_factor
+        self.causal = cfg.expert_choice_causal
+
+    def capacity(self, num_tokens: int) -> int:
+        return min(
+            num_tokens, max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+        )
+
+    def forward(
+        self, x_TD: Tensor, *, seq_len: int | None = None, causal: bool | None = None
+    ) -> RouterOutput:
+        logits_TE = self.compute_logits(x_TD)
+        scores_TE = logits_TE.softmax(dim=-1)
+        causal = self.causal if causal is None else causal
+        if causal:
+            if seq_len is None:
+                raise ValueError("causal expert choice needs seq_len to find sequence boundaries")
+            chosen_TE = self._choose_causal(scores_TE.detach(), seq_len)
+        else:
+            C = self.capacity(x_TD.shape[0])
+            tokens_CE = scores_TE.detach().topk(C, dim=0).indices
+            chosen_TE = torch.zeros_like(scores_TE, dtype=torch.bool)
+            chosen_TE.scatter_(0, tokens_CE, True)
+        return _pack_token_major(chosen_TE, scores_TE, logits_TE)
+
+    def _choose_causal(self, scores_TE: Tensor, seq_len: int) -> Tensor:
+        T, E = scores_TE.shape
+        if T % seq_len:
+            raise ValueError(f"{T} tokens do not split into sequences of length {seq_len}")
+        scores_BSE = scores_TE.view(-1, seq_len, E)
+        pos_S = torch.arange(seq_len, device=scores_TE.device)
+        limit_S = torch.ceil(self.capacity_factor * (pos_S + 1) / E).clamp_min(1)
+        # 1. rank of each token among the earlier-or-equal positions of its sequence, per expert
+        #    (ties go to the earlier token), chunked over query positions to bound memory.
+        rank_BSE = torch.empty_like(scores_BSE, dtype=torch.long)
+        chunk = max(1, 2**22 // max(1, seq_len * E * scores_BSE.shape[0]))
+        for start in range(0, seq_len, chunk):
+            q = scores_BSE[:, start : start + chunk]  # (B, c, E)
+            qpos = pos_S[start : start + chunk]
+            earlier_cS = pos_S[None, :] < qpos[:, None]  # strictly earlier keys
+            upto_cS = pos_S[None, :] <= qpos[:, None]
+            keys = scores_BSE[:, None, :, :]  # (B, 1, S, E)
+            qq = q[:, :, None, :]  # (B, c, 1, E)
+            beats = (keys > qq) & upto_cS[None, :, :, None]
+            ties = (keys == qq) & earlier_cS[None, :, :, None]
+            rank_BSE[:, start : start + chunk] = (beats | ties).sum(dim=2)
+        candidate_BSE = rank_BSE < limit_S[None, :, None]
+        # 2. enforce the running capacity in position order (a scan; cheap next to attention).
+        taken_BE = torch.zeros(scores_BSE.shape[0], E, device=scores_TE.device)
+        chosen_BSE = torch.zeros_like(candidate_BSE)
+        for t in range(seq_len):
+            take = candidate_BSE[:, t] & (taken_BE < limit_S[t])
+            chosen_BSE[:, t] = take
+            taken_BE += take
+        return chosen_BSE.view(T, E)
+
+
+def _pack_token_major(chosen_TE: Tensor, scores_TE: Tensor, logits_TE: Tensor) -> RouterOutput:
+    """Turn a (T, E) selection mask into token-major slots, padding with expert -1."""
+    counts_T = chosen_TE.sum(dim=1)
+    K = max(1, int(counts_T.max()))
+    # Chosen experts first, in expert-id order (stable sort of the mask, descending).
+    order_TE = torch.sort(chosen_TE.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    experts_TK = order_TE[:, :K]
+    valid_TK = chosen_TE.gather(1, experts_TK)
+    weights_TK = scores_TE.gather(1, experts_TK) * valid_TK
+    experts_TK = experts_TK.masked_fill(~valid_TK, -1)
+    return RouterOutput(weights_TK, experts_TK, logits_TE)
+
+
+def build_router(dim: int, cfg: MoEConfig) -> Router:
+    """The router that `cfg.router` names."""
+    if cfg.router == "expert_choice":
+        return ExpertChoiceRouter(dim, cfg)
+    return TopKRouter(dim, cfg)
