@@ -1,0 +1,1 @@
+"""Transformer building blocks: attention, RoPE, RMSNorm, MLP and the decoder model."""

@@ -1,0 +1,156 @@
+"""Causal self-attention: grouped-query attention and multi-head latent attention (MLA).
+
+Both go through `torch.nn.functional.scaled_dot_product_attention`. Shapes are commented as
+(B, S, H, hd): batch, positions, heads, head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import ModelConfig
+from moekit.nn.norm import RMSNorm
+from moekit.nn.rope import apply_rope
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """(B, S, H, hd) queries against (B, Skv, Hkv, hd) keys/values -> (B, S, H, hd_v)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.shape[1] != k.shape[1]
+    if attn_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, optional q/k RMSNorm and optional q/k/v biases."""
+
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        a = cfg.attention
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        H, Hkv, hd, D = self.num_heads, self.num_kv_heads, self.head_dim, cfg.dim
+        self.wq = nn.Linear(D, H * hd, bias=a.qkv_bias)
+        self.wk = nn.Linear(D, Hkv * hd, bias=a.qkv_bias)
+        self.wv = nn.Linear(D, Hkv * hd, bias=a.qkv_bias)
+        self.wo = nn.Linear(H * hd, D, bias=False)
+        self.qk_norm = a.qk_norm
+        if a.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
+        elif a.qk_norm == "full":
+            self.q_norm, self.k_norm = (
+                RMSNorm(H * hd, cfg.norm_eps),
+                RMSNorm(Hkv * hd, cfg.norm_eps),
+            )
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        B, S, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.qk_norm == "full":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.num_heads, self.head_dim)
+        k = k.view(B, S, self.num_kv_heads, self.head_dim)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = _sdpa(q, k, v, attn_mask)  # (B, S, H, hd)
+        return self.wo(out.reshape(B, S, -1))
+
+    def init_weights(
+        self, std: float, out_std: float, generator: torch.Generator | None = None
+    ) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, mean=0.0, std=std, generator=generator)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std, generator=generator)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.init_weights()
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3).
+
+    Queries: `x -> wq` or, with `q_lora_rank`, `x -> wq_a -> RMSNorm -> wq_b`; each head's
+    query is a no-RoPE part and a RoPE part. Keys and values come from one compressed latent:
+    `x -> wkv_a` gives the latent (`kv_lora_rank`) and a single RoPE key part shared by all
+    heads; `RMSNorm(latent) -> wkv_b` gives each head's no-RoPE key part and its value.
+    """
+
+    wq: nn.Linear | None
+    wq_a: nn.Linear | None
+    q_norm: RMSNorm | None
+    wq_b: nn.Linear | None
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        a = cfg.attention
+        D, H = cfg.dim, cfg.num_heads
+        self.num_heads = H
+        self.nope, self.rope, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.kv_rank = a.kv_lora_rank
+        qk = self.nope + self.rope
+        if a.q_lora_rank is None:
+            self.wq = nn.Linear(D, H * qk, bias=False)
+            self.wq_a = self.q_norm = self.wq_b = None
+        else:
+            self.wq = None
+            self.wq_a = nn.Linear(D, a.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(a.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(a.q_lora_rank, H * qk, bias=False)
+        self.wkv_a = nn.Linear(D, self.kv_rank + self.rope, bias=False)
+        self.kv_norm = RMSNorm(self.kv_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.kv_rank, H * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(H * self.v_dim, D, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        B, S, _ = x.shape
+        H = self.num_heads
+        if self.wq is not None:
+            q = self.wq(x)
+        else:
+            assert self.wq_a is not None and self.q_norm is not None and self.wq_b is not None
+            q = self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, S, H, self.nope + self.rope)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([self.kv_rank, self.rope], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(B, S, H, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope.view(B, S, 1, self.rope), cos, sin).expand(B, S, H, self.rope)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope], dim=-1)
+        out = _sdpa(q, k, v, attn_mask)  # (B, S, H, v_dim)
+        return self.wo(out.reshape(B, S, -1))
+
+    def init_weights(
+        self, std: float, out_std: float, generator: torch.Generator | None = None
+    ) -> None:
+        for lin in (self.wq, self.wq_a, self.wq_b, self.wkv_a, self.wkv_b):
+            if lin is not None:
+                nn.init.normal_(lin.weight, mean=0.0, std=std, generator=generator)
+        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std, generator=generator)
+        for norm in (self.q_norm, self.kv_norm):
+            if norm is not None:
+                norm.init_weights()
+
+
+def build_attention(cfg: ModelConfig) -> Attention | MLAttention:
+    return MLAttention(cfg) if cfg.attention.kind == "mla" else Attention(cfg)

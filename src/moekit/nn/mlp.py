@@ -1,0 +1,31 @@
+"""The dense feed-forward block: SwiGLU (silu(x W_gate^T) * x W_up^T) or a GELU MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    w_gate: nn.Linear | None
+
+    def __init__(self, dim: int, hidden: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        self.activation = activation
+        self.w_gate = nn.Linear(dim, hidden, bias=False) if activation == "swiglu" else None
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        up = self.w_up(x)
+        h = F.silu(self.w_gate(x)) * up if self.w_gate is not None else F.gelu(up)
+        return self.w_down(h)
+
+    def init_weights(
+        self, std: float, out_std: float, generator: torch.Generator | None = None
+    ) -> None:
+        for lin in (self.w_gate, self.w_up):
+            if lin is not None:
+                nn.init.normal_(lin.weight, mean=0.0, std=std, generator=generator)
+        nn.init.normal_(self.w_down.weight, mean=0.0, std=out_std, generator=generator)

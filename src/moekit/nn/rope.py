@@ -1,0 +1,35 @@
+"""Rotary position embedding (RoPE), half-rotation layout (the Hugging Face Llama convention).
+
+The rotation tables are computed from positions on the fly: there is no cached buffer to
+rebuild after meta-device initialisation or to outgrow at long context.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rope_tables(
+    positions: Tensor, dim: int, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables of shape positions.shape + (dim,) for rotary dimension `dim`."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    )
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x` of shape (B, S, H, dim) with tables of shape (B, S, dim) or (S, dim)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+    return x * cos + rotate_half(x) * sin

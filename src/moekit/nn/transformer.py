@@ -1,0 +1,183 @@
+"""The decoder-only transformer: embed -> [x + attn(norm x); x + ffn(norm x)] * L -> norm -> head.
+
+A layer's feed-forward is a dense MLP or an MoE layer, as `ModelConfig.is_moe_layer` says; a
+dense model is the same code with every layer dense.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import ModelConfig
+from moekit.moe.layer import MoELayer, MoEStats
+from moekit.nn.attention import build_attention
+from moekit.nn.mlp import MLP
+from moekit.nn.norm import RMSNorm
+from moekit.nn.rope import rope_tables
+
+
+class ModelOutput(NamedTuple):
+    """logits: (B, S, vocab). aux_loss: () the weighted router losses summed over MoE layers
+    (0 for a dense model); add it to the language-modelling loss. moe_stats: one `MoEStats`
+    per MoE layer, keyed by layer index."""
+
+    logits: Tensor
+    aux_loss: Tensor
+    moe_stats: dict[int, MoEStats]
+
+
+class Block(nn.Module):
+    ffn: MLP | MoELayer
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer)
+        if self.is_moe:
+            assert cfg.moe is not None
+            self.ffn = MoELayer(cfg.dim, cfg.moe, cfg.activation)
+        else:
+            self.ffn = MLP(cfg.dim, cfg.dense_hidden, cfg.activation)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | None = None,
+        causal_routing: bool | None = None,
+    ) -> tuple[Tensor, MoEStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
+        h, stats = self._ffn(self.ffn_norm(x), causal_routing)
+        return x + h, stats
+
+    def _ffn(self, x: Tensor, causal_routing: bool | None) -> tuple[Tensor, MoEStats | None]:
+        if isinstance(self.ffn, MoELayer):
+            return self.ffn(x, causal_routing=causal_routing)
+        return self.ffn(x), None
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model built from a `ModelConfig`. Build it with `build_model`."""
+
+    lm_head: nn.Linear | None
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        )
+        self.rope_dim = (
+            cfg.attention.qk_rope_head_dim if cfg.attention.kind == "mla" else cfg.head_dim
+        )
+
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        positions: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        causal_routing: bool | None = None,
+    ) -> ModelOutput:
+        """Run the model on token ids `tokens` (B, S).
+
+        positions: (S,) or (B, S) position ids; default 0..S-1.
+        attn_mask: boolean (B, 1, S, S) mask, True where attention is allowed; default causal.
+        causal_routing: force expert-choice routers into their causal mode.
+        """
+        S = tokens.shape[1]
+        if self.cfg.max_seq_len < S:
+            raise ValueError(
+                f"sequence of {S} tokens is longer than the model's max_seq_len "
+                f"({self.cfg.max_seq_len})"
+            )
+        if positions is None:
+            positions = torch.arange(S, device=tokens.device)
+        x = self.embed(tokens)
+        cos, sin = rope_tables(positions, self.rope_dim, self.cfg.rope_theta, x.dtype)
+        stats: dict[int, MoEStats] = {}
+        aux = x.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.blocks()):
+            x, layer_stats = block(x, cos, sin, attn_mask, causal_routing)
+            if layer_stats is not None:
+                assert isinstance(block.ffn, MoELayer)
+                stats[i] = layer_stats
+                aux = aux + block.ffn.weighted_loss(layer_stats)
+        x = self.norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+        return ModelOutput(logits, aux, stats)
+
+    def blocks(self) -> list[Block]:
+        """The transformer blocks, in order."""
+        return [b for b in self.layers if isinstance(b, Block)]
+
+    def moe_layers(self) -> dict[int, MoELayer]:
+        """The MoE layers, by layer index."""
+        return {i: b.ffn for i, b in enumerate(self.blocks()) if isinstance(b.ffn, MoELayer)}
+
+    @torch.no_grad()
+    def update_router_biases(self, tokens_per_expert: dict[int, Tensor]) -> None:
+        """One aux-loss-free balancing step per MoE layer from its routed counts (summed over the
+        optimizer step's micro-batches); layers without a selection bias are left alone."""
+        layers = self.moe_layers()
+        for i, counts in tokens_per_expert.items():
+            layers[i].update_bias(counts)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = 0) -> None:
+        """Initialise every parameter and buffer in place.
+
+        Linear and embedding weights ~ N(0, init_std); the projections that write into the
+        residual stream (attention output, MLP and expert down projections) ~ N(0, init_std /
+        sqrt(2 * num_layers)) so the residual variance does not grow with depth; router
+        weights ~ N(0, init_std); norm gains 1; biases and router selection biases 0.
+        `seed` makes the result independent of the global RNG (None: use the global RNG).
+        """
+        device = self.embed.weight.device
+        gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std, generator=gen)
+        for block in self.blocks():
+            block.attn_norm.init_weights()
+            block.ffn_norm.init_weights()
+            block.attn.init_weights(std, out_std, gen)
+            block.ffn.init_weights(std, out_std, gen)
+        self.norm.init_weights()
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std, generator=gen)
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = 0,
+) -> Transformer:
+    """Build and initialise the model `cfg` describes.
+
+    The modules are created on the meta device (no memory), then materialised on `device` and
+    initialised once by `Transformer.init_weights(seed)`. With a non-float32 `dtype` the router
+    weights stay float32.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    if dtype != torch.float32:
+        model.to(dtype)
+        for layer in model.moe_layers().values():
+            layer.router.float()
+    return model
