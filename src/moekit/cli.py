@@ -1,0 +1,275 @@
+"""The `moekit` command line. Each subcommand is a thin call into the library.
+
+Every command that prints figures takes `--json` and then prints one JSON document instead of
+tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _doc(fn: Callable[..., Any]) -> str:
+    """The first paragraph of a library function's docstring, for `--help`."""
+    return (inspect.getdoc(fn) or "").split("\n\n")[0]
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _human(n: float) -> str:
+    """A parameter count the way model cards write it: 46.70B, 1.28B, 386.37K."""
+    for threshold, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= threshold:
+            return f"{n / threshold:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _flops(n: float) -> str:
+    for threshold, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= threshold:
+            return f"{n / threshold:.2f} {prefix}FLOP"
+    return f"{n:.0f} FLOP"
+
+
+def _bytes(n: float) -> str:
+    for threshold, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= threshold:
+            return f"{n / threshold:.2f} {suffix}"
+    return f"{n:.0f} B"
+
+
+# ---- info ----------------------------------------------------------------------------------
+
+
+def resolve_config(target: str) -> Any:
+    """A preset name, a model directory, or a config.json path -> ModelConfig."""
+    from moekit.config import ModelConfig
+    from moekit.presets import PRESETS, get_preset
+
+    if target in PRESETS:
+        return get_preset(target)
+    path = Path(target)
+    if path.exists():
+        return ModelConfig.load(path)
+    raise ValueError(
+        f"{target!r} is neither a preset nor an existing model directory or config file; "
+        f"presets: {', '.join(PRESETS)}"
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from moekit.analysis.params import summary
+    from moekit.presets import PRESETS
+
+    if args.list:
+        rows: list[dict[str, Any]] = [
+            {
+                "name": p.name,
+                "description": p.description,
+                "total_params": p.build().num_params(),
+                "active_params": p.build().num_active_params(),
+            }
+            for p in PRESETS.values()
+        ]
+        if args.json:
+            _print_json(rows)
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="moekit presets")
+        for col in ("name", "total", "active", "description"):
+            table.add_column(col, justify="right" if col in ("total", "active") else "left")
+        for r in rows:
+            table.add_row(
+                r["name"], _human(r["total_params"]), _human(r["active_params"]), r["description"]
+            )
+        Console().print(table)
+        return 0
+    if not args.target:
+        raise ValueError("name a preset or a model directory, or pass --list")
+    cfg = resolve_config(args.target)
+    info = summary(cfg, context=args.context)
+    info = {"name": args.target, **info}
+    if args.json:
+        _print_json(info)
+        return 0
+    _print_info_table(info)
+    return 0
+
+
+def _print_info_table(info: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{info['name']}", show_header=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("total parameters", f"{_human(info['total_params'])} ({info['total_params']:,})")
+    table.add_row(
+        "active parameters / token", f"{_human(info['active_params'])} ({info['active_params']:,})"
+    )
+    table.add_row("active fraction", f"{info['active_fraction']:.1%}")
+    table.add_row(
+        f"forward FLOPs / token (context {info['flops_context']})",
+        _flops(info["flops_per_token"]),
+    )
+    table.add_row("layers (MoE)", f"{info['num_layers']} ({info['moe_layers']})")
+    if info["num_experts"]:
+        table.add_row("experts, top-k", f"{info['num_experts']}, {info['top_k']}")
+    for dtype, n in info["weight_memory_bytes"].items():
+        table.add_row(f"weights in {dtype}", _bytes(n))
+    console.print(table)
+
+    breakdown = Table(title="parameters by part")
+    breakdown.add_column("part")
+    breakdown.add_column("total", justify="right")
+    breakdown.add_column("active / token", justify="right")
+    for part, total in info["total_params_by"].items():
+        if total:
+            breakdown.add_row(part, _human(total), _human(info["active_params_by"][part]))
+    console.print(breakdown)
+
+
+# ---- bench ---------------------------------------------------------------------------------
+
+
+def cmd_bench_layer(args: argparse.Namespace) -> int:
+    from moekit.bench.layer import bench_layer
+
+    rows = bench_layer(
+        prefill_tokens=args.prefill_tokens,
+        dim=args.dim,
+        repeats=args.repeats,
+        shapes=tuple(args.shapes.split(",")),
+        phases=tuple(args.phases.split(",")),
+        backend=args.backend,
+    )
+    if args.json:
+        _print_json(rows)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    shapes = sorted({(r["shape"], r["num_experts"], r["top_k"], r["expert_hidden"]) for r in rows})
+    caption = "; ".join(f"{n}: E={e}, K={k}, F={f}" for n, e, k, f in shapes)
+    table = Table(
+        title=f"MoE layer, dim {args.dim}, float32, medians of {args.repeats} (ms)",
+        caption=f"{caption}; prefill {args.prefill_tokens} tokens, decode 1",
+    )
+    for col in (
+        "shape",
+        "phase",
+        "pass",
+        "ours",
+        "dense",
+        "dense/ours",
+        "hf",
+        "hf/ours",
+        "hf impl",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("shape", "phase", "pass", "hf impl") else "right"
+        )
+    for r in rows:
+        hf = r["hf_best_s"]
+        table.add_row(
+            r["shape"],
+            r["phase"],
+            r["pass"],
+            f"{r['ours_s'] * 1e3:.2f}",
+            f"{r['dense_s'] * 1e3:.2f}",
+            f"{r['dense_over_ours']:.2f}x",
+            f"{hf * 1e3:.2f}" if hf is not None else "n/a",
+            f"{r['hf_over_ours']:.2f}x" if hf is not None else "n/a",
+            r["hf_impl"] or "n/a",
+        )
+    Console().print(table)
+    print(
+        "dense/ours: our throughput relative to a dense SwiGLU MLP with the same active FLOPs "
+        "(>1 is faster); hf/ours: our speed-up over transformers' fastest experts implementation."
+    )
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moekit import __version__
+    from moekit.analysis.params import summary
+
+    parser = argparse.ArgumentParser(
+        prog="moekit",
+        description="Build, train, inspect, convert and serve Mixture-of-Experts models.",
+    )
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser(
+        "info",
+        help="parameters, FLOPs and memory of a preset or model directory",
+        description=_doc(summary),
+    )
+    info.add_argument("target", nargs="?", help="a preset name or a model directory")
+    info.add_argument("--list", action="store_true", help="list the presets")
+    info.add_argument("--context", type=int, default=2048, help="context length for FLOPs")
+    info.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    layer = bench_sub.add_parser(
+        "layer",
+        help="MoE layer vs dense-equivalent MLP vs transformers",
+        description=(
+            "Time the MoE layer, a dense SwiGLU MLP with the same active FLOPs, and "
+            "transformers' Mixtral MoE block with the same weights (each of its experts "
+            "implementations), for a coarse (8 experts, top-2, hidden 4x dim) and a "
+            "fine-grained (64 experts, top-8, hidden dim/4) shape, at prefill and decode, "
+            "forward and forward+backward. Prints ratios measured in this one run."
+        ),
+    )
+    layer.add_argument("--dim", type=int, default=512, help="model dimension (default 512)")
+    layer.add_argument("--repeats", type=int, default=5, help="timed samples per figure")
+    layer.add_argument("--shapes", default="coarse,fine", help="comma list of coarse,fine")
+    layer.add_argument("--phases", default="prefill,decode", help="comma list of prefill,decode")
+    layer.add_argument(
+        "--prefill-tokens", type=int, default=4096, help="tokens in the prefill phase"
+    )
+    layer.add_argument("--backend", default="auto", help="expert backend for ours")
+    layer.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    layer.set_defaults(func=cmd_bench_layer)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from moekit.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"moekit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
