@@ -13,10 +13,7 @@ def run(code, **env):
 
 
 def test_allocator_tuning_applies_once_and_can_be_turned_off():
-    code = (
-        "from moekit.runtime import tune_cpu_allocator as t; a = t(); b = t(); "
-        "print(a, b)"
-    )
+    code = "from moekit.runtime import tune_cpu_allocator as t; a = t(); b = t(); print(a, b)"
     first, second = run(code).split()
     assert first == second  # idempotent
     assert run(code, MOEKIT_CPU_ALLOCATOR="system") == "False False"
