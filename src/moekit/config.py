@@ -12,8 +12,10 @@ import dataclasses
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import UnionType
 from typing import Any, ClassVar
 
 FORMAT_VERSION = 1
@@ -21,6 +23,7 @@ FORMAT_VERSION = 1
 ROUTERS = ("topk", "switch", "expert_choice")
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
+CAPACITY_PRIORITIES = ("weight", "position")
 ACTIVATIONS = ("swiglu", "gelu")
 ATTENTION_KINDS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full")
@@ -40,6 +43,28 @@ def _check_non_negative(owner: str, **values: int | float) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise _fail(owner, name, value, "must be >= 0")
+
+
+def _check_field_types(obj: Any) -> None:
+    """Reject values of the wrong type (a float where an int is expected, a string for a bool):
+    configs often arrive from JSON or YAML."""
+    owner = type(obj).__name__
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        if name.startswith("_") or not hasattr(obj, name):
+            continue
+        value = getattr(obj, name)
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, UnionType) else ()
+        if value is None and type(None) in args:
+            continue
+        base = next((a for a in args if a is not type(None)), tp) if args else tp
+        if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise _fail(owner, name, value, "must be an integer")
+        if base is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise _fail(owner, name, value, "must be a number")
+        if base is bool and not isinstance(value, bool):
+            raise _fail(owner, name, value, "must be true or false")
+        if base is str and not isinstance(value, str):
+            raise _fail(owner, name, value, "must be a string")
 
 
 def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -96,6 +121,7 @@ class AttentionConfig(_ConfigBase):
     v_head_dim: int = 0
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         owner = "AttentionConfig"
         _check_choice(owner, "kind", self.kind, ATTENTION_KINDS)
         _check_choice(owner, "qk_norm", self.qk_norm, QK_NORMS)
@@ -141,8 +167,16 @@ class MoEConfig(_ConfigBase):
       - "switch": top-1 token choice with capacity (Switch Transformer); requires `top_k=1`.
       - "expert_choice": each expert picks its top-C tokens, C = capacity_factor * T / E, so a
         token gets 0..E experts. Over a batch this lets a token's routing depend on *later*
-        tokens, which leaks the future in a causal LM; `expert_choice_causal=True` (always used
-        when generating) lets each expert choose among already-seen tokens of a sequence only.
+        tokens, which leaks the future in a causal LM. The causal mode (always used when
+        generating and evaluating, and in training with `expert_choice_causal=True`) routes
+        each token to its `ceil(capacity_factor)` best-scoring experts instead.
+
+    Capacity (`capacity_factor`, token choice): each expert keeps at most
+    `ceil(capacity_factor * T * top_k / E)` copies of a batch of T tokens; the rest are dropped
+    (the token keeps its residual path). `capacity_priority="weight"` drops the lowest-weight
+    copies; the choice then depends on the whole batch, later tokens included.
+    `capacity_priority="position"` drops the latest tokens' copies, which keeps every token's
+    output independent of the tokens after it.
 
     Layer placement: layers `0 .. first_dense_layers-1` are dense; after them every
     `layer_step`-th layer is an MoE layer (layer i is MoE when
@@ -160,6 +194,7 @@ class MoEConfig(_ConfigBase):
     score_func: str = "softmax"
     norm_topk_prob: bool = True  # renormalise the chosen K weights to sum to 1
     capacity_factor: float | None = None  # None: dropless
+    capacity_priority: str = "weight"  # over capacity, drop the lightest or the latest copies
     aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss
     z_loss_weight: float = 0.0  # router z-loss
     bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing with a selection-only bias
@@ -174,6 +209,7 @@ class MoEConfig(_ConfigBase):
     backend: str = "auto"  # expert computation backend, see moekit.moe.experts.BACKENDS
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         owner = "MoEConfig"
         _check_positive(
             owner, num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden
@@ -197,6 +233,7 @@ class MoEConfig(_ConfigBase):
         _check_choice(owner, "router", self.router, ROUTERS)
         _check_choice(owner, "score_func", self.score_func, SCORE_FUNCS)
         _check_choice(owner, "group_score", self.group_score, GROUP_SCORES)
+        _check_choice(owner, "capacity_priority", self.capacity_priority, CAPACITY_PRIORITIES)
         if self.shared_expert_hidden is not None:
             _check_positive(owner, shared_expert_hidden=self.shared_expert_hidden)
         if self.top_k > self.num_experts:
@@ -227,6 +264,18 @@ class MoEConfig(_ConfigBase):
                 raise _fail(
                     owner, "bias_update_rate", self.bias_update_rate,
                     "must be 0 with router='expert_choice' (it is balanced by construction)",
+                )  # fmt: skip
+            if self.score_func != "softmax":
+                raise _fail(
+                    owner,
+                    "score_func",
+                    self.score_func,
+                    "must be 'softmax' with router='expert_choice'",
+                )
+            if self.routed_scaling_factor != 1.0:
+                raise _fail(
+                    owner, "routed_scaling_factor", self.routed_scaling_factor,
+                    "must be 1.0 with router='expert_choice'",
                 )  # fmt: skip
         elif self.expert_choice_causal:
             raise _fail(
@@ -311,6 +360,7 @@ class ModelConfig(_ConfigBase):
             self.attention = AttentionConfig.from_dict(self.attention)
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+        _check_field_types(self)
         _check_positive(
             owner,
             vocab_size=self.vocab_size,

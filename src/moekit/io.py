@@ -1,15 +1,25 @@
-"""Atomic file writes: write to a temporary name in the same directory, fsync, rename.
+"""Files: atomic writes, and reading and writing model directories.
 
-A crash mid-write leaves the previous file (or none) in place, never a half-written one.
+Every write goes to a temporary name in the same directory, is fsynced, then renamed: a
+crash mid-write leaves the previous file (or none) in place, never a half-written one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from moekit.config import ModelConfig
+    from moekit.nn.transformer import Transformer
 
 
 @contextlib.contextmanager
@@ -19,6 +29,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -27,6 +38,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -49,3 +66,150 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
     atomic_write(path, write)
+
+
+# ---- model directories -------------------------------------------------------------------
+# A model directory holds config.json, the weights as model.safetensors (or shards
+# model-0000i-of-0000N.safetensors plus model.safetensors.index.json) and tokenizer.json.
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def save_weights(
+    state: Mapping[str, Tensor],
+    directory: Path,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write `state` as safetensors into `directory`, sharded above `max_shard_bytes`.
+
+    Every file is written atomically; shards or a single file left from an earlier save of a
+    different layout are removed afterwards. Returns the files written.
+    """
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    written: list[Path] = []
+    if len(shards) == 1:
+        path = directory / WEIGHTS_NAME
+        atomic_write(path, lambda p: save_file(shards[0], str(p), metadata=meta))
+        written.append(path)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            path = directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            atomic_write(path, lambda p, s=shard: save_file(s, str(p), metadata=meta))
+            written.append(path)
+            weight_map.update(dict.fromkeys(shard, path.name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+        written.append(directory / INDEX_NAME)
+    keep = {p.name for p in written}
+    for stale in [*directory.glob("model-*-of-*.safetensors"), directory / WEIGHTS_NAME,
+                  directory / INDEX_NAME]:  # fmt: skip
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
+    return written
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory (one file, or the shards of its index)."""
+    single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e})") from e
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+
+
+def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Every tensor of a model directory's safetensors files (memory-mapped while reading).
+
+    A truncated or corrupt file is a ValueError that names it.
+    """
+    from safetensors import safe_open
+
+    state: dict[str, Tensor] = {}
+    for path in weight_files(directory):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is listed in {INDEX_NAME} but missing")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    state[name] = f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                "corrupt: restore it from a checkpoint in train_state/ or re-create it"
+            ) from e
+    return state
+
+
+def load_state_checked(model: torch.nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Load `state` into `model`, failing with the names of missing, unexpected or misshapen
+    tensors (a partial load is never silent)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshapen = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:5])}")
+    if misshapen:
+        problems.append(f"shape mismatch: {'; '.join(misshapen[:5])}")
+    if problems:
+        raise ValueError(f"{source} does not fit the model config: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k])
+
+
+def save_model(model: torch.nn.Module, cfg: ModelConfig, directory: Path) -> None:
+    """Write config.json and the weights of `model` into `directory`."""
+    from moekit import __version__
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(model.state_dict(), directory, metadata={"moekit_version": __version__})
+    cfg.save(directory / "config.json")
+
+
+def load_model(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """Build the model a directory's config.json describes and load its weights."""
+    from moekit.config import ModelConfig
+    from moekit.nn.transformer import build_model, cast_model
+
+    directory = Path(directory)
+    cfg = ModelConfig.load(directory)
+    model = build_model(cfg, device=device, seed=None)
+    load_state_checked(model, load_weights(directory, device), str(directory))
+    return cast_model(model, dtype) if dtype is not None else model

@@ -51,13 +51,20 @@ def test_permute_then_combine_is_the_identity(r, sort):
     T, D = experts.shape[0], 5
     x = torch.randn(T, D)
     p = dispatch.plan(experts, torch.ones_like(weights), E, sort=sort)
+    K = experts.shape[1]
+    # Every valid slot appears exactly once, and each row is its slot's token.
+    assert p.slot_S.unique().numel() == p.slot_S.numel() == int((experts >= 0).sum())
+    torch.testing.assert_close(p.token_S, p.slot_S // K)
+    permuted = dispatch.permute(x, p)
+    torch.testing.assert_close(permuted, x[p.slot_S // K])
+    # Scattering rows back to their slots inverts the permutation exactly.
+    back = torch.zeros(experts.numel(), D)
+    back[p.slot_S] = permuted
+    valid = experts.reshape(-1) >= 0
+    torch.testing.assert_close(back[valid], x.repeat_interleave(K, 0)[valid])
+    # Summing each token's copies gives (number of copies) * x.
     copies = (experts >= 0).sum(-1, keepdim=True).float()
-    # Each copy carries its token's row; summing copies back gives (number of copies) * x.
-    torch.testing.assert_close(dispatch.combine(dispatch.permute(x, p), p, T), copies * x)
-    # slot -> position and position -> slot are inverse permutations.
-    inverse = torch.full((experts.numel(),), -1)
-    inverse[p.slot_S] = torch.arange(p.slot_S.numel())
-    torch.testing.assert_close(p.slot_S[inverse[p.slot_S]], p.slot_S)
+    torch.testing.assert_close(dispatch.combine(permuted, p, T), copies * x)
 
 
 @given(routings(), st.integers(1, 10), st.booleans())
@@ -81,6 +88,26 @@ def test_capacity_is_never_exceeded_and_drops_the_lightest(r, capacity, sort):
             assert int((mine & kept).sum()) == capacity
     if not sort:
         assert (p.slot_S[1:] > p.slot_S[:-1]).all()
+    torch.testing.assert_close(p.token_S, p.slot_S // experts.shape[1])
+
+
+@given(routings(), st.integers(1, 10), st.sampled_from([None, 1, 2, 3]))
+def test_position_priority_keeps_the_earliest_tokens_of_each_sequence(r, capacity, seqs):
+    experts, weights, E = r
+    T, K = experts.shape
+    seq_len = T // seqs if seqs and T % seqs == 0 else None
+    p = dispatch.plan(experts, weights, E, capacity=capacity, priority="position",
+                      seq_len=seq_len)  # fmt: skip
+    kept = torch.zeros(T * K, dtype=torch.bool)
+    kept[p.slot_S] = True
+    per_seq = seq_len or T
+    for start in range(0, T, per_seq):
+        block = slice(start * K, (start + per_seq) * K)
+        flat_e, flat_kept = experts.reshape(-1)[block], kept[block]
+        for e in range(E):
+            mine = (flat_e == e).nonzero().squeeze(1)
+            n_keep = min(capacity, len(mine))
+            assert flat_kept[mine].tolist() == [True] * n_keep + [False] * (len(mine) - n_keep)
 
 
 def test_combine_weights_and_sums_copies():

@@ -6,10 +6,14 @@ import torch
 from moekit.moe import dispatch
 from moekit.moe.experts import BACKENDS, Experts, grouped_linear, select_backend
 
+from ..conftest import DEVICES
+
 FAST = [name for name in BACKENDS if name != "eager"]
 
 
-def setup(E=6, D=16, F=24, T=20, K=2, activation="swiglu", dtype=torch.float32, empty=(3,)):
+def setup(
+    E=6, D=16, F=24, T=20, K=2, activation="swiglu", dtype=torch.float32, empty=(3,), device="cpu"
+):
     ex = Experts(E, D, F, activation).to(dtype)
     ex.init_weights(0.3, 0.3)
     x = torch.randn(T, D, dtype=dtype)
@@ -17,7 +21,7 @@ def setup(E=6, D=16, F=24, T=20, K=2, activation="swiglu", dtype=torch.float32, 
     allowed = torch.tensor([e for e in range(E) if e not in empty])
     experts = torch.stack([allowed[torch.randperm(len(allowed))[:K]] for _ in range(T)])
     weights = torch.rand(T, K, dtype=dtype)
-    return ex, x, experts, weights
+    return ex.to(device), x.to(device), experts.to(device), weights.to(device)
 
 
 def run(name, ex, x, experts, weights):
@@ -35,11 +39,12 @@ def run(name, ex, x, experts, weights):
     return out.detach(), grads
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", FAST)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_backend_matches_eager(name, activation, dtype):
-    ex, x, experts, weights = setup(activation=activation, dtype=dtype)
+def test_backend_matches_eager(name, activation, dtype, device):
+    ex, x, experts, weights = setup(activation=activation, dtype=dtype, device=device)
     ref_out, ref_grads = run("eager", ex, x, experts, weights)
     out, grads = run(name, ex, x, experts, weights)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
@@ -49,6 +54,21 @@ def test_backend_matches_eager(name, activation, dtype):
         torch.testing.assert_close(grads[key], ref_grads[key], **tol, msg=key)
     # An expert that got no tokens gets an exactly zero gradient.
     assert (grads["w_up"][3] == 0).all() and (grads["w_down"][3] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_backends_follow_autocast(name, device):
+    """Inside autocast every backend computes in the autocast dtype, as F.linear does."""
+    ex, x, experts, weights = setup(D=32, F=32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out, grads = run(name, ex, x, experts, weights)
+        ref, _ = run("eager", ex, x, experts, weights)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2)  # a few bf16 ulps
+    exact, _ = run("eager", ex, x, experts, weights)
+    torch.testing.assert_close(out.float(), exact, rtol=5e-2, atol=5e-2)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -100,6 +100,25 @@ def test_stats_losses_match_the_pure_functions():
         _, quiet = m(x)
     assert float(quiet.aux_loss) == float(quiet.z_loss) == 0.0
     torch.testing.assert_close(quiet.tokens_per_expert, stats.tokens_per_expert)
+    torch.testing.assert_close(quiet.entropy, stats.entropy)
+    assert float(quiet.entropy) > 0
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_zero_tokens(router):
+    extra = dict(router="expert_choice", top_k=1, capacity_factor=2.0) if router != "topk" else {}
+    m = layer(**extra)
+    x = torch.zeros(0, 3, 16, requires_grad=True)
+    y, stats = m(x)
+    assert y.shape == (0, 3, 16)
+    assert int(stats.tokens_per_expert.sum()) == 0
+    assert float(m.weighted_loss(stats)) == 0.0  # no NaN from a mean over nothing
+    (y.sum() + m.weighted_loss(stats)).backward()
+
+
+def test_unknown_backend_fails_at_construction():
+    with pytest.raises(ValueError, match="unknown expert backend 'fastest'"):
+        layer(backend="fastest")
 
 
 def imbalance(counts):
@@ -123,8 +142,13 @@ def test_bias_update_moves_load_toward_balance():
         _, last = m(x)
     assert start > 3.0
     assert imbalance(last.tokens_per_expert) < 1.5
-    # The bias never touched the weights the experts' outputs are scaled by.
     assert m.router.selection_bias[0] < 0 < m.router.selection_bias[7]
+    # The bias changed which experts are chosen, never the weights: they are still the
+    # unbiased sigmoid scores of the chosen experts.
+    route = m.router(x[0])
+    scores = route.logits.sigmoid()
+    chosen = scores.gather(1, route.experts)
+    torch.testing.assert_close(route.weights, chosen / chosen.sum(-1, keepdim=True))
 
 
 def test_bias_update_is_a_no_op_without_a_bias():

@@ -17,6 +17,8 @@ ROUTERS = {
     "sigmoid-groups-bias": dict(MOE, score_func="sigmoid", num_groups=2, topk_groups=1,
                                 bias_update_rate=0.01, routed_scaling_factor=2.5),
     "switch": dict(MOE, router="switch", top_k=1),
+    "switch-capacity-by-position": dict(MOE, router="switch", top_k=1, capacity_factor=1.0,
+                                        capacity_priority="position"),
     "shared": dict(MOE, num_shared_experts=1, shared_expert_gate=True),
     "expert-choice-causal": dict(MOE, router="expert_choice", capacity_factor=1.5,
                                  expert_choice_causal=True),
@@ -35,6 +37,9 @@ def test_future_tokens_never_change_earlier_logits(name, attention):
         extra = dict(num_kv_heads=4, attention=dict(kind="mla", q_lora_rank=16, kv_lora_rank=8,
                      qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8))  # fmt: skip
     model = make(ROUTERS[name], **extra).eval()
+    for layer in model.moe_layers().values():
+        if layer.router.selection_bias is not None:  # a bias that actually changes choices
+            layer.router.selection_bias.copy_(torch.randn(4))
     tokens = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         base = model(tokens).logits
@@ -95,9 +100,13 @@ def test_training_reduces_loss():
         opt.zero_grad()
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
-    # Every MoE parameter learned something.
+    # Every parameter, routers and experts included, gets a real gradient.
+    out = model(tokens[:, :-1])
+    loss = F.cross_entropy(out.logits.reshape(-1, 64), tokens[:, 1:].reshape(-1))
+    (loss + out.aux_loss).backward()
     for name, p in model.named_parameters():
-        assert p.grad is None or torch.isfinite(p.grad).all(), name
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
 
 
 def test_init_is_seeded_and_documented_scales():
@@ -115,9 +124,12 @@ def test_init_is_seeded_and_documented_scales():
 
 
 def test_bf16_build_keeps_routers_float32():
-    model = build_model(ModelConfig.from_dict({**BASE, "moe": MOE}), dtype=torch.bfloat16)
-    for layer in model.moe_layers().values():
+    cfg = ModelConfig.from_dict({**BASE, "moe": MOE})
+    exact = build_model(cfg, seed=3)
+    model = build_model(cfg, dtype=torch.bfloat16, seed=3)
+    for i, layer in model.moe_layers().items():
         assert layer.router.weight.dtype == torch.float32
+        assert torch.equal(layer.router.weight, exact.moe_layers()[i].router.weight)
         assert layer.experts.w_up.dtype == torch.bfloat16
     out = model(torch.randint(0, 64, (1, 6)))
     assert out.logits.dtype == torch.bfloat16

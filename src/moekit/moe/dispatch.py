@@ -84,14 +84,19 @@ def plan(
     num_experts: int,
     *,
     capacity: int | None = None,
+    priority: str = "weight",
+    seq_len: int | None = None,
     sort: bool = True,
 ) -> DispatchPlan:
     """Decide which copies are kept and in what order.
 
     `experts_TK` holds expert ids, or -1 for an empty slot. With `capacity`, an expert keeps
-    at most that many copies: the highest-weight ones (earlier tokens win ties) and the rest
-    are dropped. With `sort=True` the kept copies are ordered expert by expert; otherwise they
-    stay in slot order.
+    at most that many copies and the rest are dropped: with `priority="weight"` it keeps the
+    highest-weight copies of the whole batch (earlier tokens win ties); with
+    `priority="position"` the capacity applies to each sequence of `seq_len` tokens (default:
+    the whole batch is one sequence) and the earliest tokens are kept, so a token's fate
+    never depends on later tokens or on other sequences. With `sort=True` the kept copies are
+    ordered expert by expert; otherwise they stay in slot order.
     """
     T, K = experts_TK.shape
     expert_S = experts_TK.reshape(-1)
@@ -105,12 +110,20 @@ def plan(
     num_dropped = torch.zeros((), dtype=torch.long, device=experts_TK.device)
 
     if capacity is not None and int(routed_E.max()) > capacity:
-        # Priority order: heaviest copies first; a stable sort keeps earlier tokens first on
-        # ties. Only this capacity path pays for a comparison sort.
-        prio_S = torch.sort(weight_S.detach(), descending=True, stable=True).indices
-        keep_prio = rank_within_expert(expert_S[prio_S], num_experts) < capacity
-        keep_S = torch.empty_like(keep_prio)
-        keep_S[prio_S] = keep_prio
+        if priority == "position":
+            token_S = torch.div(slot_S, K, rounding_mode="floor")
+            mask_TE = torch.zeros(T, num_experts, dtype=torch.int32, device=expert_S.device)
+            mask_TE[token_S, expert_S] = 1
+            per_seq = seq_len or T
+            running_TE = mask_TE.view(-1, per_seq, num_experts).cumsum(1, dtype=torch.int32)
+            keep_S = running_TE.view(T, num_experts)[token_S, expert_S] <= capacity
+        else:
+            # Heaviest copies first; a stable sort keeps earlier tokens first on ties. Only this
+            # path pays for a comparison sort.
+            prio_S = torch.sort(weight_S.detach(), descending=True, stable=True).indices
+            keep_prio = rank_within_expert(expert_S[prio_S], num_experts) < capacity
+            keep_S = torch.empty_like(keep_prio)
+            keep_S[prio_S] = keep_prio
         num_dropped = (~keep_S).sum()
         slot_S, expert_S, weight_S = slot_S[keep_S], expert_S[keep_S], weight_S[keep_S]
         kept_E = torch.bincount(expert_S, minlength=num_experts)

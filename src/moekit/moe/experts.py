@@ -101,11 +101,19 @@ class Experts(nn.Module):
 # ---- backends ------------------------------------------------------------------------------
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` produce: the autocast dtype inside autocast, else x's own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 @register_backend("eager", needs_sorted=False, description="reference loop over experts")
 def eager_experts(
     x_SD: Tensor, expert_S: Tensor, counts_E: Tensor, scale_S: Tensor, ex: Experts
 ) -> Tensor:
-    y_SD = x_SD.new_zeros(x_SD.shape[0], ex.dim)
+    y_SD = x_SD.new_zeros(x_SD.shape[0], ex.dim, dtype=compute_dtype(x_SD))
     for e in range(ex.num_experts):
         rows = (expert_S == e).nonzero().squeeze(1)
         if rows.numel():
@@ -202,7 +210,12 @@ def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
 
 
 def grouped_linear(x_SD: Tensor, w_ENK: Tensor, counts_E: Tensor) -> Tensor:
-    """Rows of expert e (contiguous, in expert order) times `w_ENK[e]^T`: (S, N)."""
+    """Rows of expert e (contiguous, in expert order) times `w_ENK[e]^T`: (S, N).
+
+    Follows autocast like `F.linear` does: inside an autocast region both operands are cast
+    to the autocast dtype first (the grouped kernel itself is not autocast-aware)."""
+    dtype = compute_dtype(x_SD)
+    x_SD, w_ENK = x_SD.to(dtype), w_ENK.to(dtype)
     if grouped_mm_available(x_SD, w_ENK):
         offs_E = counts_E.cumsum(0).to(torch.int32)
         out: Tensor = _GroupedMM.apply(x_SD, w_ENK.transpose(-2, -1), offs_E)

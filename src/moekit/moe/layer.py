@@ -27,7 +27,7 @@ class MoEStats(NamedTuple):
     z_loss: () float32 router z-loss, unweighted, differentiable.
     entropy: () float32 mean routing entropy in nats, detached.
 
-    The three losses are computed when autograd is enabled; under `torch.no_grad()` they are 0.
+    The two losses are computed when autograd is enabled; under `torch.no_grad()` they are 0.
     """
 
     tokens_per_expert: Tensor
@@ -50,6 +50,7 @@ class MoELayer(nn.Module):
             MLP(dim, cfg.shared_hidden_total, activation) if cfg.num_shared_experts else None
         )
         self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
+        select_backend(cfg.backend, 0, cfg.num_experts, torch.device("cpu"))  # a known name?
         self.backend = cfg.backend
 
     def forward(
@@ -62,15 +63,19 @@ class MoELayer(nn.Module):
         """
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        route = self.router(x_TD, seq_len=S, causal=causal_routing)
+        route = self.router(x_TD, causal=causal_routing)
         T, K = route.experts.shape
+        if T == 0:
+            return x_BSD.new_zeros(B, S, D), self._empty_stats(route)
 
         backend = select_backend(self.backend, T * K, self.cfg.num_experts, x_BSD.device)
         p = dispatch.plan(
             route.experts,
             route.weights,
             self.cfg.num_experts,
-            capacity=self.cfg.capacity(T) if self.cfg.router != "expert_choice" else None,
+            capacity=self._capacity(B, S),
+            priority=self.cfg.capacity_priority,
+            seq_len=S,
             sort=backend.needs_sorted,
         )
         y_CD = backend.fn(
@@ -86,17 +91,30 @@ class MoELayer(nn.Module):
 
         return out_TD.view(B, S, D), self._stats(route, p)
 
+    def _capacity(self, batch: int, seq_len: int) -> int | None:
+        """Copies per expert: per batch with weight priority, per sequence with position."""
+        if self.cfg.router == "expert_choice":  # expert choice fills its capacity itself
+            return None
+        if self.cfg.capacity_priority == "position":
+            return self.cfg.capacity(seq_len)
+        return self.cfg.capacity(batch * seq_len)
+
     def _stats(self, route: RouterOutput, p: dispatch.DispatchPlan) -> MoEStats:
+        probs_TE = self.router.probs(route.logits)
+        entropy = losses.router_entropy(probs_TE.detach())
         # The router losses only matter for training: without autograd (evaluation, decoding)
         # they are reported as 0 and cost nothing.
         if torch.is_grad_enabled():
-            probs_TE = self.router.probs(route.logits)
             aux = losses.load_balancing_loss(probs_TE, route.experts)
             z = losses.z_loss(route.logits)
-            entropy = losses.router_entropy(probs_TE.detach())
         else:
-            aux = z = entropy = route.logits.new_zeros(())
+            aux = z = route.logits.new_zeros(())
         return MoEStats(p.routed_per_expert, p.num_dropped, aux, z, entropy)
+
+    def _empty_stats(self, route: RouterOutput) -> MoEStats:
+        zero = route.logits.new_zeros(()) + 0.0 * route.logits.sum()  # keeps the graph alive
+        counts = torch.zeros(self.cfg.num_experts, dtype=torch.long, device=zero.device)
+        return MoEStats(counts, counts.sum(), zero, zero, zero.detach())
 
     def weighted_loss(self, stats: MoEStats) -> Tensor:
         """The layer's contribution to the training loss: its aux and z losses, weighted."""

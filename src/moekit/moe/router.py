@@ -1,7 +1,7 @@
 """Routers: map tokens `x_TD` to `RouterOutput(weights_TK, experts_TK, logits_TE)` in float32.
 
 Shape legend: T tokens, D model dim, E experts, K expert slots per token, G expert groups,
-B sequences, S positions per sequence (T = B * S), C capacity (tokens per expert).
+C capacity (tokens per expert).
 
 Every router computes its logits in float32 from a float32 weight, whatever the model's dtype
 or autocast state: low-precision routing flips top-k choices and is a classic silent failure.
@@ -61,11 +61,9 @@ class Router(nn.Module):
         scores = logits_TE.sigmoid()
         return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
-    def forward(
-        self, x_TD: Tensor, *, seq_len: int | None = None, causal: bool | None = None
-    ) -> RouterOutput:
-        """Route `x_TD`. `seq_len` splits tokens into sequences; `causal` forces a router that
-        can see later tokens (expert choice) into its causal mode; token choice ignores both."""
+    def forward(self, x_TD: Tensor, *, causal: bool | None = None) -> RouterOutput:
+        """Route `x_TD`. `causal=True` forces a router whose choice depends on other tokens
+        (expert choice) into its causal mode; token choice is always causal and ignores it."""
         raise NotImplementedError
 
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
@@ -95,9 +93,7 @@ class TopKRouter(Router):
         if cfg.bias_update_rate > 0:
             self.register_buffer("selection_bias", torch.zeros(cfg.num_experts))
 
-    def forward(
-        self, x_TD: Tensor, *, seq_len: int | None = None, causal: bool | None = None
-    ) -> RouterOutput:
+    def forward(self, x_TD: Tensor, *, causal: bool | None = None) -> RouterOutput:
         cfg = self.cfg
         logits_TE = self.compute_logits(x_TD)
         if cfg.score_func == "softmax":
@@ -137,16 +133,18 @@ class ExpertChoiceRouter(Router):
 
     Scores are softmax over experts per token; C = ceil(capacity_factor * T / E), so on
     average a token is processed by `capacity_factor` experts, and a token may get anywhere
-    from 0 to E. Load is balanced by construction (no aux loss needed).
+    from 0 to E. Load is balanced by construction (no aux loss needed). The weight of a
+    (token, expert) pair is the token's softmax score for that expert.
 
     Causality: in batch mode an expert compares a token with every other token of the batch,
     later positions included, so a future token can change an earlier token's output: a leak
-    in a causal language model. In causal mode (`causal=True`, or the config's
-    `expert_choice_causal`; generation always uses it), an expert decides on the token at
-    position t looking only at positions <= t of the same sequence: it takes the token when
-    its score ranks within the top `ceil(capacity_factor * (t + 1) / E)` of that prefix and
-    the expert has taken fewer than that many tokens of the prefix so far. Every decision
-    depends on the past only, and no expert ever exceeds its capacity for any prefix.
+    in a causal language model, and a choice that cannot be made one token at a time when
+    generating. The causal mode (`causal=True`, or the config's `expert_choice_causal`; the
+    model's `causal_routing=True`, which generation and evaluation use) routes each token by
+    token choice over the same scores: its `ceil(capacity_factor)` best-scoring experts, with
+    the same softmax-score weights. It depends on the token alone, so it is causal, works on
+    one token at a time and needs no state; what changes is the per-expert load, which is no
+    longer balanced by construction.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
@@ -154,65 +152,30 @@ class ExpertChoiceRouter(Router):
         assert cfg.capacity_factor is not None  # validated by MoEConfig
         self.capacity_factor = cfg.capacity_factor
         self.causal = cfg.expert_choice_causal
+        self.causal_k = min(cfg.num_experts, math.ceil(cfg.capacity_factor))
 
     def capacity(self, num_tokens: int) -> int:
         return min(
             num_tokens, max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
         )
 
-    def forward(
-        self, x_TD: Tensor, *, seq_len: int | None = None, causal: bool | None = None
-    ) -> RouterOutput:
+    def forward(self, x_TD: Tensor, *, causal: bool | None = None) -> RouterOutput:
         logits_TE = self.compute_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
-        causal = self.causal if causal is None else causal
-        if causal:
-            if seq_len is None:
-                raise ValueError("causal expert choice needs seq_len to find sequence boundaries")
-            chosen_TE = self._choose_causal(scores_TE.detach(), seq_len)
-        else:
-            C = self.capacity(x_TD.shape[0])
-            tokens_CE = scores_TE.detach().topk(C, dim=0).indices
-            chosen_TE = torch.zeros_like(scores_TE, dtype=torch.bool)
+        if self.causal if causal is None else causal:
+            experts_TK = scores_TE.detach().topk(self.causal_k, dim=-1).indices
+            return RouterOutput(scores_TE.gather(1, experts_TK), experts_TK, logits_TE)
+        chosen_TE = torch.zeros_like(scores_TE, dtype=torch.bool)
+        if x_TD.shape[0]:
+            tokens_CE = scores_TE.detach().topk(self.capacity(x_TD.shape[0]), dim=0).indices
             chosen_TE.scatter_(0, tokens_CE, True)
         return _pack_token_major(chosen_TE, scores_TE, logits_TE)
-
-    def _choose_causal(self, scores_TE: Tensor, seq_len: int) -> Tensor:
-        T, E = scores_TE.shape
-        if T % seq_len:
-            raise ValueError(f"{T} tokens do not split into sequences of length {seq_len}")
-        scores_BSE = scores_TE.view(-1, seq_len, E)
-        pos_S = torch.arange(seq_len, device=scores_TE.device)
-        limit_S = torch.ceil(self.capacity_factor * (pos_S + 1) / E).clamp_min(1)
-        # 1. rank of each token among the earlier-or-equal positions of its sequence, per expert
-        #    (ties go to the earlier token), chunked over query positions to bound memory.
-        rank_BSE = torch.empty_like(scores_BSE, dtype=torch.long)
-        chunk = max(1, 2**22 // max(1, seq_len * E * scores_BSE.shape[0]))
-        for start in range(0, seq_len, chunk):
-            q = scores_BSE[:, start : start + chunk]  # (B, c, E)
-            qpos = pos_S[start : start + chunk]
-            earlier_cS = pos_S[None, :] < qpos[:, None]  # strictly earlier keys
-            upto_cS = pos_S[None, :] <= qpos[:, None]
-            keys = scores_BSE[:, None, :, :]  # (B, 1, S, E)
-            qq = q[:, :, None, :]  # (B, c, 1, E)
-            beats = (keys > qq) & upto_cS[None, :, :, None]
-            ties = (keys == qq) & earlier_cS[None, :, :, None]
-            rank_BSE[:, start : start + chunk] = (beats | ties).sum(dim=2)
-        candidate_BSE = rank_BSE < limit_S[None, :, None]
-        # 2. enforce the running capacity in position order (a scan; cheap next to attention).
-        taken_BE = torch.zeros(scores_BSE.shape[0], E, device=scores_TE.device)
-        chosen_BSE = torch.zeros_like(candidate_BSE)
-        for t in range(seq_len):
-            take = candidate_BSE[:, t] & (taken_BE < limit_S[t])
-            chosen_BSE[:, t] = take
-            taken_BE += take
-        return chosen_BSE.view(T, E)
 
 
 def _pack_token_major(chosen_TE: Tensor, scores_TE: Tensor, logits_TE: Tensor) -> RouterOutput:
     """Turn a (T, E) selection mask into token-major slots, padding with expert -1."""
     counts_T = chosen_TE.sum(dim=1)
-    K = max(1, int(counts_T.max()))
+    K = max(1, int(counts_T.max())) if counts_T.numel() else 1
     # Chosen experts first, in expert-id order (stable sort of the mask, descending).
     order_TE = torch.sort(chosen_TE.to(torch.uint8), dim=1, descending=True, stable=True).indices
     experts_TK = order_TE[:, :K]

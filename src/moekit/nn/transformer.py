@@ -176,8 +176,18 @@ def build_model(
         model = Transformer(cfg)
     model.to_empty(device=device)
     model.init_weights(seed)
-    if dtype != torch.float32:
-        model.to(dtype)
-        for layer in model.moe_layers().values():
-            layer.router.float()
+    return cast_model(model, dtype)
+
+
+def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """Cast the model's floating-point weights to `dtype`, keeping every router (weights and
+    selection bias) in exact float32. Returns the model."""
+    if dtype == torch.float32:
+        return model
+    routers = [layer.router for layer in model.moe_layers().values()]
+    kept = [{k: v.detach().clone() for k, v in r.state_dict().items()} for r in routers]
+    model.to(dtype)
+    for router, state in zip(routers, kept, strict=True):
+        router.float()
+        router.load_state_dict(state)
     return model
