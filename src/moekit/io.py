@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,12 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
+def _save_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+
+
 def save_weights(
     state: Mapping[str, Tensor],
     directory: Path,
@@ -89,8 +96,6 @@ def save_weights(
     Every file is written atomically; shards or a single file left from an earlier save of a
     different layout are removed afterwards. Returns the files written.
     """
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"format": "pt", **(metadata or {})}
@@ -103,18 +108,19 @@ def save_weights(
             size = 0
         shards[-1][name] = t
         size += nbytes
-    written: list[Path] = []
-    if len(shards) == 1:
-        path = directory / WEIGHTS_NAME
-        atomic_write(path, lambda p: save_file(shards[0], str(p), metadata=meta))
-        written.append(path)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            path = directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(path, lambda p, s=shard: save_file(s, str(p), metadata=meta))
-            written.append(path)
-            weight_map.update(dict.fromkeys(shard, path.name))
+    n = len(shards)
+    names = (
+        [WEIGHTS_NAME]
+        if n == 1
+        else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    )
+    written = [directory / name for name in names]
+    for path, shard in zip(written, shards, strict=True):
+        atomic_write(path, partial(_save_safetensors, shard, meta))
+    if n > 1:
+        weight_map = {
+            key: path.name for path, shard in zip(written, shards, strict=True) for key in shard
+        }
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2) + "\n")
