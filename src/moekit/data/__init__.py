@@ -1,0 +1,1 @@
+"""Data: the builtin corpus and user data, the BPE tokenizer, and packed loaders."""

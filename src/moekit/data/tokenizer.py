@@ -1,0 +1,168 @@
+"""A byte-level BPE tokenizer (the `tokenizers` library), saved as tokenizer.json, cached.
+
+Byte-level means every string, whatever its characters or whitespace, encodes to ids that
+decode back to exactly the same string. Two special tokens come first in the vocabulary:
+`EOS` separates documents when they are packed, `PAD` fills unused positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from moekit.data.corpus import Document, fingerprint
+from moekit.io import atomic_write
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = (EOS, PAD)
+TOKENIZER_FILE = "tokenizer.json"
+# Bump when the way a tokenizer is built changes, so cached tokenizers are not reused.
+CACHE_FORMAT_VERSION = 1
+_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+class Tokenizer:
+    """Encode text to token ids and back; wraps a `tokenizers.Tokenizer`.
+
+    Build one with `Tokenizer.train` or `Tokenizer.load`. The special tokens' text inside
+    ordinary input is encoded as plain text, so only the packer ever emits `eos_id`.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        """Wrap `backend`, which must have the `EOS` and `PAD` special tokens."""
+        eos_id, pad_id = backend.token_to_id(EOS), backend.token_to_id(PAD)
+        if eos_id is None or pad_id is None:
+            missing = [t for t, i in ((EOS, eos_id), (PAD, pad_id)) if i is None]
+            raise ValueError(f"tokenizer lacks the special token(s) {', '.join(missing)}")
+        # Text like "<|endoftext|>" in a document must not turn into a real document boundary.
+        backend.encode_special_tokens = True
+        self.backend = backend
+        self._eos_id: int = eos_id
+        self._pad_id: int = pad_id
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Train a byte-level BPE tokenizer on `texts`.
+
+        `vocab_size` counts everything: the special tokens, the 256 byte symbols and the merges;
+        it must be at least 258. The result may hold fewer tokens when the texts offer fewer
+        distinct merges.
+        """
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+        if vocab_size < _MIN_VOCAB:
+            raise ValueError(
+                f"vocab_size={vocab_size} is invalid: must be >= {_MIN_VOCAB} "
+                f"(256 byte symbols + {len(SPECIAL_TOKENS)} special tokens)"
+            )
+        backend = tokenizers.Tokenizer(models.BPE())
+        # No prefix space: a leading space would be invented on encode and kept on decode.
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            # All 256 bytes, even ones absent from the texts, so any later text encodes.
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load a tokenizer from a tokenizer.json file or a directory that holds one."""
+        file = _file_path(Path(path))
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {str(file)!r}")
+        try:
+            backend = tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8"))
+        except Exception as err:  # the Rust side raises plain Exceptions for parse errors
+            raise ValueError(f"{str(file)!r} is not a valid tokenizer file: {err}") from err
+        try:
+            return cls(backend)
+        except ValueError as err:
+            raise ValueError(f"{str(file)!r}: {err}") from err
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write tokenizer.json atomically and return its path.
+
+        `path` is a directory (created if needed) or a file name ending in .json.
+        """
+        file = _file_path(Path(path))
+        text = self.backend.to_str()
+
+        def write(tmp: Path) -> None:
+            tmp.write_text(text, encoding="utf-8")
+
+        atomic_write(file, write)
+        return file
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of `text` (no special tokens added)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """The token ids of each text, encoded in parallel."""
+        encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """The text of `ids`; `decode(encode(text)) == text` for every string."""
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included (ids are 0 .. vocab_size - 1)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def _file_path(path: Path) -> Path:
+    return path if path.suffix == ".json" and not path.is_dir() else path / TOKENIZER_FILE
+
+
+def default_cache_dir() -> Path:
+    """$MOEKIT_CACHE_DIR, else ~/.cache/moekit."""
+    env = os.environ.get("MOEKIT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moekit"
+
+
+def get_tokenizer(
+    docs: Sequence[Document], vocab_size: int, cache_dir: Path | None = None
+) -> Tokenizer:
+    """A tokenizer trained on the texts of `docs`, loaded from the cache when it is there.
+
+    The cache file is `cache_dir / "tokenizers" / KEY.json` (`cache_dir` defaults to
+    `default_cache_dir()`), where KEY hashes the documents' fingerprint, `vocab_size` and the
+    cache format version. A cache file that cannot be read is replaced by a fresh one.
+    """
+    key_text = f"v{CACHE_FORMAT_VERSION}:{vocab_size}:{fingerprint(docs)}"
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
+    file = (cache_dir or default_cache_dir()) / "tokenizers" / f"{key}.json"
+    if file.is_file():
+        try:
+            return Tokenizer.load(file)
+        except ValueError:
+            pass  # a damaged cache entry is retrained and overwritten below
+    tokenizer = Tokenizer.train((d.text for d in docs), vocab_size)
+    # Several processes may train at once (one per rank); each rename is atomic, so readers see
+    # one complete file whichever wins.
+    tokenizer.save(file)
+    return tokenizer

@@ -1,0 +1,167 @@
+import json
+import os
+
+import pytest
+import tokenizers
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moekit.data.corpus import Document
+from moekit.data.tokenizer import (
+    EOS,
+    PAD,
+    TOKENIZER_FILE,
+    Tokenizer,
+    default_cache_dir,
+    get_tokenizer,
+)
+
+SAMPLES = {
+    "prose": "Assignment statements are used to (re)bind names to values.\n\nSee also: del.",
+    "code": 'def f(x: int) -> int:\n\t"""Doc."""\n    return {"a": [x ** 2, x // 3]}  # ok\n',
+    "unicode": "naïve café — 日本語のテキスト, Ελληνικά, עברית, emoji 🙂👍🏽, e\u0301 combining",
+    "whitespace": "  leading\ttabs\t\ttrailing   \r\n\r\nblank lines\n\n\n   ",
+    "control": "\x00\x01\x7f NUL and DEL bytes \u200b zero width \ufeff BOM",
+    "special text": f"literal {EOS} and {PAD} inside a document",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_round_trip(small_tokenizer, name):
+    text = SAMPLES[name]
+    ids = small_tokenizer.encode(text)
+    assert small_tokenizer.decode(ids) == text
+    assert all(0 <= i < small_tokenizer.vocab_size for i in ids)
+
+
+@given(st.text(max_size=200))
+def test_round_trip_any_text(small_tokenizer, text):
+    ids = small_tokenizer.encode(text)
+    assert small_tokenizer.decode(ids) == text
+    # Only the packer emits document separators, whatever the text contains.
+    assert small_tokenizer.eos_id not in ids and small_tokenizer.pad_id not in ids
+
+
+def test_trained_merges_compress(small_tokenizer):
+    text = SAMPLES["prose"]
+    assert len(small_tokenizer.encode(text)) < 0.6 * len(text.encode())
+
+
+def test_special_tokens(small_tokenizer):
+    tok = small_tokenizer
+    assert tok.eos_id != tok.pad_id
+    assert tok.backend.token_to_id(EOS) == tok.eos_id
+    assert tok.backend.token_to_id(PAD) == tok.pad_id
+    assert tok.decode([tok.eos_id]) == EOS
+    assert tok.decode([5, tok.eos_id, 6], skip_special_tokens=True) == tok.decode([5, 6])
+    assert tok.encode(EOS) != [tok.eos_id]
+    assert max(tok.eos_id, tok.pad_id) < tok.vocab_size
+
+
+def test_encode_batch_matches_encode(small_tokenizer):
+    texts = list(SAMPLES.values())
+    assert small_tokenizer.encode_batch(texts) == [small_tokenizer.encode(t) for t in texts]
+
+
+def test_vocab_size(small_tokenizer, small_corpus):
+    assert small_tokenizer.vocab_size == 512
+    smallest = Tokenizer.train(["hello world"], vocab_size=258)
+    assert smallest.vocab_size == 258
+    assert smallest.decode(smallest.encode(SAMPLES["unicode"])) == SAMPLES["unicode"]
+    # Asking for more tokens than the text can merge gives fewer, never more.
+    assert 258 < Tokenizer.train(["abab abab"], vocab_size=1000).vocab_size < 1000
+    with pytest.raises(ValueError, match=r"vocab_size=257 is invalid: must be >= 258"):
+        Tokenizer.train(["x"], vocab_size=257)
+
+
+def test_save_and_load(tmp_path, small_tokenizer):
+    written = small_tokenizer.save(tmp_path / "model")
+    assert written == tmp_path / "model" / TOKENIZER_FILE
+    assert [p.name for p in written.parent.iterdir()] == [TOKENIZER_FILE]  # no temp file left
+    as_file = small_tokenizer.save(tmp_path / "other.json")
+    assert as_file == tmp_path / "other.json"
+    for path in (tmp_path / "model", written, as_file):
+        loaded = Tokenizer.load(path)
+        assert loaded.vocab_size == small_tokenizer.vocab_size
+        assert (loaded.eos_id, loaded.pad_id) == (small_tokenizer.eos_id, small_tokenizer.pad_id)
+        for text in SAMPLES.values():
+            assert loaded.encode(text) == small_tokenizer.encode(text)
+
+
+def test_load_errors(tmp_path, small_tokenizer):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer file at .*tokenizer\.json"):
+        Tokenizer.load(tmp_path)
+    good = small_tokenizer.save(tmp_path / "good").read_text(encoding="utf-8")
+    corrupt = tmp_path / "corrupt" / TOKENIZER_FILE
+    corrupt.parent.mkdir()
+    corrupt.write_text(good[: len(good) // 2], encoding="utf-8")
+    with pytest.raises(ValueError, match=r"corrupt/tokenizer\.json' is not a valid tokenizer file"):
+        Tokenizer.load(corrupt.parent)
+    corrupt.write_text(json.dumps({"hello": "world"}))
+    with pytest.raises(ValueError, match="is not a valid tokenizer file"):
+        Tokenizer.load(corrupt)
+    plain = tokenizers.Tokenizer(tokenizers.models.BPE())
+    corrupt.write_text(plain.to_str())
+    with pytest.raises(
+        ValueError, match=r"lacks the special token\(s\) <\|endoftext\|>, <\|pad\|>"
+    ):
+        Tokenizer.load(corrupt)
+
+
+@pytest.fixture
+def train_calls(monkeypatch):
+    """Record every call to Tokenizer.train; the real training still runs."""
+    calls = []
+    original = Tokenizer.train.__func__
+
+    def counting(cls, texts, vocab_size):
+        texts = list(texts)
+        calls.append((texts, vocab_size))
+        return original(cls, texts, vocab_size)
+
+    monkeypatch.setattr(Tokenizer, "train", classmethod(counting))
+    return calls
+
+
+def docs_of(*texts):
+    return [Document(text=t, domain="d", source=f"s{i}") for i, t in enumerate(texts)]
+
+
+def test_get_tokenizer_caches(tmp_path, small_corpus, train_calls):
+    first = get_tokenizer(small_corpus, 300, cache_dir=tmp_path)
+    assert len(train_calls) == 1
+    assert train_calls[0][0] == [d.text for d in small_corpus]
+    (cached,) = (tmp_path / "tokenizers").iterdir()
+    mtime = cached.stat().st_mtime_ns
+
+    second = get_tokenizer(small_corpus, 300, cache_dir=tmp_path)
+    assert len(train_calls) == 1
+    assert cached.stat().st_mtime_ns == mtime
+    for text in SAMPLES.values():
+        assert second.encode(text) == first.encode(text)
+
+    # A different vocabulary size or different documents are different cache entries.
+    get_tokenizer(small_corpus, 301, cache_dir=tmp_path)
+    get_tokenizer(small_corpus[1:], 300, cache_dir=tmp_path)
+    assert len(train_calls) == 3
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 3
+
+
+def test_get_tokenizer_replaces_a_damaged_cache_entry(tmp_path, train_calls):
+    docs = docs_of("some text to train on", "and some more text")
+    get_tokenizer(docs, 270, cache_dir=tmp_path)
+    (cached,) = (tmp_path / "tokenizers").iterdir()
+    cached.write_text("{ not json")
+    again = get_tokenizer(docs, 270, cache_dir=tmp_path)
+    assert len(train_calls) == 2
+    assert Tokenizer.load(cached).encode("some text") == again.encode("some text")
+
+
+def test_default_cache_dir_from_environment(tmp_path, monkeypatch, train_calls):
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "env-cache"))
+    assert default_cache_dir() == tmp_path / "env-cache"
+    get_tokenizer(docs_of("text"), 260)
+    assert len(os.listdir(tmp_path / "env-cache" / "tokenizers")) == 1
+    monkeypatch.delenv("MOEKIT_CACHE_DIR")
+    assert default_cache_dir().parts[-2:] == (".cache", "moekit")
