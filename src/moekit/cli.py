@@ -7,17 +7,30 @@ tables.
 from __future__ import annotations
 
 import argparse
-import inspect
+import ast
+import importlib.util
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
-def _doc(fn: Callable[..., Any]) -> str:
-    """The first paragraph of a library function's docstring, for `--help`."""
-    return (inspect.getdoc(fn) or "").split("\n\n")[0]
+def _doc(module: str, name: str) -> str:
+    """The first paragraph of a library function's docstring, for `--help`.
+
+    Read from the source without importing the module, so `moekit --help` and the light
+    commands never pay for importing torch.
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return ""
+    tree = ast.parse(Path(spec.origin).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name == name:
+            doc = ast.get_docstring(node) or ""
+            return " ".join(doc.split("\n\n")[0].split())
+    return ""
 
 
 def _print_json(data: Any) -> None:
@@ -166,20 +179,11 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
         title=f"MoE layer, dim {args.dim}, float32, medians of {args.repeats} (ms)",
         caption=f"{caption}; prefill {args.prefill_tokens} tokens, decode 1",
     )
-    for col in (
-        "shape",
-        "phase",
-        "pass",
-        "ours",
-        "dense",
-        "dense/ours",
-        "hf",
-        "hf/ours",
-        "hf impl",
-    ):
-        table.add_column(
-            col, justify="left" if col in ("shape", "phase", "pass", "hf impl") else "right"
-        )
+    impls = sorted({impl for r in rows for impl in r["hf_s"]})
+    cols = ["shape", "phase", "pass", "ours", "dense", "dense/ours", "hf/ours"]
+    cols += [f"hf {impl}" for impl in impls]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("shape", "phase", "pass") else "right")
     for r in rows:
         hf = r["hf_best_s"]
         table.add_row(
@@ -189,15 +193,158 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
             f"{r['ours_s'] * 1e3:.2f}",
             f"{r['dense_s'] * 1e3:.2f}",
             f"{r['dense_over_ours']:.2f}x",
-            f"{hf * 1e3:.2f}" if hf is not None else "n/a",
             f"{r['hf_over_ours']:.2f}x" if hf is not None else "n/a",
-            r["hf_impl"] or "n/a",
+            *(_ms_or_skip(r["hf_s"].get(impl), impl == r["hf_impl"]) for impl in impls),
         )
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
     print(
         "dense/ours: our throughput relative to a dense SwiGLU MLP with the same active FLOPs "
-        "(>1 is faster); hf/ours: our speed-up over transformers' fastest experts implementation."
+        "(>1 is faster); hf/ours: our speed-up over transformers' fastest experts implementation "
+        "(marked *); 'skip': that implementation would need over 2 GiB for its weight gather."
     )
+    return 0
+
+
+def _ms_or_skip(seconds: float | None, best: bool) -> str:
+    if seconds is None:
+        return "skip"
+    return f"{seconds * 1e3:.2f}{'*' if best else ''}"
+
+
+# ---- train ---------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moekit.train.config import resolve_run_config
+    from moekit.train.trainer import TrainingInterruptedError, train
+
+    run_dir = Path(args.out)
+    if args.resume and not (args.config or args.preset):
+        from moekit.train.config import RunConfig, apply_overrides, read_config_file
+
+        data = apply_overrides(read_config_file(run_dir / "run.json"), args.overrides)
+        cfg = RunConfig.from_dict(data)
+    else:
+        cfg = resolve_run_config(
+            config_file=_recipe_or_file(args.config), preset=args.preset, overrides=args.overrides
+        )
+    try:
+        result = train(cfg, run_dir, resume=args.resume, verbose=not args.quiet)
+    except TrainingInterruptedError as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
+    figures = {
+        "run_dir": str(result.run_dir),
+        "steps": result.step,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "val_loss": result.val_loss,
+        "val_by_domain": result.val_by_domain,
+        "skipped_steps": result.skipped_steps,
+    }
+    if args.json:
+        _print_json(figures)
+        return 0
+    _print_run_summary(run_dir, figures)
+    return 0
+
+
+def _recipe_or_file(name: str | None) -> Path | None:
+    """A config file path, or the name of a recipe shipped with moekit (e.g. `demo`)."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.exists():
+        return path
+    recipe = Path(__file__).parent / "recipes" / f"{name}.yaml"
+    if recipe.exists():
+        return recipe
+    recipes = sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml"))
+    raise FileNotFoundError(
+        f"config {name!r} is neither a file nor a built-in recipe ({', '.join(recipes)})"
+    )
+
+
+def _print_run_summary(run_dir: Path, figures: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    val = figures["val_loss"]
+    console.print(
+        f"[bold]done[/bold]: {figures['steps']} steps, {figures['tokens']:,} tokens in "
+        f"{figures['seconds']:.0f} s; validation loss "
+        f"{'n/a' if val is None else f'{val:.4f}'}"
+    )
+    for name, what in (
+        ("config.json", "model config"),
+        ("model.safetensors", "weights"),
+        ("tokenizer.json", "tokenizer"),
+        ("run.json", "resolved run config"),
+        ("metrics.jsonl", "metrics, one JSON object per logged step"),
+        ("train_state", "checkpoints for --resume"),
+        ("report/report.html", "the report: loss curves, expert load, samples"),
+        ("report/loss.png", "loss curves"),
+        ("report/expert_load.png", "expert load per layer"),
+        ("report/samples.json", "sample generations"),
+    ):
+        path = run_dir / name
+        if path.exists():
+            console.print(f"  {path}  [dim]{what}[/dim]")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moekit.train.compare import compare
+    from moekit.train.config import resolve_run_config
+
+    cfg = resolve_run_config(
+        config_file=_recipe_or_file(args.config), preset=args.preset, overrides=args.overrides
+    )
+    summary = compare(cfg, args.out, dense_total=args.dense_total, verbose=not args.quiet)
+    if args.json:
+        _print_json(summary)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"MoE vs dense on the same data and tokens ({args.out})")
+    for col in ("run", "total params", "active params", "tokens", "train s", "val loss"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for name, r in summary["runs"].items():
+        table.add_row(
+            name,
+            _human(r["total_params"]),
+            _human(r["active_params"]),
+            f"{r['tokens']:,}",
+            f"{r['train_seconds']:.0f}",
+            f"{r['val_loss']:.4f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"plot: {Path(args.out) / 'compare.png'}; figures: {Path(args.out) / 'compare.json'}"
+    )
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from moekit.bench.train import bench_train
+
+    result = bench_train(
+        preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats
+    )
+    if args.json:
+        _print_json(result)
+        return 0
+    print(
+        f"training step, preset {result['preset']}, batch {result['batch_size']} x "
+        f"{result['seq_len']} tokens, float32:"
+    )
+    print(f"  ours                      {result['ours_tokens_per_s']:10,.0f} tokens/s")
+    for impl, tps in result["hf_tokens_per_s"].items():
+        print(f"  transformers ({impl:10s}) {tps:10,.0f} tokens/s")
+    if result["ours_over_hf_best"] is not None:
+        best, ratio = result["hf_best_impl"], result["ours_over_hf_best"]
+        print(f"  ours / transformers' best ({best}): {ratio:.2f}x")
     return 0
 
 
@@ -206,7 +353,6 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from moekit import __version__
-    from moekit.analysis.params import summary
 
     parser = argparse.ArgumentParser(
         prog="moekit",
@@ -218,13 +364,48 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser(
         "info",
         help="parameters, FLOPs and memory of a preset or model directory",
-        description=_doc(summary),
+        description=_doc("moekit.analysis.params", "summary"),
     )
     info.add_argument("target", nargs="?", help="a preset name or a model directory")
     info.add_argument("--list", action="store_true", help="list the presets")
     info.add_argument("--context", type=int, default=2048, help="context length for FLOPs")
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     info.set_defaults(func=cmd_info)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a model and write a model directory",
+        description=_doc("moekit.train.trainer", "train"),
+    )
+    tr.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. train.max_steps=200 model.moe.num_experts=16",
+    )
+    tr.add_argument("--config", help="a YAML/JSON run config, or a built-in recipe name (demo)")
+    tr.add_argument("--preset", help="start the model section from this preset")
+    tr.add_argument("--out", required=True, help="the run / model directory to write")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.add_argument("--quiet", action="store_true", help="no progress output")
+    tr.add_argument("--json", action="store_true", help="print the final figures as JSON")
+    tr.set_defaults(func=cmd_train)
+
+    cmp_ = sub.add_parser(
+        "compare",
+        help="train an MoE and dense baselines on the same data and tokens",
+        description=_doc("moekit.train.compare", "compare"),
+    )
+    cmp_.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    cmp_.add_argument("--config", help="a YAML/JSON run config, or a recipe name (demo)")
+    cmp_.add_argument("--preset", help="start the model section from this preset")
+    cmp_.add_argument("--out", required=True, help="directory for the runs and the comparison")
+    cmp_.add_argument(
+        "--dense-total", action="store_true", help="also train a dense model of equal total size"
+    )
+    cmp_.add_argument("--quiet", action="store_true", help="no progress output")
+    cmp_.add_argument("--json", action="store_true", help="print the figures as JSON")
+    cmp_.set_defaults(func=cmd_compare)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -249,6 +430,17 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--backend", default="auto", help="expert backend for ours")
     layer.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     layer.set_defaults(func=cmd_bench_layer)
+    btrain = bench_sub.add_parser(
+        "train",
+        help="training step throughput: ours vs transformers' Mixtral",
+        description=_doc("moekit.bench.train", "bench_train"),
+    )
+    btrain.add_argument("--preset", default="demo", help="a Mixtral-compatible preset")
+    btrain.add_argument("--batch-size", type=int, default=16)
+    btrain.add_argument("--seq-len", type=int, default=256)
+    btrain.add_argument("--repeats", type=int, default=5, help="timed steps per candidate")
+    btrain.add_argument("--json", action="store_true", help="print JSON")
+    btrain.set_defaults(func=cmd_bench_train)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Named model configurations, as data.
 
-Small presets (`debug`, `tiny`, `small`) run on a laptop CPU. The published architectures
+Small presets (`debug`, `tiny`, `demo`, `small`) run on a laptop CPU. The published architectures
 describe the text model of each release (no vision tower, no multi-token-prediction head) with
 the shapes of its Hugging Face config, and carry the total / active parameter counts stated by
 the model card so the accounting can be checked against them.
@@ -48,6 +48,15 @@ _PRESETS: list[Preset] = [
                 num_experts=8, top_k=2, expert_hidden=192, num_shared_experts=1,
                 z_loss_weight=0.001,
             ),
+        ),
+    ),
+    Preset(
+        name="demo",
+        description="4 layers, 192 dims, 8 experts top-2: the README demo (~10 min on 2 CPU cores)",
+        config=dict(
+            vocab_size=4096, dim=192, num_layers=4, num_heads=6, num_kv_heads=2, ffn_hidden=768,
+            max_seq_len=512,
+            moe=dict(num_experts=8, top_k=2, expert_hidden=384, z_loss_weight=0.001),
         ),
     ),
     Preset(

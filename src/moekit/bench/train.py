@@ -1,0 +1,136 @@
+"""`moekit bench train`: training throughput of our trainer's step against transformers'
+MixtralForCausalLM at the same config and batch, timed round-robin in one process.
+
+Both sides run a full optimizer step: forward, next-token loss plus the router
+load-balancing loss, backward, gradient clipping and AdamW.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moekit.bench.layer import _time_interleaved
+from moekit.config import ModelConfig
+from moekit.nn.transformer import build_model
+from moekit.presets import get_preset
+from moekit.train.config import TrainConfig
+from moekit.train.optim import build_optimizer
+from moekit.train.trainer import optimizer_step
+
+HF_IMPLS = ("eager", "grouped_mm")
+
+
+def mixtral_compatible(cfg: ModelConfig) -> None:
+    """Raise unless transformers' Mixtral can express `cfg` (softmax top-k, renormalised, no
+    shared experts, every layer MoE, GQA attention)."""
+    moe = cfg.moe
+    problems = []
+    if moe is None:
+        problems.append("it is dense")
+    else:
+        if moe.router != "topk" or moe.score_func != "softmax" or not moe.norm_topk_prob:
+            problems.append("Mixtral routes by renormalised softmax top-k only")
+        if moe.num_shared_experts:
+            problems.append("Mixtral has no shared experts")
+        if moe.first_dense_layers or moe.layer_step != 1:
+            problems.append("every Mixtral layer is an MoE layer")
+        if moe.capacity_factor is not None or moe.num_groups > 1:
+            problems.append("Mixtral is dropless and has no expert groups")
+    if cfg.attention.kind != "gqa" or cfg.attention.qk_norm != "none" or cfg.attention.qkv_bias:
+        problems.append("Mixtral attention is plain grouped-query attention")
+    if cfg.activation != "swiglu":
+        problems.append("Mixtral experts are SwiGLU")
+    if problems:
+        raise ValueError("this config has no Mixtral equivalent: " + "; ".join(problems))
+
+
+def _hf_mixtral(cfg: ModelConfig, impl: str) -> torch.nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    moe = cfg.moe
+    assert moe is not None
+    hf_cfg = MixtralConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=moe.expert_hidden,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        num_local_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        output_router_logits=True,
+        router_aux_loss_coef=moe.aux_loss_weight,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    hf_cfg._experts_implementation = impl
+    model = MixtralForCausalLM(hf_cfg).train()
+    assert model.config._attn_implementation == "sdpa"  # the same attention kernel as ours
+    return model
+
+
+def bench_train(
+    preset: str = "demo",
+    batch_size: int = 16,
+    seq_len: int = 256,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Tokens per second of one optimizer step, ours and transformers' (each experts
+    implementation), on the same random batch of `batch_size` x `seq_len` tokens.
+
+    Returns `ours_tokens_per_s`, `hf_tokens_per_s` (per implementation), `hf_best_impl` and
+    `ours_over_hf_best` (> 1: ours is faster), plus the config figures.
+    """
+    cfg = get_preset(preset)
+    mixtral_compatible(cfg)
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds the preset's max_seq_len={cfg.max_seq_len}")
+    torch.manual_seed(seed)
+    rows = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+    tc = TrainConfig(batch_size=batch_size, seq_len=seq_len)
+
+    ours = build_model(cfg, seed=seed)
+    ours_opt = build_optimizer(ours, tc)
+
+    def ours_step() -> None:
+        optimizer_step(ours, ours_opt, [(inputs, targets)], grad_accum=1, grad_clip=tc.grad_clip)
+
+    fns = {"ours": ours_step}
+    for impl in HF_IMPLS:
+        try:
+            model = _hf_mixtral(cfg, impl)
+        except ImportError:
+            break
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2))
+
+        def hf_step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            out = model(input_ids=inputs, labels=inputs)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        fns[f"hf_{impl}"] = hf_step
+    times = _time_interleaved(fns, repeats, min_sample_s=0.0)
+    tokens = batch_size * seq_len
+    hf = {k.removeprefix("hf_"): tokens / v for k, v in times.items() if k.startswith("hf_")}
+    best = max(hf, key=hf.__getitem__) if hf else None
+    ours_tps = tokens / times["ours"]
+    return {
+        "preset": preset,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "total_params": cfg.num_params(),
+        "active_params": cfg.num_active_params(),
+        "ours_tokens_per_s": ours_tps,
+        "hf_tokens_per_s": hf,
+        "hf_best_impl": best,
+        "ours_over_hf_best": ours_tps / hf[best] if best else None,
+    }

@@ -1,0 +1,124 @@
+"""`moekit compare`: the same data, tokens and seed through an MoE and dense baselines.
+
+The dense baseline with equal *active* parameters asks whether the MoE's extra (inactive)
+parameters buy quality at the same compute per token; the optional dense baseline with equal
+*total* parameters shows what the same memory would give as a dense model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from moekit.analysis.params import count_params
+from moekit.config import ModelConfig
+from moekit.io import atomic_write_text
+from moekit.train.config import RunConfig
+from moekit.train.metrics import read_metrics
+
+
+def dense_with_params(moe_cfg: ModelConfig, target: int) -> ModelConfig:
+    """A dense twin of `moe_cfg` (same attention, embeddings and depth) whose FFN width makes
+    its parameter count as close to `target` as a whole number of hidden units allows."""
+    dense = copy.deepcopy(moe_cfg)
+    dense.moe = None
+    dense.ffn_hidden = 1
+    base = count_params(dense).total
+    per_unit = count_params(_with_hidden(dense, 2)).total - base
+    dense.ffn_hidden = max(1, round((target - base) / per_unit) + 1)
+    return ModelConfig.from_dict(dense.to_dict())
+
+
+def _with_hidden(cfg: ModelConfig, hidden: int) -> ModelConfig:
+    out = copy.deepcopy(cfg)
+    out.ffn_hidden = hidden
+    return out
+
+
+def compare(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    dense_total: bool = False,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Train `cfg`'s MoE and a dense model with the same active parameters (and, with
+    `dense_total`, one with the same total parameters) on the same data, tokens and seed.
+
+    Each run is a full model directory under `out_dir` (moe/, dense_active/, dense_total/).
+    Writes compare.png (validation loss against tokens and against training time) and
+    compare.json, and returns the same figures: `moe_val_loss`, `dense_val_loss`, and per run
+    its parameters, tokens, seconds and final validation loss per domain.
+    """
+    from moekit.train.trainer import train
+
+    if cfg.model.moe is None:
+        raise ValueError("compare needs an MoE model config (model.moe is not set)")
+    out = Path(out_dir)
+    moe_counts = count_params(cfg.model)
+    runs: dict[str, ModelConfig] = {
+        "moe": cfg.model,
+        "dense_active": dense_with_params(cfg.model, moe_counts.active),
+    }
+    if dense_total:
+        runs["dense_total"] = dense_with_params(cfg.model, moe_counts.total)
+    results: dict[str, Any] = {}
+    for name, model_cfg in runs.items():
+        run_cfg = RunConfig(model=model_cfg, data=cfg.data, train=cfg.train)
+        if verbose:
+            pc = count_params(model_cfg)
+            print(f"== {name}: {pc.total:,} parameters, {pc.active:,} active per token")
+        result = train(run_cfg, out / name, verbose=verbose)
+        pc = count_params(model_cfg)
+        results[name] = {
+            "total_params": pc.total,
+            "active_params": pc.active,
+            "ffn_hidden": model_cfg.ffn_hidden if model_cfg.moe is None else None,
+            "tokens": result.tokens,
+            "train_seconds": result.seconds,
+            "val_loss": result.val_loss,
+            "val_by_domain": result.val_by_domain,
+            "curve": [
+                {"tokens": r["tokens"], "seconds": r["elapsed_s"], "val_loss": r["val_loss"]}
+                for r in read_metrics(out / name)
+                if r["kind"] == "eval"
+            ],
+        }
+    summary: dict[str, Any] = {
+        "moe_val_loss": results["moe"]["val_loss"],
+        "dense_val_loss": results["dense_active"]["val_loss"],
+        "runs": results,
+    }
+    if dense_total:
+        summary["dense_total_val_loss"] = results["dense_total"]["val_loss"]
+    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2) + "\n")
+    _plot(results, out / "compare.png")
+    return summary
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, r in results.items():
+        label = (
+            f"{name} ({r['total_params'] / 1e6:.1f}M total, {r['active_params'] / 1e6:.1f}M active)"
+        )
+        xs = [p["tokens"] for p in r["curve"]]
+        ts = [p["seconds"] for p in r["curve"]]
+        ys = [p["val_loss"] for p in r["curve"]]
+        axes[0].plot(xs, ys, "o-", label=label)
+        axes[1].plot(ts, ys, "o-", label=label)
+    axes[0].set(xlabel="training tokens", ylabel="validation loss", title="Loss vs tokens")
+    axes[1].set(xlabel="training seconds", ylabel="validation loss", title="Loss vs wall-clock")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

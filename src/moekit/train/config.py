@@ -1,0 +1,280 @@
+"""Run configuration: model, data and training sections, from YAML/JSON plus dotted overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moekit.config import (
+    ModelConfig,
+    _check_field_types,
+    _check_non_negative,
+    _check_positive,
+    _ConfigBase,
+    _fail,
+)
+from moekit.data.config import DataConfig
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(_ConfigBase):
+    """Optimisation, evaluation, logging and checkpointing of a training run.
+
+    One optimizer step sees `batch_size * grad_accum` rows of `seq_len` tokens. The learning
+    rate warms up linearly over `warmup_steps` and then follows a cosine to
+    `lr * min_lr_ratio` at `max_steps`.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_every: int = 100
+    eval_batches: int = 20  # per validation set (overall and each domain)
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2  # checkpoints kept in train_state/
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    precision: str = "auto"  # "auto": bf16 autocast where the device supports it, else fp32
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    samples: list[str] = field(default_factory=lambda: ["def ", "The ", "12 + 7 = ", '{"name": '])
+    sample_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        owner = "TrainConfig"
+        _check_positive(
+            owner,
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            grad_accum=self.grad_accum,
+            lr=self.lr,
+            eval_every=self.eval_every,
+            eval_batches=self.eval_batches,
+            log_every=self.log_every,
+            save_every=self.save_every,
+            keep_last=self.keep_last,
+            max_nonfinite=self.max_nonfinite,
+        )
+        _check_non_negative(
+            owner,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            min_lr_ratio=self.min_lr_ratio,
+            sample_tokens=self.sample_tokens,
+        )
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise _fail(owner, name, getattr(self, name), "must be in [0, 1)")
+        if self.min_lr_ratio > 1:
+            raise _fail(owner, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if self.precision not in PRECISIONS:
+            raise _fail(owner, "precision", self.precision, f"must be one of {PRECISIONS}")
+
+
+@dataclass(kw_only=True)
+class RunConfig(_ConfigBase):
+    """Everything a training run needs; written to the run directory as run.json."""
+
+    _nested = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}  # noqa: RUF012
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise _fail(
+                "TrainConfig", "seq_len", self.train.seq_len,
+                f"must be <= model.max_seq_len ({self.model.max_seq_len})",
+            )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "data": self.data.to_dict(),
+            "train": self.train.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"run config: expected an object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"model", "data", "train"})
+        if unknown:
+            raise ValueError(
+                f"run config: unknown section(s) {', '.join(unknown)}; sections are model, "
+                "data, train"
+            )
+        if "model" not in data:
+            raise ValueError("run config: a 'model' section (or --preset) is required")
+        return cls(
+            model=ModelConfig.from_dict(data["model"]),
+            data=DataConfig.from_dict(data.get("data") or {}),
+            train=TrainConfig.from_dict(data.get("train") or {}),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON (.json) file as a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"config file {p}: use .yaml, .yml or .json")
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"config file {p} could not be parsed: {e}") from e
+    except Exception as e:  # yaml.YAMLError without importing yaml at module level
+        raise ValueError(f"config file {p} could not be parsed: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping with model/data/train sections")
+    return data
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass inside `tp` (e.g. `MoEConfig | None` -> MoEConfig), if any."""
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg) and isinstance(arg, type):
+            return arg
+    return None
+
+
+def _parse_value(text: str, tp: Any, key: str) -> Any:
+    """Convert an override's text to the field's type: int, float, bool, str, None, a list."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and text.lower() in ("none", "null"):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    try:
+        if tp is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+        value = json.loads(text)  # lists and whole sections, written as JSON
+        if typing.get_origin(tp) is list and not isinstance(value, list):
+            raise ValueError("expected a JSON list")
+        return value
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"override {key}={text!r}: {e}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.field=value` overrides (any depth, e.g. `model.moe.num_experts=16`).
+
+    Keys are checked against the config dataclasses, values converted to the field's type.
+    `model.moe=null` makes a dense model. Returns a new dict.
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        parts = key.split(".")
+        cls: type | None = RunConfig
+        node: dict[str, Any] = out
+        path: list[str] = []
+        for i, part in enumerate(parts):
+            assert cls is not None
+            types_ = _field_types(cls)
+            if part not in types_ or part.startswith("_"):
+                known = ", ".join(sorted(n for n in types_ if not n.startswith("_")))
+                where = ".".join(path) or "the run config"
+                raise ValueError(f"override {key}: {where} has no field {part!r}; fields: {known}")
+            path.append(part)
+            if i == len(parts) - 1:
+                node[part] = _parse_value(text, types_[part], key)
+                break
+            cls = _dataclass_in(types_[part])
+            if cls is None:
+                raise ValueError(f"override {key}: {'.'.join(path)} is not a section")
+            if node.get(part) is None:
+                if part == "moe":
+                    raise ValueError(
+                        f"override {key}: model.moe is not set (a dense model); start from an "
+                        "MoE preset or config"
+                    )
+                node[part] = {}
+            node = node[part]
+    return out
+
+
+def resolve_run_config(
+    *,
+    config_file: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Build a RunConfig: the preset's model (if any), then the file, then the overrides.
+
+    A config file may name a preset itself (a top-level `preset:` key); `preset` wins over it.
+    Its model section is merged over the preset's, field by field.
+    """
+    data: dict[str, Any] = {}
+    file_data = read_config_file(config_file) if config_file is not None else {}
+    file_preset = file_data.pop("preset", None)
+    preset = preset or file_preset
+    if preset is not None:
+        from moekit.presets import get_preset
+
+        data["model"] = get_preset(preset).to_dict()
+    if file_data:
+        for section, values in file_data.items():
+            if section == "model" and preset is not None and isinstance(values, dict):
+                data["model"] = _merge(data["model"], values)
+            else:
+                data[section] = values
+    data = apply_overrides(data, overrides or [])
+    return RunConfig.from_dict(data)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

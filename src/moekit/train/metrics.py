@@ -1,0 +1,119 @@
+"""Run metrics: routing health per MoE layer, and the metrics.jsonl (+ TensorBoard) log."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moekit.io import atomic_write_text
+
+
+def routing_metrics(counts: Tensor, dropped: int, entropy: float) -> dict[str, float]:
+    """Load statistics of one MoE layer from its routed copies per expert.
+
+    imbalance: max over mean copies per expert (1.0 is perfect balance); cv: coefficient of
+    variation of the copies per expert; dead: experts that received no copy; dropped: copies
+    dropped by the capacity rule; entropy: mean routing entropy (nats).
+    """
+    counts = counts.double()
+    mean = float(counts.mean())
+    return {
+        "imbalance": float(counts.max()) / mean if mean > 0 else math.nan,
+        "cv": float(counts.std(unbiased=False)) / mean if mean > 0 else math.nan,
+        "dead": int((counts == 0).sum()),
+        "dropped": int(dropped),
+        "entropy": float(entropy),
+    }
+
+
+class RoutingAccumulator:
+    """Sums routed counts, drops and entropy per MoE layer between two log lines."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, Tensor] = {}
+        self.dropped: dict[int, int] = {}
+        self.entropy: dict[int, list[float]] = {}
+
+    def add(self, layer: int, counts: Tensor, dropped: Tensor, entropy: Tensor) -> None:
+        c = counts.detach().to("cpu", torch.long)
+        self.counts[layer] = self.counts[layer] + c if layer in self.counts else c
+        self.dropped[layer] = self.dropped.get(layer, 0) + int(dropped)
+        self.entropy.setdefault(layer, []).append(float(entropy))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            str(layer): routing_metrics(
+                counts,
+                self.dropped[layer],
+                sum(self.entropy[layer]) / len(self.entropy[layer]),
+            )
+            for layer, counts in sorted(self.counts.items())
+        }
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+class MetricsLog:
+    """Appends one JSON object per record to RUN_DIR/metrics.jsonl, and mirrors numbers to
+    TensorBoard event files (RUN_DIR/tensorboard/) when tensorboard is installed.
+
+    On resume from step s, records after s (written after that checkpoint) are dropped first,
+    so the log reads as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in kept if json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            self.path.unlink(missing_ok=True)
+        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+        self._tb: Any = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self._tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for key, value in _flatten(record):
+                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    kind = record.get("kind", "")
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.extend(_flatten(value, f"{name}/"))
+        elif key != "kind":
+            out.append((f"{kind}/{name}" if kind and not prefix else name, value))
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,187 @@
+"""The training report written into MODEL_DIR/report/ at the end of a run.
+
+- loss.png: training loss and validation loss against tokens, and validation loss per domain
+- expert_load.png: share of routed token copies per expert and MoE layer, measured on the
+  validation set (a heatmap: an even spread is healthy, a bright column a hot expert, a dark
+  one a dead expert)
+- samples.json: greedy continuations of a few prompts
+- summary.json: the figures below as one JSON object
+- report.html: all of it in one self-contained page (images embedded, no network needed)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moekit.data.loader import iter_eval_batches
+from moekit.infer.generate import greedy_generate
+from moekit.io import atomic_write_text
+from moekit.train.metrics import read_metrics
+
+if TYPE_CHECKING:
+    from moekit.train.trainer import Trainer, TrainResult
+
+
+@torch.no_grad()
+def expert_load(trainer: Trainer) -> dict[int, list[float]]:
+    """Share of routed copies per expert for each MoE layer over (part of) the validation set."""
+    model, tc = trainer.model, trainer.cfg.train
+    model.eval()
+    counts: dict[int, torch.Tensor] = {}
+    rows = trainer.eval_sets.get("all", trainer.data.train)
+    for i, (inputs, _) in enumerate(iter_eval_batches(rows, tc.batch_size)):
+        if i >= tc.eval_batches:
+            break
+        out = model(inputs.to(trainer.device), causal_routing=True)
+        for layer, stats in out.moe_stats.items():
+            c = stats.tokens_per_expert.cpu().double()
+            counts[layer] = counts[layer] + c if layer in counts else c
+    model.train()
+    return {layer: (c / c.sum().clamp_min(1)).tolist() for layer, c in sorted(counts.items())}
+
+
+def samples(trainer: Trainer) -> list[dict[str, str]]:
+    tc, tok = trainer.cfg.train, trainer.tokenizer
+    out = []
+    for prompt in tc.samples:
+        ids = greedy_generate(
+            trainer.model, tok.encode(prompt), tc.sample_tokens, eos_id=tok.eos_id
+        )
+        out.append({"prompt": prompt, "completion": tok.decode(ids)})
+    return out
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+    if evals:
+        ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-",
+                label="validation")  # fmt: skip
+    ax.set(xlabel="tokens", ylabel="loss (nats/token)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax = axes[1]
+    domains = sorted({d for r in evals for d in r["val_by_domain"]})
+    for d in domains:
+        pts = [(r["tokens"], r["val_by_domain"][d]) for r in evals if d in r["val_by_domain"]]
+        ax.plot(*zip(*pts, strict=True), "o-", label=d)
+    ax.set(xlabel="tokens", ylabel="validation loss", title="Validation loss by domain")
+    ax.grid(alpha=0.3)
+    if domains:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_load(load: dict[int, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(load)
+    grid = [load[layer] for layer in layers]
+    num_experts = len(grid[0])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * num_experts + 2), 0.5 * len(layers) + 2))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+    ax.set_xticks(range(num_experts))
+    ax.set_xlabel("expert")
+    ax.set_title(f"Share of routed tokens per expert (uniform = {1 / num_experts:.3f})")
+    if num_experts <= 16:
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_training_report(trainer: Trainer, result: TrainResult) -> Path:
+    """Write report/ into the run directory and return its path."""
+    out = trainer.run_dir / "report"
+    out.mkdir(exist_ok=True)
+    records = read_metrics(trainer.run_dir)
+    plot_losses(records, out / "loss.png")
+    load = expert_load(trainer)
+    if load:
+        plot_expert_load(load, out / "expert_load.png")
+    generated = samples(trainer)
+    atomic_write_text(out / "samples.json", json.dumps(generated, indent=2) + "\n")
+    cfg = trainer.cfg.model
+    summary = {
+        "steps": result.step,
+        "tokens": result.tokens,
+        "train_seconds": result.seconds,
+        "val_loss": result.val_loss,
+        "val_by_domain": result.val_by_domain,
+        "total_params": cfg.num_params(),
+        "active_params": cfg.num_active_params(),
+        "skipped_steps": result.skipped_steps,
+        "expert_load": {str(k): v for k, v in load.items()},
+        "data": trainer.data.stats,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "report.html", _html(trainer, summary, generated, out))
+    return out
+
+
+def _img(path: Path) -> str:
+    if not path.exists():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{path.stem}">'
+
+
+def _html(
+    trainer: Trainer, summary: dict[str, Any], generated: list[dict[str, str]], out: Path
+) -> str:
+    esc = html.escape
+    domains = "".join(
+        f"<tr><td>{esc(d)}</td><td>{v:.4f}</td></tr>" for d, v in summary["val_by_domain"].items()
+    )
+    sample_rows = "".join(
+        f"<tr><td><code>{esc(s['prompt'])}</code></td><td><pre>{esc(s['completion'])}</pre></td></tr>"
+        for s in generated
+    )
+    val = summary["val_loss"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>moekit training report</title>
+<style>
+body {{ font: 15px/1.5 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+h1 {{ font-size: 1.6em; }} h2 {{ margin-top: 1.6em; border-bottom: 1px solid #ddd; }}
+table {{ border-collapse: collapse; }} td, th {{ padding: 4px 12px; border-bottom: 1px solid #eee;
+text-align: left; vertical-align: top; }} img {{ max-width: 100%; }}
+pre {{ margin: 0; white-space: pre-wrap; font-size: 13px; }}
+</style></head><body>
+<h1>Training report: {esc(str(trainer.run_dir))}</h1>
+<table>
+<tr><th>parameters (total / active per token)</th><td>{summary["total_params"]:,} /
+{summary["active_params"]:,}</td></tr>
+<tr><th>steps, tokens, seconds</th><td>{summary["steps"]:,}, {summary["tokens"]:,},
+{summary["train_seconds"]:.0f}</td></tr>
+<tr><th>final validation loss</th><td>{"n/a" if val is None else f"{val:.4f}"}</td></tr>
+<tr><th>skipped non-finite steps</th><td>{summary["skipped_steps"]}</td></tr>
+</table>
+<h2>Loss</h2>{_img(out / "loss.png")}
+<table><tr><th>domain</th><th>validation loss</th></tr>{domains}</table>
+<h2>Expert load</h2>{_img(out / "expert_load.png") or "<p>dense model: no experts</p>"}
+<h2>Samples (greedy)</h2><table>{sample_rows}</table>
+</body></html>
+"""

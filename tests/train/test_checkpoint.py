@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+import moekit.train.checkpoint as ckpt
+from moekit import build_model, get_preset
+from moekit.io import load_model, load_weights, save_model, save_weights, weight_files
+from moekit.train.config import TrainConfig
+from moekit.train.optim import build_optimizer, build_scheduler
+
+
+def live_state(seed=0):
+    cfg = get_preset("debug")
+    model = build_model(cfg, seed=seed)
+    tc = TrainConfig(max_steps=10, warmup_steps=2)
+    opt = build_optimizer(model, tc)
+    sched = build_scheduler(opt, tc)
+    out = model(torch.randint(0, cfg.vocab_size, (2, 8)))
+    (out.logits.mean() + out.aux_loss).backward()
+    opt.step()
+    sched.step()
+    return cfg, model, opt, sched
+
+
+def test_checkpoint_round_trip(tmp_path):
+    _cfg, model, opt, sched = live_state()
+    ckpt.save_checkpoint(tmp_path, 3, model, opt, sched, {"loader": {"index": 5}}, keep_last=2)
+    found = ckpt.latest_checkpoint(tmp_path)
+    assert found is not None and found.step == 3 and found.state["loader"] == {"index": 5}
+    _, model2, opt2, sched2 = live_state(seed=1)
+    found.restore(model2, opt2, sched2)
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    for k in s1["state"]:
+        for name in s1["state"][k]:
+            assert torch.equal(s1["state"][k][name], s2["state"][k][name])
+    assert sched2.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
+
+
+def test_keep_last(tmp_path):
+    _, model, opt, sched = live_state()
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, model, opt, sched, {}, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    assert ckpt.latest_checkpoint(tmp_path).step == 4
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    _, model, opt, sched = live_state()
+    ckpt.save_checkpoint(tmp_path, 1, model, opt, sched, {"tag": "first"}, keep_last=3)
+    real_save = torch.save
+
+    def crash(obj, path, *a, **k):
+        real_save(obj, path, *a, **k)
+        if str(path).endswith("optimizer.pt"):
+            raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_checkpoint(tmp_path, 2, model, opt, sched, {"tag": "second"}, keep_last=3)
+    monkeypatch.undo()
+    found = ckpt.latest_checkpoint(tmp_path)
+    assert found.step == 1 and found.state["tag"] == "first"
+    found.restore(*live_state()[1:])  # still loadable
+    leftovers = [p.name for p in (tmp_path / "train_state").iterdir()]
+    assert sorted(leftovers) == ["latest", "step-00000001"]
+
+
+def test_corrupt_or_truncated_weights_are_clear_errors(tmp_path):
+    cfg = get_preset("debug")
+    save_model(build_model(cfg), cfg, tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_model(tmp_path)
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors"):
+        load_model(tmp_path)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
+        load_model(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    cfg = get_preset("debug")
+    save_model(build_model(cfg), cfg, tmp_path)
+    cfg.moe.num_experts = 4
+    cfg.save(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"shape mismatch: layers\.0\.ffn\.router\.weight"):
+        load_model(tmp_path)
+
+
+def test_sharded_weights_round_trip(tmp_path):
+    cfg = get_preset("debug")
+    model = build_model(cfg)
+    save_model(model, cfg, tmp_path)
+    save_weights(model.state_dict(), tmp_path, max_shard_bytes=200_000)
+    files = weight_files(tmp_path)
+    assert len(files) > 1 and not (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    loaded = load_model(tmp_path)
+    for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    # Saving unsharded again removes the shards.
+    save_weights(model.state_dict(), tmp_path)
+    assert weight_files(tmp_path) == [tmp_path / "model.safetensors"]
+    assert set(load_weights(tmp_path)) == set(model.state_dict())

@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from moekit.analysis.params import count_params
+from moekit.presets import get_preset
+from moekit.train.compare import compare, dense_with_params
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "small"])
+def test_dense_twin_matches_the_active_count(preset):
+    cfg = get_preset(preset)
+    target = count_params(cfg).active
+    dense = dense_with_params(cfg, target)
+    assert dense.moe is None
+    assert dense.dim == cfg.dim and dense.num_layers == cfg.num_layers
+    per_unit = 3 * cfg.dim * cfg.num_layers
+    assert abs(count_params(dense).total - target) <= per_unit / 2
+
+
+def test_compare_trains_both_on_the_same_data(tmp_path, tiny_run_config):
+    cfg = tiny_run_config("train.max_steps=4", "train.eval_every=2")
+    summary = compare(cfg, tmp_path, dense_total=True, verbose=False)
+    assert set(summary["runs"]) == {"moe", "dense_active", "dense_total"}
+    moe, dense = summary["runs"]["moe"], summary["runs"]["dense_active"]
+    assert moe["tokens"] == dense["tokens"] == 4 * 4 * 32
+    assert abs(dense["active_params"] - moe["active_params"]) < 0.02 * moe["active_params"]
+    big = summary["runs"]["dense_total"]
+    assert abs(big["total_params"] - moe["total_params"]) < 0.02 * moe["total_params"]
+    assert (
+        summary["moe_val_loss"] == moe["val_loss"]
+        and summary["dense_val_loss"] == dense["val_loss"]
+    )
+    assert [p["tokens"] for p in moe["curve"]] == [256, 512]
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert json.loads((tmp_path / "compare.json").read_text()) == summary
+    # The same tokenizer (trained on the same split) served every run.
+    tokenizers = {(tmp_path / r / "tokenizer.json").read_text() for r in summary["runs"]}
+    assert len(tokenizers) == 1
+
+
+def test_compare_needs_an_moe(tmp_path, tiny_run_config):
+    with pytest.raises(ValueError, match="needs an MoE model"):
+        compare(tiny_run_config("model.moe=null"), tmp_path, verbose=False)
