@@ -16,10 +16,13 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# Train the demo MoE on the builtin corpus (about 10 minutes on 2 CPU cores) into runs/demo.
+# A second `make demo` starts over; continue a stopped one with
+# `.venv/bin/moekit train --out runs/demo --resume`.
 demo: setup
-	$(BIN)/moekit info --list
-	$(BIN)/moekit info mixtral-8x7b
-	$(BIN)/moekit info deepseek-v3
+	$(BIN)/moekit info demo
+	rm -rf runs/demo
+	$(BIN)/moekit train --config demo --out runs/demo
 
 check: setup lint typecheck
 
