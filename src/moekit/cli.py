@@ -348,6 +348,118 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- generate / chat ----------------------------------------------------------------------
+
+
+def _sampling_params(args: argparse.Namespace, **extra: Any) -> Any:
+    from moekit.infer.sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=list(args.stop or []) + list(extra.pop("stop", [])),
+        experts_per_token=args.experts_per_token,
+        **extra,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from moekit.infer.generate import Generator
+
+    generator = Generator.from_dir(args.model_dir)
+    params = _sampling_params(args, return_routing=args.routing)
+    if args.json:
+        completion = generator.generate(args.prompt, params)[0]
+        data: dict[str, Any] = {
+            "text": completion.text,
+            "token_ids": completion.token_ids,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens,
+        }
+        if args.routing:
+            data["routing"] = [
+                {"token_id": t.id, "layers": {str(k): v for k, v in (t.routing or {}).items()}}
+                for t in completion.tokens
+            ]
+        _print_json(data)
+        return 0
+    sys.stdout.write(args.prompt)
+    for chunk in generator.stream(args.prompt, params):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from moekit.infer.chat import ChatTemplate
+    from moekit.infer.generate import ContextLengthError, Generator
+
+    generator = Generator.from_dir(args.model_dir)
+    template = ChatTemplate.load(args.model_dir)
+    params = _sampling_params(args, stop=list(template.stop))
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("moekit chat: /reset clears the conversation, /quit or Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/quit", "/exit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        while True:
+            prompt = template.format(history)
+            try:
+                sys.stdout.write("model> ")
+                for chunk in generator.stream(prompt, params):
+                    reply += chunk.text
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                break
+            except ContextLengthError:
+                # Forget the oldest exchange (keeping any system message) and try again.
+                first = 1 if args.system else 0
+                if len(history) - first <= 1:
+                    print("\n(the message is too long for the model's context)", file=sys.stderr)
+                    history.pop()
+                    break
+                del history[first : first + 2]
+        sys.stdout.write("\n")
+        if reply:
+            history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, *, default_temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--temperature", type=float, default=default_temperature, help="0 means greedy decoding"
+    )
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 means off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument(
+        "--experts-per-token", type=int, default=None, help="route each token to this many experts"
+    )
+
+
 # ---- parser --------------------------------------------------------------------------------
 
 
@@ -406,6 +518,26 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--quiet", action="store_true", help="no progress output")
     cmp_.add_argument("--json", action="store_true", help="print the figures as JSON")
     cmp_.set_defaults(func=cmd_compare)
+
+    gen = sub.add_parser(
+        "generate",
+        help="continue a prompt with a trained model (streams to the terminal)",
+        description=_doc("moekit.infer.generate", "Generator"),
+    )
+    gen.add_argument("model_dir")
+    gen.add_argument("prompt")
+    _add_sampling_flags(gen, default_temperature=0.8)
+    gen.add_argument("--routing", action="store_true", help="with --json: each token's experts")
+    gen.add_argument(
+        "--json", action="store_true", help="print {text, token_ids, ...} instead of streaming"
+    )
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="an interactive chat with a model in the terminal")
+    chat.add_argument("model_dir")
+    chat.add_argument("--system", help="a system message")
+    _add_sampling_flags(chat, default_temperature=0.7)
+    chat.set_defaults(func=cmd_chat, json=False)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)

@@ -1,34 +1,323 @@
-"""Text generation."""
+"""Text generation with a KV cache: batched, streaming, with an optional routing trace.
+
+A batch of prompts is left-padded into one tensor; padding is masked out of attention and the
+RoPE positions count real tokens only, so each prompt is continued exactly as it would be on
+its own. The prompt is prefilled in one forward pass, then tokens are decoded one at a time
+through the cache (the MoE layers take their small-batch decode path). Expert-choice models
+route causally, as they must when tokens arrive one at a time.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from moekit.nn.transformer import Transformer
+import torch
+from torch import Tensor
+
+from moekit.infer.kv_cache import KVCache
+from moekit.infer.sampling import SamplingParams, make_generator, next_token
+from moekit.nn.transformer import ModelOutput, Transformer
+
+Routing = dict[int, list[tuple[int, float]]]  # MoE layer -> [(expert, weight), ...]
+
+
+@dataclass
+class GeneratedToken:
+    """One generated token. `text` is the output text it releases (empty while a multi-byte
+    character or a possible stop string is incomplete); `routing` is filled when requested."""
+
+    id: int
+    text: str
+    logprob: float
+    routing: Routing | None = None
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output: released text, the token that released it (None for the
+    final flush), and on the last chunk of an output the finish reason."""
+
+    text: str
+    token: GeneratedToken | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop string or stop token) or "length"
+    prompt_tokens: int
+    tokens: list[GeneratedToken] = field(default_factory=list)
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the requested new tokens do not fit the model's context."""
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
+    if prompt_tokens == 0:
+        raise ValueError("the prompt is empty")
+    if prompt_tokens + max_new_tokens > max_seq_len:
+        raise ContextLengthError(
+            f"this model's maximum context length is {max_seq_len} tokens, but "
+            f"{prompt_tokens + max_new_tokens} were requested ({prompt_tokens} in the prompt, "
+            f"{max_new_tokens} to generate); shorten the prompt or ask for fewer tokens"
+        )
+
+
+def routing_of(out: ModelOutput, row: int, position: int, seq_len: int) -> Routing:
+    """The experts and weights of token (row, position) in every MoE layer of a forward pass
+    made with `return_routing=True`, heaviest first."""
+    routes: Routing = {}
+    t = row * seq_len + position
+    for layer, stats in out.moe_stats.items():
+        assert stats.routing is not None, "run the model with return_routing=True"
+        experts = stats.routing.experts[t].tolist()
+        weights = stats.routing.weights[t].tolist()
+        pairs = [(e, round(w, 5)) for e, w in zip(experts, weights, strict=True) if e >= 0]
+        routes[layer] = sorted(pairs, key=lambda p: -p[1])
+    return routes
+
+
+class _TextTracker:
+    """Incremental detokenisation with stop strings: releases only text that can no longer
+    change (no incomplete UTF-8 character, no partial stop string at the end)."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, list(stops)
+        self.ids: list[int] = []
+        self.released = 0
+        self.text = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        for stop in self.stops:
+            at = self.text.find(stop, max(0, self.released - len(stop)))
+            if at != -1:
+                self.text, self.stopped = self.text[:at], True
+        safe = len(self.text)
+        if not self.stopped:
+            if self.text.endswith("\ufffd"):
+                safe -= 1
+            for stop in self.stops:
+                for n in range(min(len(stop) - 1, safe), 0, -1):
+                    if self.text[:safe].endswith(stop[:n]):
+                        safe = min(safe, len(self.text[:safe]) - n)
+                        break
+        piece = self.text[self.released : max(safe, self.released)]
+        self.released = max(self.released, safe)
+        return piece
+
+    def flush(self) -> str:
+        piece = self.text[self.released :]
+        self.released = len(self.text)
+        return piece
+
+
+class Generator:
+    """Generates from a model and its tokenizer. Build one with `Generator.from_dir(path)`."""
+
+    def __init__(self, model: Transformer, tokenizer: Any) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    @classmethod
+    def from_dir(
+        cls, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None
+    ) -> Generator:
+        from moekit.data.tokenizer import Tokenizer
+        from moekit.io import load_model
+
+        return cls(load_model(model_dir, device=device, dtype=dtype), Tokenizer.load(model_dir))
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        return ids
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | None = None,
+    ) -> list[Completion]:
+        """Continue each prompt (text or token ids); one `Completion` per prompt, in order.
+        Under greedy decoding a batch gives exactly the tokens each prompt gives alone."""
+        batch = _as_batch(prompts)
+        done = [Completion("", [], "length", 0) for _ in batch]
+        for _ in self._run(batch, params or SamplingParams(), done):
+            pass
+        return done
+
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> Iterator[Chunk]:
+        """Yield the output of one prompt as it is decided: each `Chunk` carries released
+        text and, except for a final flush, the token that released it; the last chunk has the
+        finish reason."""
+        done = [Completion("", [], "length", 0)]
+        for _, chunk in self._run([prompt], params or SamplingParams(), done):
+            yield chunk
+
+    # ---- the decoding loop --------------------------------------------------------------
+    @torch.no_grad()
+    def _run(
+        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams, done: list[Completion]
+    ) -> Iterator[tuple[int, Chunk]]:
+        """Decode every prompt; yields (row, Chunk) as output is released and fills `done`.
+
+        With `return_routing`, a token's chunk waits for the forward pass that feeds the token
+        back in: that pass is where the token is routed."""
+        ids = [self.encode(p) for p in prompts]
+        for seq in ids:
+            check_fits(len(seq), params.max_new_tokens, self.max_seq_len)
+        B, L = len(ids), max(len(s) for s in ids)
+        pad = self.tokenizer.pad_id
+        tokens = torch.full((B, L), pad, dtype=torch.long, device=self.device)
+        valid = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        for b, seq in enumerate(ids):
+            tokens[b, L - len(seq) :] = torch.tensor(seq, device=self.device)
+            valid[b, L - len(seq) :] = True
+            done[b].prompt_tokens = len(seq)
+        cache = KVCache(
+            self.model.cfg, B, L + params.max_new_tokens, device=self.device, dtype=self.dtype
+        )
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.add(self.tokenizer.eos_id)
+        gens = [make_generator(params.seed, self.device) for _ in range(B)]
+        seen = [torch.tensor(seq, dtype=torch.long, device=self.device) for seq in ids]
+        trackers = [_TextTracker(self.tokenizer, params.stop) for _ in range(B)]
+        finish: list[str | None] = [None] * B
+        pending: list[GeneratedToken | None] = [None] * B
+
+        logits = self._forward(tokens, cache, valid, params).logits[:, -1].float()
+        while True:
+            step = torch.full((B, 1), pad, dtype=torch.long, device=self.device)
+            step_valid = torch.zeros(B, 1, dtype=torch.bool, device=self.device)
+            for b in range(B):
+                if finish[b] is not None:
+                    continue
+                token = next_token(logits[b], params, gens[b], seen[b])
+                if token in stop_ids:
+                    finish[b] = "stop"
+                    yield b, self._close(b, done, trackers[b], "stop")
+                    continue
+                seen[b] = torch.cat([seen[b], seen[b].new_tensor([token])])
+                done[b].token_ids.append(token)
+                gen = GeneratedToken(
+                    id=token,
+                    text=trackers[b].add(token),
+                    logprob=float(torch.log_softmax(logits[b], -1)[token]),
+                )
+                done[b].tokens.append(gen)
+                if trackers[b].stopped:
+                    finish[b] = "stop"
+                elif len(done[b].token_ids) >= params.max_new_tokens:
+                    finish[b] = "length"
+                step[b, 0], step_valid[b, 0] = token, True
+                if params.return_routing:
+                    pending[b] = gen
+                else:
+                    yield b, Chunk(gen.text, gen)
+                    reason = finish[b]
+                    if reason is not None:
+                        yield b, self._close(b, done, trackers[b], reason)
+            if not bool(step_valid.any()) or (
+                not params.return_routing and all(f is not None for f in finish)
+            ):
+                return
+            out = self._forward(step, cache, step_valid, params)
+            logits = out.logits[:, -1].float()
+            for b in range(B):
+                waiting = pending[b]
+                if waiting is None:
+                    continue
+                pending[b] = None
+                waiting.routing = routing_of(out, b, 0, 1)
+                yield b, Chunk(waiting.text, waiting)
+                reason = finish[b]
+                if reason is not None:
+                    yield b, self._close(b, done, trackers[b], reason)
+
+    @staticmethod
+    def _close(b: int, done: list[Completion], tracker: _TextTracker, reason: str) -> Chunk:
+        tail = tracker.flush()
+        done[b].text = tracker.text
+        done[b].finish_reason = reason
+        return Chunk(tail, None, reason)
+
+    def _forward(
+        self, tokens: Tensor, cache: KVCache, valid: Tensor, params: SamplingParams
+    ) -> ModelOutput:
+        return self.model(
+            tokens,
+            cache=cache,
+            valid=valid,
+            causal_routing=True,
+            top_k=params.experts_per_token,
+            return_routing=params.return_routing,
+        )
+
+
+def _as_batch(
+    prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+) -> list[str | Sequence[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if items and all(isinstance(p, int) for p in items):
+        return [items]  # type: ignore[list-item]
+    if not items:
+        raise ValueError("no prompts given")
+    return items  # type: ignore[return-value]
 
 
 @torch.no_grad()
 def greedy_generate(
     model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, eos_id: int | None = None
 ) -> list[int]:
-    """Greedy continuation of `prompt_ids` (the new token ids only), recomputing the full
-    forward pass each step (no KV cache), stopping at `eos_id` or the context length."""
+    """Greedy continuation of `prompt_ids` with a KV cache: the new token ids only, stopping
+    at `eos_id` or when the context is full."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    ids = list(prompt_ids)
+    budget = min(max_new_tokens, model.cfg.max_seq_len - len(prompt_ids))
+    if budget <= 0:
+        return []
+    cache = KVCache(
+        model.cfg, 1, len(prompt_ids) + budget, device=device, dtype=next(model.parameters()).dtype
+    )
     new: list[int] = []
     try:
-        for _ in range(max_new_tokens):
-            window = ids[-model.cfg.max_seq_len :]
-            logits = model(torch.tensor([window], device=device), causal_routing=True).logits
+        logits = model(
+            torch.tensor([prompt_ids], device=device), cache=cache, causal_routing=True
+        ).logits
+        for _ in range(budget):
             token = int(logits[0, -1].argmax())
             if token == eos_id:
                 break
-            ids.append(token)
             new.append(token)
+            if len(new) == budget:
+                break
+            logits = model(
+                torch.tensor([[token]], device=device), cache=cache, causal_routing=True
+            ).logits
     finally:
         model.train(was_training)
     return new

@@ -6,6 +6,7 @@ K expert slots per token, S' kept copies (written `_C` in names below: copies).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,24 @@ from moekit.moe import dispatch, losses
 from moekit.moe.experts import Experts, select_backend
 from moekit.moe.router import RouterOutput, build_router
 from moekit.nn.mlp import MLP
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """Per-call routing options (defaults: the config's behaviour).
+
+    causal: force a router that can see other tokens (expert choice) into its causal mode.
+    top_k: experts per token for this call instead of the config's (token choice, and
+        expert choice in causal mode): fewer for speed, more for quality.
+    record: return each token's experts and weights in `MoEStats.routing`.
+    """
+
+    causal: bool | None = None
+    top_k: int | None = None
+    record: bool = False
+
+
+DEFAULT_ROUTE = RouteOptions()
 
 
 class MoEStats(NamedTuple):
@@ -35,6 +54,7 @@ class MoEStats(NamedTuple):
     aux_loss: Tensor
     z_loss: Tensor
     entropy: Tensor
+    routing: RouterOutput | None = None  # each token's experts and weights, when recorded
 
 
 class MoELayer(nn.Module):
@@ -54,24 +74,20 @@ class MoELayer(nn.Module):
         self.backend = cfg.backend
 
     def forward(
-        self, x_BSD: Tensor, *, causal_routing: bool | None = None
+        self, x_BSD: Tensor, *, route: RouteOptions = DEFAULT_ROUTE
     ) -> tuple[Tensor, MoEStats]:
-        """Returns the layer output (B, S, D) and its `MoEStats`.
-
-        `causal_routing=True` forces expert-choice routers into their causal mode (generation
-        does this); token-choice routers are always causal.
-        """
+        """Returns the layer output (B, S, D) and its `MoEStats` (see `RouteOptions`)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        route = self.router(x_TD, causal=causal_routing)
-        T, K = route.experts.shape
+        decision = self.router(x_TD, causal=route.causal, top_k=route.top_k)
+        T, K = decision.experts.shape
         if T == 0:
-            return x_BSD.new_zeros(B, S, D), self._empty_stats(route)
+            return x_BSD.new_zeros(B, S, D), self._empty_stats(decision)
 
         backend = select_backend(self.backend, T * K, self.cfg.num_experts, x_BSD.device)
         p = dispatch.plan(
-            route.experts,
-            route.weights,
+            decision.experts,
+            decision.weights,
             self.cfg.num_experts,
             capacity=self._capacity(B, S),
             priority=self.cfg.capacity_priority,
@@ -89,7 +105,10 @@ class MoELayer(nn.Module):
                 shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
             out_TD = out_TD + shared_TD
 
-        return out_TD.view(B, S, D), self._stats(route, p)
+        stats = self._stats(decision, p)
+        if route.record:
+            stats = stats._replace(routing=decision)
+        return out_TD.view(B, S, D), stats
 
     def _capacity(self, batch: int, seq_len: int) -> int | None:
         """Copies per expert: per batch with weight priority, per sequence with position."""

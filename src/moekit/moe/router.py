@@ -61,10 +61,26 @@ class Router(nn.Module):
         scores = logits_TE.sigmoid()
         return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
-    def forward(self, x_TD: Tensor, *, causal: bool | None = None) -> RouterOutput:
+    def forward(
+        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | None = None
+    ) -> RouterOutput:
         """Route `x_TD`. `causal=True` forces a router whose choice depends on other tokens
-        (expert choice) into its causal mode; token choice is always causal and ignores it."""
+        (expert choice) into its causal mode; token choice is always causal and ignores it.
+        `top_k` overrides the number of experts per token for this call where the router
+        picks a fixed number (token choice; expert choice in causal mode)."""
         raise NotImplementedError
+
+    def check_top_k(self, top_k: int) -> int:
+        """`top_k` if this router can give every token that many experts, else ValueError."""
+        cfg = self.cfg
+        limit = cfg.num_experts
+        if cfg.num_groups > 1:
+            limit = cfg.topk_groups * (cfg.num_experts // cfg.num_groups)
+        if cfg.router == "switch":
+            limit = 1
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= limit:
+            raise ValueError(f"top_k={top_k!r} is invalid for this model: must be in 1..{limit}")
+        return top_k
 
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=std, generator=generator)
@@ -93,8 +109,11 @@ class TopKRouter(Router):
         if cfg.bias_update_rate > 0:
             self.register_buffer("selection_bias", torch.zeros(cfg.num_experts))
 
-    def forward(self, x_TD: Tensor, *, causal: bool | None = None) -> RouterOutput:
+    def forward(
+        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | None = None
+    ) -> RouterOutput:
         cfg = self.cfg
+        k = self.top_k if top_k is None else self.check_top_k(top_k)
         logits_TE = self.compute_logits(x_TD)
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
@@ -105,7 +124,7 @@ class TopKRouter(Router):
             choice_TE = choice_TE + self.selection_bias.float()
         if cfg.num_groups > 1:
             choice_TE = self._limit_groups(choice_TE)
-        experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        experts_TK = choice_TE.topk(k, dim=-1).indices
         weights_TK = scores_TE.gather(1, experts_TK)
         if self.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -159,12 +178,17 @@ class ExpertChoiceRouter(Router):
             num_tokens, max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
         )
 
-    def forward(self, x_TD: Tensor, *, causal: bool | None = None) -> RouterOutput:
+    def forward(
+        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | None = None
+    ) -> RouterOutput:
         logits_TE = self.compute_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
         if self.causal if causal is None else causal:
-            experts_TK = scores_TE.detach().topk(self.causal_k, dim=-1).indices
+            k = self.causal_k if top_k is None else self.check_top_k(top_k)
+            experts_TK = scores_TE.detach().topk(k, dim=-1).indices
             return RouterOutput(scores_TE.gather(1, experts_TK), experts_TK, logits_TE)
+        if top_k is not None:
+            raise ValueError("top_k cannot be set for batch-mode expert choice; route causally")
         chosen_TE = torch.zeros_like(scores_TE, dtype=torch.bool)
         if x_TD.shape[0]:
             tokens_CE = scores_TE.detach().topk(self.capacity(x_TD.shape[0]), dim=0).indices

@@ -6,18 +6,36 @@ Both go through `torch.nn.functional.scaled_dot_product_attention`. Shapes are c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
 from moekit.nn.norm import RMSNorm
+
+if TYPE_CHECKING:
+    from moekit.infer.kv_cache import KVCache
 from moekit.nn.rope import apply_rope
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
-    """(B, S, H, hd) queries against (B, Skv, Hkv, hd) keys/values -> (B, S, H, hd_v)."""
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    cache: KVCache | None,
+    layer: int,
+) -> Tensor:
+    """(B, S, H, hd) queries against (B, S, Hkv, hd) keys/values -> (B, S, H, hd_v).
+
+    With a cache, the new keys/values are appended to the layer's cached ones first, and
+    `attn_mask` (from `KVCache.begin`) says which cached positions each query may see.
+    """
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if cache is not None:
+        k, v = cache.write(layer, k, v)
     gqa = q.shape[1] != k.shape[1]
     if attn_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -53,7 +71,13 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> Tensor:
         B, S, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -67,7 +91,7 @@ class Attention(nn.Module):
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = _sdpa(q, k, v, attn_mask)  # (B, S, H, hd)
+        out = _attend(q, k, v, attn_mask, cache, layer)  # (B, S, H, hd)
         return self.wo(out.reshape(B, S, -1))
 
     def init_weights(
@@ -119,7 +143,13 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> Tensor:
         B, S, _ = x.shape
         H = self.num_heads
@@ -137,7 +167,7 @@ class MLAttention(nn.Module):
         k_rope = apply_rope(k_rope.view(B, S, 1, self.rope), cos, sin).expand(B, S, H, self.rope)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        out = _sdpa(q, k, v, attn_mask)  # (B, S, H, v_dim)
+        out = _attend(q, k, v, attn_mask, cache, layer)  # (B, S, H, v_dim)
         return self.wo(out.reshape(B, S, -1))
 
     def init_weights(

@@ -7,18 +7,21 @@ dense model is the same code with every layer dense.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.moe.layer import MoELayer, MoEStats
+from moekit.moe.layer import DEFAULT_ROUTE, MoELayer, MoEStats, RouteOptions
 from moekit.nn.attention import build_attention
 from moekit.nn.mlp import MLP
 from moekit.nn.norm import RMSNorm
 from moekit.nn.rope import rope_tables
+
+if TYPE_CHECKING:
+    from moekit.infer.kv_cache import KVCache
 
 
 class ModelOutput(NamedTuple):
@@ -52,15 +55,17 @@ class Block(nn.Module):
         cos: Tensor,
         sin: Tensor,
         attn_mask: Tensor | None = None,
-        causal_routing: bool | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        route: RouteOptions = DEFAULT_ROUTE,
     ) -> tuple[Tensor, MoEStats | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
-        h, stats = self._ffn(self.ffn_norm(x), causal_routing)
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer)
+        h, stats = self._ffn(self.ffn_norm(x), route)
         return x + h, stats
 
-    def _ffn(self, x: Tensor, causal_routing: bool | None) -> tuple[Tensor, MoEStats | None]:
+    def _ffn(self, x: Tensor, route: RouteOptions) -> tuple[Tensor, MoEStats | None]:
         if isinstance(self.ffn, MoELayer):
-            return self.ffn(x, causal_routing=causal_routing)
+            return self.ffn(x, route=route)
         return self.ffn(x), None
 
 
@@ -88,32 +93,47 @@ class Transformer(nn.Module):
         *,
         positions: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        valid: Tensor | None = None,
         causal_routing: bool | None = None,
+        top_k: int | None = None,
+        return_routing: bool = False,
     ) -> ModelOutput:
         """Run the model on token ids `tokens` (B, S).
 
-        positions: (S,) or (B, S) position ids; default 0..S-1.
+        positions: (S,) or (B, S) position ids; default 0..S-1 (with a cache: the count of
+            real tokens before each).
         attn_mask: boolean (B, 1, S, S) mask, True where attention is allowed; default causal.
+        cache: a `moekit.infer.KVCache`; the tokens are appended to it and attend to it.
+        valid: with a cache, (B, S) bool marking real tokens (False: left padding).
         causal_routing: force expert-choice routers into their causal mode.
+        top_k: experts per token for this call (1..num_experts), instead of the config's.
+        return_routing: fill `MoEStats.routing` with each token's experts and weights.
         """
         S = tokens.shape[1]
-        if self.cfg.max_seq_len < S:
+        if cache is None and self.cfg.max_seq_len < S:
             raise ValueError(
                 f"sequence of {S} tokens is longer than the model's max_seq_len "
                 f"({self.cfg.max_seq_len})"
             )
+        if cache is not None:
+            cache_positions, attn_mask = cache.begin(S, valid)
+            positions = cache_positions if positions is None else positions
         if positions is None:
             positions = torch.arange(S, device=tokens.device)
+        route = RouteOptions(causal=causal_routing, top_k=top_k, record=return_routing)
         x = self.embed(tokens)
         cos, sin = rope_tables(positions, self.rope_dim, self.cfg.rope_theta, x.dtype)
         stats: dict[int, MoEStats] = {}
         aux = x.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.blocks()):
-            x, layer_stats = block(x, cos, sin, attn_mask, causal_routing)
+            x, layer_stats = block(x, cos, sin, attn_mask, cache, i, route)
             if layer_stats is not None:
                 assert isinstance(block.ffn, MoELayer)
                 stats[i] = layer_stats
                 aux = aux + block.ffn.weighted_loss(layer_stats)
+        if cache is not None:
+            cache.commit(S)
         x = self.norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         return ModelOutput(logits, aux, stats)

@@ -1,0 +1,79 @@
+"""A simple chat template: role-tagged turns as plain text.
+
+```
+<|system|>
+You are helpful.
+<|user|>
+Hi!
+<|assistant|>
+Hello.
+```
+
+A model directory may carry its own template as chat_template.json (fine-tuning writes the
+one it trained with); otherwise this default is used. Generation stops when the model starts a
+new turn.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROLES = ("system", "user", "assistant")
+TEMPLATE_FILE = "chat_template.json"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    turn: dict[str, str] = field(
+        default_factory=lambda: {role: f"<|{role}|>\n{{content}}\n" for role in ROLES}
+    )
+    generation_prompt: str = "<|assistant|>\n"
+    stop: tuple[str, ...] = ("<|user|>", "<|system|>", "<|assistant|>")
+
+    def format(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text for `messages` (each {"role": ..., "content": ...})."""
+        parts = []
+        for i, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if role not in self.turn:
+                raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(self.turn)}")
+            if not isinstance(content, str):
+                raise ValueError(f"message {i}: content must be a string")
+            parts.append(self.turn[role].format(content=content))
+        if add_generation_prompt:
+            parts.append(self.generation_prompt)
+        return "".join(parts)
+
+    def to_json(self) -> str:
+        return (
+            json.dumps(
+                {
+                    "turn": self.turn,
+                    "generation_prompt": self.generation_prompt,
+                    "stop": list(self.stop),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> ChatTemplate:
+        """The template of a model directory, or the default when it has none."""
+        path = Path(model_dir) / TEMPLATE_FILE
+        if not path.exists():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                turn=dict(data["turn"]),
+                generation_prompt=str(data["generation_prompt"]),
+                stop=tuple(data.get("stop", ())),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a valid chat template ({e})") from e

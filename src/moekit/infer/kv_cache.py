@@ -1,0 +1,116 @@
+"""A key/value cache for incremental decoding, with per-row lengths and padding.
+
+Each row of the cache is one sequence. A row has its own write position (`end`), so rows of
+different lengths share one batched forward pass (left-padded prompts when generating, or the
+slots of a serving batch), and a `valid` mask that hides padding from attention. Keys and
+values are stored per layer as (B, H_kv, L, d), the layout attention consumes.
+
+Multi-head latent attention stores the per-head keys and values it expands from its latent
+(simple and exact; the compressed latent alone would need less memory).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.config import ModelConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if max_len > cfg.max_seq_len:
+            raise ValueError(
+                f"a cache of {max_len} positions exceeds the model's max_seq_len {cfg.max_seq_len}"
+            )
+        if cfg.attention.kind == "mla":
+            heads, k_dim, v_dim = cfg.num_heads, cfg.head_dim, cfg.attention.v_head_dim
+        else:
+            heads, k_dim, v_dim = cfg.kv_heads, cfg.head_dim, cfg.head_dim
+        self.batch, self.max_len = batch, max_len
+        self.k = [
+            torch.zeros(batch, heads, max_len, k_dim, device=device, dtype=dtype)
+            for _ in range(cfg.num_layers)
+        ]
+        self.v = [
+            torch.zeros(batch, heads, max_len, v_dim, device=device, dtype=dtype)
+            for _ in range(cfg.num_layers)
+        ]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.end = torch.zeros(batch, dtype=torch.long, device=device)
+        self._write_idx: Tensor | None = None
+        self._span = 0
+
+    # ---- one forward pass: begin -> write (per layer) -> commit ----------------------------
+    def begin(self, n: int, valid_new: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Prepare to append `n` tokens to every row; `valid_new` (B, n) marks padding False.
+
+        Returns the RoPE positions of the new tokens (B, n) (the count of real tokens before
+        each) and the attention mask (B, 1, n, L) over the first L cached positions.
+        """
+        batch = self.batch
+        if int(self.end.max()) + n > self.max_len:
+            raise ValueError(
+                f"the cache holds {self.max_len} positions; appending {n} tokens to a row of "
+                f"{int(self.end.max())} would overflow it"
+            )
+        device = self.end.device
+        if valid_new is None:
+            valid_new = torch.ones(batch, n, dtype=torch.bool, device=device)
+        idx = self.end[:, None] + torch.arange(n, device=device)  # (B, n)
+        rows = torch.arange(batch, device=device)[:, None]
+        self.valid[rows, idx] = valid_new
+        seen = self.valid.sum(1) - valid_new.sum(1)  # real tokens before the new ones
+        positions = (seen[:, None] + valid_new.long().cumsum(1) - 1).clamp_min(0)
+        span = int(self.end.max()) + n
+        keys = torch.arange(span, device=device)
+        causal = keys[None, None, :] <= idx[:, :, None]  # (B, n, L)
+        allowed = (causal & self.valid[:, None, :span]) | (keys[None, None, :] == idx[:, :, None])
+        self._write_idx, self._span = idx, span
+        return positions, allowed.unsqueeze(1)
+
+    def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Store one layer's new keys/values; returns that layer's (B, H, L, d) keys/values."""
+        assert self._write_idx is not None, "call begin() first"
+        idx = self._write_idx
+        rows = torch.arange(self.batch, device=idx.device)[:, None]
+        # (B, H, L, d) seen as (B, L, H, d): advanced indices (rows, idx) pick (B, n) slots.
+        self.k[layer].permute(0, 2, 1, 3)[rows, idx] = k_new.permute(0, 2, 1, 3).to(
+            self.k[layer].dtype
+        )
+        self.v[layer].permute(0, 2, 1, 3)[rows, idx] = v_new.permute(0, 2, 1, 3).to(
+            self.v[layer].dtype
+        )
+        return self.k[layer][:, :, : self._span], self.v[layer][:, :, : self._span]
+
+    def commit(self, n: int, rows: Tensor | None = None) -> None:
+        """Advance the rows' write positions by `n` (only `rows`, a (B,) bool mask, if given:
+        idle serving slots take part in a batched step without growing)."""
+        self.end += n if rows is None else n * rows.long()
+        self._write_idx = None
+
+    # ---- slots --------------------------------------------------------------------------
+    def load_row(self, row: int, other: KVCache, other_row: int = 0) -> None:
+        """Copy one row of another cache (e.g. a freshly prefilled request) into `row`."""
+        n = int(other.end[other_row])
+        for layer in range(len(self.k)):
+            self.k[layer][row, :, :n] = other.k[layer][other_row, :, :n]
+            self.v[layer][row, :, :n] = other.v[layer][other_row, :, :n]
+        self.valid[row] = False
+        self.valid[row, :n] = other.valid[other_row, :n]
+        self.end[row] = n
+
+    def clear_row(self, row: int) -> None:
+        self.valid[row] = False
+        self.end[row] = 0
+
+    def length(self, row: int) -> int:
+        return int(self.end[row])
