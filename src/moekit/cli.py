@@ -215,15 +215,12 @@ def _ms_or_skip(seconds: float | None, best: bool) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from moekit.train.config import resolve_run_config
-    from moekit.train.trainer import TrainingInterruptedError, train
+    from moekit.train.config import resolve_run_config, resume_run_config
+    from moekit.train.trainer import NonFiniteLossError, TrainingInterruptedError, train
 
     run_dir = Path(args.out)
     if args.resume and not (args.config or args.preset):
-        from moekit.train.config import RunConfig, apply_overrides, read_config_file
-
-        data = apply_overrides(read_config_file(run_dir / "run.json"), args.overrides)
-        cfg = RunConfig.from_dict(data)
+        cfg = resume_run_config(run_dir, args.overrides)
     else:
         cfg = resolve_run_config(
             config_file=_recipe_or_file(args.config), preset=args.preset, overrides=args.overrides
@@ -233,6 +230,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterruptedError as e:
         print(str(e), file=sys.stderr)
         return 128 + e.signum
+    except NonFiniteLossError as e:
+        print(f"moekit train: {e}", file=sys.stderr)
+        return 1
     figures = {
         "run_dir": str(result.run_dir),
         "steps": result.step,
@@ -295,11 +295,19 @@ def _print_run_summary(run_dir: Path, figures: dict[str, Any]) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from moekit.train.compare import compare
     from moekit.train.config import resolve_run_config
+    from moekit.train.trainer import NonFiniteLossError, TrainingInterruptedError
 
     cfg = resolve_run_config(
         config_file=_recipe_or_file(args.config), preset=args.preset, overrides=args.overrides
     )
-    summary = compare(cfg, args.out, dense_total=args.dense_total, verbose=not args.quiet)
+    try:
+        summary = compare(cfg, args.out, dense_total=args.dense_total, verbose=not args.quiet)
+    except TrainingInterruptedError as e:
+        print(f"{e}\n(run the same compare command again to continue)", file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteLossError as e:
+        print(f"moekit compare: {e}", file=sys.stderr)
+        return 1
     if args.json:
         _print_json(summary)
         return 0

@@ -59,6 +59,13 @@ def _check_field_types(obj: Any) -> None:
         base = next((a for a in args if a is not type(None)), tp) if args else tp
         if base is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise _fail(owner, name, value, "must be an integer")
+        if base is float and isinstance(value, str):
+            # YAML 1.1 reads `3e-4` as a string; accept any number written as text.
+            try:
+                value = float(value)
+            except ValueError:
+                raise _fail(owner, name, value, "must be a number") from None
+            object.__setattr__(obj, name, value)
         if base is float and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise _fail(owner, name, value, "must be a number")
         if base is bool and not isinstance(value, bool):
@@ -91,6 +98,13 @@ class _ConfigBase:
                 f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
                 f"known fields are {', '.join(sorted(names))}"
             )
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        if missing := sorted(required - set(data)):
+            raise ValueError(f"{cls.__name__}: missing required field(s) {', '.join(missing)}")
         kwargs = dict(data)
         for name, sub in cls._nested.items():
             if kwargs.get(name) is not None and not isinstance(kwargs[name], sub):

@@ -30,9 +30,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
     try:
         yield tmp_path
+        # mkstemp makes 0600 and writers may recreate the file: give it the usual mode now.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -126,8 +127,9 @@ def save_weights(
         atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2) + "\n")
         written.append(directory / INDEX_NAME)
     keep = {p.name for p in written}
-    for stale in [*directory.glob("model-*-of-*.safetensors"), directory / WEIGHTS_NAME,
-                  directory / INDEX_NAME]:  # fmt: skip
+    # The index goes first: an index must never name shards that are already gone.
+    for stale in [directory / INDEX_NAME, *directory.glob("model-*-of-*.safetensors"),
+                  directory / WEIGHTS_NAME]:  # fmt: skip
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
     return written

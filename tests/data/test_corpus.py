@@ -269,20 +269,31 @@ def test_load_txt_file_and_folder(tmp_path):
     single.write_text("roses")
 
     docs = load_documents(DataConfig(source=str(single)))
-    assert docs == [Document(text="roses", domain="poems", source=str(single))]
+    assert docs == [Document(text="roses", domain="poems", source="p.txt")]
 
     docs = load_documents(DataConfig(source=f"{tmp_path / 'news'}, {single}"))
     assert [d.text for d in docs] == ["second story, ünïcode\n", "first story\n", "roses"]
     assert [d.domain for d in docs] == ["2024", "news", "poems"]
-    assert docs[0].source == str(tmp_path / "news" / "2024" / "b.txt")
+    assert docs[0].source == "news/2024/b.txt"
+
+
+def test_sources_do_not_depend_on_how_paths_are_spelled(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    for i in range(20):
+        (tmp_path / "data" / f"{i}.txt").write_text(f"document {i}")
+    monkeypatch.chdir(tmp_path)
+    relative = load_documents(DataConfig(source="data"))
+    absolute = load_documents(DataConfig(source=str(tmp_path / "data")))
+    assert relative == absolute
+    assert split_documents(relative, 0.3, 0) == split_documents(absolute, 0.3, 0)
 
 
 def test_load_jsonl_default_and_custom_fields(tmp_path):
     path = write_jsonl(tmp_path / "web" / "data.jsonl", [{"text": "one"}, "", {"text": "two"}])
     docs = load_documents(DataConfig(source=str(path)))
     assert [(d.text, d.domain, d.source) for d in docs] == [
-        ("one", "web", f"{path}:1"),
-        ("two", "web", f"{path}:3"),
+        ("one", "web", "data.jsonl:1"),
+        ("two", "web", "data.jsonl:3"),
     ]
     # A byte-order mark and a raw line separator inside a string are not line breaks.
     path = tmp_path / "bom.jsonl"
@@ -353,8 +364,8 @@ def test_load_parquet(tmp_path, hf_datasets):
     )
     docs = load_documents(DataConfig(source=str(path)))
     assert [(d.text, d.domain, d.source) for d in docs] == [
-        ("alpha", "books", f"{path}:0"),
-        ("gamma", "books", f"{path}:2"),
+        ("alpha", "books", "part.parquet:0"),
+        ("gamma", "books", "part.parquet:2"),
     ]
     docs = load_documents(DataConfig(source=str(path), text_field="content", domain_field="genre"))
     assert [(d.text, d.domain) for d in docs] == [("A", "x"), ("B", "y"), ("C", "z")]

@@ -1,6 +1,7 @@
 import pytest
 
-from moekit.bench.train import bench_train, mixtral_compatible
+from moekit.bench.train import bench_train
+from moekit.interop.mixtral import check_mixtral_compatible
 from moekit.presets import get_preset
 
 
@@ -20,4 +21,4 @@ def test_bench_train_measures_both_sides():
 )
 def test_configs_mixtral_cannot_express_are_refused(preset, reason):
     with pytest.raises(ValueError, match=reason):
-        mixtral_compatible(get_preset(preset))
+        check_mixtral_compatible(get_preset(preset))

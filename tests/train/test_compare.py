@@ -42,3 +42,26 @@ def test_compare_trains_both_on_the_same_data(tmp_path, tiny_run_config):
 def test_compare_needs_an_moe(tmp_path, tiny_run_config):
     with pytest.raises(ValueError, match="needs an MoE model"):
         compare(tiny_run_config("model.moe=null"), tmp_path, verbose=False)
+
+
+@pytest.mark.slow
+def test_compare_and_train_cli_print_json(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import TINY_RUN
+
+    args = ["--preset", "debug", *TINY_RUN, "train.max_steps=2", "train.eval_every=2", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "moekit.cli", "compare", "--out", str(tmp_path / "cmp"), *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert isinstance(data["moe_val_loss"], float) and isinstance(data["dense_val_loss"], float)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moekit.cli", "train", "--out", str(tmp_path / "run"), *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["steps"] == 2

@@ -12,7 +12,7 @@ import moekit.train.trainer as trainer_mod
 from moekit.io import load_model, load_weights
 from moekit.train.checkpoint import latest_checkpoint
 from moekit.train.metrics import read_metrics
-from moekit.train.trainer import NonFiniteLossError, train
+from moekit.train.trainer import NonFiniteLossError, Trainer, train
 
 from .conftest import TINY_RUN
 
@@ -28,8 +28,11 @@ def test_a_few_steps_reduce_the_loss(tmp_path, tiny_run_config):
     assert len(curve) == 30
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5
     assert result.val_loss is not None and result.val_loss < curve[0]
-    # The model directory loads back into the same weights.
+    # The model directory loads back into the same weights as the last checkpoint.
     model = load_model(tmp_path / "run")
+    saved = load_weights(latest_checkpoint(tmp_path / "run").path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
     assert model(torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 512)
 
 
@@ -57,7 +60,9 @@ def test_resume_continues_exactly(tmp_path, tiny_run_config):
 def test_existing_runs_are_not_overwritten(tmp_path, tiny_run_config):
     cfg = tiny_run_config("train.max_steps=2")
     train(cfg, tmp_path / "run", verbose=False, report=False)
-    with pytest.raises(ValueError, match="already holds a training run; pass --resume"):
+    with pytest.raises(
+        ValueError, match=r"already holds a training run \(a checkpoint at step 2\); pass --resume"
+    ):
         train(cfg, tmp_path / "run", verbose=False, report=False)
     other = tiny_run_config("train.max_steps=2", "model.moe.num_experts=8")
     with pytest.raises(ValueError, match="the model section differs"):
@@ -108,8 +113,87 @@ def test_metrics_and_report(tmp_path, tiny_run_config):
     assert html.count("data:image/png;base64,") == 2
 
 
+def test_resume_applies_new_train_settings_and_refuses_data_order_changes(
+    tmp_path, tiny_run_config
+):
+    cfg = tiny_run_config("train.max_steps=6")
+    train(cfg, tmp_path / "run", verbose=False, report=False, stop_after=3)
+    run_json = (tmp_path / "run" / "run.json").read_text()
+    with pytest.raises(
+        ValueError, match=r"train\.batch_size was 4 in this run and cannot change to 8"
+    ):
+        train(tiny_run_config("train.max_steps=6", "train.batch_size=8"), tmp_path / "run",
+              verbose=False, report=False, resume=True)  # fmt: skip
+    assert (
+        tmp_path / "run" / "run.json"
+    ).read_text() == run_json  # a refused resume writes nothing
+    faster = tiny_run_config("train.max_steps=6", "train.lr=0.01", "train.weight_decay=0.5")
+    trainer = Trainer(faster, tmp_path / "run", resume=True, verbose=False)
+    from moekit.train.optim import lr_factor
+
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.01 * lr_factor(3, faster.train)
+    )
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.5
+    trainer.run()
+    lrs = losses(tmp_path / "run", key="lr")
+    assert lrs[3] == pytest.approx(0.01 * lr_factor(3, faster.train))
+
+
+def test_a_failed_start_leaves_the_directory_restartable(tmp_path, tiny_run_config):
+    with pytest.raises(ValueError, match=r"fewer than train\.batch_size=100000"):
+        train(tiny_run_config("train.batch_size=100000"), tmp_path / "run", verbose=False)
+    assert not (tmp_path / "run" / "run.json").exists()
+    train(tiny_run_config("train.max_steps=2"), tmp_path / "run", verbose=False, report=False)
+    # A directory with a run config but no checkpoint (a start stopped early) restarts too.
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "run.json").write_text((tmp_path / "run" / "run.json").read_text())
+    train(tiny_run_config("train.max_steps=2"), tmp_path / "again", verbose=False, report=False)
+
+
+def test_checkpoints_survive_a_dangling_pointer_and_a_torn_metrics_line(tmp_path, tiny_run_config):
+    cfg = tiny_run_config("train.max_steps=8", "train.save_every=2", "train.keep_last=3")
+    train(cfg, tmp_path / "run", verbose=False, report=False, stop_after=4)
+    state = tmp_path / "run" / "train_state"
+    (state / "latest").write_text("step-00000099\n")  # names nothing: a crash mid-update
+    assert latest_checkpoint(tmp_path / "run").step == 4
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 5, "lo')  # a crash mid-line
+    train(cfg, tmp_path / "run", verbose=False, report=False, resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"] == list(
+        range(1, 9)
+    )
+    assert [p.name for p in sorted(state.glob("step-*"))] == [
+        "step-00000004",
+        "step-00000006",
+        "step-00000008",
+    ]
+
+
+def test_non_finite_numbers_are_logged_as_null(tmp_path, tiny_run_config, monkeypatch):
+    real = trainer_mod.lm_loss
+
+    def broken(logits, targets):
+        return real(logits, targets) * float("nan")
+
+    monkeypatch.setattr(trainer_mod, "lm_loss", broken)
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
+        train(tiny_run_config("train.max_steps=6", "train.max_nonfinite=2"), tmp_path / "run",
+              verbose=False, report=False)  # fmt: skip
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert lines and all("NaN" not in line for line in lines)
+    assert json.loads(lines[0])["loss"] is None
+
+
+def test_tensorboard_events_when_installed(tmp_path, tiny_run_config):
+    pytest.importorskip("tensorboard")
+    train(tiny_run_config("train.max_steps=2"), tmp_path / "run", verbose=False, report=False)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
 @pytest.mark.slow
-def test_sigint_saves_a_checkpoint_then_resume_finishes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signals_save_a_checkpoint_then_resume_finishes(tmp_path, sig):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "moekit.cli", "train", "--preset", "debug", "--out",
            str(run_dir), *TINY_RUN, "train.max_steps=400", "train.save_every=1000"]  # fmt: skip
@@ -121,10 +205,10 @@ def test_sigint_saves_a_checkpoint_then_resume_finishes(tmp_path):
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err.decode()
-    assert b"SIGINT received: saved a checkpoint at step" in err
+    assert proc.returncode == 128 + sig, err.decode()
+    assert f"{sig.name} received: saved a checkpoint at step".encode() in err
     step = latest_checkpoint(run_dir).step
     assert 3 <= step < 400
     assert losses(run_dir)[-1] is not None and len(losses(run_dir)) == step

@@ -13,6 +13,7 @@ import torch
 
 from moekit.bench.layer import _time_interleaved
 from moekit.config import ModelConfig
+from moekit.interop.mixtral import check_mixtral_compatible, hf_config
 from moekit.nn.transformer import build_model
 from moekit.presets import get_preset
 from moekit.train.config import TrainConfig
@@ -22,52 +23,11 @@ from moekit.train.trainer import optimizer_step
 HF_IMPLS = ("eager", "grouped_mm")
 
 
-def mixtral_compatible(cfg: ModelConfig) -> None:
-    """Raise unless transformers' Mixtral can express `cfg` (softmax top-k, renormalised, no
-    shared experts, every layer MoE, GQA attention)."""
-    moe = cfg.moe
-    problems = []
-    if moe is None:
-        problems.append("it is dense")
-    else:
-        if moe.router != "topk" or moe.score_func != "softmax" or not moe.norm_topk_prob:
-            problems.append("Mixtral routes by renormalised softmax top-k only")
-        if moe.num_shared_experts:
-            problems.append("Mixtral has no shared experts")
-        if moe.first_dense_layers or moe.layer_step != 1:
-            problems.append("every Mixtral layer is an MoE layer")
-        if moe.capacity_factor is not None or moe.num_groups > 1:
-            problems.append("Mixtral is dropless and has no expert groups")
-    if cfg.attention.kind != "gqa" or cfg.attention.qk_norm != "none" or cfg.attention.qkv_bias:
-        problems.append("Mixtral attention is plain grouped-query attention")
-    if cfg.activation != "swiglu":
-        problems.append("Mixtral experts are SwiGLU")
-    if problems:
-        raise ValueError("this config has no Mixtral equivalent: " + "; ".join(problems))
-
-
 def _hf_mixtral(cfg: ModelConfig, impl: str) -> torch.nn.Module:
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralForCausalLM
 
-    moe = cfg.moe
-    assert moe is not None
-    hf_cfg = MixtralConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=moe.expert_hidden,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        num_local_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        output_router_logits=True,
-        router_aux_loss_coef=moe.aux_loss_weight,
-        tie_word_embeddings=cfg.tie_embeddings,
-    )
+    hf_cfg = hf_config(cfg)
+    hf_cfg.output_router_logits = True  # so its loss includes the load-balancing loss, as ours
     hf_cfg._experts_implementation = impl
     model = MixtralForCausalLM(hf_cfg).train()
     assert model.config._attn_implementation == "sdpa"  # the same attention kernel as ours
@@ -88,7 +48,7 @@ def bench_train(
     `ours_over_hf_best` (> 1: ours is faster), plus the config figures.
     """
     cfg = get_preset(preset)
-    mixtral_compatible(cfg)
+    check_mixtral_compatible(cfg)
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the preset's max_seq_len={cfg.max_seq_len}")
     torch.manual_seed(seed)

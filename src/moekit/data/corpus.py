@@ -421,17 +421,23 @@ def _load_path(path: Path, cfg: DataConfig) -> list[Document]:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise ValueError(f"data folder {str(path)!r} contains no .txt files")
-        return [_load_txt(p) for p in files]
+        # Sources name files relative to the folder given, so the split and the caches do not
+        # depend on how its path was spelled (relative, absolute, through a link).
+        return [
+            _load_txt(p, f"{path.resolve().name}/{p.relative_to(path).as_posix()}") for p in files
+        ]
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [_load_txt(path)]
+        return [_load_txt(path, path.name)]
     if suffix == ".jsonl":
         return _load_jsonl(path, cfg)
     if suffix == ".parquet":
         from datasets import load_dataset  # optional dependency, heavy to import
 
         dataset = load_dataset("parquet", data_files=str(path), split="train")
-        return _from_dataset(dataset, cfg, source=str(path), domain=_folder_domain(path))
+        return _from_dataset(
+            dataset, cfg, source=path.name, domain=_folder_domain(path), where=str(path)
+        )
     raise ValueError(
         f"data source {str(path)!r} has unsupported type {suffix or '(no extension)'!r}: "
         "use .txt, .jsonl, .parquet, a folder of .txt files, 'builtin' or 'hf:NAME'"
@@ -442,12 +448,12 @@ def _folder_domain(path: Path) -> str:
     return path.resolve().parent.name or "default"
 
 
-def _load_txt(path: Path) -> Document:
+def _load_txt(path: Path, source: str) -> Document:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{str(path)!r} is not UTF-8 text: {err}") from err
-    return Document(text=text, domain=_folder_domain(path), source=str(path))
+    return Document(text=text, domain=_folder_domain(path), source=source)
 
 
 def _load_jsonl(path: Path, cfg: DataConfig) -> list[Document]:
@@ -470,7 +476,7 @@ def _load_jsonl(path: Path, cfg: DataConfig) -> list[Document]:
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
         text, domain = _fields(row, cfg, where, fallback_domain)
-        docs.append(Document(text=text, domain=domain, source=where))
+        docs.append(Document(text=text, domain=domain, source=f"{path.name}:{lineno}"))
     return docs
 
 
@@ -496,14 +502,18 @@ def _fields(row: dict[str, Any], cfg: DataConfig, where: str, fallback: str) -> 
     return text, str(row[cfg.domain_field])
 
 
-def _from_dataset(dataset: Any, cfg: DataConfig, *, source: str, domain: str) -> list[Document]:
-    """Documents from a `datasets.Dataset`, one per row; row i's source is f"{source}:{i}"."""
+def _from_dataset(
+    dataset: Any, cfg: DataConfig, *, source: str, domain: str, where: str | None = None
+) -> list[Document]:
+    """Documents from a `datasets.Dataset`, one per row; row i's source is f"{source}:{i}"
+    (errors name `where`, the file, when given)."""
+    where = where or source
     columns = list(dataset.column_names)
     for field, name in ((cfg.text_field, "text_field"), (cfg.domain_field, "domain_field")):
         if field is not None and field not in columns:
             kind = name.removesuffix("_field")
             raise ValueError(
-                f"{source}: missing {kind} field {field!r} (DataConfig.{name}); "
+                f"{where}: missing {kind} field {field!r} (DataConfig.{name}); "
                 f"columns present: {', '.join(columns) or 'none'}"
             )
     # Whole columns at once: converting row by row is slow for large datasets.
@@ -512,7 +522,7 @@ def _from_dataset(dataset: Any, cfg: DataConfig, *, source: str, domain: str) ->
     docs: list[Document] = []
     for i, (text, dom) in enumerate(zip(texts, domains, strict=True)):
         row = {cfg.text_field: text} | ({cfg.domain_field: dom} if cfg.domain_field else {})
-        text, dom = _fields(row, cfg, f"{source}:{i}", domain)
+        text, dom = _fields(row, cfg, f"{where}:{i}", domain)
         docs.append(Document(text=text, domain=dom, source=f"{source}:{i}"))
     return docs
 

@@ -48,8 +48,10 @@ class Checkpoint:
         device = next(model.parameters()).device
         load_state_checked(model, load_weights(self.path, device), str(self.path))
         try:
+            # Loaded on the CPU: the optimizer moves each state to its parameter's device
+            # itself (and keeps AdamW's step counters on the CPU, where they belong).
             opt_state = torch.load(
-                self.path / "optimizer.pt", weights_only=True, map_location=device
+                self.path / "optimizer.pt", weights_only=True, map_location="cpu"
             )
             rng = torch.load(self.path / "rng.pt", weights_only=True)
         except Exception as e:
@@ -81,7 +83,7 @@ def save_checkpoint(
     the newest `keep_last`. Returns its directory."""
     root = run_dir / STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step-*.tmp"):  # left by a crash mid-write
+    for stale in [*root.glob(".step-*.tmp"), *root.glob(".step-*.old")]:  # from a crash
         shutil.rmtree(stale, ignore_errors=True)
     final = root / _step_name(step)
     tmp = root / f".{final.name}.tmp"
@@ -104,17 +106,23 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
+        # Saving the same step again: move the old copy aside rather than deleting it first,
+        # so some complete copy of this step exists at every moment.
+        old = root / f".{final.name}.old"
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(old)
         tmp.rename(final)
         _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(root / "latest", final.name + "\n")
-    for old in sorted(root.glob("step-*"))[:-keep_last]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    # Keep the newest `keep_last` up to this step; newer ones are orphans of a crashed run.
+    older = [p for p in list_checkpoints(run_dir) if p.name <= final.name]
+    newer = [p for p in list_checkpoints(run_dir) if p.name > final.name]
+    for stale in [*older[:-keep_last], *newer]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -123,15 +131,28 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / STATE_DIR).glob("step-*"))
 
 
-def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint of `run_dir`, or None when the run has none."""
-    root = run_dir / STATE_DIR
-    pointer = root / "latest"
-    if not pointer.exists():
-        return None
-    path = root / pointer.read_text().strip()
+def _read(path: Path) -> Checkpoint | None:
     try:
         state = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint {path} named by {pointer} is unreadable ({e})") from e
-    return Checkpoint(path=path, step=int(state["step"]), state=state)
+        return Checkpoint(path=path, step=int(state["step"]), state=state)
+    except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError):
+        return None
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint of `run_dir`, or None when the run has none.
+
+    Normally the one `train_state/latest` names; if that is missing or unreadable (a crash at
+    the wrong moment), the newest readable `step-*` directory.
+    """
+    root = run_dir / STATE_DIR
+    pointer = root / "latest"
+    if pointer.exists():
+        found = _read(root / pointer.read_text().strip())
+        if found is not None:
+            return found
+    for path in reversed(list_checkpoints(run_dir)):
+        found = _read(path)
+        if found is not None:
+            return found
+    return None

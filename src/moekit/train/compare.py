@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from moekit.analysis.params import count_params
 from moekit.config import ModelConfig
 from moekit.io import atomic_write_text
+from moekit.train.checkpoint import latest_checkpoint
 from moekit.train.config import RunConfig
 from moekit.train.metrics import read_metrics
 
@@ -47,10 +49,11 @@ def compare(
     """Train `cfg`'s MoE and a dense model with the same active parameters (and, with
     `dense_total`, one with the same total parameters) on the same data, tokens and seed.
 
-    Each run is a full model directory under `out_dir` (moe/, dense_active/, dense_total/).
-    Writes compare.png (validation loss against tokens and against training time) and
-    compare.json, and returns the same figures: `moe_val_loss`, `dense_val_loss`, and per run
-    its parameters, tokens, seconds and final validation loss per domain.
+    Each run is a full model directory under `out_dir` (moe/, dense_active/, dense_total/);
+    running the same comparison again continues runs that were interrupted. Writes
+    compare.png (validation loss against tokens and against training time) and compare.json,
+    and returns the same figures: `moe_val_loss`, `dense_val_loss`, and per run its
+    parameters, tokens, seconds and final validation loss per domain.
     """
     from moekit.train.trainer import train
 
@@ -69,8 +72,13 @@ def compare(
         run_cfg = RunConfig(model=model_cfg, data=cfg.data, train=cfg.train)
         if verbose:
             pc = count_params(model_cfg)
-            print(f"== {name}: {pc.total:,} parameters, {pc.active:,} active per token")
-        result = train(run_cfg, out / name, verbose=verbose)
+            print(
+                f"== {name}: {pc.total:,} parameters, {pc.active:,} active per token",
+                file=sys.stderr,
+            )
+        # Running the same comparison again continues an interrupted run where it stopped.
+        checkpoint = latest_checkpoint(out / name)
+        result = train(run_cfg, out / name, verbose=verbose, resume=checkpoint is not None)
         pc = count_params(model_cfg)
         results[name] = {
             "total_params": pc.total,

@@ -88,6 +88,10 @@ class TrainConfig(_ConfigBase):
             raise _fail(owner, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         if self.precision not in PRECISIONS:
             raise _fail(owner, "precision", self.precision, f"must be one of {PRECISIONS}")
+        if not isinstance(self.samples, list) or any(
+            not isinstance(s, str) or not s for s in self.samples
+        ):
+            raise _fail(owner, "samples", self.samples, "must be a list of non-empty prompts")
 
 
 @dataclass(kw_only=True)
@@ -271,6 +275,15 @@ def resolve_run_config(
                 data[section] = values
     data = apply_overrides(data, overrides or [])
     return RunConfig.from_dict(data)
+
+
+def resume_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config of the run in `run_dir` (its run.json) with `overrides` applied: what
+    `moekit train --out DIR --resume [overrides]` continues with."""
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no run (no run.json)")
+    return RunConfig.from_dict(apply_overrides(read_config_file(path), overrides or []))
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -64,14 +64,14 @@ class MetricsLog:
     TensorBoard event files (RUN_DIR/tensorboard/) when tensorboard is installed.
 
     On resume from step s, records after s (written after that checkpoint) are dropped first,
-    so the log reads as one uninterrupted run.
+    so the log reads as one uninterrupted run; so is a half-written last line left by a crash.
+    Non-finite numbers are written as null (JSON has no NaN).
     """
 
     def __init__(self, run_dir: Path, *, resume_step: int | None = None) -> None:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in kept if json.loads(line).get("step", 0) <= resume_step]
+            kept = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
@@ -80,12 +80,13 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step drops events a crashed run wrote after the checkpoint we resume from.
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
         except ImportError:  # tensorboard is optional
             self._tb = None
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             step = int(record.get("step", 0))
@@ -111,9 +112,25 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl, in order."""
+    """The records of a run's metrics.jsonl, in order (a torn last line is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return records

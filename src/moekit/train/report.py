@@ -34,7 +34,7 @@ def expert_load(trainer: Trainer) -> dict[int, list[float]]:
     model, tc = trainer.model, trainer.cfg.train
     model.eval()
     counts: dict[int, torch.Tensor] = {}
-    rows = trainer.eval_sets.get("all", trainer.data.train)
+    rows = trainer.val_rows if len(trainer.val_rows) else trainer.data.train
     for i, (inputs, _) in enumerate(iter_eval_batches(rows, tc.batch_size)):
         if i >= tc.eval_batches:
             break

@@ -29,12 +29,12 @@ from torch import Tensor
 
 from moekit.data.loader import PackedLoader, TokenizedData, iter_eval_batches, prepare_data
 from moekit.data.tokenizer import Tokenizer
-from moekit.io import save_model
+from moekit.io import atomic_write_text, save_model
 from moekit.nn.transformer import Transformer, build_model
-from moekit.train.checkpoint import latest_checkpoint, save_checkpoint
+from moekit.train.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from moekit.train.config import RunConfig
-from moekit.train.metrics import MetricsLog, RoutingAccumulator
-from moekit.train.optim import build_optimizer, build_scheduler
+from moekit.train.metrics import MetricsLog, RoutingAccumulator, read_metrics
+from moekit.train.optim import build_optimizer, build_scheduler, lr_factor
 
 RUN_CONFIG_NAME = "run.json"
 
@@ -147,15 +147,20 @@ def optimizer_step(
 
 
 class Trainer:
-    """Holds a run's live state. Use `train()` unless you need to drive it step by step."""
+    """Holds a run's live state. Use `train()` unless you need to drive it step by step.
+
+    Nothing is written to the run directory until the run is fully set up (data prepared,
+    model built, checkpoint restored and checked): a failed start leaves the directory as it
+    was, and a directory that holds no checkpoint yet can always be started again.
+    """
 
     def __init__(
         self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, verbose: bool = True
     ) -> None:
         self.run_dir = Path(run_dir)
         self.verbose = verbose
-        checkpoint = self._prepare_run_dir(cfg, resume)
         self.cfg = cfg
+        checkpoint = self._check_run_dir(cfg, resume)
         tc = cfg.train
         self.device = resolve_device(tc.device)
         self.amp_dtype = autocast_dtype(self.device, tc.precision)
@@ -167,9 +172,10 @@ class Trainer:
         # Validation sets in a fixed shuffled order: with `eval_batches` capping an evaluation,
         # the rows it sees are a sample of every document, not the first documents only.
         gen = torch.Generator().manual_seed(tc.seed)
-        self.eval_sets = {
+        self.val_rows = self.data.val[torch.randperm(len(self.data.val), generator=gen)]
+        self.val_rows_by_domain = {
             name: rows[torch.randperm(len(rows), generator=gen)]
-            for name, rows in {"all": self.data.val, **self.data.val_by_domain}.items()
+            for name, rows in self.data.val_by_domain.items()
             if len(rows)
         }
         self.model: Transformer = build_model(cfg.model, device=self.device, seed=tc.seed)
@@ -180,43 +186,69 @@ class Trainer:
         self.tokens = 0
         self.skipped = 0
         self.elapsed = 0.0
+        self._saved_step: int | None = None
+        self._resumed_from: int | None = None
+        self.steps_this_run = 0
         if checkpoint is not None:
-            checkpoint.restore(self.model, self.optimizer, self.scheduler)
-            self.loader.load_state_dict(checkpoint.state["loader"])
-            self.step = checkpoint.step
-            self.tokens = int(checkpoint.state["tokens"])
-            self.skipped = int(checkpoint.state["skipped"])
-            self.elapsed = float(checkpoint.state["elapsed"])
-        self.metrics = MetricsLog(self.run_dir, resume_step=checkpoint.step if checkpoint else None)
+            self._restore(checkpoint)
+        # Set up and checked: from here on the run directory is ours.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(self.run_dir / "tokenizer.json")
+        atomic_write_text(self.run_dir / RUN_CONFIG_NAME, cfg.to_json())
         self._signal: int | None = None
 
     # ---- set-up ------------------------------------------------------------------------
-    def _prepare_run_dir(self, cfg: RunConfig, resume: bool) -> Any:
-        run_json = self.run_dir / RUN_CONFIG_NAME
+    def _check_run_dir(self, cfg: RunConfig, resume: bool) -> Checkpoint | None:
         checkpoint = latest_checkpoint(self.run_dir) if self.run_dir.exists() else None
-        if resume:
-            if checkpoint is None:
-                raise FileNotFoundError(
-                    f"--resume: {self.run_dir} holds no checkpoint (train_state/latest)"
+        if not resume:
+            if checkpoint is not None:
+                raise ValueError(
+                    f"{self.run_dir} already holds a training run (a checkpoint at step "
+                    f"{checkpoint.step}); pass --resume to continue it or choose another --out"
                 )
-            saved = RunConfig.from_dict(_read_json(run_json))
-            for section in ("model", "data"):
-                if getattr(saved, section) != getattr(cfg, section):
-                    raise ValueError(
-                        f"--resume: the {section} section differs from the run's {run_json}; "
-                        "a run can only be resumed with the same model and data (train "
-                        "settings such as train.max_steps may change)"
-                    )
-        elif checkpoint is not None or run_json.exists():
-            raise ValueError(
-                f"{self.run_dir} already holds a training run; pass --resume to continue it or "
-                "choose another --out"
+            return None
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"--resume: {self.run_dir} holds no checkpoint (train_state/); start the run "
+                "without --resume"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        from moekit.io import atomic_write_text
-
-        atomic_write_text(run_json, cfg.to_json())
+        saved = RunConfig.from_dict(_read_json(self.run_dir / RUN_CONFIG_NAME))
+        for section in ("model", "data"):
+            if getattr(saved, section) != getattr(cfg, section):
+                raise ValueError(
+                    f"--resume: the {section} section differs from the run's {RUN_CONFIG_NAME}; "
+                    "a run continues with the same model and data"
+                )
+        for name in ("batch_size", "seq_len", "seed"):
+            before, now = getattr(saved.train, name), getattr(cfg.train, name)
+            if before != now:
+                raise ValueError(
+                    f"--resume: train.{name} was {before} in this run and cannot change to {now} "
+                    "(the data order depends on it); drop that override"
+                )
         return checkpoint
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        tc = self.cfg.train
+        fingerprint = checkpoint.state.get("data_fingerprint")
+        if fingerprint is not None and fingerprint != self.data.stats.get("fingerprint"):
+            raise ValueError(
+                f"--resume: the training data changed since the checkpoint at step "
+                f"{checkpoint.step} (different documents or texts); resuming would not continue "
+                "the same run"
+            )
+        checkpoint.restore(self.model, self.optimizer, self.scheduler)
+        self.loader.load_state_dict(checkpoint.state["loader"])
+        self.step = self._saved_step = self._resumed_from = checkpoint.step
+        self.tokens = int(checkpoint.state["tokens"])
+        self.skipped = int(checkpoint.state["skipped"])
+        self.elapsed = float(checkpoint.state["elapsed"])
+        # The optimizer state restores the hyperparameters it was saved with; the run's
+        # current train section wins (a resumed run may change lr, decay or max_steps).
+        for group, decay in zip(self.optimizer.param_groups, (tc.weight_decay, 0.0), strict=True):
+            group.update(weight_decay=decay, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+            group["lr"] = tc.lr * lr_factor(self.step, tc)
+        self.scheduler.base_lrs = [tc.lr] * len(self.optimizer.param_groups)
 
     def _prepare_data(self, tokenizer: Tokenizer | None) -> tuple[Tokenizer, TokenizedData]:
         tc = self.cfg.train
@@ -235,7 +267,6 @@ class Trainer:
                 f"tokens, fewer than train.batch_size={tc.batch_size}; use more data or smaller "
                 "train.seq_len / train.batch_size"
             )
-        tok.save(self.run_dir / "tokenizer.json")
         self._say(
             f"data: {len(data.train)} training rows, {len(data.val)} validation rows of "
             f"{tc.seq_len} tokens; vocabulary {tok.vocab_size}"
@@ -250,8 +281,13 @@ class Trainer:
         history: list[dict[str, Any]] = []
         routing = RoutingAccumulator()
         consecutive_bad = 0
-        last_eval: dict[str, Any] | None = None
+        start_step = self.step
+        previous = [r for r in read_metrics(self.run_dir) if r.get("kind") == "eval"]
+        last_eval: dict[str, Any] | None = previous[-1] if previous and self.step else None
         window_tokens, window_seconds = 0, 0.0  # training steps only, no eval or saving
+        # A fresh run starts a fresh log; a continued one drops what came after its checkpoint.
+        resume_step = self.step if (self.step or self._resumed_from is not None) else None
+        self.metrics = MetricsLog(self.run_dir, resume_step=resume_step)
         with self._signals(), self._progress(end) as advance, contextlib.closing(self.metrics):
             while self.step < end:
                 t0 = time.perf_counter()
@@ -269,11 +305,16 @@ class Trainer:
                     self.skipped += 1
                     consecutive_bad += 1
                     if consecutive_bad >= tc.max_nonfinite:
+                        where = (
+                            f"the last checkpoint (step {self._saved_step}) is in "
+                            f"{self.run_dir / 'train_state'}"
+                            if self._saved_step is not None
+                            else "no checkpoint was written yet"
+                        )
                         raise NonFiniteLossError(
                             f"the loss was not finite in {consecutive_bad} consecutive steps "
                             f"(up to step {self.step}); the run stopped. Lower train.lr, raise "
-                            "train.warmup_steps or check the data; the last good checkpoint is "
-                            f"in {self.run_dir / 'train_state'}"
+                            f"train.warmup_steps or check the data; {where}"
                         )
                 if self.step % tc.log_every == 0 or self.step == end:
                     entry = {
@@ -308,6 +349,7 @@ class Trainer:
                 if self._signal is not None:
                     self.save()
                     raise TrainingInterruptedError(self._signal, self.step, self.run_dir)
+        self.steps_this_run = self.step - start_step
         return TrainResult(
             run_dir=self.run_dir,
             step=self.step,
@@ -348,9 +390,9 @@ class Trainer:
         batches each, the same rows every time). Expert-choice models are evaluated in their
         causal routing mode."""
         self.model.eval()
-        losses = {name: self._eval_loss(rows) for name, rows in self.eval_sets.items()}
+        overall = self._eval_loss(self.val_rows) if len(self.val_rows) else math.nan
+        losses = {name: self._eval_loss(rows) for name, rows in self.val_rows_by_domain.items()}
         self.model.train()
-        overall = losses.pop("all", math.nan)
         return {
             "kind": "eval",
             "step": self.step,
@@ -377,7 +419,10 @@ class Trainer:
         return total / max(count, 1)
 
     def save(self) -> None:
-        """Write the model directory's weights and config, and a training checkpoint."""
+        """Write the model directory's weights and config, and a training checkpoint (once per
+        step: a signal arriving on a step that was just saved does not save it again)."""
+        if self._saved_step == self.step:
+            return
         save_model(self.model, self.cfg.model, self.run_dir)
         save_checkpoint(
             self.run_dir,
@@ -390,9 +435,11 @@ class Trainer:
                 "tokens": self.tokens,
                 "skipped": self.skipped,
                 "elapsed": self.elapsed,
+                "data_fingerprint": self.data.stats.get("fingerprint"),
             },
             keep_last=self.cfg.train.keep_last,
         )
+        self._saved_step = self.step
 
     # ---- signals and progress ----------------------------------------------------------
     @contextlib.contextmanager
@@ -500,7 +547,7 @@ def train(
     """
     trainer = Trainer(cfg, out_dir, resume=resume, verbose=verbose)
     result = trainer.run(stop_after=stop_after)
-    if report and result.step >= cfg.train.max_steps:
+    if report and result.step >= cfg.train.max_steps and trainer.steps_this_run:
         from moekit.train.report import write_training_report
 
         write_training_report(trainer, result)
