@@ -10,6 +10,7 @@ import argparse
 import ast
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -334,6 +335,54 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from moekit.bench.generate import bench_generate
+
+    result = bench_generate(
+        args.model_dir,
+        preset=args.preset,
+        batch_size=args.batch_size,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+    )
+    if args.json:
+        _print_json(result)
+        return 0
+    print(
+        f"greedy generation, {result['model']}, batch {result['batch_size']}, "
+        f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens, float32:"
+    )
+    for phase in ("prefill", "decode"):
+        ours, hf = result[f"ours_{phase}_tokens_per_s"], result[f"hf_{phase}_tokens_per_s"]
+        ratio = result[f"{phase}_ours_over_hf"]
+        print(
+            f"  {phase:8s} ours {ours:9,.1f} tok/s   transformers {hf:9,.1f} tok/s   {ratio:.2f}x"
+        )
+    print(f"  same tokens as transformers: {result['same_tokens']}")
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from moekit.bench.serve import bench_serve
+
+    result = bench_serve(
+        args.model_dir, clients=args.clients, seconds=args.seconds, new_tokens=args.new_tokens
+    )
+    if args.json:
+        _print_json(result)
+        return 0
+    one, many = result["one_client"], result["many_clients"]
+    print(f"server decode throughput, {result['new_tokens']} tokens per request:")
+    print(f"  1 client   {one['tokens_per_s']:8,.1f} tokens/s ({one['requests']} requests)")
+    print(
+        f"  {many['clients']} clients  {many['tokens_per_s']:8,.1f} tokens/s "
+        f"({many['requests']} requests; mean decode batch {result['mean_decode_batch']:.1f})"
+    )
+    print(f"  speed-up   {result['speedup']:.2f}x")
+    return 0
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from moekit.bench.train import bench_train
 
@@ -452,6 +501,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history.append({"role": "assistant", "content": reply.strip()})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from moekit.serve.app import serve
+
+    print(
+        f"serving {args.model_dir} at http://{args.host}:{args.port}/v1 (OpenAI-compatible API) "
+        f"and http://{args.host}:{args.port}/ (playground); Ctrl-C stops",
+        file=sys.stderr,
+    )
+    serve(
+        args.model_dir,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("MOEKIT_API_KEY"),
+        model_name=args.model_name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens,
+    )
+    return 0
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser, *, default_temperature: float) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
@@ -541,6 +611,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(func=cmd_generate)
 
+    srv = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP API and a playground page",
+        description=_doc("moekit.serve.app", "serve"),
+    )
+    srv.add_argument("model_dir")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (or set MOEKIT_API_KEY)"
+    )
+    srv.add_argument("--model-name", help="the model id clients use (default: the folder name)")
+    srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    srv.add_argument("--max-tokens", type=int, default=None, help="cap on max_tokens per request")
+    srv.set_defaults(func=cmd_serve, json=False)
+
     chat = sub.add_parser("chat", help="an interactive chat with a model in the terminal")
     chat.add_argument("model_dir")
     chat.add_argument("--system", help="a system message")
@@ -570,6 +657,30 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--backend", default="auto", help="expert backend for ours")
     layer.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     layer.set_defaults(func=cmd_bench_layer)
+    bgen = bench_sub.add_parser(
+        "generate",
+        help="generation speed: ours vs transformers' generate on the same weights",
+        description=_doc("moekit.bench.generate", "bench_generate"),
+    )
+    bgen.add_argument("model_dir", nargs="?", help="a model directory (default: a random preset)")
+    bgen.add_argument("--preset", default="demo", help="used without a model directory")
+    bgen.add_argument("--batch-size", type=int, default=1)
+    bgen.add_argument("--prompt-tokens", type=int, default=128)
+    bgen.add_argument("--new-tokens", type=int, default=64)
+    bgen.add_argument("--repeats", type=int, default=3)
+    bgen.add_argument("--json", action="store_true", help="print JSON")
+    bgen.set_defaults(func=cmd_bench_generate)
+    bsrv = bench_sub.add_parser(
+        "serve",
+        help="server throughput with 1 vs N concurrent clients",
+        description=_doc("moekit.bench.serve", "bench_serve"),
+    )
+    bsrv.add_argument("model_dir")
+    bsrv.add_argument("--clients", type=int, default=8)
+    bsrv.add_argument("--seconds", type=float, default=20.0, help="per measurement")
+    bsrv.add_argument("--new-tokens", type=int, default=32, help="tokens per request")
+    bsrv.add_argument("--json", action="store_true", help="print JSON")
+    bsrv.set_defaults(func=cmd_bench_serve)
     btrain = bench_sub.add_parser(
         "train",
         help="training step throughput: ours vs transformers' Mixtral",

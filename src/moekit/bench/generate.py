@@ -76,9 +76,9 @@ def bench_generate(
                 prompts,
                 attention_mask=torch.ones_like(prompts),
                 max_new_tokens=n,
-                min_new_tokens=n,
                 do_sample=False,
-                pad_token_id=0,
+                eos_token_id=None,  # never stop early, as ours with ignore_eos
+                pad_token_id=generator.tokenizer.pad_id,
             )
         return out[:, prompt_tokens:].tolist()
 

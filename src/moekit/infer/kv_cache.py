@@ -48,6 +48,7 @@ class KVCache:
         self.end = torch.zeros(batch, dtype=torch.long, device=device)
         self._write_idx: Tensor | None = None
         self._span = 0
+        self._advancing = torch.ones(batch, dtype=torch.bool, device=device)
 
     # ---- one forward pass: begin -> write (per layer) -> commit ----------------------------
     def begin(self, n: int, valid_new: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -75,6 +76,7 @@ class KVCache:
         causal = keys[None, None, :] <= idx[:, :, None]  # (B, n, L)
         allowed = (causal & self.valid[:, None, :span]) | (keys[None, None, :] == idx[:, :, None])
         self._write_idx, self._span = idx, span
+        self._advancing = valid_new.any(1)  # rows with no real token this pass do not grow
         return positions, allowed.unsqueeze(1)
 
     def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,10 +93,10 @@ class KVCache:
         )
         return self.k[layer][:, :, : self._span], self.v[layer][:, :, : self._span]
 
-    def commit(self, n: int, rows: Tensor | None = None) -> None:
-        """Advance the rows' write positions by `n` (only `rows`, a (B,) bool mask, if given:
-        idle serving slots take part in a batched step without growing)."""
-        self.end += n if rows is None else n * rows.long()
+    def commit(self, n: int) -> None:
+        """Advance by `n` the write position of every row that had a real token in this pass
+        (idle rows of a serving batch take part in a batched step without growing)."""
+        self.end += n * self._advancing.long()
         self._write_idx = None
 
     # ---- slots --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ class RouteOptions:
     """
 
     causal: bool | None = None
-    top_k: int | None = None
+    top_k: int | Tensor | None = None  # an int, or one count per token (T,)
     record: bool = False
 
 

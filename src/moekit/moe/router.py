@@ -62,30 +62,53 @@ class Router(nn.Module):
         return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
     def forward(
-        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | None = None
+        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | Tensor | None = None
     ) -> RouterOutput:
         """Route `x_TD`. `causal=True` forces a router whose choice depends on other tokens
         (expert choice) into its causal mode; token choice is always causal and ignores it.
         `top_k` overrides the number of experts per token for this call where the router
-        picks a fixed number (token choice; expert choice in causal mode)."""
+        picks a fixed number (token choice; expert choice in causal mode): an int for every
+        token, or a (T,) tensor with one count per token."""
         raise NotImplementedError
 
-    def check_top_k(self, top_k: int) -> int:
-        """`top_k` if this router can give every token that many experts, else ValueError."""
+    @property
+    def max_top_k(self) -> int:
+        """The most experts per token this router can give (what `top_k` may ask for)."""
         cfg = self.cfg
-        limit = cfg.num_experts
-        if cfg.num_groups > 1:
-            limit = cfg.topk_groups * (cfg.num_experts // cfg.num_groups)
         if cfg.router == "switch":
-            limit = 1
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= limit:
-            raise ValueError(f"top_k={top_k!r} is invalid for this model: must be in 1..{limit}")
-        return top_k
+            return 1
+        if cfg.num_groups > 1:
+            return cfg.topk_groups * (cfg.num_experts // cfg.num_groups)
+        return cfg.num_experts
+
+    def check_top_k(self, top_k: int | Tensor) -> int:
+        """The largest count in `top_k` if this router can give it, else ValueError."""
+        limit = self.max_top_k
+        if isinstance(top_k, Tensor):
+            low, high = int(top_k.min()), int(top_k.max())
+        elif isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise ValueError(f"top_k={top_k!r} is invalid: must be an integer")
+        else:
+            low = high = top_k
+        if not 1 <= low <= high <= limit:
+            shown = top_k if isinstance(top_k, int) else f"{low}..{high}"
+            raise ValueError(f"top_k={shown} is invalid for this model: must be in 1..{limit}")
+        return high
 
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=std, generator=generator)
         if self.selection_bias is not None:
             self.selection_bias.zero_()
+
+
+def _keep_first(
+    experts_TK: Tensor, weights_TK: Tensor, top_k: int | Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """With per-token counts, empty every slot past a token's own count (expert -1)."""
+    if not isinstance(top_k, Tensor):
+        return experts_TK, weights_TK
+    keep_TK = torch.arange(experts_TK.shape[1], device=experts_TK.device) < top_k[:, None]
+    return experts_TK.masked_fill(~keep_TK, -1), weights_TK * keep_TK
 
 
 class TopKRouter(Router):
@@ -110,7 +133,7 @@ class TopKRouter(Router):
             self.register_buffer("selection_bias", torch.zeros(cfg.num_experts))
 
     def forward(
-        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | None = None
+        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | Tensor | None = None
     ) -> RouterOutput:
         cfg = self.cfg
         k = self.top_k if top_k is None else self.check_top_k(top_k)
@@ -125,7 +148,7 @@ class TopKRouter(Router):
         if cfg.num_groups > 1:
             choice_TE = self._limit_groups(choice_TE)
         experts_TK = choice_TE.topk(k, dim=-1).indices
-        weights_TK = scores_TE.gather(1, experts_TK)
+        experts_TK, weights_TK = _keep_first(experts_TK, scores_TE.gather(1, experts_TK), top_k)
         if self.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         if cfg.routed_scaling_factor != 1.0:
@@ -179,14 +202,15 @@ class ExpertChoiceRouter(Router):
         )
 
     def forward(
-        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | None = None
+        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | Tensor | None = None
     ) -> RouterOutput:
         logits_TE = self.compute_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
         if self.causal if causal is None else causal:
             k = self.causal_k if top_k is None else self.check_top_k(top_k)
             experts_TK = scores_TE.detach().topk(k, dim=-1).indices
-            return RouterOutput(scores_TE.gather(1, experts_TK), experts_TK, logits_TE)
+            experts_TK, weights_TK = _keep_first(experts_TK, scores_TE.gather(1, experts_TK), top_k)
+            return RouterOutput(weights_TK, experts_TK, logits_TE)
         if top_k is not None:
             raise ValueError("top_k cannot be set for batch-mode expert choice; route causally")
         chosen_TE = torch.zeros_like(scores_TE, dtype=torch.bool)

@@ -96,7 +96,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         valid: Tensor | None = None,
         causal_routing: bool | None = None,
-        top_k: int | None = None,
+        top_k: int | Tensor | None = None,
         return_routing: bool = False,
     ) -> ModelOutput:
         """Run the model on token ids `tokens` (B, S).
@@ -107,7 +107,8 @@ class Transformer(nn.Module):
         cache: a `moekit.infer.KVCache`; the tokens are appended to it and attend to it.
         valid: with a cache, (B, S) bool marking real tokens (False: left padding).
         causal_routing: force expert-choice routers into their causal mode.
-        top_k: experts per token for this call (1..num_experts), instead of the config's.
+        top_k: experts per token for this call instead of the config's: an int, or (B,) one
+            count per sequence (rows of a serving batch may ask for different counts).
         return_routing: fill `MoEStats.routing` with each token's experts and weights.
         """
         S = tokens.shape[1]
@@ -121,6 +122,8 @@ class Transformer(nn.Module):
             positions = cache_positions if positions is None else positions
         if positions is None:
             positions = torch.arange(S, device=tokens.device)
+        if isinstance(top_k, Tensor):
+            top_k = top_k.to(tokens.device).repeat_interleave(S)  # one count per token
         route = RouteOptions(causal=causal_routing, top_k=top_k, record=return_routing)
         x = self.embed(tokens)
         cos, sin = rope_tables(positions, self.rope_dim, self.cfg.rope_theta, x.dtype)

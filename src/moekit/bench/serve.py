@@ -1,0 +1,99 @@
+"""`moekit bench serve`: aggregate decode throughput of the server with 1 and with N concurrent
+clients, measured in one run against a real server on loopback.
+
+Each client sends back-to-back completion requests of `new_tokens` tokens (end-of-text
+ignored, so every request generates exactly that many) for `seconds`; throughput is the
+generated tokens over the wall-clock time. Dynamic batching should make N clients' aggregate
+far higher than one client's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _client_load(
+    url: str, model: str, clients: int, seconds: float, new_tokens: int
+) -> dict[str, Any]:
+    import httpx
+
+    tokens = [0] * clients
+    latencies: list[float] = []
+    stop_at = time.monotonic() + seconds
+
+    def run(i: int) -> None:
+        with httpx.Client(timeout=300) as client:
+            while time.monotonic() < stop_at:
+                t0 = time.monotonic()
+                r = client.post(
+                    f"{url}/v1/completions",
+                    json={
+                        "model": model,
+                        "prompt": f"request {i}:",
+                        "max_tokens": new_tokens,
+                        "temperature": 0.8,
+                        "ignore_eos": True,
+                    },
+                )
+                r.raise_for_status()
+                tokens[i] += r.json()["usage"]["completion_tokens"]
+                latencies.append(time.monotonic() - t0)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    return {
+        "clients": clients,
+        "tokens": sum(tokens),
+        "seconds": elapsed,
+        "tokens_per_s": sum(tokens) / elapsed,
+        "requests": len(latencies),
+        "mean_latency_s": sum(latencies) / max(len(latencies), 1),
+    }
+
+
+def bench_serve(
+    model_dir: str | Path, *, clients: int = 8, seconds: float = 20.0, new_tokens: int = 32
+) -> dict[str, Any]:
+    """Aggregate generated tokens/s with one client, then with `clients` at once, against a
+    server on a free loopback port; `speedup` is the ratio."""
+    import uvicorn
+
+    from moekit.serve.app import build
+
+    app, engine = build(model_dir, model_name="bench", max_batch=max(clients, 1))
+    engine.start()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (server.started and server.servers):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the benchmark server did not start")
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        _client_load(url, "bench", 1, min(2.0, seconds), new_tokens)  # warm up
+        one = _client_load(url, "bench", 1, seconds, new_tokens)
+        steps0, rows0 = engine.stats.decode_steps, engine.stats.batched_tokens
+        many = _client_load(url, "bench", clients, seconds, new_tokens)
+        steps, rows = engine.stats.decode_steps - steps0, engine.stats.batched_tokens - rows0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.stop()
+    return {
+        "model": str(model_dir),
+        "new_tokens": new_tokens,
+        "one_client": one,
+        "many_clients": many,
+        "speedup": many["tokens_per_s"] / one["tokens_per_s"],
+        "mean_decode_batch": rows / max(steps, 1),
+    }

@@ -1,0 +1,67 @@
+"""The playground page in real headless Chromium: load it, generate, watch the experts."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import running_server
+
+ARTIFACTS = Path(
+    os.environ.get("MOEKIT_ARTIFACTS", Path(__file__).resolve().parents[2] / "artifacts")
+)
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.slow
+def test_playground_streams_tokens_and_routing(tiny_model_dir):
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is not installed"
+    )
+    browser_path = chromium_path()
+    if browser_path is None:
+        pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with running_server(tiny_model_dir) as (url, _engine), playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=browser_path,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        external: list[str] = []
+        page.on("request", lambda r: None if r.url.startswith(url) else external.append(r.url))
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model-info').textContent.includes('tiny')")
+        assert page.locator("#top-k option").count() == 8
+        assert page.locator(".chart").count() == 2  # one per MoE layer
+        page.fill("#prompt", "def main():")
+        page.fill("#max-tokens", "24")
+        page.click("#generate")
+        page.wait_for_selector("body[data-done='true']", timeout=60_000)
+        tokens = page.locator("#output .tok")
+        assert tokens.count() > 0
+        assert "finished" in page.locator("#status").inner_text()
+        colours = tokens.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
+        assert all(c not in ("rgba(0, 0, 0, 0)", "transparent") for c in colours)
+        heights = page.locator(".bar").evaluate_all(
+            "els => els.map(e => parseFloat(e.style.height))"
+        )
+        assert max(heights) == 100.0 and sum(h > 0 for h in heights) >= 2
+        tokens.first.hover()
+        assert "layer 0:" in page.locator("#tooltip").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+        browser.close()
+    assert not errors, errors
+    assert not external, f"the page fetched from outside the server: {external}"
+    assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
