@@ -162,3 +162,23 @@ def test_generate_cli_json(tiny_model_dir):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert streamed.stdout == "def" + expected.text + "\n"
+
+
+def test_idle_cache_rows_do_not_grow():
+    model = build_model(ModelConfig.from_dict(VARIANTS["gqa-moe"])).eval()
+    cache = KVCache(model.cfg, 2, 16)
+    tokens = torch.randint(2, 97, (2, 3))
+    valid = torch.tensor([[True] * 3, [False] * 3])
+    with torch.no_grad():
+        model(tokens, cache=cache, valid=valid)
+    assert cache.end.tolist() == [3, 0]
+    other = KVCache(model.cfg, 1, 16)
+    with torch.no_grad():
+        model(tokens[1:], cache=other)
+    cache.load_row(1, other)
+    assert cache.end.tolist() == [3, 3]
+    with torch.no_grad():
+        nxt = torch.randint(2, 97, (2, 1))
+        both = model(nxt, cache=cache).logits[:, -1]
+        alone = model(nxt[1:], cache=other).logits[:, -1]
+    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)

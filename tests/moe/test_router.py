@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -213,3 +214,22 @@ def test_batch_expert_choice_does_look_ahead():
             leaked = True
             break
     assert leaked
+
+
+def test_per_token_expert_counts():
+    router = make_router(num_experts=8, top_k=2)
+    x = torch.randn(4, 16)
+    counts = torch.tensor([1, 2, 3, 8])
+    out = router(x, top_k=counts)
+    assert out.experts.shape == (4, 8)
+    for t, k in enumerate(counts.tolist()):
+        chosen = [e for e in out.experts[t].tolist() if e >= 0]
+        assert len(chosen) == k
+        assert chosen == router(x[t : t + 1], top_k=k).experts[0].tolist()
+        torch.testing.assert_close(out.weights[t].sum(), torch.tensor(1.0))
+    assert (out.weights[out.experts < 0] == 0).all()
+    with pytest.raises(ValueError, match=r"top_k=0\.\.2 is invalid for this model"):
+        router(x, top_k=torch.tensor([0, 2, 1, 1]))
+    switch = make_router(num_experts=8, top_k=1, router="switch")
+    with pytest.raises(ValueError, match=r"must be in 1\.\.1"):
+        switch(x, top_k=2)
