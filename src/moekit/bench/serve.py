@@ -69,26 +69,41 @@ def bench_serve(
     from moekit.serve.app import build
 
     app, engine = build(model_dir, model_name="bench", max_batch=max(clients, 1))
-    engine.start()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not (server.started and server.servers):
-        if time.monotonic() > deadline:
-            raise RuntimeError("the benchmark server did not start")
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    try:
-        _client_load(url, "bench", 1, min(2.0, seconds), new_tokens)  # warm up
-        one = _client_load(url, "bench", 1, seconds, new_tokens)
-        steps0, rows0 = engine.stats.decode_steps, engine.stats.batched_tokens
-        many = _client_load(url, "bench", clients, seconds, new_tokens)
-        steps, rows = engine.stats.decode_steps - steps0, engine.stats.batched_tokens - rows0
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        engine.stop()
+    http = threading.Thread(target=server.run, daemon=True)
+    http.start()
+    results: dict[str, Any] = {}
+
+    def drive() -> None:
+        try:
+            deadline = time.monotonic() + 60
+            while not (server.started and server.servers):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the benchmark server did not start")
+                time.sleep(0.01)
+            url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+            _client_load(url, "bench", 1, min(2.0, seconds), new_tokens)  # warm up
+            results["one"] = _client_load(url, "bench", 1, seconds, new_tokens)
+            steps0, rows0 = engine.stats.decode_steps, engine.stats.batched_tokens
+            results["many"] = _client_load(url, "bench", clients, seconds, new_tokens)
+            results["steps"] = engine.stats.decode_steps - steps0
+            results["rows"] = engine.stats.batched_tokens - rows0
+        except Exception as e:  # reported below, from the main thread
+            results["error"] = e
+        finally:
+            engine.stop()
+
+    # The engine runs in this (main) thread, as `moekit serve` runs it; clients in another.
+    driver = threading.Thread(target=drive)
+    driver.start()
+    engine.run()
+    driver.join()
+    server.should_exit = True
+    http.join(timeout=30)
+    if "error" in results:
+        raise results["error"]
+    one, many = results["one"], results["many"]
+    steps, rows = results["steps"], results["rows"]
     return {
         "model": str(model_dir),
         "new_tokens": new_tokens,

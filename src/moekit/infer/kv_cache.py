@@ -49,13 +49,17 @@ class KVCache:
         self._write_idx: Tensor | None = None
         self._span = 0
         self._advancing = torch.ones(batch, dtype=torch.bool, device=device)
+        self.causal_prefill = False
 
     # ---- one forward pass: begin -> write (per layer) -> commit ----------------------------
-    def begin(self, n: int, valid_new: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def begin(self, n: int, valid_new: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Prepare to append `n` tokens to every row; `valid_new` (B, n) marks padding False.
 
         Returns the RoPE positions of the new tokens (B, n) (the count of real tokens before
-        each) and the attention mask (B, 1, n, L) over the first L cached positions.
+        each) and the attention mask (B, 1, n, L) over the first L cached positions, or None
+        when no mask is needed: then `causal_prefill` says whether attention is plain causal
+        (the first tokens of rows without padding) or open to every cached position (one new
+        token per row, all rows equally long, no padding).
         """
         batch = self.batch
         if int(self.end.max()) + n > self.max_len:
@@ -72,11 +76,17 @@ class KVCache:
         seen = self.valid.sum(1) - valid_new.sum(1)  # real tokens before the new ones
         positions = (seen[:, None] + valid_new.long().cumsum(1) - 1).clamp_min(0)
         span = int(self.end.max()) + n
+        self._write_idx, self._span = idx, span
+        self._advancing = valid_new.any(1)  # rows with no real token this pass do not grow
+        # Common cases without a mask (SDPA runs faster, and there is less to build): one new
+        # token on equally long rows, or the first tokens of rows; never with padding.
+        uniform = bool((self.end == self.end[0]).all()) and bool(self.valid[:, :span].all())
+        if uniform and (n == 1 or int(self.end[0]) == 0):
+            self.causal_prefill = n > 1
+            return positions, None
         keys = torch.arange(span, device=device)
         causal = keys[None, None, :] <= idx[:, :, None]  # (B, n, L)
         allowed = (causal & self.valid[:, None, :span]) | (keys[None, None, :] == idx[:, :, None])
-        self._write_idx, self._span = idx, span
-        self._advancing = valid_new.any(1)  # rows with no real token this pass do not grow
         return positions, allowed.unsqueeze(1)
 
     def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,6 +110,18 @@ class KVCache:
         self._write_idx = None
 
     # ---- slots --------------------------------------------------------------------------
+    def first_rows(self, n: int) -> KVCache:
+        """A cache over rows 0..n-1 that shares this one's storage (views, no copy): a serving
+        batch decodes only up to its last occupied slot."""
+        view = object.__new__(KVCache)
+        view.batch, view.max_len = n, self.max_len
+        view.k = [k[:n] for k in self.k]
+        view.v = [v[:n] for v in self.v]
+        view.valid, view.end = self.valid[:n], self.end[:n]
+        view._write_idx, view._span, view.causal_prefill = None, 0, False
+        view._advancing = torch.ones(n, dtype=torch.bool, device=self.end.device)
+        return view
+
     def load_row(self, row: int, other: KVCache, other_row: int = 0) -> None:
         """Copy one row of another cache (e.g. a freshly prefilled request) into `row`."""
         n = int(other.end[other_row])

@@ -106,7 +106,10 @@ def next_token(
         logits_V / params.temperature, params.top_k, params.top_p, params.min_p
     )
     probs = logits_V.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    # A draw from `probs`: argmax of p / E with E ~ Exp(1) (the exponential race); a few
+    # times cheaper than torch.multinomial for one sample on the CPU.
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / race).argmax())
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

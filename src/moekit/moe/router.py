@@ -51,6 +51,8 @@ class Router(nn.Module):
         if self.training and self.cfg.router_jitter > 0:
             eps = self.cfg.router_jitter
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        if not torch.is_autocast_enabled(x_TD.device.type):
+            return F.linear(x_TD.float(), self.weight.float())
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), self.weight.float())
 

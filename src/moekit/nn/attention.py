@@ -38,7 +38,8 @@ def _attend(
         k, v = cache.write(layer, k, v)
     gqa = q.shape[1] != k.shape[1]
     if attn_mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        causal = cache is None or cache.causal_prefill
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
     return out.transpose(1, 2)

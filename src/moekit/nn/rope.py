@@ -6,17 +6,22 @@ rebuild after meta-device initialisation or to outgrow at long context.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+
+
+@functools.lru_cache(maxsize=32)
+def _inv_freq(dim: int, theta: float, device: torch.device) -> Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
 
 
 def rope_tables(
     positions: Tensor, dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """cos and sin tables of shape positions.shape + (dim,) for rotary dimension `dim`."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
-    )
+    inv_freq = _inv_freq(dim, theta, positions.device)
     freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -792,8 +793,13 @@ def serve(
         max_queue=max_queue,
         max_tokens_limit=max_tokens_limit,
     )
-    engine.start()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    http = threading.Thread(target=server.run, name="moekit-http", daemon=True)
+    http.start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        engine.run()  # the heavy work stays in the main thread (see Engine.run)
+    except KeyboardInterrupt:
+        pass
     finally:
-        engine.stop()
+        server.should_exit = True
+        http.join(timeout=10)

@@ -133,7 +133,16 @@ class Engine:
         )
 
     # ---- outside the engine thread ----------------------------------------------------
+    def run(self) -> None:
+        """Run the engine loop in the calling thread until `stop()`.
+
+        On CPUs, run it in the main thread when speed matters: PyTorch's OpenMP kernels ran
+        2-3x slower here when called from a second thread (`moekit serve` puts the HTTP
+        server in a thread and the engine in the main one)."""
+        self._loop()
+
     def start(self) -> None:
+        """Run the engine loop in a background thread (convenient for tests and embedding)."""
         self._thread = threading.Thread(target=self._loop, name="moekit-engine", daemon=True)
         self._thread.start()
 
@@ -141,7 +150,7 @@ class Engine:
         with self._wake:
             self._stop = True
             self._wake.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
     def submit(self, *requests: EngineRequest) -> None:
@@ -220,13 +229,17 @@ class Engine:
 
     @torch.no_grad()
     def _step(self) -> None:
-        B = self.max_batch
+        occupied = [i for i, s in enumerate(self._slots) if s is not None]
+        if not occupied:
+            return
+        # Decode rows 0..last occupied slot only (new requests take the lowest free slot).
+        B = occupied[-1] + 1
         pad = self.tokenizer.pad_id
         step = torch.full((B, 1), pad, dtype=torch.long, device=self.device)
         fed = torch.zeros(B, 1, dtype=torch.bool, device=self.device)
-        for i, s in enumerate(self._slots):
-            if s is None:
-                continue
+        for i in occupied:
+            s = self._slots[i]
+            assert s is not None
             if s.req.cancelled.is_set():
                 self._close(i, "cancelled")
                 continue
@@ -235,14 +248,13 @@ class Engine:
                 step[i, 0], fed[i, 0] = token, True
         if not bool(fed.any()):
             return
-        wants_routing = any(s is not None and s.pending is not None for s in self._slots)
+        per_row = [s.req.params.experts_per_token if s else None for s in self._slots[:B]]
         top_k = None
-        per_row = [s.req.params.experts_per_token if s is not None else None for s in self._slots]
         if any(k is not None for k in per_row):
             top_k = torch.tensor([k or self.default_top_k for k in per_row], device=self.device)
         out = self.model(
             step,
-            cache=self._cache,
+            cache=self._cache.first_rows(B),
             valid=fed,
             causal_routing=True,
             top_k=top_k,
@@ -250,22 +262,29 @@ class Engine:
         )
         self.stats.decode_steps += 1
         self.stats.batched_tokens += int(fed.sum())
+        self._count_experts(out, fed[:, 0])
         logits = out.logits[:, -1].float()
-        for i, s in enumerate(self._slots):
+        for i in range(B):
+            s = self._slots[i]
             if s is None or not bool(fed[i, 0]):
                 continue
             s.logits = logits[i]
-            routing = routing_of(out, i, 0, 1)
-            for layer, pairs in routing.items():
-                counts = self.stats.expert_tokens.setdefault(layer, [0] * self.cfg.moe.num_experts)  # type: ignore[union-attr]
-                for e, _ in pairs:
-                    counts[e] += 1
             if s.pending is not None:
-                s.pending.routing = routing if wants_routing else None
+                s.pending.routing = routing_of(out, i, 0, 1)
                 self._emit(s.req, s.pending)
                 s.pending = None
             if s.finish is not None:
                 self._close(i, s.finish)
+
+    def _count_experts(self, out: Any, fed_B: Tensor) -> None:
+        """Add the experts the real (not idle) rows went to, per MoE layer, to the stats."""
+        num_experts = self.cfg.moe.num_experts if self.cfg.moe else 0
+        for layer, stats in out.moe_stats.items():
+            experts = stats.routing.experts[fed_B]
+            counts = torch.bincount(experts[experts >= 0], minlength=num_experts).tolist()
+            total = self.stats.expert_tokens.setdefault(layer, [0] * num_experts)
+            for e, n in enumerate(counts):
+                total[e] += n
 
     def _choose(self, i: int, s: _Slot) -> int | None:
         """Sample slot i's next token; returns the token to feed, or None when the slot ended
