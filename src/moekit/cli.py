@@ -405,6 +405,35 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- convert -------------------------------------------------------------------------------
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from moekit.interop.hf import HFCheckpoint, architecture_of, export_hf, import_hf
+
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise ValueError("give exactly one of --from-hf HF_DIR or --to-hf MODEL_DIR")
+    if args.from_hf:
+        arch = architecture_of(HFCheckpoint(args.from_hf).config).name
+        cfg = import_hf(args.from_hf, args.out, dtype=args.dtype)
+        figures = {
+            "direction": "from-hf",
+            "architecture": arch,
+            "out": args.out,
+            "total_params": cfg.num_params(),
+            "active_params": cfg.num_active_params(),
+        }
+    else:
+        arch = export_hf(args.to_hf, args.out, dtype=args.dtype)
+        figures = {"direction": "to-hf", "architecture": arch, "out": args.out}
+    if args.json:
+        _print_json(figures)
+    else:
+        what = "imported" if args.from_hf else "exported as"
+        print(f"{what} {arch}: {args.out}")
+    return 0
+
+
 # ---- generate / chat ----------------------------------------------------------------------
 
 
@@ -596,6 +625,21 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--quiet", action="store_true", help="no progress output")
     cmp_.add_argument("--json", action="store_true", help="print the figures as JSON")
     cmp_.set_defaults(func=cmd_compare)
+
+    conv = sub.add_parser(
+        "convert",
+        help="convert Hugging Face checkpoints to moekit model directories and back",
+        description=_doc("moekit.interop.hf", "import_hf")
+        + " "
+        + _doc("moekit.interop.hf", "export_hf"),
+    )
+    conv.add_argument("--from-hf", metavar="HF_DIR", help="import this Hugging Face checkpoint")
+    conv.add_argument("--to-hf", metavar="MODEL_DIR", help="export this moekit model directory")
+    conv.add_argument("--out", required=True, help="the directory to write")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                      help="convert the weights (default: keep them as stored)")  # fmt: skip
+    conv.add_argument("--json", action="store_true", help="print the result as JSON")
+    conv.set_defaults(func=cmd_convert)
 
     gen = sub.add_parser(
         "generate",

@@ -212,6 +212,7 @@ class MoEConfig(_ConfigBase):
     aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss
     z_loss_weight: float = 0.0  # router z-loss
     bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing with a selection-only bias
+    selection_bias: bool = False  # hold a selection-only bias even without updates (imports)
     num_groups: int = 1  # group-limited routing: experts split into groups ...
     topk_groups: int = 1  # ... and each token picks from its best `topk_groups` groups only
     group_score: str = "top2_sum"  # how a group is scored: its best score, or its best two summed
@@ -274,10 +275,11 @@ class MoEConfig(_ConfigBase):
                     owner, "capacity_factor", self.capacity_factor,
                     f"must be <= num_experts ({self.num_experts}) with router='expert_choice'",
                 )  # fmt: skip
-            if self.bias_update_rate:
+            if self.bias_update_rate or self.selection_bias:
                 raise _fail(
-                    owner, "bias_update_rate", self.bias_update_rate,
-                    "must be 0 with router='expert_choice' (it is balanced by construction)",
+                    owner, "bias_update_rate" if self.bias_update_rate else "selection_bias",
+                    self.bias_update_rate or self.selection_bias,
+                    "must be off with router='expert_choice' (it is balanced by construction)",
                 )  # fmt: skip
             if self.score_func != "softmax":
                 raise _fail(

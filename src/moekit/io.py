@@ -221,3 +221,71 @@ def load_model(
     model = build_model(cfg, device=device, seed=None)
     load_state_checked(model, load_weights(directory, device), str(directory))
     return cast_model(model, dtype) if dtype is not None else model
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards as they come, holding at most one shard in
+    memory (what converting a large checkpoint needs). Shards are written under temporary
+    names and renamed once their count is known; `close()` writes the index when there is
+    more than one."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._current: dict[str, Tensor] = {}
+        self._size = 0
+        self._parts: list[tuple[Path, list[str], int]] = []
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._current and self._size + nbytes > self.max_shard_bytes:
+            self._flush()
+        if name in self._current or any(name in keys for _, keys, _ in self._parts):
+            raise ValueError(f"tensor {name!r} written twice")
+        self._current[name] = tensor
+        self._size += nbytes
+
+    def _flush(self) -> None:
+        part = self.directory / f".part-{len(self._parts):05d}.safetensors.tmp"
+        _save_safetensors(self._current, self.metadata, part)
+        self._parts.append((part, list(self._current), self._size))
+        self._current, self._size = {}, 0
+
+    def close(self) -> list[Path]:
+        """Finish: rename the shards into place, write the index, remove stale weight files."""
+        if self._current or not self._parts:
+            self._flush()
+        n = len(self._parts)
+        names = (
+            [WEIGHTS_NAME]
+            if n == 1
+            else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        )
+        written = []
+        for (part, _, _), name in zip(self._parts, names, strict=True):
+            os.replace(part, self.directory / name)
+            written.append(self.directory / name)
+        if n > 1:
+            weight_map = {
+                k: name for (_, keys, _), name in zip(self._parts, names, strict=True) for k in keys
+            }
+            total = sum(size for _, _, size in self._parts)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            atomic_write_text(self.directory / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+            written.append(self.directory / INDEX_NAME)
+        keep = {p.name for p in written}
+        for stale in [self.directory / INDEX_NAME, *self.directory.glob("model-*-of-*.safetensors"),
+                      self.directory / WEIGHTS_NAME]:  # fmt: skip
+            if stale.name not in keep:
+                stale.unlink(missing_ok=True)
+        _fsync_dir(self.directory)
+        return written

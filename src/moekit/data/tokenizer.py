@@ -3,25 +3,33 @@
 Byte-level means every string, whatever its characters or whitespace, encodes to ids that
 decode back to exactly the same string. Two special tokens come first in the vocabulary:
 `EOS` separates documents when they are packed, `PAD` fills unused positions.
+
+Next to tokenizer.json, tokenizer_config.json (the Hugging Face format, so `AutoTokenizer`
+loads the directory too) names the end-of-text and padding tokens, and says whether special
+tokens written in ordinary text stay plain text (`split_special_tokens`, true for tokenizers
+trained here). A tokenizer imported from a Hugging Face checkpoint keeps its own tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from moekit.data.corpus import Document, fingerprint
-from moekit.io import atomic_write
+from moekit.io import atomic_write, atomic_write_text
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOS, PAD)
 TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
 # Bump when the way a tokenizer is built changes, so cached tokenizers are not reused.
 CACHE_FORMAT_VERSION = 1
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -34,15 +42,25 @@ class Tokenizer:
     ordinary input is encoded as plain text, so only the packer ever emits `eos_id`.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer) -> None:
-        """Wrap `backend`, which must have the `EOS` and `PAD` special tokens."""
-        eos_id, pad_id = backend.token_to_id(EOS), backend.token_to_id(PAD)
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        eos: str = EOS,
+        pad: str | None = PAD,
+        split_special_tokens: bool = True,
+    ) -> None:
+        """Wrap `backend`, which must have the `eos` and `pad` special tokens (`pad=None`: pad
+        with `eos`). With `split_special_tokens`, text like "<|endoftext|>" in a document is
+        plain text and never turns into a real document boundary."""
+        pad = pad or eos
+        eos_id, pad_id = backend.token_to_id(eos), backend.token_to_id(pad)
         if eos_id is None or pad_id is None:
-            missing = [t for t, i in ((EOS, eos_id), (PAD, pad_id)) if i is None]
+            missing = [t for t, i in ((eos, eos_id), (pad, pad_id)) if i is None]
             raise ValueError(f"tokenizer lacks the special token(s) {', '.join(missing)}")
-        # Text like "<|endoftext|>" in a document must not turn into a real document boundary.
-        backend.encode_special_tokens = True
+        backend.encode_special_tokens = split_special_tokens
         self.backend = backend
+        self.eos_token, self.pad_token = eos, pad
         self._eos_id: int = eos_id
         self._pad_id: int = pad_id
 
@@ -85,8 +103,9 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8"))
         except Exception as err:  # the Rust side raises plain Exceptions for parse errors
             raise ValueError(f"{str(file)!r} is not a valid tokenizer file: {err}") from err
+        specials = read_special_tokens(file.parent / CONFIG_FILE)
         try:
-            return cls(backend)
+            return cls(backend, **specials)
         except ValueError as err:
             raise ValueError(f"{str(file)!r}: {err}") from err
 
@@ -102,6 +121,15 @@ class Tokenizer:
             tmp.write_text(text, encoding="utf-8")
 
         atomic_write(file, write)
+        if file.name == TOKENIZER_FILE:
+            config = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": self.eos_token,
+                "pad_token": self.pad_token,
+                "split_special_tokens": bool(self.backend.encode_special_tokens),
+                "clean_up_tokenization_spaces": False,
+            }
+            atomic_write_text(file.parent / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return file
 
     def encode(self, text: str) -> list[int]:
@@ -132,6 +160,31 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def read_special_tokens(config_file: Path) -> dict[str, Any]:
+    """The `eos`, `pad` and `split_special_tokens` a tokenizer_config.json names (our
+    defaults when there is no such file: a tokenizer trained here)."""
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}") from err
+
+    def token(value: Any) -> str | None:
+        if isinstance(value, dict):  # {"content": "</s>", ...}
+            value = value.get("content")
+        return value if isinstance(value, str) else None
+
+    eos = token(config.get("eos_token"))
+    if eos is None:
+        raise ValueError(f"{str(config_file)!r} names no eos_token")
+    return {
+        "eos": eos,
+        "pad": token(config.get("pad_token")),
+        "split_special_tokens": bool(config.get("split_special_tokens", False)),
+    }
 
 
 def _file_path(path: Path) -> Path:

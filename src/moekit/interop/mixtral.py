@@ -1,43 +1,130 @@
-"""Mixtral (MixtralForCausalLM): configs and weights between moekit and transformers.
-
-transformers keeps each layer's experts stacked, gate and up projections fused:
-`mlp.experts.gate_up_proj` (E, 2F, D) = [w_gate; w_up] and `mlp.experts.down_proj` (E, D, F).
-"""
+"""Mixtral (MixtralForCausalLM): softmax top-k routing with renormalised weights, no shared
+experts, every layer MoE. Checkpoints store experts one by one as
+`block_sparse_moe.experts.{e}.w1` (gate), `w3` (up) and `w2` (down)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from moekit.config import ModelConfig
+from moekit.interop.hf import (
+    Architecture,
+    TensorMap,
+    base_hf_fields,
+    base_model_fields,
+    common_maps,
+    copy,
+    expert_maps,
+    field_of,
+    gqa_maps,
+    head_dim_field,
+)
+
+
+def problems(cfg: ModelConfig) -> list[str]:
+    """What keeps Mixtral from representing `cfg` exactly (empty: nothing)."""
+    moe, out = cfg.moe, []
+    if moe is None:
+        return ["it is dense"]
+    if moe.router != "topk" or moe.score_func != "softmax" or not moe.norm_topk_prob:
+        out.append("Mixtral routes by renormalised softmax top-k only")
+    if moe.num_shared_experts:
+        out.append("Mixtral has no shared experts")
+    if moe.first_dense_layers or moe.layer_step != 1:
+        out.append("every Mixtral layer is an MoE layer")
+    if moe.capacity_factor is not None:
+        out.append("Mixtral is dropless (capacity_factor must be null)")
+    if (
+        moe.num_groups > 1
+        or moe.routed_scaling_factor != 1.0
+        or moe.selection_bias
+        or moe.bias_update_rate
+    ):
+        out.append("Mixtral has no expert groups, routed scaling or selection bias")
+    a = cfg.attention
+    if a.kind != "gqa" or a.qk_norm != "none" or a.qkv_bias:
+        out.append("Mixtral attention is plain grouped-query attention")
+    if cfg.activation != "swiglu":
+        out.append("Mixtral experts are SwiGLU")
+    return out
 
 
 def check_mixtral_compatible(cfg: ModelConfig) -> None:
-    """Raise unless transformers' Mixtral represents `cfg` exactly (softmax top-k,
-    renormalised, no shared experts, every layer MoE, plain grouped-query attention)."""
+    """Raise unless transformers' Mixtral represents `cfg` exactly."""
+    found = problems(cfg)
+    if found:
+        raise ValueError("this config has no Mixtral equivalent: " + "; ".join(found))
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    window = hf.get("sliding_window")
+    if window is not None and window < hf.get("max_position_embeddings", 0):
+        from moekit.interop.hf import UnsupportedError
+
+        raise UnsupportedError(
+            f"config.json: sliding_window={window} is not supported (full attention only)"
+        )
+    hidden = field_of(hf, "intermediate_size")
+    return ModelConfig.from_dict(
+        {
+            **base_model_fields(hf),
+            "ffn_hidden": hidden,
+            "attention": {"head_dim": head_dim_field(hf)},
+            "moe": {
+                "num_experts": field_of(hf, "num_local_experts"),
+                "top_k": field_of(hf, "num_experts_per_tok"),
+                "expert_hidden": hidden,
+                "norm_topk_prob": True,
+                "aux_loss_weight": float(hf.get("router_aux_loss_coef", 0.02)),
+                "router_jitter": float(hf.get("router_jitter_noise", 0.0)),
+            },
+        }
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     moe = cfg.moe
-    problems = []
-    if moe is None:
-        problems.append("it is dense")
-    else:
-        if moe.router != "topk" or moe.score_func != "softmax" or not moe.norm_topk_prob:
-            problems.append("Mixtral routes by renormalised softmax top-k only")
-        if moe.num_shared_experts:
-            problems.append("Mixtral has no shared experts")
-        if moe.first_dense_layers or moe.layer_step != 1:
-            problems.append("every Mixtral layer is an MoE layer")
-        if moe.capacity_factor is not None or moe.num_groups > 1:
-            problems.append("Mixtral is dropless and has no expert groups")
-        if moe.routed_scaling_factor != 1.0 or moe.bias_update_rate:
-            problems.append("Mixtral has no routed scaling factor or selection bias")
-    if cfg.attention.kind != "gqa" or cfg.attention.qk_norm != "none" or cfg.attention.qkv_bias:
-        problems.append("Mixtral attention is plain grouped-query attention")
-    if cfg.activation != "swiglu":
-        problems.append("Mixtral experts are SwiGLU")
-    if problems:
-        raise ValueError("this config has no Mixtral equivalent: " + "; ".join(problems))
+    assert moe is not None
+    return {
+        **base_hf_fields(cfg),
+        "head_dim": cfg.head_dim,
+        "intermediate_size": moe.expert_hidden,
+        "num_local_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_weight,
+        "router_jitter_noise": moe.router_jitter,
+        "output_router_logits": False,
+        "sliding_window": None,
+    }
+
+
+def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+    moe = cfg.moe
+    assert moe is not None
+    maps = common_maps(cfg)
+    for i in range(cfg.num_layers):
+        block = f"model.layers.{i}.block_sparse_moe"
+        maps += gqa_maps(i, cfg)
+        maps.append(copy(f"layers.{i}.ffn.router.weight", f"{block}.gate.weight"))
+        maps += expert_maps(
+            f"layers.{i}.ffn.experts", block + ".experts.{e}", moe.num_experts, ("w1", "w3", "w2")
+        )
+    return maps
+
+
+ARCH = Architecture(
+    name="MixtralForCausalLM",
+    model_type="mixtral",
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    tensor_maps=tensor_maps,
+    problems=problems,
+)
+
+
+# ---- transformers models in memory (benchmarks) ------------------------------------------
 
 
 def hf_config(cfg: ModelConfig) -> Any:
@@ -45,47 +132,27 @@ def hf_config(cfg: ModelConfig) -> Any:
     from transformers import MixtralConfig
 
     check_mixtral_compatible(cfg)
-    moe = cfg.moe
-    assert moe is not None
-    return MixtralConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=moe.expert_hidden,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        num_local_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        router_aux_loss_coef=moe.aux_loss_weight,
-        router_jitter_noise=moe.router_jitter,
-        tie_word_embeddings=cfg.tie_embeddings,
-    )
+    fields = config_to_hf(cfg)
+    fields.pop("rope_theta")
+    return MixtralConfig(**fields)
 
 
-def to_hf_state(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """moekit weights -> the state dict of transformers' MixtralForCausalLM."""
+def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """moekit weights -> the in-memory state dict of transformers' MixtralForCausalLM (which
+    fuses each layer's experts as gate_up_proj (E, 2F, D) and down_proj (E, D, F))."""
     check_mixtral_compatible(cfg)
-    out = {
-        "model.embed_tokens.weight": state["embed.weight"],
-        "model.norm.weight": state["norm.weight"],
-    }
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
+    out = {}
+    for m in tensor_maps(cfg):
+        if ".experts." in m.ours:
+            continue
+        out[m.theirs[0]] = state[m.ours]
     for i in range(cfg.num_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        out[hf + "input_layernorm.weight"] = state[ours + "attn_norm.weight"]
-        out[hf + "post_attention_layernorm.weight"] = state[ours + "ffn_norm.weight"]
-        for a, b in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-            out[hf + f"self_attn.{b}.weight"] = state[ours + f"attn.{a}.weight"]
-        out[hf + "mlp.gate.weight"] = state[ours + "ffn.router.weight"]
-        out[hf + "mlp.experts.gate_up_proj"] = torch.cat(
-            [state[ours + "ffn.experts.w_gate"], state[ours + "ffn.experts.w_up"]], dim=1
+        ours, hf = f"layers.{i}.ffn.experts.", f"model.layers.{i}.mlp."
+        out[hf + "experts.gate_up_proj"] = torch.cat(
+            [state[ours + "w_gate"], state[ours + "w_up"]], dim=1
         )
-        out[hf + "mlp.experts.down_proj"] = state[ours + "ffn.experts.w_down"]
+        out[hf + "experts.down_proj"] = state[ours + "w_down"]
+        out[hf + "gate.weight"] = out.pop(f"model.layers.{i}.block_sparse_moe.gate.weight")
     return out
 
 

@@ -131,7 +131,7 @@ class TopKRouter(Router):
         super().__init__(dim, cfg)
         self.top_k = cfg.top_k
         self.normalize = cfg.norm_topk_prob and cfg.router != "switch"
-        if cfg.bias_update_rate > 0:
+        if cfg.bias_update_rate > 0 or cfg.selection_bias:
             self.register_buffer("selection_bias", torch.zeros(cfg.num_experts))
 
     def forward(

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from moekit.infer.kv_cache import KVCache
 from moekit.nn.rope import apply_rope
 
+# DeepSeek's latent RMSNorms use a fixed epsilon, independent of the model's norm_eps.
+MLA_LATENT_NORM_EPS = 1e-6
+
 
 def _attend(
     q: Tensor,
@@ -136,10 +139,10 @@ class MLAttention(nn.Module):
         else:
             self.wq = None
             self.wq_a = nn.Linear(D, a.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(a.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(a.q_lora_rank, MLA_LATENT_NORM_EPS)
             self.wq_b = nn.Linear(a.q_lora_rank, H * qk, bias=False)
         self.wkv_a = nn.Linear(D, self.kv_rank + self.rope, bias=False)
-        self.kv_norm = RMSNorm(self.kv_rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(self.kv_rank, MLA_LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(self.kv_rank, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
 
