@@ -190,7 +190,8 @@ class MoEConfig(_ConfigBase):
     (the token keeps its residual path). `capacity_priority="weight"` drops the lowest-weight
     copies; the choice then depends on the whole batch, later tokens included.
     `capacity_priority="position"` drops the latest tokens' copies, which keeps every token's
-    output independent of the tokens after it.
+    output independent of the tokens after it. Capacity applies in training only: in causal
+    routing mode (generation, serving, evaluation) token choice is dropless.
 
     Layer placement: layers `0 .. first_dense_layers-1` are dense; after them every
     `layer_step`-th layer is an MoE layer (layer i is MoE when

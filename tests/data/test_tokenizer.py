@@ -64,6 +64,33 @@ def test_encode_batch_matches_encode(small_tokenizer):
     assert small_tokenizer.encode_batch(texts) == [small_tokenizer.encode(t) for t in texts]
 
 
+def test_prompts_of_a_trained_tokenizer_get_no_bos(small_tokenizer):
+    assert small_tokenizer.bos_id is None
+    for text in SAMPLES.values():
+        assert small_tokenizer.encode_prompt(text) == small_tokenizer.encode(text)
+
+
+def test_a_bos_post_processor_reaches_prompts_only_and_survives_save(tmp_path, small_tokenizer):
+    """An imported tokenizer whose post-processor adds a BOS (parity with transformers is
+    tested in tests/parity): prompts start with it, training data does not, and saving the
+    tokenizer (as training does into a run directory) keeps both."""
+    backend = tokenizers.Tokenizer.from_str(small_tokenizer.backend.to_str())
+    backend.add_special_tokens(["<s>"])
+    bos_id = backend.token_to_id("<s>")
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos_id)]
+    )
+    tok = Tokenizer(backend, bos="<s>", split_special_tokens=False)
+    text = SAMPLES["code"]
+    for t in (tok, Tokenizer.load(tok.save(tmp_path / "saved"))):
+        assert t.bos_id == bos_id
+        assert t.encode(text) == small_tokenizer.encode(text)
+        assert t.encode_prompt(text) == [bos_id, *small_tokenizer.encode(text)]
+        assert t.encode_prompt("") == [bos_id]
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert config["bos_token"] == "<s>"
+
+
 def test_vocab_size(small_tokenizer, small_corpus):
     assert small_tokenizer.vocab_size == 512
     smallest = Tokenizer.train(["hello world"], vocab_size=258)
@@ -78,7 +105,11 @@ def test_vocab_size(small_tokenizer, small_corpus):
 def test_save_and_load(tmp_path, small_tokenizer):
     written = small_tokenizer.save(tmp_path / "model")
     assert written == tmp_path / "model" / TOKENIZER_FILE
-    assert [p.name for p in written.parent.iterdir()] == [TOKENIZER_FILE]  # no temp file left
+    # The tokenizer and its Hugging Face config, and no temporary file left behind.
+    assert sorted(p.name for p in written.parent.iterdir()) == [
+        TOKENIZER_FILE,
+        "tokenizer_config.json",
+    ]
     as_file = small_tokenizer.save(tmp_path / "other.json")
     assert as_file == tmp_path / "other.json"
     for path in (tmp_path / "model", written, as_file):

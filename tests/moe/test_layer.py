@@ -4,7 +4,7 @@ import torch
 from moekit.config import MoEConfig
 from moekit.moe import losses
 from moekit.moe.experts import BACKENDS
-from moekit.moe.layer import MoELayer
+from moekit.moe.layer import MoELayer, RouteOptions
 from moekit.nn.mlp import MLP
 
 
@@ -84,6 +84,17 @@ def test_capacity_drops_and_reports():
     assert int(stats.tokens_per_expert.sum()) == 32
     expected_drops = int((stats.tokens_per_expert - capacity).clamp_min(0).sum())
     assert int(stats.dropped) == expected_drops > 0
+
+
+@pytest.mark.parametrize("priority", ["weight", "position"])
+def test_causal_routing_ignores_the_capacity(priority):
+    """Capacity is a training-time device: routing causally (generation, serving, evaluation)
+    keeps every copy, exactly the dropless layer's output."""
+    m = layer(num_experts=4, top_k=2, capacity_factor=0.5, capacity_priority=priority)
+    x = torch.randn(2, 16, 16)
+    y, stats = m(x, route=RouteOptions(causal=True))
+    assert int(stats.dropped) == 0 and int(m(x)[1].dropped) > 0  # training still drops
+    torch.testing.assert_close(y.view(-1, 16), reference_moe(m, x.view(-1, 16)))
 
 
 def test_stats_losses_match_the_pure_functions():

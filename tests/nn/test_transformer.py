@@ -188,3 +188,35 @@ def test_small_presets_run(name):
     model = build_model(cfg)
     out = model(torch.randint(0, cfg.vocab_size, (1, 8)))
     assert out.logits.shape == (1, 8, cfg.vocab_size)
+
+
+CAPACITY = {
+    "switch-capacity-by-weight": dict(MOE, router="switch", top_k=1, capacity_factor=1.0),
+    "topk-capacity-by-position": dict(MOE, capacity_factor=1.0, capacity_priority="position"),
+}
+
+
+@pytest.mark.parametrize("name", list(CAPACITY))
+def test_causal_routing_is_dropless_so_batch_and_cache_change_nothing(name):
+    """Capacity counts the tokens of one forward call. In causal routing (generation, serving,
+    evaluation) it is off, or a row's logits would change with the other rows of its batch and
+    cached decoding (a prefill, then one token per call) would differ from a full forward."""
+    from moekit.infer.kv_cache import KVCache
+
+    torch.manual_seed(0)
+    model = make(CAPACITY[name]).eval()
+    tokens = torch.randint(0, 64, (3, 20))
+    with torch.no_grad():
+        trained = model(tokens)  # training-mode routing still applies the capacity
+        assert sum(int(s.dropped) for s in trained.moe_stats.values()) > 0
+        full = model(tokens, causal_routing=True)
+        assert all(int(s.dropped) == 0 for s in full.moe_stats.values())
+        alone = model(tokens[:1], causal_routing=True).logits
+        cache = KVCache(model.cfg, 3, 24)
+        parts = [model(tokens[:, :7], cache=cache, causal_routing=True).logits]
+        parts += [
+            model(tokens[:, t : t + 1], cache=cache, causal_routing=True).logits
+            for t in range(7, 20)
+        ]
+    torch.testing.assert_close(full.logits[:1], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(parts, 1), full.logits, rtol=1e-5, atol=1e-5)

@@ -25,31 +25,49 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
               max_position_embeddings=128, initializer_range=0.15, tie_word_embeddings=False)  # fmt: skip
 
 
-def tiny_configs():
-    t = transformers
-    return {
-        "mixtral": t.MixtralConfig(**COMMON, num_key_value_heads=2, intermediate_size=96,
-                                   num_local_experts=4, num_experts_per_tok=2),
-        "qwen2_moe": t.Qwen2MoeConfig(**COMMON, num_key_value_heads=2, intermediate_size=128,
-                                      moe_intermediate_size=48, shared_expert_intermediate_size=96,
-                                      num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
-                                      norm_topk_prob=False),
-        "qwen3_moe": t.Qwen3MoeConfig(**COMMON, num_key_value_heads=2, head_dim=32,
-                                      intermediate_size=128, moe_intermediate_size=48,
-                                      num_experts=8, num_experts_per_tok=3, norm_topk_prob=True),
-        "olmoe": t.OlmoeConfig(**COMMON, num_key_value_heads=4, intermediate_size=48,
-                               num_experts=4, num_experts_per_tok=2),
-        "deepseek_v3": t.DeepseekV3Config(**COMMON, num_key_value_heads=4, intermediate_size=128,
-                                          moe_intermediate_size=32, n_shared_experts=1,
-                                          n_routed_experts=8, routed_scaling_factor=2.5,
-                                          kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
-                                          v_head_dim=16, qk_nope_head_dim=16, n_group=4,
-                                          topk_group=2, num_experts_per_tok=2,
-                                          first_k_dense_replace=1, norm_topk_prob=True),
-    }  # fmt: skip
+TINY = {  # name: (transformers config class, its fields besides COMMON)
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, intermediate_size=96,
+                                      num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2, intermediate_size=128,
+                                         moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=96, num_experts=4,
+                                         num_experts_per_tok=2, mlp_only_layers=[0],
+                                         norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=32,
+                                         intermediate_size=128, moe_intermediate_size=48,
+                                         num_experts=8, num_experts_per_tok=3,
+                                         norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", dict(num_key_value_heads=4, intermediate_size=48, num_experts=4,
+                                  num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, intermediate_size=128,
+                                             moe_intermediate_size=32, n_shared_experts=1,
+                                             n_routed_experts=8, routed_scaling_factor=2.5,
+                                             kv_lora_rank=16, q_lora_rank=24,
+                                             qk_rope_head_dim=8, v_head_dim=16,
+                                             qk_nope_head_dim=16, n_group=4, topk_group=2,
+                                             num_experts_per_tok=2, first_k_dense_replace=1,
+                                             norm_topk_prob=True)),
+    # rope_interleave=false: transformers rotates halves, as moekit does (and full-rank queries).
+    "deepseek_v3-rotate-half": ("DeepseekV3Config", dict(num_key_value_heads=4,
+                                                         intermediate_size=128,
+                                                         moe_intermediate_size=32,
+                                                         n_shared_experts=1, n_routed_experts=4,
+                                                         kv_lora_rank=16, q_lora_rank=None,
+                                                         qk_rope_head_dim=8, v_head_dim=16,
+                                                         qk_nope_head_dim=16, n_group=1,
+                                                         topk_group=1, num_experts_per_tok=2,
+                                                         first_k_dense_replace=1,
+                                                         rope_interleave=False)),
+}  # fmt: skip
 
 
-ARCHS = list(tiny_configs())
+def tiny_config(name, **overrides):
+    """A fresh transformers config for tiny model `name`, with `overrides` applied."""
+    cls, fields = TINY[name]
+    return getattr(transformers, cls)(**{**COMMON, **fields, **overrides})
+
+
+ARCHS = list(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +79,9 @@ def tokenizer(tmp_path_factory):
     return Tokenizer.train([text], 300)
 
 
-def make_hf(name, directory, tokenizer, **save_kw):
+def make_hf(name, directory, tokenizer, config_kw=None, **save_kw):
     torch.manual_seed(0)
-    config = tiny_configs()[name]
+    config = tiny_config(name, **(config_kw or {}))
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for module in model.modules():  # a non-zero correction bias exercises the bias path
@@ -114,14 +132,15 @@ def test_parameter_counts_match(converted):
 
 
 def test_export_round_trip_and_transformers_loads_it(converted, tokenizer):
-    name, root, _, _ = converted
+    name, root, hf, _ = converted
     arch = export_hf(root / "moekit", root / "exported")
-    assert (
-        arch == tiny_configs()[name].architectures[0]
-        if tiny_configs()[name].architectures
-        else True
-    )
-    assert json.loads((root / "exported" / "config.json").read_text())["model_type"] == name
+    # The imported checkpoint's own class comes back (each tiny model is plain enough that
+    # nothing simpler represents it).
+    assert arch == type(hf).__name__
+    assert json.loads((root / "hf" / "config.json").read_text())["architectures"] == [arch]
+    exported = json.loads((root / "exported" / "config.json").read_text())
+    assert exported["model_type"] == tiny_config(name).model_type
+    assert exported["architectures"] == [arch]
     import_hf(root / "exported", root / "again")
     a, b = load_weights(root / "moekit"), load_weights(root / "again")
     assert a.keys() == b.keys()
@@ -135,7 +154,9 @@ def test_export_round_trip_and_transformers_loads_it(converted, tokenizer):
     auto = transformers.AutoTokenizer.from_pretrained(root / "exported")
     text = "def add(a, b): return a + b <|endoftext|>"
     assert auto(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+    assert auto(text)["input_ids"] == tokenizer.encode_prompt(text)  # no BOS in ours
     assert auto.eos_token_id == tokenizer.eos_id
+    assert exported["bos_token_id"] is None and exported["eos_token_id"] == tokenizer.eos_id
 
 
 def test_tokenizer_is_carried_over(converted, tokenizer):
@@ -158,6 +179,79 @@ def test_sharded_checkpoints_and_dtype(tmp_path, tokenizer):
     with torch.no_grad():
         diff = (model(tokens).logits.float() - hf(tokens).logits).abs().max().item()
     assert diff < 0.1  # bf16 weights: close, not equal
+
+
+def test_export_states_its_dtype_and_keeps_routing_float32(tmp_path, tokenizer):
+    from safetensors import safe_open
+
+    make_hf("deepseek_v3", tmp_path / "hf", tokenizer)  # a router and a correction bias
+    import_hf(tmp_path / "hf", tmp_path / "fp32")
+    import_hf(tmp_path / "hf", tmp_path / "bf16", dtype="bfloat16")
+    for src, out, dtype in [("fp32", "to-bf16", "bfloat16"), ("bf16", "kept", None)]:
+        export_hf(tmp_path / src, tmp_path / out, dtype=dtype)
+        with safe_open(str(tmp_path / out / "model.safetensors"), framework="pt") as f:
+            stored = {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+        assert stored["model.layers.1.mlp.gate.weight"] == torch.float32
+        assert stored["model.layers.1.mlp.gate.e_score_correction_bias"] == torch.float32
+        assert stored["model.layers.1.mlp.experts.0.up_proj.weight"] == torch.bfloat16
+        assert stored["model.embed_tokens.weight"] == torch.bfloat16
+        config = json.loads((tmp_path / out / "config.json").read_text())
+        assert config["dtype"] == config["torch_dtype"] == "bfloat16"  # what is stored
+        assert transformers.AutoConfig.from_pretrained(tmp_path / out).dtype == torch.bfloat16
+    export_hf(tmp_path / "fp32", tmp_path / "fp32-hf")
+    assert json.loads((tmp_path / "fp32-hf" / "config.json").read_text())["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe"])
+def test_attention_bias_is_refused_by_name(tmp_path, tokenizer, name):
+    """transformers' attention_bias gives o_proj a bias too, which moekit does not have."""
+    make_hf(name, tmp_path / "hf", tokenizer, config_kw=dict(attention_bias=True))
+    with pytest.raises(UnsupportedError, match=r"attention_bias=True is not supported.*o_proj"):
+        import_hf(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_export_refuses_qkv_biases_without_an_output_bias(tmp_path):
+    """A moekit model with q/k norms and q/k/v biases has no exact Hugging Face form: Qwen3-MoE's
+    attention_bias would add an o_proj bias the model does not have."""
+    from moekit import build_model
+    from moekit.config import ModelConfig
+    from moekit.io import save_model
+
+    cfg = ModelConfig.from_dict(dict(
+        vocab_size=64, dim=32, num_layers=1, num_heads=4, num_kv_heads=2, max_seq_len=32,
+        attention=dict(qk_norm="head", qkv_bias=True),
+        moe=dict(num_experts=4, top_k=2, expert_hidden=16),
+    ))  # fmt: skip
+    save_model(build_model(cfg), cfg, tmp_path / "ours")
+    with pytest.raises(
+        UnsupportedError, match=r"Qwen3MoeForCausalLM: .*attention_bias would give o_proj a bias"
+    ):
+        export_hf(tmp_path / "ours", tmp_path / "hf")
+    assert not (tmp_path / "hf" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "name, window",
+    [("mixtral", {}), ("qwen2_moe", dict(use_sliding_window=True, max_window_layers=3)),
+     ("qwen3_moe", dict(use_sliding_window=True))],
+)  # fmt: skip
+def test_sliding_windows_as_wide_as_the_context_are_full_attention(tmp_path, tokenizer, name,
+                                                                   window):  # fmt: skip
+    """A window that hides no key within max_position_embeddings is full attention and is
+    imported; a narrower one is refused, naming the field."""
+    hf = make_hf(name, tmp_path / "wide", tokenizer, config_kw=dict(window, sliding_window=128))
+    import_hf(tmp_path / "wide", tmp_path / "ours")
+    tokens = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        diff = (load_model(tmp_path / "ours")(tokens).logits - hf(tokens).logits).abs().max()
+    assert diff.item() <= 1e-4
+    make_hf(name, tmp_path / "narrow", tokenizer, config_kw=dict(window, sliding_window=16))
+    with pytest.raises(
+        UnsupportedError,
+        match=r"sliding_window=16 is not supported: it is narrower than max_position_embeddings",
+    ):
+        import_hf(tmp_path / "narrow", tmp_path / "refused")
 
 
 def test_unsupported_fields_are_named(tmp_path, tokenizer):

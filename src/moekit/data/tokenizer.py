@@ -8,6 +8,12 @@ Next to tokenizer.json, tokenizer_config.json (the Hugging Face format, so `Auto
 loads the directory too) names the end-of-text and padding tokens, and says whether special
 tokens written in ordinary text stay plain text (`split_special_tokens`, true for tokenizers
 trained here). A tokenizer imported from a Hugging Face checkpoint keeps its own tokens.
+
+Beginning-of-sequence tokens: tokenizers trained here have none. An imported one (Mixtral's
+`<s>`, DeepSeek's begin-of-sentence) may have a post-processor in tokenizer.json that puts one
+in front of every text; transformers applies it by default, and its models were trained with
+it, so `encode_prompt` does too. Training data never gets one (`encode`): the packer places
+the document separators itself.
 """
 
 from __future__ import annotations
@@ -49,10 +55,13 @@ class Tokenizer:
         eos: str = EOS,
         pad: str | None = PAD,
         split_special_tokens: bool = True,
+        bos: str | None = None,
     ) -> None:
         """Wrap `backend`, which must have the `eos` and `pad` special tokens (`pad=None`: pad
         with `eos`). With `split_special_tokens`, text like "<|endoftext|>" in a document is
-        plain text and never turns into a real document boundary."""
+        plain text and never turns into a real document boundary. `bos` names the
+        beginning-of-sequence token, if the tokenizer has one (what `bos_id` reports; which
+        tokens a prompt starts with is the backend's post-processor's business)."""
         pad = pad or eos
         eos_id, pad_id = backend.token_to_id(eos), backend.token_to_id(pad)
         if eos_id is None or pad_id is None:
@@ -61,8 +70,10 @@ class Tokenizer:
         backend.encode_special_tokens = split_special_tokens
         self.backend = backend
         self.eos_token, self.pad_token = eos, pad
+        self.bos_token = bos if bos is not None and backend.token_to_id(bos) is not None else None
         self._eos_id: int = eos_id
         self._pad_id: int = pad_id
+        self._prompt_prefix = _prefix_of(backend)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -129,12 +140,30 @@ class Tokenizer:
                 "split_special_tokens": bool(self.backend.encode_special_tokens),
                 "clean_up_tokenization_spaces": False,
             }
+            if self.bos_token is not None:
+                config["bos_token"] = self.bos_token
             atomic_write_text(file.parent / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return file
 
     def encode(self, text: str) -> list[int]:
-        """The token ids of `text` (no special tokens added)."""
+        """The token ids of `text` (no special tokens added): for training data and for
+        counting tokens. A prompt to generate from wants `encode_prompt`."""
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The token ids of a prompt to generate from: `encode(text)` after the special tokens
+        the tokenizer's post-processor puts in front of a text (an imported Mixtral or
+        DeepSeek tokenizer's beginning-of-sequence token; nothing for a tokenizer trained
+        here). These are the ids `transformers.AutoTokenizer` gives for `tokenizer(text)`,
+        except that an end-of-sequence a post-processor would append is left off: it would
+        end the text before the continuation starts."""
+        return self._prompt_prefix + self.encode(text)
+
+    @property
+    def prompt_prefix(self) -> list[int]:
+        """The special token ids `encode_prompt` puts in front of every prompt (e.g. an imported
+        tokenizer's beginning-of-sequence token); empty for a tokenizer trained here."""
+        return list(self._prompt_prefix)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """The token ids of each text, encoded in parallel."""
@@ -155,6 +184,13 @@ class Tokenizer:
         return self._eos_id
 
     @property
+    def bos_id(self) -> int | None:
+        """The beginning-of-sequence token tokenizer_config.json names (None: it names none,
+        as for every tokenizer trained here, or one the vocabulary lacks). Naming it does not
+        add it to prompts; the post-processor does (see `encode_prompt`)."""
+        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+
+    @property
     def pad_id(self) -> int:
         return self._pad_id
 
@@ -162,8 +198,18 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
+def _prefix_of(backend: tokenizers.Tokenizer) -> list[int]:
+    """The special token ids `backend`'s post-processor puts in front of a single text (its
+    template is the same for every text, so one probe finds it)."""
+    probe = backend.encode("a", add_special_tokens=True)
+    for i, sequence in enumerate(probe.sequence_ids):
+        if sequence is not None:  # the text itself starts here
+            return list(probe.ids[:i])
+    return []  # the probe gave no text token, so prefix and suffix cannot be told apart
+
+
 def read_special_tokens(config_file: Path) -> dict[str, Any]:
-    """The `eos`, `pad` and `split_special_tokens` a tokenizer_config.json names (our
+    """The `eos`, `pad`, `bos` and `split_special_tokens` a tokenizer_config.json names (our
     defaults when there is no such file: a tokenizer trained here)."""
     if not config_file.is_file():
         return {}
@@ -183,6 +229,7 @@ def read_special_tokens(config_file: Path) -> dict[str, Any]:
     return {
         "eos": eos,
         "pad": token(config.get("pad_token")),
+        "bos": token(config.get("bos_token")),
         "split_special_tokens": bool(config.get("split_special_tokens", False)),
     }
 

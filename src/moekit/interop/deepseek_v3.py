@@ -2,10 +2,14 @@
 selection-only correction bias, group-limited top-k, a routed scaling factor, shared experts,
 and dense first layers.
 
-DeepSeek lays the RoPE part of each query and key head out as interleaved pairs
-(x0, x1), (x2, x3), ...; moekit rotates halves. The two agree once the rows of the projections
-that produce those parts are reordered evens-first (`_deinterleave`), which is what import does
-(and export undoes), so the attention is the same function.
+With `rope_interleave: true` (the default, and DeepSeek's own layout) the RoPE part of each
+query and key head is rotated as interleaved pairs (x0, x1), (x2, x3), ...; moekit rotates
+halves (x0, x_{n/2}), (x1, x_{n/2+1}), .... The two agree once the rows of the projections
+that produce those parts are reordered evens-first (`_rope_map`), which is what import does
+and export undoes, so the attention is the same function. With `rope_interleave: false`
+transformers rotates halves as moekit does and the rows are copied as they are. Export always
+writes the interleaved layout with `rope_interleave: true`, the layout DeepSeek's checkpoints
+and other runtimes expect.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from moekit.interop.hf import (
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     require(hf, "attention_bias", lambda v: not v, "MLA projections have no biases", False)
-    require(hf, "rope_interleave", lambda v: v in (None, True, False), "a boolean")
+    require(hf, "rope_interleave", lambda v: v in (None, True, False), "must be a boolean")
     heads = field_of(hf, "num_attention_heads")
     kv_heads = hf.get("num_key_value_heads") or heads
     if kv_heads != heads:
@@ -143,7 +147,20 @@ def _permute_rope_rows(w: Tensor, nope: int, rope: int, period: int, order: Tens
     return torch.cat([blocks[:, :nope], rot, blocks[:, nope + rope :]], dim=1).reshape(w.shape)
 
 
-def _rope_map(ours: str, theirs: str, nope: int, rope: int, period: int) -> TensorMap:
+def _interleaved(hf: dict[str, Any]) -> bool:
+    """Whether `hf` rotates RoPE dimensions as interleaved pairs. transformers tests the flag's
+    truth (`if config.rope_interleave`), so an explicit null means rotate-half."""
+    return bool(hf.get("rope_interleave", True))
+
+
+def _rope_map(
+    ours: str, theirs: str, nope: int, rope: int, period: int, interleaved: bool
+) -> TensorMap:
+    """A projection whose rows hold, per head of `period` rows, `nope` plain rows then `rope`
+    RoPE rows: reordered between the interleaved and rotate-half layouts when `interleaved`,
+    copied otherwise."""
+    if not interleaved:
+        return copy(ours, theirs)
     order = _order(rope)
     inverse = torch.argsort(order)
     return TensorMap(
@@ -154,11 +171,11 @@ def _rope_map(ours: str, theirs: str, nope: int, rope: int, period: int) -> Tens
     )
 
 
-def _attention_maps(i: int, cfg: ModelConfig) -> list[TensorMap]:
+def _attention_maps(i: int, cfg: ModelConfig, interleaved: bool) -> list[TensorMap]:
     a = cfg.attention
     ours, theirs = f"layers.{i}.attn", f"model.layers.{i}.self_attn"
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-    q_rows = (a.qk_nope_head_dim, a.qk_rope_head_dim, qk)
+    q_rows = (a.qk_nope_head_dim, a.qk_rope_head_dim, qk, interleaved)
     maps = []
     if a.q_lora_rank is None:
         maps.append(_rope_map(f"{ours}.wq.weight", f"{theirs}.q_proj.weight", *q_rows))
@@ -168,7 +185,12 @@ def _attention_maps(i: int, cfg: ModelConfig) -> list[TensorMap]:
             copy(f"{ours}.q_norm.weight", f"{theirs}.q_a_layernorm.weight"),
             _rope_map(f"{ours}.wq_b.weight", f"{theirs}.q_b_proj.weight", *q_rows),
         ]
-    latent = (a.kv_lora_rank, a.qk_rope_head_dim, a.kv_lora_rank + a.qk_rope_head_dim)
+    latent = (
+        a.kv_lora_rank,
+        a.qk_rope_head_dim,
+        a.kv_lora_rank + a.qk_rope_head_dim,
+        interleaved,
+    )
     maps += [
         _rope_map(f"{ours}.wkv_a.weight", f"{theirs}.kv_a_proj_with_mqa.weight", *latent),
         copy(f"{ours}.kv_norm.weight", f"{theirs}.kv_a_layernorm.weight"),
@@ -178,13 +200,16 @@ def _attention_maps(i: int, cfg: ModelConfig) -> list[TensorMap]:
     return maps
 
 
-def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+def tensor_maps(cfg: ModelConfig, hf: dict[str, Any]) -> list[TensorMap]:
+    """The tensors of `cfg` and of the DeepSeek-V3 checkpoint configured by `hf` (whose
+    `rope_interleave` decides the RoPE rows' layout)."""
     moe = cfg.moe
     assert moe is not None
+    interleaved = _interleaved(hf)
     maps = common_maps(cfg)
     for i in range(cfg.num_layers):
         mlp, ffn = f"model.layers.{i}.mlp", f"layers.{i}.ffn"
-        maps += _attention_maps(i, cfg)
+        maps += _attention_maps(i, cfg, interleaved)
         if not cfg.is_moe_layer(i):
             maps += mlp_maps(ffn, mlp)
             continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,35 @@ def base_model_fields(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def require_no_attention_bias(hf: dict[str, Any]) -> None:
+    """Refuse `attention_bias: true` (Qwen3-MoE, OLMoE): in transformers it gives all four of
+    q/k/v/o_proj a bias, and moekit's attention has no output-projection bias (its
+    `qkv_bias` covers q/k/v only, as Qwen2-MoE's `qkv_bias` does)."""
+    if hf.get("attention_bias"):
+        raise UnsupportedError(
+            f"config.json: attention_bias={hf['attention_bias']!r} is not supported: it gives "
+            "o_proj a bias too, and moekit's attention has biases on q/k/v only"
+        )
+
+
+def check_sliding_window(hf: dict[str, Any], *, enabled: bool) -> None:
+    """Refuse a sliding attention window narrower than the context. moekit attends to the whole
+    context (at most `max_position_embeddings` tokens, which generation enforces), so a window
+    at least that wide never hides a key and is the same function as full attention; a
+    narrower one is not. `enabled` says whether the architecture applies `sliding_window`
+    (Qwen only does with `use_sliding_window`)."""
+    window = hf.get("sliding_window")
+    if not enabled or window is None:
+        return
+    context = field_of(hf, "max_position_embeddings")
+    if window < context:
+        raise UnsupportedError(
+            f"config.json: sliding_window={window} is not supported: it is narrower than "
+            f"max_position_embeddings={context} and moekit attends to the full context (a "
+            "window at least as wide as the context changes nothing and is accepted)"
+        )
+
+
 def head_dim_field(hf: dict[str, Any]) -> int | None:
     """An explicit head_dim only when it differs from hidden_size / heads."""
     head_dim = hf.get("head_dim")
@@ -216,16 +246,19 @@ def base_hf_fields(cfg: ModelConfig) -> dict[str, Any]:
 class Architecture:
     """How one Hugging Face architecture maps to moekit.
 
-    `problems(cfg)` lists what keeps this architecture from representing a moekit config
-    exactly (empty: it can). `ignored(key, cfg)` says a checkpoint tensor is deliberately not
-    imported (e.g. DeepSeek-V3's multi-token-prediction layer).
+    `tensor_maps(cfg, hf)` maps the tensors of a moekit config to those of the Hugging Face
+    config `hf` on the other side (the checkpoint's config on import, the one being written on
+    export): a layout flag there, such as DeepSeek-V3's `rope_interleave`, can change how a
+    tensor maps. `problems(cfg)` lists what keeps this architecture from representing a moekit
+    config exactly (empty: it can). `ignored(key, cfg)` says a checkpoint tensor is
+    deliberately not imported (e.g. DeepSeek-V3's multi-token-prediction layer).
     """
 
     name: str  # the `architectures` entry, e.g. "MixtralForCausalLM"
     model_type: str
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
     config_to_hf: Callable[[ModelConfig], dict[str, Any]]
-    tensor_maps: Callable[[ModelConfig], list[TensorMap]]
+    tensor_maps: Callable[[ModelConfig, dict[str, Any]], list[TensorMap]]
     problems: Callable[[ModelConfig], list[str]]
     ignored: Callable[[str, ModelConfig], bool] = field(default=lambda key, cfg: False)
 
@@ -350,7 +383,7 @@ def import_hf(
     arch = architecture_of(ckpt.config)
     cfg = arch.config_from_hf(ckpt.config)
     target = _dtype(dtype)
-    maps = arch.tensor_maps(cfg) + _buffer_maps(cfg)
+    maps = arch.tensor_maps(cfg, ckpt.config) + _buffer_maps(cfg)
     used = {k for m in maps for k in m.theirs}
     leftovers = [k for k in ckpt.keys() if k not in used and not arch.ignored(k, cfg)]  # noqa: SIM118
     if leftovers:
@@ -401,17 +434,30 @@ def export_hf(
             raise ValueError(f"{src}: the weights have no tensor {key!r}")
         return where[key].get_tensor(key)
 
+    hf: dict[str, Any] = {
+        "architectures": [arch.name],
+        "model_type": arch.model_type,
+        **arch.config_to_hf(cfg),
+    }
     out = Path(out_dir)
     writer = ShardWriter(out, metadata={"format": "pt"}, **_shard_kw(max_shard_bytes))
-    for m in arch.tensor_maps(cfg) + _buffer_maps(cfg):
+    stored: Counter[torch.dtype] = Counter()  # elements per dtype, float32 routing left out
+    for m in arch.tensor_maps(cfg, hf) + _buffer_maps(cfg):
         for name, tensor in zip(m.theirs, m.split(ours(m.ours)), strict=True):
-            writer.add(name, _cast(tensor, target, name))
+            tensor = _cast(tensor, target, m.ours)
+            if not _keeps_float32(m.ours):
+                stored[tensor.dtype] += tensor.numel()
+            writer.add(name, tensor)
     writer.close()
-    hf = {"architectures": [arch.name], "model_type": arch.model_type, **arch.config_to_hf(cfg)}
-    hf["torch_dtype"] = dtype or "float32"
-    hf.update(_special_ids(src))
+    # The dtype the weights are stored in: transformers 5 reads `dtype`, earlier versions
+    # `torch_dtype`; both are written so either loads the checkpoint in its own dtype.
+    hf["dtype"] = hf["torch_dtype"] = _dtype_name(
+        stored.most_common(1)[0][0] if stored else target or torch.float32
+    )
+    special = _special_ids(src)
+    hf.update(special)
     atomic_write_text(out / "config.json", json.dumps(hf, indent=2) + "\n")
-    generation = {k: v for k, v in _special_ids(src).items() if v is not None}
+    generation = {k: v for k, v in special.items() if v is not None}
     atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (src / name).is_file():
@@ -441,11 +487,24 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _cast(tensor: Tensor, dtype: torch.dtype | None, name: str) -> Tensor:
-    # Routing stays in float32 whatever the checkpoint's dtype: bf16 routers flip top-k choices.
-    if ".router." in name or name.endswith("e_score_correction_bias"):
+def _keeps_float32(ours: str) -> bool:
+    """Whether the moekit tensor `ours` is routing state (router weights, selection biases),
+    stored in float32 whatever the model's dtype: bf16 routers flip top-k choices."""
+    return ".router." in ours
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype | None, ours: str) -> Tensor:
+    """`tensor` (the moekit tensor `ours`, or a Hugging Face piece of it) in `dtype`; routing
+    state always in float32. Decided by the moekit name, which is the same in both
+    directions (the Hugging Face names of a router differ by architecture)."""
+    if _keeps_float32(ours):
         return tensor.float()
     return tensor if dtype is None else tensor.to(dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The spelling config.json uses: "bfloat16" for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _shard_kw(max_shard_bytes: int | None) -> dict[str, int]:
@@ -471,13 +530,15 @@ def _copy_tokenizer(src: Path, out: Path, hf: dict[str, Any]) -> None:
 
 
 def _special_ids(model_dir: Path) -> dict[str, int | None]:
-    """bos/eos/pad token ids of a moekit model directory's tokenizer (None without one)."""
+    """bos/eos/pad token ids of a moekit model directory's tokenizer (None without one; a
+    tokenizer trained by moekit has no BOS, and saying so keeps transformers from assuming
+    its architecture's default)."""
     if not (model_dir / "tokenizer.json").is_file():
-        return {"eos_token_id": None, "pad_token_id": None}
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     from moekit.data.tokenizer import Tokenizer
 
     tok = Tokenizer.load(model_dir)
-    return {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
 def iter_tensor_names(maps: Sequence[TensorMap]) -> Iterator[str]:

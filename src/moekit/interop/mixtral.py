@@ -14,6 +14,7 @@ from moekit.interop.hf import (
     TensorMap,
     base_hf_fields,
     base_model_fields,
+    check_sliding_window,
     common_maps,
     copy,
     expert_maps,
@@ -59,13 +60,7 @@ def check_mixtral_compatible(cfg: ModelConfig) -> None:
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    window = hf.get("sliding_window")
-    if window is not None and window < hf.get("max_position_embeddings", 0):
-        from moekit.interop.hf import UnsupportedError
-
-        raise UnsupportedError(
-            f"config.json: sliding_window={window} is not supported (full attention only)"
-        )
+    check_sliding_window(hf, enabled=True)
     hidden = field_of(hf, "intermediate_size")
     return ModelConfig.from_dict(
         {
@@ -100,7 +95,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+def tensor_maps(cfg: ModelConfig, hf: dict[str, Any] | None = None) -> list[TensorMap]:
+    """The tensors of `cfg` and of a Mixtral checkpoint (whose layout `hf` does not change)."""
     moe = cfg.moe
     assert moe is not None
     maps = common_maps(cfg)

@@ -18,17 +18,19 @@ from moekit.interop.hf import (
     field_of,
     gqa_maps,
     require,
+    require_no_attention_bias,
 )
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     require(hf, "clip_qkv", lambda v: v is None, "q/k/v clipping is not implemented")
+    require_no_attention_bias(hf)
     hidden = field_of(hf, "intermediate_size")
     return ModelConfig.from_dict(
         {
             **base_model_fields(hf),
             "ffn_hidden": hidden,
-            "attention": {"qk_norm": "full", "qkv_bias": bool(hf.get("attention_bias", False))},
+            "attention": {"qk_norm": "full"},
             "moe": {
                 "num_experts": field_of(hf, "num_experts"),
                 "top_k": field_of(hf, "num_experts_per_tok"),
@@ -88,7 +90,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+def tensor_maps(cfg: ModelConfig, hf: dict[str, Any] | None = None) -> list[TensorMap]:
+    """The tensors of `cfg` and of an OLMoE checkpoint (whose layout `hf` does not change)."""
     moe = cfg.moe
     assert moe is not None
     maps = common_maps(cfg)

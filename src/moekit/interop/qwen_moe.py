@@ -17,6 +17,7 @@ from moekit.interop.hf import (
     UnsupportedError,
     base_hf_fields,
     base_model_fields,
+    check_sliding_window,
     common_maps,
     copy,
     expert_maps,
@@ -24,6 +25,7 @@ from moekit.interop.hf import (
     gqa_maps,
     head_dim_field,
     mlp_maps,
+    require_no_attention_bias,
 )
 
 
@@ -117,18 +119,20 @@ def _maps(cfg: ModelConfig, shared: bool) -> list[TensorMap]:
     return maps
 
 
-def _no_window(hf: dict[str, Any]) -> None:
-    if hf.get("use_sliding_window"):
-        raise UnsupportedError(
-            "config.json: use_sliding_window=true is not supported (full attention only)"
-        )
+def _check_window(hf: dict[str, Any]) -> None:
+    """Qwen applies `sliding_window` only with `use_sliding_window` (Qwen2-MoE: on the layers
+    `layer_types` marks "sliding_attention"); a window as wide as the context is accepted."""
+    enabled = bool(hf.get("use_sliding_window")) or "sliding_attention" in (
+        hf.get("layer_types") or []
+    )
+    check_sliding_window(hf, enabled=enabled)
 
 
 # ---- Qwen2-MoE -------------------------------------------------------------------------------
 
 
 def qwen2_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    _no_window(hf)
+    _check_window(hf)
     shared = field_of(hf, "shared_expert_intermediate_size")
     return ModelConfig.from_dict(
         {
@@ -175,7 +179,7 @@ QWEN2_MOE = Architecture(
     model_type="qwen2_moe",
     config_from_hf=qwen2_from_hf,
     config_to_hf=qwen2_to_hf,
-    tensor_maps=lambda cfg: _maps(cfg, shared=True),
+    tensor_maps=lambda cfg, hf: _maps(cfg, shared=True),
     problems=qwen2_problems,
 )
 
@@ -184,16 +188,13 @@ QWEN2_MOE = Architecture(
 
 
 def qwen3_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    _no_window(hf)
+    _check_window(hf)
+    require_no_attention_bias(hf)
     return ModelConfig.from_dict(
         {
             **base_model_fields(hf),
             "ffn_hidden": field_of(hf, "intermediate_size"),
-            "attention": {
-                "head_dim": head_dim_field(hf),
-                "qk_norm": "head",
-                "qkv_bias": bool(hf.get("attention_bias", False)),
-            },
+            "attention": {"head_dim": head_dim_field(hf), "qk_norm": "head"},
             "moe": _moe_fields(hf),
         }
     )
@@ -205,6 +206,11 @@ def qwen3_problems(cfg: ModelConfig) -> list[str]:
         out.append("Qwen3-MoE has no shared experts")
     if cfg.attention.qk_norm != "head":
         out.append("Qwen3-MoE normalises each query and key head (qk_norm='head')")
+    if cfg.attention.qkv_bias:
+        out.append(
+            "Qwen3-MoE's attention_bias would give o_proj a bias too, which this model lacks "
+            "(qkv_bias must be false)"
+        )
     return out
 
 
@@ -213,7 +219,7 @@ def qwen3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         **base_hf_fields(cfg),
         **_hf_moe(cfg),
         "head_dim": cfg.head_dim,
-        "attention_bias": cfg.attention.qkv_bias,
+        "attention_bias": False,
     }
 
 
@@ -222,6 +228,6 @@ QWEN3_MOE = Architecture(
     model_type="qwen3_moe",
     config_from_hf=qwen3_from_hf,
     config_to_hf=qwen3_to_hf,
-    tensor_maps=lambda cfg: _maps(cfg, shared=False),
+    tensor_maps=lambda cfg, hf: _maps(cfg, shared=False),
     problems=qwen3_problems,
 )

@@ -23,7 +23,11 @@ from moekit.nn.mlp import MLP
 class RouteOptions:
     """Per-call routing options (defaults: the config's behaviour).
 
-    causal: force a router that can see other tokens (expert choice) into its causal mode.
+    causal: route as generation must, each token's output depending on that token alone:
+        a router that can see other tokens (expert choice) runs its causal mode, and token
+        choice is dropless whatever `capacity_factor` says (capacity is a training-time
+        device: it would make an output depend on the rest of the batch and on how the
+        sequence is split into forward calls). `Transformer(causal_routing=True)` sets it.
     top_k: experts per token for this call instead of the config's (token choice, and
         expert choice in causal mode): fewer for speed, more for quality.
     record: return each token's experts and weights in `MoEStats.routing`.
@@ -89,7 +93,7 @@ class MoELayer(nn.Module):
             decision.experts,
             decision.weights,
             self.cfg.num_experts,
-            capacity=self._capacity(B, S),
+            capacity=self._capacity(B, S, causal=route.causal is True),
             priority=self.cfg.capacity_priority,
             seq_len=S,
             sort=backend.needs_sorted,
@@ -110,9 +114,13 @@ class MoELayer(nn.Module):
             stats = stats._replace(routing=decision)
         return out_TD.view(B, S, D), stats
 
-    def _capacity(self, batch: int, seq_len: int) -> int | None:
-        """Copies per expert: per batch with weight priority, per sequence with position."""
-        if self.cfg.router == "expert_choice":  # expert choice fills its capacity itself
+    def _capacity(self, batch: int, seq_len: int, *, causal: bool) -> int | None:
+        """Copies per expert: per batch with weight priority, per sequence with position;
+        None (dropless) when routing causally. A capacity counts the tokens of one forward
+        call, so with it a token's output would change with the batch it shares (padding and
+        other users' rows) and with how its sequence is cut into calls (prefill, then one
+        token at a time): causal routing must not depend on either."""
+        if causal or self.cfg.router == "expert_choice":  # expert choice fills its own
             return None
         if self.cfg.capacity_priority == "position":
             return self.cfg.capacity(seq_len)

@@ -106,7 +106,9 @@ class Transformer(nn.Module):
         attn_mask: boolean (B, 1, S, S) mask, True where attention is allowed; default causal.
         cache: a `moekit.infer.KVCache`; the tokens are appended to it and attend to it.
         valid: with a cache, (B, S) bool marking real tokens (False: left padding).
-        causal_routing: force expert-choice routers into their causal mode.
+        causal_routing: inference routing (generation, serving, evaluation): expert-choice
+            routers run their causal mode and token choice is dropless (no capacity), so a
+            token's output depends neither on later tokens nor on other rows of the batch.
         top_k: experts per token for this call instead of the config's: an int, or (B,) one
             count per sequence (rows of a serving batch may ask for different counts).
         return_routing: fill `MoEStats.routing` with each token's experts and weights.
