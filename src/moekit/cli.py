@@ -113,6 +113,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.target)
     info = summary(cfg, context=args.context)
     info = {"name": args.target, **info}
+    tuned = Path(args.target) / "finetune.json"
+    if tuned.is_file():
+        t = json.loads(tuned.read_text())
+        info["finetune"] = {
+            k: t[k]
+            for k in ("method", "base", "trainable_params", "total_params", "trainable_fraction")
+            if k in t
+        }
+        if "esft_experts" in t:
+            info["finetune"]["esft_experts"] = t["esft_experts"]
     if args.json:
         _print_json(info)
         return 0
@@ -142,6 +152,16 @@ def _print_info_table(info: dict[str, Any]) -> None:
         table.add_row("experts, top-k", f"{info['num_experts']}, {info['top_k']}")
     for dtype, n in info["weight_memory_bytes"].items():
         table.add_row(f"weights in {dtype}", _bytes(n))
+    tuned = info.get("finetune")
+    if tuned:
+        table.add_row("fine-tuned from", f"{tuned['base']} ({tuned['method']})")
+        table.add_row(
+            "trained parameters",
+            f"{_human(tuned['trainable_params'])} of {_human(tuned['total_params'])} "
+            f"({tuned['trainable_fraction']:.2%})",
+        )
+        for layer, experts in tuned.get("esft_experts", {}).items():
+            table.add_row(f"experts trained, layer {layer}", ", ".join(map(str, experts)))
     console.print(table)
 
     breakdown = Table(title="parameters by part")
@@ -405,14 +425,192 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_upcycle(args: argparse.Namespace) -> int:
+    from moekit.bench.upcycle import bench_upcycle
+    from moekit.train.config import resolve_run_config
+    from moekit.train.trainer import NonFiniteLossError, TrainingInterruptedError
+
+    config = args.config if args.config or args.preset else "demo"
+    cfg = resolve_run_config(
+        config_file=_recipe_or_file(config), preset=args.preset, overrides=args.overrides
+    )
+    try:
+        summary = bench_upcycle(
+            cfg,
+            args.out,
+            dense_steps=args.dense_steps,
+            steps=args.steps,
+            granularity=args.granularity,
+            noise=args.noise,
+            dense_continue=not args.no_dense_continue,
+            verbose=not args.quiet,
+        )
+    except TrainingInterruptedError as e:
+        print(f"{e}\n(run the same command again to continue)", file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteLossError as e:
+        print(f"moekit bench upcycle: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(summary)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"Sparse upcycling: {summary['dense_steps']} dense steps, then {summary['steps']} "
+        f"MoE steps ({summary['num_experts']} experts, top-{summary['top_k']})"
+    )
+    for col in ("run", "total params", "active params", "steps", "val loss"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for name, r in summary["runs"].items():
+        table.add_row(
+            name,
+            _human(r["total_params"]),
+            _human(r["active_params"]),
+            f"{r['steps']:,}",
+            f"{r['val_loss']:.4f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"upcycled - scratch: {summary['upcycled_minus_scratch']:+.4f} validation loss "
+        f"(negative: the upcycled model is ahead); plot: {Path(args.out) / 'upcycle.png'}"
+    )
+    return 0
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from moekit.train.config import finetune_run_config, resume_run_config
+    from moekit.train.trainer import NonFiniteLossError, TrainingInterruptedError, train
+
+    bases = [a for a in args.positional if "=" not in a]
+    overrides = [a for a in args.positional if "=" in a]
+    if len(bases) > 1:
+        raise ValueError(f"expected one base model directory, got {bases}")
+    for flag, key in (
+        (args.lora_rank, "finetune.lora.rank"),
+        (args.lora_alpha, "finetune.lora.alpha"),
+        (args.esft_coverage, "finetune.esft_coverage"),
+    ):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    if args.lora_targets:
+        overrides.append(f"finetune.lora.targets={json.dumps(args.lora_targets.split(','))}")
+    if args.resume:
+        if bases or args.data:
+            raise ValueError(
+                "--resume continues the run in --out with its own base model and data; "
+                "do not pass BASE_DIR or --data"
+            )
+        cfg = resume_run_config(args.out, overrides)
+    else:
+        if not bases or not args.data:
+            raise ValueError("a BASE_DIR and --data FILE.jsonl are required")
+        cfg = finetune_run_config(
+            bases[0],
+            args.data,
+            method=args.method,
+            config_file=args.config,
+            overrides=overrides,
+        )
+    try:
+        result = train(cfg, args.out, resume=args.resume, verbose=not args.quiet)
+    except TrainingInterruptedError as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteLossError as e:
+        print(f"moekit finetune: {e}", file=sys.stderr)
+        return 1
+    summary = json.loads((Path(args.out) / "finetune.json").read_text())
+    figures = {
+        "run_dir": args.out,
+        "method": summary["method"],
+        "steps": result.step,
+        "val_loss": result.val_loss,
+        "trainable_params": summary["trainable_params"],
+        "total_params": summary["total_params"],
+        "trainable_fraction": summary["trainable_fraction"],
+    }
+    if "esft_experts" in summary:
+        figures["esft_experts"] = summary["esft_experts"]
+    if args.json:
+        _print_json(figures)
+        return 0
+    _print_run_summary(
+        Path(args.out), {**figures, "tokens": result.tokens, "seconds": result.seconds}
+    )
+    print(
+        f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters "
+        f"({summary['trainable_fraction']:.2%}) with {summary['method']}"
+    )
+    return 0
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from moekit.finetune.upcycle import upcycle
+
+    cfg = upcycle(
+        args.dense_dir,
+        args.out,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        granularity=args.granularity,
+        noise=args.noise,
+        seed=args.seed,
+    )
+    figures = {
+        "out": args.out,
+        "total_params": cfg.num_params(),
+        "active_params": cfg.num_active_params(),
+    }
+    if args.json:
+        _print_json(figures)
+    else:
+        moe = cfg.moe
+        assert moe is not None
+        print(
+            f"upcycled into {args.out}: {moe.num_experts} experts, top-{moe.top_k}; "
+            f"{_human(figures['total_params'])} parameters, "
+            f"{_human(figures['active_params'])} active"
+        )
+    return 0
+
+
 # ---- convert -------------------------------------------------------------------------------
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from moekit.interop.hf import HFCheckpoint, architecture_of, export_hf, import_hf
 
-    if bool(args.from_hf) == bool(args.to_hf):
-        raise ValueError("give exactly one of --from-hf HF_DIR or --to-hf MODEL_DIR")
+    if sum(map(bool, (args.from_hf, args.to_hf, args.to_peft))) != 1:
+        raise ValueError(
+            "give exactly one of --from-hf HF_DIR, --to-hf MODEL_DIR or --to-peft ADAPTER_DIR"
+        )
+    if args.to_peft:
+        from moekit.finetune.peft import PEFT_CONFIG, export_peft
+
+        out = export_peft(
+            args.to_peft, args.out, architecture=args.arch, base_model_name_or_path=args.base_hf
+        )
+        peft_cfg = json.loads((out / PEFT_CONFIG).read_text())
+        figures = {
+            "direction": "to-peft",
+            "out": args.out,
+            "target_modules": len(peft_cfg["target_modules"]),
+            "target_parameters": len(peft_cfg["target_parameters"]),
+        }
+        if args.json:
+            _print_json(figures)
+        else:
+            print(
+                f"wrote a PEFT LoRA adapter to {args.out}: {figures['target_modules']} modules, "
+                f"{figures['target_parameters']} parameters (routers, experts)"
+            )
+        return 0
     if args.from_hf:
         arch = architecture_of(HFCheckpoint(args.from_hf).config).name
         cfg = import_hf(args.from_hf, args.out, dtype=args.dtype)
@@ -570,6 +768,24 @@ def _add_sampling_flags(p: argparse.ArgumentParser, *, default_temperature: floa
 # ---- parser --------------------------------------------------------------------------------
 
 
+def _add_run_arguments(
+    parser: argparse.ArgumentParser, *, config_help: str, out_help: str, json_help: str
+) -> None:
+    """The arguments of the commands that train from a run config: dotted overrides,
+    --config, --preset, --out, --quiet and --json."""
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. train.max_steps=200 model.moe.num_experts=16",
+    )
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--preset", help="start the model section from this preset")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moekit import __version__
 
@@ -596,18 +812,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model and write a model directory",
         description=_doc("moekit.train.trainer", "train"),
     )
-    tr.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="dotted overrides, e.g. train.max_steps=200 model.moe.num_experts=16",
+    _add_run_arguments(
+        tr,
+        config_help="a YAML/JSON run config, or a built-in recipe name (demo)",
+        out_help="the run / model directory to write",
+        json_help="print the final figures as JSON",
     )
-    tr.add_argument("--config", help="a YAML/JSON run config, or a built-in recipe name (demo)")
-    tr.add_argument("--preset", help="start the model section from this preset")
-    tr.add_argument("--out", required=True, help="the run / model directory to write")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
-    tr.add_argument("--quiet", action="store_true", help="no progress output")
-    tr.add_argument("--json", action="store_true", help="print the final figures as JSON")
     tr.set_defaults(func=cmd_train)
 
     cmp_ = sub.add_parser(
@@ -615,16 +826,76 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an MoE and dense baselines on the same data and tokens",
         description=_doc("moekit.train.compare", "compare"),
     )
-    cmp_.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-    cmp_.add_argument("--config", help="a YAML/JSON run config, or a recipe name (demo)")
-    cmp_.add_argument("--preset", help="start the model section from this preset")
-    cmp_.add_argument("--out", required=True, help="directory for the runs and the comparison")
+    _add_run_arguments(
+        cmp_,
+        config_help="a YAML/JSON run config, or a recipe name (demo)",
+        out_help="directory for the runs and the comparison",
+        json_help="print the figures as JSON",
+    )
     cmp_.add_argument(
         "--dense-total", action="store_true", help="also train a dense model of equal total size"
     )
-    cmp_.add_argument("--quiet", action="store_true", help="no progress output")
-    cmp_.add_argument("--json", action="store_true", help="print the figures as JSON")
     cmp_.set_defaults(func=cmd_compare)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a model directory on prompt/completion or chat examples",
+        description=_doc("moekit.finetune.config", "FinetuneConfig"),
+    )
+    # One positional list (the base directory is its item without "="): with a separate
+    # optional BASE_DIR, `--resume --out D train.lr=1e-4` would take the override for it.
+    ft.add_argument(
+        "positional",
+        nargs="*",
+        metavar="BASE_DIR [KEY=VALUE ...]",
+        help="the model directory to start from (not with --resume), then dotted overrides, "
+        "e.g. train.max_steps=500 finetune.lora.dropout=0.05",
+    )
+    ft.add_argument("--data", help="a .jsonl file of examples")
+    ft.add_argument("--out", required=True, help="the fine-tuned model directory to write")
+    ft.add_argument(
+        "--method",
+        choices=["lora", "full", "esft"],
+        default="lora",
+        help="lora: low-rank adapters only (default); full: every weight; esft: only the experts "
+        "the data routes to most",
+    )
+    ft.add_argument("--lora-rank", type=int, default=None, help="adapter rank (default 8)")
+    ft.add_argument(
+        "--lora-alpha", type=float, default=None, help="update scale alpha / rank (default 16)"
+    )
+    ft.add_argument(
+        "--lora-targets",
+        help="comma-separated weight-name patterns (default: attention, experts, shared "
+        "experts and dense MLPs; add *.ffn.router to adapt routers)",
+    )
+    ft.add_argument(
+        "--esft-coverage",
+        type=float,
+        default=None,
+        help="esft: per layer, train the fewest experts holding this share of the routing "
+        "weight (default 0.5)",
+    )
+    ft.add_argument("--config", help="a YAML/JSON file with train/finetune sections")
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out")
+    ft.add_argument("--quiet", action="store_true", help="no progress output")
+    ft.add_argument("--json", action="store_true", help="print the final figures as JSON")
+    ft.set_defaults(func=cmd_finetune)
+
+    up = sub.add_parser(
+        "upcycle",
+        help="turn a dense model directory into an MoE (sparse upcycling)",
+        description=_doc("moekit.finetune.upcycle", "upcycle"),
+    )
+    up.add_argument("dense_dir")
+    up.add_argument("--experts", type=int, default=8)
+    up.add_argument("--top-k", type=int, default=2)
+    up.add_argument("--granularity", type=int, default=1, help="fine-grained slices per copy")
+    up.add_argument("--noise", type=float, default=0.0, help="multiplicative noise on copies")
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--out", required=True)
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=cmd_upcycle)
 
     conv = sub.add_parser(
         "convert",
@@ -635,6 +906,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("--from-hf", metavar="HF_DIR", help="import this Hugging Face checkpoint")
     conv.add_argument("--to-hf", metavar="MODEL_DIR", help="export this moekit model directory")
+    conv.add_argument(
+        "--to-peft",
+        metavar="ADAPTER_DIR",
+        help="write this LoRA adapter (or a LoRA fine-tuned model's adapter/) in PEFT's format, "
+        "for the base model exported with --to-hf",
+    )
+    conv.add_argument(
+        "--arch",
+        help="with --to-peft: the architecture the base was exported as (default: the one "
+        "--to-hf picks)",
+    )
+    conv.add_argument(
+        "--base-hf",
+        default="",
+        help="with --to-peft: the exported base's path or hub name, recorded for PEFT",
+    )
     conv.add_argument("--out", required=True, help="the directory to write")
     conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                       help="convert the weights (default: keep them as stored)")  # fmt: skip
@@ -725,6 +1012,28 @@ def build_parser() -> argparse.ArgumentParser:
     bsrv.add_argument("--new-tokens", type=int, default=32, help="tokens per request")
     bsrv.add_argument("--json", action="store_true", help="print JSON")
     bsrv.set_defaults(func=cmd_bench_serve)
+    bup = bench_sub.add_parser(
+        "upcycle",
+        help="upcycled dense model vs the same MoE from scratch, same steps",
+        description=_doc("moekit.bench.upcycle", "bench_upcycle"),
+    )
+    _add_run_arguments(
+        bup,
+        config_help="run config or recipe (default: demo, unless --preset is given)",
+        out_help="directory for the runs and the figures",
+        json_help="print JSON",
+    )
+    bup.add_argument("--dense-steps", type=int, default=300, help="steps of the dense model")
+    bup.add_argument("--steps", type=int, default=300, help="MoE steps, upcycled and scratch")
+    bup.add_argument("--granularity", type=int, default=1, help="fine-grained slices per copy")
+    bup.add_argument("--noise", type=float, default=0.0, help="multiplicative noise on copies")
+    bup.add_argument(
+        "--no-dense-continue",
+        action="store_true",
+        help="skip the dense model trained for the same extra steps",
+    )
+    bup.set_defaults(func=cmd_bench_upcycle)
+
     btrain = bench_sub.add_parser(
         "train",
         help="training step throughput: ours vs transformers' Mixtral",
@@ -744,7 +1053,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tune_cpu_allocator()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Dotted overrides after options ("BASE --out D train.lr=1e-4") are left over by
+        # argparse once a positional list has been matched; they belong to that list.
+        slot = next((n for n in ("overrides", "positional") if hasattr(args, n)), None)
+        if slot is None or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, slot).extend(extra)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -65,6 +65,10 @@ class TokenizedData:
     val: Tensor
     val_by_domain: dict[str, Tensor]
     stats: dict[str, Any]
+    # Which tokens are prediction targets (supervised fine-tuning: the completions only);
+    # None: every token, as in language-model pre-training.
+    train_mask: Tensor | None = None
+    val_mask: Tensor | None = None
 
 
 def prepare_data(
@@ -177,11 +181,21 @@ class PackedLoader:
 
     Each epoch visits the rows in the order of `torch.randperm` seeded with `seed + epoch` (row
     order when `shuffle=False`) and drops the last partial batch. `next_batch()` returns
-    (inputs, targets), both (batch_size, seq_len): rows[:, :-1] and rows[:, 1:].
+    (inputs, targets), both (batch_size, seq_len): rows[:, :-1] and rows[:, 1:]; with a
+    `loss_mask`, targets whose mask is False are -100 (ignored by the loss).
     """
 
-    def __init__(self, rows: Tensor, batch_size: int, *, seed: int, shuffle: bool = True) -> None:
-        """`rows` is an integer (N, seq_len + 1) tensor with N >= batch_size."""
+    def __init__(
+        self,
+        rows: Tensor,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        loss_mask: Tensor | None = None,
+    ) -> None:
+        """`rows` is an integer (N, seq_len + 1) tensor with N >= batch_size; `loss_mask`, if
+        given, a bool tensor of the same shape marking the tokens to predict."""
         if rows.dim() != 2 or rows.shape[1] < 2:
             raise ValueError(
                 f"rows must be (N, seq_len + 1) with seq_len >= 1, got {tuple(rows.shape)}"
@@ -195,7 +209,12 @@ class PackedLoader:
                 f"batch_size={batch_size} is invalid: larger than the {rows.shape[0]} rows of "
                 "data; use a smaller batch_size or seq_len, or more data"
             )
+        if loss_mask is not None and loss_mask.shape != rows.shape:
+            raise ValueError(
+                f"loss_mask {tuple(loss_mask.shape)} must match rows {tuple(rows.shape)}"
+            )
         self.rows = rows
+        self.loss_mask = loss_mask
         self.batch_size = batch_size
         self.seed = int(seed)
         self.shuffle = shuffle
@@ -228,11 +247,12 @@ class PackedLoader:
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """The next (inputs, targets) pair, each (batch_size, seq_len) and contiguous."""
         start = self._index * self.batch_size
-        batch = self.rows[self._epoch_order()[start : start + self.batch_size]]
+        picked = self._epoch_order()[start : start + self.batch_size]
         self._index += 1
         if self._index == self.batches_per_epoch:
             self._epoch, self._index, self._order = self._epoch + 1, 0, None
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        mask = self.loss_mask[picked] if self.loss_mask is not None else None
+        return _inputs_targets(self.rows[picked], mask)
 
     def state_dict(self) -> dict[str, Any]:
         """The position of the next batch and what it depends on (JSON-serialisable)."""
@@ -268,10 +288,23 @@ class PackedLoader:
         self._epoch, self._index, self._order = epoch, index, None
 
 
-def iter_eval_batches(rows: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (inputs, targets) over `rows` in order, the last batch possibly smaller."""
+IGNORE_INDEX = -100  # what torch's cross-entropy skips
+
+
+def _inputs_targets(batch: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    if mask is not None:
+        targets = targets.masked_fill(~mask[:, 1:], IGNORE_INDEX)
+    return inputs, targets
+
+
+def iter_eval_batches(
+    rows: Tensor, batch_size: int, loss_mask: Tensor | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (inputs, targets) over `rows` in order, the last batch possibly smaller (targets
+    outside `loss_mask` are -100)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive int")
     for start in range(0, rows.shape[0], batch_size):
-        batch = rows[start : start + batch_size]
-        yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        mask = loss_mask[start : start + batch_size] if loss_mask is not None else None
+        yield _inputs_targets(rows[start : start + batch_size], mask)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +57,21 @@ def register_backend(
     return wrap
 
 
+class ExpertAdapter(Protocol):
+    """A low-rank update of one stacked projection (see moekit.finetune.lora), computed per
+    expert in the same three ways the backends compute the projection itself."""
+
+    def grouped(self, x_SI: Tensor, counts_E: Tensor) -> Tensor: ...
+    def one(self, x_NI: Tensor, e: int) -> Tensor: ...
+    def gathered(self, x_S1I: Tensor, expert_S: Tensor) -> Tensor: ...
+
+
 class Experts(nn.Module):
-    """E feed-forward experts with stacked weights."""
+    """E feed-forward experts with stacked weights.
+
+    `adapters` may hold a low-rank update for "w_gate", "w_up" and "w_down" (LoRA): every
+    backend adds it to the projection, batched per expert like the projection itself.
+    """
 
     w_gate: nn.Parameter | None
 
@@ -72,6 +86,29 @@ class Experts(nn.Module):
             self.register_parameter("w_gate", None)
         self.w_up = nn.Parameter(torch.empty(E, F_, D))
         self.w_down = nn.Parameter(torch.empty(E, D, F_))
+        self.adapters = nn.ModuleDict()
+
+    def _adapter(self, name: str) -> ExpertAdapter | None:
+        return self.adapters[name] if name in self.adapters else None  # type: ignore[return-value]  # noqa: SIM401 (ModuleDict has no get)
+
+    def linear_one(self, name: str, x_NI: Tensor, e: int, w_OI: Tensor | None = None) -> Tensor:
+        """Expert e's projection `name` of rows `x_NI` (`w_OI`: that expert's weight view)."""
+        w = getattr(self, name)[e] if w_OI is None else w_OI
+        out = F.linear(x_NI, w)
+        adapter = self._adapter(name)
+        return out if adapter is None else out + adapter.one(x_NI, e)
+
+    def linear_grouped(self, name: str, x_SI: Tensor, counts_E: Tensor) -> Tensor:
+        """Projection `name` of expert-sorted rows, one grouped GEMM (plus its adapter's)."""
+        out = grouped_linear(x_SI, getattr(self, name), counts_E)
+        adapter = self._adapter(name)
+        return out if adapter is None else out + adapter.grouped(x_SI, counts_E)
+
+    def linear_gathered(self, name: str, x_S1I: Tensor, expert_S: Tensor) -> Tensor:
+        """Projection `name` of each row by its own expert's gathered weight: (S, 1, O)."""
+        out = torch.bmm(x_S1I, getattr(self, name)[expert_S].transpose(1, 2))
+        adapter = self._adapter(name)
+        return out if adapter is None else out + adapter.gathered(x_S1I, expert_S)
 
     def act(self, gate: Tensor | None, up: Tensor) -> Tensor:
         if gate is None:
@@ -80,8 +117,8 @@ class Experts(nn.Module):
 
     def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert `e` on rows `x_ND` (the single-expert building block the loops use)."""
-        gate = F.linear(x_ND, self.w_gate[e]) if self.w_gate is not None else None
-        return F.linear(self.act(gate, F.linear(x_ND, self.w_up[e])), self.w_down[e])
+        gate = self.linear_one("w_gate", x_ND, e) if self.w_gate is not None else None
+        return self.linear_one("w_down", self.act(gate, self.linear_one("w_up", x_ND, e)), e)
 
     def init_weights(
         self, std: float, out_std: float, generator: torch.Generator | None = None
@@ -156,9 +193,10 @@ def sliced_experts(
         if n:
             rows = slice(start, start + n)
             x = x_SD[rows]
-            gate = F.linear(x, w_gate[e]) if w_gate is not None else None
-            h = ex.act(gate, F.linear(x, w_up[e]))
-            outs.append(_scaled_down(ex, h, scale_S[rows], partial(F.linear, weight=w_down[e])))
+            gate = ex.linear_one("w_gate", x, e, w_gate[e]) if w_gate is not None else None
+            h = ex.act(gate, ex.linear_one("w_up", x, e, w_up[e]))
+            down = partial(ex.linear_one, "w_down", e=e, w_OI=w_down[e])
+            outs.append(_scaled_down(ex, h, scale_S[rows], down))
             start += n
     if not outs:
         return x_SD.new_zeros(0, ex.dim)
@@ -234,9 +272,9 @@ def grouped_linear(x_SD: Tensor, w_ENK: Tensor, counts_E: Tensor) -> Tensor:
 def grouped_experts(
     x_SD: Tensor, expert_S: Tensor, counts_E: Tensor, scale_S: Tensor, ex: Experts
 ) -> Tensor:
-    gate = grouped_linear(x_SD, ex.w_gate, counts_E) if ex.w_gate is not None else None
-    h_SF = ex.act(gate, grouped_linear(x_SD, ex.w_up, counts_E))
-    return _scaled_down(ex, h_SF, scale_S, lambda h: grouped_linear(h, ex.w_down, counts_E))
+    gate = ex.linear_grouped("w_gate", x_SD, counts_E) if ex.w_gate is not None else None
+    h_SF = ex.act(gate, ex.linear_grouped("w_up", x_SD, counts_E))
+    return _scaled_down(ex, h_SF, scale_S, lambda h: ex.linear_grouped("w_down", h, counts_E))
 
 
 @register_backend("gather", needs_sorted=False, description="gathered weights + bmm (decode)")
@@ -244,10 +282,10 @@ def gather_experts(
     x_SD: Tensor, expert_S: Tensor, counts_E: Tensor, scale_S: Tensor, ex: Experts
 ) -> Tensor:
     x_S1D = x_SD.unsqueeze(1)
-    up = torch.bmm(x_S1D, ex.w_up[expert_S].transpose(1, 2))
-    gate = torch.bmm(x_S1D, ex.w_gate[expert_S].transpose(1, 2)) if ex.w_gate is not None else None
+    up = ex.linear_gathered("w_up", x_S1D, expert_S)
+    gate = ex.linear_gathered("w_gate", x_S1D, expert_S) if ex.w_gate is not None else None
     h = ex.act(gate, up) * scale_S.to(up.dtype).view(-1, 1, 1)
-    return torch.bmm(h, ex.w_down[expert_S].transpose(1, 2)).squeeze(1)
+    return ex.linear_gathered("w_down", h, expert_S).squeeze(1)
 
 
 def select_backend(

@@ -46,15 +46,23 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim, dtype=torch.float32))
         # A selection-only bias for aux-loss-free balancing; None for routers without one.
         self.register_buffer("selection_bias", None)
+        # A low-rank update of the router weight (LoRA on the router), when fine-tuning.
+        self.adapter: nn.Module | None = None
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
         if self.training and self.cfg.router_jitter > 0:
             eps = self.cfg.router_jitter
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        if not torch.is_autocast_enabled(x_TD.device.type):
-            return F.linear(x_TD.float(), self.weight.float())
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.weight.float())
+        if torch.is_autocast_enabled(x_TD.device.type):
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                return self._logits(x_TD.float())
+        return self._logits(x_TD.float())
+
+    def _logits(self, x_TD: Tensor) -> Tensor:
+        logits_TE = F.linear(x_TD, self.weight.float())
+        if self.adapter is not None and not self.adapter.merged:
+            logits_TE = logits_TE + self.adapter(x_TD)
+        return logits_TE
 
     def probs(self, logits_TE: Tensor) -> Tensor:
         """Per-token scores normalised to sum to 1 (what the load-balancing loss uses)."""

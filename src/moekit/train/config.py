@@ -19,6 +19,7 @@ from moekit.config import (
     _fail,
 )
 from moekit.data.config import DataConfig
+from moekit.finetune.config import FinetuneConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -55,6 +56,7 @@ class TrainConfig(_ConfigBase):
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     samples: list[str] = field(default_factory=lambda: ["def ", "The ", "12 + 7 = ", '{"name": '])
     sample_tokens: int = 48
+    init_from: str | None = None  # a model directory whose weights start the run
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -98,11 +100,17 @@ class TrainConfig(_ConfigBase):
 class RunConfig(_ConfigBase):
     """Everything a training run needs; written to the run directory as run.json."""
 
-    _nested = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}  # noqa: RUF012
+    _nested = {  # noqa: RUF012
+        "model": ModelConfig,
+        "data": DataConfig,
+        "train": TrainConfig,
+        "finetune": FinetuneConfig,
+    }
 
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig | None = None  # set: fine-tune `finetune.base` instead of pre-train
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
@@ -112,21 +120,24 @@ class RunConfig(_ConfigBase):
             )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": self.model.to_dict(),
             "data": self.data.to_dict(),
             "train": self.train.to_dict(),
         }
+        if self.finetune is not None:
+            out["finetune"] = self.finetune.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         if not isinstance(data, dict):
             raise TypeError(f"run config: expected an object, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"model", "data", "train"})
+        unknown = sorted(set(data) - {"model", "data", "train", "finetune"})
         if unknown:
             raise ValueError(
                 f"run config: unknown section(s) {', '.join(unknown)}; sections are model, "
-                "data, train"
+                "data, train, finetune"
             )
         if "model" not in data:
             raise ValueError("run config: a 'model' section (or --preset) is required")
@@ -134,6 +145,7 @@ class RunConfig(_ConfigBase):
             model=ModelConfig.from_dict(data["model"]),
             data=DataConfig.from_dict(data.get("data") or {}),
             train=TrainConfig.from_dict(data.get("train") or {}),
+            finetune=FinetuneConfig.from_dict(data["finetune"]) if data.get("finetune") else None,
         )
 
     def to_json(self) -> str:
@@ -275,6 +287,50 @@ def resolve_run_config(
                 data[section] = values
     data = apply_overrides(data, overrides or [])
     return RunConfig.from_dict(data)
+
+
+FINETUNE_TRAIN_DEFAULTS = {
+    "max_steps": 200,
+    "batch_size": 8,
+    "lr": 2e-4,
+    "warmup_steps": 20,
+    "min_lr_ratio": 0.1,
+    "weight_decay": 0.0,
+    "eval_every": 50,
+    "eval_batches": 20,
+    "log_every": 10,
+    "save_every": 100,
+}
+
+
+def finetune_run_config(
+    base: str | Path,
+    data: str | Path,
+    *,
+    method: str = "lora",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """The run config to fine-tune the model directory `base` on the examples in `data`:
+    its model section is the base model's own; train defaults suit fine-tuning (a lower
+    learning rate, fewer steps); a config file and dotted overrides apply on top."""
+    from moekit.config import ModelConfig as _Model
+
+    base_cfg = _Model.load(base)
+    seq_len = min(256, base_cfg.max_seq_len)
+    out: dict[str, Any] = {
+        "model": base_cfg.to_dict(),
+        "train": {**FINETUNE_TRAIN_DEFAULTS, "seq_len": seq_len},
+        "finetune": {"base": str(base), "data": str(data), "method": method},
+    }
+    if config_file is not None:
+        for section, values in read_config_file(config_file).items():
+            if section == "model":
+                raise ValueError("a fine-tuning config cannot change the model section")
+            out[section] = (
+                _merge(out.get(section, {}), values) if isinstance(values, dict) else values
+            )
+    return RunConfig.from_dict(apply_overrides(out, overrides or []))
 
 
 def resume_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -49,9 +49,9 @@ def expert_load(trainer: Trainer) -> dict[int, list[float]]:
 def samples(trainer: Trainer) -> list[dict[str, str]]:
     tc, tok = trainer.cfg.train, trainer.tokenizer
     out = []
-    for prompt in tc.samples:
+    for prompt in trainer.sample_prompts:
         ids = greedy_generate(
-            trainer.model, tok.encode(prompt), tc.sample_tokens, eos_id=tok.eos_id
+            trainer.model, tok.encode_prompt(prompt), tc.sample_tokens, eos_id=tok.eos_id
         )
         out.append({"prompt": prompt, "completion": tok.decode(ids)})
     return out
@@ -125,7 +125,7 @@ def write_training_report(trainer: Trainer, result: TrainResult) -> Path:
     generated = samples(trainer)
     atomic_write_text(out / "samples.json", json.dumps(generated, indent=2) + "\n")
     cfg = trainer.cfg.model
-    summary = {
+    summary: dict[str, Any] = {
         "steps": result.step,
         "tokens": result.tokens,
         "train_seconds": result.seconds,
@@ -137,6 +137,8 @@ def write_training_report(trainer: Trainer, result: TrainResult) -> Path:
         "expert_load": {str(k): v for k, v in load.items()},
         "data": trainer.data.stats,
     }
+    if trainer.tuning is not None:
+        summary["finetune"] = trainer.tuning.summary_line()
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.html", _html(trainer, summary, generated, out))
     return out
@@ -161,6 +163,11 @@ def _html(
         for s in generated
     )
     val = summary["val_loss"]
+    tuned = (
+        f"<tr><th>fine-tuning</th><td>{esc(summary['finetune'])}</td></tr>"
+        if "finetune" in summary
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>moekit training report</title>
 <style>
@@ -178,7 +185,7 @@ pre {{ margin: 0; white-space: pre-wrap; font-size: 13px; }}
 {summary["train_seconds"]:.0f}</td></tr>
 <tr><th>final validation loss</th><td>{"n/a" if val is None else f"{val:.4f}"}</td></tr>
 <tr><th>skipped non-finite steps</th><td>{summary["skipped_steps"]}</td></tr>
-</table>
+{tuned}</table>
 <h2>Loss</h2>{_img(out / "loss.png")}
 <table><tr><th>domain</th><th>validation loss</th></tr>{domains}</table>
 <h2>Expert load</h2>{_img(out / "expert_load.png") or "<p>dense model: no experts</p>"}

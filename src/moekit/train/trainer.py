@@ -27,8 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.data.loader import PackedLoader, TokenizedData, iter_eval_batches, prepare_data
+from moekit.data.loader import (
+    IGNORE_INDEX,
+    PackedLoader,
+    TokenizedData,
+    iter_eval_batches,
+    prepare_data,
+)
 from moekit.data.tokenizer import Tokenizer
+from moekit.finetune.tuning import FineTuning
 from moekit.io import atomic_write_text, save_model
 from moekit.nn.transformer import Transformer, build_model
 from moekit.train.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
@@ -100,14 +107,15 @@ def optimizer_step(
     grad_clip: float,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     on_stats: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
+    balance_routers: bool = True,
 ) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches of (inputs, targets).
 
     Loss = next-token cross-entropy + the model's weighted router losses, averaged over the
     micro-batches. A non-finite loss or gradient norm skips the update (`finite=False` in the
-    result). After a good update the routers' aux-loss-free biases take one step from the
-    routed counts summed over the micro-batches. `on_stats(layer, counts, dropped, entropy)`
-    sees every MoE layer's statistics of every micro-batch.
+    result). After a good update (and with `balance_routers`) the routers' aux-loss-free biases
+    take one step from the routed counts summed over the micro-batches. `on_stats(layer, counts,
+    dropped, entropy)` sees every MoE layer's statistics of every micro-batch.
     """
     model.train()
     device = next(model.parameters()).device
@@ -135,7 +143,8 @@ def optimizer_step(
     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
-        model.update_router_biases(counts)
+        if balance_routers:
+            model.update_router_biases(counts)
     optimizer.zero_grad(set_to_none=True)
     return {
         "loss": loss_sum / grad_accum,
@@ -167,21 +176,44 @@ class Trainer:
 
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
-        tokenizer = Tokenizer.load(self.run_dir) if checkpoint else None
-        self.tokenizer, self.data = self._prepare_data(tokenizer)
+        self.sample_prompts = list(tc.samples)
+        self.tuning: FineTuning | None = None
+        if cfg.finetune is not None:
+            self.tuning = FineTuning(cfg.finetune, self.run_dir, resume=checkpoint is not None)
+            self.tokenizer, self.data = self.tuning.prepare_data(tc.seq_len, tc.seed, cfg.model)
+            self.sample_prompts = self.tuning.sample_prompts()
+            self._say(self.tuning.data_line(self.data))
+        else:
+            tokenizer = None
+            if checkpoint is not None:
+                tokenizer = Tokenizer.load(self.run_dir)
+            elif tc.init_from is not None and (Path(tc.init_from) / "tokenizer.json").is_file():
+                tokenizer = Tokenizer.load(tc.init_from)  # keep the source model's vocabulary
+            self.tokenizer, self.data = self._prepare_data(tokenizer)
         # Validation sets in a fixed shuffled order: with `eval_batches` capping an evaluation,
         # the rows it sees are a sample of every document, not the first documents only.
         gen = torch.Generator().manual_seed(tc.seed)
-        self.val_rows = self.data.val[torch.randperm(len(self.data.val), generator=gen)]
+        order = torch.randperm(len(self.data.val), generator=gen)
+        self.val_rows = self.data.val[order]
+        self.val_mask = self.data.val_mask[order] if self.data.val_mask is not None else None
         self.val_rows_by_domain = {
             name: rows[torch.randperm(len(rows), generator=gen)]
             for name, rows in self.data.val_by_domain.items()
             if len(rows)
         }
         self.model: Transformer = build_model(cfg.model, device=self.device, seed=tc.seed)
+        if tc.init_from is not None and checkpoint is None:
+            self._init_from(Path(tc.init_from))
+        if self.tuning is not None:
+            self.tuning.prepare_model(self.model, self.data, tc.batch_size)
+            self._say(self.tuning.summary_line())
         self.optimizer = build_optimizer(self.model, tc)
+        if self.tuning is not None:
+            self.tuning.attach(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, tc)
-        self.loader = PackedLoader(self.data.train, tc.batch_size, seed=tc.seed)
+        self.loader = PackedLoader(
+            self.data.train, tc.batch_size, seed=tc.seed, loss_mask=self.data.train_mask
+        )
         self.step = 0
         self.tokens = 0
         self.skipped = 0
@@ -195,6 +227,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(self.run_dir / "tokenizer.json")
         atomic_write_text(self.run_dir / RUN_CONFIG_NAME, cfg.to_json())
+        if self.tuning is not None:
+            self.tuning.write_files()
         self._signal: int | None = None
 
     # ---- set-up ------------------------------------------------------------------------
@@ -213,7 +247,7 @@ class Trainer:
                 "without --resume"
             )
         saved = RunConfig.from_dict(_read_json(self.run_dir / RUN_CONFIG_NAME))
-        for section in ("model", "data"):
+        for section in ("model", "data", "finetune"):
             if getattr(saved, section) != getattr(cfg, section):
                 raise ValueError(
                     f"--resume: the {section} section differs from the run's {RUN_CONFIG_NAME}; "
@@ -249,6 +283,19 @@ class Trainer:
             group.update(weight_decay=decay, betas=(tc.beta1, tc.beta2), eps=tc.eps)
             group["lr"] = tc.lr * lr_factor(self.step, tc)
         self.scheduler.base_lrs = [tc.lr] * len(self.optimizer.param_groups)
+
+    def _init_from(self, source: Path) -> None:
+        """Start from another model directory's weights (continued pre-training, e.g. after
+        upcycling); its config must describe the same model."""
+        from moekit.config import ModelConfig
+        from moekit.io import load_state_checked, load_weights
+
+        theirs = ModelConfig.load(source)
+        if theirs != self.cfg.model:
+            raise ValueError(
+                f"train.init_from: {source} holds a different model than the model section"
+            )
+        load_state_checked(self.model, load_weights(source, self.device), str(source))
 
     def _prepare_data(self, tokenizer: Tokenizer | None) -> tuple[Tokenizer, TokenizedData]:
         tc = self.cfg.train
@@ -377,6 +424,8 @@ class Trainer:
             grad_clip=tc.grad_clip,
             autocast=self._autocast,
             on_stats=routing.add,
+            # Fine-tuning that freezes the routers (LoRA, ESFT) freezes their balancing biases.
+            balance_routers=self.tuning is None or self.tuning.cfg.method == "full",
         )
         with warnings.catch_warnings():
             # A skipped step still advances the schedule: it counts as a step of the run.
@@ -390,7 +439,7 @@ class Trainer:
         batches each, the same rows every time). Expert-choice models are evaluated in their
         causal routing mode."""
         self.model.eval()
-        overall = self._eval_loss(self.val_rows) if len(self.val_rows) else math.nan
+        overall = self._eval_loss(self.val_rows, self.val_mask) if len(self.val_rows) else math.nan
         losses = {name: self._eval_loss(rows) for name, rows in self.val_rows_by_domain.items()}
         self.model.train()
         return {
@@ -404,26 +453,30 @@ class Trainer:
             "val_ppl_by_domain": {k: math.exp(min(v, 50.0)) for k, v in losses.items()},
         }
 
-    def _eval_loss(self, rows: Tensor) -> float:
+    def _eval_loss(self, rows: Tensor, mask: Tensor | None = None) -> float:
         tc = self.cfg.train
         total, count = 0.0, 0
-        for i, (inputs, targets) in enumerate(iter_eval_batches(rows, tc.batch_size)):
+        for i, (inputs, targets) in enumerate(iter_eval_batches(rows, tc.batch_size, mask)):
             if i >= tc.eval_batches:
                 break
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self._autocast():
                 logits = self.model(inputs, causal_routing=True).logits
-            n = targets.numel()
-            total += float(lm_loss(logits, targets)) * n
-            count += n
-        return total / max(count, 1)
+            n = int((targets != IGNORE_INDEX).sum())
+            if n:
+                total += float(lm_loss(logits, targets)) * n
+                count += n
+        return total / count if count else math.nan
 
     def save(self) -> None:
         """Write the model directory's weights and config, and a training checkpoint (once per
         step: a signal arriving on a step that was just saved does not save it again)."""
         if self._saved_step == self.step:
             return
-        save_model(self.model, self.cfg.model, self.run_dir)
+        if self.tuning is not None:
+            self.tuning.save(self.model, self.cfg.model)
+        else:
+            save_model(self.model, self.cfg.model, self.run_dir)
         save_checkpoint(
             self.run_dir,
             self.step,

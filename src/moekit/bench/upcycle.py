@@ -1,0 +1,150 @@
+"""`moekit bench upcycle`: does starting an MoE from a trained dense model pay off?
+
+1. train a dense model (`dense_steps` steps) whose MLP is as wide as `granularity` experts of
+   the configured MoE;
+2. upcycle it into that MoE (moekit.finetune.upcycle) and continue training for `steps`;
+3. train the same MoE (same config, data, seed and train settings) from scratch for `steps`;
+4. optionally (`dense_continue`) train the dense model `steps` more, the baseline that spends
+   the same extra steps without upcycling.
+
+All runs share the data, its split and the tokenizer, and are evaluated on the same
+validation rows. The upcycled model's curve starts where the dense model left off; the question
+is whether, after the same number of MoE steps, it is ahead of the MoE trained from scratch.
+Running the benchmark again continues interrupted runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from moekit.analysis.params import count_params
+from moekit.config import ModelConfig
+from moekit.io import atomic_write_text
+from moekit.train.checkpoint import latest_checkpoint
+from moekit.train.config import RunConfig, TrainConfig
+from moekit.train.metrics import read_metrics
+
+CURVE_FIELDS = {"step": "step", "tokens": "tokens", "seconds": "elapsed_s", "val_loss": "val_loss"}
+
+
+def dense_for_upcycling(moe_cfg: ModelConfig, granularity: int) -> ModelConfig:
+    """The dense model whose upcycling gives `moe_cfg`'s experts: same attention, embeddings
+    and depth; MLP width = expert width x granularity."""
+    if moe_cfg.moe is None:
+        raise ValueError("bench upcycle needs an MoE model config (model.moe is not set)")
+    dense = copy.deepcopy(moe_cfg)
+    dense.moe = None
+    dense.ffn_hidden = moe_cfg.moe.expert_hidden * granularity
+    return ModelConfig.from_dict(dense.to_dict())
+
+
+def _train_section(cfg: RunConfig, steps: int, init_from: Path | None) -> TrainConfig:
+    data = cfg.train.to_dict()
+    data.update(max_steps=steps, init_from=str(init_from) if init_from else None)
+    data["eval_every"] = min(data["eval_every"], steps)
+    data["save_every"] = min(data["save_every"], steps)
+    return TrainConfig.from_dict(data)
+
+
+def bench_upcycle(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    dense_steps: int,
+    steps: int,
+    granularity: int = 1,
+    noise: float = 0.0,
+    dense_continue: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Run the comparison described in the module docstring under `out_dir` (dense/,
+    upcycled/, scratch/, dense_continued/); write upcycle.json and upcycle.png and return the
+    figures: per run its parameters, steps, tokens, seconds, final validation loss and
+    evaluation curve, and `upcycled_minus_scratch` (negative: upcycling is ahead)."""
+    from moekit.finetune.upcycle import upcycle
+    from moekit.train.compare import _plot
+    from moekit.train.trainer import train
+
+    if dense_steps < 1 or steps < 1:
+        raise ValueError(f"dense_steps={dense_steps} and steps={steps} must be >= 1")
+    moe = cfg.model.moe
+    if moe is None:
+        raise ValueError("bench upcycle needs an MoE model config (model.moe is not set)")
+    out = Path(out_dir)
+    dense_cfg = dense_for_upcycling(cfg.model, granularity)
+
+    def run(name: str, model: ModelConfig, n: int, init_from: Path | None = None) -> Path:
+        pc = count_params(model)
+        if verbose:
+            source = f", starting from {init_from}" if init_from else ""
+            print(
+                f"== {name}: {pc.total:,} parameters, {pc.active:,} active per token, "
+                f"{n} steps{source}",
+                file=sys.stderr,
+            )
+        run_cfg = RunConfig(model=model, data=cfg.data, train=_train_section(cfg, n, init_from))
+        resume = latest_checkpoint(out / name) is not None
+        train(run_cfg, out / name, verbose=verbose, resume=resume)
+        return out / name
+
+    dense_dir = run("dense", dense_cfg, dense_steps)
+    init = out / "upcycled_init"
+    if not (init / "config.json").is_file():
+        upcycle(
+            dense_dir,
+            init,
+            num_experts=moe.num_experts,
+            top_k=moe.top_k,
+            granularity=granularity,
+            noise=noise,
+            seed=cfg.train.seed,
+            aux_loss_weight=moe.aux_loss_weight,
+            z_loss_weight=moe.z_loss_weight,
+        )
+    moe_cfg = ModelConfig.load(init)
+    runs = {
+        "upcycled": run("upcycled", moe_cfg, steps, init),
+        "scratch": run("scratch", moe_cfg, steps),
+    }
+    if dense_continue:
+        runs["dense_continued"] = run("dense_continued", dense_cfg, steps, dense_dir)
+    results: dict[str, Any] = {"dense": _figures(dense_dir, dense_cfg)}
+    for name, directory in runs.items():
+        results[name] = _figures(directory, moe_cfg if name != "dense_continued" else dense_cfg)
+    summary = {
+        "dense_steps": dense_steps,
+        "steps": steps,
+        "num_experts": moe_cfg.moe.num_experts,  # type: ignore[union-attr]
+        "top_k": moe_cfg.moe.top_k,  # type: ignore[union-attr]
+        "granularity": granularity,
+        "noise": noise,
+        "upcycled_val_loss": results["upcycled"]["val_loss"],
+        "scratch_val_loss": results["scratch"]["val_loss"],
+        "upcycled_minus_scratch": results["upcycled"]["val_loss"] - results["scratch"]["val_loss"],
+        "runs": results,
+    }
+    if dense_continue:
+        summary["dense_continued_val_loss"] = results["dense_continued"]["val_loss"]
+    atomic_write_text(out / "upcycle.json", json.dumps(summary, indent=2) + "\n")
+    _plot({k: v for k, v in results.items() if k != "dense"}, out / "upcycle.png")
+    return summary
+
+
+def _figures(directory: Path, model: ModelConfig) -> dict[str, Any]:
+    evals = [r for r in read_metrics(directory) if r["kind"] == "eval"]
+    if not evals:
+        raise ValueError(f"{directory} has no evaluation in its metrics")
+    pc = count_params(model)
+    return {
+        "total_params": pc.total,
+        "active_params": pc.active,
+        "steps": evals[-1]["step"],
+        "tokens": evals[-1]["tokens"],
+        "train_seconds": evals[-1]["elapsed_s"],
+        "val_loss": evals[-1]["val_loss"],
+        "curve": [{k: r[src] for k, src in CURVE_FIELDS.items()} for r in evals],
+    }

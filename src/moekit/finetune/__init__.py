@@ -1,0 +1,1 @@
+"""Fine-tuning: LoRA (experts too), supervised fine-tuning, expert-specialised tuning, upcycling."""

@@ -1,0 +1,178 @@
+"""Supervised fine-tuning data: prompt/completion pairs or chat messages, loss on completions.
+
+A .jsonl file holds one example per line, either
+
+    {"prompt": "Translate: cat", "completion": " chat"}
+    {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
+                  {"role": "assistant", "content": "..."}]}
+
+Chat messages are laid out with the model's chat template (moekit.infer.chat). Only the
+completion, or the assistant turns, are prediction targets; an end-of-text token closes every
+example (also a target, so the model learns to stop). Each example is one row of seq_len + 1
+tokens, padded with the pad token (never a target); an example longer than that is cut at the
+end, and one left without any target token is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.data.loader import TokenizedData
+from moekit.data.tokenizer import Tokenizer
+from moekit.infer.chat import ChatTemplate
+
+
+@dataclass
+class Example:
+    """An example as (text, is_target) segments, and where it came from (file:line)."""
+
+    segments: list[tuple[str, bool]]
+    source: str
+
+    def prompt(self) -> str:
+        """The text before the first target segment (what generation would start from)."""
+        out = []
+        for text, target in self.segments:
+            if target:
+                break
+            out.append(text)
+        return "".join(out)
+
+
+def load_examples(path: str | Path, template: ChatTemplate) -> list[Example]:
+    """Read a .jsonl file of examples; a malformed line is an error naming file and line."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"fine-tuning data {file} does not exist")
+    examples = []
+    for lineno, line in enumerate(file.read_text(encoding="utf-8-sig").split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{file}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg})") from e
+        examples.append(Example(_segments(row, template, where), f"{file.name}:{lineno}"))
+    if not examples:
+        raise ValueError(f"{file} holds no examples")
+    return examples
+
+
+def _segments(row: Any, template: ChatTemplate, where: str) -> list[tuple[str, bool]]:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with prompt/completion or messages")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: 'messages' must be a non-empty list")
+        segments: list[tuple[str, bool]] = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in template.turn:
+                raise ValueError(f"{where}: message {i} needs a role in {', '.join(template.turn)}")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: message {i} needs a text 'content'")
+            before, _, after = template.turn[m["role"]].partition("{content}")
+            target = m["role"] == "assistant"
+            segments += [(before, False), (m["content"] + after, target)]
+        if not any(t for _, t in segments):
+            raise ValueError(f"{where}: the messages have no assistant turn to learn from")
+        return segments
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+        raise ValueError(
+            f"{where}: expected 'prompt' and a non-empty 'completion' (strings), or 'messages'"
+        )
+    return [(prompt, False), (completion, True)]
+
+
+def encode_example(
+    example: Example, tokenizer: Tokenizer, seq_len: int
+) -> tuple[list[int], list[bool]]:
+    """Token ids and target flags of an example, laid out as generation will see it (the
+    tokenizer's prompt prefix, e.g. an imported model's beginning-of-sequence token, in front;
+    end-of-text appended), cut to seq_len + 1."""
+    ids: list[int] = tokenizer.prompt_prefix
+    mask: list[bool] = [False] * len(ids)
+    for text, target in example.segments:
+        if text:
+            tokens = tokenizer.encode(text)
+            ids += tokens
+            mask += [target] * len(tokens)
+    ids.append(tokenizer.eos_id)
+    mask.append(True)
+    return ids[: seq_len + 1], mask[: seq_len + 1]
+
+
+def _split(
+    examples: list[Example], val_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    def draw(e: Example) -> float:
+        digest = hashlib.sha256(f"{seed}:{e.source}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    val = [e for e in examples if draw(e) < val_fraction]
+    if val_fraction > 0 and not val and len(examples) >= 2:
+        val = [min(examples, key=draw)]
+    held = {id(e) for e in val}
+    return [e for e in examples if id(e) not in held], val
+
+
+def prepare_sft(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    *,
+    template: ChatTemplate,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[TokenizedData, list[Example]]:
+    """Rows, target masks and statistics for fine-tuning, and the validation examples."""
+    examples = load_examples(path, template)
+    train, val = _split(examples, val_fraction, seed)
+    splits = {}
+    skipped = 0
+    for name, part in (("train", train), ("val", val)):
+        rows, masks = [], []
+        for example in part:
+            ids, mask = encode_example(example, tokenizer, seq_len)
+            if not any(mask[1:]):
+                skipped += 1
+                continue
+            pad = seq_len + 1 - len(ids)
+            rows.append(ids + [tokenizer.pad_id] * pad)
+            masks.append(mask + [False] * pad)
+        shape = (len(rows), seq_len + 1)
+        splits[name] = (
+            torch.tensor(rows, dtype=torch.long).view(shape),
+            torch.tensor(masks, dtype=torch.bool).view(shape),
+        )
+    if not len(splits["train"][0]):
+        raise ValueError(f"{path}: no training example fits train.seq_len={seq_len}")
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.source, e.segments]).encode())
+    stats = {
+        "source": str(path),
+        "fingerprint": digest.hexdigest(),
+        "examples": len(examples),
+        "train_examples": len(splits["train"][0]),
+        "val_examples": len(splits["val"][0]),
+        "skipped_too_long": skipped,
+        "target_tokens": int(splits["train"][1][:, 1:].sum()),
+    }
+    data = TokenizedData(
+        train=splits["train"][0],
+        val=splits["val"][0],
+        val_by_domain={},
+        stats=stats,
+        train_mask=splits["train"][1],
+        val_mask=splits["val"][1],
+    )
+    return data, val
