@@ -70,7 +70,7 @@ def test_batch_equals_each_prompt_alone_under_greedy(generator):
         alone = generator.generate(prompt, params)[0]
         assert completion.token_ids == alone.token_ids and len(alone.token_ids) == 12
         assert completion.text == alone.text
-        assert completion.prompt_tokens == len(generator.tokenizer.encode(prompt))
+        assert completion.prompt_tokens == len(generator.tokenizer.encode_prompt(prompt))
 
 
 def test_stop_strings_end_the_output(generator):

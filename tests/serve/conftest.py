@@ -1,4 +1,5 @@
 import contextlib
+import shutil
 import threading
 import time
 
@@ -39,3 +40,57 @@ def running_server(model_dir, **options):
 def server(tiny_model_dir):
     with running_server(tiny_model_dir, max_batch=8, max_queue=64, max_tokens_limit=100) as s:
         yield s
+
+
+def _copy_tokenizer(src, out):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model's tokenizer with a random model of an 8192-token context: long enough to
+    keep a generation running while a test watches it, and longer than the default
+    --max-context (4096)."""
+    from moekit import build_model
+    from moekit.config import ModelConfig
+    from moekit.io import save_model
+
+    out = tmp_path_factory.mktemp("long-model")
+    cfg = ModelConfig.from_dict(
+        dict(vocab_size=512, dim=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden=64,
+             max_seq_len=8192, moe=dict(num_experts=4, top_k=2, expert_hidden=32))
+    )  # fmt: skip
+    save_model(build_model(cfg, seed=0), cfg, out)
+    _copy_tokenizer(tiny_model_dir, out)
+    return out
+
+
+SCORING_PROMPT = "The cat sat"
+
+
+@pytest.fixture(scope="session")
+def eos_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model, changed so that its greedy next token after SCORING_PROMPT is
+    end-of-text: the end-of-text output row becomes twice the row of the token it would have
+    chosen, so its logit is twice the (positive) largest one."""
+    import torch
+
+    from moekit.config import ModelConfig
+    from moekit.data.tokenizer import Tokenizer
+    from moekit.io import load_model, save_model
+
+    model = load_model(tiny_model_dir).eval()
+    tokenizer = Tokenizer.load(tiny_model_dir)
+    ids = tokenizer.encode(SCORING_PROMPT)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), causal_routing=True).logits[0, -1]
+        best = int(logits.argmax())
+        assert float(logits[best]) > 0 and best != tokenizer.eos_id
+        head = model.lm_head.weight if model.lm_head is not None else model.embed.weight
+        head[tokenizer.eos_id] = 2 * head[best]
+    out = tmp_path_factory.mktemp("eos-model")
+    save_model(model, ModelConfig.load(tiny_model_dir), out)
+    _copy_tokenizer(tiny_model_dir, out)
+    return out

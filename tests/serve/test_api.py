@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import socket
 import time
 
 import httpx
@@ -10,7 +11,7 @@ import pytest
 from moekit.infer.generate import Generator
 from moekit.infer.sampling import SamplingParams
 
-from .conftest import running_server
+from .conftest import SCORING_PROMPT, running_server
 
 openai = pytest.importorskip("openai")
 
@@ -38,13 +39,15 @@ def test_completion_matches_the_library(client, reference):
     out = client.completions.create(
         model="tiny", prompt="def add(a, b):", max_tokens=12, temperature=0
     )
-    assert out.choices[0].text == greedy(reference, "def add(a, b):", 12)
-    assert (
-        out.usage.completion_tokens == len(reference.tokenizer.encode(out.choices[0].text))
-        or out.usage.completion_tokens <= 12
-    )
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    expected = reference.generate("def add(a, b):", params)[0]
+    assert out.choices[0].text == expected.text
+    assert out.choices[0].finish_reason == expected.finish_reason
+    # Usage counts every token the model chose: the library's ids, plus the end-of-text token
+    # when that is what stopped it (the library does not return that one).
+    stopped_by_eos = expected.finish_reason == "stop"
+    assert out.usage.completion_tokens == len(expected.token_ids) + stopped_by_eos
     assert out.usage.prompt_tokens == len(reference.tokenizer.encode("def add(a, b):"))
-    assert out.choices[0].finish_reason in ("length", "stop")
 
 
 def test_streaming_completion(client, reference):
@@ -128,7 +131,7 @@ def test_echo_and_logprobs_for_scoring(client, reference):
 def test_routing_extension_and_experts_per_token(server):
     url, _ = server
     r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 4, "temperature": 0,
-                                                 "moekit": {"routing": True, "top_k": 1}})  # fmt: skip
+                                                 "ignore_eos": True, "moekit": {"routing": True, "top_k": 1}})  # fmt: skip
     routing = r.json()["choices"][0]["moekit"]["routing"]
     assert len(routing) == r.json()["usage"]["completion_tokens"]
     for token in routing:
@@ -157,11 +160,26 @@ def test_routing_extension_and_experts_per_token(server):
         (json.dumps({"model": "tiny", "prompt": "a", "presence_penalty": 1}).encode(), 400, "not supported"),
         (json.dumps({"model": "tiny", "prompt": [9999]}).encode(), 400, "token ids must be in"),
         (json.dumps({"model": "tiny", "prompt": "word " * 200, "max_tokens": 10}).encode(), 400, "maximum context length"),
-        (json.dumps({"model": "tiny", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "at most 4"),
+        (json.dumps({"model": "tiny", "prompt": "a", "stop": list("abcdefghijklmnopq")}).encode(), 400, "at most 16"),
         (b"{" + b" " * (1 << 20) + b"}", 413, "larger than"),
+        (json.dumps({"model": "tiny", "prompt": "a", "seed": 2**64}).encode(), 400, "'seed'"),
+        (json.dumps({"model": "tiny", "prompt": "a", "seed": -1}).encode(), 400, "'seed'"),
+        (json.dumps({"model": "tiny", "prompt": "a", "seed": 2**63 - 1, "n": 2}).encode(), 400, "seed + n - 1"),
+        (json.dumps({"model": "tiny", "prompt": "a", "logit_bias": {"5": 10}}).encode(), 400, "'logit_bias'"),
+        (json.dumps({"model": "tiny", "prompt": "a", "response_format": {"type": "json_object"}}).encode(), 400, "'response_format'"),
+        (json.dumps({"model": "tiny", "prompt": "a", "max_tokens": True}).encode(), 400, "'max_tokens'"),
+        (json.dumps({"model": "tiny", "prompt": "a", "n": True}).encode(), 400, "'n'"),
+        (json.dumps({"model": "tiny", "prompt": [True, False]}).encode(), 400, "'prompt'"),
+        (json.dumps({"model": "tiny", "prompt": "a", "temperature": "0.5"}).encode(), 400, "'temperature'"),
+        (b'{"model": "tiny", "prompt": "a\\ud800b"}', 400, "surrogate"),
+        (b'{"model": "tiny", "prompt": "a", "stop": ["\\udc00"]}', 400, "'stop'"),
+        (json.dumps({"model": "tiny", "prompt": "a", "stop_token_ids": [512]}).encode(), 400, "stop_token_ids"),
     ],
     ids=["malformed", "not-object", "missing", "wrong-type", "unknown-model", "max-tokens-0",
-         "max-tokens-limit", "temperature", "penalty", "token-id", "too-long", "stops", "oversize"],
+         "max-tokens-limit", "temperature", "penalty", "token-id", "too-long", "stops", "oversize",
+         "seed-too-big", "seed-negative", "seed-plus-n", "logit-bias", "response-format",
+         "max-tokens-bool", "n-bool", "prompt-bools", "temperature-string", "surrogate",
+         "surrogate-stop", "stop-token-id"],
 )  # fmt: skip
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, needle):
     url, _ = server
@@ -216,33 +234,65 @@ def test_twenty_concurrent_requests_are_all_answered_correctly(server, reference
     assert steps < 20 * 8 / 2
 
 
-def test_queue_full_answers_429_with_retry_after(tiny_model_dir):
-    with running_server(tiny_model_dir, max_batch=1, max_queue=1) as (url, _):
-        body = {"model": "tiny", "prompt": "x", "max_tokens": 40, "ignore_eos": True}
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            responses = list(
-                pool.map(
-                    lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=120), range(8)
-                )
+@pytest.fixture(scope="module")
+def busy_server(tiny_model_dir):
+    with running_server(tiny_model_dir, max_batch=1, max_queue=1) as s:
+        yield s
+
+
+def test_queue_full_answers_429_with_retry_after(busy_server):
+    url, _ = busy_server
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 40, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(
+            pool.map(
+                lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=120), range(8)
             )
-        codes = sorted(r.status_code for r in responses)
-        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
-        busy = next(r for r in responses if r.status_code == 429)
-        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
-        assert httpx.get(f"{url}/health").status_code == 200
+        )
+    codes = sorted(r.status_code for r in responses)
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+    busy = next(r for r in responses if r.status_code == 429)
+    assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
+    assert httpx.get(f"{url}/health").status_code == 200
 
 
-def test_api_key(tiny_model_dir):
+def test_a_request_bigger_than_the_queue_is_a_400_not_a_429(busy_server):
+    url, _ = busy_server
+    for body in ({"n": 2}, {"prompt": ["a", "b"]}):
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "a", **body})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "queues at most 1" in error["message"] and "--max-queue" in error["message"]
+        assert error["param"] == ("n" if "n" in body else "prompt")
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "a"}], "n": 2},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_api_key_guards_every_endpoint_but_health(tiny_model_dir):
     with running_server(tiny_model_dir, api_key="sesame") as (url, _):
         assert httpx.get(f"{url}/health").status_code == 200
-        assert httpx.get(f"{url}/").status_code == 200
-        r = httpx.get(f"{url}/v1/models")
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert (
-            httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code
-            == 401
-        )
-        assert httpx.get(f"{url}/metrics").status_code == 401
+        for path in ("/", "/static/app.js", "/v1/models", "/metrics", "/v1/moekit/info"):
+            r = httpx.get(f"{url}{path}")
+            assert r.status_code == 401, path
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        wrong = {"Authorization": "Bearer wrong"}
+        assert httpx.get(f"{url}/v1/models", headers=wrong).status_code == 401
+        assert httpx.get(f"{url}/?key=wrong").status_code == 401
+        bearer = {"Authorization": "Bearer sesame"}
+        assert httpx.get(f"{url}/static/app.js", headers=bearer).status_code == 200
+        # A browser opens /?key=KEY; the cookie that sets lets it load the page's files, and
+        # is not itself the key.
+        with httpx.Client(base_url=url) as browser:
+            page = browser.get("/?key=sesame")
+            assert page.status_code == 200 and "moekit playground" in page.text
+            cookie = page.headers["set-cookie"].lower()
+            assert "httponly" in cookie and "samesite=strict" in cookie and "sesame" not in cookie
+            assert browser.get("/static/app.js").status_code == 200
+            assert browser.get("/").status_code == 200
+            assert browser.get("/v1/models").status_code == 401  # the API wants the key itself
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame")
         assert client.completions.create(model="tiny", prompt="a", max_tokens=2).choices
 
@@ -284,3 +334,176 @@ def test_bench_serve_measures_one_and_many_clients(tiny_model_dir):
         result["many_clients"]["tokens_per_s"] / result["one_client"]["tokens_per_s"]
     )
     assert result["mean_decode_batch"] > 1  # the clients' requests shared decode steps
+
+
+def test_chat_logprobs_without_top_logprobs(client):
+    """`logprobs: true` alone asks for each token's logprob (and no alternatives)."""
+    messages = [{"role": "user", "content": "hello"}]
+    ask = dict(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True,
+               extra_body={"ignore_eos": True})  # fmt: skip
+    out = client.chat.completions.create(**ask)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens > 0
+    assert all(e.top_logprobs == [] and e.logprob <= 0 for e in content)
+    # `bytes` are each token's own UTF-8 bytes: together they spell the message, even where a
+    # token holds part of a character (its text alone is U+FFFD).
+    spelled = b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace")
+    assert spelled.startswith(out.choices[0].message.content)
+    streamed = [
+        e
+        for chunk in client.chat.completions.create(**ask, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for e in chunk.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
+    assert all(e.top_logprobs == [] for e in streamed)
+
+
+def test_chat_top_logprobs_need_logprobs(server):
+    url, _ = server
+    messages = [{"role": "user", "content": "hello"}]
+    r = httpx.post(f"{url}/v1/chat/completions",
+                   json={"model": "tiny", "messages": messages, "top_logprobs": 2})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_explicit_null_means_the_default(server):
+    url, _ = server
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "max_tokens", "stop", "seed", "stream",
+                           "stream_options", "logprobs", "echo", "presence_penalty", "best_of",
+                           "suffix", "top_k", "min_p", "logit_bias", "moekit"])  # fmt: skip
+    body = {"model": "tiny", "prompt": "The", "ignore_eos": True, **nulls}
+    r = httpx.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["choices"]) == 1 and out["choices"][0]["logprobs"] is None
+    assert out["usage"]["completion_tokens"] == 16  # the default max_tokens
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            **dict.fromkeys(["temperature", "n", "logprobs", "top_logprobs", "seed", "stop",
+                             "max_completion_tokens", "tools", "response_format"])}  # fmt: skip
+    r = httpx.post(f"{url}/v1/chat/completions", json=chat)
+    assert r.status_code == 200, r.text
+
+
+def test_up_to_16_stop_sequences(server):
+    url, _ = server
+    stops = [f"<stop {i}>" for i in range(16)]
+    body = {"model": "tiny", "prompt": "The", "max_tokens": 3, "stop": stops}
+    assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+
+
+def test_unknown_api_paths_share_one_metrics_label(server):
+    url, _ = server
+    for i in range(3):
+        assert httpx.get(f"{url}/v1/no/such/path/{i}").status_code == 404
+    text = httpx.get(f"{url}/metrics").text
+    assert "/v1/no/such/path" not in text
+    assert 'moekit_requests_total{endpoint="other",status="404"}' in text
+
+
+def test_text_offsets_are_offsets_into_the_text(server):
+    """Streamed or not, `text_offset[j]` is where token j's text starts in the choice's text
+    (with echo, the prompt's text comes first)."""
+    url, _ = server
+    body = {"model": "tiny", "prompt": "The cat sat on", "max_tokens": 10, "temperature": 0,
+            "echo": True, "logprobs": 1, "ignore_eos": True}  # fmt: skip
+    whole = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]
+    text, lp = whole["text"], whole["logprobs"]
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    prompt_tokens = len(lp["tokens"]) - 10
+    for token, offset in zip(lp["tokens"], lp["text_offset"], strict=True):
+        # A token that holds part of a character has no text of its own (it shows as U+FFFD);
+        # it gets the offset of the text it turns out to belong to.
+        if "\ufffd" not in token:
+            assert text[offset:].lstrip("\ufffd").startswith(token), (token, offset, text)
+    assert lp["text_offset"][prompt_tokens] == len("The cat sat on")
+    streamed: dict[str, list] = {"tokens": [], "text_offset": [], "token_logprobs": []}
+    streamed_text = ""
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            if choice["logprobs"]:
+                for key, values in streamed.items():
+                    values += choice["logprobs"][key]
+            streamed_text += choice["text"]
+    assert streamed_text == text
+    assert streamed["tokens"] == lp["tokens"]
+    assert streamed["text_offset"] == lp["text_offset"]
+    assert streamed["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:])
+
+
+def test_scoring_when_the_greedy_next_token_is_end_of_text(eos_model_dir):
+    """lm-evaluation-harness scores a prompt with max_tokens=1, echo and logprobs, and drops
+    the last entry as the generated token: that entry must exist when the model's choice is
+    end-of-text, or the score silently loses the prompt's last token."""
+    import torch
+
+    with running_server(eos_model_dir) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        out = client.completions.create(model="tiny", prompt=SCORING_PROMPT, max_tokens=1,
+                                        temperature=0, echo=True, logprobs=1)  # fmt: skip
+    reference = Generator.from_dir(eos_model_dir)
+    ids = reference.tokenizer.encode(SCORING_PROMPT)
+    with torch.no_grad():
+        logits = reference.model(torch.tensor([ids]), causal_routing=True).logits[0]
+    logp = torch.log_softmax(logits, -1)
+    eos = reference.tokenizer.eos_id
+    assert int(logp[-1].argmax()) == eos
+    choice, lp = out.choices[0], out.choices[0].logprobs
+    assert choice.text == SCORING_PROMPT and choice.finish_reason == "stop"
+    assert out.usage.completion_tokens == 1
+    assert len(lp.tokens) == len(ids) + 1
+    assert lp.tokens[-1] == reference.tokenizer.decode([eos])
+    assert lp.token_logprobs[-1] == pytest.approx(float(logp[-1, eos]), abs=1e-4)
+    assert lp.text_offset[-1] == len(SCORING_PROMPT)
+    expected = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert lp.token_logprobs[1:-1] == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def long_server(long_model_dir):
+    with running_server(long_model_dir, max_batch=4) as s:
+        yield s
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_slots(long_server):
+    url, engine = long_server
+    host, port = url.removeprefix("http://").split(":")
+    cancelled = engine.stats.finished["cancelled"]
+    body = json.dumps({"model": "tiny", "prompt": "go", "max_tokens": 3000, "n": 3,
+                       "ignore_eos": True}).encode()  # fmt: skip
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while engine.active < 3:
+            assert time.monotonic() < deadline, "the request did not start"
+            time.sleep(0.01)
+    left = time.monotonic()  # the client closed its connection without reading the answer
+    while engine.active or engine.queue_depth:
+        assert time.monotonic() - left < 60, "generation did not stop"
+        time.sleep(0.01)
+    assert engine.stats.finished["cancelled"] - cancelled == 3  # not run to max_tokens
+    assert time.monotonic() - left < 3
+
+
+def test_max_context_bounds_the_cache_and_the_requests(long_server, long_model_dir):
+    url, engine = long_server
+    info = httpx.get(f"{url}/v1/moekit/info").json()
+    assert info["max_seq_len"] == 8192 and info["max_context"] == 4096  # the default cap
+    assert engine._cache.k[0].shape[2] == 4096  # KV cache positions per slot
+    r = httpx.post(f"{url}/v1/completions",
+                   json={"model": "tiny", "prompt": [5] * 4000, "max_tokens": 200})  # fmt: skip
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert "4096" in error["message"] and "--max-context" in error["message"]
+    with running_server(long_model_dir, max_context=64) as (small_url, small):
+        assert small._cache.k[0].shape[2] == 64
+        too_long = {"model": "tiny", "prompt": [5] * 60, "max_tokens": 10}
+        r = httpx.post(f"{small_url}/v1/completions", json=too_long)
+        assert r.status_code == 400 and "--max-context" in r.json()["error"]["message"]
+        fits = {"model": "tiny", "prompt": [5] * 50, "max_tokens": 10}
+        assert httpx.post(f"{small_url}/v1/completions", json=fits).status_code == 200

@@ -1,4 +1,6 @@
-"""The playground page in real headless Chromium: load it, generate, watch the experts."""
+"""The playground page in real headless Chromium: load it, generate, watch the experts. The
+server has an API key, as a server on a shared machine would: the page is opened as
+/?key=KEY, like a notebook server's tokenised link."""
 
 import os
 import shutil
@@ -30,7 +32,10 @@ def test_playground_streams_tokens_and_routing(tiny_model_dir):
     if browser_path is None:
         pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with running_server(tiny_model_dir) as (url, _engine), playwright.sync_playwright() as p:
+    with (
+        running_server(tiny_model_dir, api_key="sesame") as (url, _engine),
+        playwright.sync_playwright() as p,
+    ):
         browser = p.chromium.launch(
             executable_path=browser_path,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -41,7 +46,11 @@ def test_playground_streams_tokens_and_routing(tiny_model_dir):
         page.on("pageerror", lambda e: errors.append(str(e)))
         external: list[str] = []
         page.on("request", lambda r: None if r.url.startswith(url) else external.append(r.url))
-        page.goto(url)
+        assert page.goto(url).status == 401  # no key, no page
+        assert page.goto(f"{url}/?key=sesame").status == 200
+        page.wait_for_function("document.getElementById('model-info').textContent.includes('tiny')")
+        assert "sesame" not in page.url  # taken out of the address bar
+        page.reload()  # the cookie brings the page back, the tab remembers the key
         page.wait_for_function("document.getElementById('model-info').textContent.includes('tiny')")
         assert page.locator("#top-k option").count() == 8
         assert page.locator(".chart").count() == 2  # one per MoE layer

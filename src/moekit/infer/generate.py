@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.infer.detokenize import TextTracker
 from moekit.infer.kv_cache import KVCache
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
 from moekit.nn.transformer import ModelOutput, Transformer
@@ -58,12 +59,20 @@ class ContextLengthError(ValueError):
     """The prompt plus the requested new tokens do not fit the model's context."""
 
 
-def check_fits(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
+def check_fits(
+    prompt_tokens: int,
+    max_new_tokens: int,
+    max_seq_len: int,
+    *,
+    limit: str = "this model's maximum context length",
+) -> None:
+    """Raise ContextLengthError unless the prompt plus `max_new_tokens` fit `max_seq_len`
+    tokens; `limit` names that bound in the message (a server may set a smaller one)."""
     if prompt_tokens == 0:
         raise ValueError("the prompt is empty")
     if prompt_tokens + max_new_tokens > max_seq_len:
         raise ContextLengthError(
-            f"this model's maximum context length is {max_seq_len} tokens, but "
+            f"{limit} is {max_seq_len} tokens, but "
             f"{prompt_tokens + max_new_tokens} were requested ({prompt_tokens} in the prompt, "
             f"{max_new_tokens} to generate); shorten the prompt or ask for fewer tokens"
         )
@@ -81,43 +90,6 @@ def routing_of(out: ModelOutput, row: int, position: int, seq_len: int) -> Routi
         pairs = [(e, round(w, 5)) for e, w in zip(experts, weights, strict=True) if e >= 0]
         routes[layer] = sorted(pairs, key=lambda p: -p[1])
     return routes
-
-
-class _TextTracker:
-    """Incremental detokenisation with stop strings: releases only text that can no longer
-    change (no incomplete UTF-8 character, no partial stop string at the end)."""
-
-    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
-        self.tokenizer, self.stops = tokenizer, list(stops)
-        self.ids: list[int] = []
-        self.released = 0
-        self.text = ""
-        self.stopped = False
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        for stop in self.stops:
-            at = self.text.find(stop, max(0, self.released - len(stop)))
-            if at != -1:
-                self.text, self.stopped = self.text[:at], True
-        safe = len(self.text)
-        if not self.stopped:
-            if self.text.endswith("\ufffd"):
-                safe -= 1
-            for stop in self.stops:
-                for n in range(min(len(stop) - 1, safe), 0, -1):
-                    if self.text[:safe].endswith(stop[:n]):
-                        safe = min(safe, len(self.text[:safe]) - n)
-                        break
-        piece = self.text[self.released : max(safe, self.released)]
-        self.released = max(self.released, safe)
-        return piece
-
-    def flush(self) -> str:
-        piece = self.text[self.released :]
-        self.released = len(self.text)
-        return piece
 
 
 class Generator:
@@ -143,7 +115,7 @@ class Generator:
         return self.model.cfg.max_seq_len
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         vocab = self.model.cfg.vocab_size
         if any(not 0 <= i < vocab for i in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
@@ -200,7 +172,7 @@ class Generator:
             stop_ids.add(self.tokenizer.eos_id)
         gens = [make_generator(params.seed, self.device) for _ in range(B)]
         seen = [torch.tensor(seq, dtype=torch.long, device=self.device) for seq in ids]
-        trackers = [_TextTracker(self.tokenizer, params.stop) for _ in range(B)]
+        trackers = [TextTracker(self.tokenizer, params.stop, context=seq) for seq in ids]
         finish: list[str | None] = [None] * B
         pending: list[GeneratedToken | None] = [None] * B
 
@@ -254,7 +226,7 @@ class Generator:
                     yield b, self._close(b, done, trackers[b], reason)
 
     @staticmethod
-    def _close(b: int, done: list[Completion], tracker: _TextTracker, reason: str) -> Chunk:
+    def _close(b: int, done: list[Completion], tracker: TextTracker, reason: str) -> Chunk:
         tail = tracker.flush()
         done[b].text = tracker.text
         done[b].finish_reason = reason

@@ -14,6 +14,9 @@ from torch import Tensor
 
 from moekit.config import _check_field_types, _fail
 
+MAX_SEED = 2**63 - 1  # a signed 64-bit integer (torch.manual_seed overflows past 2**64 - 1)
+MAX_STOPS = 64  # a sanity bound: each stop string is searched for after every token
+
 
 @dataclass(kw_only=True)
 class SamplingParams:
@@ -25,7 +28,9 @@ class SamplingParams:
     probability reaches p (1: off). min_p: drop tokens less likely than min_p times the most
     likely one (0: off). repetition_penalty: > 1 makes tokens already in the prompt or the
     output less likely (the CTRL rule: positive logits divided, negative multiplied).
-    seed: makes sampling reproducible. stop: strings that end the output (not included).
+    seed: makes sampling reproducible (0 <= seed < 2**63: a signed 64-bit integer, which
+    every torch generator and JSON client handles). stop: strings that end the output (not
+    included).
     stop_token_ids: token ids that end the output; the tokenizer's end-of-text is added
     unless `ignore_eos`. experts_per_token: route each token to this many experts instead of
     the model's top-k (within what the model allows). return_routing: record each generated
@@ -60,10 +65,12 @@ class SamplingParams:
             raise _fail(owner, "min_p", self.min_p, "must be in [0, 1)")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise _fail(owner, "repetition_penalty", self.repetition_penalty, "must be in (0, 10]")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise _fail(owner, "seed", self.seed, f"must be in [0, {MAX_SEED}]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise _fail(owner, "stop", self.stop, "must be non-empty strings")
-        if len(self.stop) > 16:
-            raise _fail(owner, "stop", f"{len(self.stop)} strings", "at most 16")
+        if len(self.stop) > MAX_STOPS:
+            raise _fail(owner, "stop", f"{len(self.stop)} strings", f"at most {MAX_STOPS}")
 
 
 def apply_repetition_penalty(logits_V: Tensor, seen: Tensor, penalty: float) -> Tensor:

@@ -6,6 +6,13 @@ a free slot; then every step decodes one token for all occupied slots in a singl
 (idle slots take part masked out and do not grow). Each request samples with its own
 parameters and random generator, and may route its tokens to its own number of experts.
 Events go back through the request's `emit` callback, called from the engine thread.
+
+Every request gets exactly one `DoneEvent`, whatever happens: a request that fails (a bad
+seed, a failed prefill) fails alone, and stopping the engine ends the waiting and running
+requests with finish reason "abort".
+
+The KV cache holds `max_context` positions per slot (by default the model's context, capped
+at 4096): an imported model with a 32k context would otherwise claim tens of GB up front.
 """
 
 from __future__ import annotations
@@ -16,30 +23,57 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from moekit.infer.generate import Generator, Routing, _TextTracker, check_fits, routing_of
+from moekit.infer.detokenize import TextTracker
+from moekit.infer.generate import Generator, Routing, check_fits, routing_of
 from moekit.infer.kv_cache import KVCache
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
+
+DEFAULT_MAX_CONTEXT = 4096
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class QueueFullError(Exception):
     """The request queue is full; the client should retry later."""
 
 
-@dataclass
-class TokenLogprob:
+class RequestTooLargeError(ValueError):
+    """A request asks for more generations at once than the queue can ever hold."""
+
+
+class EngineStoppedError(Exception):
+    """The engine has stopped and takes no more requests."""
+
+
+class TopLogprob(NamedTuple):
+    """One of the most likely tokens at a position: its id, text and log-probability."""
+
+    id: int
     token: str
     logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of the token at a position, and the `top` alternatives there."""
+
+    id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
 
 
 @dataclass
 class TokenEvent:
-    """A generated token: its id, the text it releases, its logprobs, its routing."""
+    """A generated token: its id, the text it releases, its logprobs, its routing.
+
+    A stop token (end-of-text or a stop token id) is sent only when logprobs were asked for,
+    with no text and no routing (it is never fed to the model); id -1 carries the text still
+    held back when the request ends."""
 
     id: int
     text: str
@@ -56,7 +90,9 @@ class PromptEvent:
 
 @dataclass
 class DoneEvent:
-    finish_reason: str  # "stop", "length", "cancelled" or "error"
+    """The end of a request. `completion_tokens` counts a stop token too (as vLLM does)."""
+
+    finish_reason: str  # "stop", "length", "cancelled", "abort" (shutdown) or "error"
     text: str
     completion_tokens: int
     error: str | None = None
@@ -84,7 +120,7 @@ class _Slot:
     req: EngineRequest
     gen: torch.Generator
     seen: Tensor
-    tracker: _TextTracker
+    tracker: TextTracker
     logits: Tensor  # for the next token
     produced: int = 0
     pending: TokenEvent | None = None  # waiting for its routing
@@ -104,14 +140,42 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, generator: Generator, *, max_batch: int = 8, max_queue: int = 64) -> None:
+    """Continuous batching over one model. `max_batch`: requests decoded together;
+    `max_queue`: requests waiting for a slot before `submit` refuses more; `max_context`:
+    prompt plus new tokens per request, the length of each slot's KV cache (default: the
+    model's max_seq_len, at most 4096)."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_context: int | None = None,
+    ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.generator = generator
         self.model = generator.model
         self.tokenizer = generator.tokenizer
         self.cfg = self.model.cfg
-        self.max_batch, self.max_queue = max_batch, max_queue
+        model_max = self.cfg.max_seq_len
+        if max_context is None:
+            max_context = min(model_max, DEFAULT_MAX_CONTEXT)
+        if isinstance(max_context, bool) or not isinstance(max_context, int):
+            raise TypeError(f"max_context must be an int, got {type(max_context).__name__}")
+        if not 1 <= max_context <= model_max:
+            raise ValueError(
+                f"max_context={max_context} is invalid: must be in [1, {model_max}] "
+                "(the model's max_seq_len)"
+            )
+        self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
+        self._limit = "this model's maximum context length"
+        if max_context < model_max:
+            self._limit = (
+                f"this server's maximum context length (--max-context; the model's own is "
+                f"{model_max})"
+            )
         self.device = generator.device
         self.stats = EngineStats()
         moe = self.cfg.moe
@@ -129,7 +193,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._cache = KVCache(
-            self.cfg, max_batch, self.cfg.max_seq_len, device=self.device, dtype=generator.dtype
+            self.cfg, max_batch, max_context, device=self.device, dtype=generator.dtype
         )
 
     # ---- outside the engine thread ----------------------------------------------------
@@ -147,6 +211,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop; waiting and running requests finish with reason "abort"."""
         with self._wake:
             self._stop = True
             self._wake.notify()
@@ -154,14 +219,27 @@ class Engine:
             self._thread.join(timeout=30)
 
     def submit(self, *requests: EngineRequest) -> None:
-        """Queue requests together (all or none); QueueFullError when there is no room."""
+        """Queue requests together (all or none). Raises ContextLengthError when one does not
+        fit `max_context`, RequestTooLargeError when there are more than the queue can ever
+        hold, QueueFullError when there is no room now, EngineStoppedError after `stop()`."""
+        if len(requests) > self.max_queue:
+            raise RequestTooLargeError(
+                f"{len(requests)} generations were asked for at once, but the queue holds at "
+                f"most {self.max_queue} (--max-queue)"
+            )
         for req in requests:
-            check_fits(len(req.prompt_ids), req.params.max_new_tokens, self.cfg.max_seq_len)
+            self.check_fits(len(req.prompt_ids), req.params.max_new_tokens)
         with self._wake:
+            if self._stop:
+                raise EngineStoppedError(SHUTTING_DOWN)
             if len(self._queue) + len(requests) > self.max_queue:
                 raise QueueFullError(f"{len(self._queue)} requests are waiting")
             self._queue.extend(requests)
             self._wake.notify()
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """ContextLengthError unless a request of this size fits `max_context`."""
+        check_fits(prompt_tokens, max_new_tokens, self.max_context, limit=self._limit)
 
     @property
     def queue_depth(self) -> int:
@@ -173,33 +251,49 @@ class Engine:
 
     # ---- the engine thread ------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stop and not self._queue and not any(self._slots):
-                    self._wake.wait(timeout=1.0)
-                if self._stop:
-                    break
-                free = [i for i, s in enumerate(self._slots) if s is None]
-                admitted = [(i, self._queue.popleft()) for i in free[: len(self._queue)]]
-            for slot, req in admitted:
-                self._admit(slot, req)
-            try:
-                self._step()
-            except Exception as e:  # never let one bad step take the server down
-                for i, s in enumerate(self._slots):
-                    if s is not None:
-                        self._close(i, "error", error=f"generation failed: {e}")
+        try:
+            while True:
+                with self._wake:
+                    while not self._stop and not self._queue and not any(self._slots):
+                        self._wake.wait(timeout=1.0)
+                    if self._stop:
+                        break
+                    free = [i for i, s in enumerate(self._slots) if s is None]
+                    admitted = [(i, self._queue.popleft()) for i in free[: len(self._queue)]]
+                for slot, req in admitted:
+                    self._admit(slot, req)
+                try:
+                    self._step()
+                except Exception as e:  # never let one bad step take the server down
+                    for i, s in enumerate(self._slots):
+                        if s is not None:
+                            self._close(i, "error", error=f"generation failed: {e}")
+        finally:  # stop() or Ctrl-C in `run`: nobody may wait forever for an answer
+            self._abort_all()
+
+    def _abort_all(self) -> None:
+        with self._wake:
+            self._stop = True
+            waiting = list(self._queue)
+            self._queue.clear()
+        for req in waiting:
+            self.stats.finished["abort"] += 1
+            self._emit(req, DoneEvent("abort", "", 0, error=SHUTTING_DOWN))
         for i, s in enumerate(self._slots):
             if s is not None:
-                self._close(i, "cancelled")
+                self._close(i, "abort", error=SHUTTING_DOWN)
 
     @torch.no_grad()
     def _admit(self, slot: int, req: EngineRequest) -> None:
+        """Prefill a request into `slot`. Anything that goes wrong fails this request only."""
         if req.cancelled.is_set():
+            self.stats.finished["cancelled"] += 1
             self._emit(req, DoneEvent("cancelled", "", 0))
             return
+        ids = req.prompt_ids
         try:
-            ids = req.prompt_ids
+            gen = make_generator(req.params.seed, self.device)
+            tracker = TextTracker(self.tokenizer, req.params.stop, context=ids)
             small = KVCache(self.cfg, 1, len(ids), device=self.device, dtype=self.generator.dtype)
             out = self.model(
                 torch.tensor([ids], device=self.device),
@@ -207,25 +301,27 @@ class Engine:
                 causal_routing=True,
                 top_k=req.params.experts_per_token,
             )
-            logits = out.logits[0].float()
+            logits = out.logits[0]  # (L, V) in the model's dtype
+            echo = (
+                self._prompt_logprobs(logits, ids, req.logprobs or 0) if req.echo_logprobs else None
+            )
             self._cache.load_row(slot, small)
+            self._slots[slot] = _Slot(
+                req=req,
+                gen=gen,
+                seen=torch.tensor(ids, dtype=torch.long, device=self.device),
+                tracker=tracker,
+                logits=logits[-1].float(),
+            )
         except Exception as e:
-            self._emit(req, DoneEvent("error", "", 0, error=f"prefill failed: {e}"))
+            self._slots[slot] = None
+            self._cache.clear_row(slot)
+            self.stats.finished["error"] += 1
+            self._emit(req, DoneEvent("error", "", 0, error=f"could not start generation: {e}"))
             return
         self.stats.prompt_tokens += len(ids)
-        if req.echo_logprobs:
-            logprobs: list[TokenLogprob | None] = [None]
-            logprobs += [
-                self._logprob(logits[i], ids[i + 1], req.logprobs or 0) for i in range(len(ids) - 1)
-            ]
-            self._emit(req, PromptEvent(logprobs))
-        self._slots[slot] = _Slot(
-            req=req,
-            gen=make_generator(req.params.seed, self.device),
-            seen=torch.tensor(ids, dtype=torch.long, device=self.device),
-            tracker=_TextTracker(self.tokenizer, req.params.stop),
-            logits=logits[-1],
-        )
+        if echo is not None:
+            self._emit(req, PromptEvent(echo))
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -243,7 +339,11 @@ class Engine:
             if s.req.cancelled.is_set():
                 self._close(i, "cancelled")
                 continue
-            token = self._choose(i, s)
+            try:
+                token = self._choose(i, s)
+            except Exception as e:  # this request's sampling failed: end it, not the batch
+                self._close(i, "error", error=f"sampling failed: {e}")
+                continue
             if token is not None:
                 step[i, 0], fed[i, 0] = token, True
         if not bool(fed.any()):
@@ -292,6 +392,13 @@ class Engine:
         params = s.req.params
         token = next_token(s.logits, params, s.gen, s.seen)
         if token in self._stop_ids(params):
+            # Counted and, with logprobs, reported: scoring tools read the logprob of the token
+            # the model chose, even when it ends the text.
+            s.produced += 1
+            self.stats.generated_tokens += 1
+            if s.req.logprobs is not None:
+                lp = self._logprob(s.logits, token, s.req.logprobs)
+                self._emit(s.req, TokenEvent(id=token, text="", logprob=lp))
             self._close(i, "stop")
             return None
         s.seen = torch.cat([s.seen, s.seen.new_tensor([token])])
@@ -339,14 +446,30 @@ class Engine:
 
     def _logprob(self, logits: Tensor, token: int, top: int | None) -> TokenLogprob:
         logp = torch.log_softmax(logits.float(), -1)
-        alternatives: list[tuple[str, float]] = []
+        return self._entry(logp, token, top or 0)
+
+    def _prompt_logprobs(
+        self, logits_LV: Tensor, ids: list[int], top: int
+    ) -> list[TokenLogprob | None]:
+        """Each prompt token's logprob given the tokens before it (the first has none)."""
+        out: list[TokenLogprob | None] = [None]
+        for start in range(0, len(ids) - 1, 256):  # a few rows at a time: (L, V) can be big
+            logp = torch.log_softmax(logits_LV[start : start + 256].float(), -1)
+            for i in range(min(256, len(ids) - 1 - start)):
+                out.append(self._entry(logp[i], ids[start + i + 1], top))
+        return out
+
+    def _entry(self, logp_V: Tensor, token: int, top: int) -> TokenLogprob:
+        alternatives: list[TopLogprob] = []
         if top:
-            values, ids = logp.topk(top)
+            values, ids = logp_V.topk(top)
             alternatives = [
-                (self.tokenizer.decode([int(t)]), float(v))
-                for v, t in zip(values, ids, strict=True)
+                TopLogprob(int(t), self.tokenizer.decode([int(t)]), float(v))
+                for v, t in zip(values.tolist(), ids.tolist(), strict=True)
             ]
-        return TokenLogprob(self.tokenizer.decode([token]), float(logp[token]), alternatives)
+        return TokenLogprob(
+            token, self.tokenizer.decode([token]), float(logp_V[token]), alternatives
+        )
 
     @staticmethod
     def _emit(req: EngineRequest, event: Event) -> None:

@@ -2,15 +2,36 @@
 
 Requests are validated here into plain values the app can act on; anything wrong becomes an
 `APIError` with the OpenAI error shape: {"error": {"message", "type", "param", "code"}}.
-Unknown fields are accepted and ignored, as the OpenAI API does; fields moekit cannot honour
-(penalties it does not implement, `suffix`, `best_of`) are refused rather than ignored.
+
+- Types are strict, as JSON types: `true` is not a number and `"5"` is not an integer.
+- An explicit `null` for an optional field means its default, as in the OpenAI API.
+- Unknown fields are accepted and ignored (vLLM does the same; clients and evaluation tools
+  send extras), but known fields that would change the output and that moekit does not
+  implement (`logit_bias`, tools, structured output, penalties, `suffix`, `best_of`, ...)
+  are refused with a 400 naming the field rather than silently ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from moekit.infer.sampling import MAX_SEED
+
+# OpenAI documents up to 4 stop sequences; lm-evaluation-harness and similar tools send more
+# (one per answer delimiter of a task), and vLLM sets no limit. 16 covers them.
+MAX_STOP_SEQUENCES = 16
 
 
 class APIError(Exception):
@@ -45,29 +66,91 @@ class APIError(Exception):
         }
 
 
-class MoekitOptions(BaseModel):
+def check_text(value: str) -> str:
+    """Refuse text that is not valid Unicode: JSON can carry a lone UTF-16 surrogate
+    ("\\ud800"), which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "contains a lone UTF-16 surrogate, which is not valid Unicode text"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(check_text)]
+
+
+def _empty(v: Any) -> bool:
+    return not v
+
+
+def _none(v: Any) -> bool:
+    return v is None
+
+
+class _Body(BaseModel):
+    """Strict JSON types; `null` for a field that has a default means that default."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if not (v is None and k in fields and not fields[k].is_required())
+        }
+
+
+class MoekitOptions(_Body):
     """The `moekit` extension object: `routing` returns each token's experts and weights per
     MoE layer; `top_k` routes every token to that many experts (within what the model allows)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
     routing: bool = False
     top_k: int | None = Field(default=None, ge=1)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Common(_Body):
+    # Fields that change the output and that this server does not implement: refused unless
+    # the value is harmless (the check returns True). Other unknown fields are ignored.
+    refused: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "logit_bias": _empty,
+        "tools": _empty,
+        "functions": _empty,
+        "tool_choice": lambda v: v in (None, "none"),
+        "function_call": lambda v: v in (None, "none"),
+        "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+        "modalities": lambda v: v in (None, ["text"]),
+        "audio": _none,
+        "min_tokens": lambda v: v in (None, 0),
+        "use_beam_search": lambda v: v in (None, False),
+        "include_stop_str_in_output": lambda v: v in (None, False),
+        "truncate_prompt_tokens": _none,
+        "prompt_logprobs": _none,
+        "logits_processors": _empty,
+        "guided_json": _none,
+        "guided_regex": _none,
+        "guided_choice": _none,
+        "guided_grammar": _none,
+        "structured_outputs": _none,
+    }
 
-    model: str
+    model: Text
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = Field(default=None, validate_default=True)
-    seed: int | None = None
+    stop: Text | list[Text] | None = Field(default=None, validate_default=True)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -77,17 +160,28 @@ class _Common(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, lt=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    stop_token_ids: list[int] = Field(default_factory=list)
     moekit: MoekitOptions = Field(default_factory=MoekitOptions)
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return stops
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_per_choice(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if v is not None and v + n - 1 > MAX_SEED:
+            raise ValueError(
+                f"choice i samples with seed + i, so seed + n - 1 must be at most {MAX_SEED}"
+            )
+        return v
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -98,11 +192,11 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    prompt: Text | list[Text] | list[int] | list[list[int]]
+    max_tokens: int = 16
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
     @field_validator("prompt")
@@ -127,10 +221,9 @@ class CompletionRequest(_Common):
         return None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
+    content: Text | list[dict[str, Any]]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -139,7 +232,12 @@ class ChatMessage(BaseModel):
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise APIError(400, "only text content parts are supported", param="messages")
-            parts.append(part["text"])
+            try:
+                parts.append(check_text(part["text"]))
+            except ValueError as e:
+                raise APIError(
+                    400, f"invalid value for 'messages': {e}", param="messages"
+                ) from None
         return "".join(parts)
 
 
@@ -148,13 +246,29 @@ class ChatRequest(_Common):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=5)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("needs 'logprobs': true")
+        return v
 
 
-def parse(model: type[BaseModel], data: Any) -> Any:
+def parse(model: type[_Common], data: Any) -> Any:
     """Validate a decoded JSON body, turning the first problem into a 400 APIError."""
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    for name, harmless in model.refused.items():
+        if name in data and not harmless(data[name]):
+            raise APIError(
+                400,
+                f"{name!r} is not supported by this server (moekit would have to ignore it, "
+                "which would change the output silently)",
+                param=name,
+                code="unsupported_parameter",
+            )
     try:
         return model.model_validate(data)
     except ValidationError as e:

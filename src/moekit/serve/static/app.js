@@ -10,6 +10,23 @@ function color(expert, n) {
   return `hsl(${hue} 70% 78%)`;
 }
 
+// The API key: a server with one serves this page at /?key=KEY. The page keeps the key for
+// this tab, takes it out of the address bar, and sends it as a Bearer token on its API calls.
+const KEY_ITEM = "moekit-api-key";
+
+function initKey() {
+  const params = new URLSearchParams(location.search);
+  const fromAddress = params.get("key");
+  if (fromAddress) {
+    sessionStorage.setItem(KEY_ITEM, fromAddress);
+    params.delete("key");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : "") + location.hash);
+  }
+  const key = sessionStorage.getItem(KEY_ITEM);
+  if (key) $("api-key").value = key;
+}
+
 function headers() {
   const h = { "Content-Type": "application/json" };
   const key = $("api-key").value.trim();
@@ -20,7 +37,7 @@ function headers() {
 async function loadInfo() {
   const res = await fetch("/v1/moekit/info", { headers: headers() });
   if (!res.ok) {
-    $("model-info").textContent = `could not read the model information (${res.status}); enter the API key and reload`;
+    $("model-info").textContent = `could not read the model information (${res.status}); enter the API key`;
     $("model-info").classList.add("error");
     return;
   }
@@ -212,5 +229,10 @@ async function generate(ev) {
 $("form").addEventListener("submit", generate);
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("color-layer").addEventListener("change", colorTokens);
-$("api-key").addEventListener("change", () => { $("charts").textContent = ""; $("top-k").textContent = ""; $("color-layer").textContent = ""; loadInfo(); });
+$("api-key").addEventListener("change", () => {
+  sessionStorage.setItem(KEY_ITEM, $("api-key").value.trim());
+  $("charts").textContent = ""; $("top-k").textContent = ""; $("color-layer").textContent = "";
+  loadInfo();
+});
+initKey();
 loadInfo();
