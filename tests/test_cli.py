@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from moekit.cli import main
+from moekit.config import ModelConfig
 from moekit.presets import PRESETS, get_preset
 
 MOEKIT = shutil.which("moekit") or ""
@@ -34,6 +36,24 @@ def test_info_table_names_every_figure():
     for needle in ("total parameters", "active parameters", "active fraction", "FLOPs",
                    "fp32", "bf16", "int8", "int4", "671.03B"):  # fmt: skip
         assert needle in out
+
+
+def test_info_compares_models_side_by_side(capsys, tmp_path, monkeypatch):
+    dense = ModelConfig.from_dict({**get_preset("demo").to_dict(), "moe": None})
+    (tmp_path / "dense").mkdir()
+    dense.save(tmp_path / "dense" / "config.json")
+    assert main(["info", "demo", str(tmp_path / "dense"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    moe, plain = out["models"]
+    assert moe["name"] == "demo" and plain["name"] == str(tmp_path / "dense")
+    assert plain["total_params"] == dense.num_params() < moe["total_params"]
+    assert out["ratios"]["total_params"] == [1.0, plain["total_params"] / moe["total_params"]]
+    assert out["ratios"]["kv_cache_bytes_per_1k_tokens_bf16"] == [1.0, 1.0]  # same attention
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "demo", "dense"]) == 0
+    table = capsys.readouterr().out
+    assert "side by side" in table and "KV cache / 1k tokens (bf16)" in table
+    assert "dense" in table
 
 
 def test_info_list():

@@ -80,7 +80,6 @@ def resolve_config(target: str) -> Any:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from moekit.analysis.params import summary
     from moekit.presets import PRESETS
 
     if args.list:
@@ -110,10 +109,27 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     if not args.target:
         raise ValueError("name a preset or a model directory, or pass --list")
-    cfg = resolve_config(args.target)
-    info = summary(cfg, context=args.context)
-    info = {"name": args.target, **info}
-    tuned = Path(args.target) / "finetune.json"
+    infos = [_info(target, args.context) for target in args.target]
+    if len(infos) > 1:
+        comparison = {"models": infos, "ratios": _ratios(infos)}
+        if args.json:
+            _print_json(comparison)
+        else:
+            _print_info_comparison(comparison)
+        return 0
+    if args.json:
+        _print_json(infos[0])
+        return 0
+    _print_info_table(infos[0])
+    return 0
+
+
+def _info(target: str, context: int) -> dict[str, Any]:
+    """`moekit info`'s figures for one preset or model directory."""
+    from moekit.analysis.params import summary
+
+    info = {"name": target, **summary(resolve_config(target), context=context)}
+    tuned = Path(target) / "finetune.json"
     if tuned.is_file():
         t = json.loads(tuned.read_text())
         info["finetune"] = {
@@ -123,11 +139,76 @@ def cmd_info(args: argparse.Namespace) -> int:
         }
         if "esft_experts" in t:
             info["finetune"]["esft_experts"] = t["esft_experts"]
-    if args.json:
-        _print_json(info)
-        return 0
-    _print_info_table(info)
-    return 0
+    return info
+
+
+COMPARED = {  # figure -> how to read it from an info dict
+    "total_params": lambda i: i["total_params"],
+    "active_params": lambda i: i["active_params"],
+    "flops_per_token": lambda i: i["flops_per_token"],
+    "weight_bytes_bf16": lambda i: i["weight_memory_bytes"]["bf16"],
+    "kv_cache_bytes_per_1k_tokens_bf16": lambda i: i["kv_cache_bytes_per_1k_tokens"]["bf16"],
+}
+
+
+def _ratios(infos: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each compared figure of every model relative to the first model's."""
+    return {
+        name: [get(i) / get(infos[0]) if get(infos[0]) else float("nan") for i in infos]
+        for name, get in COMPARED.items()
+    }
+
+
+def _print_info_comparison(comparison: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    infos = comparison["models"]
+    first = infos[0]["name"]
+    table = Table(title="moekit info: side by side", caption=f"(x): relative to {first}")
+    table.add_column("figure")
+    for info in infos:
+        table.add_column(info["name"], justify="right")
+
+    def rel(value: float, base: float) -> str:
+        return f" ({value / base:.2f}x)" if base and value != base else ""
+
+    def row(label: str, get: Any, fmt: Any) -> None:
+        base = get(infos[0])
+        table.add_row(label, *(fmt(get(i)) + rel(get(i), base) for i in infos))
+
+    row("total parameters", lambda i: i["total_params"], _human)
+    row("active parameters / token", lambda i: i["active_params"], _human)
+    table.add_row("active fraction", *(f"{i['active_fraction']:.1%}" for i in infos))
+    row(
+        f"forward FLOPs / token (context {infos[0]['flops_context']})",
+        lambda i: i["flops_per_token"],
+        _flops,
+    )
+    table.add_row("layers (MoE)", *(f"{i['num_layers']} ({i['moe_layers']})" for i in infos))
+    table.add_row(
+        "experts, top-k",
+        *(f"{i['num_experts']}, {i['top_k']}" if i["num_experts"] else "dense" for i in infos),
+    )
+    for dtype in infos[0]["weight_memory_bytes"]:
+        row(f"weights in {dtype}", lambda i, d=dtype: i["weight_memory_bytes"][d], _bytes)
+    for dtype in infos[0]["kv_cache_bytes_per_1k_tokens"]:
+        row(
+            f"KV cache / 1k tokens ({dtype})",
+            lambda i, d=dtype: i["kv_cache_bytes_per_1k_tokens"][d],
+            _bytes,
+        )
+    if any("kv_latent_cache_bytes_per_1k_tokens" in i for i in infos):
+        table.add_row(
+            "latent KV cache / 1k tokens (bf16)",
+            *(
+                _bytes(i["kv_latent_cache_bytes_per_1k_tokens"]["bf16"])
+                if "kv_latent_cache_bytes_per_1k_tokens" in i
+                else "-"
+                for i in infos
+            ),
+        )
+    Console(width=max(120, Console().width)).print(table)
 
 
 def _print_info_table(info: dict[str, Any]) -> None:
@@ -152,6 +233,10 @@ def _print_info_table(info: dict[str, Any]) -> None:
         table.add_row("experts, top-k", f"{info['num_experts']}, {info['top_k']}")
     for dtype, n in info["weight_memory_bytes"].items():
         table.add_row(f"weights in {dtype}", _bytes(n))
+    for dtype, n in info["kv_cache_bytes_per_1k_tokens"].items():
+        table.add_row(f"KV cache / 1k tokens of context ({dtype})", _bytes(n))
+    for dtype, n in info.get("kv_latent_cache_bytes_per_1k_tokens", {}).items():
+        table.add_row(f"latent KV cache / 1k tokens ({dtype})", _bytes(n))
     tuned = info.get("finetune")
     if tuned:
         table.add_row("fine-tuned from", f"{tuned['base']} ({tuned['method']})")
@@ -731,20 +816,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from moekit.serve.app import serve
 
-    print(
-        f"serving {args.model_dir} at http://{args.host}:{args.port}/v1 (OpenAI-compatible API) "
-        f"and http://{args.host}:{args.port}/ (playground); Ctrl-C stops",
-        file=sys.stderr,
-    )
+    api_key = args.api_key or os.environ.get("MOEKIT_API_KEY")
+    base = f"http://{args.host}:{args.port}"
+
+    def ready() -> None:
+        page = f"{base}/?key=..." if api_key else f"{base}/"
+        print(
+            f"serving {args.model_dir} at {base}/v1 (OpenAI-compatible API) and {page} "
+            "(playground); Ctrl-C stops",
+            file=sys.stderr,
+        )
+
     serve(
         args.model_dir,
         host=args.host,
         port=args.port,
-        api_key=args.api_key or os.environ.get("MOEKIT_API_KEY"),
+        api_key=api_key,
         model_name=args.model_name,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_tokens_limit=args.max_tokens,
+        max_context=args.max_context,
+        on_ready=ready,
     )
     return 0
 
@@ -801,7 +894,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameters, FLOPs and memory of a preset or model directory",
         description=_doc("moekit.analysis.params", "summary"),
     )
-    info.add_argument("target", nargs="?", help="a preset name or a model directory")
+    info.add_argument(
+        "target",
+        nargs="*",
+        help="a preset name or a model directory; two or more: side by side",
+    )
     info.add_argument("--list", action="store_true", help="list the presets")
     info.add_argument("--context", type=int, default=2048, help="context length for FLOPs")
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -957,6 +1054,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     srv.add_argument("--max-tokens", type=int, default=None, help="cap on max_tokens per request")
+    srv.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="prompt + new tokens per request; sizes the KV cache (default: the model's "
+        "context, at most 4096)",
+    )
     srv.set_defaults(func=cmd_serve, json=False)
 
     chat = sub.add_parser("chat", help="an interactive chat with a model in the terminal")

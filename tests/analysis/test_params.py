@@ -6,6 +6,9 @@ from moekit.analysis.params import (
     attention_flops_per_token,
     count_params,
     flops_per_token,
+    kv_cache_bytes,
+    kv_cache_elements_per_token,
+    kv_latent_elements_per_token,
     summary,
     weight_memory_bytes,
 )
@@ -130,3 +133,25 @@ def test_model_parameters_are_float32_and_buffers_not_counted():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(b.numel() for b in model.buffers())  # the selection biases exist ...
     assert small.num_params() == sum(p.numel() for p in model.parameters())  # ... uncounted
+
+
+@pytest.mark.parametrize(
+    ("name", "data"), list(tiny_variants()), ids=[n for n, _ in tiny_variants()]
+)
+def test_kv_cache_figure_is_what_the_cache_allocates(name, data):
+    from moekit.infer.kv_cache import KVCache
+
+    cfg = ModelConfig.from_dict({**data, "max_seq_len": 64})
+    cache = KVCache(cfg, batch=1, max_len=10, dtype=torch.bfloat16)
+    allocated = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    assert kv_cache_bytes(cfg, 10)["bf16"] == allocated
+    assert kv_cache_bytes(cfg, 10)["fp32"] == 2 * allocated
+    assert summary(cfg)["kv_cache_bytes_per_1k_tokens"]["bf16"] == 100 * allocated
+
+
+def test_published_kv_cache_sizes():
+    # Mixtral 8x7B: 32 layers x 8 key/value heads x 128 dims x (key + value) = 64Ki numbers per
+    # token; DeepSeek-V3's latent cache: 61 layers x (512 latent + 64 rotary key) per token.
+    assert kv_cache_elements_per_token(get_preset("mixtral-8x7b")) == 32 * 8 * 128 * 2
+    assert kv_latent_elements_per_token(get_preset("deepseek-v3")) == 61 * (512 + 64)
+    assert kv_latent_elements_per_token(get_preset("mixtral-8x7b")) is None

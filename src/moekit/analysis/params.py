@@ -138,17 +138,49 @@ def weight_memory_bytes(num_params: int) -> dict[str, int]:
     return {name: int(num_params * b) for name, b in BYTES_PER_PARAM.items()}
 
 
+KV_DTYPES = {"fp32": 4, "bf16": 2}
+
+
+def kv_cache_elements_per_token(cfg: ModelConfig) -> int:
+    """Numbers moekit's KV cache holds per token of context, over all layers: keys and values
+    of every key/value head (grouped-query attention), or of every head for multi-head latent
+    attention, whose keys and values moekit caches decompressed."""
+    if cfg.attention.kind == "mla":
+        per_layer = cfg.num_heads * (cfg.head_dim + cfg.attention.v_head_dim)
+    else:
+        per_layer = cfg.kv_heads * 2 * cfg.head_dim
+    return cfg.num_layers * per_layer
+
+
+def kv_latent_elements_per_token(cfg: ModelConfig) -> int | None:
+    """For multi-head latent attention, the numbers a latent cache holds per token (the
+    compressed key/value latent and the shared rotary key, per layer: what DeepSeek-V3's
+    inference stores); None for other attention."""
+    a = cfg.attention
+    if a.kind != "mla":
+        return None
+    return cfg.num_layers * (a.kv_lora_rank + a.qk_rope_head_dim)
+
+
+def kv_cache_bytes(cfg: ModelConfig, tokens: int = 1000) -> dict[str, int]:
+    """Bytes of moekit's KV cache for `tokens` positions of one sequence, per cache dtype."""
+    n = kv_cache_elements_per_token(cfg) * tokens
+    return {name: n * size for name, size in KV_DTYPES.items()}
+
+
 def summary(cfg: ModelConfig, context: int = 2048) -> dict[str, Any]:
     """Every accounting figure of `cfg` in one JSON-ready dict (what `moekit info --json`
-    prints): total and active parameters with their breakdown, FLOPs per token, weight memory."""
+    prints): total and active parameters with their breakdown, FLOPs per token, weight memory,
+    and KV cache memory per 1,000 tokens of context."""
     pc = count_params(cfg)
-    return {
+    out: dict[str, Any] = {
         "total_params": pc.total,
         "active_params": pc.active,
         "active_fraction": pc.active / pc.total,
         "flops_per_token": flops_per_token(cfg, context),
         "flops_context": context,
         "weight_memory_bytes": weight_memory_bytes(pc.total),
+        "kv_cache_bytes_per_1k_tokens": kv_cache_bytes(cfg, 1000),
         "total_params_by": dict(pc.total_by),
         "active_params_by": dict(pc.active_by),
         "num_layers": cfg.num_layers,
@@ -156,3 +188,9 @@ def summary(cfg: ModelConfig, context: int = 2048) -> dict[str, Any]:
         "num_experts": cfg.moe.num_experts if cfg.moe else 0,
         "top_k": cfg.moe.top_k if cfg.moe else 0,
     }
+    latent = kv_latent_elements_per_token(cfg)
+    if latent is not None:
+        out["kv_latent_cache_bytes_per_1k_tokens"] = {
+            name: latent * 1000 * size for name, size in KV_DTYPES.items()
+        }
+    return out
