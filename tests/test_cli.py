@@ -101,3 +101,12 @@ def test_bench_layer_json_rows():
 def test_bench_layer_rejects_unknown_shapes():
     proc = run("bench", "layer", "--shapes", "huge", check=False)
     assert proc.returncode == 2 and "unknown shape" in proc.stderr
+
+
+def test_doctor_command(tiny_model_dir, capsys):
+    code = main(["doctor", str(tiny_model_dir), "--json", "--tokens", "512"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == report["exit_code"] == (1 if report["counts"]["problem"] else 0)
+    names = {c["name"] for c in report["checks"]}
+    assert {"dead_experts", "router_collapse", "expert_copies", "router_precision"} <= names
+    assert main(["doctor", "/nonexistent/model"]) == 2

@@ -665,6 +665,15 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- doctor --------------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from moekit.analysis.doctor import run_doctor
+
+    return run_doctor(args)
+
+
 # ---- convert -------------------------------------------------------------------------------
 
 
@@ -993,6 +1002,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--out", required=True)
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_upcycle)
+
+    from moekit.analysis.doctor import add_doctor_arguments
+
+    doc = sub.add_parser(
+        "doctor",
+        help="check a model directory (and its training run) for silent MoE failures",
+        description=_doc("moekit.analysis.doctor", "diagnose"),
+    )
+    add_doctor_arguments(doc)
+    doc.set_defaults(func=cmd_doctor)
 
     conv = sub.add_parser(
         "convert",
