@@ -110,3 +110,13 @@ def test_doctor_command(tiny_model_dir, capsys):
     names = {c["name"] for c in report["checks"]}
     assert {"dead_experts", "router_collapse", "expert_copies", "router_precision"} <= names
     assert main(["doctor", "/nonexistent/model"]) == 2
+
+
+def test_analyze_command(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(tiny_model_dir), "--out", str(out), "--max-tokens", "1024",
+                 "--seq-len", "64", "--quiet", "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads((out / "analysis.json").read_text())
+    assert (out / "report.html").stat().st_size > 10_000
+    assert main(["analyze", "/nonexistent/model", "--out", str(tmp_path / "x")]) == 2

@@ -665,7 +665,13 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- doctor --------------------------------------------------------------------------------
+# ---- analyze / doctor ----------------------------------------------------------------------
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from moekit.analysis.report import run_analyze
+
+    return run_analyze(args)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -1004,6 +1010,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_upcycle)
 
     from moekit.analysis.doctor import add_doctor_arguments
+    from moekit.analysis.report import add_analyze_arguments
+
+    ana = sub.add_parser(
+        "analyze",
+        help="routing analysis: load, specialisation, top tokens, consistency, co-activation",
+        description=_doc("moekit.analysis.report", "analyze"),
+    )
+    add_analyze_arguments(ana)
+    ana.set_defaults(func=cmd_analyze)
 
     doc = sub.add_parser(
         "doctor",
