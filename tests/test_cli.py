@@ -120,3 +120,13 @@ def test_analyze_command(tiny_model_dir, tmp_path, capsys):
     assert result == json.loads((out / "analysis.json").read_text())
     assert (out / "report.html").stat().st_size > 10_000
     assert main(["analyze", "/nonexistent/model", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_info_prefers_a_model_directory_over_a_preset_name(tmp_path, monkeypatch, capsys):
+    cfg = ModelConfig.from_dict({**get_preset("tiny").to_dict(), "dim": 32, "num_heads": 4,
+                                 "num_kv_heads": 4})  # fmt: skip
+    (tmp_path / "tiny").mkdir()
+    cfg.save(tmp_path / "tiny" / "config.json")
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == cfg.num_params()

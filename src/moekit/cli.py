@@ -68,9 +68,11 @@ def resolve_config(target: str) -> Any:
     from moekit.config import ModelConfig
     from moekit.presets import PRESETS, get_preset
 
+    path = Path(target)
+    if path.is_file() or (path / "config.json").is_file():  # a model directory wins over a preset
+        return ModelConfig.load(path)
     if target in PRESETS:
         return get_preset(target)
-    path = Path(target)
     if path.exists():
         return ModelConfig.load(path)
     raise ValueError(
@@ -243,7 +245,8 @@ def _print_info_table(info: dict[str, Any]) -> None:
         table.add_row(
             "trained parameters",
             f"{_human(tuned['trainable_params'])} of {_human(tuned['total_params'])} "
-            f"({tuned['trainable_fraction']:.2%})",
+            f"({tuned['trainable_fraction']:.2%})"
+            + (" with the adapters (merged now)" if tuned["method"] == "lora" else ""),
         )
         for layer, experts in tuned.get("esft_experts", {}).items():
             table.add_row(f"experts trained, layer {layer}", ", ".join(map(str, experts)))
@@ -646,6 +649,8 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
         granularity=args.granularity,
         noise=args.noise,
         seed=args.seed,
+        first_dense_layers=args.first_dense_layers,
+        layer_step=args.layer_step,
     )
     figures = {
         "out": args.out,
@@ -1004,6 +1009,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--top-k", type=int, default=2)
     up.add_argument("--granularity", type=int, default=1, help="fine-grained slices per copy")
     up.add_argument("--noise", type=float, default=0.0, help="multiplicative noise on copies")
+    up.add_argument(
+        "--first-dense-layers", type=int, default=0, help="layers that stay dense at the start"
+    )
+    up.add_argument("--layer-step", type=int, default=1, help="every k-th layer after is MoE")
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--out", required=True)
     up.add_argument("--json", action="store_true")

@@ -582,3 +582,23 @@ def test_statuses_order_and_exit_code():
     assert worst_status(checks) == "warning" and worst_status([]) == "ok"
     assert exit_code(checks) == 0 and exit_code(checks, strict=True) == 1
     assert exit_code([*checks, Check("c", "problem", "")]) == 1
+
+
+def test_a_lora_finetune_of_a_bias_balanced_model_passes(trained_run, tmp_path):
+    """LoRA keeps the routers and their balancing biases frozen by design: a bias that does
+    not move between the fine-tune's checkpoints is not a problem there."""
+    import json
+
+    from moekit.train.config import finetune_run_config
+    from moekit.train.trainer import train
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"{i} + 1 = ", "completion": str(i + 1)})
+                              for i in range(24)) + "\n")  # fmt: skip
+    cfg = finetune_run_config(trained_run, data, overrides=[
+        "train.max_steps=4", "train.batch_size=4", "train.seq_len=32", "train.save_every=2",
+        "train.eval_every=4", "train.eval_batches=1", "train.sample_tokens=2"])  # fmt: skip
+    train(cfg, tmp_path / "lora", verbose=False, report=False)
+    check = checks_of(tmp_path / "lora", **FAST)["selection_bias"]
+    assert check.status == "ok", check.evidence
+    assert check.data["frozen_by_finetune"] == "lora" and "frozen by design" in check.evidence

@@ -104,3 +104,35 @@ def test_a_finetune_config_cannot_change_the_model(tmp_path, tiny_model_dir, sft
     config.write_text(f"{section}:\n  dim: 16\n")
     with pytest.raises(ValueError, match="cannot change the model"):
         finetune_run_config(tiny_model_dir, sft_file, config_file=config)
+
+
+def test_the_base_and_other_models_are_never_overwritten(tmp_path, tiny_model_dir, sft_file,
+                                                          capsys):  # fmt: skip
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    before = (base / "model.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, "finetune", base, "--data", sft_file, "--out", base, *FAST)
+    assert code == 2 and "already holds a model" in err
+    assert (base / "model.safetensors").read_bytes() == before
+    assert not (base / "train_state").exists() and not (base / "adapter").exists()
+
+
+def test_without_validation_examples_no_evaluation_runs(tmp_path, tiny_model_dir, sft_file):
+    cfg = finetune_run_config(tiny_model_dir, sft_file,
+                              overrides=[*FAST, "finetune.val_fraction=0"])  # fmt: skip
+    result = train(cfg, tmp_path / "run", verbose=False)
+    assert result.val_loss is None
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["kind"] == "eval"]
+
+
+def test_a_resumed_esft_run_keeps_its_selection_and_shares(tmp_path, tiny_model_dir, sft_file):
+    cfg = finetune_run_config(tiny_model_dir, sft_file, method="esft", overrides=FAST)
+    train(cfg, tmp_path / "run", verbose=False, stop_after=3)
+    first = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    train(cfg, tmp_path / "run", verbose=False, resume=True)
+    again = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert again["esft_experts"] == first["esft_experts"]
+    assert again["esft_routing_share"] == first["esft_routing_share"]

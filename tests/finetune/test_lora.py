@@ -223,3 +223,24 @@ def test_load_adapted_from_directories(tmp_path):
     save_model(other, other.cfg, tmp_path / "other")
     with pytest.raises(ValueError, match=r"another model than .*norm_eps differ"):
         load_adapted(tmp_path / "other", tmp_path / "adapter")
+
+
+def test_expert_subsets_are_checked_and_counted():
+    model = make()
+    summary = apply_lora(model, LoRAConfig(rank=2, targets=["*.ffn.experts.w_up"], experts=[1]))
+    # one of the 4 experts' slices of A (2 x 32) and B (16 x 2)
+    assert summary.trainable == 2 * 32 + 16 * 2
+    with pytest.raises(ValueError, match=r"experts=\[9\].*4 routed experts"):
+        apply_lora(make(), LoRAConfig(targets=["*.ffn.experts.*"], experts=[9]))
+    with pytest.raises(ValueError, match="non-empty"):
+        LoRAConfig(experts=[])
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_narrow_ranks_train_on_the_grouped_backend(rank):
+    model = make("grouped")
+    apply_lora(model, LoRAConfig(rank=rank, targets=["*.ffn.experts.*"]))
+    randomise(model)
+    model(torch.randint(0, 64, (2, 8))).logits.square().mean().backward()
+    grads = [a.A.grad for _, a in adapter_modules(model)]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -92,3 +92,29 @@ def test_unsupported_exports_are_named(tmp_path):
         export_peft(tmp_path / "adapter", tmp_path / "peft", architecture="DeepseekV3ForCausalLM")
     with pytest.raises(FileNotFoundError, match="no LoRA adapter"):
         export_peft(tmp_path / "peft", tmp_path / "out")
+
+
+def test_dense_mlp_adapters_are_refused_for_peft(tmp_path):
+    cfg = ModelConfig.from_dict(
+        {**BASE, "attention": dict(qk_norm="head"), "moe": dict(MOE, first_dense_layers=1)}
+    )  # a Qwen3-MoE
+    model = build_model(cfg)
+    lora = LoRAConfig(targets=["*.ffn.w_up", "*.attn.wq"])
+    apply_lora(model, lora)
+    save_adapter(model, lora, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"layers\.0\.ffn\.w_up \(a dense MLP layer\)"):
+        export_peft(tmp_path / "adapter", tmp_path / "peft")
+
+
+def test_corrupt_adapter_files_are_named(tmp_path):
+    model = build_model(ModelConfig.from_dict({**BASE, "moe": dict(MOE)}))
+    lora = LoRAConfig(targets=["*.attn.wq"])
+    apply_lora(model, lora)
+    save_adapter(model, lora, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter.safetensors"
+    weights.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"adapter\.safetensors is not a readable safetensors"):
+        export_peft(tmp_path / "adapter", tmp_path / "peft")
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON"):
+        export_peft(tmp_path / "adapter", tmp_path / "peft")

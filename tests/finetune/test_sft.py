@@ -125,3 +125,62 @@ def test_examples_start_with_the_prompt_prefix_generation_uses(tmp_path):
     ids, mask = encode_example(example, tokenizer, 64)
     prompt = tokenizer.encode_prompt("the quick ")
     assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)])
+
+
+def _moe(**moe):
+    from moekit import build_model
+    from moekit.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(dict(vocab_size=64, dim=32, num_layers=2, num_heads=4,
+                                     num_kv_heads=2, ffn_hidden=48, max_seq_len=64,
+                                     moe=dict(num_experts=4, top_k=2, expert_hidden=16, **moe)))  # fmt: skip
+    return build_model(cfg, seed=0)
+
+
+def test_padding_takes_no_part_in_routing():
+    """Right padding with a token mask: the same routing counts, router losses and entropy as
+    the rows without their padding."""
+    model = _moe(z_loss_weight=0.001)
+    rows = torch.randint(1, 64, (2, 8))
+    padded = torch.cat([rows, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    plain = model(rows)
+    masked = model(padded, token_mask=padded != 0)
+    unmasked = model(padded)
+    for layer, stats in plain.moe_stats.items():
+        other = masked.moe_stats[layer]
+        assert torch.equal(stats.tokens_per_expert, other.tokens_per_expert)
+        for name in ("aux_loss", "z_loss", "entropy"):
+            torch.testing.assert_close(getattr(other, name), getattr(stats, name))
+        assert unmasked.moe_stats[layer].tokens_per_expert.sum() > stats.tokens_per_expert.sum()
+    torch.testing.assert_close(masked.aux_loss, plain.aux_loss)
+    torch.testing.assert_close(masked.logits[:, :8], plain.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulated_masked_batches_equal_one_large_batch():
+    """Micro-batches with very different numbers of targets: accumulating them gives the
+    gradient of one batch holding them all (each target weighs the same)."""
+    import copy
+
+    from moekit.train.trainer import optimizer_step
+
+    torch.manual_seed(0)
+    inputs = torch.randint(1, 64, (8, 12))
+    targets = torch.randint(1, 64, (8, 12))
+    targets[:4, 2:] = IGNORE_INDEX  # rows 0-3: 2 targets each; rows 4-7: 12 each
+    inputs[:4, 6:] = 0  # and padding
+    results = []
+    for split in (1, 2):
+        model = _moe(aux_loss_weight=0.0, z_loss_weight=0.0)  # the LM loss alone
+        before = copy.deepcopy(model.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        size = 8 // split
+        batches = [(inputs[i * size : (i + 1) * size], targets[i * size : (i + 1) * size])
+                   for i in range(split)]  # fmt: skip
+        record = optimizer_step(model, opt, batches, grad_accum=split, grad_clip=0.0, pad_id=0)
+        step = {k: before[k] - v for k, v in model.state_dict().items() if v.is_floating_point()}
+        results.append((record, step))
+    (one, step_one), (two, step_two) = results
+    assert one["tokens"] == two["tokens"] == 8 * 12 - 4 * 6
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    for key, delta in step_one.items():
+        torch.testing.assert_close(step_two[key], delta, rtol=1e-4, atol=1e-6, msg=key)

@@ -78,3 +78,23 @@ def test_upcycle_cli(tmp_path, dense_dir, capsys):
     cfg = ModelConfig.load(tmp_path / "moe")
     assert figures["total_params"] == cfg.num_params() > ModelConfig.from_dict(DENSE).num_params()
     assert figures["active_params"] == cfg.num_active_params()
+
+
+def test_layer_placement_keeps_dense_layers(tmp_path, dense_dir):
+    cfg = upcycle(dense_dir, tmp_path / "moe", num_experts=4, top_k=2, first_dense_layers=1)
+    assert cfg.moe_layers == [1]
+    tokens = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(logits(tmp_path / "moe", tokens), logits(dense_dir, tokens),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="leaves no MoE layer"):
+        upcycle(dense_dir, tmp_path / "none", num_experts=4, first_dense_layers=2)
+
+
+def test_an_existing_model_is_never_overwritten(tmp_path, dense_dir):
+    with pytest.raises(ValueError, match="already holds a model"):
+        upcycle(dense_dir, dense_dir, num_experts=4)
+    upcycle(dense_dir, tmp_path / "moe", num_experts=4)
+    before = (tmp_path / "moe" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds a model"):
+        upcycle(dense_dir, tmp_path / "moe", num_experts=8)
+    assert (tmp_path / "moe" / "model.safetensors").read_bytes() == before

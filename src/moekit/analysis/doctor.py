@@ -584,6 +584,18 @@ def _moe_layers(cfg: ModelConfig) -> list[int]:
     return [i for i in range(cfg.num_layers) if cfg.moe.is_moe_layer(i)]
 
 
+def _frozen_routing_method(run: Path | None) -> str | None:
+    """The fine-tuning method of the run in `run` when it keeps the routers frozen (LoRA,
+    ESFT), else None."""
+    if run is None or not (run / "finetune.json").is_file():
+        return None
+    try:
+        method = json.loads((run / "finetune.json").read_text()).get("method")
+    except (OSError, ValueError):
+        return None
+    return method if method in ("lora", "esft") else None
+
+
 def _check_selection_bias(cfg: ModelConfig, weights: _WeightFiles, run: Path | None) -> Check:
     import torch
 
@@ -634,6 +646,11 @@ def _check_selection_bias(cfg: ModelConfig, weights: _WeightFiles, run: Path | N
             f"(bias_update_rate={rate:g}: training moves it by {rate:g} per step)"
         )
     checkpoints = list_checkpoints(run)[-2:] if run is not None else []
+    frozen_by = _frozen_routing_method(run)
+    if frozen_by is not None:
+        # LoRA and ESFT fine-tuning freeze the routers, their balancing biases included.
+        data["frozen_by_finetune"] = frozen_by
+        checkpoints = []
     if len(checkpoints) == 2:
         older, newer = (_WeightFiles(p) for p in checkpoints)
         unchanged, change = [], {}
@@ -661,6 +678,11 @@ def _check_selection_bias(cfg: ModelConfig, weights: _WeightFiles, run: Path | N
         compared = "; fewer than two checkpoints in train_state/, so no change was compared"
         if run is None:
             compared = "; no run directory, so no change between checkpoints was compared"
+        if frozen_by is not None:
+            compared = (
+                f"; a {frozen_by} fine-tune keeps the routers and their biases frozen by design, "
+                "so checkpoints were not compared"
+            )
     if problems:
         return Check(name, "problem", "; ".join(problems) + ".", advice, data)
     largest = max(float(b.abs().max()) for b in biases.values())
@@ -767,7 +789,7 @@ def _check_lora(cfg: ModelConfig, weights_file: Path, config_file: Path) -> Chec
             mask = state.get(f"{prefix}.mask")
             adapted = [e for e in range(b.shape[0]) if mask is None or float(mask[e]) > 0]
             zero = [e for e in adapted if not bool(b[e].any())]
-            if adapted and len(zero) == len(adapted):
+            if not adapted or len(zero) == len(adapted):  # no expert adapted, or none trained
                 untrained_targets.append(prefix)
             elif zero:
                 untrained_experts[prefix] = zero

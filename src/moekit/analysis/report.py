@@ -140,6 +140,11 @@ def analyze(
 
     docs, source = _documents(model_dir, data, text_field, domain_field)
     tokenizer = Tokenizer.load(model_dir)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"{cfg.vocab_size}; the tokenizer.json belongs to another model"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_dir, device=device)
     sample = sample_tokens(docs, tokenizer, max_tokens)

@@ -7,10 +7,14 @@
 4. optionally (`dense_continue`) train the dense model `steps` more, the baseline that spends
    the same extra steps without upcycling.
 
-All runs share the data, its split and the tokenizer, and are evaluated on the same
-validation rows. The upcycled model's curve starts where the dense model left off; the question
-is whether, after the same number of MoE steps, it is ahead of the MoE trained from scratch.
-Running the benchmark again continues interrupted runs.
+The MoE is the upcycled one: softmax top-k routing with the configured number of experts,
+top-k, expert width (x granularity) and layer placement, aux and z-loss weights; other router
+settings of the config (sigmoid scores, bias balancing, shared experts) do not carry over, and
+the scratch run trains exactly the upcycled config. All runs share the data, its split and the
+tokenizer, and are evaluated on the same validation rows. The upcycled model's curve
+starts where the dense model left off; the question is whether, after the same number of MoE
+steps, it is ahead of the MoE trained from scratch. Running the benchmark again continues
+interrupted runs.
 """
 
 from __future__ import annotations
@@ -91,6 +95,16 @@ def bench_upcycle(
         train(run_cfg, out / name, verbose=verbose, resume=resume)
         return out / name
 
+    settings = {"run": cfg.to_dict(), "dense_steps": dense_steps, "steps": steps,
+                "granularity": granularity, "noise": noise}  # fmt: skip
+    marker = out / "bench.json"
+    if marker.is_file() and json.loads(marker.read_text()) != settings:
+        raise ValueError(
+            f"{out} holds a benchmark run with other settings ({marker}); choose another --out "
+            "or delete it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(settings, indent=2) + "\n")
     dense_dir = run("dense", dense_cfg, dense_steps)
     init = out / "upcycled_init"
     if not (init / "config.json").is_file():
@@ -104,6 +118,8 @@ def bench_upcycle(
             seed=cfg.train.seed,
             aux_loss_weight=moe.aux_loss_weight,
             z_loss_weight=moe.z_loss_weight,
+            first_dense_layers=moe.first_dense_layers,
+            layer_step=moe.layer_step,
         )
     moe_cfg = ModelConfig.load(init)
     runs = {

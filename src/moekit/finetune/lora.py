@@ -62,8 +62,12 @@ class LoRAConfig(_ConfigBase):
             raise _fail(owner, "dropout", self.dropout, "must be in [0, 1)")
         if not self.targets or any(not isinstance(t, str) or not t for t in self.targets):
             raise _fail(owner, "targets", self.targets, "must be non-empty name patterns")
-        if self.experts is not None and any(not isinstance(e, int) or e < 0 for e in self.experts):
-            raise _fail(owner, "experts", self.experts, "must be expert indices (>= 0)")
+        if self.experts is not None and (
+            not self.experts or any(not isinstance(e, int) or e < 0 for e in self.experts)
+        ):
+            raise _fail(
+                owner, "experts", self.experts, "must be a non-empty list of expert indices (>= 0)"
+            )
 
     @property
     def scale(self) -> float:
@@ -106,8 +110,14 @@ class ExpertLowRank(nn.Module):
             nn.init.kaiming_uniform_(self.A.data[e], a=math.sqrt(5))
         mask = torch.ones(num_experts)
         if cfg.experts is not None:
+            beyond = [e for e in cfg.experts if e >= num_experts]
+            if beyond:
+                raise ValueError(
+                    f"LoRAConfig.experts={cfg.experts}: the model has {num_experts} routed "
+                    f"experts (0 .. {num_experts - 1}); {beyond} do not exist"
+                )
             mask.zero_()
-            mask[[e for e in cfg.experts if e < num_experts]] = 1.0
+            mask[cfg.experts] = 1.0
         self.register_buffer("mask", mask)
         self.scale = cfg.scale
         self.dropout = nn.Dropout(cfg.dropout)
@@ -190,10 +200,13 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> AdapterSummary:
             f"LoRA targets {cfg.targets} match no weight of this model; weight names look like "
             "layers.0.attn.wq, layers.0.ffn.experts.w_up, layers.0.ffn.router"
         )
+    trainable = 0
     for _, adapter in adapter_modules(model):
         for p in adapter.parameters():
             p.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            # An expert outside `cfg.experts` keeps its (zero-gradient) slices: not trained.
+            share = adapter.mask.mean().item() if isinstance(adapter, ExpertLowRank) else 1.0
+            trainable += round(p.numel() * share)
     return AdapterSummary(adapted, trainable, sum(p.numel() for p in model.parameters()))
 
 
@@ -282,16 +295,28 @@ def save_adapter(
     return out
 
 
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The adapter_config.json of an adapter directory; a missing or malformed file is an
+    error naming it."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {ADAPTER_CONFIG}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(config, dict) or not isinstance(config.get("lora"), dict):
+        raise ValueError(f"{path} is not a moekit adapter config (no 'lora' section)")
+    return config
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
     """Attach the adapter saved in `directory` to `model` (built from its base) and return
     its config. Tensors that do not fit are named."""
     from safetensors.torch import load_file
 
     src = Path(directory)
-    if not (src / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"{src} has no {ADAPTER_CONFIG}")
-    config: dict[str, Any] = json.loads((src / ADAPTER_CONFIG).read_text())
-    cfg = LoRAConfig.from_dict(config["lora"])
+    cfg = LoRAConfig.from_dict(read_adapter_config(src)["lora"])
     apply_lora(model, cfg)
     try:
         state = load_file(str(src / ADAPTER_WEIGHTS))
@@ -325,10 +350,7 @@ def load_adapted(
     from moekit.io import load_model
 
     base = ModelConfig.load(base_dir)
-    config_file = Path(adapter_dir) / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no {ADAPTER_CONFIG}")
-    recorded = json.loads(config_file.read_text()).get("base_config")
+    recorded = read_adapter_config(adapter_dir).get("base_config")
     if recorded is not None:
         theirs = ModelConfig.from_dict(recorded).to_dict()
         ours = base.to_dict()

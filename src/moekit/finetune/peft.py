@@ -1,12 +1,12 @@
 """A moekit LoRA adapter in the PEFT library's format, for a model exported to Hugging Face.
 
 For the architectures whose transformers modules mirror moekit's weights one to one (Mixtral,
-Qwen2-MoE, Qwen3-MoE, OLMoE), every moekit adapter has a PEFT counterpart on the transformers
-model built from `moekit convert --to-hf`:
+Qwen2-MoE, Qwen3-MoE, OLMoE), every moekit adapter but those on dense MLP layers has a PEFT
+counterpart on the transformers model built from `moekit convert --to-hf`:
 
-- attention projections, shared experts and dense MLPs are `nn.Linear` modules
-  (`model.layers.{i}.self_attn.q_proj`, `...mlp.shared_expert.gate_proj`, `...mlp.up_proj`):
-  plain PEFT LoRA (`target_modules`), A and B as they are;
+- attention projections and shared experts are `nn.Linear` modules
+  (`model.layers.{i}.self_attn.q_proj`, `...mlp.shared_expert.gate_proj`): plain PEFT LoRA
+  (`target_modules`), A and B as they are;
 - the router is a parameter (`model.layers.{i}.mlp.gate.weight`), and the routed experts are
   3-D parameters (`...mlp.experts.gate_up_proj`, E x 2F x D, and `...mlp.experts.down_proj`,
   E x D x F): PEFT's parameter LoRA (`target_parameters`), which keeps one rank-r adapter per
@@ -15,20 +15,21 @@ model built from `moekit convert --to-hf`:
   diagonal, `rank_pattern` / `alpha_pattern` keep the scale alpha / r).
 
 PEFT's parameter LoRA has no dropout; the exported config says lora_dropout 0 (dropout only
-acts in training). DeepSeek-V3 is not exported: its attention stores the rotary rows in
-another order and its projections differ from moekit's.
+acts in training). Adapters on dense MLP layers (a model with `first_dense_layers`) are
+refused: PEFT maps gate_proj/up_proj/down_proj targets of these architectures onto the
+experts. DeepSeek-V3 is not exported: its attention stores the rotary rows in another order
+and its projections differ from moekit's.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor
 
 from moekit.config import ModelConfig
-from moekit.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig
+from moekit.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, read_adapter_config
 
 PEFT_ARCHITECTURES = (
     "MixtralForCausalLM",
@@ -61,7 +62,15 @@ def _linear_name(ours: str) -> str:
     if len(parts) == 4 and parts[0] == "layers" and parts[2] == "attn" and parts[3] in _ATTN:
         return f"model.layers.{parts[1]}.self_attn.{_ATTN[parts[3]]}"
     if len(parts) == 4 and parts[0] == "layers" and parts[2] == "ffn" and parts[3] in _MLP:
-        return f"model.layers.{parts[1]}.mlp.{_MLP[parts[3]]}"
+        # PEFT (0.21) rewrites any target ending in gate_proj / up_proj / down_proj of these
+        # MoE architectures into the experts' fused parameters, so an adapter on a dense MLP
+        # layer would land on the wrong weights.
+        raise ValueError(
+            f"the adapter on {ours} (a dense MLP layer) cannot be exported for PEFT: PEFT "
+            "treats gate_proj/up_proj/down_proj targets of MoE architectures as expert "
+            "weights; fine-tune without dense-MLP targets (e.g. --lora-targets "
+            "'*.attn.w*,*.ffn.experts.*,*.ffn.shared.*') to export"
+        )
     if len(parts) == 5 and parts[2:4] == ["ffn", "shared"] and parts[4] in _MLP:
         return f"model.layers.{parts[1]}.mlp.shared_expert.{_MLP[parts[4]]}"
     raise ValueError(f"the adapter on {ours} has no PEFT counterpart")
@@ -108,7 +117,7 @@ def export_peft(
     from moekit.io import atomic_write_text
 
     src = _adapter_source(Path(source))
-    meta: dict[str, Any] = json.loads((src / ADAPTER_CONFIG).read_text())
+    meta = read_adapter_config(src)
     if "base_config" not in meta:
         raise ValueError(
             f"{src / ADAPTER_CONFIG} does not record the base model's config (base_config); "
@@ -129,7 +138,10 @@ def export_peft(
     problems = arch.problems(cfg)
     if problems:
         raise ValueError(f"the base model cannot be exported as {arch.name}: {'; '.join(problems)}")
-    state = load_file(str(src / ADAPTER_WEIGHTS))
+    try:
+        state = load_file(str(src / ADAPTER_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{src / ADAPTER_WEIGHTS} is not a readable safetensors file ({e})") from e
     r = lora.rank
     tensors: dict[str, Tensor] = {}
     modules: list[str] = []

@@ -118,8 +118,11 @@ class FineTuning:
     ) -> dict[int, list[int]]:
         saved = self.run_dir / SUMMARY_FILE
         if self.resume and saved.is_file():
-            chosen = json.loads(saved.read_text()).get("esft_experts", {})
-            return {int(k): v for k, v in chosen.items()}
+            summary = json.loads(saved.read_text())
+            share = summary.get("esft_routing_share")
+            if share is not None:
+                self.mass = {int(k): v for k, v in share.items()}
+            return {int(k): v for k, v in summary.get("esft_experts", {}).items()}
         if not model.moe_layers():
             raise ValueError("finetune.method='esft' needs an MoE model")
         device = next(model.parameters()).device

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ModelConfig, MoEConfig
-from moekit.io import load_weights, save_weights
+from moekit.io import INDEX_NAME, load_weights, save_weights
 
 
 def upcycle(
@@ -33,10 +33,19 @@ def upcycle(
     seed: int = 0,
     aux_loss_weight: float = 0.01,
     z_loss_weight: float = 0.001,
+    first_dense_layers: int = 0,
+    layer_step: int = 1,
 ) -> ModelConfig:
     """Write the upcycled MoE of the dense model directory `dense_dir` into `out_dir`; returns
-    its config. The router is initialised like a freshly built model's."""
+    its config. The router is initialised like a freshly built model's. The MoE routes by
+    softmax top-k; `first_dense_layers` and `layer_step` place its MoE layers as
+    `MoEConfig` does (the other layers keep their dense MLP)."""
     src, out = Path(dense_dir), Path(out_dir)
+    held = [n for n in ("config.json", "model.safetensors", INDEX_NAME) if (out / n).exists()]
+    if held:
+        raise ValueError(
+            f"{out} already holds a model ({', '.join(held)}); choose another output directory"
+        )
     dense = ModelConfig.load(src)
     if dense.moe is not None:
         raise ValueError(f"{src} is already a Mixture-of-Experts model")
@@ -57,12 +66,22 @@ def upcycle(
         expert_hidden=expert_hidden,
         aux_loss_weight=aux_loss_weight,
         z_loss_weight=z_loss_weight,
+        first_dense_layers=first_dense_layers,
+        layer_step=layer_step,
     )
     cfg = ModelConfig.from_dict({**dense.to_dict(), "moe": moe.to_dict()})
+    if not cfg.moe_layers:
+        raise ValueError(
+            f"first_dense_layers={first_dense_layers} leaves no MoE layer in a model of "
+            f"{cfg.num_layers} layers"
+        )
     state = load_weights(src)
     gen = torch.Generator().manual_seed(seed)
-    out_state = {k: v for k, v in state.items() if ".ffn." not in k}
-    for i in range(cfg.num_layers):
+    moe_layers = set(cfg.moe_layers)
+    out_state = {
+        k: v for k, v in state.items() if ".ffn." not in k or int(k.split(".")[1]) not in moe_layers
+    }
+    for i in sorted(moe_layers):
         prefix = f"layers.{i}.ffn"
         names = ["w_up", "w_down"] + (["w_gate"] if cfg.activation == "swiglu" else [])
         weights = {n: state[f"{prefix}.{n}.weight"] for n in names}

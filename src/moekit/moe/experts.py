@@ -254,7 +254,12 @@ def grouped_linear(x_SD: Tensor, w_ENK: Tensor, counts_E: Tensor) -> Tensor:
     to the autocast dtype first (the grouped kernel itself is not autocast-aware)."""
     dtype = compute_dtype(x_SD)
     x_SD, w_ENK = x_SD.to(dtype), w_ENK.to(dtype)
-    if grouped_mm_available(x_SD, w_ENK):
+    # Rows of the input (K wide) and of the output and its gradient (N wide) must be 16-byte
+    # aligned: a LoRA rank of 2, or 4 in bf16, is too narrow for the kernel and takes the
+    # per-expert path.
+    size = w_ENK.element_size()
+    rows_aligned = w_ENK.shape[1] * size % 16 == 0 and w_ENK.shape[2] * size % 16 == 0
+    if rows_aligned and grouped_mm_available(x_SD, w_ENK):
         offs_E = counts_E.cumsum(0).to(torch.int32)
         out: Tensor = _GroupedMM.apply(x_SD, w_ENK.transpose(-2, -1), offs_E)
         return out

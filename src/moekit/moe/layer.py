@@ -31,11 +31,14 @@ class RouteOptions:
     top_k: experts per token for this call instead of the config's (token choice, and
         expert choice in causal mode): fewer for speed, more for quality.
     record: return each token's experts and weights in `MoEStats.routing`.
+    mask: (T,) bool, the tokens that take part in routing; a False token (padding) goes to no
+        expert and counts in no statistic and no router loss.
     """
 
     causal: bool | None = None
     top_k: int | Tensor | None = None  # an int, or one count per token (T,)
     record: bool = False
+    mask: Tensor | None = None
 
 
 DEFAULT_ROUTE = RouteOptions()
@@ -84,6 +87,12 @@ class MoELayer(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         decision = self.router(x_TD, causal=route.causal, top_k=route.top_k)
+        if route.mask is not None:
+            keep_T1 = route.mask.view(-1, 1)
+            decision = decision._replace(
+                experts=decision.experts.masked_fill(~keep_T1, -1),
+                weights=decision.weights.masked_fill(~keep_T1, 0.0),
+            )
         T, K = decision.experts.shape
         if T == 0:
             return x_BSD.new_zeros(B, S, D), self._empty_stats(decision)
@@ -109,7 +118,7 @@ class MoELayer(nn.Module):
                 shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
             out_TD = out_TD + shared_TD
 
-        stats = self._stats(decision, p)
+        stats = self._stats(decision, p, route.mask)
         if route.record:
             stats = stats._replace(routing=decision)
         return out_TD.view(B, S, D), stats
@@ -126,14 +135,22 @@ class MoELayer(nn.Module):
             return self.cfg.capacity(seq_len)
         return self.cfg.capacity(batch * seq_len)
 
-    def _stats(self, route: RouterOutput, p: dispatch.DispatchPlan) -> MoEStats:
-        probs_TE = self.router.probs(route.logits)
+    def _stats(
+        self, route: RouterOutput, p: dispatch.DispatchPlan, mask_T: Tensor | None
+    ) -> MoEStats:
+        logits_TE, experts_TK = route.logits, route.experts
+        if mask_T is not None:  # padding counts in no statistic and no loss
+            logits_TE, experts_TK = logits_TE[mask_T], experts_TK[mask_T]
+        probs_TE = self.router.probs(logits_TE)
+        if not len(probs_TE):
+            zero = route.logits.new_zeros(()) + 0.0 * route.logits.sum()
+            return MoEStats(p.routed_per_expert, p.num_dropped, zero, zero, zero.detach())
         entropy = losses.router_entropy(probs_TE.detach())
         # The router losses only matter for training: without autograd (evaluation, decoding)
         # they are reported as 0 and cost nothing.
         if torch.is_grad_enabled():
-            aux = losses.load_balancing_loss(probs_TE, route.experts)
-            z = losses.z_loss(route.logits)
+            aux = losses.load_balancing_loss(probs_TE, experts_TK)
+            z = losses.z_loss(logits_TE)
         else:
             aux = z = route.logits.new_zeros(())
         return MoEStats(p.routed_per_expert, p.num_dropped, aux, z, entropy)

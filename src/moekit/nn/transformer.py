@@ -95,6 +95,7 @@ class Transformer(nn.Module):
         attn_mask: Tensor | None = None,
         cache: KVCache | None = None,
         valid: Tensor | None = None,
+        token_mask: Tensor | None = None,
         causal_routing: bool | None = None,
         top_k: int | Tensor | None = None,
         return_routing: bool = False,
@@ -106,6 +107,8 @@ class Transformer(nn.Module):
         attn_mask: boolean (B, 1, S, S) mask, True where attention is allowed; default causal.
         cache: a `moekit.infer.KVCache`; the tokens are appended to it and attend to it.
         valid: with a cache, (B, S) bool marking real tokens (False: left padding).
+        token_mask: (B, S) bool, the tokens that take part in routing (False: padding, which
+            goes to no expert and counts in no routing statistic or router loss).
         causal_routing: inference routing (generation, serving, evaluation): expert-choice
             routers run their causal mode and token choice is dropless (no capacity), so a
             token's output depends neither on later tokens nor on other rows of the batch.
@@ -126,7 +129,8 @@ class Transformer(nn.Module):
             positions = torch.arange(S, device=tokens.device)
         if isinstance(top_k, Tensor):
             top_k = top_k.to(tokens.device).repeat_interleave(S)  # one count per token
-        route = RouteOptions(causal=causal_routing, top_k=top_k, record=return_routing)
+        mask = token_mask.reshape(-1).to(tokens.device) if token_mask is not None else None
+        route = RouteOptions(causal=causal_routing, top_k=top_k, record=return_routing, mask=mask)
         x = self.embed(tokens)
         cos, sin = rope_tables(positions, self.rope_dim, self.cfg.rope_theta, x.dtype)
         stats: dict[int, MoEStats] = {}

@@ -36,7 +36,7 @@ from moekit.data.loader import (
 )
 from moekit.data.tokenizer import Tokenizer
 from moekit.finetune.tuning import FineTuning
-from moekit.io import atomic_write_text, save_model
+from moekit.io import INDEX_NAME, atomic_write_text, save_model
 from moekit.nn.transformer import Transformer, build_model
 from moekit.train.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from moekit.train.config import RunConfig
@@ -108,26 +108,38 @@ def optimizer_step(
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     on_stats: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
     balance_routers: bool = True,
+    pad_id: int | None = None,
 ) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches of (inputs, targets).
 
-    Loss = next-token cross-entropy + the model's weighted router losses, averaged over the
-    micro-batches. A non-finite loss or gradient norm skips the update (`finite=False` in the
-    result). After a good update (and with `balance_routers`) the routers' aux-loss-free biases
-    take one step from the routed counts summed over the micro-batches. `on_stats(layer, counts,
-    dropped, entropy)` sees every MoE layer's statistics of every micro-batch.
+    Loss = next-token cross-entropy over every target of the step (targets of -100 are not
+    targets; each micro-batch weighs by its share of the step's targets, so accumulating gives
+    the loss of one large batch) + the model's weighted router losses, averaged over the
+    micro-batches. With `pad_id`, input tokens equal to it are padding: they route to no expert
+    and count in no routing statistic, router loss or token count. A non-finite loss or
+    gradient norm skips the update (`finite=False` in the result). After a good update (and
+    with `balance_routers`) the routers' aux-loss-free biases take one step from the routed
+    counts summed over the micro-batches. `on_stats(layer, counts, dropped, entropy)` sees
+    every MoE layer's statistics of every micro-batch. The result's `tokens` counts the input
+    tokens that were not padding.
     """
     model.train()
     device = next(model.parameters()).device
+    batches = [(inputs.to(device), targets.to(device)) for inputs, targets in batches]
+    targets_per_batch = [int((t != IGNORE_INDEX).sum()) for _, t in batches]
+    all_targets = max(sum(targets_per_batch), 1)
     counts: dict[int, Tensor] = {}
     loss_sum = aux_sum = 0.0
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
+    tokens = 0
+    for (inputs, targets), n in zip(batches, targets_per_batch, strict=True):
+        mask = inputs != pad_id if pad_id is not None else None
+        tokens += int(mask.sum()) if mask is not None else inputs.numel()
         with autocast():
-            out = model(inputs)
-        loss = lm_loss(out.logits, targets)
-        ((loss + out.aux_loss) / grad_accum).backward()
-        loss_sum += float(loss.detach())
+            out = model(inputs, token_mask=mask)
+        loss = lm_loss(out.logits, targets) if n else out.logits.sum() * 0.0
+        share = n / all_targets
+        (loss * share + out.aux_loss / grad_accum).backward()
+        loss_sum += float(loss.detach()) * share
         aux_sum += float(out.aux_loss.detach())
         for layer, stats in out.moe_stats.items():
             counts[layer] = (
@@ -147,7 +159,8 @@ def optimizer_step(
             model.update_router_biases(counts)
     optimizer.zero_grad(set_to_none=True)
     return {
-        "loss": loss_sum / grad_accum,
+        "loss": loss_sum,
+        "tokens": tokens,
         "aux_loss": aux_sum / grad_accum,
         "grad_norm": grad_norm,
         "lr": lr,
@@ -239,6 +252,16 @@ class Trainer:
                 raise ValueError(
                     f"{self.run_dir} already holds a training run (a checkpoint at step "
                     f"{checkpoint.step}); pass --resume to continue it or choose another --out"
+                )
+            held = [
+                n
+                for n in ("config.json", "model.safetensors", INDEX_NAME)
+                if (self.run_dir / n).exists()
+            ]
+            if held:
+                raise ValueError(
+                    f"{self.run_dir} already holds a model ({', '.join(held)}) and no training "
+                    "run to continue; choose another --out (a run never overwrites a model)"
                 )
             return None
         if checkpoint is None:
@@ -343,7 +366,7 @@ class Trainer:
                 self.elapsed += step_seconds
                 window_seconds += step_seconds
                 self.step += 1
-                step_tokens = tc.batch_size * tc.seq_len * tc.grad_accum
+                step_tokens = record["tokens"]
                 self.tokens += step_tokens
                 window_tokens += step_tokens
                 if record["finite"]:
@@ -382,7 +405,8 @@ class Trainer:
                     self.metrics.log(entry)
                     history.append(entry)
                     self._report_line(entry)
-                if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
+                has_val = len(self.val_rows) > 0 or bool(self.val_rows_by_domain)
+                if has_val and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):
                     last_eval = self.evaluate()
                     self.metrics.log(last_eval)
                     history.append(last_eval)
@@ -426,6 +450,7 @@ class Trainer:
             on_stats=routing.add,
             # Fine-tuning that freezes the routers (LoRA, ESFT) freezes their balancing biases.
             balance_routers=self.tuning is None or self.tuning.cfg.method == "full",
+            pad_id=self.tuning.pad_id if self.tuning is not None else None,
         )
         with warnings.catch_warnings():
             # A skipped step still advances the schedule: it counts as a step of the run.
@@ -545,13 +570,10 @@ class Trainer:
             console=console,
         )
         task = progress.add_task("train", total=end, completed=self.step, loss=math.nan, tps=0.0)
-        started, start_step = time.perf_counter(), self.step
-        tokens_per_step = (
-            self.cfg.train.batch_size * self.cfg.train.seq_len * self.cfg.train.grad_accum
-        )
+        started, start_tokens = time.perf_counter(), self.tokens
 
         def advance(step: int, loss: float, _tokens: int) -> None:
-            rate = (step - start_step) * tokens_per_step / max(time.perf_counter() - started, 1e-9)
+            rate = (self.tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
             progress.update(task, completed=step, loss=loss, tps=rate)
 
         with progress:
