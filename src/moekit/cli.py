@@ -713,7 +713,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         else:
             print(
                 f"wrote a PEFT LoRA adapter to {args.out}: {figures['target_modules']} modules, "
-                f"{figures['target_parameters']} parameters (routers, experts)"
+                f"{figures['target_parameters']} router or stacked-expert parameters"
             )
         return 0
     if args.from_hf:

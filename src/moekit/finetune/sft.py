@@ -8,9 +8,10 @@ A .jsonl file holds one example per line, either
 
 Chat messages are laid out with the model's chat template (moekit.infer.chat). Only the
 completion, or the assistant turns, are prediction targets; an end-of-text token closes every
-example (also a target, so the model learns to stop). Each example is one row of seq_len + 1
-tokens, padded with the pad token (never a target); an example longer than that is cut at the
-end, and one left without any target token is skipped and counted.
+example (also a target, so the model learns to stop). Each example is one row, padded with the
+pad token (never a target) to the length of the longest example, at most seq_len + 1 tokens; an
+example longer than that is cut at the end, and one left without any target token is skipped
+and counted.
 """
 
 from __future__ import annotations
@@ -136,19 +137,24 @@ def prepare_sft(
     """Rows, target masks and statistics for fine-tuning, and the validation examples."""
     examples = load_examples(path, template)
     train, val = _split(examples, val_fraction, seed)
-    splits = {}
+    encoded: dict[str, list[tuple[list[int], list[bool]]]] = {}
     skipped = 0
     for name, part in (("train", train), ("val", val)):
-        rows, masks = [], []
+        encoded[name] = []
         for example in part:
             ids, mask = encode_example(example, tokenizer, seq_len)
             if not any(mask[1:]):
                 skipped += 1
                 continue
-            pad = seq_len + 1 - len(ids)
-            rows.append(ids + [tokenizer.pad_id] * pad)
-            masks.append(mask + [False] * pad)
-        shape = (len(rows), seq_len + 1)
+            encoded[name].append((ids, mask))
+    # Rows are as wide as the longest example (at most seq_len + 1): short examples do not
+    # pay for a long context in padding.
+    width = max((len(ids) for part in encoded.values() for ids, _ in part), default=2)
+    splits = {}
+    for name, part in encoded.items():
+        rows = [ids + [tokenizer.pad_id] * (width - len(ids)) for ids, _ in part]
+        masks = [mask + [False] * (width - len(mask)) for _, mask in part]
+        shape = (len(rows), width)
         splits[name] = (
             torch.tensor(rows, dtype=torch.long).view(shape),
             torch.tensor(masks, dtype=torch.bool).view(shape),
@@ -166,6 +172,7 @@ def prepare_sft(
         "val_examples": len(splits["val"][0]),
         "skipped_too_long": skipped,
         "target_tokens": int(splits["train"][1][:, 1:].sum()),
+        "row_tokens": width,
     }
     data = TokenizedData(
         train=splits["train"][0],

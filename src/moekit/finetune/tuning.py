@@ -69,7 +69,7 @@ class FineTuning:
         s = data.stats
         return (
             f"fine-tuning data: {s['train_examples']} training and {s['val_examples']} validation "
-            f"examples, {s['target_tokens']:,} target tokens"
+            f"examples in rows of {s['row_tokens']} tokens, {s['target_tokens']:,} target tokens"
             + (
                 f" ({s['skipped_too_long']} without a target token after cutting)"
                 if s["skipped_too_long"]
