@@ -149,11 +149,11 @@ def prepare_sft(
             encoded[name].append((ids, mask))
     # Rows are as wide as the longest example (at most seq_len + 1): short examples do not
     # pay for a long context in padding.
-    width = max((len(ids) for part in encoded.values() for ids, _ in part), default=2)
+    width = max((len(ids) for pairs in encoded.values() for ids, _ in pairs), default=2)
     splits = {}
-    for name, part in encoded.items():
-        rows = [ids + [tokenizer.pad_id] * (width - len(ids)) for ids, _ in part]
-        masks = [mask + [False] * (width - len(mask)) for _, mask in part]
+    for name, pairs in encoded.items():
+        rows = [ids + [tokenizer.pad_id] * (width - len(ids)) for ids, _ in pairs]
+        masks = [mask + [False] * (width - len(mask)) for _, mask in pairs]
         shape = (len(rows), width)
         splits[name] = (
             torch.tensor(rows, dtype=torch.long).view(shape),
