@@ -239,3 +239,24 @@ def test_report_renders_in_chromium(analysed):
     assert not errors, errors
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     assert shot.stat().st_size > 10_000
+
+
+def test_analysis_of_a_trained_model_end_to_end(tmp_path, _private_cache):
+    """A small MoE trained on the builtin corpus (the demo's recipe, scaled down), analysed
+    from its model directory: every section is there, and specialisation stands clear of
+    the shuffled-label chance."""
+    from moekit.train.config import resolve_run_config
+    from moekit.train.trainer import train
+
+    from ..train.conftest import TINY_RUN
+
+    cfg = resolve_run_config(preset="debug", overrides=[*TINY_RUN, "train.max_steps=30"])
+    train(cfg, tmp_path / "model", verbose=False, report=False)
+    result = analyze(tmp_path / "model", tmp_path / "analysis", max_tokens=2048, seq_len=32,
+                     progress=False)  # fmt: skip
+    assert (tmp_path / "analysis" / "report.html").is_file()
+    layers = result["specialisation"]["class"]["layers"]
+    assert set(layers) == {"0", "1"}
+    for layer, spec in layers.items():
+        chance = spec["baseline_mean"] + 3 * spec["baseline_std"]
+        assert spec["nmi"] > chance, (layer, spec["nmi"], chance)
