@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -68,6 +68,27 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
     atomic_write(path, write)
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """(line number, where, row) for each non-blank line of a .jsonl file, `where` being
+    "file:line" for error messages. A file that is not UTF-8 or a line that is not JSON is a
+    ValueError naming the file or the line; what a row must hold is the caller's to check."""
+    try:
+        # utf-8-sig: a byte-order mark would otherwise break the first line's JSON.
+        content = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: {err}") from err
+    # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and similar breaks.
+    for lineno, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: malformed JSON ({err.msg})") from err
+        yield lineno, where, row
 
 
 # ---- model directories -------------------------------------------------------------------

@@ -10,9 +10,10 @@ pairs of its own: one JSON object per line, {"a": "...", "b": "..."} and optiona
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from moekit.io import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -97,14 +98,7 @@ def load_pairs(path: str | Path) -> list[ParaphrasePair]:
     if not path.is_file():
         raise FileNotFoundError(f"paraphrase file {str(path)!r} does not exist")
     pairs: list[ParaphrasePair] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: malformed JSON ({err.msg})") from err
+    for _, where, row in read_jsonl(path):
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object with 'a' and 'b', got {row!r:.60}")
         for key in ("a", "b"):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.data.config import DataConfig
+from moekit.io import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -457,22 +458,9 @@ def _load_txt(path: Path, source: str) -> Document:
 
 
 def _load_jsonl(path: Path, cfg: DataConfig) -> list[Document]:
-    try:
-        # utf-8-sig: a byte-order mark would otherwise break the first line's JSON.
-        content = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text: {err}") from err
     docs: list[Document] = []
     fallback_domain = _folder_domain(path)
-    # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and similar breaks.
-    for lineno, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: malformed JSON ({err.msg})") from err
+    for lineno, where, row in read_jsonl(path):
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
         text, domain = _fields(row, cfg, where, fallback_domain)

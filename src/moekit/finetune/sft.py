@@ -27,6 +27,7 @@ import torch
 from moekit.data.loader import TokenizedData
 from moekit.data.tokenizer import Tokenizer
 from moekit.infer.chat import ChatTemplate
+from moekit.io import read_jsonl
 
 
 @dataclass
@@ -52,14 +53,7 @@ def load_examples(path: str | Path, template: ChatTemplate) -> list[Example]:
     if not file.is_file():
         raise FileNotFoundError(f"fine-tuning data {file} does not exist")
     examples = []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8-sig").split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{file}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: malformed JSON ({e.msg})") from e
+    for lineno, where, row in read_jsonl(file):
         examples.append(Example(_segments(row, template, where), f"{file.name}:{lineno}"))
     if not examples:
         raise ValueError(f"{file} holds no examples")
