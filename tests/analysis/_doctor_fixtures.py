@@ -13,27 +13,16 @@ import torch
 from moekit.analysis.doctor import Check, diagnose
 from moekit.io import load_weights, save_weights
 
-# A training run small enough for a few dozen steps in seconds (the debug preset, shrunk).
+from ..train.conftest import TINY_RUN
+
+# A training run small enough for a few dozen steps in seconds: the trainer tests' tiny run
+# with 8 experts, evaluated rarely.
 TINY_TRAIN = [
-    "model.vocab_size=512",
-    "model.dim=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=2",
-    "model.ffn_hidden=64",
-    "model.max_seq_len=64",
+    *TINY_RUN,
     "model.moe.num_experts=8",
-    "model.moe.top_k=2",
-    "model.moe.expert_hidden=32",
-    "data.max_chars_per_domain=40000",
-    "train.batch_size=4",
-    "train.seq_len=32",
-    "train.warmup_steps=2",
     "train.eval_every=100",
     "train.eval_batches=1",
     "train.log_every=2",
-    "train.sample_tokens=4",
-    "train.lr=3e-3",
 ]
 
 # Fewer sample tokens where a test does not look at the routing checks.

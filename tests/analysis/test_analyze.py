@@ -5,10 +5,7 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -23,9 +20,8 @@ from moekit.analysis.report import (
 from moekit.analysis.routing import stderr_progress
 from moekit.analysis.specialization import TOKEN_CLASSES
 
-ARTIFACTS = Path(
-    os.environ.get("MOEKIT_ARTIFACTS", Path(__file__).resolve().parents[2] / "artifacts")
-)
+from ..browser import ARTIFACTS, chromium
+
 USER_PAIRS = [
     {"a": "print the list", "b": "show the list on screen", "category": "mine"},
     {"a": "x = 1 + 2", "b": "x = 3"},
@@ -197,30 +193,10 @@ def test_progress_line_goes_to_stderr(capsys):
     )
 
 
-def chromium_path() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def test_report_renders_in_chromium(analysed):
-    playwright = pytest.importorskip(
-        "playwright.sync_api", reason="the playwright package is not installed"
-    )
-    browser_path = chromium_path()
-    if browser_path is None:
-        pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
     _, out = analysed
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "analysis-report.png"
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=browser_path,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -235,7 +211,6 @@ def test_report_renders_in_chromium(analysed):
         assert page.locator("h2#load").is_visible()
         assert page.locator("h2#consistency").inner_text() == "Consistency across paraphrases"
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
     assert not errors, errors
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     assert shot.stat().st_size > 10_000

@@ -2,45 +2,18 @@
 server has an API key, as a server on a shared machine would: the page is opened as
 /?key=KEY, like a notebook server's tokenised link."""
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 
+from ..browser import ARTIFACTS, chromium
 from .conftest import running_server
-
-ARTIFACTS = Path(
-    os.environ.get("MOEKIT_ARTIFACTS", Path(__file__).resolve().parents[2] / "artifacts")
-)
-
-
-def chromium_path() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
 
 
 @pytest.mark.slow
 def test_playground_streams_tokens_and_routing(tiny_model_dir):
-    playwright = pytest.importorskip(
-        "playwright.sync_api", reason="the playwright package is not installed"
-    )
-    browser_path = chromium_path()
-    if browser_path is None:
-        pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with (
+        chromium() as browser,
         running_server(tiny_model_dir, api_key="sesame") as (url, _engine),
-        playwright.sync_playwright() as p,
     ):
-        browser = p.chromium.launch(
-            executable_path=browser_path,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -70,7 +43,6 @@ def test_playground_streams_tokens_and_routing(tiny_model_dir):
         tokens.first.hover()
         assert "layer 0:" in page.locator("#tooltip").inner_text()
         page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
-        browser.close()
     assert not errors, errors
     assert not external, f"the page fetched from outside the server: {external}"
     assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
