@@ -40,7 +40,7 @@ def tiny_model_dir(tmp_path_factory, _private_cache):
     from moekit.config import ModelConfig
     from moekit.data.corpus import builtin_corpus
     from moekit.data.tokenizer import Tokenizer
-    from moekit.io import save_model
+    from moekit.model_dir import save_model
 
     out = tmp_path_factory.mktemp("tiny-model")
     docs = builtin_corpus(max_chars_per_domain=20_000)

@@ -9,6 +9,7 @@ import pytest
 
 from moekit.cli import main
 from moekit.config import ModelConfig
+from moekit.params import count_params
 from moekit.presets import PRESETS, get_preset
 
 MOEKIT = shutil.which("moekit") or ""
@@ -46,7 +47,7 @@ def test_info_compares_models_side_by_side(capsys, tmp_path, monkeypatch):
     out = json.loads(capsys.readouterr().out)
     moe, plain = out["models"]
     assert moe["name"] == "demo" and plain["name"] == str(tmp_path / "dense")
-    assert plain["total_params"] == dense.num_params() < moe["total_params"]
+    assert plain["total_params"] == count_params(dense).total < moe["total_params"]
     assert out["ratios"]["total_params"] == [1.0, plain["total_params"] / moe["total_params"]]
     assert out["ratios"]["kv_cache_bytes_per_1k_tokens_bf16"] == [1.0, 1.0]  # same attention
     monkeypatch.chdir(tmp_path)
@@ -66,7 +67,7 @@ def test_info_reads_a_model_directory(tmp_path):
     cfg = get_preset("tiny")
     cfg.save(tmp_path / "config.json")
     data = json.loads(run("info", str(tmp_path), "--json").stdout)
-    assert data["total_params"] == cfg.num_params()
+    assert data["total_params"] == count_params(cfg).total
 
 
 def test_info_errors_are_clear(tmp_path):
@@ -129,4 +130,4 @@ def test_info_prefers_a_model_directory_over_a_preset_name(tmp_path, monkeypatch
     cfg.save(tmp_path / "tiny" / "config.json")
     monkeypatch.chdir(tmp_path)
     assert main(["info", "tiny", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["total_params"] == cfg.num_params()
+    assert json.loads(capsys.readouterr().out)["total_params"] == count_params(cfg).total

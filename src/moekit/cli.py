@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moekit.params import count_params
+
 
 def _doc(module: str, name: str) -> str:
     """The first paragraph of a library function's docstring, for `--help`.
@@ -89,8 +91,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             {
                 "name": p.name,
                 "description": p.description,
-                "total_params": p.build().num_params(),
-                "active_params": p.build().num_active_params(),
+                "total_params": count_params(p.build()).total,
+                "active_params": count_params(p.build()).active,
             }
             for p in PRESETS.values()
         ]
@@ -128,7 +130,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _info(target: str, context: int) -> dict[str, Any]:
     """`moekit info`'s figures for one preset or model directory."""
-    from moekit.analysis.params import summary
+    from moekit.params import summary
 
     info = {"name": target, **summary(resolve_config(target), context=context)}
     tuned = Path(target) / "finetune.json"
@@ -324,8 +326,8 @@ def _ms_or_skip(seconds: float | None, best: bool) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from moekit.train.config import resolve_run_config, resume_run_config
-    from moekit.train.trainer import NonFiniteLossError, TrainingInterruptedError, train
+    from moekit.training.config import resolve_run_config, resume_run_config
+    from moekit.training.trainer import NonFiniteLossError, TrainingInterruptedError, train
 
     run_dir = Path(args.out)
     if args.resume and not (args.config or args.preset):
@@ -402,9 +404,9 @@ def _print_run_summary(run_dir: Path, figures: dict[str, Any]) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from moekit.train.compare import compare
-    from moekit.train.config import resolve_run_config
-    from moekit.train.trainer import NonFiniteLossError, TrainingInterruptedError
+    from moekit.training.compare import compare
+    from moekit.training.config import resolve_run_config
+    from moekit.training.trainer import NonFiniteLossError, TrainingInterruptedError
 
     cfg = resolve_run_config(
         config_file=_recipe_or_file(args.config), preset=args.preset, overrides=args.overrides
@@ -515,8 +517,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 def cmd_bench_upcycle(args: argparse.Namespace) -> int:
     from moekit.bench.upcycle import bench_upcycle
-    from moekit.train.config import resolve_run_config
-    from moekit.train.trainer import NonFiniteLossError, TrainingInterruptedError
+    from moekit.training.config import resolve_run_config
+    from moekit.training.trainer import NonFiniteLossError, TrainingInterruptedError
 
     config = args.config if args.config or args.preset else "demo"
     cfg = resolve_run_config(
@@ -572,8 +574,8 @@ def cmd_bench_upcycle(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from moekit.train.config import finetune_run_config, resume_run_config
-    from moekit.train.trainer import NonFiniteLossError, TrainingInterruptedError, train
+    from moekit.training.config import finetune_run_config, resume_run_config
+    from moekit.training.trainer import NonFiniteLossError, TrainingInterruptedError, train
 
     bases = [a for a in args.positional if "=" not in a]
     overrides = [a for a in args.positional if "=" in a]
@@ -654,8 +656,8 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     )
     figures = {
         "out": args.out,
-        "total_params": cfg.num_params(),
-        "active_params": cfg.num_active_params(),
+        "total_params": count_params(cfg).total,
+        "active_params": count_params(cfg).active,
     }
     if args.json:
         _print_json(figures)
@@ -723,8 +725,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "direction": "from-hf",
             "architecture": arch,
             "out": args.out,
-            "total_params": cfg.num_params(),
-            "active_params": cfg.num_active_params(),
+            "total_params": count_params(cfg).total,
+            "active_params": count_params(cfg).active,
         }
     else:
         arch = export_hf(args.to_hf, args.out, dtype=args.dtype)
@@ -912,7 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser(
         "info",
         help="parameters, FLOPs and memory of a preset or model directory",
-        description=_doc("moekit.analysis.params", "summary"),
+        description=_doc("moekit.params", "summary"),
     )
     info.add_argument(
         "target",
@@ -927,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train",
         help="train a model and write a model directory",
-        description=_doc("moekit.train.trainer", "train"),
+        description=_doc("moekit.training.trainer", "train"),
     )
     _add_run_arguments(
         tr,
@@ -941,7 +943,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser(
         "compare",
         help="train an MoE and dense baselines on the same data and tokens",
-        description=_doc("moekit.train.compare", "compare"),
+        description=_doc("moekit.training.compare", "compare"),
     )
     _add_run_arguments(
         cmp_,

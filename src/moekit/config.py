@@ -8,17 +8,26 @@ to the function that builds or applies the model.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import UnionType
 from typing import Any, ClassVar
 
+from moekit.files import atomic_write_text
+from moekit.validate import (
+    ConfigBase,
+    check_choice,
+    check_field_types,
+    check_non_negative,
+    check_positive,
+    fail,
+)
+from moekit.version import __version__
+
 FORMAT_VERSION = 1
+FILE_NAME = "config.json"  # its name in a model directory (moekit.model_dir.ModelDir.CONFIG)
 
 ROUTERS = ("topk", "switch", "expert_choice")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -29,91 +38,8 @@ ATTENTION_KINDS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full")
 
 
-def _fail(owner: str, name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{owner}.{name}={value!r} is invalid: {allowed}")
-
-
-def _check_positive(owner: str, **values: int | float) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise _fail(owner, name, value, "must be a positive number")
-
-
-def _check_non_negative(owner: str, **values: int | float) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise _fail(owner, name, value, "must be >= 0")
-
-
-def _check_field_types(obj: Any) -> None:
-    """Reject values of the wrong type (a float where an int is expected, a string for a bool):
-    configs often arrive from JSON or YAML."""
-    owner = type(obj).__name__
-    for name, tp in typing.get_type_hints(type(obj)).items():
-        if name.startswith("_") or not hasattr(obj, name):
-            continue
-        value = getattr(obj, name)
-        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, UnionType) else ()
-        if value is None and type(None) in args:
-            continue
-        base = next((a for a in args if a is not type(None)), tp) if args else tp
-        if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise _fail(owner, name, value, "must be an integer")
-        if base is float and isinstance(value, str):
-            # YAML 1.1 reads `3e-4` as a string; accept any number written as text.
-            try:
-                value = float(value)
-            except ValueError:
-                raise _fail(owner, name, value, "must be a number") from None
-            object.__setattr__(obj, name, value)
-        if base is float and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise _fail(owner, name, value, "must be a number")
-        if base is bool and not isinstance(value, bool):
-            raise _fail(owner, name, value, "must be true or false")
-        if base is str and not isinstance(value, str):
-            raise _fail(owner, name, value, "must be a string")
-
-
-def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise _fail(owner, name, value, f"must be one of {', '.join(map(repr, choices))}")
-
-
-class _ConfigBase:
-    """JSON helpers shared by the config dataclasses (nested configs become nested dicts)."""
-
-    _nested: ClassVar[dict[str, type]] = {}
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
-        if not isinstance(data, dict):
-            raise TypeError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(
-                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
-                f"known fields are {', '.join(sorted(names))}"
-            )
-        required = {
-            f.name
-            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        }
-        if missing := sorted(required - set(data)):
-            raise ValueError(f"{cls.__name__}: missing required field(s) {', '.join(missing)}")
-        kwargs = dict(data)
-        for name, sub in cls._nested.items():
-            if kwargs.get(name) is not None and not isinstance(kwargs[name], sub):
-                kwargs[name] = sub.from_dict(kwargs[name])  # type: ignore[attr-defined]
-        return cls(**kwargs)
-
-
 @dataclass(kw_only=True)
-class AttentionConfig(_ConfigBase):
+class AttentionConfig(ConfigBase):
     """Self-attention options.
 
     `kind="gqa"` is grouped-query attention (multi-head when `num_kv_heads == num_heads`,
@@ -135,16 +61,16 @@ class AttentionConfig(_ConfigBase):
     v_head_dim: int = 0
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         owner = "AttentionConfig"
-        _check_choice(owner, "kind", self.kind, ATTENTION_KINDS)
-        _check_choice(owner, "qk_norm", self.qk_norm, QK_NORMS)
+        check_choice(owner, "kind", self.kind, ATTENTION_KINDS)
+        check_choice(owner, "qk_norm", self.qk_norm, QK_NORMS)
         if self.head_dim is not None:
-            _check_positive(owner, head_dim=self.head_dim)
+            check_positive(owner, head_dim=self.head_dim)
             if self.head_dim % 2:
-                raise _fail(owner, "head_dim", self.head_dim, "must be even for RoPE")
+                raise fail(owner, "head_dim", self.head_dim, "must be even for RoPE")
         if self.kind == "mla":
-            _check_positive(
+            check_positive(
                 owner,
                 kv_lora_rank=self.kv_lora_rank,
                 qk_nope_head_dim=self.qk_nope_head_dim,
@@ -152,13 +78,13 @@ class AttentionConfig(_ConfigBase):
                 v_head_dim=self.v_head_dim,
             )
             if self.qk_rope_head_dim % 2:
-                raise _fail(owner, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
+                raise fail(owner, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
             if self.q_lora_rank is not None:
-                _check_positive(owner, q_lora_rank=self.q_lora_rank)
+                check_positive(owner, q_lora_rank=self.q_lora_rank)
             if self.qk_norm != "none":
-                raise _fail(owner, "qk_norm", self.qk_norm, "must be 'none' with kind='mla'")
+                raise fail(owner, "qk_norm", self.qk_norm, "must be 'none' with kind='mla'")
             if self.head_dim is not None:
-                raise _fail(
+                raise fail(
                     owner, "head_dim", self.head_dim,
                     "must be None with kind='mla' (use qk_nope_head_dim, qk_rope_head_dim, "
                     "v_head_dim)",
@@ -166,13 +92,13 @@ class AttentionConfig(_ConfigBase):
         else:
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 if getattr(self, name):
-                    raise _fail(owner, name, getattr(self, name), "is only used with kind='mla'")
+                    raise fail(owner, name, getattr(self, name), "is only used with kind='mla'")
             if self.q_lora_rank is not None:
-                raise _fail(owner, "q_lora_rank", self.q_lora_rank, "is only used with kind='mla'")
+                raise fail(owner, "q_lora_rank", self.q_lora_rank, "is only used with kind='mla'")
 
 
 @dataclass(kw_only=True)
-class MoEConfig(_ConfigBase):
+class MoEConfig(ConfigBase):
     """Mixture-of-Experts feed-forward options, and which layers use them.
 
     Routers (`router`):
@@ -225,12 +151,12 @@ class MoEConfig(_ConfigBase):
     backend: str = "auto"  # expert computation backend, see moekit.moe.experts.BACKENDS
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         owner = "MoEConfig"
-        _check_positive(
+        check_positive(
             owner, num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden
         )
-        _check_non_negative(
+        check_non_negative(
             owner,
             num_shared_experts=self.num_shared_experts,
             aux_loss_weight=self.aux_loss_weight,
@@ -239,93 +165,93 @@ class MoEConfig(_ConfigBase):
             router_jitter=self.router_jitter,
             first_dense_layers=self.first_dense_layers,
         )
-        _check_positive(
+        check_positive(
             owner,
             num_groups=self.num_groups,
             topk_groups=self.topk_groups,
             routed_scaling_factor=self.routed_scaling_factor,
             layer_step=self.layer_step,
         )
-        _check_choice(owner, "router", self.router, ROUTERS)
-        _check_choice(owner, "score_func", self.score_func, SCORE_FUNCS)
-        _check_choice(owner, "group_score", self.group_score, GROUP_SCORES)
-        _check_choice(owner, "capacity_priority", self.capacity_priority, CAPACITY_PRIORITIES)
+        check_choice(owner, "router", self.router, ROUTERS)
+        check_choice(owner, "score_func", self.score_func, SCORE_FUNCS)
+        check_choice(owner, "group_score", self.group_score, GROUP_SCORES)
+        check_choice(owner, "capacity_priority", self.capacity_priority, CAPACITY_PRIORITIES)
         if self.shared_expert_hidden is not None:
-            _check_positive(owner, shared_expert_hidden=self.shared_expert_hidden)
+            check_positive(owner, shared_expert_hidden=self.shared_expert_hidden)
         if self.top_k > self.num_experts:
-            raise _fail(
+            raise fail(
                 owner, "top_k", self.top_k,
                 f"must be <= num_experts ({self.num_experts}): a token cannot pick more experts "
                 "than there are",
             )  # fmt: skip
         if self.router_jitter >= 1:
-            raise _fail(owner, "router_jitter", self.router_jitter, "must be in [0, 1)")
+            raise fail(owner, "router_jitter", self.router_jitter, "must be in [0, 1)")
         if self.capacity_factor is not None:
-            _check_positive(owner, capacity_factor=self.capacity_factor)
+            check_positive(owner, capacity_factor=self.capacity_factor)
         if self.router == "switch" and self.top_k != 1:
-            raise _fail(owner, "top_k", self.top_k, "must be 1 with router='switch'")
+            raise fail(owner, "top_k", self.top_k, "must be 1 with router='switch'")
         if self.router == "expert_choice":
             if self.capacity_factor is None:
-                raise _fail(
+                raise fail(
                     owner, "capacity_factor", None,
                     "router='expert_choice' needs a capacity factor (the mean number of "
                     "experts per token), e.g. 2.0",
                 )  # fmt: skip
             if self.capacity_factor > self.num_experts:
-                raise _fail(
+                raise fail(
                     owner, "capacity_factor", self.capacity_factor,
                     f"must be <= num_experts ({self.num_experts}) with router='expert_choice'",
                 )  # fmt: skip
             if self.bias_update_rate or self.selection_bias:
-                raise _fail(
+                raise fail(
                     owner, "bias_update_rate" if self.bias_update_rate else "selection_bias",
                     self.bias_update_rate or self.selection_bias,
                     "must be off with router='expert_choice' (it is balanced by construction)",
                 )  # fmt: skip
             if self.score_func != "softmax":
-                raise _fail(
+                raise fail(
                     owner,
                     "score_func",
                     self.score_func,
                     "must be 'softmax' with router='expert_choice'",
                 )
             if self.routed_scaling_factor != 1.0:
-                raise _fail(
+                raise fail(
                     owner, "routed_scaling_factor", self.routed_scaling_factor,
                     "must be 1.0 with router='expert_choice'",
                 )  # fmt: skip
         elif self.expert_choice_causal:
-            raise _fail(
+            raise fail(
                 owner, "expert_choice_causal", True, "is only used with router='expert_choice'"
             )
         if self.num_experts % self.num_groups:
-            raise _fail(
+            raise fail(
                 owner, "num_groups", self.num_groups,
                 f"must divide num_experts ({self.num_experts})",
             )  # fmt: skip
         if self.topk_groups > self.num_groups:
-            raise _fail(
+            raise fail(
                 owner, "topk_groups", self.topk_groups, f"must be <= num_groups ({self.num_groups})"
             )
         if self.num_groups > 1:
             if self.router == "expert_choice":
-                raise _fail(
+                raise fail(
                     owner, "num_groups", self.num_groups, "must be 1 with router='expert_choice'"
                 )
             per_group = self.num_experts // self.num_groups
             if self.topk_groups * per_group < self.top_k:
-                raise _fail(
+                raise fail(
                     owner, "topk_groups", self.topk_groups,
                     f"the {self.topk_groups} chosen group(s) hold {self.topk_groups * per_group} "
                     f"experts, fewer than top_k={self.top_k}",
                 )  # fmt: skip
             if self.group_score == "top2_sum" and per_group < 2:
-                raise _fail(
+                raise fail(
                     owner, "group_score", self.group_score,
                     "needs at least 2 experts per group; use 'max'",
                 )  # fmt: skip
         if self.shared_expert_gate and not self.num_shared_experts:
-            raise _fail(owner, "shared_expert_gate", True, "needs num_shared_experts >= 1")
+            raise fail(owner, "shared_expert_gate", True, "needs num_shared_experts >= 1")
 
     @property
     def shared_hidden_total(self) -> int:
@@ -346,7 +272,7 @@ class MoEConfig(_ConfigBase):
 
 
 @dataclass(kw_only=True)
-class ModelConfig(_ConfigBase):
+class ModelConfig(ConfigBase):
     """A decoder-only transformer language model, dense or Mixture-of-Experts.
 
     Every layer is `x + attn(norm(x))` then `x + ffn(norm(x))`; the feed-forward `ffn` is a
@@ -377,8 +303,8 @@ class ModelConfig(_ConfigBase):
             self.attention = AttentionConfig.from_dict(self.attention)
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
-        _check_field_types(self)
-        _check_positive(
+        check_field_types(self)
+        check_positive(
             owner,
             vocab_size=self.vocab_size,
             dim=self.dim,
@@ -389,31 +315,31 @@ class ModelConfig(_ConfigBase):
             max_seq_len=self.max_seq_len,
             init_std=self.init_std,
         )
-        _check_choice(owner, "activation", self.activation, ACTIVATIONS)
+        check_choice(owner, "activation", self.activation, ACTIVATIONS)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        _check_positive(owner, num_kv_heads=self.num_kv_heads)
+        check_positive(owner, num_kv_heads=self.num_kv_heads)
         if self.num_heads % self.num_kv_heads:
-            raise _fail(
+            raise fail(
                 owner, "num_kv_heads", self.num_kv_heads,
                 f"must divide num_heads ({self.num_heads}) so query heads share K/V heads evenly",
             )  # fmt: skip
         if self.attention.kind == "gqa" and self.attention.head_dim is None:
             if self.dim % self.num_heads:
-                raise _fail(
+                raise fail(
                     owner, "num_heads", self.num_heads,
                     f"must divide dim ({self.dim}), or set attention.head_dim explicitly",
                 )  # fmt: skip
             if (self.dim // self.num_heads) % 2:
-                raise _fail(
+                raise fail(
                     owner, "num_heads", self.num_heads,
                     f"gives an odd head dim {self.dim // self.num_heads}; RoPE needs an even one",
                 )  # fmt: skip
         if self.ffn_hidden is None:
             self.ffn_hidden = 256 * math.ceil(8 * self.dim / 3 / 256)
-        _check_positive(owner, ffn_hidden=self.ffn_hidden)
+        check_positive(owner, ffn_hidden=self.ffn_hidden)
         if self.attention.kind == "mla" and self.num_kv_heads != self.num_heads:
-            raise _fail(
+            raise fail(
                 owner, "num_kv_heads", self.num_kv_heads,
                 "must equal num_heads with multi-head latent attention",
             )  # fmt: skip
@@ -442,22 +368,8 @@ class ModelConfig(_ConfigBase):
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
-    def num_params(self) -> int:
-        """Total parameter count (every expert), computed from the config alone."""
-        from moekit.analysis.params import count_params
-
-        return count_params(self).total
-
-    def num_active_params(self) -> int:
-        """Parameters used per token: non-MoE weights plus the top-k routed and shared experts."""
-        from moekit.analysis.params import count_params
-
-        return count_params(self).active
-
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        from moekit import __version__
-
         return {
             "format_version": FORMAT_VERSION,
             "moekit_version": __version__,
@@ -490,8 +402,6 @@ class ModelConfig(_ConfigBase):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the config as JSON, atomically (a temporary file renamed into place)."""
-        from moekit.io import atomic_write_text
-
         atomic_write_text(Path(path), self.to_json())
 
     @classmethod
@@ -499,7 +409,7 @@ class ModelConfig(_ConfigBase):
         """Read a config.json file, or the config.json inside a model directory."""
         p = Path(path)
         if p.is_dir():
-            p = p / "config.json"
+            p = p / FILE_NAME
         if not p.exists():
             raise FileNotFoundError(f"no moekit config at {p}")
         try:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from moekit.analysis.doctor import Check, diagnose
-from moekit.io import load_weights, save_weights
+from moekit.model_dir import load_weights, save_weights
 
-from ..train.conftest import TINY_RUN
+from ..training.conftest import TINY_RUN
 
 # A training run small enough for a few dozen steps in seconds: the trainer tests' tiny run
 # with 8 experts, evaluated rarely.

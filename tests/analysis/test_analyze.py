@@ -220,10 +220,10 @@ def test_analysis_of_a_trained_model_end_to_end(tmp_path, _private_cache):
     """A small MoE trained on the builtin corpus (the demo's recipe, scaled down), analysed
     from its model directory: every section is there, and specialisation stands clear of
     the shuffled-label chance."""
-    from moekit.train.config import resolve_run_config
-    from moekit.train.trainer import train
+    from moekit.training.config import resolve_run_config
+    from moekit.training.trainer import train
 
-    from ..train.conftest import TINY_RUN
+    from ..training.conftest import TINY_RUN
 
     cfg = resolve_run_config(preset="debug", overrides=[*TINY_RUN, "train.max_steps=30"])
     train(cfg, tmp_path / "model", verbose=False, report=False)

@@ -22,7 +22,7 @@ from moekit.analysis.doctor import (
     worst_status,
 )
 from moekit.config import ModelConfig
-from moekit.io import load_model, load_weights, save_model
+from moekit.model_dir import load_model, load_weights, save_model
 
 from ._doctor_fixtures import (
     FAST,
@@ -61,8 +61,8 @@ def model(tmp_path, tiny_model_dir) -> Path:
 def trained_run(tmp_path_factory, _private_cache) -> Path:
     """A tiny MoE trained for 24 steps with aux-loss-free balancing (sigmoid scores, a
     selection bias updated every step) and an aux loss; checkpoints every 8 steps."""
-    from moekit.train.config import resolve_run_config
-    from moekit.train.trainer import train
+    from moekit.training.config import resolve_run_config
+    from moekit.training.trainer import train
 
     cfg = resolve_run_config(
         preset="debug",
@@ -316,8 +316,8 @@ def test_lora_that_leaves_the_experts_frozen_is_a_warning(model):
 
 
 def test_a_real_lora_finetune_passes(tmp_path, tiny_model_dir):
-    from moekit.train.config import finetune_run_config
-    from moekit.train.trainer import train
+    from moekit.training.config import finetune_run_config
+    from moekit.training.trainer import train
 
     rows = [
         {"prompt": f"{a} + {b} = ", "completion": str(a + b)} for a in range(8) for b in range(4)
@@ -589,8 +589,8 @@ def test_a_lora_finetune_of_a_bias_balanced_model_passes(trained_run, tmp_path):
     not move between the fine-tune's checkpoints is not a problem there."""
     import json
 
-    from moekit.train.config import finetune_run_config
-    from moekit.train.trainer import train
+    from moekit.training.config import finetune_run_config
+    from moekit.training.trainer import train
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"{i} + 1 = ", "completion": str(i + 1)})

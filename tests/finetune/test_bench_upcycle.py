@@ -2,9 +2,9 @@ import json
 
 from moekit.cli import main
 from moekit.config import ModelConfig
-from moekit.io import load_weights
+from moekit.model_dir import load_weights
 
-from ..train.conftest import TINY_RUN
+from ..training.conftest import TINY_RUN
 
 
 def test_bench_upcycle_runs_the_four_trainings(tmp_path, capsys):

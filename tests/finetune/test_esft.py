@@ -1,9 +1,9 @@
 import torch
 
 from moekit.finetune.esft import select_experts
-from moekit.io import load_weights
-from moekit.train.config import finetune_run_config
-from moekit.train.trainer import train
+from moekit.model_dir import load_weights
+from moekit.training.config import finetune_run_config
+from moekit.training.trainer import train
 
 from .conftest import FAST
 

@@ -7,9 +7,9 @@ import torch
 
 from moekit.cli import main
 from moekit.finetune.lora import load_adapter
-from moekit.io import load_model, load_weights
-from moekit.train.config import finetune_run_config
-from moekit.train.trainer import train
+from moekit.model_dir import load_model, load_weights
+from moekit.training.config import finetune_run_config
+from moekit.training.trainer import train
 
 from .conftest import FAST
 

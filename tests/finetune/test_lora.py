@@ -205,7 +205,7 @@ def test_dropout_acts_in_training_only():
 
 
 def test_load_adapted_from_directories(tmp_path):
-    from moekit.io import save_model
+    from moekit.model_dir import save_model
 
     model = make().eval()
     save_model(model, model.cfg, tmp_path / "base")

@@ -12,7 +12,7 @@ from moekit.config import ModelConfig
 from moekit.finetune.lora import LoRAConfig, adapter_modules, apply_lora, save_adapter
 from moekit.finetune.peft import PEFT_CONFIG, PEFT_WEIGHTS, export_peft
 from moekit.interop.hf import export_hf
-from moekit.io import save_model
+from moekit.model_dir import save_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

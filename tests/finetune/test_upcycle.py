@@ -7,7 +7,8 @@ from moekit import build_model
 from moekit.cli import main
 from moekit.config import ModelConfig
 from moekit.finetune.upcycle import upcycle
-from moekit.io import load_model, save_model
+from moekit.model_dir import load_model, save_model
+from moekit.params import count_params
 
 DENSE = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden=48,
              max_seq_len=64)  # fmt: skip
@@ -76,8 +77,12 @@ def test_upcycle_cli(tmp_path, dense_dir, capsys):
                  "--out", str(tmp_path / "moe"), "--json"]) == 0  # fmt: skip
     figures = json.loads(capsys.readouterr().out)
     cfg = ModelConfig.load(tmp_path / "moe")
-    assert figures["total_params"] == cfg.num_params() > ModelConfig.from_dict(DENSE).num_params()
-    assert figures["active_params"] == cfg.num_active_params()
+    assert (
+        figures["total_params"]
+        == count_params(cfg).total
+        > count_params(ModelConfig.from_dict(DENSE)).total
+    )
+    assert figures["active_params"] == count_params(cfg).active
 
 
 def test_layer_placement_keeps_dense_layers(tmp_path, dense_dir):

@@ -8,8 +8,8 @@ import torch
 from moekit import build_model
 from moekit.config import ModelConfig
 from moekit.infer.generate import ContextLengthError, Generator
-from moekit.infer.kv_cache import KVCache
 from moekit.infer.sampling import SamplingParams
+from moekit.nn.kv_cache import KVCache
 
 BASE = dict(vocab_size=97, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden=48,
             max_seq_len=64)  # fmt: skip

@@ -18,7 +18,8 @@ from moekit.data.tokenizer import Tokenizer  # noqa: E402
 from moekit.infer.generate import Generator  # noqa: E402
 from moekit.infer.sampling import SamplingParams  # noqa: E402
 from moekit.interop.hf import UnsupportedError, export_hf, import_hf  # noqa: E402
-from moekit.io import load_model, load_weights  # noqa: E402
+from moekit.model_dir import load_model, load_weights  # noqa: E402
+from moekit.params import count_params  # noqa: E402
 
 VOCAB = 320
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -128,7 +129,7 @@ def test_greedy_continuations_match(converted):
 
 def test_parameter_counts_match(converted):
     _, _, hf, cfg = converted
-    assert cfg.num_params() == sum(p.numel() for p in hf.parameters())
+    assert count_params(cfg).total == sum(p.numel() for p in hf.parameters())
 
 
 def test_export_round_trip_and_transformers_loads_it(converted, tokenizer):
@@ -216,7 +217,7 @@ def test_export_refuses_qkv_biases_without_an_output_bias(tmp_path):
     attention_bias would add an o_proj bias the model does not have."""
     from moekit import build_model
     from moekit.config import ModelConfig
-    from moekit.io import save_model
+    from moekit.model_dir import save_model
 
     cfg = ModelConfig.from_dict(dict(
         vocab_size=64, dim=32, num_layers=1, num_heads=4, num_kv_heads=2, max_seq_len=32,
@@ -285,7 +286,7 @@ def test_unmapped_tensors_are_not_dropped_silently(tmp_path, tokenizer):
 
 def test_export_chooses_the_plainest_architecture_or_explains(tmp_path):
     from moekit import build_model, get_preset
-    from moekit.io import save_model
+    from moekit.model_dir import save_model
 
     cfg = get_preset("debug")  # softmax top-k, no shared experts: Mixtral
     save_model(build_model(cfg), cfg, tmp_path / "debug")

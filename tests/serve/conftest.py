@@ -55,7 +55,7 @@ def long_model_dir(tiny_model_dir, tmp_path_factory):
     --max-context (4096)."""
     from moekit import build_model
     from moekit.config import ModelConfig
-    from moekit.io import save_model
+    from moekit.model_dir import save_model
 
     out = tmp_path_factory.mktemp("long-model")
     cfg = ModelConfig.from_dict(
@@ -79,7 +79,7 @@ def eos_model_dir(tiny_model_dir, tmp_path_factory):
 
     from moekit.config import ModelConfig
     from moekit.data.tokenizer import Tokenizer
-    from moekit.io import load_model, save_model
+    from moekit.model_dir import load_model, save_model
 
     model = load_model(tiny_model_dir).eval()
     tokenizer = Tokenizer.load(tiny_model_dir)

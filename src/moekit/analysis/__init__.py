@@ -1,1 +1,1 @@
-"""Looking inside models: parameter accounting, routing and specialisation analysis."""
+"""Looking inside models: the routing trace, specialisation, consistency, analyze, doctor."""

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from moekit.model_dir import ModelDir
+
 if TYPE_CHECKING:
     import torch
 
@@ -145,8 +147,7 @@ def diagnose(
         dead_window=dead_window,
     )
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory: it has no config.json")
+    ModelDir(model_dir).require_model()
     cfg = ModelConfig.load(model_dir)
     run = _resolve_run_dir(model_dir, run_dir)
     weights = _WeightFiles(model_dir)
@@ -212,7 +213,7 @@ class _WeightFiles:
     def __init__(self, directory: Path) -> None:
         from safetensors import safe_open
 
-        from moekit.io import weight_files
+        from moekit.model_dir import weight_files
 
         self.directory = directory
         self.where: dict[str, Path] = {}
@@ -287,7 +288,7 @@ def _measure_routing(
     reason it could not when it cannot (no tokenizer, weights that do not load)."""
     import torch
 
-    from moekit.io import load_model
+    from moekit.model_dir import load_model
 
     if not (model_dir / "tokenizer.json").is_file():
         return f"{model_dir} has no tokenizer.json to encode the sample text with"
@@ -406,7 +407,7 @@ def _unmeasured(name: str, why: str) -> Check:
         "warning",
         f"routing was not measured: {why}.",
         "Give the model directory its tokenizer.json and weights that load "
-        "(moekit.io.load_model) so the routing checks can run.",
+        "(moekit.load_model) so the routing checks can run.",
         {"applicable": True, "measured": False},
     )
 
@@ -511,8 +512,6 @@ def _check_collapse(sample: _Sample | str, threshold: float) -> Check:
 
 
 def _check_training_dead(cfg: ModelConfig, run: Path | None, window: int) -> Check:
-    from moekit.train.metrics import read_metrics
-
     name = "training_dead_experts"
     if cfg.moe is None:
         return _not_applicable(name, "the model is dense (no MoE layer)")
@@ -520,7 +519,7 @@ def _check_training_dead(cfg: ModelConfig, run: Path | None, window: int) -> Che
         return _not_applicable(name, "no run directory (pass --run RUN_DIR)")
     records = [
         r
-        for r in read_metrics(run)
+        for r in ModelDir(run).read_metrics()
         if r.get("kind") == "train" and isinstance(r.get("routing"), dict)
     ]
     if not records:
@@ -599,8 +598,6 @@ def _frozen_routing_method(run: Path | None) -> str | None:
 def _check_selection_bias(cfg: ModelConfig, weights: _WeightFiles, run: Path | None) -> Check:
     import torch
 
-    from moekit.train.checkpoint import list_checkpoints
-
     name = "selection_bias"
     if cfg.moe is None:
         return _not_applicable(name, "the model is dense (no MoE layer)")
@@ -645,7 +642,7 @@ def _check_selection_bias(cfg: ModelConfig, weights: _WeightFiles, run: Path | N
             f"the selection bias of layer(s) {_ids(zero)} is all zeros in the model "
             f"(bias_update_rate={rate:g}: training moves it by {rate:g} per step)"
         )
-    checkpoints = list_checkpoints(run)[-2:] if run is not None else []
+    checkpoints = ModelDir(run).checkpoints()[-2:] if run is not None else []
     frozen_by = _frozen_routing_method(run)
     if frozen_by is not None:
         # LoRA and ESFT fine-tuning freeze the routers, their balancing biases included.
@@ -855,7 +852,7 @@ def _check_lora(cfg: ModelConfig, weights_file: Path, config_file: Path) -> Chec
 
 def _find_base(model_dir: Path, base: str) -> Path | None:
     for candidate in (Path(base), model_dir / base, model_dir.parent / base):
-        if (candidate / "config.json").is_file():
+        if ModelDir(candidate).is_model():
             return candidate
     return None
 
@@ -1132,6 +1129,8 @@ def exit_code(checks: Sequence[Check], *, strict: bool = False) -> int:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
+    from moekit.files import json_safe
+
     """Run `diagnose` on `args.model_dir` and print each check; returns the exit code: 0 when
     no check found a problem, 1 when one did (with --strict, a warning counts too). A model
     directory that cannot be read at all raises ValueError/FileNotFoundError (the CLI exits 2).
@@ -1155,21 +1154,10 @@ def run_doctor(args: argparse.Namespace) -> int:
             "exit_code": code,
             "checks": [c.to_dict() for c in checks],
         }
-        print(json.dumps(_json_safe(report), indent=2, allow_nan=False))
+        print(json.dumps(json_safe(report), indent=2, allow_nan=False))
         return code
     _print_checks(checks, args.model_dir, run, counts, code)
     return code
-
-
-def _json_safe(value: Any) -> Any:
-    """`value` with every non-finite float as None (JSON has no NaN or infinity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 _STYLES = {"ok": "green", "warning": "yellow", "problem": "bold red"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from moekit.io import read_jsonl
+from moekit.files import read_jsonl
 
 
 @dataclass(frozen=True)

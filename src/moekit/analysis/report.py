@@ -54,13 +54,14 @@ from moekit.analysis.specialization import (
     specialisation,
     top_tokens,
 )
-from moekit.io import atomic_write_text
+from moekit.files import atomic_write_text
+from moekit.model_dir import ModelDir
 
 if TYPE_CHECKING:
     from moekit.config import ModelConfig, MoEConfig
     from moekit.data.corpus import Document
     from moekit.data.tokenizer import Tokenizer
-    from moekit.nn.transformer import Transformer
+    from moekit.model import Transformer
 
 DEFAULT_CAPACITY_FACTOR = 1.25
 CODE_DOMAIN = "code"  # tokens of documents in this domain may be classed as "code"
@@ -117,7 +118,7 @@ def analyze(
     from moekit import __version__
     from moekit.config import ModelConfig
     from moekit.data.tokenizer import Tokenizer
-    from moekit.io import load_model
+    from moekit.model_dir import load_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = ModelConfig.load(model_dir)
@@ -231,7 +232,7 @@ def _documents(
     # The validation split of the builtin corpus, cut as the run that trained the model cut
     # it when its run.json says so (then the text is held out from training).
     cfg = DataConfig()
-    run_file = model_dir / "run.json"
+    run_file = model_dir / ModelDir.RUN_CONFIG
     if run_file.is_file():
         try:
             recorded = json.loads(run_file.read_text()).get("data", {})
@@ -422,7 +423,7 @@ def _plot_all(result: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
-    from moekit.train.report import plot_expert_load
+    from moekit.training.report import plot_expert_load
 
     load = {int(i): v["share"] for i, v in result["load"]["layers"].items()}
     plot_expert_load(load, out / PLOTS["load"])

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from moekit.config import MoEConfig
     from moekit.data.corpus import Document
     from moekit.data.tokenizer import Tokenizer
-    from moekit.nn.transformer import Transformer
+    from moekit.model import Transformer
 
 # An expert below this fraction of the uniform share (total copies / E) is "nearly dead".
 NEARLY_DEAD_FRACTION = 0.1

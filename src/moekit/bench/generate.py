@@ -43,7 +43,7 @@ def bench_generate(
     tokens/s for each side, their ratios (> 1: ours is faster) and whether both generated the
     same tokens.
     """
-    from moekit.nn.transformer import build_model
+    from moekit.model import build_model
     from moekit.presets import get_preset
 
     if model_dir is not None:

@@ -14,11 +14,12 @@ import torch
 from moekit.bench.layer import _time_interleaved
 from moekit.config import ModelConfig
 from moekit.interop.mixtral import check_mixtral_compatible, hf_config
-from moekit.nn.transformer import build_model
+from moekit.model import build_model
+from moekit.params import count_params
 from moekit.presets import get_preset
-from moekit.train.config import TrainConfig
-from moekit.train.optim import build_optimizer
-from moekit.train.trainer import optimizer_step
+from moekit.training.config import TrainConfig
+from moekit.training.optim import build_optimizer
+from moekit.training.trainer import optimizer_step
 
 HF_IMPLS = ("eager", "grouped_mm")
 
@@ -87,8 +88,8 @@ def bench_train(
         "preset": preset,
         "batch_size": batch_size,
         "seq_len": seq_len,
-        "total_params": cfg.num_params(),
-        "active_params": cfg.num_active_params(),
+        "total_params": count_params(cfg).total,
+        "active_params": count_params(cfg).active,
         "ours_tokens_per_s": ours_tps,
         "hf_tokens_per_s": hf,
         "hf_best_impl": best,

@@ -25,12 +25,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moekit.analysis.params import count_params
 from moekit.config import ModelConfig
-from moekit.io import atomic_write_text
-from moekit.train.checkpoint import latest_checkpoint
-from moekit.train.config import RunConfig, TrainConfig
-from moekit.train.metrics import read_metrics
+from moekit.files import atomic_write_text
+from moekit.model_dir import ModelDir
+from moekit.params import count_params
+from moekit.training.checkpoint import latest_checkpoint
+from moekit.training.config import RunConfig, TrainConfig
 
 CURVE_FIELDS = {"step": "step", "tokens": "tokens", "seconds": "elapsed_s", "val_loss": "val_loss"}
 
@@ -70,8 +70,8 @@ def bench_upcycle(
     figures: per run its parameters, steps, tokens, seconds, final validation loss and
     evaluation curve, and `upcycled_minus_scratch` (negative: upcycling is ahead)."""
     from moekit.finetune.upcycle import upcycle
-    from moekit.train.compare import _plot
-    from moekit.train.trainer import train
+    from moekit.training.compare import _plot
+    from moekit.training.trainer import train
 
     if dense_steps < 1 or steps < 1:
         raise ValueError(f"dense_steps={dense_steps} and steps={steps} must be >= 1")
@@ -107,7 +107,7 @@ def bench_upcycle(
     atomic_write_text(marker, json.dumps(settings, indent=2) + "\n")
     dense_dir = run("dense", dense_cfg, dense_steps)
     init = out / "upcycled_init"
-    if not (init / "config.json").is_file():
+    if not ModelDir(init).is_model():
         upcycle(
             dense_dir,
             init,
@@ -151,7 +151,7 @@ def bench_upcycle(
 
 
 def _figures(directory: Path, model: ModelConfig) -> dict[str, Any]:
-    evals = [r for r in read_metrics(directory) if r["kind"] == "eval"]
+    evals = [r for r in ModelDir(directory).read_metrics() if r["kind"] == "eval"]
     if not evals:
         raise ValueError(f"{directory} has no evaluation in its metrics")
     pc = count_params(model)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moekit.config import _check_field_types, _check_positive, _ConfigBase, _fail
+from moekit.validate import ConfigBase, check_field_types, check_positive, fail
 
 
 @dataclass(kw_only=True)
-class DataConfig(_ConfigBase):
+class DataConfig(ConfigBase):
     """Where the training text comes from and how it is tokenized.
 
     `source`:
@@ -34,12 +34,12 @@ class DataConfig(_ConfigBase):
     seed: int = 0  # corpus generation and split
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         owner = "DataConfig"
         if not self.source:
-            raise _fail(owner, "source", self.source, "must be 'builtin', paths, or 'hf:NAME'")
+            raise fail(owner, "source", self.source, "must be 'builtin', paths, or 'hf:NAME'")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise _fail(owner, "val_fraction", self.val_fraction, "must be in [0, 1)")
-        _check_positive(owner, max_chars_per_domain=self.max_chars_per_domain)
+            raise fail(owner, "val_fraction", self.val_fraction, "must be in [0, 1)")
+        check_positive(owner, max_chars_per_domain=self.max_chars_per_domain)
         if not self.text_field:
-            raise _fail(owner, "text_field", self.text_field, "must be a non-empty field name")
+            raise fail(owner, "text_field", self.text_field, "must be a non-empty field name")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.data.config import DataConfig
-from moekit.io import read_jsonl
+from moekit.files import read_jsonl
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,14 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from moekit.data.corpus import Document, fingerprint
-from moekit.io import atomic_write, atomic_write_text
+from moekit.files import atomic_write, atomic_write_text
+from moekit.model_dir import ModelDir
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOS, PAD)
-TOKENIZER_FILE = "tokenizer.json"
-CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_FILE = ModelDir.TOKENIZER
+CONFIG_FILE = ModelDir.TOKENIZER_CONFIG
 # Bump when the way a tokenizer is built changes, so cached tokenizers are not reused.
 CACHE_FORMAT_VERSION = 1
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)

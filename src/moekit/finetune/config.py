@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moekit.config import _check_field_types, _ConfigBase, _fail
 from moekit.finetune.lora import LoRAConfig
+from moekit.validate import ConfigBase, check_field_types, fail
 
 METHODS = ("lora", "full", "esft")
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig(_ConfigBase):
+class FinetuneConfig(ConfigBase):
     """Fine-tune the model in `base` (a model directory) on `data` (a .jsonl of examples).
 
     method: "lora" trains low-rank adapters only (`lora`); "full" trains every weight;
@@ -33,11 +33,11 @@ class FinetuneConfig(_ConfigBase):
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig.from_dict(self.lora)
-        _check_field_types(self)
+        check_field_types(self)
         owner = "FinetuneConfig"
         if self.method not in METHODS:
-            raise _fail(owner, "method", self.method, f"must be one of {', '.join(METHODS)}")
+            raise fail(owner, "method", self.method, f"must be one of {', '.join(METHODS)}")
         if not 0.0 < self.esft_coverage <= 1.0:
-            raise _fail(owner, "esft_coverage", self.esft_coverage, "must be in (0, 1]")
+            raise fail(owner, "esft_coverage", self.esft_coverage, "must be in (0, 1]")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise _fail(owner, "val_fraction", self.val_fraction, "must be in [0, 1)")
+            raise fail(owner, "val_fraction", self.val_fraction, "must be in [0, 1)")

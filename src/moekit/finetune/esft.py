@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from moekit.nn.transformer import Transformer
+from moekit.model import Transformer
 
 
 @torch.no_grad()

@@ -30,17 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import _check_field_types, _ConfigBase, _fail
+from moekit.model_dir import ModelDir
 from moekit.moe.experts import Experts, grouped_linear
 from moekit.moe.router import Router
+from moekit.validate import ConfigBase, check_field_types, fail
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ModelDir.ADAPTER_WEIGHTS
+ADAPTER_CONFIG = ModelDir.ADAPTER_CONFIG
 DEFAULT_TARGETS = ["*.attn.w*", "*.ffn.experts.*", "*.ffn.shared.*", "*.ffn.w_*"]
 
 
 @dataclass(kw_only=True)
-class LoRAConfig(_ConfigBase):
+class LoRAConfig(ConfigBase):
     """rank, alpha (the update is scaled by alpha / rank), dropout on the adapter's input,
     targets (patterns over weight names), experts (which routed experts get adapters; None:
     all)."""
@@ -52,20 +53,20 @@ class LoRAConfig(_ConfigBase):
     experts: list[int] | None = None
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         owner = "LoRAConfig"
         if self.rank < 1:
-            raise _fail(owner, "rank", self.rank, "must be >= 1")
+            raise fail(owner, "rank", self.rank, "must be >= 1")
         if self.alpha <= 0:
-            raise _fail(owner, "alpha", self.alpha, "must be > 0")
+            raise fail(owner, "alpha", self.alpha, "must be > 0")
         if not 0.0 <= self.dropout < 1.0:
-            raise _fail(owner, "dropout", self.dropout, "must be in [0, 1)")
+            raise fail(owner, "dropout", self.dropout, "must be in [0, 1)")
         if not self.targets or any(not isinstance(t, str) or not t for t in self.targets):
-            raise _fail(owner, "targets", self.targets, "must be non-empty name patterns")
+            raise fail(owner, "targets", self.targets, "must be non-empty name patterns")
         if self.experts is not None and (
             not self.experts or any(not isinstance(e, int) or e < 0 for e in self.experts)
         ):
-            raise _fail(
+            raise fail(
                 owner, "experts", self.experts, "must be a non-empty list of expert indices (>= 0)"
             )
 
@@ -275,7 +276,8 @@ def save_adapter(
 ) -> Path:
     """Write adapter.safetensors and adapter_config.json into `directory`."""
     from moekit import __version__
-    from moekit.io import atomic_write_text, save_weights
+    from moekit.files import atomic_write_text
+    from moekit.model_dir import save_weights
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +285,7 @@ def save_adapter(
     if not state:
         raise ValueError("the model carries no adapters to save")
     save_weights(state, out, metadata={"moekit_version": __version__})
-    (out / "model.safetensors").rename(out / ADAPTER_WEIGHTS)
+    (out / ModelDir.WEIGHTS).rename(out / ADAPTER_WEIGHTS)
     config: dict[str, Any] = {"moekit_version": __version__, "lora": cfg.to_dict(),
                               "base_model": base, "tensors": len(state)}  # fmt: skip
     model_cfg = getattr(model, "cfg", None)
@@ -347,7 +349,7 @@ def load_adapted(
     """The model in `base_dir` with the adapter in `adapter_dir` attached (and merged into the
     weights with `merge`). An adapter trained on another base is refused, naming what differs."""
     from moekit.config import ModelConfig
-    from moekit.io import load_model
+    from moekit.model_dir import load_model
 
     base = ModelConfig.load(base_dir)
     recorded = read_adapter_config(adapter_dir).get("base_config")

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from moekit.config import ModelConfig
 from moekit.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, read_adapter_config
+from moekit.model_dir import ModelDir
 
 PEFT_ARCHITECTURES = (
     "MixtralForCausalLM",
@@ -38,7 +39,7 @@ PEFT_ARCHITECTURES = (
     "OlmoeForCausalLM",
 )
 PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
+PEFT_CONFIG = "adapter_config.json"  # PEFT's name (moekit's own adapter uses the same)
 _PREFIX = "base_model.model."
 _ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 _MLP = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
@@ -46,7 +47,7 @@ _MLP = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 
 def _adapter_source(source: Path) -> Path:
     """The adapter directory of `source`: itself, or the adapter/ of a fine-tuned model."""
-    for candidate in (source, source / "adapter"):
+    for candidate in (source, source / ModelDir.ADAPTER):
         if (candidate / ADAPTER_CONFIG).is_file() and (candidate / ADAPTER_WEIGHTS).is_file():
             return candidate
     raise FileNotFoundError(
@@ -113,8 +114,8 @@ def export_peft(
     picks). `base_model_name_or_path` is recorded for PEFT to find the exported base."""
     from safetensors.torch import load_file, save_file
 
+    from moekit.files import atomic_write_text
     from moekit.interop.hf import architectures, choose_architecture
-    from moekit.io import atomic_write_text
 
     src = _adapter_source(Path(source))
     meta = read_adapter_config(src)

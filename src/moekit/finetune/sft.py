@@ -26,8 +26,8 @@ import torch
 
 from moekit.data.loader import TokenizedData
 from moekit.data.tokenizer import Tokenizer
+from moekit.files import read_jsonl
 from moekit.infer.chat import ChatTemplate
-from moekit.io import read_jsonl
 
 
 @dataclass

@@ -19,16 +19,17 @@ import torch
 from moekit.config import ModelConfig
 from moekit.data.loader import TokenizedData, iter_eval_batches
 from moekit.data.tokenizer import Tokenizer
+from moekit.files import atomic_write_text
 from moekit.finetune.config import FinetuneConfig
 from moekit.finetune.esft import ExpertFreeze, routing_mass, select_experts
 from moekit.finetune.lora import AdapterSummary, apply_lora, merged_state, save_adapter
 from moekit.finetune.sft import Example, prepare_sft
 from moekit.infer.chat import TEMPLATE_FILE, ChatTemplate
-from moekit.io import atomic_write_text, load_state_checked, load_weights, save_model, save_weights
-from moekit.nn.transformer import Transformer
+from moekit.model import Transformer
+from moekit.model_dir import ModelDir, load_state_checked, load_weights, save_model, save_weights
 
-SUMMARY_FILE = "finetune.json"
-ADAPTER_DIR = "adapter"
+SUMMARY_FILE = ModelDir.FINETUNE
+ADAPTER_DIR = ModelDir.ADAPTER
 ESFT_SAMPLE_BATCHES = 32
 
 
@@ -36,8 +37,7 @@ class FineTuning:
     def __init__(self, cfg: FinetuneConfig, run_dir: Path, *, resume: bool) -> None:
         self.cfg, self.run_dir, self.resume = cfg, run_dir, resume
         self.base = Path(cfg.base)
-        if not (self.base / "config.json").is_file():
-            raise FileNotFoundError(f"finetune.base: {self.base} is not a model directory")
+        ModelDir(self.base).require_model("finetune.base")
         self.template = ChatTemplate.load(self.base)
         self.val_examples: list[Example] = []
         self.summary: AdapterSummary | None = None
@@ -186,5 +186,5 @@ class FineTuning:
         from moekit import __version__
 
         save_weights(merged_state(model), self.run_dir, metadata={"moekit_version": __version__})
-        model_cfg.save(self.run_dir / "config.json")
+        ModelDir(self.run_dir).save_config(model_cfg)
         save_adapter(model, self.cfg.lora, self.run_dir / ADAPTER_DIR, base=str(self.base))

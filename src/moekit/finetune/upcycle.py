@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ModelConfig, MoEConfig
-from moekit.io import INDEX_NAME, load_weights, save_weights
+from moekit.model_dir import ModelDir, load_weights
 
 
 def upcycle(
@@ -41,12 +41,8 @@ def upcycle(
     softmax top-k; `first_dense_layers` and `layer_step` place its MoE layers as
     `MoEConfig` does (the other layers keep their dense MLP)."""
     src, out = Path(dense_dir), Path(out_dir)
-    held = [n for n in ("config.json", "model.safetensors", INDEX_NAME) if (out / n).exists()]
-    if held:
-        raise ValueError(
-            f"{out} already holds a model ({', '.join(held)}); choose another output directory"
-        )
-    dense = ModelConfig.load(src)
+    ModelDir(out).refuse_overwrite("upcycling")
+    dense = ModelDir(src).config()
     if dense.moe is not None:
         raise ValueError(f"{src} is already a Mixture-of-Experts model")
     if granularity < 1 or num_experts % granularity:
@@ -99,9 +95,9 @@ def upcycle(
         router = torch.empty(num_experts, cfg.dim)
         torch.nn.init.normal_(router, mean=0.0, std=cfg.init_std, generator=gen)
         out_state[f"{prefix}.router.weight"] = router
-    save_weights(out_state, out)
-    cfg.save(out / "config.json")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+    target = ModelDir(out)
+    target.save_weights(out_state)
+    target.save_config(cfg)
+    for path in ModelDir(src).tokenizer_files():
+        shutil.copyfile(path, out / path.name)
     return cfg

@@ -21,8 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moekit.model_dir import ModelDir
+
 ROLES = ("system", "user", "assistant")
-TEMPLATE_FILE = "chat_template.json"
+TEMPLATE_FILE = ModelDir.CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)

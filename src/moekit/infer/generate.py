@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from moekit.infer.detokenize import TextTracker
-from moekit.infer.kv_cache import KVCache
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
-from moekit.nn.transformer import ModelOutput, Transformer
+from moekit.model import ModelOutput, Transformer
+from moekit.nn.kv_cache import KVCache
 
 Routing = dict[int, list[tuple[int, float]]]  # MoE layer -> [(expert, weight), ...]
 
@@ -106,7 +106,7 @@ class Generator:
         cls, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> Generator:
         from moekit.data.tokenizer import Tokenizer
-        from moekit.io import load_model
+        from moekit.model_dir import load_model
 
         return cls(load_model(model_dir, device=device, dtype=dtype), Tokenizer.load(model_dir))
 

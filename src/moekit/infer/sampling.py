@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moekit.config import _check_field_types, _fail
+from moekit.validate import check_field_types, fail
 
 MAX_SEED = 2**63 - 1  # a signed 64-bit integer (torch.manual_seed overflows past 2**64 - 1)
 MAX_STOPS = 64  # a sanity bound: each stop string is searched for after every token
@@ -51,26 +51,26 @@ class SamplingParams:
     return_routing: bool = False
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         owner = "SamplingParams"
         if self.max_new_tokens < 1:
-            raise _fail(owner, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+            raise fail(owner, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         if not 0.0 <= self.temperature <= 5.0:
-            raise _fail(owner, "temperature", self.temperature, "must be in [0, 5]")
+            raise fail(owner, "temperature", self.temperature, "must be in [0, 5]")
         if self.top_k < 0:
-            raise _fail(owner, "top_k", self.top_k, "must be >= 0 (0: off)")
+            raise fail(owner, "top_k", self.top_k, "must be >= 0 (0: off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise _fail(owner, "top_p", self.top_p, "must be in (0, 1]")
+            raise fail(owner, "top_p", self.top_p, "must be in (0, 1]")
         if not 0.0 <= self.min_p < 1.0:
-            raise _fail(owner, "min_p", self.min_p, "must be in [0, 1)")
+            raise fail(owner, "min_p", self.min_p, "must be in [0, 1)")
         if not 0.0 < self.repetition_penalty <= 10.0:
-            raise _fail(owner, "repetition_penalty", self.repetition_penalty, "must be in (0, 10]")
+            raise fail(owner, "repetition_penalty", self.repetition_penalty, "must be in (0, 10]")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise _fail(owner, "seed", self.seed, f"must be in [0, {MAX_SEED}]")
+            raise fail(owner, "seed", self.seed, f"must be in [0, {MAX_SEED}]")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise _fail(owner, "stop", self.stop, "must be non-empty strings")
+            raise fail(owner, "stop", self.stop, "must be non-empty strings")
         if len(self.stop) > MAX_STOPS:
-            raise _fail(owner, "stop", f"{len(self.stop)} strings", f"at most {MAX_STOPS}")
+            raise fail(owner, "stop", f"{len(self.stop)} strings", f"at most {MAX_STOPS}")
 
 
 def apply_repetition_penalty(logits_V: Tensor, seen: Tensor, penalty: float) -> Tensor:

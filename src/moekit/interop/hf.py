@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from moekit.config import ModelConfig
-from moekit.io import INDEX_NAME, WEIGHTS_NAME, ShardWriter, atomic_write_text
+from moekit.files import atomic_write_text
+from moekit.model_dir import ModelDir, ShardWriter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -325,15 +326,15 @@ class HFCheckpoint:
         self._open: dict[Path, Any] = {}
 
     def _index(self) -> dict[str, Path]:
-        index = self.directory / INDEX_NAME
+        index = self.directory / ModelDir.INDEX
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             return {k: self.directory / v for k, v in weight_map.items()}
-        single = self.directory / WEIGHTS_NAME
+        single = self.directory / ModelDir.WEIGHTS
         if not single.is_file():
             raise FileNotFoundError(
-                f"{self.directory} holds no {WEIGHTS_NAME} or {INDEX_NAME} (only safetensors "
-                "checkpoints are read; convert .bin files with transformers first)"
+                f"{self.directory} holds no {ModelDir.WEIGHTS} or {ModelDir.INDEX} (only "
+                "safetensors checkpoints are read; convert .bin files with transformers first)"
             )
         from safetensors import safe_open
 
@@ -419,7 +420,7 @@ def export_hf(
     architecture chosen (the plainest one that represents the model exactly)."""
     from safetensors import safe_open
 
-    from moekit.io import weight_files
+    from moekit.model_dir import weight_files
 
     src = Path(model_dir)
     cfg = ModelConfig.load(src)

@@ -1,1 +1,1 @@
-"""Transformer building blocks: attention, RoPE, RMSNorm, MLP and the decoder model."""
+"""Transformer building blocks: attention (with its KV cache), RoPE, RMSNorm and the MLP."""

@@ -6,17 +6,13 @@ Both go through `torch.nn.functional.scaled_dot_product_attention`. Shapes are c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
+from moekit.nn.kv_cache import KVCache
 from moekit.nn.norm import RMSNorm
-
-if TYPE_CHECKING:
-    from moekit.infer.kv_cache import KVCache
 from moekit.nn.rope import apply_rope
 
 # DeepSeek's latent RMSNorms use a fixed epsilon, independent of the model's norm_eps.

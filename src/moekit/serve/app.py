@@ -44,6 +44,7 @@ from moekit.infer.chat import ChatTemplate
 from moekit.infer.detokenize import TokenBytes, decode_with_offsets
 from moekit.infer.generate import ContextLengthError, Generator
 from moekit.infer.sampling import SamplingParams
+from moekit.params import count_params
 from moekit.serve.engine import (
     DoneEvent,
     Engine,
@@ -391,8 +392,8 @@ def create_app(
             "num_experts": moe.num_experts if moe else 0,
             "top_k": engine.default_top_k,
             "max_top_k": engine.max_top_k,
-            "total_params": cfg.num_params(),
-            "active_params": cfg.num_active_params(),
+            "total_params": count_params(cfg).total,
+            "active_params": count_params(cfg).active,
         }
 
     @app.get("/metrics")

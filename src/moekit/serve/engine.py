@@ -30,8 +30,8 @@ from torch import Tensor
 
 from moekit.infer.detokenize import TextTracker
 from moekit.infer.generate import Generator, Routing, check_fits, routing_of
-from moekit.infer.kv_cache import KVCache
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
+from moekit.nn.kv_cache import KVCache
 
 DEFAULT_MAX_CONTEXT = 4096
 SHUTTING_DOWN = "the server is shutting down"

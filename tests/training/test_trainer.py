@@ -8,17 +8,16 @@ import time
 import pytest
 import torch
 
-import moekit.train.trainer as trainer_mod
-from moekit.io import load_model, load_weights
-from moekit.train.checkpoint import latest_checkpoint
-from moekit.train.metrics import read_metrics
-from moekit.train.trainer import NonFiniteLossError, Trainer, train
+import moekit.training.trainer as trainer_mod
+from moekit.model_dir import ModelDir, load_model, load_weights
+from moekit.training.checkpoint import latest_checkpoint
+from moekit.training.trainer import NonFiniteLossError, Trainer, train
 
 from .conftest import TINY_RUN
 
 
 def losses(run_dir, kind="train", key="loss"):
-    return [r[key] for r in read_metrics(run_dir) if r["kind"] == kind]
+    return [r[key] for r in ModelDir(run_dir).read_metrics() if r["kind"] == kind]
 
 
 def test_a_few_steps_reduce_the_loss(tmp_path, tiny_run_config):
@@ -97,7 +96,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_run_confi
 def test_metrics_and_report(tmp_path, tiny_run_config):
     cfg = tiny_run_config("train.max_steps=4", 'train.samples=["def "]')
     train(cfg, tmp_path / "run", verbose=False)
-    records = read_metrics(tmp_path / "run")
+    records = ModelDir(tmp_path / "run").read_metrics()
     step = next(r for r in records if r["kind"] == "train")
     assert set(step["routing"]) == {"0", "1"}
     assert set(step["routing"]["0"]) == {"imbalance", "cv", "dead", "dropped", "entropy"}
@@ -129,7 +128,7 @@ def test_resume_applies_new_train_settings_and_refuses_data_order_changes(
     ).read_text() == run_json  # a refused resume writes nothing
     faster = tiny_run_config("train.max_steps=6", "train.lr=0.01", "train.weight_decay=0.5")
     trainer = Trainer(faster, tmp_path / "run", resume=True, verbose=False)
-    from moekit.train.optim import lr_factor
+    from moekit.training.optim import lr_factor
 
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
         0.01 * lr_factor(3, faster.train)
@@ -160,9 +159,9 @@ def test_checkpoints_survive_a_dangling_pointer_and_a_torn_metrics_line(tmp_path
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 5, "lo')  # a crash mid-line
     train(cfg, tmp_path / "run", verbose=False, report=False, resume=True)
-    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"] == list(
-        range(1, 9)
-    )
+    assert [
+        r["step"] for r in ModelDir(tmp_path / "run").read_metrics() if r["kind"] == "train"
+    ] == list(range(1, 9))
     assert [p.name for p in sorted(state.glob("step-*"))] == [
         "step-00000004",
         "step-00000006",

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from moekit import build_model
-from moekit.analysis.params import (
+from moekit.config import ModelConfig
+from moekit.params import (
     attention_flops_per_token,
     count_params,
     flops_per_token,
@@ -12,7 +13,6 @@ from moekit.analysis.params import (
     summary,
     weight_memory_bytes,
 )
-from moekit.config import ModelConfig
 from moekit.presets import PRESETS, get_preset
 
 PUBLISHED = [p for p in PRESETS.values() if p.published_total is not None]
@@ -70,7 +70,7 @@ def tiny_variants():
 def test_count_equals_the_built_model(name, data):
     cfg = ModelConfig.from_dict(data)
     model = build_model(cfg)
-    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
     pc = count_params(cfg)
     assert pc.total == sum(pc.total_by.values())
     assert pc.active <= pc.total
@@ -79,7 +79,7 @@ def test_count_equals_the_built_model(name, data):
 @pytest.mark.parametrize("name", ["debug", "tiny", "small"])
 def test_count_equals_the_built_model_for_small_presets(name):
     cfg = get_preset(name)
-    assert cfg.num_params() == sum(p.numel() for p in build_model(cfg).parameters())
+    assert count_params(cfg).total == sum(p.numel() for p in build_model(cfg).parameters())
 
 
 def test_active_by_hand():
@@ -91,8 +91,8 @@ def test_active_by_hand():
     attention = 4 * 8 * 8
     expected_total = 10 * 8 + 3 * 8 + attention + 4 * per_expert + 4 * 8 + per_expert
     expected_active = expected_total - 2 * per_expert
-    assert cfg.num_params() == expected_total
-    assert cfg.num_active_params() == expected_active
+    assert count_params(cfg).total == expected_total
+    assert count_params(cfg).active == expected_active
     # Forward FLOPs: 2 x (active weights - embedding lookup - norms + the tied head's matmul),
     # plus scores and values: 2 * heads * (qk + v head dims) * context per layer.
     matmul = expected_active - 10 * 8 - 3 * 8 + 10 * 8
@@ -132,14 +132,14 @@ def test_model_parameters_are_float32_and_buffers_not_counted():
     model = build_model(small)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(b.numel() for b in model.buffers())  # the selection biases exist ...
-    assert small.num_params() == sum(p.numel() for p in model.parameters())  # ... uncounted
+    assert count_params(small).total == sum(p.numel() for p in model.parameters())  # ... uncounted
 
 
 @pytest.mark.parametrize(
     ("name", "data"), list(tiny_variants()), ids=[n for n, _ in tiny_variants()]
 )
 def test_kv_cache_figure_is_what_the_cache_allocates(name, data):
-    from moekit.infer.kv_cache import KVCache
+    from moekit.nn.kv_cache import KVCache
 
     cfg = ModelConfig.from_dict({**data, "max_seq_len": 64})
     cache = KVCache(cfg, batch=1, max_len=10, dtype=torch.bfloat16)

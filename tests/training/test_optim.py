@@ -3,8 +3,8 @@ import itertools
 import pytest
 
 from moekit import build_model, get_preset
-from moekit.train.config import TrainConfig
-from moekit.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from moekit.training.config import TrainConfig
+from moekit.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def test_no_decay_on_norms_biases_and_embeddings():

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moekit.data.loader import iter_eval_batches
+from moekit.files import atomic_write_text
 from moekit.infer.generate import greedy_generate
-from moekit.io import atomic_write_text
-from moekit.train.metrics import read_metrics
+from moekit.model_dir import ModelDir
+from moekit.params import count_params
 
 if TYPE_CHECKING:
-    from moekit.train.trainer import Trainer, TrainResult
+    from moekit.training.trainer import Trainer, TrainResult
 
 
 @torch.no_grad()
@@ -115,9 +116,9 @@ def plot_expert_load(load: dict[int, list[float]], path: Path) -> None:
 
 def write_training_report(trainer: Trainer, result: TrainResult) -> Path:
     """Write report/ into the run directory and return its path."""
-    out = trainer.run_dir / "report"
+    out = ModelDir(trainer.run_dir).report_dir
     out.mkdir(exist_ok=True)
-    records = read_metrics(trainer.run_dir)
+    records = ModelDir(trainer.run_dir).read_metrics()
     plot_losses(records, out / "loss.png")
     load = expert_load(trainer)
     if load:
@@ -131,8 +132,8 @@ def write_training_report(trainer: Trainer, result: TrainResult) -> Path:
         "train_seconds": result.seconds,
         "val_loss": result.val_loss,
         "val_by_domain": result.val_by_domain,
-        "total_params": cfg.num_params(),
-        "active_params": cfg.num_active_params(),
+        "total_params": count_params(cfg).total,
+        "active_params": count_params(cfg).active,
         "skipped_steps": result.skipped_steps,
         "expert_load": {str(k): v for k, v in load.items()},
         "data": trainer.data.stats,

@@ -201,7 +201,7 @@ def test_causal_routing_is_dropless_so_batch_and_cache_change_nothing(name):
     """Capacity counts the tokens of one forward call. In causal routing (generation, serving,
     evaluation) it is off, or a row's logits would change with the other rows of its batch and
     cached decoding (a prefill, then one token per call) would differ from a full forward."""
-    from moekit.infer.kv_cache import KVCache
+    from moekit.nn.kv_cache import KVCache
 
     torch.manual_seed(0)
     model = make(CAPACITY[name]).eval()

@@ -10,22 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.config import (
-    ModelConfig,
-    _check_field_types,
-    _check_non_negative,
-    _check_positive,
-    _ConfigBase,
-    _fail,
-)
+from moekit.config import ModelConfig
 from moekit.data.config import DataConfig
 from moekit.finetune.config import FinetuneConfig
+from moekit.model_dir import ModelDir
+from moekit.validate import ConfigBase, check_field_types, check_non_negative, check_positive, fail
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(kw_only=True)
-class TrainConfig(_ConfigBase):
+class TrainConfig(ConfigBase):
     """Optimisation, evaluation, logging and checkpointing of a training run.
 
     One optimizer step sees `batch_size * grad_accum` rows of `seq_len` tokens. The learning
@@ -59,9 +54,9 @@ class TrainConfig(_ConfigBase):
     init_from: str | None = None  # a model directory whose weights start the run
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         owner = "TrainConfig"
-        _check_positive(
+        check_positive(
             owner,
             max_steps=self.max_steps,
             batch_size=self.batch_size,
@@ -75,7 +70,7 @@ class TrainConfig(_ConfigBase):
             keep_last=self.keep_last,
             max_nonfinite=self.max_nonfinite,
         )
-        _check_non_negative(
+        check_non_negative(
             owner,
             warmup_steps=self.warmup_steps,
             weight_decay=self.weight_decay,
@@ -85,19 +80,19 @@ class TrainConfig(_ConfigBase):
         )
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise _fail(owner, name, getattr(self, name), "must be in [0, 1)")
+                raise fail(owner, name, getattr(self, name), "must be in [0, 1)")
         if self.min_lr_ratio > 1:
-            raise _fail(owner, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+            raise fail(owner, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         if self.precision not in PRECISIONS:
-            raise _fail(owner, "precision", self.precision, f"must be one of {PRECISIONS}")
+            raise fail(owner, "precision", self.precision, f"must be one of {PRECISIONS}")
         if not isinstance(self.samples, list) or any(
             not isinstance(s, str) or not s for s in self.samples
         ):
-            raise _fail(owner, "samples", self.samples, "must be a list of non-empty prompts")
+            raise fail(owner, "samples", self.samples, "must be a list of non-empty prompts")
 
 
 @dataclass(kw_only=True)
-class RunConfig(_ConfigBase):
+class RunConfig(ConfigBase):
     """Everything a training run needs; written to the run directory as run.json."""
 
     _nested = {  # noqa: RUF012
@@ -114,7 +109,7 @@ class RunConfig(_ConfigBase):
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
-            raise _fail(
+            raise fail(
                 "TrainConfig", "seq_len", self.train.seq_len,
                 f"must be <= model.max_seq_len ({self.model.max_seq_len})",
             )  # fmt: skip
@@ -336,7 +331,7 @@ def finetune_run_config(
 def resume_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """The config of the run in `run_dir` (its run.json) with `overrides` applied: what
     `moekit train --out DIR --resume [overrides]` continues with."""
-    path = Path(run_dir) / "run.json"
+    path = ModelDir(run_dir) / ModelDir.RUN_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"--resume: {run_dir} holds no run (no run.json)")
     return RunConfig.from_dict(apply_overrides(read_config_file(path), overrides or []))

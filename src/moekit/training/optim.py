@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from moekit.train.config import TrainConfig
+from moekit.training.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:

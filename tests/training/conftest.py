@@ -1,6 +1,6 @@
 import pytest
 
-from moekit.train.config import resolve_run_config
+from moekit.training.config import resolve_run_config
 
 TINY_RUN = [
     "model.vocab_size=512",

@@ -1,11 +1,18 @@
 import pytest
 import torch
 
-import moekit.train.checkpoint as ckpt
+import moekit.training.checkpoint as ckpt
 from moekit import build_model, get_preset
-from moekit.io import load_model, load_weights, save_model, save_weights, weight_files
-from moekit.train.config import TrainConfig
-from moekit.train.optim import build_optimizer, build_scheduler
+from moekit.model_dir import (
+    ModelDir,
+    load_model,
+    load_weights,
+    save_model,
+    save_weights,
+    weight_files,
+)
+from moekit.training.config import TrainConfig
+from moekit.training.optim import build_optimizer, build_scheduler
 
 
 def live_state(seed=0):
@@ -41,7 +48,7 @@ def test_keep_last(tmp_path):
     _, model, opt, sched = live_state()
     for step in (1, 2, 3, 4):
         ckpt.save_checkpoint(tmp_path, step, model, opt, sched, {}, keep_last=2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    assert [p.name for p in ModelDir(tmp_path).checkpoints()] == ["step-00000003", "step-00000004"]
     assert ckpt.latest_checkpoint(tmp_path).step == 4
 
 

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moekit.analysis.params import count_params
 from moekit.config import ModelConfig
-from moekit.io import atomic_write_text
-from moekit.train.checkpoint import latest_checkpoint
-from moekit.train.config import RunConfig
-from moekit.train.metrics import read_metrics
+from moekit.files import atomic_write_text
+from moekit.model_dir import ModelDir
+from moekit.params import count_params
+from moekit.training.checkpoint import latest_checkpoint
+from moekit.training.config import RunConfig
 
 
 def dense_with_params(moe_cfg: ModelConfig, target: int) -> ModelConfig:
@@ -55,7 +55,7 @@ def compare(
     and returns the same figures: `moe_val_loss`, `dense_val_loss`, and per run its
     parameters, tokens, seconds and final validation loss per domain.
     """
-    from moekit.train.trainer import train
+    from moekit.training.trainer import train
 
     if cfg.model.moe is None:
         raise ValueError("compare needs an MoE model config (model.moe is not set)")
@@ -90,7 +90,7 @@ def compare(
             "val_by_domain": result.val_by_domain,
             "curve": [
                 {"tokens": r["tokens"], "seconds": r["elapsed_s"], "val_loss": r["val_loss"]}
-                for r in read_metrics(out / name)
+                for r in ModelDir(out / name).read_metrics()
                 if r["kind"] == "eval"
             ],
         }

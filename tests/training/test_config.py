@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from moekit.train.config import (
+from moekit.training.config import (
     RunConfig,
     TrainConfig,
     apply_overrides,

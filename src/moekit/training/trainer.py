@@ -35,15 +35,16 @@ from moekit.data.loader import (
     prepare_data,
 )
 from moekit.data.tokenizer import Tokenizer
+from moekit.files import atomic_write_text
 from moekit.finetune.tuning import FineTuning
-from moekit.io import INDEX_NAME, atomic_write_text, save_model
-from moekit.nn.transformer import Transformer, build_model
-from moekit.train.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
-from moekit.train.config import RunConfig
-from moekit.train.metrics import MetricsLog, RoutingAccumulator, read_metrics
-from moekit.train.optim import build_optimizer, build_scheduler, lr_factor
+from moekit.model import Transformer, build_model
+from moekit.model_dir import ModelDir, save_model
+from moekit.training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from moekit.training.config import RunConfig
+from moekit.training.metrics import MetricsLog, RoutingAccumulator
+from moekit.training.optim import build_optimizer, build_scheduler, lr_factor
 
-RUN_CONFIG_NAME = "run.json"
+RUN_CONFIG_NAME = ModelDir.RUN_CONFIG
 
 
 class TrainingInterruptedError(Exception):
@@ -200,7 +201,7 @@ class Trainer:
             tokenizer = None
             if checkpoint is not None:
                 tokenizer = Tokenizer.load(self.run_dir)
-            elif tc.init_from is not None and (Path(tc.init_from) / "tokenizer.json").is_file():
+            elif tc.init_from is not None and ModelDir(tc.init_from).tokenizer_path.is_file():
                 tokenizer = Tokenizer.load(tc.init_from)  # keep the source model's vocabulary
             self.tokenizer, self.data = self._prepare_data(tokenizer)
         # Validation sets in a fixed shuffled order: with `eval_batches` capping an evaluation,
@@ -238,7 +239,7 @@ class Trainer:
             self._restore(checkpoint)
         # Set up and checked: from here on the run directory is ours.
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(self.run_dir / "tokenizer.json")
+        self.tokenizer.save(ModelDir(self.run_dir).tokenizer_path)
         atomic_write_text(self.run_dir / RUN_CONFIG_NAME, cfg.to_json())
         if self.tuning is not None:
             self.tuning.write_files()
@@ -253,11 +254,7 @@ class Trainer:
                     f"{self.run_dir} already holds a training run (a checkpoint at step "
                     f"{checkpoint.step}); pass --resume to continue it or choose another --out"
                 )
-            held = [
-                n
-                for n in ("config.json", "model.safetensors", INDEX_NAME)
-                if (self.run_dir / n).exists()
-            ]
+            held = ModelDir(self.run_dir).model_files()
             if held:
                 raise ValueError(
                     f"{self.run_dir} already holds a model ({', '.join(held)}) and no training "
@@ -311,7 +308,7 @@ class Trainer:
         """Start from another model directory's weights (continued pre-training, e.g. after
         upcycling); its config must describe the same model."""
         from moekit.config import ModelConfig
-        from moekit.io import load_state_checked, load_weights
+        from moekit.model_dir import load_state_checked, load_weights
 
         theirs = ModelConfig.load(source)
         if theirs != self.cfg.model:
@@ -352,7 +349,7 @@ class Trainer:
         routing = RoutingAccumulator()
         consecutive_bad = 0
         start_step = self.step
-        previous = [r for r in read_metrics(self.run_dir) if r.get("kind") == "eval"]
+        previous = [r for r in ModelDir(self.run_dir).read_metrics() if r.get("kind") == "eval"]
         last_eval: dict[str, Any] | None = previous[-1] if previous and self.step else None
         window_tokens, window_seconds = 0, 0.0  # training steps only, no eval or saving
         # A fresh run starts a fresh log; a continued one drops what came after its checkpoint.
@@ -623,7 +620,7 @@ def train(
     trainer = Trainer(cfg, out_dir, resume=resume, verbose=verbose)
     result = trainer.run(stop_after=stop_after)
     if report and result.step >= cfg.train.max_steps and trainer.steps_this_run:
-        from moekit.train.report import write_training_report
+        from moekit.training.report import write_training_report
 
         write_training_report(trainer, result)
     return result

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.io import atomic_write_text
+from moekit.files import atomic_write_text, json_safe
+from moekit.model_dir import ModelDir
 
 
 def routing_metrics(counts: Tensor, dropped: int, entropy: float) -> dict[str, float]:
@@ -69,9 +70,13 @@ class MetricsLog:
     """
 
     def __init__(self, run_dir: Path, *, resume_step: int | None = None) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / ModelDir.METRICS
         if resume_step is not None and self.path.exists():
-            kept = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
+            kept = [
+                json.dumps(r)
+                for r in ModelDir(run_dir).read_metrics()
+                if r.get("step", 0) <= resume_step
+            ]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
@@ -81,12 +86,12 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a crashed run wrote after the checkpoint we resume from.
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+            self._tb = SummaryWriter(str(run_dir / ModelDir.TENSORBOARD), purge_step=resume_step)
         except ImportError:  # tensorboard is optional
             self._tb = None
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+        self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             step = int(record.get("step", 0))
@@ -110,27 +115,3 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         elif key != "kind":
             out.append((f"{kind}/{name}" if kind and not prefix else name, value))
     return out
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl, in order (a torn last line is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return records

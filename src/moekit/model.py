@@ -7,7 +7,7 @@ dense model is the same code with every layer dense.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,10 @@ from torch import Tensor, nn
 from moekit.config import ModelConfig
 from moekit.moe.layer import DEFAULT_ROUTE, MoELayer, MoEStats, RouteOptions
 from moekit.nn.attention import build_attention
+from moekit.nn.kv_cache import KVCache
 from moekit.nn.mlp import MLP
 from moekit.nn.norm import RMSNorm
 from moekit.nn.rope import rope_tables
-
-if TYPE_CHECKING:
-    from moekit.infer.kv_cache import KVCache
 
 
 class ModelOutput(NamedTuple):

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from moekit.analysis.params import count_params
+from moekit.params import count_params
 from moekit.presets import get_preset
-from moekit.train.compare import compare, dense_with_params
+from moekit.training.compare import compare, dense_with_params
 
 
 @pytest.mark.parametrize("preset", ["tiny", "demo", "small"])

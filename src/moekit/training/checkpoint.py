@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 
-from moekit.io import _fsync_dir, atomic_write_text, load_state_checked, load_weights, save_weights
-
-STATE_DIR = "train_state"
+from moekit.files import atomic_write_text, fsync_dir
+from moekit.model_dir import ModelDir, load_state_checked, load_weights, save_weights
 
 
 @dataclass
@@ -65,10 +64,6 @@ class Checkpoint:
         random.setstate((version, tuple(internal), gauss))
 
 
-def _step_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -81,11 +76,12 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of `step` (with `extra`: data position, counters) and keep only
     the newest `keep_last`. Returns its directory."""
-    root = run_dir / STATE_DIR
+    directory = ModelDir(run_dir)
+    root = directory.train_state
     root.mkdir(parents=True, exist_ok=True)
     for stale in [*root.glob(".step-*.tmp"), *root.glob(".step-*.old")]:  # from a crash
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / _step_name(step)
+    final = directory.checkpoint_dir(step)
     tmp = root / f".{final.name}.tmp"
     tmp.mkdir()
     try:
@@ -112,23 +108,18 @@ def save_checkpoint(
         if final.exists():
             final.rename(old)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(root / "latest", final.name + "\n")
     # Keep the newest `keep_last` up to this step; newer ones are orphans of a crashed run.
-    older = [p for p in list_checkpoints(run_dir) if p.name <= final.name]
-    newer = [p for p in list_checkpoints(run_dir) if p.name > final.name]
+    older = [p for p in directory.checkpoints() if p.name <= final.name]
+    newer = [p for p in directory.checkpoints() if p.name > final.name]
     for stale in [*older[:-keep_last], *newer]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    return sorted((run_dir / STATE_DIR).glob("step-*"))
 
 
 def _read(path: Path) -> Checkpoint | None:
@@ -145,13 +136,13 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     Normally the one `train_state/latest` names; if that is missing or unreadable (a crash at
     the wrong moment), the newest readable `step-*` directory.
     """
-    root = run_dir / STATE_DIR
+    root = ModelDir(run_dir).train_state
     pointer = root / "latest"
     if pointer.exists():
         found = _read(root / pointer.read_text().strip())
         if found is not None:
             return found
-    for path in reversed(list_checkpoints(run_dir)):
+    for path in reversed(ModelDir(run_dir).checkpoints()):
         found = _read(path)
         if found is not None:
             return found

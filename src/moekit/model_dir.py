@@ -1,0 +1,397 @@
+"""The model directory, moekit's one currency: every file name in it, and loading and saving
+models, weights and run files.
+
+```
+MODEL_DIR/
+  config.json                     ModelConfig (versioned)             every writer
+  model.safetensors               weights, or shards + an index        every writer
+  model-00001-of-0000N.safetensors, model.safetensors.index.json
+  tokenizer.json                  a `tokenizers` tokenizer             train, convert, upcycle
+  tokenizer_config.json           special tokens (imported tokenizers) convert, train
+  chat_template.json              chat format                          finetune, convert
+  run.json                        the resolved run config              train, finetune
+  metrics.jsonl, tensorboard/     one JSON object per logged step      train, finetune
+  train_state/                    checkpoints (step-NNNNNNNN/, latest) train, finetune
+  report/                         the training report                  train, finetune
+  finetune.json                   method, trainable parameters         finetune
+  adapter/                        a LoRA adapter alone                 finetune --method lora
+```
+
+docs/model-directory.md specifies each file. Every write is atomic (moekit.files); weights are
+safetensors only, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from moekit.config import FILE_NAME as CONFIG_FILE
+from moekit.config import ModelConfig
+from moekit.files import atomic_write, fsync_dir, read_json, write_json
+from moekit.model import Transformer, build_model, cast_model
+from moekit.version import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+class ModelDir:
+    """A model directory at `path` (which need not exist yet).
+
+    The class attributes are the names of the files a model directory may hold; the methods
+    read and write them. `ModelDir(path).load_model()` builds the model its config describes
+    and loads its weights.
+    """
+
+    CONFIG = CONFIG_FILE
+    WEIGHTS = "model.safetensors"
+    INDEX = "model.safetensors.index.json"
+    TOKENIZER = "tokenizer.json"
+    TOKENIZER_CONFIG = "tokenizer_config.json"
+    CHAT_TEMPLATE = "chat_template.json"
+    RUN_CONFIG = "run.json"
+    METRICS = "metrics.jsonl"
+    TENSORBOARD = "tensorboard"
+    TRAIN_STATE = "train_state"
+    REPORT = "report"
+    FINETUNE = "finetune.json"
+    ADAPTER = "adapter"
+    # Inside an adapter directory (adapter/, or one saved alone):
+    ADAPTER_WEIGHTS = "adapter.safetensors"
+    ADAPTER_CONFIG = "adapter_config.json"
+    # The files that travel with a model wherever it is copied (convert, upcycle).
+    TOKENIZER_FILES = (TOKENIZER, TOKENIZER_CONFIG, CHAT_TEMPLATE)
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # ---- what it holds -----------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.TOKENIZER
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / self.ADAPTER
+
+    @property
+    def train_state(self) -> Path:
+        return self.path / self.TRAIN_STATE
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / self.REPORT
+
+    def is_model(self) -> bool:
+        """Whether the directory holds a model config."""
+        return self.config_path.is_file()
+
+    def require_model(self, what: str = "") -> ModelDir:
+        """Self, or FileNotFoundError naming the directory (`what` says whose it is)."""
+        if not self.is_model():
+            label = f"{what}: " if what else ""
+            raise FileNotFoundError(
+                f"{label}{self.path} is not a model directory (it holds no {self.CONFIG})"
+            )
+        return self
+
+    def model_files(self) -> list[str]:
+        """The names of the files here that make up a model (config and weights)."""
+        names = [self.CONFIG, self.WEIGHTS, self.INDEX]
+        return [n for n in names if (self.path / n).exists()]
+
+    def refuse_overwrite(self, what: str) -> None:
+        """ValueError when the directory already holds a model: nothing overwrites one."""
+        held = self.model_files()
+        if held:
+            raise ValueError(
+                f"{self.path} already holds a model ({', '.join(held)}); choose another "
+                f"output directory ({what} never overwrites a model)"
+            )
+
+    def has_run(self) -> bool:
+        """Whether the directory holds a training run's files (metrics or checkpoints)."""
+        return (self.path / self.METRICS).is_file() or self.train_state.is_dir()
+
+    # ---- config and model --------------------------------------------------------------
+    def config(self) -> ModelConfig:
+        """The model's config.json."""
+        self.require_model()
+        return ModelConfig.load(self.config_path)
+
+    def save_config(self, cfg: ModelConfig) -> None:
+        cfg.save(self.config_path)
+
+    def weight_files(self) -> list[Path]:
+        return weight_files(self.path)
+
+    def load_weights(self, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+        return load_weights(self.path, device)
+
+    def save_weights(self, state: Mapping[str, Tensor], **kwargs: Any) -> list[Path]:
+        kwargs.setdefault("metadata", {"moekit_version": __version__})
+        return save_weights(state, self.path, **kwargs)
+
+    def load_model(
+        self, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> Transformer:
+        """Build the model config.json describes on `device` and load its weights (cast to
+        `dtype` when given, routers kept in float32)."""
+        model = build_model(self.config(), device=device, seed=None)
+        load_state_checked(model, self.load_weights(device), str(self.path))
+        return cast_model(model, dtype) if dtype is not None else model
+
+    def save_model(self, model: torch.nn.Module, cfg: ModelConfig) -> None:
+        """Write `model`'s weights and `cfg` as config.json."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.save_weights(model.state_dict())
+        self.save_config(cfg)
+
+    # ---- run files ---------------------------------------------------------------------
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl in order (a line torn by a crash is skipped)."""
+        path = self.path / self.METRICS
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.train_state / f"step-{step:08d}"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints of the run here, oldest first."""
+        return sorted(self.train_state.glob("step-*"))
+
+    def finetune_summary(self) -> dict[str, Any] | None:
+        """finetune.json (what a fine-tuned model was trained with), or None."""
+        path = self.path / self.FINETUNE
+        if not path.is_file():
+            return None
+        data = read_json(path, what="fine-tuning summary")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        return data
+
+    def write_finetune_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.path / self.FINETUNE, summary)
+
+    def tokenizer_files(self) -> Iterator[Path]:
+        """The tokenizer and chat-template files present here."""
+        for name in self.TOKENIZER_FILES:
+            if (self.path / name).is_file():
+                yield self.path / name
+
+
+def load_model(
+    directory: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """The model a model directory holds, on `device` (and cast to `dtype` when given)."""
+    return ModelDir(directory).load_model(device=device, dtype=dtype)
+
+
+def save_model(model: torch.nn.Module, cfg: ModelConfig, directory: str | os.PathLike[str]) -> None:
+    """Write `model` and its config into the model directory `directory`."""
+    ModelDir(directory).save_model(model, cfg)
+
+
+# ---- safetensors weights (a model directory, a checkpoint, an adapter) ------------------------
+
+
+def _save_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [ModelDir.WEIGHTS]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _finish_shards(
+    directory: Path, written: list[Path], weight_map: dict[str, str], total: int
+) -> list[Path]:
+    """Write the index of a sharded save (when there is more than one file) and remove weight
+    files left from an earlier save of a different layout. Returns every file written."""
+    index_path = directory / ModelDir.INDEX
+    if len(written) > 1:
+        write_json(index_path, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written = [*written, index_path]
+    keep = {p.name for p in written}
+    # The index goes first: an index must never name shards that are already gone.
+    stale = [index_path, *directory.glob("model-*-of-*.safetensors"), directory / ModelDir.WEIGHTS]
+    for path in stale:
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+    fsync_dir(directory)
+    return written
+
+
+def save_weights(
+    state: Mapping[str, Tensor],
+    directory: Path,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write `state` as safetensors into `directory`, sharded above `max_shard_bytes`.
+
+    Every file is written atomically; shards or a single file left from an earlier save of a
+    different layout are removed afterwards. Returns the files written.
+    """
+    writer = ShardWriter(directory, max_shard_bytes=max_shard_bytes, metadata=metadata)
+    for name, tensor in state.items():
+        writer.add(name, tensor)
+    return writer.close()
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory (one file, or the shards of its index)."""
+    single, index = directory / ModelDir.WEIGHTS, directory / ModelDir.INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e})") from e
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"no {ModelDir.WEIGHTS} or {ModelDir.INDEX} in {directory}")
+
+
+def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Every tensor of a directory's safetensors files (memory-mapped while reading).
+
+    A truncated or corrupt file is a ValueError that names it.
+    """
+    from safetensors import safe_open
+
+    state: dict[str, Tensor] = {}
+    for path in weight_files(directory):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is listed in {ModelDir.INDEX} but missing")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    state[name] = f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                "corrupt: restore it from a checkpoint in train_state/ or re-create it"
+            ) from e
+    return state
+
+
+def load_state_checked(model: torch.nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Load `state` into `model`, failing with the names of missing, unexpected or misshapen
+    tensors (a partial load is never silent)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshapen = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:5])}")
+    if misshapen:
+        problems.append(f"shape mismatch: {'; '.join(misshapen[:5])}")
+    if problems:
+        raise ValueError(f"{source} does not fit the model config: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k])
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards as they come, holding at most one shard in
+    memory (what converting a large checkpoint needs). Shards are written under temporary
+    names and renamed once their count is known; `close()` writes the index when there is
+    more than one and removes weight files of an earlier layout."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._current: dict[str, Tensor] = {}
+        self._size = 0
+        self._parts: list[tuple[Path, list[str], int]] = []
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._current and self._size + nbytes > self.max_shard_bytes:
+            self._flush()
+        if name in self._current or any(name in keys for _, keys, _ in self._parts):
+            raise ValueError(f"tensor {name!r} written twice")
+        self._current[name] = tensor
+        self._size += nbytes
+
+    def _flush(self) -> None:
+        part = self.directory / f".part-{len(self._parts):05d}.safetensors.tmp"
+        # Through atomic_write: the part is fsynced and has the usual file mode.
+        atomic_write(part, partial(_save_safetensors, self._current, self.metadata))
+        self._parts.append((part, list(self._current), self._size))
+        self._current, self._size = {}, 0
+
+    def close(self) -> list[Path]:
+        """Finish: rename the shards into place, write the index, remove stale weight files."""
+        if self._current or not self._parts:
+            self._flush()
+        names = _shard_names(len(self._parts))
+        written = []
+        for (part, _, _), name in zip(self._parts, names, strict=True):
+            os.replace(part, self.directory / name)
+            written.append(self.directory / name)
+        weight_map = {
+            k: name for (_, keys, _), name in zip(self._parts, names, strict=True) for k in keys
+        }
+        total = sum(size for _, _, size in self._parts)
+        return _finish_shards(self.directory, written, weight_map, total)
