@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test check lint format typecheck bench clean
+.PHONY: setup demo test check lint layers format typecheck bench clean
 
 # The pinned CPU wheel of torch goes in first, so nothing later pulls a CUDA build.
 $(BIN)/.installed: pyproject.toml
@@ -24,11 +24,15 @@ demo: setup
 	rm -rf runs/demo
 	$(BIN)/moekit train --config demo --out runs/demo
 
-check: setup lint typecheck
+check: setup lint layers typecheck
 
 lint: setup
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+
+# The import-linter contracts in pyproject.toml: layers from the ground up, no cycles.
+layers: setup
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy

@@ -1,4 +1,8 @@
 import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,3 +56,82 @@ def tiny_model_dir(tmp_path_factory, _private_cache):
     )  # fmt: skip
     save_model(build_model(cfg, seed=0), cfg, out)
     return out
+
+
+# ---- tiny training runs -------------------------------------------------------------------------
+
+# A run small enough to train a few steps in a second or two on one CPU thread (dotted
+# overrides on the debug preset).
+TINY_RUN = [
+    "model.vocab_size=512",
+    "model.dim=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden=64",
+    "model.max_seq_len=64",
+    "model.moe.num_experts=4",
+    "model.moe.top_k=2",
+    "model.moe.expert_hidden=32",
+    "data.max_chars_per_domain=40000",
+    "train.batch_size=4",
+    "train.seq_len=32",
+    "train.warmup_steps=2",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.log_every=1",
+    "train.save_every=4",
+    "train.sample_tokens=4",
+    "train.lr=3e-3",
+]
+
+
+@pytest.fixture
+def tiny_run_config():
+    """A run small enough to train a few steps in a second or two on one CPU thread."""
+
+    from moekit.training.config import resolve_run_config
+
+    def make(*extra):
+        return resolve_run_config(preset="debug", overrides=[*TINY_RUN, *extra])
+
+    return make
+
+
+# ---- headless Chromium, for the tests that look at a page -----------------------------------
+
+ARTIFACTS = Path(
+    os.environ.get("MOEKIT_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts")
+)
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A headless Chromium (playwright driving the installed browser), ARTIFACTS created; the
+    test is skipped, with the reason, when playwright or Chromium is missing. Screenshots go
+    to ARTIFACTS."""
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is not installed"
+    )
+    browser_path = chromium_path()
+    if browser_path is None:
+        pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        chrome = p.chromium.launch(
+            executable_path=browser_path,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        try:
+            yield chrome
+        finally:
+            chrome.close()

@@ -113,9 +113,13 @@ def test_expert_choice_counts_the_capacity_factor_as_active():
 def test_memory_and_summary():
     assert weight_memory_bytes(1000) == {"fp32": 4000, "bf16": 2000, "int8": 1000, "int4": 500}
     s = summary(get_preset("mixtral-8x7b"))
-    assert isinstance(s["total_params"], int) and isinstance(s["active_params"], int)
-    assert 0 < s["active_fraction"] < 1
-    assert s["weight_memory_bytes"]["bf16"] == 2 * s["total_params"]
+    assert isinstance(s.total_params, int) and isinstance(s.active_params, int)
+    assert 0 < s.active_fraction < 1
+    assert s.weight_memory_bytes["bf16"] == 2 * s.total_params
+    assert s.kv_latent_cache_bytes_per_1k_tokens is None
+    assert "kv_latent_cache_bytes_per_1k_tokens" not in s.to_dict()
+    mla = summary(get_preset("deepseek-v3")).to_dict()
+    assert mla["kv_latent_cache_bytes_per_1k_tokens"]["bf16"] == 61 * (512 + 64) * 1000 * 2
 
 
 def test_model_parameters_are_float32_and_buffers_not_counted():
@@ -146,7 +150,7 @@ def test_kv_cache_figure_is_what_the_cache_allocates(name, data):
     allocated = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
     assert kv_cache_bytes(cfg, 10)["bf16"] == allocated
     assert kv_cache_bytes(cfg, 10)["fp32"] == 2 * allocated
-    assert summary(cfg)["kv_cache_bytes_per_1k_tokens"]["bf16"] == 100 * allocated
+    assert summary(cfg).kv_cache_bytes_per_1k_tokens["bf16"] == 100 * allocated
 
 
 def test_published_kv_cache_sizes():

@@ -30,17 +30,20 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
 from moekit.config import FILE_NAME as CONFIG_FILE
 from moekit.config import ModelConfig
 from moekit.files import atomic_write, fsync_dir, read_json, write_json
-from moekit.model import Transformer, build_model, cast_model
 from moekit.version import __version__
 
 if TYPE_CHECKING:
+    # torch and the model are imported where weights are touched: naming the files of a model
+    # directory (and `moekit info`) stays light.
     from collections.abc import Iterator
+
+    import torch
+    from torch import Tensor
+
+    from moekit.model import Transformer
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
@@ -163,6 +166,8 @@ class ModelDir:
     ) -> Transformer:
         """Build the model config.json describes on `device` and load its weights (cast to
         `dtype` when given, routers kept in float32)."""
+        from moekit.model import build_model, cast_model
+
         model = build_model(self.config(), device=device, seed=None)
         load_state_checked(model, self.load_weights(device), str(self.path))
         return cast_model(model, dtype) if dtype is not None else model
@@ -321,6 +326,8 @@ def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[st
 def load_state_checked(model: torch.nn.Module, state: Mapping[str, Tensor], source: str) -> None:
     """Load `state` into `model`, failing with the names of missing, unexpected or misshapen
     tensors (a partial load is never silent)."""
+    import torch
+
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -13,6 +13,7 @@ Conventions, chosen to match how published MoE models state their sizes:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,29 +169,57 @@ def kv_cache_bytes(cfg: ModelConfig, tokens: int = 1000) -> dict[str, int]:
     return {name: n * size for name, size in KV_DTYPES.items()}
 
 
-def summary(cfg: ModelConfig, context: int = 2048) -> dict[str, Any]:
-    """Every accounting figure of `cfg` in one JSON-ready dict (what `moekit info --json`
-    prints): total and active parameters with their breakdown, FLOPs per token, weight memory,
-    and KV cache memory per 1,000 tokens of context."""
+@dataclass(frozen=True)
+class ModelSummary:
+    """Every accounting figure of a config (what `moekit info` shows): total and per-token
+    active parameters with their breakdown by part, forward FLOPs per token at a context of
+    `flops_context`, weight memory per storage dtype, and KV cache memory per 1,000 tokens of
+    context per cache dtype (plus the latent cache of multi-head latent attention)."""
+
+    total_params: int
+    active_params: int
+    active_fraction: float
+    flops_per_token: int
+    flops_context: int
+    weight_memory_bytes: dict[str, int]
+    kv_cache_bytes_per_1k_tokens: dict[str, int]
+    total_params_by: dict[str, int]
+    active_params_by: dict[str, int]
+    num_layers: int
+    moe_layers: int
+    num_experts: int
+    top_k: int
+    kv_latent_cache_bytes_per_1k_tokens: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as a JSON-ready dict (the latent cache only where there is one)."""
+        out = dataclasses.asdict(self)
+        if self.kv_latent_cache_bytes_per_1k_tokens is None:
+            del out["kv_latent_cache_bytes_per_1k_tokens"]
+        return out
+
+
+def summary(cfg: ModelConfig, context: int = 2048) -> ModelSummary:
+    """Every accounting figure of `cfg`: total and active parameters with their breakdown,
+    FLOPs per token attending to `context` positions, weight memory, and KV cache memory per
+    1,000 tokens of context."""
     pc = count_params(cfg)
-    out: dict[str, Any] = {
-        "total_params": pc.total,
-        "active_params": pc.active,
-        "active_fraction": pc.active / pc.total,
-        "flops_per_token": flops_per_token(cfg, context),
-        "flops_context": context,
-        "weight_memory_bytes": weight_memory_bytes(pc.total),
-        "kv_cache_bytes_per_1k_tokens": kv_cache_bytes(cfg, 1000),
-        "total_params_by": dict(pc.total_by),
-        "active_params_by": dict(pc.active_by),
-        "num_layers": cfg.num_layers,
-        "moe_layers": len(cfg.moe_layers),
-        "num_experts": cfg.moe.num_experts if cfg.moe else 0,
-        "top_k": cfg.moe.top_k if cfg.moe else 0,
-    }
     latent = kv_latent_elements_per_token(cfg)
-    if latent is not None:
-        out["kv_latent_cache_bytes_per_1k_tokens"] = {
-            name: latent * 1000 * size for name, size in KV_DTYPES.items()
-        }
-    return out
+    return ModelSummary(
+        total_params=pc.total,
+        active_params=pc.active,
+        active_fraction=pc.active / pc.total,
+        flops_per_token=flops_per_token(cfg, context),
+        flops_context=context,
+        weight_memory_bytes=weight_memory_bytes(pc.total),
+        kv_cache_bytes_per_1k_tokens=kv_cache_bytes(cfg, 1000),
+        total_params_by=dict(pc.total_by),
+        active_params_by=dict(pc.active_by),
+        num_layers=cfg.num_layers,
+        moe_layers=len(cfg.moe_layers),
+        num_experts=cfg.moe.num_experts if cfg.moe else 0,
+        top_k=cfg.moe.top_k if cfg.moe else 0,
+        kv_latent_cache_bytes_per_1k_tokens=None
+        if latent is None
+        else {name: latent * 1000 * size for name, size in KV_DTYPES.items()},
+    )

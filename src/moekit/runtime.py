@@ -1,4 +1,5 @@
-"""Process-level runtime settings for fast CPU execution.
+"""Process-level runtime settings: where models run (`resolve_device`, the one device policy)
+and fast CPU execution (`tune_cpu_allocator`).
 
 PyTorch's CPU allocator hands large tensors straight to glibc, which serves blocks above its
 mmap threshold with fresh `mmap` pages and unmaps them on free. Every forward pass then pays a
@@ -16,6 +17,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -45,3 +50,28 @@ def tune_cpu_allocator() -> bool:
         return False
     _tuned = bool(ok)
     return _tuned
+
+
+DEVICES_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """moekit's one device policy: "auto" (or None) is the first CUDA device when one is
+    present, else the CPU; anything else names a device torch knows ("cpu", "cuda",
+    "cuda:1"). A CUDA device asked for on a machine without one is a ValueError that says so."""
+    import torch
+
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={name!r} is invalid: use {DEVICES_HELP}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device

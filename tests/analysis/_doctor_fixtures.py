@@ -13,7 +13,7 @@ import torch
 from moekit.analysis.doctor import Check, diagnose
 from moekit.model_dir import load_weights, save_weights
 
-from ..training.conftest import TINY_RUN
+from ..conftest import TINY_RUN
 
 # A training run small enough for a few dozen steps in seconds: the trainer tests' tiny run
 # with 8 experts, evaluated rarely.

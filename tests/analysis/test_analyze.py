@@ -1,7 +1,6 @@
 """`moekit analyze` end to end on a tiny random model: the JSON, the plots, the self-contained
 page, the command line, and the page in headless Chromium."""
 
-import argparse
 import contextlib
 import io
 import json
@@ -10,29 +9,19 @@ import re
 import pytest
 
 from moekit.analysis.paraphrases import builtin_pairs, load_pairs
-from moekit.analysis.report import (
-    PLOTS,
-    add_analyze_arguments,
-    analyze,
-    print_summary,
-    run_analyze,
-)
+from moekit.analysis.report import PLOTS, analyze
 from moekit.analysis.routing import stderr_progress
 from moekit.analysis.specialization import TOKEN_CLASSES
+from moekit.cli import main
+from moekit.cli.analyze import print_summary
 
-from ..browser import ARTIFACTS, chromium
+from ..conftest import ARTIFACTS
 
 USER_PAIRS = [
     {"a": "print the list", "b": "show the list on screen", "category": "mine"},
     {"a": "x = 1 + 2", "b": "x = 3"},
     {"a": "What is a tuple?", "b": "Explain tuples."},
 ]
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="moekit analyze")
-    add_analyze_arguments(parser)
-    return parser.parse_args(list(argv))
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +31,12 @@ def analysed(tiny_model_dir, tmp_path_factory):
     pairs = root / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps(p) for p in USER_PAIRS) + "\n")
     out = root / "out"
-    args = parse(str(tiny_model_dir), "--out", str(out), "--max-tokens", "1536", "--seq-len", "64",
-                 "--batch-size", "4", "--paraphrases", str(pairs), "--quiet", "--json")  # fmt: skip
+    argv = ["analyze", str(tiny_model_dir), "--out", str(out), "--max-tokens", "1536",
+            "--seq-len", "64", "--batch-size", "4", "--paraphrases", str(pairs), "--quiet",
+            "--json"]  # fmt: skip
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert run_analyze(args) == 0
+        assert main(argv) == 0
     return json.loads(stdout.getvalue()), out
 
 
@@ -193,24 +183,23 @@ def test_progress_line_goes_to_stderr(capsys):
     )
 
 
-def test_report_renders_in_chromium(analysed):
+def test_report_renders_in_chromium(analysed, browser):
     _, out = analysed
     shot = ARTIFACTS / "analysis-report.png"
-    with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        requests: list[str] = []
-        page.on("request", lambda r: requests.append(r.url))
-        page.goto((out / "report.html").as_uri())
-        page.wait_for_load_state("load")
-        widths = page.locator("img").evaluate_all(
-            "els => els.map(e => e.complete ? e.naturalWidth : 0)"
-        )
-        assert len(widths) == len(PLOTS) and all(w > 0 for w in widths), widths
-        assert page.locator("h2#load").is_visible()
-        assert page.locator("h2#consistency").inner_text() == "Consistency across paraphrases"
-        page.screenshot(path=str(shot), full_page=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto((out / "report.html").as_uri())
+    page.wait_for_load_state("load")
+    widths = page.locator("img").evaluate_all(
+        "els => els.map(e => e.complete ? e.naturalWidth : 0)"
+    )
+    assert len(widths) == len(PLOTS) and all(w > 0 for w in widths), widths
+    assert page.locator("h2#load").is_visible()
+    assert page.locator("h2#consistency").inner_text() == "Consistency across paraphrases"
+    page.screenshot(path=str(shot), full_page=True)
     assert not errors, errors
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     assert shot.stat().st_size > 10_000
@@ -223,7 +212,7 @@ def test_analysis_of_a_trained_model_end_to_end(tmp_path, _private_cache):
     from moekit.training.config import resolve_run_config
     from moekit.training.trainer import train
 
-    from ..training.conftest import TINY_RUN
+    from ..conftest import TINY_RUN
 
     cfg = resolve_run_config(preset="debug", overrides=[*TINY_RUN, "train.max_steps=30"])
     train(cfg, tmp_path / "model", verbose=False, report=False)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -15,12 +14,11 @@ from moekit.analysis.doctor import (
     _check_dead_experts,
     _check_imbalance,
     _Sample,
-    add_doctor_arguments,
     diagnose,
-    exit_code,
-    run_doctor,
     worst_status,
 )
+from moekit.cli import main
+from moekit.cli.doctor import exit_code
 from moekit.config import ModelConfig
 from moekit.model_dir import load_model, load_weights, save_model
 
@@ -530,9 +528,7 @@ def test_bad_input_is_an_error_that_names_it(tmp_path, model):
 
 
 def doctor(capsys, *argv: object) -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="moekit doctor")
-    add_doctor_arguments(parser)
-    code = run_doctor(parser.parse_args([str(a) for a in argv]))
+    code = main(["doctor", *(str(a) for a in argv)])
     return code, capsys.readouterr().out
 
 

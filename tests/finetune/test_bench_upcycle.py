@@ -4,7 +4,7 @@ from moekit.cli import main
 from moekit.config import ModelConfig
 from moekit.model_dir import load_weights
 
-from ..training.conftest import TINY_RUN
+from ..conftest import TINY_RUN
 
 
 def test_bench_upcycle_runs_the_four_trainings(tmp_path, capsys):

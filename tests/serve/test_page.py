@@ -4,16 +4,13 @@ server has an API key, as a server on a shared machine would: the page is opened
 
 import pytest
 
-from ..browser import ARTIFACTS, chromium
+from ..conftest import ARTIFACTS
 from .conftest import running_server
 
 
 @pytest.mark.slow
-def test_playground_streams_tokens_and_routing(tiny_model_dir):
-    with (
-        chromium() as browser,
-        running_server(tiny_model_dir, api_key="sesame") as (url, _engine),
-    ):
+def test_playground_streams_tokens_and_routing(tiny_model_dir, browser):
+    with running_server(tiny_model_dir, api_key="sesame") as (url, _engine):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))

@@ -49,7 +49,7 @@ def test_compare_and_train_cli_print_json(tmp_path):
     import subprocess
     import sys
 
-    from .conftest import TINY_RUN
+    from ..conftest import TINY_RUN
 
     args = ["--preset", "debug", *TINY_RUN, "train.max_steps=2", "train.eval_every=2", "--json"]
     proc = subprocess.run(

@@ -13,7 +13,7 @@ from moekit.model_dir import ModelDir, load_model, load_weights
 from moekit.training.checkpoint import latest_checkpoint
 from moekit.training.trainer import NonFiniteLossError, Trainer, train
 
-from .conftest import TINY_RUN
+from ..conftest import TINY_RUN
 
 
 def losses(run_dir, kind="train", key="loss"):

@@ -28,7 +28,6 @@ build the command line costs nothing.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -107,7 +106,7 @@ def diagnose(
     run_dir: str | Path | None = None,
     sample_tokens: int = SAMPLE_TOKENS,
     seq_len: int = SAMPLE_SEQ_LEN,
-    device: str = "cpu",
+    device: str | None = "auto",
     dead_share: float = DEAD_SHARE,
     imbalance_warning: float = IMBALANCE_WARNING,
     imbalance_problem: float = IMBALANCE_PROBLEM,
@@ -120,7 +119,7 @@ def diagnose(
         uses `model_dir` itself when it holds either (a trained model is its own run).
     sample_tokens, seq_len: how much builtin-corpus text (all four domains, in equal parts)
         is routed through the model to measure load, in rows of `seq_len` tokens.
-    device: where the sample runs ("cpu", "cuda").
+    device: where the sample runs ("auto": CUDA when present, else the CPU).
     dead_share: an expert with fewer routed copies than this fraction of an even share
         (copies / E) is nearly dead (warning); one with none is dead (problem).
     imbalance_warning, imbalance_problem: max over mean copies per expert above which a
@@ -149,7 +148,7 @@ def diagnose(
     model_dir = Path(model_dir)
     ModelDir(model_dir).require_model()
     cfg = ModelConfig.load(model_dir)
-    run = _resolve_run_dir(model_dir, run_dir)
+    run = resolve_run_dir(model_dir, run_dir)
     weights = _WeightFiles(model_dir)
 
     sample: _Sample | str
@@ -187,20 +186,20 @@ def _check_thresholds(**values: float) -> None:
         )
 
 
-def _resolve_run_dir(model_dir: Path, run_dir: str | Path | None) -> Path | None:
+def resolve_run_dir(model_dir: Path, run_dir: str | Path | None) -> Path | None:
+    """The training run `diagnose` checks: `run_dir` (which must hold a run), else
+    `model_dir` when it holds one, else None."""
     if run_dir is not None:
         run = Path(run_dir)
         if not run.is_dir():
             raise FileNotFoundError(f"run directory {run} does not exist")
-        if not (run / "metrics.jsonl").is_file() and not (run / "train_state").is_dir():
+        if not ModelDir(run).has_run():
             raise FileNotFoundError(
-                f"{run} is not a training run directory: it has neither metrics.jsonl nor "
-                "train_state/"
+                f"{run} is not a training run directory: it has neither {ModelDir.METRICS} nor "
+                f"{ModelDir.TRAIN_STATE}/"
             )
         return run
-    if (model_dir / "metrics.jsonl").is_file() or (model_dir / "train_state").is_dir():
-        return model_dir
-    return None
+    return model_dir if ModelDir(model_dir).has_run() else None
 
 
 # ---- reading weights without loading them all -----------------------------------------------
@@ -282,16 +281,18 @@ def _sample_rows(model_dir: Path, vocab_size: int, tokens: int, seq_len: int) ->
 
 
 def _measure_routing(
-    model_dir: Path, cfg: ModelConfig, *, tokens: int, seq_len: int, device: str
+    model_dir: Path, cfg: ModelConfig, *, tokens: int, seq_len: int, device: str | None
 ) -> _Sample | str:
     """Route the sample through the model with inference routing (dropless, causal); the
     reason it could not when it cannot (no tokenizer, weights that do not load)."""
     import torch
 
     from moekit.model_dir import load_model
+    from moekit.runtime import resolve_device
 
-    if not (model_dir / "tokenizer.json").is_file():
-        return f"{model_dir} has no tokenizer.json to encode the sample text with"
+    device = str(resolve_device(device))
+    if not ModelDir(model_dir).tokenizer_path.is_file():
+        return f"{model_dir} has no {ModelDir.TOKENIZER} to encode the sample text with"
     seq_len = min(seq_len, cfg.max_seq_len)
     try:
         ids = _sample_rows(model_dir, cfg.vocab_size, tokens, seq_len)
@@ -586,10 +587,10 @@ def _moe_layers(cfg: ModelConfig) -> list[int]:
 def _frozen_routing_method(run: Path | None) -> str | None:
     """The fine-tuning method of the run in `run` when it keeps the routers frozen (LoRA,
     ESFT), else None."""
-    if run is None or not (run / "finetune.json").is_file():
+    if run is None:
         return None
     try:
-        method = json.loads((run / "finetune.json").read_text()).get("method")
+        method = (ModelDir(run).finetune_summary() or {}).get("method")
     except (OSError, ValueError):
         return None
     return method if method in ("lora", "esft") else None
@@ -734,19 +735,13 @@ def _check_load_balancing(cfg: ModelConfig) -> Check:
 
 
 def _check_adapters(cfg: ModelConfig, model_dir: Path, weights: _WeightFiles) -> Check:
-    from moekit.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
     name = "adapters"
-    adapter_dir = model_dir / "adapter"
-    summary_file = model_dir / "finetune.json"
-    summary: dict[str, Any] = {}
-    if summary_file.is_file():
-        try:
-            summary = json.loads(summary_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{summary_file} is not valid JSON ({e})") from e
-    if (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        return _check_lora(cfg, adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG)
+    adapter_dir = ModelDir(model_dir).adapter_dir
+    summary = ModelDir(model_dir).finetune_summary() or {}
+    if (adapter_dir / ModelDir.ADAPTER_WEIGHTS).is_file():
+        return _check_lora(
+            cfg, adapter_dir / ModelDir.ADAPTER_WEIGHTS, adapter_dir / ModelDir.ADAPTER_CONFIG
+        )
     method = summary.get("method")
     if method in ("esft", "full"):
         return _check_tuned_experts(cfg, model_dir, weights, summary)
@@ -754,7 +749,8 @@ def _check_adapters(cfg: ModelConfig, model_dir: Path, weights: _WeightFiles) ->
         return Check(
             name,
             "problem",
-            f"finetune.json says method 'lora' but {adapter_dir} holds no {ADAPTER_WEIGHTS}.",
+            f"finetune.json says method 'lora' but {adapter_dir} holds no "
+            f"{ModelDir.ADAPTER_WEIGHTS}.",
             "Copy the adapter/ folder of the fine-tuning run into this directory, or fine-tune "
             "again: without it the adapters cannot be checked, exported or unmerged.",
             {"method": "lora"},
@@ -1092,98 +1088,3 @@ def _check_router_precision(
     measured = f"; router logits computed in {', '.join(logits)} on the sample" if logits else ""
     evidence = f"all {len(router_names)} router tensors are stored in float32{measured}."
     return Check(name, "ok", evidence, "", data)
-
-
-# ---- the command line ------------------------------------------------------------------------
-
-
-def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `moekit doctor`'s arguments to `parser`: MODEL_DIR, --run, --tokens, --device,
-    --strict, --json."""
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="the model directory to check")
-    parser.add_argument(
-        "--run",
-        dest="run_dir",
-        metavar="RUN_DIR",
-        default=None,
-        help="a training run directory whose metrics.jsonl and train_state/ to check too "
-        "(default: MODEL_DIR itself when it holds them)",
-    )
-    parser.add_argument(
-        "--tokens",
-        type=int,
-        default=SAMPLE_TOKENS,
-        help=f"tokens of builtin-corpus text to route through the model (default {SAMPLE_TOKENS})",
-    )
-    parser.add_argument("--device", default="cpu", help="device to run the sample on (default cpu)")
-    parser.add_argument(
-        "--strict", action="store_true", help="exit with 1 on warnings too, not only on problems"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def exit_code(checks: Sequence[Check], *, strict: bool = False) -> int:
-    """0 when no check found a problem (nor, with `strict`, a warning); 1 otherwise."""
-    bad = {"problem", "warning"} if strict else {"problem"}
-    return 1 if any(c.status in bad for c in checks) else 0
-
-
-def run_doctor(args: argparse.Namespace) -> int:
-    from moekit.files import json_safe
-
-    """Run `diagnose` on `args.model_dir` and print each check; returns the exit code: 0 when
-    no check found a problem, 1 when one did (with --strict, a warning counts too). A model
-    directory that cannot be read at all raises ValueError/FileNotFoundError (the CLI exits 2).
-    """
-    checks = diagnose(
-        args.model_dir,
-        run_dir=args.run_dir,
-        sample_tokens=getattr(args, "tokens", SAMPLE_TOKENS),
-        device=getattr(args, "device", "cpu"),
-    )
-    strict = bool(getattr(args, "strict", False))
-    code = exit_code(checks, strict=strict)
-    run = _resolve_run_dir(Path(args.model_dir), args.run_dir)
-    counts: dict[str, int] = {s: sum(c.status == s for c in checks) for s in STATUSES}
-    if getattr(args, "json", False):
-        report = {
-            "model_dir": str(args.model_dir),
-            "run_dir": None if run is None else str(run),
-            "status": worst_status(checks),
-            "counts": counts,
-            "exit_code": code,
-            "checks": [c.to_dict() for c in checks],
-        }
-        print(json.dumps(json_safe(report), indent=2, allow_nan=False))
-        return code
-    _print_checks(checks, args.model_dir, run, counts, code)
-    return code
-
-
-_STYLES = {"ok": "green", "warning": "yellow", "problem": "bold red"}
-
-
-def _print_checks(
-    checks: Sequence[Check], model_dir: str, run: Path | None, counts: dict[str, int], code: int
-) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = Console()
-    title = f"moekit doctor {model_dir}" + (f" (run: {run})" if run is not None else "")
-    table = Table(title=title, show_header=False, box=None, padding=(0, 1), expand=False)
-    table.add_column("status", no_wrap=True)
-    table.add_column("check", no_wrap=True)
-    table.add_column("evidence", overflow="fold")
-    for c in checks:
-        body = Text(c.evidence)
-        if c.advice and c.status != "ok":
-            body.append("\nwhat to do: ", style="bold")
-            body.append(c.advice)
-        table.add_row(Text(c.status, style=_STYLES[c.status]), c.name.replace("_", " "), body)
-    console.print(table)
-    console.print(
-        f"{len(checks)} checks: {counts['ok']} ok, {counts['warning']} warning(s), "
-        f"{counts['problem']} problem(s); exit code {code}"
-    )

@@ -16,7 +16,6 @@ as pure functions; this module gathers the text, runs the model once, and writes
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import html
@@ -56,6 +55,7 @@ from moekit.analysis.specialization import (
 )
 from moekit.files import atomic_write_text
 from moekit.model_dir import ModelDir
+from moekit.runtime import resolve_device
 
 if TYPE_CHECKING:
     from moekit.config import ModelConfig, MoEConfig
@@ -115,10 +115,10 @@ def analyze(
     # 1. Config first: refuse a dense model before loading any weights.
     # 2. Text, tokens and labels; 3. one recorded pass; 4. metrics; 5. paraphrases;
     # 6. plots, JSON, HTML.
-    from moekit import __version__
     from moekit.config import ModelConfig
     from moekit.data.tokenizer import Tokenizer
     from moekit.model_dir import load_model
+    from moekit.version import __version__
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = ModelConfig.load(model_dir)
@@ -146,7 +146,7 @@ def analyze(
             f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
             f"{cfg.vocab_size}; the tokenizer.json belongs to another model"
         )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))
     model = load_model(model_dir, device=device)
     sample = sample_tokens(docs, tokenizer, max_tokens)
     classes, domains, texts = _labels(sample, tokenizer)
@@ -423,10 +423,10 @@ def _plot_all(result: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
-    from moekit.training.report import plot_expert_load
+    from moekit.report import plots
 
     load = {int(i): v["share"] for i, v in result["load"]["layers"].items()}
-    plot_expert_load(load, out / PLOTS["load"])
+    plots.expert_load(load, out / PLOTS["load"])
     spec = result["specialisation"]
     for kind in ("class", "domain"):
         section = spec[kind]
@@ -798,108 +798,3 @@ models with different expert counts.</li>
 </ul>
 </body></html>
 """
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `moekit analyze`'s arguments to `parser` (run them with `run_analyze`)."""
-    parser.add_argument("model_dir", help="model directory (config.json, weights, tokenizer)")
-    parser.add_argument("--out", required=True, help="folder for the plots, JSON and report.html")
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="text to analyse: .txt, folder, .jsonl or .parquet (default: the builtin corpus' "
-        "validation split, labelled by domain)",
-    )
-    parser.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet rows")
-    parser.add_argument("--domain-field", default=None, help="domain field of .jsonl rows")
-    parser.add_argument("--max-tokens", type=int, default=32_768, help="tokens to run (32768)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (8)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per row (256)")
-    parser.add_argument(
-        "--capacity-factor",
-        type=float,
-        default=None,
-        help="count copies this capacity factor would drop (default: the model's, else 1.25)",
-    )
-    parser.add_argument(
-        "--layer", type=int, default=None, help="MoE layer for top tokens (default: the middle)"
-    )
-    parser.add_argument(
-        "--paraphrases", default=None, help='.jsonl of {"a": ..., "b": ...} paraphrase pairs'
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the label shuffles")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
-    parser.add_argument("--json", action="store_true", help="print analysis.json to stdout")
-
-
-def run_analyze(args: argparse.Namespace) -> int:
-    """Run `analyze` with parsed `add_analyze_arguments` arguments; print a summary (or the
-    JSON with --json). Returns the exit status."""
-    result = analyze(
-        args.model_dir,
-        args.out,
-        data=args.data,
-        text_field=args.text_field,
-        domain_field=args.domain_field,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        capacity_factor=args.capacity_factor,
-        layer=args.layer,
-        paraphrases=args.paraphrases,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        print_summary(result, Path(args.out))
-    return 0
-
-
-def print_summary(result: dict[str, Any], out: Path) -> None:
-    """A short table per MoE layer (rich): load, entropy, specialisation, consistency."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    load, spec = result["load"]["layers"], result["specialisation"]
-    cons = result["consistency"]["groups"]["builtin"]["layers"]
-    table = Table(
-        title=f"moekit analyze: {result['data']['tokens']:,} tokens",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1, 0, 0),
-        pad_edge=False,
-    )
-    for col in ("layer", "imbalance", "dead", "entropy", "class NMI", "domain NMI",
-                "paraphrase", "unrelated"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "layer" else "right")
-    for i, v in load.items():
-        table.add_row(
-            i,
-            f"{v['imbalance']:.2f}",
-            str(len(v["dead"])),
-            f"{v['entropy_normalized']:.2f}",
-            f"{spec['class']['layers'][i]['nmi']:.3f}",
-            f"{spec['domain']['layers'][i]['nmi']:.3f}",
-            f"{cons[i]['paraphrase_weighted']:.3f}",
-            _f(cons[i]["unrelated_weighted"]),
-        )
-    chance = {
-        kind: max(v["baseline_mean"] + 2 * v["baseline_std"] for v in spec[kind]["layers"].values())
-        for kind in ("class", "domain")
-    }
-    console.print(table)
-    console.print(
-        f"[dim]entropy: mean router entropy / ln(E). NMI: I(E;C)/H(C); chance (shuffled labels, "
-        f"mean + 2 std) reaches {chance['class']:.4f} (class), {chance['domain']:.4f} (domain). "
-        "paraphrase, unrelated: weighted Jaccard of the experts two prompts use.[/dim]"
-    )
-    console.print(f"  {out / 'report.html'}  [dim]the report[/dim]")
-    console.print(f"  {out / 'analysis.json'}  [dim]every number[/dim]")

@@ -70,7 +70,7 @@ def bench_upcycle(
     figures: per run its parameters, steps, tokens, seconds, final validation loss and
     evaluation curve, and `upcycled_minus_scratch` (negative: upcycling is ahead)."""
     from moekit.finetune.upcycle import upcycle
-    from moekit.training.compare import _plot
+    from moekit.report import plots
     from moekit.training.trainer import train
 
     if dense_steps < 1 or steps < 1:
@@ -146,7 +146,7 @@ def bench_upcycle(
     if dense_continue:
         summary["dense_continued_val_loss"] = results["dense_continued"]["val_loss"]
     atomic_write_text(out / "upcycle.json", json.dumps(summary, indent=2) + "\n")
-    _plot({k: v for k, v in results.items() if k != "dense"}, out / "upcycle.png")
+    plots.validation_curves({k: v for k, v in results.items() if k != "dense"}, out / "upcycle.png")
     return summary
 
 

@@ -275,9 +275,9 @@ def save_adapter(
     model: nn.Module, cfg: LoRAConfig, directory: str | Path, *, base: str = ""
 ) -> Path:
     """Write adapter.safetensors and adapter_config.json into `directory`."""
-    from moekit import __version__
     from moekit.files import atomic_write_text
     from moekit.model_dir import save_weights
+    from moekit.version import __version__
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -183,7 +183,7 @@ class FineTuning:
         if self.cfg.method != "lora":
             save_model(model, model_cfg, self.run_dir)
             return
-        from moekit import __version__
+        from moekit.version import __version__
 
         save_weights(merged_state(model), self.run_dir, metadata={"moekit_version": __version__})
         ModelDir(self.run_dir).save_config(model_cfg)

@@ -11,17 +11,22 @@ Hello.
 
 A model directory may carry its own template as chat_template.json (fine-tuning writes the
 one it trained with); otherwise this default is used. Generation stops when the model starts a
-new turn.
+new turn. `ChatSession` holds a conversation (what `moekit chat` runs).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moekit.model_dir import ModelDir
+
+if TYPE_CHECKING:
+    from moekit.infer.generate import Generator
+    from moekit.infer.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE_FILE = ModelDir.CHAT_TEMPLATE
@@ -79,3 +84,56 @@ class ChatTemplate:
             )
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a valid chat template ({e})") from e
+
+
+class ChatSession:
+    """A conversation with a model: each `send` adds the user's message, streams the reply
+    and remembers both. When the conversation outgrows the model's context, the oldest
+    exchanges are forgotten (a system message is kept)."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        params: SamplingParams,
+        *,
+        template: ChatTemplate | None = None,
+        system: str | None = None,
+    ) -> None:
+        self.generator = generator
+        self.template = template or ChatTemplate()
+        self.params = params
+        self.system = system
+        self.history: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (keeping the system message)."""
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+
+    def send(self, message: str) -> Iterator[str]:
+        """Stream the reply to `message` as text pieces. A message too long for the model's
+        context even alone is a ContextLengthError, and is not remembered."""
+        import dataclasses
+
+        from moekit.infer.generate import ContextLengthError
+
+        params = dataclasses.replace(
+            self.params, stop=[*self.params.stop, *(s for s in self.template.stop)]
+        )
+        self.history.append({"role": "user", "content": message})
+        first = 1 if self.system else 0
+        while True:
+            try:
+                pieces = self.generator.stream(self.template.format(self.history), params)
+                reply = ""
+                for chunk in pieces:
+                    reply += chunk.text
+                    yield chunk.text
+                break
+            except ContextLengthError:
+                if len(self.history) - first <= 1:  # the message alone does not fit
+                    self.history.pop()
+                    raise
+                del self.history[first : first + 2]  # forget the oldest exchange
+        if reply:
+            self.history.append({"role": "assistant", "content": reply.strip()})

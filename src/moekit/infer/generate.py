@@ -103,12 +103,20 @@ class Generator:
 
     @classmethod
     def from_dir(
-        cls, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device | None = "auto",
+        dtype: torch.dtype | None = None,
     ) -> Generator:
+        """A generator for the model directory `model_dir`, on `device` ("auto": CUDA when
+        present, else the CPU; see `moekit.runtime.resolve_device`)."""
         from moekit.data.tokenizer import Tokenizer
         from moekit.model_dir import load_model
+        from moekit.runtime import resolve_device
 
-        return cls(load_model(model_dir, device=device, dtype=dtype), Tokenizer.load(model_dir))
+        model = load_model(model_dir, device=resolve_device(device), dtype=dtype)
+        return cls(model, Tokenizer.load(model_dir))
 
     @property
     def max_seq_len(self) -> int:

@@ -378,7 +378,7 @@ def import_hf(
     "float16") converts the weights; by default they keep their stored dtype (routers and
     selection biases always float32). The tokenizer files are carried over.
     """
-    from moekit import __version__
+    from moekit.version import __version__
 
     ckpt = HFCheckpoint(hf_dir)
     arch = architecture_of(ckpt.config)

@@ -880,7 +880,7 @@ def build(
     max_queue: int = 64,
     max_tokens_limit: int | None = None,
     max_context: int | None = None,
-    device: str = "cpu",
+    device: str | None = "auto",
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
@@ -930,13 +930,15 @@ def serve(
     max_queue: int = 64,
     max_tokens_limit: int | None = None,
     max_context: int | None = None,
+    device: str | None = "auto",
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve a model directory over HTTP until interrupted (an OpenAI-compatible API at
     http://HOST:PORT/v1 and a playground page at http://HOST:PORT/). `max_context` bounds
     prompt plus new tokens per request and sizes each batch slot's KV cache (default: the
-    model's max_seq_len, at most 4096). `on_ready` is called once the server accepts requests.
-    Raises PortInUseError when the port is taken."""
+    model's max_seq_len, at most 4096). The model runs on `device` ("auto": CUDA when present,
+    else the CPU). `on_ready` is called once the server accepts requests. Raises PortInUseError
+    when the port is taken."""
     try:
         import uvicorn
     except ImportError:
@@ -953,6 +955,7 @@ def serve(
             max_queue=max_queue,
             max_tokens_limit=max_tokens_limit,
             max_context=max_context,
+            device=device,
         )
     except BaseException:
         sock.close()

@@ -17,6 +17,7 @@ from moekit.config import ModelConfig
 from moekit.files import atomic_write_text
 from moekit.model_dir import ModelDir
 from moekit.params import count_params
+from moekit.report import plots
 from moekit.training.checkpoint import latest_checkpoint
 from moekit.training.config import RunConfig
 
@@ -102,31 +103,5 @@ def compare(
     if dense_total:
         summary["dense_total_val_loss"] = results["dense_total"]["val_loss"]
     atomic_write_text(out / "compare.json", json.dumps(summary, indent=2) + "\n")
-    _plot(results, out / "compare.png")
+    plots.validation_curves(results, out / "compare.png")
     return summary
-
-
-def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in results.items():
-        label = (
-            f"{name} ({r['total_params'] / 1e6:.1f}M total, {r['active_params'] / 1e6:.1f}M active)"
-        )
-        xs = [p["tokens"] for p in r["curve"]]
-        ts = [p["seconds"] for p in r["curve"]]
-        ys = [p["val_loss"] for p in r["curve"]]
-        axes[0].plot(xs, ys, "o-", label=label)
-        axes[1].plot(ts, ys, "o-", label=label)
-    axes[0].set(xlabel="training tokens", ylabel="validation loss", title="Loss vs tokens")
-    axes[1].set(xlabel="training seconds", ylabel="validation loss", title="Loss vs wall-clock")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

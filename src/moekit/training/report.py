@@ -24,6 +24,7 @@ from moekit.files import atomic_write_text
 from moekit.infer.generate import greedy_generate
 from moekit.model_dir import ModelDir
 from moekit.params import count_params
+from moekit.report import plots
 
 if TYPE_CHECKING:
     from moekit.training.trainer import Trainer, TrainResult
@@ -58,71 +59,15 @@ def samples(trainer: Trainer) -> list[dict[str, str]]:
     return out
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax = axes[0]
-    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", lw=1)
-    if evals:
-        ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-",
-                label="validation")  # fmt: skip
-    ax.set(xlabel="tokens", ylabel="loss (nats/token)", title="Loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax = axes[1]
-    domains = sorted({d for r in evals for d in r["val_by_domain"]})
-    for d in domains:
-        pts = [(r["tokens"], r["val_by_domain"][d]) for r in evals if d in r["val_by_domain"]]
-        ax.plot(*zip(*pts, strict=True), "o-", label=d)
-    ax.set(xlabel="tokens", ylabel="validation loss", title="Validation loss by domain")
-    ax.grid(alpha=0.3)
-    if domains:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_expert_load(load: dict[int, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = sorted(load)
-    grid = [load[layer] for layer in layers]
-    num_experts = len(grid[0])
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * num_experts + 2), 0.5 * len(layers) + 2))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
-    ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
-    ax.set_xticks(range(num_experts))
-    ax.set_xlabel("expert")
-    ax.set_title(f"Share of routed tokens per expert (uniform = {1 / num_experts:.3f})")
-    if num_experts <= 16:
-        for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_training_report(trainer: Trainer, result: TrainResult) -> Path:
     """Write report/ into the run directory and return its path."""
     out = ModelDir(trainer.run_dir).report_dir
     out.mkdir(exist_ok=True)
     records = ModelDir(trainer.run_dir).read_metrics()
-    plot_losses(records, out / "loss.png")
+    plots.loss_curves(records, out / "loss.png")
     load = expert_load(trainer)
     if load:
-        plot_expert_load(load, out / "expert_load.png")
+        plots.expert_load(load, out / "expert_load.png")
     generated = samples(trainer)
     atomic_write_text(out / "samples.json", json.dumps(generated, indent=2) + "\n")
     cfg = trainer.cfg.model
@@ -138,8 +83,9 @@ def write_training_report(trainer: Trainer, result: TrainResult) -> Path:
         "expert_load": {str(k): v for k, v in load.items()},
         "data": trainer.data.stats,
     }
-    if trainer.tuning is not None:
-        summary["finetune"] = trainer.tuning.summary_line()
+    method = trainer.method_line()
+    if method is not None:
+        summary["finetune"] = method
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.html", _html(trainer, summary, generated, out))
     return out

@@ -39,6 +39,7 @@ from moekit.files import atomic_write_text
 from moekit.finetune.tuning import FineTuning
 from moekit.model import Transformer, build_model
 from moekit.model_dir import ModelDir, save_model
+from moekit.runtime import resolve_device
 from moekit.training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from moekit.training.config import RunConfig
 from moekit.training.metrics import MetricsLog, RoutingAccumulator
@@ -52,10 +53,7 @@ class TrainingInterruptedError(Exception):
 
     def __init__(self, signum: int, step: int, run_dir: Path) -> None:
         name = signal.Signals(signum).name
-        super().__init__(
-            f"{name} received: saved a checkpoint at step {step} in {run_dir}; continue with "
-            f"`moekit train --out {run_dir} --resume`"
-        )
+        super().__init__(f"{name} received: saved a checkpoint at step {step} in {run_dir}")
         self.signum = signum
         self.step = step
 
@@ -74,12 +72,6 @@ class TrainResult:
     seconds: float
     skipped_steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -515,6 +507,11 @@ class Trainer:
             keep_last=self.cfg.train.keep_last,
         )
         self._saved_step = self.step
+
+    def method_line(self) -> str | None:
+        """One line on how the model was trained when it differs from pre-training (the
+        fine-tuning method and what it trains), else None."""
+        return self.tuning.summary_line() if self.tuning is not None else None
 
     # ---- signals and progress ----------------------------------------------------------
     @contextlib.contextmanager

@@ -1,0 +1,287 @@
+"""`moekit bench`: benchmarks that print ratios measured in one run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from moekit.cli.common import add_run_arguments, doc, run_config, training_errors
+from moekit.cli.format import console, human, print_json, table
+
+
+def add_parser(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
+    benches = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    _add_layer(benches)
+    _add_generate(benches)
+    _add_serve(benches)
+    _add_upcycle(benches)
+    _add_train(benches)
+
+
+# ---- layer ------------------------------------------------------------------------------------
+
+
+def _add_layer(benches: Any) -> None:
+    p = benches.add_parser(
+        "layer",
+        help="MoE layer vs dense-equivalent MLP vs transformers",
+        description=(
+            "Time the MoE layer, a dense SwiGLU MLP with the same active FLOPs, and "
+            "transformers' Mixtral MoE block with the same weights (each of its experts "
+            "implementations), for a coarse (8 experts, top-2, hidden 4x dim) and a "
+            "fine-grained (64 experts, top-8, hidden dim/4) shape, at prefill and decode, "
+            "forward and forward+backward. Prints ratios measured in this one run."
+        ),
+    )
+    p.add_argument("--dim", type=int, default=512, help="model dimension (default 512)")
+    p.add_argument("--repeats", type=int, default=5, help="timed samples per figure")
+    p.add_argument("--shapes", default="coarse,fine", help="comma list of coarse,fine")
+    p.add_argument("--phases", default="prefill,decode", help="comma list of prefill,decode")
+    p.add_argument("--prefill-tokens", type=int, default=4096, help="tokens in the prefill phase")
+    p.add_argument("--backend", default="auto", help="expert backend for ours")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.set_defaults(run=run_layer)
+
+
+def run_layer(args: argparse.Namespace) -> int:
+    from moekit.bench.layer import bench_layer
+
+    rows = bench_layer(
+        prefill_tokens=args.prefill_tokens,
+        dim=args.dim,
+        repeats=args.repeats,
+        shapes=tuple(args.shapes.split(",")),
+        phases=tuple(args.phases.split(",")),
+        backend=args.backend,
+    )
+    if args.json:
+        print_json(rows)
+        return 0
+    shapes = sorted({(r["shape"], r["num_experts"], r["top_k"], r["expert_hidden"]) for r in rows})
+    caption = "; ".join(f"{n}: E={e}, K={k}, F={f}" for n, e, k, f in shapes)
+    impls = sorted({impl for r in rows for impl in r["hf_s"]})
+    cols = ["shape", "phase", "pass", "ours", "dense", "dense/ours", "hf/ours"]
+    cols += [f"hf {impl}" for impl in impls]
+    t = table(
+        f"MoE layer, dim {args.dim}, float32, medians of {args.repeats} (ms)",
+        cols,
+        right=set(cols[3:]),
+        caption=f"{caption}; prefill {args.prefill_tokens} tokens, decode 1",
+    )
+    for r in rows:
+        t.add_row(
+            r["shape"],
+            r["phase"],
+            r["pass"],
+            f"{r['ours_s'] * 1e3:.2f}",
+            f"{r['dense_s'] * 1e3:.2f}",
+            f"{r['dense_over_ours']:.2f}x",
+            f"{r['hf_over_ours']:.2f}x" if r["hf_best_s"] is not None else "n/a",
+            *(_ms_or_skip(r["hf_s"].get(impl), impl == r["hf_impl"]) for impl in impls),
+        )
+    console(wide=True).print(t)
+    print(
+        "dense/ours: our throughput relative to a dense SwiGLU MLP with the same active FLOPs "
+        "(>1 is faster); hf/ours: our speed-up over transformers' fastest experts implementation "
+        "(marked *); 'skip': that implementation would need over 2 GiB for its weight gather."
+    )
+    return 0
+
+
+def _ms_or_skip(seconds: float | None, best: bool) -> str:
+    if seconds is None:
+        return "skip"
+    return f"{seconds * 1e3:.2f}{'*' if best else ''}"
+
+
+# ---- generate ---------------------------------------------------------------------------------
+
+
+def _add_generate(benches: Any) -> None:
+    p = benches.add_parser(
+        "generate",
+        help="generation speed: ours vs transformers' generate on the same weights",
+        description=doc("moekit.bench.generate", "bench_generate"),
+    )
+    p.add_argument("model_dir", nargs="?", help="a model directory (default: a random preset)")
+    p.add_argument("--preset", default="demo", help="used without a model directory")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from moekit.bench.generate import bench_generate
+
+    result = bench_generate(
+        args.model_dir,
+        preset=args.preset,
+        batch_size=args.batch_size,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+    )
+    if args.json:
+        print_json(result)
+        return 0
+    print(
+        f"greedy generation, {result['model']}, batch {result['batch_size']}, "
+        f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens, float32:"
+    )
+    for phase in ("prefill", "decode"):
+        ours, hf = result[f"ours_{phase}_tokens_per_s"], result[f"hf_{phase}_tokens_per_s"]
+        ratio = result[f"{phase}_ours_over_hf"]
+        print(
+            f"  {phase:8s} ours {ours:9,.1f} tok/s   transformers {hf:9,.1f} tok/s   {ratio:.2f}x"
+        )
+    print(f"  same tokens as transformers: {result['same_tokens']}")
+    return 0
+
+
+# ---- serve ------------------------------------------------------------------------------------
+
+
+def _add_serve(benches: Any) -> None:
+    p = benches.add_parser(
+        "serve",
+        help="server throughput with 1 vs N concurrent clients",
+        description=doc("moekit.bench.serve", "bench_serve"),
+    )
+    p.add_argument("model_dir")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20.0, help="per measurement")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens per request")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from moekit.bench.serve import bench_serve
+
+    result = bench_serve(
+        args.model_dir, clients=args.clients, seconds=args.seconds, new_tokens=args.new_tokens
+    )
+    if args.json:
+        print_json(result)
+        return 0
+    one, many = result["one_client"], result["many_clients"]
+    print(f"server decode throughput, {result['new_tokens']} tokens per request:")
+    print(f"  1 client   {one['tokens_per_s']:8,.1f} tokens/s ({one['requests']} requests)")
+    print(
+        f"  {many['clients']} clients  {many['tokens_per_s']:8,.1f} tokens/s "
+        f"({many['requests']} requests; mean decode batch {result['mean_decode_batch']:.1f})"
+    )
+    print(f"  speed-up   {result['speedup']:.2f}x")
+    return 0
+
+
+# ---- upcycle ----------------------------------------------------------------------------------
+
+
+def _add_upcycle(benches: Any) -> None:
+    p = benches.add_parser(
+        "upcycle",
+        help="upcycled dense model vs the same MoE from scratch, same steps",
+        description=doc("moekit.bench.upcycle", "bench_upcycle"),
+    )
+    add_run_arguments(
+        p,
+        config_help="run config or recipe (default: demo, unless --preset is given)",
+        out_help="directory for the runs and the figures",
+        json_help="print JSON",
+    )
+    p.add_argument("--dense-steps", type=int, default=300, help="steps of the dense model")
+    p.add_argument("--steps", type=int, default=300, help="MoE steps, upcycled and scratch")
+    p.add_argument("--granularity", type=int, default=1, help="fine-grained slices per copy")
+    p.add_argument("--noise", type=float, default=0.0, help="multiplicative noise on copies")
+    p.add_argument(
+        "--no-dense-continue",
+        action="store_true",
+        help="skip the dense model trained for the same extra steps",
+    )
+    p.set_defaults(run=run_upcycle)
+
+
+def run_upcycle(args: argparse.Namespace) -> int:
+    from moekit.bench.upcycle import bench_upcycle
+
+    cfg = run_config(args, default_recipe="demo")
+    with training_errors("bench upcycle", resume_hint="the same command (it continues each run)"):
+        summary = bench_upcycle(
+            cfg,
+            args.out,
+            dense_steps=args.dense_steps,
+            steps=args.steps,
+            granularity=args.granularity,
+            noise=args.noise,
+            dense_continue=not args.no_dense_continue,
+            verbose=not args.quiet,
+        )
+    if args.json:
+        print_json(summary)
+        return 0
+    t = table(
+        f"Sparse upcycling: {summary['dense_steps']} dense steps, then {summary['steps']} "
+        f"MoE steps ({summary['num_experts']} experts, top-{summary['top_k']})",
+        ["run", "total params", "active params", "steps", "val loss"],
+        right={"total params", "active params", "steps", "val loss"},
+    )
+    for name, r in summary["runs"].items():
+        t.add_row(
+            name,
+            human(r["total_params"]),
+            human(r["active_params"]),
+            f"{r['steps']:,}",
+            f"{r['val_loss']:.4f}",
+        )
+    out = console()
+    out.print(t)
+    out.print(
+        f"upcycled - scratch: {summary['upcycled_minus_scratch']:+.4f} validation loss "
+        f"(negative: the upcycled model is ahead); plot: {Path(args.out) / 'upcycle.png'}"
+    )
+    return 0
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+
+def _add_train(benches: Any) -> None:
+    p = benches.add_parser(
+        "train",
+        help="training step throughput: ours vs transformers' Mixtral",
+        description=doc("moekit.bench.train", "bench_train"),
+    )
+    p.add_argument("--preset", default="demo", help="a Mixtral-compatible preset")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per candidate")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from moekit.bench.train import bench_train
+
+    result = bench_train(
+        preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats
+    )
+    if args.json:
+        print_json(result)
+        return 0
+    print(
+        f"training step, preset {result['preset']}, batch {result['batch_size']} x "
+        f"{result['seq_len']} tokens, float32:"
+    )
+    print(f"  ours                      {result['ours_tokens_per_s']:10,.0f} tokens/s")
+    for impl, tps in result["hf_tokens_per_s"].items():
+        print(f"  transformers ({impl:10s}) {tps:10,.0f} tokens/s")
+    if result["ours_over_hf_best"] is not None:
+        best, ratio = result["hf_best_impl"], result["ours_over_hf_best"]
+        print(f"  ours / transformers' best ({best}): {ratio:.2f}x")
+    return 0

@@ -1,0 +1,56 @@
+"""`moekit chat`: an interactive conversation with a model in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from moekit.cli.common import add_device_argument, add_sampling_arguments, doc, sampling_params
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="an interactive chat with a model in the terminal",
+        description=doc("moekit.infer.chat", "ChatSession"),
+    )
+    p.add_argument("model_dir")
+    p.add_argument("--system", help="a system message")
+    add_sampling_arguments(p, default_temperature=0.7)
+    add_device_argument(p)
+    p.set_defaults(run=run, json=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.infer.chat import ChatSession, ChatTemplate
+    from moekit.infer.generate import ContextLengthError, Generator
+
+    session = ChatSession(
+        Generator.from_dir(args.model_dir, device=args.device),
+        sampling_params(args),
+        template=ChatTemplate.load(args.model_dir),
+        system=args.system,
+    )
+    print("moekit chat: /reset clears the conversation, /quit or Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/quit", "/exit"):
+            return 0
+        if line.strip() == "/reset":
+            session.reset()
+            continue
+        if not line.strip():
+            continue
+        sys.stdout.write("model> ")
+        try:
+            for piece in session.send(line):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ContextLengthError:
+            print("\n(the message is too long for the model's context)", file=sys.stderr)
+        sys.stdout.write("\n")

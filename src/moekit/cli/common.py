@@ -1,0 +1,144 @@
+"""What the commands share: docstrings as help, run-config and sampling flags, the device
+flag, recipes, and the one place training errors become exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PACKAGE = Path(__file__).resolve().parent.parent  # src/moekit
+RECIPES = PACKAGE / "recipes"
+
+
+class Exit(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Leave the command with exit status `code` (what it had to say is already printed)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def doc(module: str, name: str) -> str:
+    """The first paragraph of a library function's or class's docstring, for `--help`.
+
+    Read from the source file without importing anything, so `moekit --help` and the light
+    commands never pay for importing torch."""
+    parts = module.split(".")
+    assert parts[0] == "moekit", module
+    path = PACKAGE.joinpath(*parts[1:])
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name == name:
+            text = ast.get_docstring(node) or ""
+            return " ".join(text.split("\n\n")[0].split())
+    raise LookupError(f"{module} defines no {name}")  # a renamed function: fail in tests
+
+
+def recipe_or_file(name: str | None) -> Path | None:
+    """A config file path, or the name of a recipe shipped with moekit (e.g. `demo`)."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.exists():
+        return path
+    recipe = RECIPES / f"{name}.yaml"
+    if recipe.exists():
+        return recipe
+    recipes = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    raise FileNotFoundError(
+        f"config {name!r} is neither a file nor a built-in recipe ({', '.join(recipes)})"
+    )
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, config_help: str, out_help: str, json_help: str
+) -> None:
+    """The arguments of the commands that train from a run config: dotted overrides,
+    --config, --preset, --out, --quiet and --json."""
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. train.max_steps=200 model.moe.num_experts=16",
+    )
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--preset", help="start the model section from this preset")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
+def run_config(args: argparse.Namespace, *, default_recipe: str | None = None) -> Any:
+    """The RunConfig of --config (a file or recipe), --preset and the dotted overrides; with
+    neither --config nor --preset, `default_recipe`."""
+    from moekit.training.config import resolve_run_config
+
+    config = args.config
+    if config is None and args.preset is None:
+        config = default_recipe
+    return resolve_run_config(
+        config_file=recipe_or_file(config), preset=args.preset, overrides=args.overrides
+    )
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    from moekit.runtime import DEVICES_HELP
+
+    parser.add_argument("--device", default="auto", help=f"where the model runs: {DEVICES_HELP}")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, *, default_temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--temperature", type=float, default=default_temperature, help="0 means greedy decoding"
+    )
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 means off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument(
+        "--experts-per-token", type=int, default=None, help="route each token to this many experts"
+    )
+
+
+def sampling_params(args: argparse.Namespace, **extra: Any) -> Any:
+    """SamplingParams from `add_sampling_arguments`' flags (and `extra` fields)."""
+    from moekit.infer.sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=list(args.stop or []) + list(extra.pop("stop", [])),
+        experts_per_token=args.experts_per_token,
+        **extra,
+    )
+
+
+@contextlib.contextmanager
+def training_errors(command: str, *, resume_hint: str) -> Iterator[None]:
+    """Turn a training run's stops into exit codes: a signal that saved a checkpoint exits
+    with 128 + the signal number and says how to continue (`resume_hint`); a run stopped by
+    non-finite losses exits with 1."""
+    from moekit.training.trainer import NonFiniteLossError, TrainingInterruptedError
+
+    try:
+        yield
+    except TrainingInterruptedError as e:
+        print(f"{e}; continue with `{resume_hint}`", file=sys.stderr)
+        raise Exit(128 + e.signum) from None
+    except NonFiniteLossError as e:
+        print(f"moekit {command}: {e}", file=sys.stderr)
+        raise Exit(1) from None

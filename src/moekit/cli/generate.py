@@ -1,0 +1,55 @@
+"""`moekit generate`: continue a prompt, streaming to the terminal (or one JSON object)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from moekit.cli.common import add_device_argument, add_sampling_arguments, doc, sampling_params
+from moekit.cli.format import print_json
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt with a trained model (streams to the terminal)",
+        description=doc("moekit.infer.generate", "Generator"),
+    )
+    p.add_argument("model_dir")
+    p.add_argument("prompt")
+    add_sampling_arguments(p, default_temperature=0.8)
+    add_device_argument(p)
+    p.add_argument("--routing", action="store_true", help="with --json: each token's experts")
+    p.add_argument(
+        "--json", action="store_true", help="print {text, token_ids, ...} instead of streaming"
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.infer.generate import Generator
+
+    generator = Generator.from_dir(args.model_dir, device=args.device)
+    params = sampling_params(args, return_routing=args.routing)
+    if args.json:
+        completion = generator.generate(args.prompt, params)[0]
+        data: dict[str, Any] = {
+            "text": completion.text,
+            "token_ids": completion.token_ids,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens,
+        }
+        if args.routing:
+            data["routing"] = [
+                {"token_id": t.id, "layers": {str(k): v for k, v in (t.routing or {}).items()}}
+                for t in completion.tokens
+            ]
+        print_json(data)
+        return 0
+    sys.stdout.write(args.prompt)
+    for chunk in generator.stream(args.prompt, params):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,150 @@
+"""`moekit info`: parameters, FLOPs and memory of presets and model directories."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from moekit.cli.common import doc
+from moekit.cli.format import console, flops, human, nbytes, print_json, table
+
+if TYPE_CHECKING:
+    from moekit.info import ModelInfo
+    from moekit.params import ModelSummary
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "info",
+        help="parameters, FLOPs and memory of a preset or model directory",
+        description=doc("moekit.params", "summary"),
+    )
+    p.add_argument(
+        "target", nargs="*", help="a preset name or a model directory; two or more: side by side"
+    )
+    p.add_argument("--list", action="store_true", help="list the presets")
+    p.add_argument("--context", type=int, default=2048, help="context length for FLOPs")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.info import model_info, preset_infos, ratios
+
+    if args.list:
+        rows = preset_infos()
+        if args.json:
+            print_json([vars(r) for r in rows])
+            return 0
+        t = table("moekit presets", ["name", "total", "active", "description"],
+                  right={"total", "active"})  # fmt: skip
+        for r in rows:
+            t.add_row(r.name, human(r.total_params), human(r.active_params), r.description)
+        console().print(t)
+        return 0
+    if not args.target:
+        raise ValueError("name a preset or a model directory, or pass --list")
+    infos = [model_info(target, context=args.context) for target in args.target]
+    if len(infos) > 1:
+        if args.json:
+            print_json({"models": [i.to_dict() for i in infos], "ratios": ratios(infos)})
+        else:
+            print_comparison(infos)
+        return 0
+    if args.json:
+        print_json(infos[0].to_dict())
+    else:
+        print_info(infos[0])
+    return 0
+
+
+def print_comparison(infos: list[ModelInfo]) -> None:
+    t = table(
+        "moekit info: side by side",
+        ["figure", *(i.name for i in infos)],
+        right={i.name for i in infos},
+        caption=f"(x): relative to {infos[0].name}",
+    )
+    first = infos[0].summary
+
+    def row(label: str, get: Callable[[ModelSummary], float], fmt: Callable[[float], str]) -> None:
+        base = get(first)
+
+        def cell(s: ModelSummary) -> str:
+            value = get(s)
+            return fmt(value) + (f" ({value / base:.2f}x)" if base and value != base else "")
+
+        t.add_row(label, *(cell(i.summary) for i in infos))
+
+    summaries = [i.summary for i in infos]
+    row("total parameters", lambda s: s.total_params, human)
+    row("active parameters / token", lambda s: s.active_params, human)
+    t.add_row("active fraction", *(f"{s.active_fraction:.1%}" for s in summaries))
+    row(
+        f"forward FLOPs / token (context {first.flops_context})", lambda s: s.flops_per_token, flops
+    )
+    t.add_row("layers (MoE)", *(f"{s.num_layers} ({s.moe_layers})" for s in summaries))
+    t.add_row(
+        "experts, top-k",
+        *(f"{s.num_experts}, {s.top_k}" if s.num_experts else "dense" for s in summaries),
+    )
+    for dtype in first.weight_memory_bytes:
+        row(f"weights in {dtype}", partial(_memory, "weight_memory_bytes", dtype), nbytes)
+    for dtype in first.kv_cache_bytes_per_1k_tokens:
+        kv = partial(_memory, "kv_cache_bytes_per_1k_tokens", dtype)
+        row(f"KV cache / 1k tokens ({dtype})", kv, nbytes)
+    if any(s.kv_latent_cache_bytes_per_1k_tokens for s in summaries):
+        t.add_row(
+            "latent KV cache / 1k tokens (bf16)",
+            *(
+                nbytes(s.kv_latent_cache_bytes_per_1k_tokens["bf16"])
+                if s.kv_latent_cache_bytes_per_1k_tokens
+                else "-"
+                for s in summaries
+            ),
+        )
+    console(wide=True).print(t)
+
+
+def _memory(figure: str, dtype: str, s: ModelSummary) -> float:
+    by_dtype: dict[str, int] = getattr(s, figure)
+    return by_dtype[dtype]
+
+
+def print_info(info: ModelInfo) -> None:
+    s = info.summary
+    t = table(info.name, ["figure", "value"], right={"value"}, show_header=False)
+    t.add_row("total parameters", f"{human(s.total_params)} ({s.total_params:,})")
+    t.add_row("active parameters / token", f"{human(s.active_params)} ({s.active_params:,})")
+    t.add_row("active fraction", f"{s.active_fraction:.1%}")
+    t.add_row(f"forward FLOPs / token (context {s.flops_context})", flops(s.flops_per_token))
+    t.add_row("layers (MoE)", f"{s.num_layers} ({s.moe_layers})")
+    if s.num_experts:
+        t.add_row("experts, top-k", f"{s.num_experts}, {s.top_k}")
+    for dtype, n in s.weight_memory_bytes.items():
+        t.add_row(f"weights in {dtype}", nbytes(n))
+    for dtype, n in s.kv_cache_bytes_per_1k_tokens.items():
+        t.add_row(f"KV cache / 1k tokens of context ({dtype})", nbytes(n))
+    for dtype, n in (s.kv_latent_cache_bytes_per_1k_tokens or {}).items():
+        t.add_row(f"latent KV cache / 1k tokens ({dtype})", nbytes(n))
+    tuned = info.finetune
+    if tuned:
+        t.add_row("fine-tuned from", f"{tuned['base']} ({tuned['method']})")
+        t.add_row(
+            "trained parameters",
+            f"{human(tuned['trainable_params'])} of {human(tuned['total_params'])} "
+            f"({tuned['trainable_fraction']:.2%})"
+            + (" with the adapters (merged now)" if tuned["method"] == "lora" else ""),
+        )
+        for layer, experts in tuned.get("esft_experts", {}).items():
+            t.add_row(f"experts trained, layer {layer}", ", ".join(map(str, experts)))
+    out = console()
+    out.print(t)
+    parts = table("parameters by part", ["part", "total", "active / token"],
+                  right={"total", "active / token"})  # fmt: skip
+    for part, total in s.total_params_by.items():
+        if total:
+            parts.add_row(part, human(total), human(s.active_params_by[part]))
+    out.print(parts)

@@ -1,0 +1,73 @@
+"""The `moekit` command: one subcommand per module of this package, each a thin call into the
+library (its `add_parser` declares the flags, its `run` calls the library and prints)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from moekit.cli.common import Exit
+
+# In `moekit --help` order; each names a module of moekit.cli.
+COMMANDS = (
+    "info",
+    "train",
+    "compare",
+    "finetune",
+    "upcycle",
+    "analyze",
+    "doctor",
+    "convert",
+    "generate",
+    "serve",
+    "chat",
+    "bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moekit.version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="moekit",
+        description="Build, train, inspect, convert and serve Mixture-of-Experts models.",
+    )
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"moekit.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `moekit` command line with `argv` (default: sys.argv); returns the exit
+    status: 0 on success, 2 for a usage error or bad input (printed as one line naming the
+    problem), 130 on Ctrl-C, and what a command reports otherwise."""
+    from moekit.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Dotted overrides after options ("BASE --out D train.lr=1e-4") are left over by
+        # argparse once a positional list has been matched; they belong to that list.
+        slot = next((n for n in ("overrides", "positional") if hasattr(args, n)), None)
+        if slot is None or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, slot).extend(extra)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    command = args.command + (f" {args.bench_command}" if args.command == "bench" else "")
+    try:
+        return int(args.run(args))
+    except Exit as e:
+        return e.code
+    except (ValueError, FileNotFoundError) as e:
+        print(f"moekit {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,56 @@
+"""`moekit train`: train a model from a run config and write a model directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from moekit.cli.common import add_run_arguments, doc, recipe_or_file, training_errors
+from moekit.cli.format import print_json, print_run_summary
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model and write a model directory",
+        description=doc("moekit.training.trainer", "train"),
+    )
+    add_run_arguments(
+        p,
+        config_help="a YAML/JSON run config, or a built-in recipe name (demo)",
+        out_help="the run / model directory to write",
+        json_help="print the final figures as JSON",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.training.config import resolve_run_config, resume_run_config
+    from moekit.training.trainer import train
+
+    run_dir = Path(args.out)
+    if args.resume and not (args.config or args.preset):
+        cfg = resume_run_config(run_dir, args.overrides)
+    else:
+        cfg = resolve_run_config(
+            config_file=recipe_or_file(args.config), preset=args.preset, overrides=args.overrides
+        )
+    with training_errors("train", resume_hint=f"moekit train --out {run_dir} --resume"):
+        result = train(cfg, run_dir, resume=args.resume, verbose=not args.quiet)
+    if args.json:
+        print_json(
+            {
+                "run_dir": str(result.run_dir),
+                "steps": result.step,
+                "tokens": result.tokens,
+                "seconds": result.seconds,
+                "val_loss": result.val_loss,
+                "val_by_domain": result.val_by_domain,
+                "skipped_steps": result.skipped_steps,
+            }
+        )
+        return 0
+    print_run_summary(run_dir, result.step, result.tokens, result.seconds, result.val_loss)
+    return 0
