@@ -191,39 +191,51 @@ class MoEConfig(ConfigBase):
         if self.router == "switch" and self.top_k != 1:
             raise fail(owner, "top_k", self.top_k, "must be 1 with router='switch'")
         if self.router == "expert_choice":
-            if self.capacity_factor is None:
-                raise fail(
-                    owner, "capacity_factor", None,
-                    "router='expert_choice' needs a capacity factor (the mean number of "
-                    "experts per token), e.g. 2.0",
-                )  # fmt: skip
-            if self.capacity_factor > self.num_experts:
-                raise fail(
-                    owner, "capacity_factor", self.capacity_factor,
-                    f"must be <= num_experts ({self.num_experts}) with router='expert_choice'",
-                )  # fmt: skip
-            if self.bias_update_rate or self.selection_bias:
-                raise fail(
-                    owner, "bias_update_rate" if self.bias_update_rate else "selection_bias",
-                    self.bias_update_rate or self.selection_bias,
-                    "must be off with router='expert_choice' (it is balanced by construction)",
-                )  # fmt: skip
-            if self.score_func != "softmax":
-                raise fail(
-                    owner,
-                    "score_func",
-                    self.score_func,
-                    "must be 'softmax' with router='expert_choice'",
-                )
-            if self.routed_scaling_factor != 1.0:
-                raise fail(
-                    owner, "routed_scaling_factor", self.routed_scaling_factor,
-                    "must be 1.0 with router='expert_choice'",
-                )  # fmt: skip
+            self._check_expert_choice()
         elif self.expert_choice_causal:
             raise fail(
                 owner, "expert_choice_causal", True, "is only used with router='expert_choice'"
             )
+        self._check_groups()
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise fail(owner, "shared_expert_gate", True, "needs num_shared_experts >= 1")
+
+    def _check_expert_choice(self) -> None:
+        """Expert choice needs a capacity factor and is balanced without biases or scaling."""
+        owner = "MoEConfig"
+        if self.capacity_factor is None:
+            raise fail(
+                owner, "capacity_factor", None,
+                "router='expert_choice' needs a capacity factor (the mean number of "
+                "experts per token), e.g. 2.0",
+            )  # fmt: skip
+        if self.capacity_factor > self.num_experts:
+            raise fail(
+                owner, "capacity_factor", self.capacity_factor,
+                f"must be <= num_experts ({self.num_experts}) with router='expert_choice'",
+            )  # fmt: skip
+        if self.bias_update_rate or self.selection_bias:
+            raise fail(
+                owner, "bias_update_rate" if self.bias_update_rate else "selection_bias",
+                self.bias_update_rate or self.selection_bias,
+                "must be off with router='expert_choice' (it is balanced by construction)",
+            )  # fmt: skip
+        if self.score_func != "softmax":
+            raise fail(
+                owner,
+                "score_func",
+                self.score_func,
+                "must be 'softmax' with router='expert_choice'",
+            )
+        if self.routed_scaling_factor != 1.0:
+            raise fail(
+                owner, "routed_scaling_factor", self.routed_scaling_factor,
+                "must be 1.0 with router='expert_choice'",
+            )  # fmt: skip
+
+    def _check_groups(self) -> None:
+        """Group-limited routing: the groups split the experts evenly and can hold top_k."""
+        owner = "MoEConfig"
         if self.num_experts % self.num_groups:
             raise fail(
                 owner, "num_groups", self.num_groups,
@@ -250,8 +262,6 @@ class MoEConfig(ConfigBase):
                     owner, "group_score", self.group_score,
                     "needs at least 2 experts per group; use 'max'",
                 )  # fmt: skip
-        if self.shared_expert_gate and not self.num_shared_experts:
-            raise fail(owner, "shared_expert_gate", True, "needs num_shared_experts >= 1")
 
     @property
     def shared_hidden_total(self) -> int:

@@ -1,0 +1,97 @@
+"""moekit.model_dir: the one owner of a model directory's file names and contents."""
+
+import json
+import stat
+
+import pytest
+import torch
+
+from moekit import ModelDir, build_model, get_preset, load_model, save_model
+from moekit.files import umask
+from moekit.model_dir import ShardWriter, load_weights, weight_files
+
+
+def test_a_model_round_trips_through_its_directory(tmp_path):
+    cfg = get_preset("debug")
+    model = build_model(cfg, seed=3)
+    d = ModelDir(tmp_path / "m")
+    assert not d.is_model()
+    save_model(model, cfg, d.path)
+    assert d.is_model() and d.config() == cfg
+    assert d.model_files() == [ModelDir.CONFIG, ModelDir.WEIGHTS]
+    loaded = load_model(d.path)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    mode = 0o666 & ~umask()
+    assert stat.S_IMODE((d / ModelDir.WEIGHTS).stat().st_mode) == mode
+    metadata = json.loads((d / ModelDir.WEIGHTS).read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
+    assert metadata["__metadata__"]["format"] == "pt"
+
+
+def test_bf16_loading_keeps_routers_in_float32(tmp_path):
+    cfg = get_preset("debug")
+    save_model(build_model(cfg), cfg, tmp_path)
+    model = ModelDir(tmp_path).load_model(dtype=torch.bfloat16)
+    assert model.layers[0].attn_norm.weight.dtype == torch.bfloat16
+    assert model.layers[0].ffn.router.weight.dtype == torch.float32
+
+
+def test_missing_directories_and_overwrites_are_refused_by_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"finetune.base: .* is not a model directory"):
+        ModelDir(tmp_path).require_model("finetune.base")
+    with pytest.raises(FileNotFoundError, match="is not a model directory"):
+        ModelDir(tmp_path).config()
+    cfg = get_preset("debug")
+    cfg.save(tmp_path / ModelDir.CONFIG)
+    with pytest.raises(ValueError, match=r"already holds a model \(config.json\).*upcycling"):
+        ModelDir(tmp_path).refuse_overwrite("upcycling")
+
+
+def test_run_files(tmp_path):
+    d = ModelDir(tmp_path)
+    assert not d.has_run() and d.read_metrics() == [] and d.checkpoints() == []
+    (tmp_path / ModelDir.METRICS).write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert d.has_run()
+    assert [r["step"] for r in d.read_metrics()] == [1, 2]  # the torn last line is skipped
+    for step in (20, 3):
+        d.checkpoint_dir(step).mkdir(parents=True)
+    assert [p.name for p in d.checkpoints()] == ["step-00000003", "step-00000020"]
+    assert d.finetune_summary() is None
+    d.write_finetune_summary({"method": "lora"})
+    assert d.finetune_summary() == {"method": "lora"}
+    (tmp_path / ModelDir.FINETUNE).write_text("[1]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        d.finetune_summary()
+
+
+def test_tokenizer_files_travel_together(tmp_path):
+    for name in (ModelDir.TOKENIZER, ModelDir.CHAT_TEMPLATE):
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in ModelDir(tmp_path).tokenizer_files()] == [
+        ModelDir.TOKENIZER,
+        ModelDir.CHAT_TEMPLATE,
+    ]
+
+
+def test_the_shard_writer_holds_one_shard_and_replaces_an_earlier_layout(tmp_path):
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(5)}  # 4 kB each
+    (tmp_path / ModelDir.WEIGHTS).write_bytes(b"stale")
+    writer = ShardWriter(tmp_path, max_shard_bytes=9000)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    with pytest.raises(ValueError, match="written twice"):
+        writer.add("t0", tensors["t0"])
+    written = writer.close()
+    assert [p.name for p in written] == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        ModelDir.INDEX,
+    ]
+    assert not (tmp_path / ModelDir.WEIGHTS).exists()
+    assert len(weight_files(tmp_path)) == 3
+    loaded = load_weights(tmp_path)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    index = json.loads((tmp_path / ModelDir.INDEX).read_text())
+    assert index["metadata"]["total_size"] == 5 * 4000
+    assert not list(tmp_path.glob(".*"))  # no temporary parts left
