@@ -13,7 +13,7 @@ uvicorn = pytest.importorskip("uvicorn")
 @contextlib.contextmanager
 def running_server(model_dir, **options):
     """The real app on a free loopback port, served by uvicorn in a background thread."""
-    from moekit.serve.app import build
+    from moekit.serve import build
 
     app, engine = build(model_dir, model_name="tiny", **options)
     engine.start()
