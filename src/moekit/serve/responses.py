@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from moekit.infer.detokenize import TokenBytes
+from moekit.infer.detokenize import TokenBytes, decode_with_offsets
 from moekit.serve.engine import TokenEvent, TokenLogprob
 from moekit.serve.protocol import ChatRequest, CompletionRequest
 from moekit.serve.streams import Generation
@@ -56,6 +56,18 @@ class Echo:
     text: str
     ids: list[int]
     offsets: list[int]
+
+
+def echoes(tokenizer: Any, prompts: list[list[int]], req: CompletionRequest) -> list[Echo]:
+    """The echo of each choice (`req.n` per prompt, prompts given as ids): the prompt's text
+    and offsets when the request echoes, else empty text."""
+    out = []
+    for ids in prompts:
+        echo = Echo("", ids, [])
+        if req.echo:
+            echo.text, echo.offsets = decode_with_offsets(tokenizer, ids)
+        out += [echo] * req.n
+    return out
 
 
 def top_dict(lp: TokenLogprob | None, wanted: bool) -> dict[str, float] | None:

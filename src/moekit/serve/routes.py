@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from starlette.responses import Response
 
-from moekit.infer.detokenize import TokenBytes, decode_with_offsets
+from moekit.infer.detokenize import TokenBytes
 from moekit.params import count_params
 from moekit.serve import responses, sse
 from moekit.serve.admission import Admission, Job, prompt_list, with_seed
@@ -144,12 +144,7 @@ async def completions(request: Request) -> Any:
             jobs.append(Job(ids, with_seed(params, req.seed, i), req.logprobs, echo_logprobs))
     streams = admit.submit(jobs, "prompt")
     head = responses.head("cmpl", "text_completion", s.config.model_name)
-    echoes = []
-    for ids in encoded:
-        echo = responses.Echo("", ids, [])
-        if req.echo:
-            echo.text, echo.offsets = decode_with_offsets(admit.tokenizer, ids)
-        echoes += [echo] * req.n
+    echoes = responses.echoes(admit.tokenizer, encoded, req)
     if req.stream:
         return sse.event_stream(sse.completion_events(request, streams, head, echoes, req))
     gens = await collect_all(request, streams)
