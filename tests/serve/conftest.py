@@ -13,7 +13,7 @@ uvicorn = pytest.importorskip("uvicorn")
 @contextlib.contextmanager
 def running_server(model_dir, **options):
     """The real app on a free loopback port, served by uvicorn in a background thread."""
-    from moekit.serve.app import build
+    from moekit.serve import build
 
     app, engine = build(model_dir, model_name="tiny", **options)
     engine.start()
@@ -94,3 +94,31 @@ def eos_model_dir(tiny_model_dir, tmp_path_factory):
     save_model(model, ModelConfig.load(tiny_model_dir), out)
     _copy_tokenizer(tiny_model_dir, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client, pointed at `server`."""
+    openai = pytest.importorskip("openai")
+    url, _ = server
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """The library's generator on the tiny model: what the server must answer."""
+    from moekit.infer.generate import Generator
+
+    return Generator.from_dir(tiny_model_dir)
+
+
+def greedy(reference, prompt, n):
+    from moekit.infer.sampling import SamplingParams
+
+    return reference.generate(prompt, SamplingParams(temperature=0, max_new_tokens=n))[0].text
+
+
+@pytest.fixture(scope="module")
+def long_server(long_model_dir):
+    with running_server(long_model_dir, max_batch=4) as s:
+        yield s

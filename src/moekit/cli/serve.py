@@ -14,7 +14,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP API and a playground page",
-        description=doc("moekit.serve.app", "serve"),
+        description=doc("moekit.serve.server", "serve"),
     )
     p.add_argument("model_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.serve.app import serve
+    from moekit.serve import serve
 
     api_key = args.api_key or os.environ.get("MOEKIT_API_KEY")
     base = f"http://{args.host}:{args.port}"

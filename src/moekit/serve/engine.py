@@ -18,7 +18,6 @@ at 4096): an imported model with a 32k context would otherwise claim tens of GB 
 from __future__ import annotations
 
 import collections
-import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -477,14 +476,3 @@ class Engine:
             req.emit(event)
         except Exception:  # a client that went away must not stop the engine
             req.cancelled.set()
-
-
-_ids = itertools.count()
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{int(time.time())}{next(_ids):06d}"
-
-
-def summary(engine: Engine) -> dict[str, Any]:
-    return {"queue_depth": engine.queue_depth, "active": engine.active}

@@ -1,0 +1,217 @@
+"""Admission: turning a validated API request into engine requests, or into the APIError
+that says why not.
+
+protocol.py checks what can be checked from the body alone; this module checks the rest
+against the served model and engine (the model name, the queue's size, token ids, the
+context, `max_tokens`, experts per token), tokenizes the prompts, builds each choice's
+sampling parameters and submits the whole request, translating the engine's refusals (a full
+queue, a stopped engine) into the API's errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from moekit.infer.chat import ChatTemplate
+from moekit.infer.generate import ContextLengthError
+from moekit.infer.sampling import SamplingParams
+from moekit.serve.config import ServerConfig
+from moekit.serve.engine import (
+    Engine,
+    EngineRequest,
+    EngineStoppedError,
+    QueueFullError,
+    RequestTooLargeError,
+)
+from moekit.serve.protocol import APIError, ChatRequest
+from moekit.serve.streams import EventStream, Submitted
+
+
+@dataclass
+class Job:
+    """One choice to generate: prompt ids, sampling, logprob alternatives (None: no logprobs)
+    and whether the prompt's logprobs are wanted too (echo)."""
+
+    ids: list[int]
+    params: SamplingParams
+    logprobs: int | None = None
+    echo_logprobs: bool = False
+
+
+def prompt_list(prompt: Any) -> list[str | list[int]]:
+    """A completion's `prompt` as a list of prompts (a string or ids, or a list of those)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+def with_seed(params: SamplingParams, seed: int | None, choice: int) -> SamplingParams:
+    """Choice i of a seeded request samples with seed + i (reproducible, yet different)."""
+    return params if seed is None else dataclasses.replace(params, seed=seed + choice)
+
+
+def context_error(e: ContextLengthError, param: str) -> APIError:
+    return APIError(400, str(e), param=param, code="context_length_exceeded")
+
+
+class Admission:
+    """The checks and the submission for one engine, under one server config."""
+
+    def __init__(
+        self, engine: Engine, config: ServerConfig, template: ChatTemplate | None = None
+    ) -> None:
+        self.engine, self.config = engine, config
+        self.template = template or ChatTemplate()
+        self.tokenizer, self.cfg = engine.tokenizer, engine.cfg
+        self.limit = config.max_tokens_limit or engine.max_context  # on max_tokens
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_size(self, generations: int, n: int) -> None:
+        """A request is queued whole: one bigger than the queue could never start."""
+        max_queue = self.engine.max_queue
+        if generations > max_queue:
+            raise APIError(
+                400,
+                f"this request asks for {generations} generations (prompts x n) but the server "
+                f"queues at most {max_queue} at once (--max-queue); send fewer prompts "
+                "or a smaller n",
+                param="n" if n > 1 else "prompt",
+                code="request_too_large",
+            )
+
+    def encode(self, prompt: str | list[int], param: str) -> list[int]:
+        """A prompt's token ids (text is tokenized, ids are checked against the vocabulary)."""
+        vocab = self.cfg.vocab_size
+        if isinstance(prompt, str):
+            ids: list[int] = self.tokenizer.encode_prompt(prompt)
+        else:
+            ids = list(prompt)
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=param)
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        return ids
+
+    def chat_ids(self, req: ChatRequest) -> list[int]:
+        """The chat's messages formatted by the model's chat template, as token ids."""
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in req.messages
+        ]
+        try:
+            prompt = self.template.format(messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return self.encode(prompt, "messages")
+
+    def sampling(
+        self, req: Any, max_tokens: int | None, prompt_len: int, prompt_param: str
+    ) -> SamplingParams:
+        """The sampling parameters for a completion or chat request `req` whose prompt has
+        `prompt_len` tokens; `max_tokens` None means as many as fit."""
+        max_tokens = self._max_tokens(max_tokens, prompt_len, prompt_param)
+        self._check_experts(req.moekit.top_k)
+        vocab = self.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in req.stop_token_ids):
+            raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                min_p=req.min_p,
+                repetition_penalty=req.repetition_penalty,
+                seed=req.seed,
+                stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                experts_per_token=req.moekit.top_k,
+                return_routing=req.moekit.routing,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    def chat_sampling(self, req: ChatRequest, prompt_len: int) -> SamplingParams:
+        """A chat request's sampling: its own stops, and the template's end-of-turn ones."""
+        max_tokens = req.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = req.max_tokens
+        params = self.sampling(req, max_tokens, prompt_len, "messages")
+        try:
+            return dataclasses.replace(params, stop=[*params.stop, *self.template.stop])
+        except ValueError as e:
+            raise APIError(400, str(e), param="stop") from None
+
+    def _max_tokens(self, max_tokens: int | None, prompt_len: int, prompt_param: str) -> int:
+        engine = self.engine
+        if max_tokens is None:  # as many as fit
+            max_tokens = min(self.limit, engine.max_context - prompt_len)
+            if max_tokens < 1:
+                try:
+                    engine.check_fits(prompt_len, 1)
+                except ContextLengthError as e:
+                    raise context_error(e, prompt_param) from None
+        if max_tokens <= 0:
+            raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
+        if max_tokens > self.limit:
+            raise APIError(400, f"max_tokens must be at most {self.limit}", param="max_tokens")
+        try:
+            engine.check_fits(prompt_len, max_tokens)
+        except ContextLengthError as e:
+            raise context_error(e, prompt_param) from None
+        return max_tokens
+
+    def _check_experts(self, top_k: int | None) -> None:
+        if top_k is None:
+            return
+        if not self.cfg.moe:
+            raise APIError(400, "moekit.top_k: this model has no experts", param="moekit.top_k")
+        if top_k > self.engine.max_top_k:
+            raise APIError(
+                400,
+                f"moekit.top_k must be at most {self.engine.max_top_k} for this model",
+                param="moekit.top_k",
+            )
+
+    def submit(self, jobs: list[Job], prompt_param: str) -> list[Submitted]:
+        """Queue every job at once (all or none), each with the stream its events arrive on.
+        Must be called on the event loop that will read the streams."""
+        loop = asyncio.get_running_loop()
+        out = []
+        for job in jobs:
+            stream = EventStream(loop)
+            request = EngineRequest(
+                job.ids, job.params, stream.emit, job.logprobs, job.echo_logprobs
+            )
+            out.append((request, stream))
+        try:
+            self.engine.submit(*(r for r, _ in out))
+        except QueueFullError as e:
+            raise APIError(
+                429,
+                f"the server is busy ({e}); retry shortly",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            ) from None
+        except RequestTooLargeError as e:
+            raise APIError(400, str(e), param="n", code="request_too_large") from None
+        except ContextLengthError as e:
+            raise context_error(e, prompt_param) from None
+        except EngineStoppedError as e:
+            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+        return out

@@ -1,0 +1,102 @@
+"""What /metrics reports: the HTTP counters the guard keeps, and the engine's own, as
+Prometheus text (exposition format 0.0.4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moekit.serve.engine import Engine
+
+CONTENT_TYPE = "text/plain; version=0.0.4"
+# Metrics are labelled by endpoint; any other path under /v1/ counts as "other", so that
+# clients probing random paths cannot grow the label set without bound.
+API_ENDPOINTS = frozenset(
+    {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/moekit/info"}
+)
+
+
+def endpoint_label(path: str) -> str | None:
+    """The `endpoint` label a request to `path` counts under; None for paths outside /v1/
+    (the page, /health, /metrics), which are not counted."""
+    if not path.startswith("/v1/"):
+        return None
+    return path if path in API_ENDPOINTS else "other"
+
+
+@dataclass
+class Metrics:
+    """Requests by (endpoint, status), and the summed latency and count per endpoint."""
+
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
+    latency_sum: dict[str, float] = field(default_factory=dict)
+    latency_count: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+        self.latency_sum[endpoint] = self.latency_sum.get(endpoint, 0.0) + seconds
+        self.latency_count[endpoint] = self.latency_count.get(endpoint, 0) + 1
+
+
+def prometheus_text(engine: Engine, metrics: Metrics) -> str:
+    """Every metric, HTTP and engine, as one Prometheus text page."""
+    return "\n".join([*_http_lines(metrics), *_engine_lines(engine)]) + "\n"
+
+
+def _http_lines(metrics: Metrics) -> list[str]:
+    lines = [
+        "# HELP moekit_requests_total HTTP requests to the API, by endpoint and status.",
+        "# TYPE moekit_requests_total counter",
+    ]
+    for (endpoint, status), n in sorted(metrics.requests.items()):
+        lines.append(f'moekit_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+    lines += [
+        "# HELP moekit_request_latency_seconds Time to answer an API request (to the last byte "
+        "for non-streaming, to the first for streaming).",
+        "# TYPE moekit_request_latency_seconds summary",
+    ]
+    for endpoint in sorted(metrics.latency_count):
+        label = f'{{endpoint="{endpoint}"}}'
+        lines.append(
+            f"moekit_request_latency_seconds_sum{label} {metrics.latency_sum[endpoint]:.6f}"
+        )
+        lines.append(
+            f"moekit_request_latency_seconds_count{label} {metrics.latency_count[endpoint]}"
+        )
+    return lines
+
+
+def _engine_lines(engine: Engine) -> list[str]:
+    s = engine.stats
+    lines = [
+        "# HELP moekit_prompt_tokens_total Prompt tokens prefilled.",
+        "# TYPE moekit_prompt_tokens_total counter",
+        f"moekit_prompt_tokens_total {s.prompt_tokens}",
+        "# HELP moekit_generated_tokens_total Tokens generated.",
+        "# TYPE moekit_generated_tokens_total counter",
+        f"moekit_generated_tokens_total {s.generated_tokens}",
+        "# HELP moekit_finished_requests_total Generations finished, by reason.",
+        "# TYPE moekit_finished_requests_total counter",
+        *(
+            f'moekit_finished_requests_total{{reason="{r}"}} {n}'
+            for r, n in sorted(s.finished.items())
+        ),
+        "# HELP moekit_queue_depth Requests waiting for a batch slot.",
+        "# TYPE moekit_queue_depth gauge",
+        f"moekit_queue_depth {engine.queue_depth}",
+        "# HELP moekit_active_requests Requests being generated.",
+        "# TYPE moekit_active_requests gauge",
+        f"moekit_active_requests {engine.active}",
+        "# HELP moekit_decode_steps_total Batched decode steps.",
+        "# TYPE moekit_decode_steps_total counter",
+        f"moekit_decode_steps_total {s.decode_steps}",
+        "# HELP moekit_decode_batch_tokens_total Tokens decoded over all steps (divide by steps "
+        "for the mean batch size).",
+        "# TYPE moekit_decode_batch_tokens_total counter",
+        f"moekit_decode_batch_tokens_total {s.batched_tokens}",
+        "# HELP moekit_expert_tokens_total Generated tokens routed to each expert, by MoE layer.",
+        "# TYPE moekit_expert_tokens_total counter",
+    ]
+    for layer, counts in sorted(s.expert_tokens.items()):
+        for e, n in enumerate(counts):
+            lines.append(f'moekit_expert_tokens_total{{layer="{layer}",expert="{e}"}} {n}')
+    return lines

@@ -1,0 +1,155 @@
+"""Running a server: the listen socket, the HTTP thread, the engine, and the signals.
+
+`serve` binds the address before loading the model (a taken port fails at once), serves HTTP
+with uvicorn in a background thread, and runs the engine in the main thread, where the heavy
+work belongs (see Engine.run). SIGTERM stops it as Ctrl-C does: the engine answers every
+queued and running request ("abort"), then the HTTP server sends those answers and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
+HTTP_EXIT_WAIT_S = 10  # for the HTTP server to send the last answers once the engine stopped
+
+
+class PortInUseError(ValueError):
+    """The address `moekit serve` was asked to listen on is taken. A ValueError, so that the
+    command line reports it as a usage error (exit code 2) rather than a crash."""
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), or a clear error when that address is taken
+    (PortInUseError) or cannot be used (ValueError)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise ValueError(f"cannot serve on host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    # As uvicorn does: a restart must not wait for the old connections' TIME_WAIT to expire.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"port {port} on {host} is in use; stop whatever listens there or choose "
+                "another port with --port"
+            ) from None
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(
+    model_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_tokens_limit: int | None = None,
+    max_context: int | None = None,
+    device: str | None = "auto",
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve a model directory over HTTP until interrupted (an OpenAI-compatible API at
+    http://HOST:PORT/v1 and a playground page at http://HOST:PORT/). `max_context` bounds
+    prompt plus new tokens per request and sizes each batch slot's KV cache (default: the
+    model's max_seq_len, at most 4096). The model runs on `device` ("auto": CUDA when present,
+    else the CPU). `on_ready` is called once the server accepts requests. Raises PortInUseError
+    when the port is taken."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError("moekit serve needs FastAPI and uvicorn: pip install 'moekit[serve]'")
+    from moekit.serve.app import build
+
+    sock = listen_socket(host, port)  # before loading the model: fail fast
+    try:
+        app, engine = build(
+            model_dir,
+            api_key=api_key,
+            model_name=model_name,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_tokens_limit=max_tokens_limit,
+            max_context=max_context,
+            device=device,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    server = http_server(app, host, port)
+    http = _start_http(server, sock, f"{host}:{port}")
+    if on_ready is not None:
+        on_ready()
+
+    def stop_engine_when_http_ends() -> None:
+        http.join()
+        engine.stop()
+
+    threading.Thread(target=stop_engine_when_http_ends, name="moekit-watch", daemon=True).start()
+    with _sigterm_interrupts():
+        try:
+            engine.run()  # the heavy work stays in the main thread (see Engine.run)
+        except KeyboardInterrupt:
+            pass
+        finally:  # the engine has answered every request ("abort"); let the server send them
+            server.should_exit = True
+            http.join(timeout=HTTP_EXIT_WAIT_S)
+
+
+def http_server(app: FastAPI, host: str, port: int) -> uvicorn.Server:
+    """The uvicorn server for `app`: what a connection may do is set here."""
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+
+
+def _start_http(server: uvicorn.Server, sock: socket.socket, address: str) -> threading.Thread:
+    """Run `server` on `sock` in a background thread; return once it accepts connections."""
+    http = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="moekit-http", daemon=True
+    )
+    http.start()
+    while not server.started:  # the engine runs only once the server does
+        http.join(timeout=0.05)
+        if not http.is_alive():
+            sock.close()
+            raise RuntimeError(f"the HTTP server on {address} failed to start")
+    return http
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While inside, SIGTERM raises KeyboardInterrupt in the main thread: a service manager's
+    stop is as graceful as Ctrl-C. Outside the main thread signals cannot be handled, and
+    nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
