@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -25,6 +25,7 @@ from moekit.training.config import RunConfig
 Say = Callable[[str], None]
 
 
+@runtime_checkable
 class TrainingMethod(Protocol):
     """One way of training a model. The trainer calls, in this order: `prepare_data`,
     `sample_prompts`, `prepare_model` (on the freshly built model), `summary_line`, `attach`
