@@ -8,7 +8,7 @@ from moekit.data.loader import IGNORE_INDEX, PackedLoader, iter_eval_batches
 from moekit.data.tokenizer import Tokenizer
 from moekit.finetune.sft import encode_example, load_examples, prepare_sft
 from moekit.infer.chat import ChatTemplate
-from moekit.training.trainer import lm_loss
+from moekit.training.step import lm_loss
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_accumulated_masked_batches_equal_one_large_batch():
     gradient of one batch holding them all (each target weighs the same)."""
     import copy
 
-    from moekit.training.trainer import optimizer_step
+    from moekit.training.step import optimizer_step
 
     torch.manual_seed(0)
     inputs = torch.randint(1, 64, (8, 12))

@@ -20,22 +20,28 @@ def test_dense_twin_matches_the_active_count(preset):
 
 def test_compare_trains_both_on_the_same_data(tmp_path, tiny_run_config):
     cfg = tiny_run_config("train.max_steps=4", "train.eval_every=2")
-    summary = compare(cfg, tmp_path, dense_total=True, verbose=False)
-    assert set(summary["runs"]) == {"moe", "dense_active", "dense_total"}
-    moe, dense = summary["runs"]["moe"], summary["runs"]["dense_active"]
-    assert moe["tokens"] == dense["tokens"] == 4 * 4 * 32
-    assert abs(dense["active_params"] - moe["active_params"]) < 0.02 * moe["active_params"]
-    big = summary["runs"]["dense_total"]
-    assert abs(big["total_params"] - moe["total_params"]) < 0.02 * moe["total_params"]
-    assert (
-        summary["moe_val_loss"] == moe["val_loss"]
-        and summary["dense_val_loss"] == dense["val_loss"]
-    )
-    assert [p["tokens"] for p in moe["curve"]] == [256, 512]
+    result = compare(cfg, tmp_path, dense_total=True, verbose=False)
+    assert set(result.runs) == {"moe", "dense_active", "dense_total"}
+    moe, dense = result.runs["moe"], result.runs["dense_active"]
+    assert moe.tokens == dense.tokens == 4 * 4 * 32
+    assert abs(dense.active_params - moe.active_params) < 0.02 * moe.active_params
+    big = result.runs["dense_total"]
+    assert abs(big.total_params - moe.total_params) < 0.02 * moe.total_params
+    assert result.moe_val_loss == moe.val_loss and result.dense_val_loss == dense.val_loss
+    assert result.dense_total_val_loss == big.val_loss
+    assert [p.tokens for p in moe.curve] == [256, 512]
     assert (tmp_path / "compare.png").stat().st_size > 0
+    summary = result.to_dict()
     assert json.loads((tmp_path / "compare.json").read_text()) == summary
+    # compare.json keeps its layout: the headline losses, then every run's figures.
+    assert list(summary) == ["moe_val_loss", "dense_val_loss", "runs", "dense_total_val_loss"]
+    assert summary["runs"]["moe"]["curve"][0] == moe.curve[0].to_dict()
+    assert set(summary["runs"]["moe"]) == {"total_params", "active_params", "ffn_hidden",
+                                           "tokens", "train_seconds", "val_loss",
+                                           "val_by_domain", "curve"}  # fmt: skip
+    assert moe.ffn_hidden is None and dense.ffn_hidden is not None
     # The same tokenizer (trained on the same split) served every run.
-    tokenizers = {(tmp_path / r / "tokenizer.json").read_text() for r in summary["runs"]}
+    tokenizers = {(tmp_path / r / "tokenizer.json").read_text() for r in result.runs}
     assert len(tokenizers) == 1
 
 

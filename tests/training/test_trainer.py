@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
-import moekit.training.trainer as trainer_mod
+import moekit.training.step as step_mod
 from moekit.model_dir import ModelDir, load_model, load_weights
 from moekit.training.checkpoint import latest_checkpoint
+from moekit.training.errors import ExistingRunError, NothingToResumeError, ResumeMismatchError
 from moekit.training.trainer import NonFiniteLossError, Trainer, train
 
 from ..conftest import TINY_RUN
@@ -60,18 +61,19 @@ def test_existing_runs_are_not_overwritten(tmp_path, tiny_run_config):
     cfg = tiny_run_config("train.max_steps=2")
     train(cfg, tmp_path / "run", verbose=False, report=False)
     with pytest.raises(
-        ValueError, match=r"already holds a training run \(a checkpoint at step 2\); pass --resume"
+        ExistingRunError,
+        match=r"already holds a training run \(a checkpoint at step 2\); resume it \(resume=True\)",
     ):
         train(cfg, tmp_path / "run", verbose=False, report=False)
     other = tiny_run_config("train.max_steps=2", "model.moe.num_experts=8")
-    with pytest.raises(ValueError, match="the model section differs"):
+    with pytest.raises(ResumeMismatchError, match="the model section differs"):
         train(other, tmp_path / "run", verbose=False, report=False, resume=True)
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(NothingToResumeError, match="holds no checkpoint"):
         train(cfg, tmp_path / "empty", verbose=False, report=False, resume=True)
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_run_config, monkeypatch):
-    real = trainer_mod.lm_loss
+    real = step_mod.lm_loss
     calls = {"n": 0}
 
     def flaky(logits, targets):
@@ -79,7 +81,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_run_confi
         loss = real(logits, targets)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(trainer_mod, "lm_loss", flaky)
+    monkeypatch.setattr(step_mod, "lm_loss", flaky)
     result = train(tiny_run_config("train.max_steps=6"), tmp_path / "a", verbose=False,
                    report=False)  # fmt: skip
     assert result.skipped_steps == 1 and result.step == 6
@@ -87,7 +89,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_run_confi
     def broken(logits, targets):
         return real(logits, targets) * float("inf")
 
-    monkeypatch.setattr(trainer_mod, "lm_loss", broken)
+    monkeypatch.setattr(step_mod, "lm_loss", broken)
     with pytest.raises(NonFiniteLossError, match="not finite in 3 consecutive steps"):
         train(tiny_run_config("train.max_steps=6", "train.max_nonfinite=3"), tmp_path / "b",
               verbose=False, report=False)  # fmt: skip
@@ -170,12 +172,12 @@ def test_checkpoints_survive_a_dangling_pointer_and_a_torn_metrics_line(tmp_path
 
 
 def test_non_finite_numbers_are_logged_as_null(tmp_path, tiny_run_config, monkeypatch):
-    real = trainer_mod.lm_loss
+    real = step_mod.lm_loss
 
     def broken(logits, targets):
         return real(logits, targets) * float("nan")
 
-    monkeypatch.setattr(trainer_mod, "lm_loss", broken)
+    monkeypatch.setattr(step_mod, "lm_loss", broken)
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
         train(tiny_run_config("train.max_steps=6", "train.max_nonfinite=2"), tmp_path / "run",
               verbose=False, report=False)  # fmt: skip

@@ -35,23 +35,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = run_config(args, default_recipe="demo")
     again = "the same compare command (it continues each run)"
     with training_errors("compare", resume_hint=again):
-        summary = compare(cfg, args.out, dense_total=args.dense_total, verbose=not args.quiet)
+        result = compare(cfg, args.out, dense_total=args.dense_total, verbose=not args.quiet)
     if args.json:
-        print_json(summary)
+        print_json(result.to_dict())
         return 0
     t = table(
         f"MoE vs dense on the same data and tokens ({args.out})",
         ["run", "total params", "active params", "tokens", "train s", "val loss"],
         right={"total params", "active params", "tokens", "train s", "val loss"},
     )
-    for name, r in summary["runs"].items():
+    for name, r in result.runs.items():
         t.add_row(
             name,
-            human(r["total_params"]),
-            human(r["active_params"]),
-            f"{r['tokens']:,}",
-            f"{r['train_seconds']:.0f}",
-            f"{r['val_loss']:.4f}",
+            human(r.total_params),
+            human(r.active_params),
+            f"{r.tokens:,}",
+            f"{r.train_seconds:.0f}",
+            "n/a" if r.val_loss is None else f"{r.val_loss:.4f}",
         )
     out = console()
     out.print(t)

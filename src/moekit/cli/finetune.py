@@ -9,6 +9,7 @@ from typing import Any
 
 from moekit.cli.common import doc, training_errors
 from moekit.cli.format import print_json, print_run_summary
+from moekit.cli.train import run_dir_hints
 
 
 def add_parser(sub: Any) -> None:
@@ -74,47 +75,49 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.model_dir import ModelDir
+    from moekit.finetune.methods import FinetuneSummary
     from moekit.training.config import finetune_run_config, resume_run_config
     from moekit.training.trainer import train
 
     bases = [a for a in args.positional if "=" not in a]
     if len(bases) > 1:
         raise ValueError(f"expected one base model directory, got {bases}")
-    if args.resume:
-        if bases or args.data:
-            raise ValueError(
-                "--resume continues the run in --out with its own base model and data; "
-                "do not pass BASE_DIR or --data"
-            )
-        cfg = resume_run_config(args.out, _overrides(args))
-    else:
-        if not bases or not args.data:
-            raise ValueError("a BASE_DIR and --data FILE.jsonl are required")
-        cfg = finetune_run_config(
-            bases[0], args.data, method=args.method, config_file=args.config,
-            overrides=_overrides(args),
-        )  # fmt: skip
-    with training_errors("finetune", resume_hint=f"moekit finetune --out {args.out} --resume"):
+    if args.resume and (bases or args.data):
+        raise ValueError(
+            "--resume continues the run in --out with its own base model and data; "
+            "do not pass BASE_DIR or --data"
+        )
+    if not args.resume and (not bases or not args.data):
+        raise ValueError("a BASE_DIR and --data FILE.jsonl are required")
+    hint = f"moekit finetune --out {args.out} --resume"
+    with run_dir_hints(), training_errors("finetune", resume_hint=hint):
+        if args.resume:
+            cfg = resume_run_config(args.out, _overrides(args))
+        else:
+            cfg = finetune_run_config(
+                bases[0], args.data, method=args.method, config_file=args.config,
+                overrides=_overrides(args),
+            )  # fmt: skip
         result = train(cfg, args.out, resume=args.resume, verbose=not args.quiet)
-    summary = ModelDir(args.out).finetune_summary() or {}
-    figures = {
+    summary = FinetuneSummary.load(args.out)
+    assert summary is not None  # a fine-tuning run writes it before its first step
+    figures: dict[str, Any] = {
         "run_dir": args.out,
-        "method": summary["method"],
+        "method": summary.method,
         "steps": result.step,
         "val_loss": result.val_loss,
-        "trainable_params": summary["trainable_params"],
-        "total_params": summary["total_params"],
-        "trainable_fraction": summary["trainable_fraction"],
+        "trainable_params": summary.trainable_params,
+        "total_params": summary.total_params,
+        "trainable_fraction": summary.trainable_fraction,
     }
-    if "esft_experts" in summary:
-        figures["esft_experts"] = summary["esft_experts"]
+    if summary.esft_experts is not None:
+        figures["esft_experts"] = summary.esft_experts
     if args.json:
         print_json(figures)
         return 0
     print_run_summary(Path(args.out), result.step, result.tokens, result.seconds, result.val_loss)
     print(
-        f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters "
-        f"({summary['trainable_fraction']:.2%}) with {summary['method']}"
+        f"trained {summary.trainable_params:,} of {summary.total_params:,} parameters "
+        f"({summary.trainable_fraction:.2%}) with {summary.method}"
     )
     return 0

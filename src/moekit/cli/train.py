@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +28,54 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+@contextlib.contextmanager
+def run_dir_hints() -> Iterator[None]:
+    """The library's refusals to start or continue a run in a directory, said with the
+    flags that fix them (--out, --resume)."""
+    from moekit.training.errors import (
+        ExistingModelError,
+        ExistingRunError,
+        NothingToResumeError,
+        ResumeMismatchError,
+    )
+
+    try:
+        yield
+    except ExistingRunError as e:
+        raise ValueError(
+            f"{e.run_dir} already holds a training run (a checkpoint at step {e.step}); pass "
+            "--resume to continue it or choose another --out"
+        ) from None
+    except ExistingModelError as e:
+        raise ValueError(
+            f"{e.run_dir} already holds a model ({', '.join(e.files)}) and no training run to "
+            "continue; choose another --out (a run never overwrites a model)"
+        ) from None
+    except NothingToResumeError as e:
+        raise FileNotFoundError(
+            f"--resume: {e.run_dir} holds {e.missing}; start the run without --resume"
+        ) from None
+    except ResumeMismatchError as e:
+        hint = "; drop that override" if e.setting is not None else ""
+        raise ValueError(f"--resume: {e.problem}{hint}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from moekit.training.config import resolve_run_config, resume_run_config
     from moekit.training.trainer import train
 
     run_dir = Path(args.out)
-    if args.resume and not (args.config or args.preset):
-        cfg = resume_run_config(run_dir, args.overrides)
-    else:
-        cfg = resolve_run_config(
-            config_file=recipe_or_file(args.config), preset=args.preset, overrides=args.overrides
-        )
-    with training_errors("train", resume_hint=f"moekit train --out {run_dir} --resume"):
-        result = train(cfg, run_dir, resume=args.resume, verbose=not args.quiet)
+    with run_dir_hints():
+        if args.resume and not (args.config or args.preset):
+            cfg = resume_run_config(run_dir, args.overrides)
+        else:
+            cfg = resolve_run_config(
+                config_file=recipe_or_file(args.config),
+                preset=args.preset,
+                overrides=args.overrides,
+            )
+        with training_errors("train", resume_hint=f"moekit train --out {run_dir} --resume"):
+            result = train(cfg, run_dir, resume=args.resume, verbose=not args.quiet)
     if args.json:
         print_json(
             {

@@ -15,7 +15,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from moekit.data.loader import TokenizedData, iter_eval_batches
 from moekit.model import Transformer
+
+SAMPLE_BATCHES = 32  # training batches measured to choose the experts
 
 
 @torch.no_grad()
@@ -41,6 +44,25 @@ def routing_mass(model: Transformer, batches: Iterable[tuple[Tensor, Tensor]]) -
     return mass
 
 
+def data_routing_share(
+    model: Transformer, data: TokenizedData, *, batch_size: int, pad_id: int
+) -> dict[int, Tensor]:
+    """`routing_mass` over the first `SAMPLE_BATCHES` training batches of `data`, padding
+    (`pad_id`) left out."""
+    if not model.moe_layers():
+        raise ValueError("finetune.method='esft' needs an MoE model")
+    device = next(model.parameters()).device
+    batches = (
+        (inputs.to(device), (inputs != pad_id).to(device))
+        for _, (inputs, _targets) in zip(
+            range(SAMPLE_BATCHES),
+            iter_eval_batches(data.train, batch_size, data.train_mask),
+            strict=False,
+        )
+    )
+    return routing_mass(model, batches)
+
+
 def select_experts(mass: dict[int, Tensor], coverage: float) -> dict[int, list[int]]:
     """Per layer, the fewest experts (heaviest first) whose routing weight reaches `coverage`
     of the layer's total."""
@@ -51,6 +73,22 @@ def select_experts(mass: dict[int, Tensor], coverage: float) -> dict[int, list[i
         count = int((share < coverage - 1e-9).sum()) + 1
         chosen[layer] = sorted(order[:count].tolist())
     return chosen
+
+
+def trainable_params(
+    model: Transformer, selection: dict[int, list[int]], *, attention: bool
+) -> int:
+    """Parameters that train under `selection`: the chosen experts' slices of the stacked
+    weights (a stacked weight trains only in part), plus attention when it trains."""
+    layers = model.moe_layers()
+    count = 0
+    for layer, experts in selection.items():
+        ex = layers[layer].experts
+        per_expert = sum(w[0].numel() for w in (ex.w_gate, ex.w_up, ex.w_down) if w is not None)
+        count += len(experts) * per_expert
+    if attention:
+        count += sum(p.numel() for b in model.blocks() for p in b.attn.parameters())
+    return count
 
 
 class ExpertFreeze:

@@ -14,6 +14,7 @@ from moekit.config import ModelConfig
 from moekit.data.config import DataConfig
 from moekit.finetune.config import FinetuneConfig
 from moekit.model_dir import ModelDir
+from moekit.training.errors import NothingToResumeError
 from moekit.validate import ConfigBase, check_field_types, check_non_negative, check_positive, fail
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -135,7 +136,7 @@ class RunConfig(ConfigBase):
                 "data, train, finetune"
             )
         if "model" not in data:
-            raise ValueError("run config: a 'model' section (or --preset) is required")
+            raise ValueError("run config: a 'model' section (or a preset) is required")
         return cls(
             model=ModelConfig.from_dict(data["model"]),
             data=DataConfig.from_dict(data.get("data") or {}),
@@ -329,11 +330,11 @@ def finetune_run_config(
 
 
 def resume_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """The config of the run in `run_dir` (its run.json) with `overrides` applied: what
-    `moekit train --out DIR --resume [overrides]` continues with."""
+    """The config of the run in `run_dir` (its run.json) with `overrides` applied: what a
+    resumed run continues with (`train(cfg, run_dir, resume=True)`)."""
     path = ModelDir(run_dir) / ModelDir.RUN_CONFIG
     if not path.exists():
-        raise FileNotFoundError(f"--resume: {run_dir} holds no run (no run.json)")
+        raise NothingToResumeError(Path(run_dir), f"no run (no {ModelDir.RUN_CONFIG})")
     return RunConfig.from_dict(apply_overrides(read_config_file(path), overrides or []))
 
 

@@ -1,0 +1,134 @@
+"""The arithmetic of training, apart from the run around it: the loss, one optimizer step over
+accumulated micro-batches, and the validation loss. `Trainer` calls these; so can a benchmark
+or a test that needs one step without a run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moekit.data.loader import IGNORE_INDEX, iter_eval_batches
+from moekit.model import Transformer
+
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 autocast where the device runs it natively (CUDA with bf16), float32 elsewhere."""
+    if precision == "fp32":
+        return None
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise ValueError(
+            f"train.precision='bf16' is not supported on {device}; use 'auto' or 'fp32'"
+        )
+    return torch.bfloat16 if supported else None
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy, computed in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def optimizer_step(
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    grad_accum: int,
+    grad_clip: float,
+    autocast: Autocast = contextlib.nullcontext,
+    on_stats: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
+    balance_routers: bool = True,
+    pad_id: int | None = None,
+) -> dict[str, Any]:
+    """One optimizer step over `grad_accum` micro-batches of (inputs, targets).
+
+    Loss = next-token cross-entropy over every target of the step (targets of -100 are not
+    targets; each micro-batch weighs by its share of the step's targets, so accumulating gives
+    the loss of one large batch) + the model's weighted router losses, averaged over the
+    micro-batches. With `pad_id`, input tokens equal to it are padding: they route to no expert
+    and count in no routing statistic, router loss or token count. A non-finite loss or
+    gradient norm skips the update (`finite=False` in the result). After a good update (and
+    with `balance_routers`) the routers' aux-loss-free biases take one step from the routed
+    counts summed over the micro-batches. `on_stats(layer, counts, dropped, entropy)` sees
+    every MoE layer's statistics of every micro-batch. The result's `tokens` counts the input
+    tokens that were not padding.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    batches = [(inputs.to(device), targets.to(device)) for inputs, targets in batches]
+    targets_per_batch = [int((t != IGNORE_INDEX).sum()) for _, t in batches]
+    all_targets = max(sum(targets_per_batch), 1)
+    counts: dict[int, Tensor] = {}
+    loss_sum = aux_sum = 0.0
+    tokens = 0
+    for (inputs, targets), n in zip(batches, targets_per_batch, strict=True):
+        mask = inputs != pad_id if pad_id is not None else None
+        tokens += int(mask.sum()) if mask is not None else inputs.numel()
+        with autocast():
+            out = model(inputs, token_mask=mask)
+        loss = lm_loss(out.logits, targets) if n else out.logits.sum() * 0.0
+        share = n / all_targets
+        (loss * share + out.aux_loss / grad_accum).backward()
+        loss_sum += float(loss.detach()) * share
+        aux_sum += float(out.aux_loss.detach())
+        for layer, stats in out.moe_stats.items():
+            counts[layer] = (
+                counts[layer] + stats.tokens_per_expert
+                if layer in counts
+                else stats.tokens_per_expert
+            )
+            if on_stats is not None:
+                on_stats(layer, stats.tokens_per_expert, stats.dropped, stats.entropy)
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    lr = optimizer.param_groups[0]["lr"]
+    finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+        if balance_routers:
+            model.update_router_biases(counts)
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "loss": loss_sum,
+        "tokens": tokens,
+        "aux_loss": aux_sum / grad_accum,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "finite": finite,
+    }
+
+
+@torch.no_grad()
+def eval_loss(
+    model: Transformer,
+    rows: Tensor,
+    mask: Tensor | None = None,
+    *,
+    batch_size: int,
+    max_batches: int,
+    autocast: Autocast = contextlib.nullcontext,
+) -> float:
+    """Mean next-token loss over the targets of (at most `max_batches` batches of) `rows`,
+    with causal routing (so expert-choice models route as they generate); NaN when the rows
+    hold no target. The caller puts the model in eval mode."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i, (inputs, targets) in enumerate(iter_eval_batches(rows, batch_size, mask)):
+        if i >= max_batches:
+            break
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast():
+            logits = model(inputs, causal_routing=True).logits
+        n = int((targets != IGNORE_INDEX).sum())
+        if n:
+            total += float(lm_loss(logits, targets)) * n
+            count += n
+    return total / count if count else math.nan
