@@ -6,15 +6,14 @@ Shape legend: T tokens, D model dim, F expert hidden, E experts, K experts per t
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from moekit.bench.timing import fastest, time_interleaved, with_prefix
 from moekit.config import MoEConfig
 from moekit.moe.layer import MoELayer
 from moekit.nn.mlp import MLP
@@ -33,31 +32,6 @@ SHAPES = (
     LayerShape("fine", num_experts=64, top_k=8, hidden_mult=0.25),
 )
 PHASES = ("prefill", "decode")
-
-
-def _time_interleaved(
-    fns: Mapping[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.05
-) -> dict[str, float]:
-    """Median seconds per call of each function, sampled round-robin.
-
-    Interleaving puts every candidate under the same machine conditions (clock, memory
-    pressure, other load); a sample of a fast call repeats it enough times in a row to last
-    `min_sample_s`, so timer resolution does not matter.
-    """
-    inner = {}
-    for name, fn in fns.items():
-        fn()  # warm up: first-call allocations, caches
-        t0 = time.perf_counter()
-        fn()
-        inner[name] = max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / inner[name])
-    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def _runner(
@@ -170,11 +144,9 @@ def bench_layer(
                 for impl, block in hf.items():
                     if block is not None and (impl != "batched_mm" or gather_fits):
                         fns[f"hf_{impl}"] = _runner(block, block, x, bwd)
-                times = _time_interleaved(fns, repeats)
-                hf_times = {
-                    k.removeprefix("hf_"): v for k, v in times.items() if k.startswith("hf_")
-                }
-                best = min(hf_times, key=hf_times.__getitem__) if hf_times else None
+                times = time_interleaved(fns, repeats)
+                hf_times = with_prefix(times, "hf_")
+                best = fastest(hf_times)
                 rows.append(
                     {
                         "shape": shape.name,

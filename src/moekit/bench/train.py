@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from moekit.bench.layer import _time_interleaved
+from moekit.bench.timing import time_interleaved, with_prefix
 from moekit.config import ModelConfig
 from moekit.interop.mixtral import check_mixtral_compatible, hf_config
 from moekit.model import build_model
@@ -79,9 +79,9 @@ def bench_train(
             opt.zero_grad(set_to_none=True)
 
         fns[f"hf_{impl}"] = hf_step
-    times = _time_interleaved(fns, repeats, min_sample_s=0.0)
+    times = time_interleaved(fns, repeats, min_sample_s=0.0)
     tokens = batch_size * seq_len
-    hf = {k.removeprefix("hf_"): tokens / v for k, v in times.items() if k.startswith("hf_")}
+    hf = {k: tokens / v for k, v in with_prefix(times, "hf_").items()}
     best = max(hf, key=hf.__getitem__) if hf else None
     ours_tps = tokens / times["ours"]
     return {
