@@ -48,7 +48,7 @@ def _add_layer(benches: Any) -> None:
 def run_layer(args: argparse.Namespace) -> int:
     from moekit.bench.layer import bench_layer
 
-    rows = bench_layer(
+    result = bench_layer(
         prefill_tokens=args.prefill_tokens,
         dim=args.dim,
         repeats=args.repeats,
@@ -57,29 +57,29 @@ def run_layer(args: argparse.Namespace) -> int:
         backend=args.backend,
     )
     if args.json:
-        print_json(rows)
+        print_json(result.to_rows())
         return 0
-    shapes = sorted({(r["shape"], r["num_experts"], r["top_k"], r["expert_hidden"]) for r in rows})
+    shapes = sorted({(r.shape, r.num_experts, r.top_k, r.expert_hidden) for r in result.rows})
     caption = "; ".join(f"{n}: E={e}, K={k}, F={f}" for n, e, k, f in shapes)
-    impls = sorted({impl for r in rows for impl in r["hf_s"]})
+    impls = result.hf_impls
     cols = ["shape", "phase", "pass", "ours", "dense", "dense/ours", "hf/ours"]
     cols += [f"hf {impl}" for impl in impls]
     t = table(
-        f"MoE layer, dim {args.dim}, float32, medians of {args.repeats} (ms)",
+        f"MoE layer, dim {result.dim}, float32, medians of {result.repeats} (ms)",
         cols,
         right=set(cols[3:]),
-        caption=f"{caption}; prefill {args.prefill_tokens} tokens, decode 1",
+        caption=f"{caption}; prefill {result.prefill_tokens} tokens, decode 1",
     )
-    for r in rows:
+    for r in result.rows:
         t.add_row(
-            r["shape"],
-            r["phase"],
-            r["pass"],
-            f"{r['ours_s'] * 1e3:.2f}",
-            f"{r['dense_s'] * 1e3:.2f}",
-            f"{r['dense_over_ours']:.2f}x",
-            f"{r['hf_over_ours']:.2f}x" if r["hf_best_s"] is not None else "n/a",
-            *(_ms_or_skip(r["hf_s"].get(impl), impl == r["hf_impl"]) for impl in impls),
+            r.shape,
+            r.phase,
+            r.pass_,
+            f"{r.ours_s * 1e3:.2f}",
+            f"{r.dense_s * 1e3:.2f}",
+            f"{r.dense_over_ours:.2f}x",
+            f"{r.hf_over_ours:.2f}x" if r.hf_over_ours is not None else "n/a",
+            *(_ms_or_skip(r.hf_s.get(impl), impl == r.hf_impl) for impl in impls),
         )
     console(wide=True).print(t)
     print(
