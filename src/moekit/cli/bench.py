@@ -272,16 +272,16 @@ def run_train(args: argparse.Namespace) -> int:
         preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats
     )
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return 0
     print(
-        f"training step, preset {result['preset']}, batch {result['batch_size']} x "
-        f"{result['seq_len']} tokens, float32:"
+        f"training step, preset {result.preset}, batch {result.batch_size} x "
+        f"{result.seq_len} tokens, float32:"
     )
-    print(f"  ours                      {result['ours_tokens_per_s']:10,.0f} tokens/s")
-    for impl, tps in result["hf_tokens_per_s"].items():
+    print(f"  ours                      {result.ours_tokens_per_s:10,.0f} tokens/s")
+    for impl, tps in result.hf_tokens_per_s.items():
         print(f"  transformers ({impl:10s}) {tps:10,.0f} tokens/s")
-    if result["ours_over_hf_best"] is not None:
-        best, ratio = result["hf_best_impl"], result["ours_over_hf_best"]
+    if result.ours_over_hf_best is not None:
+        best, ratio = result.hf_best_impl, result.ours_over_hf_best
         print(f"  ours / transformers' best ({best}): {ratio:.2f}x")
     return 0
