@@ -127,19 +127,18 @@ def run_generate(args: argparse.Namespace) -> int:
         repeats=args.repeats,
     )
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return 0
     print(
-        f"greedy generation, {result['model']}, batch {result['batch_size']}, "
-        f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens, float32:"
+        f"greedy generation, {result.model}, batch {result.batch_size}, "
+        f"{result.prompt_tokens} prompt + {result.new_tokens} new tokens, float32:"
     )
-    for phase in ("prefill", "decode"):
-        ours, hf = result[f"ours_{phase}_tokens_per_s"], result[f"hf_{phase}_tokens_per_s"]
-        ratio = result[f"{phase}_ours_over_hf"]
+    for phase, speed in (("prefill", result.prefill), ("decode", result.decode)):
+        ours, hf, ratio = speed.ours_tokens_per_s, speed.hf_tokens_per_s, speed.ours_over_hf
         print(
             f"  {phase:8s} ours {ours:9,.1f} tok/s   transformers {hf:9,.1f} tok/s   {ratio:.2f}x"
         )
-    print(f"  same tokens as transformers: {result['same_tokens']}")
+    print(f"  same tokens as transformers: {result.same_tokens}")
     return 0
 
 
