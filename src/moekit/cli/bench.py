@@ -166,16 +166,16 @@ def run_serve(args: argparse.Namespace) -> int:
         args.model_dir, clients=args.clients, seconds=args.seconds, new_tokens=args.new_tokens
     )
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return 0
-    one, many = result["one_client"], result["many_clients"]
-    print(f"server decode throughput, {result['new_tokens']} tokens per request:")
-    print(f"  1 client   {one['tokens_per_s']:8,.1f} tokens/s ({one['requests']} requests)")
+    one, many = result.one_client, result.many_clients
+    print(f"server decode throughput, {result.new_tokens} tokens per request:")
+    print(f"  1 client   {one.tokens_per_s:8,.1f} tokens/s ({one.requests} requests)")
     print(
-        f"  {many['clients']} clients  {many['tokens_per_s']:8,.1f} tokens/s "
-        f"({many['requests']} requests; mean decode batch {result['mean_decode_batch']:.1f})"
+        f"  {many.clients} clients  {many.tokens_per_s:8,.1f} tokens/s "
+        f"({many.requests} requests; mean decode batch {result.mean_decode_batch:.1f})"
     )
-    print(f"  speed-up   {result['speedup']:.2f}x")
+    print(f"  speed-up   {result.speedup:.2f}x")
     return 0
 
 
