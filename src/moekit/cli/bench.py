@@ -222,26 +222,26 @@ def run_upcycle(args: argparse.Namespace) -> int:
             verbose=not args.quiet,
         )
     if args.json:
-        print_json(summary)
+        print_json(summary.to_dict())
         return 0
     t = table(
-        f"Sparse upcycling: {summary['dense_steps']} dense steps, then {summary['steps']} "
-        f"MoE steps ({summary['num_experts']} experts, top-{summary['top_k']})",
+        f"Sparse upcycling: {summary.dense_steps} dense steps, then {summary.steps} "
+        f"MoE steps ({summary.num_experts} experts, top-{summary.top_k})",
         ["run", "total params", "active params", "steps", "val loss"],
         right={"total params", "active params", "steps", "val loss"},
     )
-    for name, r in summary["runs"].items():
+    for name, r in summary.runs.items():
         t.add_row(
             name,
-            human(r["total_params"]),
-            human(r["active_params"]),
-            f"{r['steps']:,}",
-            f"{r['val_loss']:.4f}",
+            human(r.total_params),
+            human(r.active_params),
+            f"{r.steps:,}",
+            f"{r.val_loss:.4f}",
         )
     out = console()
     out.print(t)
     out.print(
-        f"upcycled - scratch: {summary['upcycled_minus_scratch']:+.4f} validation loss "
+        f"upcycled - scratch: {summary.upcycled_minus_scratch:+.4f} validation loss "
         f"(negative: the upcycled model is ahead); plot: {Path(args.out) / 'upcycle.png'}"
     )
     return 0
