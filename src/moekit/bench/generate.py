@@ -8,22 +8,65 @@ new tokens over the remaining time. The generated tokens are compared as a sanit
 
 from __future__ import annotations
 
-import statistics
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moekit.bench.timing import medians, round_robin
 from moekit.infer.generate import Generator
 from moekit.infer.sampling import SamplingParams
 from moekit.interop.mixtral import to_hf_model
 
+Greedy = Callable[[int], list[list[int]]]  # new tokens -> the generated ids of each prompt
 
-def _timed(fn: Any) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+
+@dataclass(frozen=True)
+class PhaseSpeed:
+    """Tokens per second of one phase of generation, ours and transformers': prompt tokens
+    for prefill, new tokens for decoding."""
+
+    ours_tokens_per_s: float
+    hf_tokens_per_s: float
+
+    @property
+    def ours_over_hf(self) -> float:
+        """> 1: ours is faster."""
+        return self.ours_tokens_per_s / self.hf_tokens_per_s
+
+
+@dataclass(frozen=True)
+class GenerateBench:
+    """What `bench_generate` measured: the setting, both sides' speed at prefill and at
+    decoding, whether both generated the same tokens, and the transformers experts
+    implementation that ran."""
+
+    model: str
+    batch_size: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill: PhaseSpeed
+    decode: PhaseSpeed
+    same_tokens: bool
+    hf_experts_implementation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "batch_size": self.batch_size,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "ours_prefill_tokens_per_s": self.prefill.ours_tokens_per_s,
+            "hf_prefill_tokens_per_s": self.prefill.hf_tokens_per_s,
+            "ours_decode_tokens_per_s": self.decode.ours_tokens_per_s,
+            "hf_decode_tokens_per_s": self.decode.hf_tokens_per_s,
+            "same_tokens": self.same_tokens,
+            "hf_experts_implementation": self.hf_experts_implementation,
+            "prefill_ours_over_hf": self.prefill.ours_over_hf,
+            "decode_ours_over_hf": self.decode.ours_over_hf,
+        }
 
 
 def bench_generate(
@@ -35,7 +78,7 @@ def bench_generate(
     new_tokens: int = 64,
     repeats: int = 3,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> GenerateBench:
     """Time ours and transformers' greedy generation of `new_tokens` after a random prompt of
     `prompt_tokens` tokens, for `batch_size` prompts at once.
 
@@ -43,33 +86,66 @@ def bench_generate(
     tokens/s for each side, their ratios (> 1: ours is faster) and whether both generated the
     same tokens.
     """
-    from moekit.model import build_model
-    from moekit.presets import get_preset
-
-    if model_dir is not None:
-        generator = Generator.from_dir(model_dir)
-    else:
-        from moekit.data.tokenizer import Tokenizer
-
-        cfg = get_preset(preset)
-        tokenizer = Tokenizer.train(["a b c"], 300)  # only its pad/eos ids are used
-        generator = Generator(build_model(cfg, seed=seed), tokenizer)
-    model, cfg = generator.model, generator.model.cfg
-    hf = to_hf_model(model, cfg)
+    generator = _generator(model_dir, preset, seed)
+    cfg = generator.model.cfg
     if prompt_tokens + new_tokens > cfg.max_seq_len:
         raise ValueError(
             f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceeds the model's "
             f"max_seq_len {cfg.max_seq_len}"
         )
+    hf = to_hf_model(generator.model, cfg)
     torch.manual_seed(seed)
     low = 2  # skip the special tokens
     prompts = torch.randint(low, cfg.vocab_size, (batch_size, prompt_tokens))
+    ours, theirs = _ours(generator, prompts), _theirs(hf, prompts, generator.tokenizer.pad_id)
+    same_tokens = ours(new_tokens) == theirs(new_tokens)
+    # The first new token costs the prefill; the rest of the time is decoding.
+    fns = {
+        "ours_1": lambda: ours(1),
+        "hf_1": lambda: theirs(1),
+        "ours_n": lambda: ours(new_tokens),
+        "hf_n": lambda: theirs(new_tokens),
+    }
+    t = medians(round_robin(fns, repeats))
+    prompt_total, decode_total = batch_size * prompt_tokens, batch_size * (new_tokens - 1)
+    return GenerateBench(
+        model=str(model_dir) if model_dir else f"{preset} (random weights)",
+        batch_size=batch_size,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        prefill=PhaseSpeed(prompt_total / t["ours_1"], prompt_total / t["hf_1"]),
+        decode=PhaseSpeed(
+            decode_total / max(t["ours_n"] - t["ours_1"], 1e-9),
+            decode_total / max(t["hf_n"] - t["hf_1"], 1e-9),
+        ),
+        same_tokens=same_tokens,
+        hf_experts_implementation=hf.config._experts_implementation,
+    )
+
+
+def _generator(model_dir: str | Path | None, preset: str, seed: int) -> Generator:
+    """`model_dir`'s generator, or one of a randomly initialised `preset`."""
+    if model_dir is not None:
+        return Generator.from_dir(model_dir)
+    from moekit.data.tokenizer import Tokenizer
+    from moekit.model import build_model
+    from moekit.presets import get_preset
+
+    tokenizer = Tokenizer.train(["a b c"], 300)  # only its pad/eos ids are used
+    return Generator(build_model(get_preset(preset), seed=seed), tokenizer)
+
+
+def _ours(generator: Generator, prompts: torch.Tensor) -> Greedy:
     batch = [row.tolist() for row in prompts]
 
     def ours(n: int) -> list[list[int]]:
         params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
         return [c.token_ids for c in generator.generate(batch, params)]
 
+    return ours
+
+
+def _theirs(hf: Any, prompts: torch.Tensor, pad_id: int) -> Greedy:
     def theirs(n: int) -> list[list[int]]:
         with torch.no_grad():
             out = hf.generate(
@@ -78,35 +154,8 @@ def bench_generate(
                 max_new_tokens=n,
                 do_sample=False,
                 eos_token_id=None,  # never stop early, as ours with ignore_eos
-                pad_token_id=generator.tokenizer.pad_id,
+                pad_token_id=pad_id,
             )
-        return out[:, prompt_tokens:].tolist()
+        return out[:, prompts.shape[1] :].tolist()
 
-    same_tokens = ours(new_tokens) == theirs(new_tokens)
-    samples: dict[str, list[float]] = {k: [] for k in ("ours_1", "ours_n", "hf_1", "hf_n")}
-    for _ in range(repeats):  # round-robin so both see the same machine state
-        samples["ours_1"].append(_timed(lambda: ours(1)))
-        samples["hf_1"].append(_timed(lambda: theirs(1)))
-        samples["ours_n"].append(_timed(lambda: ours(new_tokens)))
-        samples["hf_n"].append(_timed(lambda: theirs(new_tokens)))
-    t = {k: statistics.median(v) for k, v in samples.items()}
-    prompt_total, decode_total = batch_size * prompt_tokens, batch_size * (new_tokens - 1)
-    result = {
-        "model": str(model_dir) if model_dir else f"{preset} (random weights)",
-        "batch_size": batch_size,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "ours_prefill_tokens_per_s": prompt_total / t["ours_1"],
-        "hf_prefill_tokens_per_s": prompt_total / t["hf_1"],
-        "ours_decode_tokens_per_s": decode_total / max(t["ours_n"] - t["ours_1"], 1e-9),
-        "hf_decode_tokens_per_s": decode_total / max(t["hf_n"] - t["hf_1"], 1e-9),
-        "same_tokens": same_tokens,
-        "hf_experts_implementation": hf.config._experts_implementation,
-    }
-    result["prefill_ours_over_hf"] = (
-        result["ours_prefill_tokens_per_s"] / result["hf_prefill_tokens_per_s"]
-    )
-    result["decode_ours_over_hf"] = (
-        result["ours_decode_tokens_per_s"] / result["hf_decode_tokens_per_s"]
-    )
-    return result
+    return theirs

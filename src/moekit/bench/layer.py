@@ -6,15 +6,14 @@ Shape legend: T tokens, D model dim, F expert hidden, E experts, K experts per t
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from moekit.bench.timing import fastest, time_interleaved, with_prefix
 from moekit.config import MoEConfig
 from moekit.moe.layer import MoELayer
 from moekit.nn.mlp import MLP
@@ -33,31 +32,84 @@ SHAPES = (
     LayerShape("fine", num_experts=64, top_k=8, hidden_mult=0.25),
 )
 PHASES = ("prefill", "decode")
+PASSES = ("fwd", "fwd_bwd")
 
 
-def _time_interleaved(
-    fns: Mapping[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.05
-) -> dict[str, float]:
-    """Median seconds per call of each function, sampled round-robin.
+@dataclass(frozen=True)
+class LayerRow:
+    """One (shape, phase, pass) of `bench_layer`: median seconds per call of ours, of the dense
+    MLP with the same active FLOPs and of each transformers experts implementation that ran
+    (`hf_s`, by implementation; empty without transformers), and our output's largest absolute
+    difference from transformers' (None without transformers)."""
 
-    Interleaving puts every candidate under the same machine conditions (clock, memory
-    pressure, other load); a sample of a fast call repeats it enough times in a row to last
-    `min_sample_s`, so timer resolution does not matter.
-    """
-    inner = {}
-    for name, fn in fns.items():
-        fn()  # warm up: first-call allocations, caches
-        t0 = time.perf_counter()
-        fn()
-        inner[name] = max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / inner[name])
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+    shape: str
+    phase: str
+    pass_: str  # "fwd" or "fwd_bwd"; "pass" in JSON
+    tokens: int
+    dim: int
+    num_experts: int
+    top_k: int
+    expert_hidden: int
+    ours_s: float
+    dense_s: float
+    hf_s: dict[str, float]
+    max_abs_diff_hf: float | None
+
+    @property
+    def hf_impl(self) -> str | None:
+        """transformers' fastest experts implementation here, or None without transformers."""
+        return fastest(self.hf_s)
+
+    @property
+    def hf_best_s(self) -> float | None:
+        return self.hf_s[self.hf_impl] if self.hf_impl else None
+
+    @property
+    def dense_over_ours(self) -> float:
+        return self.dense_s / self.ours_s
+
+    @property
+    def hf_over_ours(self) -> float | None:
+        return self.hf_s[self.hf_impl] / self.ours_s if self.hf_impl else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": self.shape,
+            "phase": self.phase,
+            "pass": self.pass_,
+            "tokens": self.tokens,
+            "dim": self.dim,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "expert_hidden": self.expert_hidden,
+            "ours_s": self.ours_s,
+            "dense_s": self.dense_s,
+            "hf_best_s": self.hf_best_s,
+            "hf_impl": self.hf_impl,
+            "hf_s": dict(self.hf_s),
+            "dense_over_ours": self.dense_over_ours,
+            "hf_over_ours": self.hf_over_ours,
+            "max_abs_diff_hf": self.max_abs_diff_hf,
+        }
+
+
+@dataclass(frozen=True)
+class LayerBench:
+    """What `bench_layer` measured: its settings and one row per (shape, phase, pass)."""
+
+    dim: int
+    repeats: int
+    prefill_tokens: int
+    rows: list[LayerRow]
+
+    @property
+    def hf_impls(self) -> list[str]:
+        """transformers' experts implementations timed in any row, sorted."""
+        return sorted({impl for row in self.rows for impl in row.hf_s})
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """The rows as JSON-ready dicts (what `moekit bench layer --json` prints)."""
+        return [row.to_dict() for row in self.rows]
 
 
 def _runner(
@@ -120,14 +172,28 @@ def bench_layer(
     backend: str = "auto",
     prefill_tokens: int = 4096,
     seed: int = 0,
-) -> list[dict[str, Any]]:
+) -> LayerBench:
     """Time ours, the dense equivalent and transformers' best for each shape, phase and pass.
 
-    Returns one row per (shape, phase, pass) with times in seconds (medians of `repeats`):
+    Returns a LayerBench with one row per (shape, phase, pass), times in seconds (medians of
+    `repeats`):
     `ours_s`, `dense_s` (a SwiGLU MLP of hidden K*F: the same active FLOPs), `hf_best_s` (the
     fastest of transformers' expert implementations, None without transformers; `hf_impl`
     names it), and `max_abs_diff_hf` (our output against transformers', as a sanity check).
     """
+    _check_arguments(dim, repeats, shapes, phases, prefill_tokens)
+    tokens = {"prefill": prefill_tokens, "decode": 1}
+    torch.manual_seed(seed)
+    rows: list[LayerRow] = []
+    for shape in SHAPES:
+        if shape.name in shapes:
+            rows += _bench_shape(shape, dim, backend, {p: tokens[p] for p in phases}, repeats)
+    return LayerBench(dim=dim, repeats=repeats, prefill_tokens=prefill_tokens, rows=rows)
+
+
+def _check_arguments(
+    dim: int, repeats: int, shapes: tuple[str, ...], phases: tuple[str, ...], prefill_tokens: int
+) -> None:
     known = {s.name for s in SHAPES}
     if unknown := set(shapes) - known:
         raise ValueError(f"unknown shape(s) {sorted(unknown)}; choose from {sorted(known)}")
@@ -138,61 +204,54 @@ def bench_layer(
             f"need a positive dim divisible by 4 (got {dim}), prefill_tokens > 0 "
             f"(got {prefill_tokens}) and repeats > 0 (got {repeats})"
         )
-    tokens = {"prefill": prefill_tokens, "decode": 1}
-    torch.manual_seed(seed)
-    rows: list[dict[str, Any]] = []
-    for shape in SHAPES:
-        if shape.name not in shapes:
-            continue
-        hidden = int(shape.hidden_mult * dim)
-        cfg = MoEConfig(
-            num_experts=shape.num_experts, top_k=shape.top_k, expert_hidden=hidden, backend=backend
-        )
-        layer = MoELayer(dim, cfg)
-        layer.init_weights(0.02, 0.02)
-        dense = MLP(dim, shape.top_k * hidden)
-        dense.init_weights(0.02, 0.02)
-        hf = {impl: _hf_block(layer, impl) for impl in HF_IMPLS}
 
-        def ours(x: Tensor, layer: MoELayer = layer) -> Tensor:
-            return layer(x)[0]
 
-        for phase in phases:
-            x = torch.randn(1, tokens[phase], dim)
-            diff = None
-            if hf["eager"] is not None:
-                with torch.no_grad():
-                    diff = float((ours(x) - hf["eager"](x)).abs().max())
-            gather_fits = _gather_bytes(tokens[phase], cfg, dim) <= GATHER_LIMIT_BYTES
-            for pass_ in ("fwd", "fwd_bwd"):
-                bwd = pass_ == "fwd_bwd"
-                fns = {"ours": _runner(layer, ours, x, bwd), "dense": _runner(dense, dense, x, bwd)}
-                for impl, block in hf.items():
-                    if block is not None and (impl != "batched_mm" or gather_fits):
-                        fns[f"hf_{impl}"] = _runner(block, block, x, bwd)
-                times = _time_interleaved(fns, repeats)
-                hf_times = {
-                    k.removeprefix("hf_"): v for k, v in times.items() if k.startswith("hf_")
-                }
-                best = min(hf_times, key=hf_times.__getitem__) if hf_times else None
-                rows.append(
-                    {
-                        "shape": shape.name,
-                        "phase": phase,
-                        "pass": pass_,
-                        "tokens": tokens[phase],
-                        "dim": dim,
-                        "num_experts": shape.num_experts,
-                        "top_k": shape.top_k,
-                        "expert_hidden": hidden,
-                        "ours_s": times["ours"],
-                        "dense_s": times["dense"],
-                        "hf_best_s": hf_times[best] if best else None,
-                        "hf_impl": best,
-                        "hf_s": hf_times,
-                        "dense_over_ours": times["dense"] / times["ours"],
-                        "hf_over_ours": hf_times[best] / times["ours"] if best else None,
-                        "max_abs_diff_hf": diff,
-                    }
+def _bench_shape(
+    shape: LayerShape, dim: int, backend: str, tokens: dict[str, int], repeats: int
+) -> list[LayerRow]:
+    """The rows of one shape: each phase (with its number of tokens), each pass."""
+    hidden = int(shape.hidden_mult * dim)
+    cfg = MoEConfig(
+        num_experts=shape.num_experts, top_k=shape.top_k, expert_hidden=hidden, backend=backend
+    )
+    layer = MoELayer(dim, cfg)
+    layer.init_weights(0.02, 0.02)
+    dense = MLP(dim, shape.top_k * hidden)
+    dense.init_weights(0.02, 0.02)
+    hf = {impl: _hf_block(layer, impl) for impl in HF_IMPLS}
+
+    def ours(x: Tensor) -> Tensor:
+        return layer(x)[0]
+
+    rows = []
+    for phase, n in tokens.items():
+        x = torch.randn(1, n, dim)
+        diff = None
+        if (eager := hf["eager"]) is not None:
+            with torch.no_grad():
+                diff = float((ours(x) - eager(x)).abs().max())
+        gather_fits = _gather_bytes(n, cfg, dim) <= GATHER_LIMIT_BYTES
+        for pass_ in PASSES:
+            bwd = pass_ == "fwd_bwd"
+            fns = {"ours": _runner(layer, ours, x, bwd), "dense": _runner(dense, dense, x, bwd)}
+            for impl, block in hf.items():
+                if block is not None and (impl != "batched_mm" or gather_fits):
+                    fns[f"hf_{impl}"] = _runner(block, block, x, bwd)
+            times = time_interleaved(fns, repeats)
+            rows.append(
+                LayerRow(
+                    shape=shape.name,
+                    phase=phase,
+                    pass_=pass_,
+                    tokens=n,
+                    dim=dim,
+                    num_experts=shape.num_experts,
+                    top_k=shape.top_k,
+                    expert_hidden=hidden,
+                    ours_s=times["ours"],
+                    dense_s=times["dense"],
+                    hf_s=with_prefix(times, "hf_"),
+                    max_abs_diff_hf=diff,
                 )
+            )
     return rows

@@ -11,13 +11,65 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
-def _client_load(
-    url: str, model: str, clients: int, seconds: float, new_tokens: int
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ClientLoad:
+    """What `clients` concurrent clients got: generated tokens and completed requests in
+    `seconds` of wall-clock time, and the mean request latency."""
+
+    clients: int
+    tokens: int
+    seconds: float
+    requests: int
+    mean_latency_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clients": self.clients,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens_per_s,
+            "requests": self.requests,
+            "mean_latency_s": self.mean_latency_s,
+        }
+
+
+@dataclass(frozen=True)
+class ServeBench:
+    """What `bench_serve` measured: one client's load, `many_clients`' load, and the mean
+    number of sequences per decode step while the many clients ran."""
+
+    model: str
+    new_tokens: int
+    one_client: ClientLoad
+    many_clients: ClientLoad
+    mean_decode_batch: float
+
+    @property
+    def speedup(self) -> float:
+        """Aggregate throughput of the many clients over one client's."""
+        return self.many_clients.tokens_per_s / self.one_client.tokens_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "new_tokens": self.new_tokens,
+            "one_client": self.one_client.to_dict(),
+            "many_clients": self.many_clients.to_dict(),
+            "speedup": self.speedup,
+            "mean_decode_batch": self.mean_decode_batch,
+        }
+
+
+def _client_load(url: str, model: str, clients: int, seconds: float, new_tokens: int) -> ClientLoad:
     import httpx
 
     tokens = [0] * clients
@@ -49,19 +101,18 @@ def _client_load(
     for t in threads:
         t.join()
     elapsed = time.monotonic() - start
-    return {
-        "clients": clients,
-        "tokens": sum(tokens),
-        "seconds": elapsed,
-        "tokens_per_s": sum(tokens) / elapsed,
-        "requests": len(latencies),
-        "mean_latency_s": sum(latencies) / max(len(latencies), 1),
-    }
+    return ClientLoad(
+        clients=clients,
+        tokens=sum(tokens),
+        seconds=elapsed,
+        requests=len(latencies),
+        mean_latency_s=sum(latencies) / max(len(latencies), 1),
+    )
 
 
 def bench_serve(
     model_dir: str | Path, *, clients: int = 8, seconds: float = 20.0, new_tokens: int = 32
-) -> dict[str, Any]:
+) -> ServeBench:
     """Aggregate generated tokens/s with one client, then with `clients` at once, against a
     server on a free loopback port; `speedup` is the ratio."""
     import uvicorn
@@ -102,13 +153,10 @@ def bench_serve(
     http.join(timeout=30)
     if "error" in results:
         raise results["error"]
-    one, many = results["one"], results["many"]
-    steps, rows = results["steps"], results["rows"]
-    return {
-        "model": str(model_dir),
-        "new_tokens": new_tokens,
-        "one_client": one,
-        "many_clients": many,
-        "speedup": many["tokens_per_s"] / one["tokens_per_s"],
-        "mean_decode_batch": rows / max(steps, 1),
-    }
+    return ServeBench(
+        model=str(model_dir),
+        new_tokens=new_tokens,
+        one_client=results["one"],
+        many_clients=results["many"],
+        mean_decode_batch=results["rows"] / max(results["steps"], 1),
+    )

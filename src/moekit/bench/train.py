@@ -7,11 +7,12 @@ load-balancing loss, backward, gradient clipping and AdamW.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from moekit.bench.layer import _time_interleaved
+from moekit.bench.timing import time_interleaved, with_prefix
 from moekit.config import ModelConfig
 from moekit.interop.mixtral import check_mixtral_compatible, hf_config
 from moekit.model import build_model
@@ -22,6 +23,46 @@ from moekit.training.optim import build_optimizer
 from moekit.training.trainer import optimizer_step
 
 HF_IMPLS = ("eager", "grouped_mm")
+
+
+@dataclass(frozen=True)
+class TrainBench:
+    """What `bench_train` measured: the setting, the config's parameter counts, and tokens per
+    second of one optimizer step, ours and transformers' per experts implementation (empty
+    without transformers)."""
+
+    preset: str
+    batch_size: int
+    seq_len: int
+    total_params: int
+    active_params: int
+    ours_tokens_per_s: float
+    hf_tokens_per_s: dict[str, float]
+
+    @property
+    def hf_best_impl(self) -> str | None:
+        """transformers' fastest experts implementation, or None without transformers."""
+        hf = self.hf_tokens_per_s
+        return max(hf, key=hf.__getitem__) if hf else None
+
+    @property
+    def ours_over_hf_best(self) -> float | None:
+        """Our throughput over transformers' best (> 1: ours is faster)."""
+        best = self.hf_best_impl
+        return self.ours_tokens_per_s / self.hf_tokens_per_s[best] if best else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "total_params": self.total_params,
+            "active_params": self.active_params,
+            "ours_tokens_per_s": self.ours_tokens_per_s,
+            "hf_tokens_per_s": dict(self.hf_tokens_per_s),
+            "hf_best_impl": self.hf_best_impl,
+            "ours_over_hf_best": self.ours_over_hf_best,
+        }
 
 
 def _hf_mixtral(cfg: ModelConfig, impl: str) -> torch.nn.Module:
@@ -41,12 +82,12 @@ def bench_train(
     seq_len: int = 256,
     repeats: int = 5,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> TrainBench:
     """Tokens per second of one optimizer step, ours and transformers' (each experts
     implementation), on the same random batch of `batch_size` x `seq_len` tokens.
 
-    Returns `ours_tokens_per_s`, `hf_tokens_per_s` (per implementation), `hf_best_impl` and
-    `ours_over_hf_best` (> 1: ours is faster), plus the config figures.
+    Returns a TrainBench: `ours_tokens_per_s`, `hf_tokens_per_s` (per implementation),
+    `hf_best_impl` and `ours_over_hf_best` (> 1: ours is faster), plus the config figures.
     """
     cfg = get_preset(preset)
     check_mixtral_compatible(cfg)
@@ -79,19 +120,15 @@ def bench_train(
             opt.zero_grad(set_to_none=True)
 
         fns[f"hf_{impl}"] = hf_step
-    times = _time_interleaved(fns, repeats, min_sample_s=0.0)
+    times = time_interleaved(fns, repeats, min_sample_s=0.0)
     tokens = batch_size * seq_len
-    hf = {k.removeprefix("hf_"): tokens / v for k, v in times.items() if k.startswith("hf_")}
-    best = max(hf, key=hf.__getitem__) if hf else None
-    ours_tps = tokens / times["ours"]
-    return {
-        "preset": preset,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "total_params": count_params(cfg).total,
-        "active_params": count_params(cfg).active,
-        "ours_tokens_per_s": ours_tps,
-        "hf_tokens_per_s": hf,
-        "hf_best_impl": best,
-        "ours_over_hf_best": ours_tps / hf[best] if best else None,
-    }
+    pc = count_params(cfg)
+    return TrainBench(
+        preset=preset,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        total_params=pc.total,
+        active_params=pc.active,
+        ours_tokens_per_s=tokens / times["ours"],
+        hf_tokens_per_s={k: tokens / v for k, v in with_prefix(times, "hf_").items()},
+    )

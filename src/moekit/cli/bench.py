@@ -48,7 +48,7 @@ def _add_layer(benches: Any) -> None:
 def run_layer(args: argparse.Namespace) -> int:
     from moekit.bench.layer import bench_layer
 
-    rows = bench_layer(
+    result = bench_layer(
         prefill_tokens=args.prefill_tokens,
         dim=args.dim,
         repeats=args.repeats,
@@ -57,29 +57,29 @@ def run_layer(args: argparse.Namespace) -> int:
         backend=args.backend,
     )
     if args.json:
-        print_json(rows)
+        print_json(result.to_rows())
         return 0
-    shapes = sorted({(r["shape"], r["num_experts"], r["top_k"], r["expert_hidden"]) for r in rows})
+    shapes = sorted({(r.shape, r.num_experts, r.top_k, r.expert_hidden) for r in result.rows})
     caption = "; ".join(f"{n}: E={e}, K={k}, F={f}" for n, e, k, f in shapes)
-    impls = sorted({impl for r in rows for impl in r["hf_s"]})
+    impls = result.hf_impls
     cols = ["shape", "phase", "pass", "ours", "dense", "dense/ours", "hf/ours"]
     cols += [f"hf {impl}" for impl in impls]
     t = table(
-        f"MoE layer, dim {args.dim}, float32, medians of {args.repeats} (ms)",
+        f"MoE layer, dim {result.dim}, float32, medians of {result.repeats} (ms)",
         cols,
         right=set(cols[3:]),
-        caption=f"{caption}; prefill {args.prefill_tokens} tokens, decode 1",
+        caption=f"{caption}; prefill {result.prefill_tokens} tokens, decode 1",
     )
-    for r in rows:
+    for r in result.rows:
         t.add_row(
-            r["shape"],
-            r["phase"],
-            r["pass"],
-            f"{r['ours_s'] * 1e3:.2f}",
-            f"{r['dense_s'] * 1e3:.2f}",
-            f"{r['dense_over_ours']:.2f}x",
-            f"{r['hf_over_ours']:.2f}x" if r["hf_best_s"] is not None else "n/a",
-            *(_ms_or_skip(r["hf_s"].get(impl), impl == r["hf_impl"]) for impl in impls),
+            r.shape,
+            r.phase,
+            r.pass_,
+            f"{r.ours_s * 1e3:.2f}",
+            f"{r.dense_s * 1e3:.2f}",
+            f"{r.dense_over_ours:.2f}x",
+            f"{r.hf_over_ours:.2f}x" if r.hf_over_ours is not None else "n/a",
+            *(_ms_or_skip(r.hf_s.get(impl), impl == r.hf_impl) for impl in impls),
         )
     console(wide=True).print(t)
     print(
@@ -127,19 +127,18 @@ def run_generate(args: argparse.Namespace) -> int:
         repeats=args.repeats,
     )
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return 0
     print(
-        f"greedy generation, {result['model']}, batch {result['batch_size']}, "
-        f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens, float32:"
+        f"greedy generation, {result.model}, batch {result.batch_size}, "
+        f"{result.prompt_tokens} prompt + {result.new_tokens} new tokens, float32:"
     )
-    for phase in ("prefill", "decode"):
-        ours, hf = result[f"ours_{phase}_tokens_per_s"], result[f"hf_{phase}_tokens_per_s"]
-        ratio = result[f"{phase}_ours_over_hf"]
+    for phase, speed in (("prefill", result.prefill), ("decode", result.decode)):
+        ours, hf, ratio = speed.ours_tokens_per_s, speed.hf_tokens_per_s, speed.ours_over_hf
         print(
             f"  {phase:8s} ours {ours:9,.1f} tok/s   transformers {hf:9,.1f} tok/s   {ratio:.2f}x"
         )
-    print(f"  same tokens as transformers: {result['same_tokens']}")
+    print(f"  same tokens as transformers: {result.same_tokens}")
     return 0
 
 
@@ -167,16 +166,16 @@ def run_serve(args: argparse.Namespace) -> int:
         args.model_dir, clients=args.clients, seconds=args.seconds, new_tokens=args.new_tokens
     )
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return 0
-    one, many = result["one_client"], result["many_clients"]
-    print(f"server decode throughput, {result['new_tokens']} tokens per request:")
-    print(f"  1 client   {one['tokens_per_s']:8,.1f} tokens/s ({one['requests']} requests)")
+    one, many = result.one_client, result.many_clients
+    print(f"server decode throughput, {result.new_tokens} tokens per request:")
+    print(f"  1 client   {one.tokens_per_s:8,.1f} tokens/s ({one.requests} requests)")
     print(
-        f"  {many['clients']} clients  {many['tokens_per_s']:8,.1f} tokens/s "
-        f"({many['requests']} requests; mean decode batch {result['mean_decode_batch']:.1f})"
+        f"  {many.clients} clients  {many.tokens_per_s:8,.1f} tokens/s "
+        f"({many.requests} requests; mean decode batch {result.mean_decode_batch:.1f})"
     )
-    print(f"  speed-up   {result['speedup']:.2f}x")
+    print(f"  speed-up   {result.speedup:.2f}x")
     return 0
 
 
@@ -223,26 +222,26 @@ def run_upcycle(args: argparse.Namespace) -> int:
             verbose=not args.quiet,
         )
     if args.json:
-        print_json(summary)
+        print_json(summary.to_dict())
         return 0
     t = table(
-        f"Sparse upcycling: {summary['dense_steps']} dense steps, then {summary['steps']} "
-        f"MoE steps ({summary['num_experts']} experts, top-{summary['top_k']})",
+        f"Sparse upcycling: {summary.dense_steps} dense steps, then {summary.steps} "
+        f"MoE steps ({summary.num_experts} experts, top-{summary.top_k})",
         ["run", "total params", "active params", "steps", "val loss"],
         right={"total params", "active params", "steps", "val loss"},
     )
-    for name, r in summary["runs"].items():
+    for name, r in summary.runs.items():
         t.add_row(
             name,
-            human(r["total_params"]),
-            human(r["active_params"]),
-            f"{r['steps']:,}",
-            f"{r['val_loss']:.4f}",
+            human(r.total_params),
+            human(r.active_params),
+            f"{r.steps:,}",
+            f"{r.val_loss:.4f}",
         )
     out = console()
     out.print(t)
     out.print(
-        f"upcycled - scratch: {summary['upcycled_minus_scratch']:+.4f} validation loss "
+        f"upcycled - scratch: {summary.upcycled_minus_scratch:+.4f} validation loss "
         f"(negative: the upcycled model is ahead); plot: {Path(args.out) / 'upcycle.png'}"
     )
     return 0
@@ -272,16 +271,16 @@ def run_train(args: argparse.Namespace) -> int:
         preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats
     )
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return 0
     print(
-        f"training step, preset {result['preset']}, batch {result['batch_size']} x "
-        f"{result['seq_len']} tokens, float32:"
+        f"training step, preset {result.preset}, batch {result.batch_size} x "
+        f"{result.seq_len} tokens, float32:"
     )
-    print(f"  ours                      {result['ours_tokens_per_s']:10,.0f} tokens/s")
-    for impl, tps in result["hf_tokens_per_s"].items():
+    print(f"  ours                      {result.ours_tokens_per_s:10,.0f} tokens/s")
+    for impl, tps in result.hf_tokens_per_s.items():
         print(f"  transformers ({impl:10s}) {tps:10,.0f} tokens/s")
-    if result["ours_over_hf_best"] is not None:
-        best, ratio = result["hf_best_impl"], result["ours_over_hf_best"]
+    if result.ours_over_hf_best is not None:
+        best, ratio = result.hf_best_impl, result.ours_over_hf_best
         print(f"  ours / transformers' best ({best}): {ratio:.2f}x")
     return 0

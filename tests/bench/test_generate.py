@@ -1,0 +1,56 @@
+import pytest
+
+from moekit.bench.generate import GenerateBench, PhaseSpeed
+
+# The keys of `moekit bench generate --json`, in order.
+KEYS = [
+    "model",
+    "batch_size",
+    "prompt_tokens",
+    "new_tokens",
+    "ours_prefill_tokens_per_s",
+    "hf_prefill_tokens_per_s",
+    "ours_decode_tokens_per_s",
+    "hf_decode_tokens_per_s",
+    "same_tokens",
+    "hf_experts_implementation",
+    "prefill_ours_over_hf",
+    "decode_ours_over_hf",
+]
+
+
+def test_bench_generate_against_transformers(tiny_model_dir):
+    pytest.importorskip("transformers")
+    from moekit.bench.generate import bench_generate
+
+    result = bench_generate(tiny_model_dir, prompt_tokens=16, new_tokens=6, repeats=1)
+    # Same weights, same greedy decoding: transformers' Mixtral produces the same tokens.
+    assert result.same_tokens is True
+    speeds = (result.prefill.ours_tokens_per_s, result.prefill.hf_tokens_per_s,
+              result.decode.ours_tokens_per_s)  # fmt: skip
+    assert all(s > 0 for s in speeds)
+    assert result.prefill.ours_over_hf == pytest.approx(
+        result.prefill.ours_tokens_per_s / result.prefill.hf_tokens_per_s
+    )
+    data = result.to_dict()
+    assert list(data) == KEYS
+    assert data["prefill_ours_over_hf"] == pytest.approx(
+        data["ours_prefill_tokens_per_s"] / data["hf_prefill_tokens_per_s"]
+    )
+
+
+def test_to_dict_has_the_json_keys_and_ratios():
+    result = GenerateBench(
+        model="m",
+        batch_size=2,
+        prompt_tokens=8,
+        new_tokens=4,
+        prefill=PhaseSpeed(ours_tokens_per_s=300.0, hf_tokens_per_s=100.0),
+        decode=PhaseSpeed(ours_tokens_per_s=10.0, hf_tokens_per_s=20.0),
+        same_tokens=True,
+        hf_experts_implementation="grouped_mm",
+    )
+    data = result.to_dict()
+    assert list(data) == KEYS
+    assert data["ours_prefill_tokens_per_s"] == 300.0 and data["hf_decode_tokens_per_s"] == 20.0
+    assert data["prefill_ours_over_hf"] == 3.0 and data["decode_ours_over_hf"] == 0.5
