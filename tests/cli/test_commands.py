@@ -38,3 +38,8 @@ def test_compare_without_a_config_runs_the_demo_recipe(tmp_path, capsys):
     run = json.loads((out / "moe" / "run.json").read_text())
     assert run["train"]["samples"] == ["def ", "The ", "12 + 7 = ", '{"name": ']  # the recipe's
     assert run["data"]["val_fraction"] == 0.05
+
+
+def test_bench_layer_rejects_unknown_shapes(capsys):
+    assert main(["bench", "layer", "--shapes", "huge"]) == 2
+    assert "unknown shape" in capsys.readouterr().err

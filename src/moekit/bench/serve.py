@@ -117,7 +117,7 @@ def bench_serve(
     server on a free loopback port; `speedup` is the ratio."""
     import uvicorn
 
-    from moekit.serve.app import build
+    from moekit.serve import build
 
     app, engine = build(model_dir, model_name="bench", max_batch=max(clients, 1))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))

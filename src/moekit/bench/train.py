@@ -20,7 +20,7 @@ from moekit.params import count_params
 from moekit.presets import get_preset
 from moekit.training.config import TrainConfig
 from moekit.training.optim import build_optimizer
-from moekit.training.trainer import optimizer_step
+from moekit.training.step import optimizer_step
 
 HF_IMPLS = ("eager", "grouped_mm")
 

@@ -142,3 +142,35 @@ def training_errors(command: str, *, resume_hint: str) -> Iterator[None]:
     except NonFiniteLossError as e:
         print(f"moekit {command}: {e}", file=sys.stderr)
         raise Exit(1) from None
+
+
+@contextlib.contextmanager
+def run_dir_hints() -> Iterator[None]:
+    """The library's refusals to start or continue a run in a directory, said with the
+    flags that fix them (--out, --resume)."""
+    from moekit.training.errors import (
+        ExistingModelError,
+        ExistingRunError,
+        NothingToResumeError,
+        ResumeMismatchError,
+    )
+
+    try:
+        yield
+    except ExistingRunError as e:
+        raise ValueError(
+            f"{e.run_dir} already holds a training run (a checkpoint at step {e.step}); pass "
+            "--resume to continue it or choose another --out"
+        ) from None
+    except ExistingModelError as e:
+        raise ValueError(
+            f"{e.run_dir} already holds a model ({', '.join(e.files)}) and no training run to "
+            "continue; choose another --out (a run never overwrites a model)"
+        ) from None
+    except NothingToResumeError as e:
+        raise FileNotFoundError(
+            f"--resume: {e.run_dir} holds {e.missing}; start the run without --resume"
+        ) from None
+    except ResumeMismatchError as e:
+        hint = "; drop that override" if e.setting is not None else ""
+        raise ValueError(f"--resume: {e.problem}{hint}") from None

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moekit.cli.common import doc, training_errors
+from moekit.cli.common import doc, run_dir_hints, training_errors
 from moekit.cli.format import print_json, print_run_summary
-from moekit.cli.train import run_dir_hints
 
 
 def add_parser(sub: Any) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from moekit.cli.common import add_run_arguments, doc, recipe_or_file, training_errors
+from moekit.cli.common import (
+    add_run_arguments,
+    doc,
+    recipe_or_file,
+    run_dir_hints,
+    training_errors,
+)
 from moekit.cli.format import print_json, print_run_summary
 
 
@@ -26,38 +30,6 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.set_defaults(run=run)
-
-
-@contextlib.contextmanager
-def run_dir_hints() -> Iterator[None]:
-    """The library's refusals to start or continue a run in a directory, said with the
-    flags that fix them (--out, --resume)."""
-    from moekit.training.errors import (
-        ExistingModelError,
-        ExistingRunError,
-        NothingToResumeError,
-        ResumeMismatchError,
-    )
-
-    try:
-        yield
-    except ExistingRunError as e:
-        raise ValueError(
-            f"{e.run_dir} already holds a training run (a checkpoint at step {e.step}); pass "
-            "--resume to continue it or choose another --out"
-        ) from None
-    except ExistingModelError as e:
-        raise ValueError(
-            f"{e.run_dir} already holds a model ({', '.join(e.files)}) and no training run to "
-            "continue; choose another --out (a run never overwrites a model)"
-        ) from None
-    except NothingToResumeError as e:
-        raise FileNotFoundError(
-            f"--resume: {e.run_dir} holds {e.missing}; start the run without --resume"
-        ) from None
-    except ResumeMismatchError as e:
-        hint = "; drop that override" if e.setting is not None else ""
-        raise ValueError(f"--resume: {e.problem}{hint}") from None
 
 
 def run(args: argparse.Namespace) -> int:
