@@ -21,8 +21,8 @@ from moekit.presets import get_preset, list_presets
 from moekit.version import __version__
 
 if TYPE_CHECKING:
+    from moekit.analysis.analyze import analyze
     from moekit.analysis.doctor import diagnose
-    from moekit.analysis.report import analyze
     from moekit.finetune.upcycle import upcycle
     from moekit.infer.generate import Generator
     from moekit.infer.sampling import SamplingParams
@@ -45,7 +45,7 @@ _LAZY = {
     "train": "moekit.training.trainer",
     "Generator": "moekit.infer.generate",
     "SamplingParams": "moekit.infer.sampling",
-    "analyze": "moekit.analysis.report",
+    "analyze": "moekit.analysis.analyze",
     "diagnose": "moekit.analysis.doctor",
     "import_hf": "moekit.interop.hf",
     "export_hf": "moekit.interop.hf",

@@ -8,8 +8,10 @@ import re
 
 import pytest
 
+from moekit.analysis.analyze import analyze
 from moekit.analysis.paraphrases import builtin_pairs, load_pairs
-from moekit.analysis.report import PLOTS, analyze
+from moekit.analysis.plots import PLOTS
+from moekit.analysis.result import Analysis
 from moekit.analysis.routing import stderr_progress
 from moekit.analysis.specialization import TOKEN_CLASSES
 from moekit.cli import main
@@ -113,9 +115,19 @@ def test_report_is_self_contained(analysed):
         assert f">{heading}</h2>" in page
 
 
+def test_the_typed_result_reads_back_from_analysis_json(analysed):
+    result, out = analysed
+    typed = Analysis.read(out)
+    assert typed.to_dict() == result
+    assert (out / "analysis.json").read_text() == json.dumps(typed.to_dict(), indent=1) + "\n"
+    assert typed.specialisation.by_class.labels == list(TOKEN_CLASSES)
+    assert set(typed.load.layers) == {0, 1} and typed.top_tokens.layer == 1
+    assert typed.consistency.groups["user"].layers[0].unrelated_weighted is not None
+
+
 def test_summary_is_printed_without_json(analysed, capsys):
     result, out = analysed
-    print_summary(result, out)
+    print_summary(Analysis.from_dict(result), out)
     printed = capsys.readouterr().out
     assert "class NMI" in printed and "report.html" in printed
 
@@ -128,11 +140,12 @@ def test_user_data_with_domains_and_a_chosen_layer(tiny_model_dir, tmp_path):
     result = analyze(tiny_model_dir, tmp_path / "out", data=str(data), domain_field="kind",
                      max_tokens=300, seq_len=32, layer=0, capacity_factor=2.0,
                      progress=False)  # fmt: skip
-    assert result["data"]["source"] == f"user data: {data}"
-    assert set(result["data"]["tokens_per_domain"]) == {"code", "story"}
-    assert result["top_tokens"]["layer"] == 0
-    assert result["load"]["capacity_factor"] == 2.0
-    classes = dict(zip(TOKEN_CLASSES, result["specialisation"]["class"]["tokens"], strict=True))
+    assert isinstance(result, Analysis)
+    assert result.data.source == f"user data: {data}"
+    assert set(result.data.tokens_per_domain) == {"code", "story"}
+    assert result.top_tokens.layer == 0
+    assert result.load.capacity_factor == 2.0
+    classes = dict(zip(TOKEN_CLASSES, result.specialisation.by_class.tokens, strict=True))
     assert classes["code"] > 0 and classes["capitalised"] > 0  # "def" in code, "The" in prose
     assert (tmp_path / "out" / "report.html").exists()
 
@@ -219,7 +232,7 @@ def test_analysis_of_a_trained_model_end_to_end(tmp_path, _private_cache):
     result = analyze(tmp_path / "model", tmp_path / "analysis", max_tokens=2048, seq_len=32,
                      progress=False)  # fmt: skip
     assert (tmp_path / "analysis" / "report.html").is_file()
-    layers = result["specialisation"]["class"]["layers"]
+    layers = result.to_dict()["specialisation"]["class"]["layers"]
     assert set(layers) == {"0", "1"}
     for layer, spec in layers.items():
         chance = spec["baseline_mean"] + 3 * spec["baseline_std"]

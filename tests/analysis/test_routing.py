@@ -8,12 +8,15 @@ import torch
 
 from moekit import build_model
 from moekit.analysis.routing import (
+    NEARLY_DEAD_FRACTION,
     LayerTrace,
     RoutingTrace,
     capacity_drops,
+    check_vocabulary,
     coactivation,
     conditional_coactivation,
     consistency,
+    copies_per_token,
     dropped_at_capacity,
     expert_counts,
     jaccard,
@@ -53,6 +56,40 @@ def test_load_stats_on_known_counts():
     assert s.share == pytest.approx([0.5, 0.3, 0.19, 0.01, 0.0])
     even = load_stats(torch.tensor([7, 7, 7, 7]))
     assert even.imbalance == 1.0 and even.cv == 0.0 and even.dead == even.nearly_dead == []
+
+
+def test_the_one_health_rule_at_its_edges():
+    s = load_stats([6, 0, 3, 1])  # mean 2.5; 10% of it is 0.25
+    assert s.dead == [1] and s.nearly_dead == [1] and s.dying == []
+    assert s.heaviest == 0 and load_stats([1, 4, 4]).heaviest == 1  # the lowest id of equals
+    strict = load_stats([6, 0, 3, 1], nearly_dead_fraction=0.5)  # below 1.25
+    assert strict.nearly_dead == [1, 3] and strict.dying == [3]
+    assert load_stats([6, 0, 3, 1], nearly_dead_fraction=0.0).nearly_dead == [1]  # dead still
+    empty = load_stats(torch.zeros(3, dtype=torch.long))
+    assert math.isnan(empty.imbalance) and math.isnan(empty.cv)
+    assert empty.dead == empty.nearly_dead == [0, 1, 2] and empty.share == [0.0] * 3
+
+
+def test_the_doctor_default_is_the_rule_of_analyze():
+    from moekit.analysis.doctor import DEAD_SHARE
+
+    assert DEAD_SHARE == NEARLY_DEAD_FRACTION
+
+
+def test_copies_per_token():
+    assert copies_per_token(MoEConfig(num_experts=8, top_k=2, expert_hidden=8)) == 2
+    ec = dict(num_experts=4, top_k=1, expert_hidden=8, router="expert_choice")
+    assert copies_per_token(MoEConfig(**ec, capacity_factor=1.5)) == 2
+    assert copies_per_token(MoEConfig(**ec, capacity_factor=3.5)) == 4
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused():
+    class Big:
+        vocab_size = 1000
+
+    check_vocabulary(Big(), 1000, "m")
+    with pytest.raises(ValueError, match="the tokenizer has 1000 tokens but the model 512"):
+        check_vocabulary(Big(), 512, "m")
 
 
 def test_dropped_at_capacity_on_known_counts():
@@ -182,6 +219,10 @@ def test_trace_routing_records_what_the_model_routes():
         assert lt.row_counts.sum() == 300
         assert torch.equal(lt.row_counts[0], expert_counts(lt.experts[:32], 4))
         assert ((lt.entropy > 0) & (lt.entropy <= torch.log(torch.tensor(4.0)) + 1e-5)).all()
+        assert torch.equal(trace.counts(i), lt.row_counts.sum(dim=0))
+        assert trace.load(i).tokens_per_expert == trace.counts(i).tolist()
+        assert trace.mean_entropy(i) == pytest.approx(float(lt.entropy.double().mean()))
+    assert trace.tokens == 150 and trace.logits_dtypes == {"float32"}
 
 
 def test_prompt_usage_in_padded_batches_equals_one_prompt_at_a_time():

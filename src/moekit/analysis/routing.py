@@ -1,6 +1,15 @@
 """Routing as a model really does it: record it on text, then measure load, capacity drops,
 co-activation and consistency.
 
+This is the one routing trace of moekit: `moekit analyze`, `moekit doctor` and the training
+report all sample text with `sample_tokens` and record routing with `trace_routing`, and they
+(and the training metrics) judge expert health with one rule, `load_stats`:
+
+  dead         an expert that received no copy (token x chosen expert)
+  nearly dead  an expert below `nearly_dead_fraction` (default `NEARLY_DEAD_FRACTION`) of an
+               even share (total copies / E); dead experts are nearly dead too
+  imbalance    max over mean copies per expert (1 is perfectly even, E one expert takes all)
+
 Recording (`trace_routing`) runs the model as inference does (`causal_routing=True`: token
 choice is dropless and expert choice runs its causal mode, so a token's experts depend on that
 token and its past only) and keeps every token's chosen experts per MoE layer. The metrics are
@@ -11,6 +20,7 @@ slot, as expert choice leaves them), so tests can give them routings with known 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +37,24 @@ if TYPE_CHECKING:
 
 # An expert below this fraction of the uniform share (total copies / E) is "nearly dead".
 NEARLY_DEAD_FRACTION = 0.1
+
+
+def copies_per_token(moe: MoEConfig) -> int:
+    """K: the experts each token is sent to under inference routing (token choice: top_k;
+    expert choice in its causal mode: ceil(capacity factor), at most E)."""
+    if moe.router == "expert_choice":
+        return min(moe.num_experts, math.ceil(moe.capacity_factor or 1.0))
+    return moe.top_k
+
+
+def check_vocabulary(tokenizer: Tokenizer, vocab_size: int, model_dir: object) -> None:
+    """Raise ValueError when `tokenizer` gives ids the model (`vocab_size`) has no row for:
+    the tokenizer.json of `model_dir` then belongs to another model."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"{vocab_size}; the tokenizer.json belongs to another model"
+        )
 
 
 # ----------------------------------------------------------------------------- recording
@@ -123,7 +151,8 @@ class RoutingTrace:
     """The routing of every MoE layer over a sample, with how the sample was cut into calls.
 
     row_lengths: (R,) tokens of each row; row_batch: (R,) index of the forward call (batch)
-    that held it. These let capacity be applied as the model would per batch or per row."""
+    that held it. These let capacity be applied as the model would per batch or per row.
+    logits_dtypes: the dtypes ("float32", ...) the router logits were computed in."""
 
     num_experts: int
     layers: dict[int, LayerTrace]
@@ -131,7 +160,25 @@ class RoutingTrace:
     row_batch: Tensor
     batch_size: int
     seq_len: int
-    extra: dict[str, float] = field(default_factory=dict)
+    logits_dtypes: set[str] = field(default_factory=set)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the trace holds."""
+        return int(self.row_lengths.sum())
+
+    def counts(self, layer: int) -> Tensor:
+        """(E,) copies each expert of `layer` received over the whole trace."""
+        return expert_counts(self.layers[layer].experts, self.num_experts)
+
+    def load(self, layer: int, nearly_dead_fraction: float = NEARLY_DEAD_FRACTION) -> LoadStats:
+        """`LoadStats` of `layer` over the whole trace (the one rule of expert health)."""
+        return load_stats(self.counts(layer), nearly_dead_fraction)
+
+    def mean_entropy(self, layer: int) -> float:
+        """Mean over tokens of the routing entropy (nats) of `layer`; 0 for an empty trace."""
+        entropy = self.layers[layer].entropy
+        return float(entropy.double().mean()) if entropy.numel() else 0.0
 
 
 @torch.no_grad()
@@ -170,6 +217,7 @@ def trace_routing(
     row_counts: dict[int, list[Tensor]] = {i: [] for i in moe_layers}
     lengths: list[int] = []
     batch_of_row: list[int] = []
+    dtypes: set[str] = set()
     done = 0
     for b, batch in enumerate(batches):
         rows, length = batch.shape
@@ -178,6 +226,7 @@ def trace_routing(
             routing = out.moe_stats[i].routing
             assert routing is not None  # asked for with return_routing=True
             chosen = routing.experts.cpu()  # (rows * length, K)
+            dtypes.add(str(routing.logits.dtype).removeprefix("torch."))
             experts[i].append(chosen.to(torch.int32))
             entropy[i].append(token_entropy(layer.router.probs(routing.logits)).cpu())
             per_row = chosen.view(rows, -1)
@@ -203,6 +252,7 @@ def trace_routing(
         row_batch=torch.tensor(batch_of_row, dtype=torch.long),
         batch_size=batch_size,
         seq_len=seq_len,
+        logits_dtypes=dtypes,
     )
 
 
@@ -234,13 +284,14 @@ def expert_counts(experts: Tensor, num_experts: int) -> Tensor:
 
 @dataclass(frozen=True)
 class LoadStats:
-    """How evenly one layer's copies spread over its experts.
+    """How evenly one layer's copies spread over its experts: the one rule of expert health.
 
     tokens_per_expert: copies each expert received. share: the same over their sum.
     imbalance: max / mean copies (1 is perfectly even; E means one expert takes everything).
     cv: coefficient of variation, population std / mean of the copies (0 is even).
     dead: experts that received no copy. nearly_dead: experts, dead ones included, below
-        `NEARLY_DEAD_FRACTION` of the uniform share (total / E).
+        `nearly_dead_fraction` of the uniform share (total / E).
+    Without any copy, imbalance and cv are NaN (undefined) and every expert is dead.
     """
 
     tokens_per_expert: list[int]
@@ -250,15 +301,29 @@ class LoadStats:
     dead: list[int]
     nearly_dead: list[int]
 
+    @property
+    def dying(self) -> list[int]:
+        """Nearly dead experts that still receive copies (nearly dead, not dead)."""
+        return [e for e in self.nearly_dead if e not in self.dead]
 
-def load_stats(counts: Tensor, nearly_dead_fraction: float = NEARLY_DEAD_FRACTION) -> LoadStats:
+    @property
+    def heaviest(self) -> int:
+        """The expert with the most copies (the lowest id among equals)."""
+        counts = self.tokens_per_expert
+        return max(range(len(counts)), key=counts.__getitem__)
+
+
+def load_stats(
+    counts: Tensor | Sequence[int], nearly_dead_fraction: float = NEARLY_DEAD_FRACTION
+) -> LoadStats:
     """`LoadStats` from copies per expert `counts` (E,)."""
+    counts = torch.as_tensor(counts)
     c = counts.double()
     total = float(c.sum())
     mean = total / c.numel()
     if total == 0:
         share = [0.0] * c.numel()
-        imbalance = cv = 0.0
+        imbalance = cv = math.nan
     else:
         share = (c / total).tolist()
         imbalance = float(c.max()) / mean
@@ -269,7 +334,9 @@ def load_stats(counts: Tensor, nearly_dead_fraction: float = NEARLY_DEAD_FRACTIO
         imbalance=imbalance,
         cv=cv,
         dead=[e for e, x in enumerate(counts.tolist()) if x == 0],
-        nearly_dead=[e for e, x in enumerate(c.tolist()) if x < nearly_dead_fraction * mean],
+        nearly_dead=[
+            e for e, x in enumerate(c.tolist()) if x == 0 or x < nearly_dead_fraction * mean
+        ],
     )
 
 

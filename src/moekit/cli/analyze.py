@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moekit.cli.common import add_device_argument, doc
 from moekit.cli.format import console, maybe, print_json, table
+
+if TYPE_CHECKING:
+    from moekit.analysis.result import Analysis
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "analyze",
         help="routing analysis: load, specialisation, top tokens, consistency, co-activation",
-        description=doc("moekit.analysis.report", "analyze"),
+        description=doc("moekit.analysis.analyze", "analyze"),
     )
     p.add_argument("model_dir", help="model directory (config.json, weights, tokenizer)")
     p.add_argument("--out", required=True, help="folder for the plots, JSON and report.html")
@@ -49,7 +52,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.analysis.report import analyze
+    from moekit.analysis.analyze import analyze
 
     result = analyze(
         args.model_dir,
@@ -68,22 +71,22 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if args.json:
-        print_json(result, indent=1)
+        print_json(result.to_dict(), indent=1)
     else:
         print_summary(result, Path(args.out))
     return 0
 
 
-def print_summary(result: dict[str, Any], out_dir: Path) -> None:
+def print_summary(result: Analysis, out_dir: Path) -> None:
     """A short table per MoE layer: load, entropy, specialisation, consistency."""
     from rich import box
 
-    load, spec = result["load"]["layers"], result["specialisation"]
-    cons = result["consistency"]["groups"]["builtin"]["layers"]
+    load, spec = result.load.layers, result.specialisation
+    cons = result.consistency.groups["builtin"].layers
     columns = ["layer", "imbalance", "dead", "entropy", "class NMI", "domain NMI",
                "paraphrase", "unrelated"]  # fmt: skip
     t = table(
-        f"moekit analyze: {result['data']['tokens']:,} tokens",
+        f"moekit analyze: {result.data.tokens:,} tokens",
         columns,
         right=set(columns[1:]),
         box=box.SIMPLE_HEAD,
@@ -92,18 +95,18 @@ def print_summary(result: dict[str, Any], out_dir: Path) -> None:
     )
     for i, v in load.items():
         t.add_row(
-            i,
-            f"{v['imbalance']:.2f}",
-            str(len(v["dead"])),
-            f"{v['entropy_normalized']:.2f}",
-            f"{spec['class']['layers'][i]['nmi']:.3f}",
-            f"{spec['domain']['layers'][i]['nmi']:.3f}",
-            f"{cons[i]['paraphrase_weighted']:.3f}",
-            maybe(cons[i]["unrelated_weighted"]),
+            str(i),
+            f"{v.imbalance:.2f}",
+            str(len(v.dead)),
+            f"{v.entropy_normalized:.2f}",
+            f"{spec.by_class.layers[i].nmi:.3f}",
+            f"{spec.by_domain.layers[i].nmi:.3f}",
+            f"{cons[i].paraphrase_weighted:.3f}",
+            maybe(cons[i].unrelated_weighted),
         )
     chance = {
-        kind: max(v["baseline_mean"] + 2 * v["baseline_std"] for v in spec[kind]["layers"].values())
-        for kind in ("class", "domain")
+        kind: max(v.baseline_mean + 2 * v.baseline_std for v in section.layers.values())
+        for kind, section in (("class", spec.by_class), ("domain", spec.by_domain))
     }
     out = console()
     out.print(t)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.cli.common import add_device_argument, doc
 from moekit.cli.format import console, print_json
 
 if TYPE_CHECKING:
-    from moekit.analysis.doctor import Check
+    from moekit.analysis.doctor import Check, Diagnosis
 
 
 def add_parser(sub: Any) -> None:
@@ -20,7 +19,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "doctor",
         help="check a model directory (and its training run) for silent MoE failures",
-        description=doc("moekit.analysis.doctor", "diagnose"),
+        description=doc("moekit.analysis.doctor.diagnosis", "diagnose"),
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="the model directory to check")
     p.add_argument(
@@ -47,52 +46,41 @@ def add_parser(sub: Any) -> None:
 
 def exit_code(checks: Sequence[Check], *, strict: bool = False) -> int:
     """0 when no check found a problem (nor, with `strict`, a warning); 1 otherwise."""
-    bad = {"problem", "warning"} if strict else {"problem"}
-    return 1 if any(c.status in bad for c in checks) else 0
+    from moekit.analysis.doctor import exit_code as code
+
+    return code(checks, strict=strict)
 
 
 def run(args: argparse.Namespace) -> int:
     """Exit status 0 when no check found a problem, 1 when one did (with --strict, a warning
     counts too); a directory that cannot be read at all is a usage error (2)."""
-    from moekit.analysis.doctor import STATUSES, diagnose, resolve_run_dir, worst_status
+    from moekit.analysis.doctor import diagnose
 
-    checks = diagnose(
+    diagnosis = diagnose(
         args.model_dir, run_dir=args.run_dir, sample_tokens=args.tokens, device=args.device
     )
-    code = exit_code(checks, strict=args.strict)
-    run_dir = resolve_run_dir(Path(args.model_dir), args.run_dir)
-    counts = {s: sum(c.status == s for c in checks) for s in STATUSES}
     if args.json:
-        print_json(
-            {
-                "model_dir": str(args.model_dir),
-                "run_dir": None if run_dir is None else str(run_dir),
-                "status": worst_status(checks),
-                "counts": counts,
-                "exit_code": code,
-                "checks": [c.to_dict() for c in checks],
-            }
-        )
-        return code
-    print_checks(checks, args.model_dir, run_dir, counts, code)
-    return code
+        print_json(diagnosis.to_dict(strict=args.strict))
+    else:
+        print_checks(diagnosis, strict=args.strict)
+    return diagnosis.exit_code(strict=args.strict)
 
 
 STYLES = {"ok": "green", "warning": "yellow", "problem": "bold red"}
 
 
-def print_checks(
-    checks: Sequence[Check], model_dir: str, run: Path | None, counts: dict[Any, int], code: int
-) -> None:
+def print_checks(diagnosis: Diagnosis, *, strict: bool = False) -> None:
+    """One row per check (status, name, evidence and, unless ok, what to do), then a count."""
     from rich.table import Table
     from rich.text import Text
 
-    title = f"moekit doctor {model_dir}" + (f" (run: {run})" if run is not None else "")
+    run = diagnosis.run_dir
+    title = f"moekit doctor {diagnosis.model_dir}" + (f" (run: {run})" if run is not None else "")
     t = Table(title=title, show_header=False, box=None, padding=(0, 1), expand=False)
     t.add_column("status", no_wrap=True)
     t.add_column("check", no_wrap=True)
     t.add_column("evidence", overflow="fold")
-    for c in checks:
+    for c in diagnosis:
         body = Text(c.evidence)
         if c.advice and c.status != "ok":
             body.append("\nwhat to do: ", style="bold")
@@ -100,7 +88,8 @@ def print_checks(
         t.add_row(Text(c.status, style=STYLES[c.status]), c.name.replace("_", " "), body)
     out = console()
     out.print(t)
+    counts = diagnosis.counts()
     out.print(
-        f"{len(checks)} checks: {counts['ok']} ok, {counts['warning']} warning(s), "
-        f"{counts['problem']} problem(s); exit code {code}"
+        f"{len(diagnosis)} checks: {counts['ok']} ok, {counts['warning']} warning(s), "
+        f"{counts['problem']} problem(s); exit code {diagnosis.exit_code(strict=strict)}"
     )

@@ -1,4 +1,9 @@
-"""Run metrics: routing health per MoE layer, and the metrics.jsonl (+ TensorBoard) log."""
+"""Run metrics: routing health per MoE layer, and the metrics.jsonl (+ TensorBoard) log.
+
+Routing health follows the one rule of `moekit.analysis.routing.load_stats`, so the `dead`
+count a training record logs is the count `moekit doctor` and `moekit analyze` would report
+for the same copies per expert.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.analysis.routing import load_stats
 from moekit.files import atomic_write_text, json_safe
 from moekit.model_dir import ModelDir
 
@@ -17,16 +23,15 @@ from moekit.model_dir import ModelDir
 def routing_metrics(counts: Tensor, dropped: int, entropy: float) -> dict[str, float]:
     """Load statistics of one MoE layer from its routed copies per expert.
 
-    imbalance: max over mean copies per expert (1.0 is perfect balance); cv: coefficient of
-    variation of the copies per expert; dead: experts that received no copy; dropped: copies
-    dropped by the capacity rule; entropy: mean routing entropy (nats).
+    imbalance: max over mean copies per expert (1.0 is perfect balance; NaN without copies);
+    cv: coefficient of variation of the copies per expert; dead: how many experts received
+    no copy; dropped: copies dropped by the capacity rule; entropy: mean routing entropy (nats).
     """
-    counts = counts.double()
-    mean = float(counts.mean())
+    stats = load_stats(counts.detach().cpu())
     return {
-        "imbalance": float(counts.max()) / mean if mean > 0 else math.nan,
-        "cv": float(counts.std(unbiased=False)) / mean if mean > 0 else math.nan,
-        "dead": int((counts == 0).sum()),
+        "imbalance": stats.imbalance,
+        "cv": stats.cv,
+        "dead": len(stats.dead),
         "dropped": int(dropped),
         "entropy": float(entropy),
     }
@@ -41,12 +46,14 @@ class RoutingAccumulator:
         self.entropy: dict[int, list[float]] = {}
 
     def add(self, layer: int, counts: Tensor, dropped: Tensor, entropy: Tensor) -> None:
+        """Add one micro-batch's statistics of MoE layer `layer`."""
         c = counts.detach().to("cpu", torch.long)
         self.counts[layer] = self.counts[layer] + c if layer in self.counts else c
         self.dropped[layer] = self.dropped.get(layer, 0) + int(dropped)
         self.entropy.setdefault(layer, []).append(float(entropy))
 
     def summary(self) -> dict[str, dict[str, float]]:
+        """`routing_metrics` of each layer over what was added since the last reset."""
         return {
             str(layer): routing_metrics(
                 counts,
@@ -57,6 +64,7 @@ class RoutingAccumulator:
         }
 
     def reset(self) -> None:
+        """Forget what was added (the start of the next log window)."""
         self.__init__()  # type: ignore[misc]
 
 

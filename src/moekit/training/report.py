@@ -7,48 +7,123 @@
 - samples.json: greedy continuations of a few prompts
 - summary.json: the figures below as one JSON object
 - report.html: all of it in one self-contained page (images embedded, no network needed)
+
+The report reads the trainer through `ReportTrainer` and the run's outcome through
+`ReportResult`, two protocols of exactly what it uses, so it does not depend on the trainer
+module (which calls it).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from moekit.data.loader import iter_eval_batches
+from moekit.analysis.routing import NEARLY_DEAD_FRACTION, LoadStats, trace_routing
 from moekit.files import atomic_write_text
 from moekit.infer.generate import greedy_generate
 from moekit.model_dir import ModelDir
 from moekit.params import count_params
 from moekit.report import plots
+from moekit.report.page import png_data_uri, render
 
 if TYPE_CHECKING:
-    from moekit.training.trainer import Trainer, TrainResult
+    from torch import Tensor
+
+    from moekit.data.tokenizer import Tokenizer
+    from moekit.model import Transformer
+    from moekit.training.config import RunConfig
+
+
+class ReportData(Protocol):
+    """The prepared data, as the report reads it."""
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """JSON-serialisable counts of the data (documents, tokens, rows)."""
+        ...
+
+    @property
+    def train(self) -> Tensor:
+        """(N, seq_len + 1) packed training rows."""
+        ...
+
+
+class ReportTrainer(Protocol):
+    """What `write_training_report` reads of a trainer, and nothing more."""
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    @property
+    def model(self) -> Transformer: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def cfg(self) -> RunConfig: ...
+
+    @property
+    def val_rows(self) -> Tensor:
+        """(N, seq_len + 1) validation rows (in a fixed shuffled order)."""
+        ...
+
+    @property
+    def data(self) -> ReportData: ...
+
+    @property
+    def sample_prompts(self) -> list[str]: ...
+
+    def method_line(self) -> str | None:
+        """How the model was fine-tuned, or None for pre-training."""
+        ...
+
+
+class ReportResult(Protocol):
+    """What `write_training_report` reads of a run's result (`TrainResult`)."""
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def tokens(self) -> int: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+    @property
+    def val_loss(self) -> float | None: ...
+
+    @property
+    def val_by_domain(self) -> dict[str, float]: ...
+
+    @property
+    def skipped_steps(self) -> int: ...
 
 
 @torch.no_grad()
-def expert_load(trainer: Trainer) -> dict[int, list[float]]:
-    """Share of routed copies per expert for each MoE layer over (part of) the validation set."""
+def expert_load(trainer: ReportTrainer) -> dict[int, LoadStats]:
+    """Routing health of each MoE layer over (part of) the validation set: the first
+    `train.eval_batches` batches of validation rows (training rows when there are none),
+    recorded with inference routing (`moekit.analysis.routing.trace_routing`)."""
     model, tc = trainer.model, trainer.cfg.train
-    model.eval()
-    counts: dict[int, torch.Tensor] = {}
+    if not model.moe_layers():
+        return {}
     rows = trainer.val_rows if len(trainer.val_rows) else trainer.data.train
-    for i, (inputs, _) in enumerate(iter_eval_batches(rows, tc.batch_size)):
-        if i >= tc.eval_batches:
-            break
-        out = model(inputs.to(trainer.device), causal_routing=True)
-        for layer, stats in out.moe_stats.items():
-            c = stats.tokens_per_expert.cpu().double()
-            counts[layer] = counts[layer] + c if layer in counts else c
-    model.train()
-    return {layer: (c / c.sum().clamp_min(1)).tolist() for layer, c in sorted(counts.items())}
+    inputs = rows[: tc.eval_batches * tc.batch_size, :-1]
+    was_training = model.training
+    trace = trace_routing(
+        model, inputs.reshape(-1), seq_len=inputs.shape[1], batch_size=tc.batch_size
+    )
+    model.train(was_training)
+    return {layer: trace.load(layer) for layer in sorted(trace.layers)}
 
 
-def samples(trainer: Trainer) -> list[dict[str, str]]:
+def samples(trainer: ReportTrainer) -> list[dict[str, str]]:
+    """Greedy continuations of the trainer's sample prompts: [{prompt, completion}]."""
     tc, tok = trainer.cfg.train, trainer.tokenizer
     out = []
     for prompt in trainer.sample_prompts:
@@ -59,7 +134,7 @@ def samples(trainer: Trainer) -> list[dict[str, str]]:
     return out
 
 
-def write_training_report(trainer: Trainer, result: TrainResult) -> Path:
+def write_training_report(trainer: ReportTrainer, result: ReportResult) -> Path:
     """Write report/ into the run directory and return its path."""
     out = ModelDir(trainer.run_dir).report_dir
     out.mkdir(exist_ok=True)
@@ -67,75 +142,46 @@ def write_training_report(trainer: Trainer, result: TrainResult) -> Path:
     plots.loss_curves(records, out / "loss.png")
     load = expert_load(trainer)
     if load:
-        plots.expert_load(load, out / "expert_load.png")
+        plots.expert_load({k: v.share for k, v in load.items()}, out / "expert_load.png")
     generated = samples(trainer)
     atomic_write_text(out / "samples.json", json.dumps(generated, indent=2) + "\n")
-    cfg = trainer.cfg.model
+    summary = _summary(trainer, result, load)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    page = render(
+        "training.html.j2",
+        run_dir=str(trainer.run_dir),
+        summary=summary,
+        health=summary["expert_health"],
+        nearly_dead_fraction=NEARLY_DEAD_FRACTION,
+        samples=generated,
+        loss_png=png_data_uri(out / "loss.png"),
+        load_png=png_data_uri(out / "expert_load.png") if load else None,
+    )
+    atomic_write_text(out / "report.html", page)
+    return out
+
+
+def _summary(
+    trainer: ReportTrainer, result: ReportResult, load: dict[int, LoadStats]
+) -> dict[str, Any]:
+    params = count_params(trainer.cfg.model)
     summary: dict[str, Any] = {
         "steps": result.step,
         "tokens": result.tokens,
         "train_seconds": result.seconds,
         "val_loss": result.val_loss,
         "val_by_domain": result.val_by_domain,
-        "total_params": count_params(cfg).total,
-        "active_params": count_params(cfg).active,
+        "total_params": params.total,
+        "active_params": params.active,
         "skipped_steps": result.skipped_steps,
-        "expert_load": {str(k): v for k, v in load.items()},
+        "expert_load": {str(k): v.share for k, v in load.items()},
+        "expert_health": {
+            str(k): {"imbalance": v.imbalance, "dead": v.dead, "nearly_dead": v.nearly_dead}
+            for k, v in load.items()
+        },
         "data": trainer.data.stats,
     }
     method = trainer.method_line()
     if method is not None:
         summary["finetune"] = method
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "report.html", _html(trainer, summary, generated, out))
-    return out
-
-
-def _img(path: Path) -> str:
-    if not path.exists():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{path.stem}">'
-
-
-def _html(
-    trainer: Trainer, summary: dict[str, Any], generated: list[dict[str, str]], out: Path
-) -> str:
-    esc = html.escape
-    domains = "".join(
-        f"<tr><td>{esc(d)}</td><td>{v:.4f}</td></tr>" for d, v in summary["val_by_domain"].items()
-    )
-    sample_rows = "".join(
-        f"<tr><td><code>{esc(s['prompt'])}</code></td><td><pre>{esc(s['completion'])}</pre></td></tr>"
-        for s in generated
-    )
-    val = summary["val_loss"]
-    tuned = (
-        f"<tr><th>fine-tuning</th><td>{esc(summary['finetune'])}</td></tr>"
-        if "finetune" in summary
-        else ""
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>moekit training report</title>
-<style>
-body {{ font: 15px/1.5 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-h1 {{ font-size: 1.6em; }} h2 {{ margin-top: 1.6em; border-bottom: 1px solid #ddd; }}
-table {{ border-collapse: collapse; }} td, th {{ padding: 4px 12px; border-bottom: 1px solid #eee;
-text-align: left; vertical-align: top; }} img {{ max-width: 100%; }}
-pre {{ margin: 0; white-space: pre-wrap; font-size: 13px; }}
-</style></head><body>
-<h1>Training report: {esc(str(trainer.run_dir))}</h1>
-<table>
-<tr><th>parameters (total / active per token)</th><td>{summary["total_params"]:,} /
-{summary["active_params"]:,}</td></tr>
-<tr><th>steps, tokens, seconds</th><td>{summary["steps"]:,}, {summary["tokens"]:,},
-{summary["train_seconds"]:.0f}</td></tr>
-<tr><th>final validation loss</th><td>{"n/a" if val is None else f"{val:.4f}"}</td></tr>
-<tr><th>skipped non-finite steps</th><td>{summary["skipped_steps"]}</td></tr>
-{tuned}</table>
-<h2>Loss</h2>{_img(out / "loss.png")}
-<table><tr><th>domain</th><th>validation loss</th></tr>{domains}</table>
-<h2>Expert load</h2>{_img(out / "expert_load.png") or "<p>dense model: no experts</p>"}
-<h2>Samples (greedy)</h2><table>{sample_rows}</table>
-</body></html>
-"""
+    return summary

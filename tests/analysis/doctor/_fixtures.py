@@ -13,7 +13,7 @@ import torch
 from moekit.analysis.doctor import Check, diagnose
 from moekit.model_dir import load_weights, save_weights
 
-from ..conftest import TINY_RUN
+from ...conftest import TINY_RUN
 
 # A training run small enough for a few dozen steps in seconds: the trainer tests' tiny run
 # with 8 experts, evaluated rarely.
@@ -27,6 +27,19 @@ TINY_TRAIN = [
 
 # Fewer sample tokens where a test does not look at the routing checks.
 FAST = {"sample_tokens": 512}
+
+# Every check, in the order the doctor reports them.
+CHECK_NAMES = [
+    "dead_experts",
+    "load_imbalance",
+    "router_collapse",
+    "training_dead_experts",
+    "selection_bias",
+    "load_balancing",
+    "adapters",
+    "expert_copies",
+    "router_precision",
+]
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -43,6 +56,13 @@ def edit_weights(directory: Path, edit: Callable[[dict[str, torch.Tensor]], None
     state = {k: v.clone() for k, v in load_weights(directory).items()}
     edit(state)
     save_weights(state, directory)
+
+
+def copy_expert(state: dict[str, torch.Tensor], *, layer: int, src: int, dst: int) -> None:
+    """Make expert `dst` of `layer` a copy of expert `src` (all three projections)."""
+    for proj in ("w_gate", "w_up", "w_down"):
+        w = state[f"layers.{layer}.ffn.experts.{proj}"]
+        w[dst] = w[src]
 
 
 def edit_moe_config(directory: Path, **changes: Any) -> None:
