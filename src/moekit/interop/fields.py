@@ -8,7 +8,7 @@ An architecture's config table is a tuple of entries, each stating one rule in b
   import sets it, and export refuses a moekit config that differs, saying `why`.
 - `OnImport({ours: value}, why)`: set on import, free on export (DeepSeek-V3's selection bias).
 - `Only(hf, allowed, why)`: the values of a Hugging Face setting moekit can represent; any other
-  is refused by name on import. `write` is what export writes.
+  is refused by name on import. `write_value` is what export writes.
 - `Const(hf, value)`: written on export, not read (`use_cache: true`).
 - `Check(why, ok, fields)`: an export condition across several moekit fields.
 
@@ -142,8 +142,8 @@ class Field(Entry):
 
 @dataclass(frozen=True)
 class Fixed(Entry):
-    """moekit fields the architecture always has these values of: set on import; a config with
-    any other value is not exported, for the reason `why`."""
+    """The values the architecture always gives these moekit fields: set on import; a config
+    with other values is not exported, for the reason `why`."""
 
     values: Mapping[str, Any]
     why: str
@@ -181,7 +181,7 @@ _UNSET: Any = object()
 class Only(Entry):
     """The values of Hugging Face field `hf` that moekit represents: `allowed` is a tuple of
     values (an absent field counts as null) or a test `allowed(value, hf)`. Import refuses any
-    other value, naming the field and saying `why`; export writes `write` when given."""
+    other value, naming the field and saying `why`; export writes `write_value` when given."""
 
     hf: str
     allowed: tuple[Any, ...] | Callable[[Any, HFConfig], bool]
