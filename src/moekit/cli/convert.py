@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.to_peft:
         return _to_peft(args)
-    from moekit.interop.hf import HFCheckpoint, architecture_of, export_hf, import_hf
+    from moekit.interop.checkpoint import HFCheckpoint
+    from moekit.interop.hf import architecture_of, export_hf, import_hf
     from moekit.params import count_params
 
     figures: dict[str, Any]

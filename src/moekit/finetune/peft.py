@@ -14,6 +14,9 @@ counterpart on the transformers model built from `moekit convert --to-hf`:
   weight, so the gate and up adapters become one adapter of rank 2r on it (A stacked, B block
   diagonal, `rank_pattern` / `alpha_pattern` keep the scale alpha / r).
 
+The transformers names are those of the architecture's in-memory weight table
+(`Architecture.live_weights` in moekit.interop), the one the benchmarks load weights by.
+
 PEFT's parameter LoRA has no dropout; the exported config says lora_dropout 0 (dropout only
 acts in training). Adapters on dense MLP layers (a model with `first_dense_layers`) are
 refused: PEFT maps gate_proj/up_proj/down_proj targets of these architectures onto the
@@ -23,13 +26,15 @@ and its projections differ from moekit's.
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
 
 from moekit.config import ModelConfig
+from moekit.files import write_json
 from moekit.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, read_adapter_config
+from moekit.interop.architecture import Architecture
 from moekit.model_dir import ModelDir
 
 PEFT_ARCHITECTURES = (
@@ -41,8 +46,25 @@ PEFT_ARCHITECTURES = (
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"  # PEFT's name (moekit's own adapter uses the same)
 _PREFIX = "base_model.model."
-_ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
-_MLP = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
+_MLP = ("w_gate", "w_up", "w_down")
+
+Factors = tuple[Tensor, Tensor]  # a LoRA adapter's (A, B)
+
+
+@dataclass
+class _PeftAdapter:
+    """A PEFT adapter being put together: its tensors, and what its config must name."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    modules: list[str] = field(default_factory=list)  # target_modules (nn.Linear)
+    parameters: list[str] = field(default_factory=list)  # target_parameters
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def add(self, where: str, factors: Factors) -> None:
+        """The factors of the adapter whose tensors PEFT keeps under module path `where`."""
+        self.tensors[f"{_PREFIX}{where}.lora_A.weight"] = factors[0]
+        self.tensors[f"{_PREFIX}{where}.lora_B.weight"] = factors[1]
 
 
 def _adapter_source(source: Path) -> Path:
@@ -56,12 +78,58 @@ def _adapter_source(source: Path) -> Path:
     )
 
 
-def _linear_name(ours: str) -> str:
+def _read_adapter(src: Path) -> tuple[ModelConfig, LoRAConfig, dict[str, Tensor]]:
+    """The base model's config, the LoRA settings and the tensors of the adapter in `src`."""
+    from safetensors.torch import load_file
+
+    meta = read_adapter_config(src)
+    if "base_config" not in meta:
+        raise ValueError(
+            f"{src / ADAPTER_CONFIG} does not record the base model's config (base_config); "
+            "save the adapter again with this version of moekit"
+        )
+    cfg = ModelConfig.from_dict(meta["base_config"])
+    lora = LoRAConfig.from_dict(meta["lora"])
+    try:
+        state = load_file(str(src / ADAPTER_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{src / ADAPTER_WEIGHTS} is not a readable safetensors file ({e})") from e
+    return cfg, lora, state
+
+
+def _peft_architecture(cfg: ModelConfig, architecture: str | None) -> Architecture:
+    """The architecture the base `cfg` was exported as (`architecture`, or the one export
+    picks), refused unless PEFT's modules of it mirror moekit's weights."""
+    from moekit.interop.hf import architectures, choose_architecture
+
+    if architecture is not None and architecture not in PEFT_ARCHITECTURES:
+        raise ValueError(
+            f"architecture={architecture!r}: PEFT export supports {', '.join(PEFT_ARCHITECTURES)}"
+        )
+    arch = architectures()[architecture] if architecture else choose_architecture(cfg)
+    if arch.name not in PEFT_ARCHITECTURES:
+        raise ValueError(
+            f"PEFT export supports {', '.join(PEFT_ARCHITECTURES)}; this model exports as "
+            f"{arch.name}"
+        )
+    problems = arch.problems(cfg)
+    if problems:
+        raise ValueError(f"the base model cannot be exported as {arch.name}: {'; '.join(problems)}")
+    return arch
+
+
+def _live_names(arch: Architecture, cfg: ModelConfig) -> dict[str, str]:
+    """moekit weight name -> the name of the same weight in `arch`'s transformers model in
+    memory (whose modules PEFT wraps), by the architecture's table; the two stacked expert
+    weights fused in memory both name the fused one."""
+    maps = arch.tensor_maps(cfg, arch.config_to_hf(cfg), live=True)
+    return {ours: m.theirs[0] for m in maps for ours in m.ours}
+
+
+def _linear_name(ours: str, names: dict[str, str]) -> str:
     """transformers' module name of a moekit linear layer, e.g. layers.0.attn.wq ->
     model.layers.0.self_attn.q_proj."""
     parts = ours.split(".")
-    if len(parts) == 4 and parts[0] == "layers" and parts[2] == "attn" and parts[3] in _ATTN:
-        return f"model.layers.{parts[1]}.self_attn.{_ATTN[parts[3]]}"
     if len(parts) == 4 and parts[0] == "layers" and parts[2] == "ffn" and parts[3] in _MLP:
         # PEFT (0.21) rewrites any target ending in gate_proj / up_proj / down_proj of these
         # MoE architectures into the experts' fused parameters, so an adapter on a dense MLP
@@ -72,21 +140,20 @@ def _linear_name(ours: str) -> str:
             "weights; fine-tune without dense-MLP targets (e.g. --lora-targets "
             "'*.attn.w*,*.ffn.experts.*,*.ffn.shared.*') to export"
         )
-    if len(parts) == 5 and parts[2:4] == ["ffn", "shared"] and parts[4] in _MLP:
-        return f"model.layers.{parts[1]}.mlp.shared_expert.{_MLP[parts[4]]}"
-    raise ValueError(f"the adapter on {ours} has no PEFT counterpart")
+    theirs = names.get(f"{ours}.weight", "")
+    if not theirs.endswith(".weight"):
+        raise ValueError(f"the adapter on {ours} has no PEFT counterpart")
+    return theirs.removesuffix(".weight")
 
 
-def _per_expert(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+def _per_expert(A: Tensor, B: Tensor) -> Factors:
     """PEFT's layout of per-expert factors A (E, r, in), B (E, out, r): A as (E·r, in) with
     row e·r + j, B as (out, r·E) with column j·E + e."""
     E, r, _ = A.shape
     return A.reshape(E * r, -1), B.permute(1, 2, 0).reshape(B.shape[1], r * E)
 
 
-def _fused_gate_up(
-    gate: tuple[Tensor, Tensor] | None, up: tuple[Tensor, Tensor] | None, rank: int, F: int
-) -> tuple[Tensor, Tensor]:
+def _fused_gate_up(gate: Factors | None, up: Factors | None, rank: int, F: int) -> Factors:
     """One rank-2r adapter on the fused (E, 2F, D) gate_up weight from the gate's and the up
     projection's rank-r adapters (a missing one contributes zeros)."""
     ref = gate if gate is not None else up
@@ -101,6 +168,86 @@ def _fused_gate_up(
     return A, B
 
 
+def _add_linear_and_router(
+    out: _PeftAdapter, state: dict[str, Tensor], names: dict[str, str]
+) -> None:
+    """The adapters of linear layers (PEFT's target_modules) and of routers (a parameter of
+    transformers' gate module); expert adapters are left to `_add_experts`."""
+    done: set[str] = set()
+    for key in sorted(state):
+        owner, _, leaf = key.rpartition(".")
+        if owner in done or leaf not in ("A", "B", "mask"):
+            continue
+        done.add(owner)
+        if owner.endswith(".lora"):  # a linear layer's adapter
+            name = _linear_name(owner.removesuffix(".lora"), names)
+            out.add(name, (state[f"{owner}.A"], state[f"{owner}.B"]))
+            out.modules.append(name)
+        elif owner.endswith(".router.adapter"):  # e.g. model.layers.0.mlp.gate.weight
+            parameter = names[owner.removesuffix(".adapter") + ".weight"]
+            out.add(parameter.removesuffix(".weight"), (state[f"{owner}.A"], state[f"{owner}.B"]))
+            out.parameters.append(parameter)
+        elif ".experts.adapters." not in owner:
+            raise ValueError(f"the adapter tensor {key} has no PEFT counterpart")
+
+
+def _add_experts(
+    out: _PeftAdapter, state: dict[str, Tensor], names: dict[str, str], lora: LoRAConfig
+) -> None:
+    """The adapters of each layer's routed experts, on transformers' stacked parameters: gate
+    and up as one rank-2r adapter on the fused gate_up parameter, down as it is."""
+    r = lora.rank
+    for index in sorted({int(k.split(".")[1]) for k in state if ".experts.adapters." in k}):
+        prefix = f"layers.{index}.ffn.experts"
+
+        def factors(proj: str, prefix: str = f"{prefix}.adapters") -> Factors | None:
+            if f"{prefix}.{proj}.A" not in state:
+                return None
+            A, B = state[f"{prefix}.{proj}.A"], state[f"{prefix}.{proj}.B"]
+            return A, B * state[f"{prefix}.{proj}.mask"].view(-1, 1, 1)
+
+        gate, up, down = factors("w_gate"), factors("w_up"), factors("w_down")
+        gate_up, down_name = names[f"{prefix}.w_gate"], names[f"{prefix}.w_down"]
+        module = gate_up.rpartition(".")[0]  # e.g. model.layers.0.mlp.experts
+        # PEFT nests one wrapper per parameter of a module, the first in parameter order
+        # (gate_up_proj) innermost: its tensors sit under base_layer when down_proj also has one.
+        inner = f"{module}.base_layer" if down is not None else module
+        if gate is not None or up is not None:
+            F = (gate or up)[1].shape[1]  # type: ignore[index]
+            out.add(inner, _per_expert(*_fused_gate_up(gate, up, r, F)))
+            out.parameters.append(gate_up)
+            out.rank_pattern[gate_up] = 2 * r
+            out.alpha_pattern[gate_up] = 2 * lora.alpha
+        if down is not None:
+            out.add(module, _per_expert(*down))
+            out.parameters.append(down_name)
+
+
+def _peft_config(adapter: _PeftAdapter, lora: LoRAConfig, base: str) -> dict[str, object]:
+    """PEFT's adapter_config.json for `adapter` (base: the exported base's path or name)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base or None,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        # Exact module names (an empty list, not null: null would make PEFT pick its defaults).
+        "target_modules": sorted(adapter.modules),
+        "target_parameters": sorted(adapter.parameters),
+        "rank_pattern": adapter.rank_pattern,
+        "alpha_pattern": adapter.alpha_pattern,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+    }
+
+
 def export_peft(
     source: str | Path,
     out_dir: str | Path,
@@ -112,120 +259,23 @@ def export_peft(
     holding adapter/) as a PEFT adapter (adapter_model.safetensors + adapter_config.json) for
     the base model exported to `architecture` (default: the one `moekit convert --to-hf`
     picks). `base_model_name_or_path` is recorded for PEFT to find the exported base."""
-    from safetensors.torch import load_file, save_file
-
-    from moekit.files import atomic_write_text
-    from moekit.interop.hf import architectures, choose_architecture
+    from safetensors.torch import save_file
 
     src = _adapter_source(Path(source))
-    meta = read_adapter_config(src)
-    if "base_config" not in meta:
-        raise ValueError(
-            f"{src / ADAPTER_CONFIG} does not record the base model's config (base_config); "
-            "save the adapter again with this version of moekit"
-        )
-    cfg = ModelConfig.from_dict(meta["base_config"])
-    lora = LoRAConfig.from_dict(meta["lora"])
-    if architecture is not None and architecture not in PEFT_ARCHITECTURES:
-        raise ValueError(
-            f"architecture={architecture!r}: PEFT export supports {', '.join(PEFT_ARCHITECTURES)}"
-        )
-    arch = architectures()[architecture] if architecture else choose_architecture(cfg)
-    if arch.name not in PEFT_ARCHITECTURES:
-        raise ValueError(
-            f"PEFT export supports {', '.join(PEFT_ARCHITECTURES)}; this model exports as "
-            f"{arch.name}"
-        )
-    problems = arch.problems(cfg)
-    if problems:
-        raise ValueError(f"the base model cannot be exported as {arch.name}: {'; '.join(problems)}")
-    try:
-        state = load_file(str(src / ADAPTER_WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{src / ADAPTER_WEIGHTS} is not a readable safetensors file ({e})") from e
-    r = lora.rank
-    tensors: dict[str, Tensor] = {}
-    modules: list[str] = []
-    parameters: list[str] = []
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
-    done: set[str] = set()
-    for key in sorted(state):
-        owner, _, leaf = key.rpartition(".")
-        if owner in done or leaf not in ("A", "B", "mask"):
-            continue
-        done.add(owner)
-        if owner.endswith(".lora"):  # a linear layer's adapter
-            name = _linear_name(owner.removesuffix(".lora"))
-            tensors[f"{_PREFIX}{name}.lora_A.weight"] = state[f"{owner}.A"]
-            tensors[f"{_PREFIX}{name}.lora_B.weight"] = state[f"{owner}.B"]
-            modules.append(name)
-        elif owner.endswith(".router.adapter"):
-            layer = owner.split(".")[1]
-            name = f"model.layers.{layer}.mlp.gate"
-            tensors[f"{_PREFIX}{name}.lora_A.weight"] = state[f"{owner}.A"]
-            tensors[f"{_PREFIX}{name}.lora_B.weight"] = state[f"{owner}.B"]
-            parameters.append(f"{name}.weight")
-        elif ".experts.adapters." in owner:
-            continue  # collected per layer below
-        else:
-            raise ValueError(f"the adapter tensor {key} has no PEFT counterpart")
-    for index in sorted({int(k.split(".")[1]) for k in state if ".experts.adapters." in k}):
-        prefix = f"layers.{index}.ffn.experts.adapters"
-        name = f"model.layers.{index}.mlp.experts"
-
-        def factors(proj: str, prefix: str = prefix) -> tuple[Tensor, Tensor] | None:
-            if f"{prefix}.{proj}.A" not in state:
-                return None
-            A, B = state[f"{prefix}.{proj}.A"], state[f"{prefix}.{proj}.B"]
-            return A, B * state[f"{prefix}.{proj}.mask"].view(-1, 1, 1)
-
-        gate, up, down = factors("w_gate"), factors("w_up"), factors("w_down")
-        # PEFT nests one wrapper per parameter of a module, the first in parameter order
-        # (gate_up_proj) innermost: its tensors sit under base_layer when down_proj also has one.
-        inner = f"{name}.base_layer" if down is not None else name
-        if gate is not None or up is not None:
-            F = (gate or up)[1].shape[1]  # type: ignore[index]
-            pa, pb = _per_expert(*_fused_gate_up(gate, up, r, F))
-            tensors[f"{_PREFIX}{inner}.lora_A.weight"] = pa
-            tensors[f"{_PREFIX}{inner}.lora_B.weight"] = pb
-            parameters.append(f"{name}.gate_up_proj")
-            rank_pattern[f"{name}.gate_up_proj"] = 2 * r
-            alpha_pattern[f"{name}.gate_up_proj"] = 2 * lora.alpha
-        if down is not None:
-            pa, pb = _per_expert(*down)
-            tensors[f"{_PREFIX}{name}.lora_A.weight"] = pa
-            tensors[f"{_PREFIX}{name}.lora_B.weight"] = pb
-            parameters.append(f"{name}.down_proj")
-    if not tensors:
+    cfg, lora, state = _read_adapter(src)
+    arch = _peft_architecture(cfg, architecture)
+    names = _live_names(arch, cfg)
+    adapter = _PeftAdapter()
+    _add_linear_and_router(adapter, state, names)
+    _add_experts(adapter, state, names, lora)
+    if not adapter.tensors:
         raise ValueError(f"{src} holds no adapter tensors")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
+        {k: v.contiguous() for k, v in adapter.tensors.items()},
         str(out / PEFT_WEIGHTS),
         metadata={"format": "pt"},
     )
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or None,
-        "r": r,
-        "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        # Exact module names (an empty list, not null: null would make PEFT pick its defaults).
-        "target_modules": sorted(modules),
-        "target_parameters": sorted(parameters),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-    }
-    atomic_write_text(out / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
+    write_json(out / PEFT_CONFIG, _peft_config(adapter, lora, base_model_name_or_path))
     return out

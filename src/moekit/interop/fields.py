@@ -1,0 +1,435 @@
+"""Config tables: how the fields of a Hugging Face config.json map to a `ModelConfig` and back.
+
+An architecture's config table is a tuple of entries, each stating one rule in both directions:
+
+- `Field(hf, ours)`: a value carried across, e.g. `Field("hidden_size", "dim")`; with a default
+  for a field the checkpoint may leave out, other spellings (`aliases`) and a `cast`.
+- `Fixed({ours: value}, why)`: what the architecture always is (Mixtral routes by softmax top-k):
+  import sets it, and export refuses a moekit config that differs, saying `why`.
+- `OnImport({ours: value}, why)`: set on import, free on export (DeepSeek-V3's selection bias).
+- `Only(hf, allowed, why)`: the values of a Hugging Face setting moekit can represent; any other
+  is refused by name on import. `write_value` is what export writes.
+- `Const(hf, value)`: written on export, not read (`use_cache: true`).
+- `Check(why, ok, fields)`: an export condition across several moekit fields.
+
+Settings that need more than one field on either side (RoPE, the sliding window) are small
+`Entry` subclasses. moekit fields are named by dotted paths into `ModelConfig`
+("moe.num_experts", "attention.qkv_bias"). Anything a table cannot represent exactly is an
+`UnsupportedError` naming the field, never a silent mismatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from moekit.config import ModelConfig
+
+HFConfig = Mapping[str, Any]
+
+
+class UnsupportedError(ValueError):
+    """The checkpoint or model uses something the other side cannot represent exactly."""
+
+
+def unsupported(name: str, value: Any, why: str) -> UnsupportedError:
+    """The error for a Hugging Face setting moekit cannot represent, naming it and its value."""
+    return UnsupportedError(f"config.json: {name}={value!r} is not supported: {why}")
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()  # a Field default: the checkpoint must state the field
+
+
+@dataclass(frozen=True)
+class SameAs:
+    """A Field default: the value of another Hugging Face field (`num_key_value_heads` defaults
+    to `num_attention_heads`)."""
+
+    hf: str
+
+
+def hf_value(
+    hf: HFConfig, name: str, aliases: tuple[str, ...] = (), default: Any = REQUIRED
+) -> Any:
+    """`hf[name]` (or under one of `aliases`), else `default`; a null counts as absent. A missing
+    field without a default is an UnsupportedError naming it."""
+    for key in (name, *aliases):
+        if hf.get(key) is not None:
+            return hf[key]
+    if isinstance(default, SameAs):
+        return hf_value(hf, default.hf)
+    if default is REQUIRED:
+        raise UnsupportedError(f"config.json has no {name!r}")
+    return default
+
+
+def ours_value(cfg: ModelConfig, path: str) -> Any:
+    """The moekit field at dotted `path` ("moe.top_k"); None under a missing `moe`."""
+    value: Any = cfg
+    for part in path.split("."):
+        if value is None:
+            return None
+        value = getattr(value, part)
+    return value
+
+
+class Entry:
+    """One rule of a config table. `read` checks the Hugging Face config and sets moekit fields
+    (dotted path -> value) in `ours`; `write` sets Hugging Face fields from a moekit config;
+    `problems` says what keeps `cfg` from being written exactly (empty: nothing)."""
+
+    def hf_names(self) -> tuple[str, ...]:
+        """The Hugging Face fields it reads or writes."""
+        return ()
+
+    def writes_hf(self) -> bool:
+        """Whether export writes its `hf_names`."""
+        return True
+
+    def ours_paths(self) -> tuple[str, ...]:
+        """The moekit fields it sets or checks."""
+        return ()
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        pass
+
+    def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        pass
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class Field(Entry):
+    """Hugging Face field `hf` is moekit field `ours` (one path, or several that all take the
+    value; export writes the first). `get` computes the exported value when it is not simply
+    the first path's (`cfg.kv_heads`); `imported=False` leaves the moekit field at its default
+    on import (export still writes it)."""
+
+    hf: str
+    ours: str | tuple[str, ...]
+    default: Any = REQUIRED
+    aliases: tuple[str, ...] = ()
+    cast: Callable[[Any], Any] | None = None
+    get: Callable[[ModelConfig], Any] | None = None
+    imported: bool = True
+
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf, *self.aliases)
+
+    def ours_paths(self) -> tuple[str, ...]:
+        return (self.ours,) if isinstance(self.ours, str) else self.ours
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        if not self.imported:
+            return
+        value = hf_value(hf, self.hf, self.aliases, self.default)
+        if self.cast is not None and value is not None:
+            value = self.cast(value)
+        for path in self.ours_paths():
+            ours[path] = value
+
+    def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        hf[self.hf] = self.get(cfg) if self.get else ours_value(cfg, self.ours_paths()[0])
+
+
+@dataclass(frozen=True)
+class Fixed(Entry):
+    """The values the architecture always gives these moekit fields: set on import; a config
+    with other values is not exported, for the reason `why`."""
+
+    values: Mapping[str, Any]
+    why: str
+
+    def ours_paths(self) -> tuple[str, ...]:
+        return tuple(self.values)
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        ours.update(self.values)
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        differs = any(ours_value(cfg, path) != value for path, value in self.values.items())
+        return [self.why] if differs else []
+
+
+@dataclass(frozen=True)
+class OnImport(Entry):
+    """moekit fields an import sets, for the reason `why`, that export does not look at (the
+    checkpoint has no field for them)."""
+
+    values: Mapping[str, Any]
+    why: str
+
+    def ours_paths(self) -> tuple[str, ...]:
+        return tuple(self.values)
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        ours.update(self.values)
+
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class Only(Entry):
+    """The values of Hugging Face field `hf` that moekit represents: `allowed` is a tuple of
+    values (an absent field counts as null) or a test `allowed(value, hf)`. Import refuses any
+    other value, naming the field and saying `why`; export writes `write_value` when given."""
+
+    hf: str
+    allowed: tuple[Any, ...] | Callable[[Any, HFConfig], bool]
+    why: str
+    write_value: Any = field(default=_UNSET, kw_only=True)
+
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf,)
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        value = hf.get(self.hf)
+        ok = self.allowed(value, hf) if callable(self.allowed) else value in self.allowed
+        if not ok:
+            raise unsupported(self.hf, value, self.why)
+
+    def writes_hf(self) -> bool:
+        return self.write_value is not _UNSET
+
+    def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        if self.write_value is not _UNSET:
+            hf[self.hf] = self.write_value
+
+
+@dataclass(frozen=True)
+class Const(Entry):
+    """Hugging Face field `hf` that export writes as `value` and import does not read (it changes
+    nothing moekit represents, e.g. `use_cache`)."""
+
+    hf: str
+    value: Any
+
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf,)
+
+    def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        hf[self.hf] = self.value
+
+
+@dataclass(frozen=True)
+class Check(Entry):
+    """An export condition over the moekit `fields`: when `ok(cfg)` is false the config is not
+    exported, for the reason `why`."""
+
+    why: str
+    ok: Callable[[ModelConfig], bool]
+    fields: tuple[str, ...]
+
+    def ours_paths(self) -> tuple[str, ...]:
+        return self.fields
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        return [] if self.ok(cfg) else [self.why]
+
+
+# ---- settings spread over several fields ------------------------------------------------------
+
+
+class RoPE(Entry):
+    """The RoPE base, from a config written by transformers 4 (`rope_theta`, `rope_scaling`) or 5
+    (`rope_parameters`); scaled RoPE variants are refused. Export writes both spellings."""
+
+    def hf_names(self) -> tuple[str, ...]:
+        return ("rope_theta", "rope_parameters", "rope_scaling")
+
+    def ours_paths(self) -> tuple[str, ...]:
+        return ("rope_theta",)
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        params = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or {}
+        kind = (
+            params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        )
+        if kind != "default":
+            where = "rope_parameters.rope_type" if params.get("rope_type") else "rope_scaling.type"
+            raise unsupported(
+                where,
+                kind,
+                "moekit implements unscaled RoPE only (YaRN, linear and dynamic scaling are not "
+                "available)",
+            )
+        theta: Any = params.get("rope_theta") or hf_value(hf, "rope_theta", default=10000.0)
+        ours["rope_theta"] = float(theta)
+
+    def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        hf["rope_theta"] = cfg.rope_theta
+        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+
+
+@dataclass(frozen=True)
+class SlidingWindow(Entry):
+    """Refuse a sliding attention window narrower than the context. moekit attends to the whole
+    context (at most `max_position_embeddings` tokens, which generation enforces), so a window
+    at least that wide never hides a key and is the same function as full attention; a narrower
+    one is not. `enabled(hf)` says whether the architecture applies `sliding_window` (Qwen only
+    does with `use_sliding_window`). Export writes no window."""
+
+    enabled: Callable[[HFConfig], bool] = lambda hf: True
+
+    def hf_names(self) -> tuple[str, ...]:
+        return ("sliding_window",)
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        window = hf.get("sliding_window")
+        if window is None or not self.enabled(hf):
+            return
+        context = hf_value(hf, "max_position_embeddings")
+        if window < context:
+            raise unsupported(
+                "sliding_window",
+                window,
+                f"it is narrower than max_position_embeddings={context} and moekit attends to "
+                "the full context (a window at least as wide as the context changes nothing "
+                "and is accepted)",
+            )
+
+    def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        hf["sliding_window"] = None
+
+
+class HeadDim(Entry):
+    """An explicit `head_dim`: kept only when it differs from hidden_size / heads (moekit's
+    default), always written on export."""
+
+    def hf_names(self) -> tuple[str, ...]:
+        return ("head_dim",)
+
+    def ours_paths(self) -> tuple[str, ...]:
+        return ("attention.head_dim",)
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        head_dim = hf.get("head_dim")
+        implied = hf_value(hf, "hidden_size") // hf_value(hf, "num_attention_heads")
+        ours["attention.head_dim"] = None if head_dim in (None, implied) else int(head_dim)
+
+    def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        hf["head_dim"] = cfg.head_dim
+
+
+# ---- a table, both ways ---------------------------------------------------------------------
+
+ConfigTable = tuple[Entry, ...]
+
+
+def read_config(table: ConfigTable, hf: HFConfig) -> ModelConfig:
+    """The ModelConfig the Hugging Face config `hf` describes, by `table`; UnsupportedError
+    naming the first setting it cannot represent."""
+    ours: dict[str, Any] = {}
+    for entry in table:
+        entry.read(hf, ours)
+    nested: dict[str, Any] = {}
+    for path, value in ours.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return ModelConfig.from_dict(nested)
+
+
+def write_config(table: ConfigTable, cfg: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face config fields of `cfg` by `table` (check `config_problems` first)."""
+    hf: dict[str, Any] = {}
+    for entry in table:
+        entry.write(cfg, hf)
+    return hf
+
+
+def config_problems(table: ConfigTable, cfg: ModelConfig) -> list[str]:
+    """What keeps `table`'s architecture, a Mixture-of-Experts one, from representing `cfg`
+    exactly (empty: nothing)."""
+    if cfg.moe is None:
+        # The MoE rules cannot be judged without MoE settings; the rest still can.
+        moe_free = [e for e in table if not any(p.startswith("moe.") for p in e.ours_paths())]
+        return [p for e in moe_free for p in e.problems(cfg)] + ["it is dense"]
+    return [p for e in table for p in e.problems(cfg)]
+
+
+def check_table(table: ConfigTable, owner: str) -> None:
+    """Raise ValueError unless every moekit field and every Hugging Face field is set by at
+    most one entry of `table` (two rules for one field would silently overrule each other)."""
+    seen: dict[str, str] = {}
+    for entry in table:
+        if isinstance(entry, Check):
+            continue  # checks only read
+        names = [f"ours:{p}" for p in entry.ours_paths()]
+        if entry.writes_hf():
+            names += [f"hf:{n}" for n in entry.hf_names()]
+        for name in names:
+            if name in seen:
+                raise ValueError(f"{owner}: {name.split(':', 1)[1]} has two rules: {entry!r}")
+            seen[name] = repr(entry)
+
+
+# ---- fragments shared by the tables ------------------------------------------------------------
+
+# What every supported decoder states the same way.
+DECODER_FIELDS: ConfigTable = (
+    Field("vocab_size", "vocab_size"),
+    Field("hidden_size", "dim"),
+    Field("num_hidden_layers", "num_layers"),
+    Field("num_attention_heads", "num_heads"),
+    Field(
+        "num_key_value_heads",
+        "num_kv_heads",
+        default=SameAs("num_attention_heads"),
+        get=lambda cfg: cfg.kv_heads,
+    ),
+    Field("max_position_embeddings", "max_seq_len"),
+    Field("rms_norm_eps", "norm_eps", default=1e-6, cast=float),
+    Field("tie_word_embeddings", "tie_embeddings", default=False, cast=bool),
+    # The weights come with the checkpoint, so its initialisation scale is only written.
+    Field("initializer_range", "init_std", imported=False),
+    RoPE(),
+    Only("hidden_act", ("silu", None), "experts and MLPs are SwiGLU", write_value="silu"),
+    Const("attention_dropout", 0.0),
+    Const("use_cache", True),
+)
+
+
+def swiglu(label: str) -> Fixed:
+    return Fixed({"activation": "swiglu"}, f"{label} experts are SwiGLU")
+
+
+def dropless(label: str) -> Fixed:
+    return Fixed(
+        {"moe.capacity_factor": None}, f"{label} is dropless (capacity_factor must be null)"
+    )
+
+
+def plain_routing(label: str) -> Fixed:
+    """No expert groups, routed scaling or selection bias (everything but DeepSeek-V3)."""
+    return Fixed(
+        {
+            "moe.num_groups": 1,
+            "moe.routed_scaling_factor": 1.0,
+            "moe.selection_bias": False,
+            "moe.bias_update_rate": 0.0,
+        },
+        f"{label} has no expert groups, routed scaling or selection bias",
+    )
+
+
+# transformers gives all four of q/k/v/o_proj a bias with `attention_bias: true` (Qwen3-MoE,
+# OLMoE); moekit's `qkv_bias` covers q/k/v only, as Qwen2-MoE's `qkv_bias` does.
+NO_ATTENTION_BIAS = Only(
+    "attention_bias",
+    (None, False),
+    "it gives o_proj a bias too, and moekit's attention has biases on q/k/v only",
+    write_value=False,
+)

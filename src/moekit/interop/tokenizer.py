@@ -1,0 +1,78 @@
+"""The tokenizer's way in and out of a Hugging Face checkpoint.
+
+Each architecture states its tokenizer files in a `TokenizerFormat`: which Hugging Face files
+travel, and the model-directory file each becomes. Import copies them in (naming the
+end-of-text token for moekit when tokenizer_config.json leaves it out); export copies them
+back and states the special token ids in config.json and generation_config.json.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moekit.files import read_json, write_json
+from moekit.model_dir import ModelDir
+
+HF_TOKENIZER = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def _default_files() -> dict[str, str]:
+    return {HF_TOKENIZER: ModelDir.TOKENIZER, HF_TOKENIZER_CONFIG: ModelDir.TOKENIZER_CONFIG}
+
+
+@dataclass(frozen=True)
+class TokenizerFormat:
+    """The tokenizer files of an architecture's checkpoints: Hugging Face file name -> the
+    model-directory file it becomes. tokenizer.json (the `tokenizers` pipeline) is what makes
+    a checkpoint's tokenizer usable; without it nothing is carried."""
+
+    files: Mapping[str, str] = field(default_factory=_default_files)
+
+
+def import_tokenizer(
+    fmt: TokenizerFormat, src: Path, out: ModelDir, hf_config: Mapping[str, Any]
+) -> None:
+    """Carry the tokenizer of the Hugging Face checkpoint `src` into `out`, naming its
+    end-of-text token in the tokenizer config (from the checkpoint's `eos_token_id`) when the
+    checkpoint's own leaves it out."""
+    if not (src / HF_TOKENIZER).is_file():
+        return
+    for theirs, ours in fmt.files.items():
+        if theirs != HF_TOKENIZER_CONFIG and (src / theirs).is_file():
+            shutil.copyfile(src / theirs, out / ours)
+    config: dict[str, Any] = {}
+    if (src / HF_TOKENIZER_CONFIG).is_file():
+        config = read_json(src / HF_TOKENIZER_CONFIG)
+    if not config.get("eos_token"):
+        added = read_json(src / HF_TOKENIZER).get("added_tokens", [])
+        by_id = {t["id"]: t["content"] for t in added}
+        eos = hf_config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
+        if eos in by_id:
+            config["eos_token"] = by_id[eos]
+    write_json(out / fmt.files.get(HF_TOKENIZER_CONFIG, ModelDir.TOKENIZER_CONFIG), config)
+
+
+def export_tokenizer(fmt: TokenizerFormat, src: ModelDir, out: Path) -> None:
+    """Copy the tokenizer files of the model directory `src` to the Hugging Face directory
+    `out` under their Hugging Face names."""
+    for theirs, ours in fmt.files.items():
+        if (src / ours).is_file():
+            shutil.copyfile(src / ours, out / theirs)
+
+
+def special_ids(model_dir: ModelDir) -> dict[str, int | None]:
+    """bos/eos/pad token ids of a model directory's tokenizer (None without one; a tokenizer
+    trained by moekit has no BOS, and saying so keeps transformers from assuming its
+    architecture's default)."""
+    if not model_dir.tokenizer_path.is_file():
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    from moekit.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(model_dir.path)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
