@@ -48,39 +48,43 @@ def test_modules_and_functions_stay_small(path):
                 )
 
 
-def documented_layout() -> set[str]:
-    """The modules and packages the layout block of docs/development.md names."""
+def documented_layout() -> tuple[set[str], set[str]]:
+    """The modules (top-level files and package/file paths) and the folders that the layout
+    block of docs/development.md names."""
     doc = (ROOT / "docs" / "development.md").read_text()
-    block = doc.split("<!-- layout -->", 2)[1]
-    names: set[str] = set()
+    block = doc.split("<!-- layout -->")[1]
+    modules: set[str] = set()
+    folders: set[str] = set()
     package = ""
     for line in block.splitlines():
-        m = re.match(r"^(\s*)(\S+?)(/)?\s{2,}", line + "  ")
-        if not m or m.group(2).startswith(("```", "<!--")):
-            continue
-        indent, name, slash = len(m.group(1)), m.group(2), m.group(3)
-        if indent == 2:
-            package = name if slash else ""
-            names.add(name + ("/" if slash else ""))
-        elif indent > 2 and package:
-            names.update(f"{package}/{n}" for n in re.findall(r"[\w.]+\.py", line))
-    return names
+        entry = re.match(r"^  (\S+)\s", line + " ")
+        if entry:  # a top-level file or folder
+            name = entry.group(1)
+            package = name if name.endswith("/") else ""
+            if package:
+                folders.add(name)
+            elif name.endswith(".py"):
+                modules.add(name)
+        if package and line.startswith("  "):
+            text = line.split(None, 1)[1] if entry else line
+            modules.update(package + n for n in re.findall(r"[\w./]+\.py\b", text))
+    return modules - {"__init__.py"}, folders
 
 
-def actual_layout() -> set[str]:
-    names = {p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
-    for pkg in PACKAGE.iterdir():
-        if pkg.is_dir() and (pkg / "__init__.py").exists():
-            names.add(pkg.name + "/")
-            for p in pkg.rglob("*.py"):
-                if p.name not in ("__init__.py", "__main__.py"):
-                    names.add(f"{pkg.name}/{p.relative_to(pkg)}".replace("\\", "/"))
-    return names
+def actual_layout() -> tuple[set[str], set[str]]:
+    modules = {
+        str(p.relative_to(PACKAGE)).replace("\\", "/")
+        for p in PACKAGE.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    }
+    folders = {p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    return modules, folders
 
 
 def test_docs_show_the_real_layout():
-    documented, actual = documented_layout(), actual_layout()
+    (documented, folders), (actual, actual_folders) = documented_layout(), actual_layout()
     assert not actual - documented, (
         f"docs/development.md does not list {sorted(actual - documented)}"
     )
     assert not documented - actual, f"docs/development.md lists {sorted(documented - actual)}"
+    assert folders == actual_folders
