@@ -8,7 +8,7 @@ import torch
 
 from moekit import ModelDir, build_model, get_preset, load_model, save_model
 from moekit.files import umask
-from moekit.model_dir import ShardWriter, load_weights, weight_files
+from moekit.model_dir import ShardWriter, load_weights, save_weights, weight_files
 
 
 def test_a_model_round_trips_through_its_directory(tmp_path):
@@ -95,3 +95,61 @@ def test_the_shard_writer_holds_one_shard_and_replaces_an_earlier_layout(tmp_pat
     index = json.loads((tmp_path / ModelDir.INDEX).read_text())
     assert index["metadata"]["total_size"] == 5 * 4000
     assert not list(tmp_path.glob(".*"))  # no temporary parts left
+
+
+def test_a_failed_shard_write_leaves_the_earlier_weights_and_no_parts(tmp_path):
+    before = {"a": torch.ones(3)}
+    save_weights(before, tmp_path)
+    with (
+        pytest.raises(RuntimeError, match="conversion failed"),
+        ShardWriter(tmp_path, max_shard_bytes=8) as writer,
+    ):
+        writer.add("b", torch.zeros(4))
+        writer.add("c", torch.zeros(4))  # the first shard is on disk by now
+        raise RuntimeError("conversion failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ModelDir.WEIGHTS]
+    assert torch.equal(load_weights(tmp_path)["a"], before["a"])
+    with pytest.raises(ValueError, match="already closed"):
+        writer.close()
+
+
+def test_corrupt_or_truncated_weights_are_clear_errors(tmp_path):
+    cfg = get_preset("debug")
+    save_model(build_model(cfg), cfg, tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_model(tmp_path)
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors"):
+        load_model(tmp_path)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
+        load_model(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    cfg = get_preset("debug")
+    save_model(build_model(cfg), cfg, tmp_path)
+    cfg.moe.num_experts = 4
+    cfg.save(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"shape mismatch: layers\.0\.ffn\.router\.weight"):
+        load_model(tmp_path)
+
+
+def test_sharded_weights_round_trip(tmp_path):
+    cfg = get_preset("debug")
+    model = build_model(cfg)
+    save_model(model, cfg, tmp_path)
+    save_weights(model.state_dict(), tmp_path, max_shard_bytes=200_000)
+    files = weight_files(tmp_path)
+    assert len(files) > 1 and not (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    loaded = load_model(tmp_path)
+    for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    # Saving unsharded again removes the shards.
+    save_weights(model.state_dict(), tmp_path)
+    assert weight_files(tmp_path) == [tmp_path / "model.safetensors"]
+    assert set(load_weights(tmp_path)) == set(model.state_dict())

@@ -280,10 +280,10 @@ def save_weights(
     Every file is written atomically; shards or a single file left from an earlier save of a
     different layout are removed afterwards. Returns the files written.
     """
-    writer = ShardWriter(directory, max_shard_bytes=max_shard_bytes, metadata=metadata)
-    for name, tensor in state.items():
-        writer.add(name, tensor)
-    return writer.close()
+    with ShardWriter(directory, max_shard_bytes=max_shard_bytes, metadata=metadata) as writer:
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+        return writer.close()
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -354,7 +354,10 @@ class ShardWriter:
     """Writes tensors into safetensors shards as they come, holding at most one shard in
     memory (what converting a large checkpoint needs). Shards are written under temporary
     names and renamed once their count is known; `close()` writes the index when there is
-    more than one and removes weight files of an earlier layout."""
+    more than one and removes weight files of an earlier layout.
+
+    Used as a context manager it closes on success and, when the body raises, removes the
+    shards it wrote (`abort()`), leaving the directory's earlier weights as they were."""
 
     def __init__(
         self,
@@ -370,6 +373,22 @@ class ShardWriter:
         self._current: dict[str, Tensor] = {}
         self._size = 0
         self._parts: list[tuple[Path, list[str], int]] = []
+        self._closed = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+    def abort(self) -> None:
+        """Remove the shards written so far; nothing of this write is left behind."""
+        for part, _, _ in self._parts:
+            part.unlink(missing_ok=True)
+        self._parts, self._current, self._size, self._closed = [], {}, 0, True
 
     def add(self, name: str, tensor: Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
@@ -390,6 +409,9 @@ class ShardWriter:
 
     def close(self) -> list[Path]:
         """Finish: rename the shards into place, write the index, remove stale weight files."""
+        if self._closed:
+            raise ValueError("this ShardWriter is already closed")
+        self._closed = True
         if self._current or not self._parts:
             self._flush()
         names = _shard_names(len(self._parts))

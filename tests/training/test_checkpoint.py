@@ -5,11 +5,6 @@ import moekit.training.checkpoint as ckpt
 from moekit import build_model, get_preset
 from moekit.model_dir import (
     ModelDir,
-    load_model,
-    load_weights,
-    save_model,
-    save_weights,
-    weight_files,
 )
 from moekit.training.config import TrainConfig
 from moekit.training.optim import build_optimizer, build_scheduler
@@ -71,45 +66,3 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     found.restore(*live_state()[1:])  # still loadable
     leftovers = [p.name for p in (tmp_path / "train_state").iterdir()]
     assert sorted(leftovers) == ["latest", "step-00000001"]
-
-
-def test_corrupt_or_truncated_weights_are_clear_errors(tmp_path):
-    cfg = get_preset("debug")
-    save_model(build_model(cfg), cfg, tmp_path)
-    path = tmp_path / "model.safetensors"
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        load_model(tmp_path)
-    path.write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors"):
-        load_model(tmp_path)
-    path.unlink()
-    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
-        load_model(tmp_path)
-
-
-def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
-    cfg = get_preset("debug")
-    save_model(build_model(cfg), cfg, tmp_path)
-    cfg.moe.num_experts = 4
-    cfg.save(tmp_path / "config.json")
-    with pytest.raises(ValueError, match=r"shape mismatch: layers\.0\.ffn\.router\.weight"):
-        load_model(tmp_path)
-
-
-def test_sharded_weights_round_trip(tmp_path):
-    cfg = get_preset("debug")
-    model = build_model(cfg)
-    save_model(model, cfg, tmp_path)
-    save_weights(model.state_dict(), tmp_path, max_shard_bytes=200_000)
-    files = weight_files(tmp_path)
-    assert len(files) > 1 and not (tmp_path / "model.safetensors").exists()
-    assert (tmp_path / "model.safetensors.index.json").exists()
-    loaded = load_model(tmp_path)
-    for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
-        assert torch.equal(a, b), n
-    # Saving unsharded again removes the shards.
-    save_weights(model.state_dict(), tmp_path)
-    assert weight_files(tmp_path) == [tmp_path / "model.safetensors"]
-    assert set(load_weights(tmp_path)) == set(model.state_dict())

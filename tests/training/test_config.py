@@ -102,3 +102,12 @@ def test_round_trip_and_defaults():
     assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert TrainConfig().precision == "auto"
     assert apply_overrides({"model": {}}, []) == {"model": {}}
+
+
+def test_init_from_is_refused_in_a_fine_tuning_run(tiny_model_dir):
+    from moekit.training.config import finetune_run_config
+
+    with pytest.raises(ValueError, match=r"TrainConfig.init_from=.* starts from finetune.base"):
+        finetune_run_config(
+            tiny_model_dir, "data.jsonl", overrides=[f"train.init_from={tiny_model_dir}"]
+        )

@@ -124,13 +124,11 @@ def import_hf(
             f"(e.g. {', '.join(sorted(leftovers)[:4])}); refusing to drop them silently"
         )
     out = ModelDir(out_dir)
-    writer = ShardWriter(
-        out.path, metadata={"moekit_version": __version__}, **_shard_kw(max_shard_bytes)
-    )
-    for m in maps:
-        for name, tensor in zip(m.ours, _import_one(m, ckpt.tensors), strict=True):
-            writer.add(name, _cast(tensor, target, name))
-    writer.close()
+    meta = {"moekit_version": __version__}
+    with ShardWriter(out.path, metadata=meta, **_shard_kw(max_shard_bytes)) as writer:
+        for m in maps:
+            for name, tensor in zip(m.ours, _import_one(m, ckpt.tensors), strict=True):
+                writer.add(name, _cast(tensor, target, name))
     import_tokenizer(arch.tokenizer, ckpt.directory, out, ckpt.config)
     out.save_config(cfg)  # last: a directory with a config is a complete model
     return cfg
@@ -157,16 +155,15 @@ def export_hf(
         **arch.config_to_hf(cfg),
     }
     out = Path(out_dir)
-    writer = ShardWriter(out, metadata={"format": "pt"}, **_shard_kw(max_shard_bytes))
     stored: Counter[torch.dtype] = Counter()  # elements per dtype, float32 routing left out
-    for m in arch.tensor_maps(cfg, hf):
-        tensors = m.to_theirs([weights.get(name) for name in m.ours])
-        for name, tensor in zip(m.theirs, tensors, strict=True):
-            tensor = _cast(tensor, target, m.ours[0])
-            if not _keeps_float32(m.ours[0]):
-                stored[tensor.dtype] += tensor.numel()
-            writer.add(name, tensor)
-    writer.close()
+    with ShardWriter(out, metadata={"format": "pt"}, **_shard_kw(max_shard_bytes)) as writer:
+        for m in arch.tensor_maps(cfg, hf):
+            tensors = m.to_theirs([weights.get(name) for name in m.ours])
+            for name, tensor in zip(m.theirs, tensors, strict=True):
+                tensor = _cast(tensor, target, m.ours[0])
+                if not _keeps_float32(m.ours[0]):
+                    stored[tensor.dtype] += tensor.numel()
+                writer.add(name, tensor)
     # The dtype the weights are stored in: transformers 5 reads `dtype`, earlier versions
     # `torch_dtype`; both are written so either loads the checkpoint in its own dtype.
     hf["dtype"] = hf["torch_dtype"] = _dtype_name(

@@ -114,6 +114,12 @@ class RunConfig(ConfigBase):
                 "TrainConfig", "seq_len", self.train.seq_len,
                 f"must be <= model.max_seq_len ({self.model.max_seq_len})",
             )  # fmt: skip
+        if self.finetune is not None and self.train.init_from is not None:
+            raise fail(
+                "TrainConfig", "init_from", self.train.init_from,
+                "is for continued pre-training; a fine-tuning run starts from finetune.base "
+                f"({self.finetune.base})",
+            )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         out = {
