@@ -8,7 +8,13 @@ import torch
 
 from moekit import ModelDir, build_model, get_preset, load_model, save_model
 from moekit.files import umask
-from moekit.model_dir import ShardWriter, load_weights, save_weights, weight_files
+from moekit.model_dir import (
+    FinetuneSummary,
+    ShardWriter,
+    load_weights,
+    save_weights,
+    weight_files,
+)
 
 
 def test_a_model_round_trips_through_its_directory(tmp_path):
@@ -57,10 +63,15 @@ def test_run_files(tmp_path):
         d.checkpoint_dir(step).mkdir(parents=True)
     assert [p.name for p in d.checkpoints()] == ["step-00000003", "step-00000020"]
     assert d.finetune_summary() is None
-    d.write_finetune_summary({"method": "lora"})
-    assert d.finetune_summary() == {"method": "lora"}
+    summary = FinetuneSummary(method="esft", base="b", trainable_params=3, total_params=9,
+                              trainable_fraction=1 / 3, targets=[], esft_experts={"1": [0, 2]})  # fmt: skip
+    d.write_finetune_summary(summary)
+    assert d.finetune_summary() == summary
     (tmp_path / ModelDir.FINETUNE).write_text("[1]")
     with pytest.raises(ValueError, match="not a JSON object"):
+        d.finetune_summary()
+    (tmp_path / ModelDir.FINETUNE).write_text('{"method": "lora"}')
+    with pytest.raises(ValueError, match=r"finetune\.json: not a fine-tuning summary"):
         d.finetune_summary()
 
 
@@ -153,3 +164,14 @@ def test_sharded_weights_round_trip(tmp_path):
     save_weights(model.state_dict(), tmp_path)
     assert weight_files(tmp_path) == [tmp_path / "model.safetensors"]
     assert set(load_weights(tmp_path)) == set(model.state_dict())
+
+
+def test_loaders_follow_the_device_policy(tmp_path):
+    cfg = get_preset("debug")
+    save_model(build_model(cfg, device="auto"), cfg, tmp_path)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(load_model(tmp_path, device="auto").parameters()).device.type == expected
+    assert next(iter(load_weights(tmp_path, "auto").values())).device.type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load_model(tmp_path, device="cuda")

@@ -1,5 +1,5 @@
 import sys
 
-from moekit.cli.main import main
+from moekit.cli.commands import main
 
 sys.exit(main())

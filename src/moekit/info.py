@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import ModelConfig
-from moekit.model_dir import ModelDir
+from moekit.model_dir import FinetuneSummary, ModelDir
 from moekit.params import ModelSummary, count_params, summary
 from moekit.presets import PRESETS, get_preset
 
 # What a fine-tuned model directory's finetune.json contributes to its info.
-FINETUNE_FIELDS = ("method", "base", "trainable_params", "total_params", "trainable_fraction")
+FINETUNE_FIELDS = (
+    "method", "base", "trainable_params", "total_params", "trainable_fraction", "esft_experts"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,13 @@ class ModelInfo:
 
     name: str
     summary: ModelSummary
-    finetune: dict[str, Any] | None = None
+    finetune: FinetuneSummary | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, **self.summary.to_dict()}
         if self.finetune is not None:
-            out["finetune"] = self.finetune
+            tuned = self.finetune.to_dict()
+            out["finetune"] = {k: tuned[k] for k in FINETUNE_FIELDS if k in tuned}
         return out
 
 
@@ -62,12 +65,7 @@ def resolve_config(target: str) -> ModelConfig:
 def model_info(target: str, *, context: int = 2048) -> ModelInfo:
     """The figures of one preset, config file or model directory, FLOPs at `context`."""
     tuned = ModelDir(target).finetune_summary() if Path(target).is_dir() else None
-    finetune = None
-    if tuned is not None:
-        finetune = {k: tuned[k] for k in FINETUNE_FIELDS if k in tuned}
-        if "esft_experts" in tuned:
-            finetune["esft_experts"] = tuned["esft_experts"]
-    return ModelInfo(target, summary(resolve_config(target), context=context), finetune)
+    return ModelInfo(target, summary(resolve_config(target), context=context), tuned)
 
 
 # The figures `ratios` compares, and how to read each from a summary.

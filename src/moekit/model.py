@@ -195,13 +195,16 @@ def build_model(
 ) -> Transformer:
     """Build and initialise the model `cfg` describes.
 
-    The modules are created on the meta device (no memory), then materialised on `device` and
-    initialised once by `Transformer.init_weights(seed)`. With a non-float32 `dtype` the router
+    The modules are created on the meta device (no memory), then materialised on `device`
+    ("auto": CUDA when present, else the CPU) and initialised once by
+    `Transformer.init_weights(seed)`. With a non-float32 `dtype` the router
     weights stay float32.
     """
+    from moekit.runtime import resolve_device
+
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device=device)
+    model.to_empty(device=resolve_device(device))
     model.init_weights(seed)
     return cast_model(model, dtype)
 

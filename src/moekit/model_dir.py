@@ -23,9 +23,11 @@ safetensors only, never pickles.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,10 +166,12 @@ class ModelDir:
     def load_model(
         self, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> Transformer:
-        """Build the model config.json describes on `device` and load its weights (cast to
-        `dtype` when given, routers kept in float32)."""
+        """Build the model config.json describes on `device` ("auto": CUDA when present, else
+        the CPU) and load its weights (cast to `dtype` when given, routers kept in float32)."""
         from moekit.model import build_model, cast_model
+        from moekit.runtime import resolve_device
 
+        device = resolve_device(device)
         model = build_model(self.config(), device=device, seed=None)
         load_state_checked(model, self.load_weights(device), str(self.path))
         return cast_model(model, dtype) if dtype is not None else model
@@ -199,7 +203,7 @@ class ModelDir:
         """Complete checkpoints of the run here, oldest first."""
         return sorted(self.train_state.glob("step-*"))
 
-    def finetune_summary(self) -> dict[str, Any] | None:
+    def finetune_summary(self) -> FinetuneSummary | None:
         """finetune.json (what a fine-tuned model was trained with), or None."""
         path = self.path / self.FINETUNE
         if not path.is_file():
@@ -207,16 +211,54 @@ class ModelDir:
         data = read_json(path, what="fine-tuning summary")
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not a JSON object")
-        return data
+        try:
+            return FinetuneSummary.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
-    def write_finetune_summary(self, summary: dict[str, Any]) -> None:
-        write_json(self.path / self.FINETUNE, summary)
+    def write_finetune_summary(self, summary: FinetuneSummary) -> None:
+        write_json(self.path / self.FINETUNE, summary.to_dict())
 
     def tokenizer_files(self) -> Iterator[Path]:
         """The tokenizer and chat-template files present here."""
         for name in self.TOKENIZER_FILES:
             if (self.path / name).is_file():
                 yield self.path / name
+
+
+@dataclass(frozen=True)
+class FinetuneSummary:
+    """What a fine-tuned model directory says of its training (finetune.json is `to_dict()`):
+    the method, the base directory, trainable and total parameters, the adapted weights, and
+    for ESFT the coverage, the experts trained per layer and every expert's routing share."""
+
+    method: str
+    base: str
+    trainable_params: int
+    total_params: int
+    trainable_fraction: float
+    targets: list[str]
+    esft_coverage: float | None = None
+    esft_experts: dict[str, list[int]] | None = None
+    esft_routing_share: dict[str, list[float]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneSummary:
+        """The summary in `data` (fields a later moekit added are ignored); a field missing
+        or of the wrong kind is a ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as e:
+            raise ValueError(f"not a fine-tuning summary ({e})") from None
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> FinetuneSummary | None:
+        """The summary in `run_dir`'s finetune.json, or None when there is none."""
+        return ModelDir(run_dir).finetune_summary()
 
 
 def load_model(
@@ -301,12 +343,16 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Every tensor of a directory's safetensors files (memory-mapped while reading).
+    """Every tensor of a directory's safetensors files (memory-mapped while reading), on
+    `device` ("auto": CUDA when present, else the CPU).
 
     A truncated or corrupt file is a ValueError that names it.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    from moekit.runtime import resolve_device
+
+    device = resolve_device(device)
     state: dict[str, Tensor] = {}
     for path in weight_files(directory):
         if not path.exists():
@@ -315,7 +361,7 @@ def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[st
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     state[name] = f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types
+        except (SafetensorError, OSError) as e:
             raise ValueError(
                 f"{path} is not a readable safetensors file ({e}); it may be truncated or "
                 "corrupt: restore it from a checkpoint in train_state/ or re-create it"

@@ -36,7 +36,7 @@ def test_a_request_bigger_than_the_queue_is_a_400_not_a_429(busy_server):
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "a", **body})
         assert r.status_code == 400, r.text
         error = r.json()["error"]
-        assert "queues at most 1" in error["message"] and "--max-queue" in error["message"]
+        assert "queues at most 1" in error["message"] and "max_queue" in error["message"]
         assert error["param"] == ("n" if "n" in body else "prompt")
     r = httpx.post(
         f"{url}/v1/chat/completions",
@@ -54,11 +54,11 @@ def test_max_context_bounds_the_cache_and_the_requests(long_server, long_model_d
                    json={"model": "tiny", "prompt": [5] * 4000, "max_tokens": 200})  # fmt: skip
     error = r.json()["error"]
     assert r.status_code == 400 and error["code"] == "context_length_exceeded"
-    assert "4096" in error["message"] and "--max-context" in error["message"]
+    assert "4096" in error["message"] and "max_context" in error["message"]
     with running_server(long_model_dir, max_context=64) as (small_url, small):
         assert small._cache.k[0].shape[2] == 64
         too_long = {"model": "tiny", "prompt": [5] * 60, "max_tokens": 10}
         r = httpx.post(f"{small_url}/v1/completions", json=too_long)
-        assert r.status_code == 400 and "--max-context" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "max_context" in r.json()["error"]["message"]
         fits = {"model": "tiny", "prompt": [5] * 50, "max_tokens": 10}
         assert httpx.post(f"{small_url}/v1/completions", json=fits).status_code == 200

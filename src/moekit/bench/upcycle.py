@@ -201,8 +201,8 @@ def _claim(out: Path, settings: dict[str, Any]) -> None:
     marker = out / "bench.json"
     if marker.is_file() and read_json(marker, what="benchmark settings") != settings:
         raise ValueError(
-            f"{out} holds a benchmark run with other settings ({marker}); choose another --out "
-            "or delete it"
+            f"{out} holds a benchmark run with other settings ({marker}); choose another "
+            "output directory or delete it"
         )
     out.mkdir(parents=True, exist_ok=True)
     write_json(marker, settings)

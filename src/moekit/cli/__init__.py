@@ -2,6 +2,6 @@
 calls the library and prints), `common` for what commands share and `format` for how they
 print. The only package that imports argparse or builds rich tables."""
 
-from moekit.cli.main import main
+from moekit.cli.commands import main
 
 __all__ = ["main"]

@@ -74,7 +74,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.finetune.methods import FinetuneSummary
+    from moekit.model_dir import FinetuneSummary
     from moekit.training.config import finetune_run_config, resume_run_config
     from moekit.training.trainer import train
 

@@ -131,14 +131,14 @@ def print_info(info: ModelInfo) -> None:
         t.add_row(f"latent KV cache / 1k tokens ({dtype})", nbytes(n))
     tuned = info.finetune
     if tuned:
-        t.add_row("fine-tuned from", f"{tuned['base']} ({tuned['method']})")
+        t.add_row("fine-tuned from", f"{tuned.base} ({tuned.method})")
         t.add_row(
             "trained parameters",
-            f"{human(tuned['trainable_params'])} of {human(tuned['total_params'])} "
-            f"({tuned['trainable_fraction']:.2%})"
-            + (" with the adapters (merged now)" if tuned["method"] == "lora" else ""),
+            f"{human(tuned.trainable_params)} of {human(tuned.total_params)} "
+            f"({tuned.trainable_fraction:.2%})"
+            + (" with the adapters (merged now)" if tuned.method == "lora" else ""),
         )
-        for layer, experts in tuned.get("esft_experts", {}).items():
+        for layer, experts in (tuned.esft_experts or {}).items():
             t.add_row(f"experts trained, layer {layer}", ", ".join(map(str, experts)))
     out = console()
     out.print(t)

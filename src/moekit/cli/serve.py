@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.serve import serve
+    from moekit.serve import PortInUseError, serve
 
     api_key = args.api_key or os.environ.get("MOEKIT_API_KEY")
     base = f"http://{args.host}:{args.port}"
@@ -49,17 +49,20 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    serve(
-        args.model_dir,
-        host=args.host,
-        port=args.port,
-        api_key=api_key,
-        model_name=args.model_name,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        max_tokens_limit=args.max_tokens,
-        max_context=args.max_context,
-        device=args.device,
-        on_ready=ready,
-    )
+    try:
+        serve(
+            args.model_dir,
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            model_name=args.model_name,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            max_tokens_limit=args.max_tokens,
+            max_context=args.max_context,
+            device=args.device,
+            on_ready=ready,
+        )
+    except PortInUseError as e:
+        raise ValueError(f"{e} (--port)") from None
     return 0

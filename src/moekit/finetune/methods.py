@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,38 +33,7 @@ from moekit.finetune.lora import AdapterSummary, apply_lora, merged_state, save_
 from moekit.finetune.sft import Example, prepare_sft
 from moekit.infer.chat import TEMPLATE_FILE, ChatTemplate
 from moekit.model import Transformer
-from moekit.model_dir import ModelDir, load_state_checked, load_weights
-
-
-@dataclass(frozen=True)
-class FinetuneSummary:
-    """What a fine-tuned model directory says of its training (finetune.json is `to_dict()`):
-    the method, the base directory, trainable and total parameters, the adapted weights, and
-    for ESFT the coverage, the experts trained per layer and every expert's routing share."""
-
-    method: str
-    base: str
-    trainable_params: int
-    total_params: int
-    trainable_fraction: float
-    targets: list[str]
-    esft_coverage: float | None = None
-    esft_experts: dict[str, list[int]] | None = None
-    esft_routing_share: dict[str, list[float]] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneSummary:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> FinetuneSummary | None:
-        """The summary in `run_dir`'s finetune.json, or None when there is none."""
-        data = ModelDir(run_dir).finetune_summary()
-        return cls.from_dict(data) if data is not None else None
+from moekit.model_dir import FinetuneSummary, ModelDir, load_state_checked, load_weights
 
 
 class FineTuning:
@@ -176,7 +144,7 @@ class FineTuning:
 
     def write_files(self) -> None:
         """finetune.json and the chat template the data was laid out with."""
-        ModelDir(self.run_dir).write_finetune_summary(self.finetune_summary().to_dict())
+        ModelDir(self.run_dir).write_finetune_summary(self.finetune_summary())
         atomic_write_text(self.run_dir / TEMPLATE_FILE, self.template.to_json())
 
 
@@ -235,10 +203,9 @@ class ESFTTuning(FineTuning):
         saved = ModelDir(self.run_dir).finetune_summary() if self.resume else None
         if saved is None:
             return None
-        share = saved.get("esft_routing_share")
-        if share is not None:
-            self.share = {int(k): v for k, v in share.items()}
-        return {int(k): v for k, v in saved.get("esft_experts", {}).items()}
+        if saved.esft_routing_share is not None:
+            self.share = {int(k): v for k, v in saved.esft_routing_share.items()}
+        return {int(k): v for k, v in (saved.esft_experts or {}).items()}
 
     def _measure(self, model: Transformer, data: TokenizedData) -> dict[int, list[int]]:
         assert self.pad_id is not None, "prepare_data() runs before prepare_model()"

@@ -74,7 +74,7 @@ def _adapter_source(source: Path) -> Path:
             return candidate
     raise FileNotFoundError(
         f"{source} holds no LoRA adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, directly or "
-        "in adapter/); fine-tune with --method lora to get one"
+        "in adapter/); a LoRA fine-tune (finetune.method='lora') writes one"
     )
 
 
@@ -137,8 +137,8 @@ def _linear_name(ours: str, names: dict[str, str]) -> str:
         raise ValueError(
             f"the adapter on {ours} (a dense MLP layer) cannot be exported for PEFT: PEFT "
             "treats gate_proj/up_proj/down_proj targets of MoE architectures as expert "
-            "weights; fine-tune without dense-MLP targets (e.g. --lora-targets "
-            "'*.attn.w*,*.ffn.experts.*,*.ffn.shared.*') to export"
+            "weights; fine-tune without dense-MLP targets (e.g. finetune.lora.targets="
+            "['*.attn.w*', '*.ffn.experts.*', '*.ffn.shared.*']) to export"
         )
     theirs = names.get(f"{ours}.weight", "")
     if not theirs.endswith(".weight"):

@@ -86,7 +86,7 @@ class Admission:
             raise APIError(
                 400,
                 f"this request asks for {generations} generations (prompts x n) but the server "
-                f"queues at most {max_queue} at once (--max-queue); send fewer prompts "
+                f"queues at most {max_queue} at once (its max_queue setting); send fewer prompts "
                 "or a smaller n",
                 param="n" if n > 1 else "prompt",
                 code="request_too_large",

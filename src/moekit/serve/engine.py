@@ -172,8 +172,8 @@ class Engine:
         self._limit = "this model's maximum context length"
         if max_context < model_max:
             self._limit = (
-                f"this server's maximum context length (--max-context; the model's own is "
-                f"{model_max})"
+                "this server's maximum context length (its max_context setting; the model's "
+                f"own is {model_max})"
             )
         self.device = generator.device
         self.stats = EngineStats()
@@ -224,7 +224,7 @@ class Engine:
         if len(requests) > self.max_queue:
             raise RequestTooLargeError(
                 f"{len(requests)} generations were asked for at once, but the queue holds at "
-                f"most {self.max_queue} (--max-queue)"
+                f"most {self.max_queue} (the server's max_queue setting)"
             )
         for req in requests:
             self.check_fits(len(req.prompt_ids), req.params.max_new_tokens)

@@ -48,8 +48,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.close()
         if e.errno == errno.EADDRINUSE:
             raise PortInUseError(
-                f"port {port} on {host} is in use; stop whatever listens there or choose "
-                "another port with --port"
+                f"port {port} on {host} is in use; stop whatever listens there or serve on "
+                "another port"
             ) from None
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock

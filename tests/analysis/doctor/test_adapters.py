@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.model_dir import load_model
+from moekit.model_dir import FinetuneSummary, ModelDir, load_model
 
 from ._fixtures import FAST, checks_of, copy_model, edit_weights
 
@@ -32,8 +32,14 @@ def _lora_dir(model: Path, targets: list[str], *, zero: tuple[str, ...] = (),
             if zero_expert is not None and name == zero_expert[0]:
                 adapter.B[zero_expert[1]] = 0.0
     save_adapter(net, cfg, model / "adapter", base="base")
-    (model / "finetune.json").write_text(json.dumps({"method": "lora", "base": "base"}))
+    write_summary(model, method="lora", base="base")
     return model
+
+
+def write_summary(model: Path, **fields) -> None:
+    """A finetune.json as a fine-tuning run writes it (the counts are not what is checked)."""
+    counts = dict(trainable_params=1, total_params=2, trainable_fraction=0.5, targets=[])
+    ModelDir(model).write_finetune_summary(FinetuneSummary(**counts, **fields))
 
 
 LORA_TARGETS = ["*.attn.wq", "*.ffn.experts.w_up", "*.ffn.router"]
@@ -112,10 +118,8 @@ def _tuned(tmp_path: Path, base: Path, method: str, changed: dict[int, list[int]
                 state[f"layers.{layer}.ffn.experts.w_up"][e] += 1e-3
 
     edit_weights(out, edit)
-    info: dict = {"method": method, "base": str(base)}
-    if esft_experts is not None:
-        info["esft_experts"] = {str(k): v for k, v in esft_experts.items()}
-    (out / "finetune.json").write_text(json.dumps(info))
+    experts = {str(k): v for k, v in esft_experts.items()} if esft_experts is not None else None
+    write_summary(out, method=method, base=str(base), esft_experts=experts)
     return out
 
 
@@ -145,7 +149,7 @@ def test_a_full_finetune_with_untouched_experts_is_a_problem(tmp_path, tiny_mode
 
 def test_a_finetune_whose_base_is_gone_is_not_compared(tmp_path, tiny_model_dir):
     out = _tuned(tmp_path, tiny_model_dir, "full", {})
-    (out / "finetune.json").write_text(json.dumps({"method": "full", "base": "/nowhere/base"}))
+    write_summary(out, method="full", base="/nowhere/base")
     check = checks_of(out, **FAST)["adapters"]
     assert check.status == "ok" and check.data["applicable"] is False
     assert "/nowhere/base" in check.evidence

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from moekit.analysis.doctor.check import Check, ids, moe_layers, not_applicable
 from moekit.analysis.doctor.weight_files import WeightFiles
-from moekit.model_dir import ModelDir
+from moekit.model_dir import FinetuneSummary, ModelDir
 
 if TYPE_CHECKING:
     import torch
@@ -25,13 +25,13 @@ def check_adapters(cfg: ModelConfig, model_dir: Path, weights: WeightFiles) -> C
     """adapters: a LoRA adapter (adapter/) or an ESFT/full fine-tune (finetune.json) whose
     trained weights never moved is a problem; a partly untrained one a warning."""
     adapter_dir = ModelDir(model_dir).adapter_dir
-    summary = ModelDir(model_dir).finetune_summary() or {}
+    summary = ModelDir(model_dir).finetune_summary()
     if (adapter_dir / ModelDir.ADAPTER_WEIGHTS).is_file():
         return check_lora(
             cfg, adapter_dir / ModelDir.ADAPTER_WEIGHTS, adapter_dir / ModelDir.ADAPTER_CONFIG
         )
-    method = summary.get("method")
-    if method in ("esft", "full"):
+    method = summary.method if summary is not None else None
+    if summary is not None and method in ("esft", "full"):
         return check_tuned_experts(cfg, model_dir, weights, summary)
     if method == "lora":
         return Check(
@@ -164,11 +164,11 @@ def _find_base(model_dir: Path, base: str) -> Path | None:
 
 
 def check_tuned_experts(
-    cfg: ModelConfig, model_dir: Path, weights: WeightFiles, summary: dict[str, Any]
+    cfg: ModelConfig, model_dir: Path, weights: WeightFiles, summary: FinetuneSummary
 ) -> Check:
     """ESFT and full fine-tuning: each expert that was to train must differ from the base."""
-    method = summary["method"]
-    base_name = str(summary.get("base") or "")
+    method = summary.method
+    base_name = summary.base
     if cfg.moe is None:
         return not_applicable(NAME, f"a {method} fine-tune of a dense model has no experts")
     base_dir = _find_base(model_dir, base_name) if base_name else None
@@ -177,7 +177,7 @@ def check_tuned_experts(
             NAME, f"{method} fine-tune whose base model directory {base_name!r} is not here"
         )
     if method == "esft":
-        chosen = {int(k): list(v) for k, v in (summary.get("esft_experts") or {}).items()}
+        chosen = {int(k): list(v) for k, v in (summary.esft_experts or {}).items()}
     else:
         chosen = {i: list(range(cfg.moe.num_experts)) for i in moe_layers(cfg)}
     compared = _compare_with_base(cfg, weights, base_dir, chosen, method)

@@ -24,7 +24,8 @@ def _frozen_routing_method(run: Path | None) -> str | None:
     if run is None:
         return None
     try:
-        method = (ModelDir(run).finetune_summary() or {}).get("method")
+        summary = ModelDir(run).finetune_summary()
+        method = summary.method if summary is not None else None
     except (OSError, ValueError):
         return None
     return method if method in ("lora", "esft") else None

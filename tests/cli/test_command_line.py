@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moekit.cli import main
-from moekit.cli.main import COMMANDS, build_parser
+from moekit.cli.commands import COMMANDS, build_parser
 from moekit.version import __version__
 
 from .conftest import run
