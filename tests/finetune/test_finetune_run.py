@@ -79,7 +79,7 @@ def test_full_finetune_and_bad_input(tmp_path, tiny_model_dir, sft_file, capsys)
     assert figures["trainable_params"] == figures["total_params"]
     code, _, err = run_cli(capsys, "finetune", tmp_path / "nowhere", "--data", sft_file,
                            "--out", tmp_path / "x")  # fmt: skip
-    assert code == 2 and "no moekit config at" in err and "nowhere" in err
+    assert code == 2 and "is not a model directory" in err and "nowhere" in err
     code, _, err = run_cli(capsys, "finetune", tiny_model_dir, "--out", tmp_path / "x")
     assert code == 2 and "--data" in err
     code, _, err = run_cli(

@@ -155,3 +155,18 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config("MixtralForCausalLM")))
     with pytest.raises(FileNotFoundError, match=r"holds no model\.safetensors"):
         import_hf(tmp_path / "hf", tmp_path / "out")
+
+
+def test_an_import_never_overwrites_a_model_or_a_run(tmp_path, tiny_model_dir):
+    from moekit.interop.hf import export_hf, import_hf
+    from moekit.model_dir import ModelDir
+
+    export_hf(tiny_model_dir, tmp_path / "hf")
+    with pytest.raises(ValueError, match="already holds a model"):
+        import_hf(tmp_path / "hf", tiny_model_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ModelDir.METRICS).write_text("")
+    with pytest.raises(ValueError, match="holds a training run"):
+        import_hf(tmp_path / "hf", run)
+    assert sorted(p.name for p in run.iterdir()) == [ModelDir.METRICS]

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from moekit.presets import get_preset
 from moekit.training.config import (
     RunConfig,
     TrainConfig,
@@ -111,3 +112,14 @@ def test_init_from_is_refused_in_a_fine_tuning_run(tiny_model_dir):
         finetune_run_config(
             tiny_model_dir, "data.jsonl", overrides=[f"train.init_from={tiny_model_dir}"]
         )
+
+
+def test_a_config_file_may_be_a_shipped_recipe(tmp_path):
+    from moekit.training.config import recipes
+
+    assert "demo" in recipes()
+    cfg = resolve_run_config(config_file="demo", overrides=["train.max_steps=3"])
+    assert cfg.model == get_preset("demo") and cfg.train.max_steps == 3
+    assert cfg.train.samples == ["def ", "The ", "12 + 7 = ", '{"name": ']
+    with pytest.raises(FileNotFoundError, match=r"neither a file nor a built-in recipe \(demo"):
+        resolve_run_config(config_file="nope")

@@ -166,9 +166,7 @@ def _check_arguments(
 ) -> tuple[ModelConfig, MoEConfig, int]:
     """The model's config, its MoE config and the layer for top tokens, once every argument
     is known to be valid."""
-    from moekit.config import ModelConfig
-
-    cfg = ModelConfig.load(model_dir)
+    cfg = ModelDir(model_dir).config()
     if cfg.moe is None or not cfg.moe_layers:
         raise ValueError(
             f"{str(model_dir)!r} holds a dense model (no MoE layers): there is no routing to "

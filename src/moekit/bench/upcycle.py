@@ -174,7 +174,7 @@ def bench_upcycle(
 
     runs = {"dense": run("dense", dense_cfg, dense_steps)}
     init = _upcycled_init(cfg, out, moe, granularity, noise)
-    moe_cfg = ModelConfig.load(init)
+    moe_cfg = ModelDir(init).config()
     runs["upcycled"] = run("upcycled", moe_cfg, steps, init)
     runs["scratch"] = run("scratch", moe_cfg, steps)
     if dense_continue:

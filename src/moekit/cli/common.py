@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE = Path(__file__).resolve().parent.parent  # src/moekit
-RECIPES = PACKAGE / "recipes"
 
 
 class Exit(Exception):  # noqa: N818 (a control-flow signal, not an error)
@@ -38,22 +37,6 @@ def doc(module: str, name: str) -> str:
             text = ast.get_docstring(node) or ""
             return " ".join(text.split("\n\n")[0].split())
     raise LookupError(f"{module} defines no {name}")  # a renamed function: fail in tests
-
-
-def recipe_or_file(name: str | None) -> Path | None:
-    """A config file path, or the name of a recipe shipped with moekit (e.g. `demo`)."""
-    if name is None:
-        return None
-    path = Path(name)
-    if path.exists():
-        return path
-    recipe = RECIPES / f"{name}.yaml"
-    if recipe.exists():
-        return recipe
-    recipes = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    raise FileNotFoundError(
-        f"config {name!r} is neither a file nor a built-in recipe ({', '.join(recipes)})"
-    )
 
 
 def add_run_arguments(
@@ -82,9 +65,7 @@ def run_config(args: argparse.Namespace, *, default_recipe: str | None = None) -
     config = args.config
     if config is None and args.preset is None:
         config = default_recipe
-    return resolve_run_config(
-        config_file=recipe_or_file(config), preset=args.preset, overrides=args.overrides
-    )
+    return resolve_run_config(config_file=config, preset=args.preset, overrides=args.overrides)
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,6 @@ from typing import Any
 from moekit.cli.common import (
     add_run_arguments,
     doc,
-    recipe_or_file,
     run_dir_hints,
     training_errors,
 )
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = resume_run_config(run_dir, args.overrides)
         else:
             cfg = resolve_run_config(
-                config_file=recipe_or_file(args.config),
+                config_file=args.config,
                 preset=args.preset,
                 overrides=args.overrides,
             )

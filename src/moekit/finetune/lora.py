@@ -351,7 +351,7 @@ def load_adapted(
     from moekit.config import ModelConfig
     from moekit.model_dir import load_model
 
-    base = ModelConfig.load(base_dir)
+    base = ModelDir(base_dir).config()
     recorded = read_adapter_config(adapter_dir).get("base_config")
     if recorded is not None:
         theirs = ModelConfig.from_dict(recorded).to_dict()

@@ -109,8 +109,16 @@ def import_hf(
     Tensors are read one at a time from memory-mapped files and written shard by shard, so
     the conversion never holds two copies of the model. `dtype` ("float32", "bfloat16",
     "float16") converts the weights; by default they keep their stored dtype (routers and
-    selection biases always float32). The tokenizer files are carried over.
+    selection biases always float32). The tokenizer files are carried over. A directory that
+    already holds a model or a training run is refused: a conversion never overwrites one.
     """
+    out = ModelDir(out_dir)
+    out.refuse_overwrite("a conversion")
+    if out.has_run():
+        raise ValueError(
+            f"{out} holds a training run ({ModelDir.METRICS} or {ModelDir.TRAIN_STATE}/); choose "
+            "another output directory"
+        )
     ckpt = HFCheckpoint(hf_dir)
     arch = architecture_of(ckpt.config)
     cfg = arch.config_from_hf(ckpt.config)
@@ -123,7 +131,6 @@ def import_hf(
             f"{len(leftovers)} tensor(s) of the checkpoint have no place in the moekit model "
             f"(e.g. {', '.join(sorted(leftovers)[:4])}); refusing to drop them silently"
         )
-    out = ModelDir(out_dir)
     meta = {"moekit_version": __version__}
     with ShardWriter(out.path, metadata=meta, **_shard_kw(max_shard_bytes)) as writer:
         for m in maps:

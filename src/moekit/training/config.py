@@ -262,6 +262,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipes() -> list[str]:
+    """The names of the run configs shipped with moekit (e.g. "demo")."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def config_path(config: str | Path) -> Path:
+    """A config file: `config` itself when it exists, else the shipped recipe of that name."""
+    path = Path(config)
+    if path.exists():
+        return path
+    recipe = RECIPES / f"{config}.yaml"
+    if recipe.is_file():
+        return recipe
+    raise FileNotFoundError(
+        f"config {str(config)!r} is neither a file nor a built-in recipe ({', '.join(recipes())})"
+    )
+
+
 def resolve_run_config(
     *,
     config_file: str | Path | None = None,
@@ -270,11 +291,12 @@ def resolve_run_config(
 ) -> RunConfig:
     """Build a RunConfig: the preset's model (if any), then the file, then the overrides.
 
-    A config file may name a preset itself (a top-level `preset:` key); `preset` wins over it.
-    Its model section is merged over the preset's, field by field.
+    `config_file` is a YAML/JSON file or the name of a shipped recipe (`recipes()`, e.g.
+    "demo"). A config file may name a preset itself (a top-level `preset:` key); `preset` wins
+    over it. Its model section is merged over the preset's, field by field.
     """
     data: dict[str, Any] = {}
-    file_data = read_config_file(config_file) if config_file is not None else {}
+    file_data = read_config_file(config_path(config_file)) if config_file is not None else {}
     file_preset = file_data.pop("preset", None)
     preset = preset or file_preset
     if preset is not None:
@@ -316,9 +338,7 @@ def finetune_run_config(
     """The run config to fine-tune the model directory `base` on the examples in `data`:
     its model section is the base model's own; train defaults suit fine-tuning (a lower
     learning rate, fewer steps); a config file and dotted overrides apply on top."""
-    from moekit.config import ModelConfig as _Model
-
-    base_cfg = _Model.load(base)
+    base_cfg = ModelDir(base).require_model("finetune.base").config()
     seq_len = min(256, base_cfg.max_seq_len)
     out: dict[str, Any] = {
         "model": base_cfg.to_dict(),

@@ -15,7 +15,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from moekit.config import ModelConfig
 from moekit.data.loader import TokenizedData, prepare_data
 from moekit.data.tokenizer import Tokenizer
 from moekit.model import Transformer
@@ -131,7 +130,7 @@ class Pretraining:
         if self.init_from is None or self.resume:
             return
         source = self.init_from
-        if ModelConfig.load(source) != self.cfg.model:
+        if ModelDir(source).require_model("train.init_from").config() != self.cfg.model:
             raise ValueError(
                 f"train.init_from: {source} holds a different model than the model section"
             )

@@ -150,7 +150,6 @@ def diagnose(
     a ValueError or FileNotFoundError (nothing can be checked); weights that do not load are
     reported by the checks that need them.
     """
-    from moekit.config import ModelConfig
 
     t = Thresholds(
         sample_tokens=sample_tokens,
@@ -162,8 +161,7 @@ def diagnose(
         dead_window=dead_window,
     )
     path = Path(model_dir)
-    ModelDir(path).require_model()
-    cfg = ModelConfig.load(path)
+    cfg = ModelDir(path).config()
     run = resolve_run_dir(path, run_dir)
     weights = WeightFiles(path)
     sample: RoutingSample | str = DENSE
