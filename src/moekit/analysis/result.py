@@ -92,6 +92,12 @@ class LabelSpecialisation:
     tokens: list[int]
     layers: dict[int, LayerSpecialisation]
 
+    @property
+    def chance(self) -> float:
+        """How high the score reaches by chance: the largest shuffled-label mean + 2 standard
+        deviations over the layers (a score above it is specialisation, not noise)."""
+        return max(v.baseline_mean + 2 * v.baseline_std for v in self.layers.values())
+
 
 @dataclass(frozen=True)
 class SpecialisationSection:

@@ -81,6 +81,9 @@ def print_summary(result: Analysis, out_dir: Path) -> None:
     """A short table per MoE layer: load, entropy, specialisation, consistency."""
     from rich import box
 
+    from moekit.analysis.report import REPORT_HTML
+    from moekit.analysis.result import ANALYSIS_JSON
+
     load, spec = result.load.layers, result.specialisation
     cons = result.consistency.groups["builtin"].layers
     columns = ["layer", "imbalance", "dead", "entropy", "class NMI", "domain NMI",
@@ -104,16 +107,13 @@ def print_summary(result: Analysis, out_dir: Path) -> None:
             f"{cons[i].paraphrase_weighted:.3f}",
             maybe(cons[i].unrelated_weighted),
         )
-    chance = {
-        kind: max(v.baseline_mean + 2 * v.baseline_std for v in section.layers.values())
-        for kind, section in (("class", spec.by_class), ("domain", spec.by_domain))
-    }
     out = console()
     out.print(t)
     out.print(
         f"[dim]entropy: mean router entropy / ln(E). NMI: I(E;C)/H(C); chance (shuffled labels, "
-        f"mean + 2 std) reaches {chance['class']:.4f} (class), {chance['domain']:.4f} (domain). "
+        f"mean + 2 std) reaches {spec.by_class.chance:.4f} (class), {spec.by_domain.chance:.4f} "
+        "(domain). "
         "paraphrase, unrelated: weighted Jaccard of the experts two prompts use.[/dim]"
     )
-    out.print(f"  {out_dir / 'report.html'}  [dim]the report[/dim]")
-    out.print(f"  {out_dir / 'analysis.json'}  [dim]every number[/dim]")
+    out.print(f"  {out_dir / REPORT_HTML}  [dim]the report[/dim]")
+    out.print(f"  {out_dir / ANALYSIS_JSON}  [dim]every number[/dim]")

@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.training.compare import compare
+    from moekit.training.compare import COMPARE_JSON, COMPARE_PLOT, compare
 
     cfg = run_config(args, default_recipe="demo")
     again = "the same compare command (it continues each run)"
@@ -55,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
         )
     out = console()
     out.print(t)
-    out.print(f"plot: {Path(args.out) / 'compare.png'}; figures: {Path(args.out) / 'compare.json'}")
+    out.print(f"plot: {Path(args.out) / COMPARE_PLOT}; figures: {Path(args.out) / COMPARE_JSON}")
     return 0

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from moekit.cli.common import add_device_argument, doc
 from moekit.cli.format import console, print_json
 
 if TYPE_CHECKING:
-    from moekit.analysis.doctor import Check, Diagnosis
+    from moekit.analysis.doctor import Diagnosis
 
 
 def add_parser(sub: Any) -> None:
@@ -42,13 +41,6 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
-
-
-def exit_code(checks: Sequence[Check], *, strict: bool = False) -> int:
-    """0 when no check found a problem (nor, with `strict`, a warning); 1 otherwise."""
-    from moekit.analysis.doctor import exit_code as code
-
-    return code(checks, strict=strict)
 
 
 def run(args: argparse.Namespace) -> int:

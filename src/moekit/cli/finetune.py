@@ -12,6 +12,8 @@ from moekit.cli.format import print_json, print_run_summary
 
 
 def add_parser(sub: Any) -> None:
+    from moekit.finetune.config import METHODS
+
     p = sub.add_parser(
         "finetune",
         help="fine-tune a model directory on prompt/completion or chat examples",
@@ -30,7 +32,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="the fine-tuned model directory to write")
     p.add_argument(
         "--method",
-        choices=["lora", "full", "esft"],
+        choices=list(METHODS),
         default="lora",
         help="lora: low-rank adapters only (default); full: every weight; esft: only the experts "
         "the data routes to most",

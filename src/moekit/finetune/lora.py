@@ -22,7 +22,7 @@ import fnmatch
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,49 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.finetune.config import LoRAConfig
 from moekit.model_dir import ModelDir
 from moekit.moe.experts import Experts, grouped_linear
 from moekit.moe.router import Router
-from moekit.validate import ConfigBase, check_field_types, fail
 
 ADAPTER_WEIGHTS = ModelDir.ADAPTER_WEIGHTS
 ADAPTER_CONFIG = ModelDir.ADAPTER_CONFIG
-DEFAULT_TARGETS = ["*.attn.w*", "*.ffn.experts.*", "*.ffn.shared.*", "*.ffn.w_*"]
-
-
-@dataclass(kw_only=True)
-class LoRAConfig(ConfigBase):
-    """rank, alpha (the update is scaled by alpha / rank), dropout on the adapter's input,
-    targets (patterns over weight names), experts (which routed experts get adapters; None:
-    all)."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    experts: list[int] | None = None
-
-    def __post_init__(self) -> None:
-        check_field_types(self)
-        owner = "LoRAConfig"
-        if self.rank < 1:
-            raise fail(owner, "rank", self.rank, "must be >= 1")
-        if self.alpha <= 0:
-            raise fail(owner, "alpha", self.alpha, "must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise fail(owner, "dropout", self.dropout, "must be in [0, 1)")
-        if not self.targets or any(not isinstance(t, str) or not t for t in self.targets):
-            raise fail(owner, "targets", self.targets, "must be non-empty name patterns")
-        if self.experts is not None and (
-            not self.experts or any(not isinstance(e, int) or e < 0 for e in self.experts)
-        ):
-            raise fail(
-                owner, "experts", self.experts, "must be a non-empty list of expert indices (>= 0)"
-            )
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 class LowRank(nn.Module):

@@ -21,6 +21,10 @@ from moekit.report import plots
 from moekit.training.checkpoint import latest_checkpoint
 from moekit.training.config import RunConfig
 
+# What `compare` writes into its output folder.
+COMPARE_JSON = "compare.json"
+COMPARE_PLOT = "compare.png"
+
 
 def dense_with_params(moe_cfg: ModelConfig, target: int) -> ModelConfig:
     """A dense twin of `moe_cfg` (same attention, embeddings and depth) whose FFN width makes
@@ -171,6 +175,6 @@ def compare(
             ],
         )
     summary = CompareResult(runs)
-    write_json(out / "compare.json", summary.to_dict())
-    plots.validation_curves({n: r.to_dict() for n, r in runs.items()}, out / "compare.png")
+    write_json(out / COMPARE_JSON, summary.to_dict())
+    plots.validation_curves({n: r.to_dict() for n, r in runs.items()}, out / COMPARE_PLOT)
     return summary

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moekit.analysis.doctor import Check, Diagnosis, diagnose, worst_status
+from moekit.analysis.doctor import Check, Diagnosis, diagnose, exit_code, worst_status
 from moekit.cli import main
-from moekit.cli.doctor import exit_code
 from moekit.config import ModelConfig
 from moekit.model_dir import save_model
 
