@@ -110,6 +110,7 @@ def test_the_shard_writer_holds_one_shard_and_replaces_an_earlier_layout(tmp_pat
 
 def test_a_failed_shard_write_leaves_the_earlier_weights_and_no_parts(tmp_path):
     before = {"a": torch.ones(3)}
+    (tmp_path / ".part-00003.safetensors.tmp").write_bytes(b"left by a killed writer")
     save_weights(before, tmp_path)
     with (
         pytest.raises(RuntimeError, match="conversion failed"),

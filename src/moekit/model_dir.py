@@ -8,7 +8,7 @@ MODEL_DIR/
   model-00001-of-0000N.safetensors, model.safetensors.index.json
   tokenizer.json                  a `tokenizers` tokenizer             train, convert, upcycle
   tokenizer_config.json           special tokens (imported tokenizers) convert, train
-  chat_template.json              chat format                          finetune, convert
+  chat_template.json              chat format                          finetune, upcycle
   run.json                        the resolved run config              train, finetune
   metrics.jsonl, tensorboard/     one JSON object per logged step      train, finetune
   train_state/                    checkpoints (step-NNNNNNNN/, latest) train, finetune
@@ -414,6 +414,8 @@ class ShardWriter:
     ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".part-*.safetensors.tmp"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
         self._current: dict[str, Tensor] = {}
