@@ -58,10 +58,15 @@ def test_peft_loads_the_adapter_with_matching_logits(tmp_path, case):
             adapter.A.copy_(torch.randn(adapter.A.shape, generator=gen) * 0.2)
             adapter.B.copy_(torch.randn(adapter.B.shape, generator=gen) * 0.2)
     save_adapter(model, lora, tmp_path / "adapter")
-    export_peft(tmp_path / "adapter", tmp_path / "peft", base_model_name_or_path="base-hf")
+    done = export_peft(tmp_path / "adapter", tmp_path / "peft", base_model_name_or_path="base-hf")
     assert (tmp_path / "peft" / PEFT_WEIGHTS).is_file()
     meta = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
     assert meta["peft_type"] == "LORA" and meta["r"] == 4
+    assert done.out == tmp_path / "peft" and done.architecture == arch
+    assert (done.target_modules, done.target_parameters) == (
+        meta["target_modules"],
+        meta["target_parameters"],
+    )
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base-hf").eval()
     assert type(hf).__name__ == arch

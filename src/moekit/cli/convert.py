@@ -71,18 +71,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _to_peft(args: argparse.Namespace) -> int:
-    from moekit.files import read_json
-    from moekit.finetune.peft import PEFT_CONFIG, export_peft
+    from moekit.finetune.peft import export_peft
 
-    out = export_peft(
+    done = export_peft(
         args.to_peft, args.out, architecture=args.arch, base_model_name_or_path=args.base_hf
     )
-    peft_cfg = read_json(out / PEFT_CONFIG)
     figures = {
         "direction": "to-peft",
         "out": args.out,
-        "target_modules": len(peft_cfg["target_modules"]),
-        "target_parameters": len(peft_cfg["target_parameters"]),
+        "target_modules": len(done.target_modules),
+        "target_parameters": len(done.target_parameters),
     }
     if args.json:
         print_json(figures)

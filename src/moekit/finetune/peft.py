@@ -248,13 +248,25 @@ def _peft_config(adapter: _PeftAdapter, lora: LoRAConfig, base: str) -> dict[str
     }
 
 
+@dataclass(frozen=True)
+class PeftExport:
+    """What `export_peft` wrote: the folder, the architecture the adapter fits, and the
+    module and parameter names PEFT adapts (router and stacked-expert weights are
+    parameters)."""
+
+    out: Path
+    architecture: str
+    target_modules: list[str]
+    target_parameters: list[str]
+
+
 def export_peft(
     source: str | Path,
     out_dir: str | Path,
     *,
     architecture: str | None = None,
     base_model_name_or_path: str = "",
-) -> Path:
+) -> PeftExport:
     """Write the LoRA adapter in `source` (an adapter directory, or a fine-tuned model directory
     holding adapter/) as a PEFT adapter (adapter_model.safetensors + adapter_config.json) for
     the base model exported to `architecture` (default: the one `moekit convert --to-hf`
@@ -278,4 +290,4 @@ def export_peft(
         metadata={"format": "pt"},
     )
     write_json(out / PEFT_CONFIG, _peft_config(adapter, lora, base_model_name_or_path))
-    return out
+    return PeftExport(out, arch.name, sorted(adapter.modules), sorted(adapter.parameters))
