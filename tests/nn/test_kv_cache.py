@@ -29,7 +29,7 @@ def test_positions_skip_padding_and_the_mask_hides_it():
 
 def test_no_mask_where_plain_attention_is_exact():
     c = cache()
-    positions, mask = c.begin(4)
+    _, mask = c.begin(4)
     assert mask is None and c.causal_prefill  # first tokens, no padding: plain causal
     c.commit(4)
     _, mask = c.begin(1)
