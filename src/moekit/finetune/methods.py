@@ -246,23 +246,6 @@ METHODS: dict[str, type[FineTuning]] = {
 }
 
 
-def finetune_method(
-    cfg: FinetuneConfig,
-    run_dir: Path,
-    *,
-    resume: bool,
-    model: ModelConfig,
-    seq_len: int,
-    seed: int,
-    batch_size: int,
-) -> FineTuning:
-    """The fine-tuning method `cfg.method` names, set up for the run in `run_dir`."""
-    return METHODS[cfg.method](
-        cfg, run_dir, resume=resume, model=model, seq_len=seq_len, seed=seed,
-        batch_size=batch_size,
-    )  # fmt: skip
-
-
 def _data_line(data: TokenizedData) -> str:
     s = data.stats
     skipped = s["skipped_too_long"]

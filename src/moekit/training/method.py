@@ -154,10 +154,10 @@ def training_method(cfg: RunConfig, run_dir: Path, *, resume: bool) -> TrainingM
     """The method `cfg` asks for: its finetune section's method, else pre-training."""
     if cfg.finetune is None:
         return Pretraining(cfg, run_dir, resume=resume)
-    from moekit.finetune.methods import finetune_method
+    from moekit.finetune.methods import METHODS
 
     tc = cfg.train
-    return finetune_method(
+    return METHODS[cfg.finetune.method](
         cfg.finetune, run_dir, resume=resume, model=cfg.model, seq_len=tc.seq_len,
         seed=tc.seed, batch_size=tc.batch_size,
     )  # fmt: skip
