@@ -1,10 +1,14 @@
 """`moekit bench serve`: aggregate decode throughput of the server with 1 and with N concurrent
-clients, measured in one run against a real server on loopback.
+clients, measured in one run against a real server on loopback, and what hostile clients do
+to them.
 
 Each client sends back-to-back completion requests of `new_tokens` tokens (end-of-text
 ignored, so every request generates exactly that many) for `seconds`; throughput is the
-generated tokens over the wall-clock time. Dynamic batching should make N clients' aggregate
-far higher than one client's.
+generated tokens over the wall-clock time, and each request's latency is recorded (p50, p99)
+along with the requests that failed. Dynamic batching should make N clients' aggregate far
+higher than one client's. While the N clients run, a slowloris and an oversized-request client
+(`moekit.bench.hostile`) run beside them unless `hostile=False`, and the process's peak memory
+is sampled: the well-formed clients should see no error and memory should stay bounded.
 """
 
 from __future__ import annotations
@@ -15,17 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moekit.bench.hostile import MemoryUse, Oversized, SlowLoris, oversized, peak_memory, slowloris
+
 
 @dataclass(frozen=True)
 class ClientLoad:
     """What `clients` concurrent clients got: generated tokens and completed requests in
-    `seconds` of wall-clock time, and the mean request latency."""
+    `seconds` of wall-clock time, the mean, median and 99th-percentile request latency, and
+    the requests that failed (an error status or a broken connection)."""
 
     clients: int
     tokens: int
     seconds: float
     requests: int
     mean_latency_s: float
+    p50_latency_s: float = 0.0
+    p99_latency_s: float = 0.0
+    errors: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -39,6 +49,9 @@ class ClientLoad:
             "tokens_per_s": self.tokens_per_s,
             "requests": self.requests,
             "mean_latency_s": self.mean_latency_s,
+            "p50_latency_s": self.p50_latency_s,
+            "p99_latency_s": self.p99_latency_s,
+            "errors": self.errors,
         }
 
 
@@ -52,6 +65,9 @@ class ServeBench:
     one_client: ClientLoad
     many_clients: ClientLoad
     mean_decode_batch: float
+    memory: MemoryUse | None = None
+    slowloris: SlowLoris | None = None
+    oversized: Oversized | None = None
 
     @property
     def speedup(self) -> float:
@@ -66,7 +82,18 @@ class ServeBench:
             "many_clients": self.many_clients.to_dict(),
             "speedup": self.speedup,
             "mean_decode_batch": self.mean_decode_batch,
+            "memory": self.memory.to_dict() if self.memory else None,
+            "slowloris": self.slowloris.to_dict() if self.slowloris else None,
+            "oversized": self.oversized.to_dict() if self.oversized else None,
         }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The `q`-quantile (0..1) of `values` by the nearest rank; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
 def _client_load(url: str, model: str, clients: int, seconds: float, new_tokens: int) -> ClientLoad:
@@ -74,23 +101,30 @@ def _client_load(url: str, model: str, clients: int, seconds: float, new_tokens:
 
     tokens = [0] * clients
     latencies: list[float] = []
+    errors = [0] * clients
     stop_at = time.monotonic() + seconds
 
     def run(i: int) -> None:
         with httpx.Client(timeout=300) as client:
             while time.monotonic() < stop_at:
                 t0 = time.monotonic()
-                r = client.post(
-                    f"{url}/v1/completions",
-                    json={
-                        "model": model,
-                        "prompt": f"request {i}:",
-                        "max_tokens": new_tokens,
-                        "temperature": 0.8,
-                        "ignore_eos": True,
-                    },
-                )
-                r.raise_for_status()
+                try:
+                    r = client.post(
+                        f"{url}/v1/completions",
+                        json={
+                            "model": model,
+                            "prompt": f"request {i}:",
+                            "max_tokens": new_tokens,
+                            "temperature": 0.8,
+                            "ignore_eos": True,
+                        },
+                    )
+                except httpx.HTTPError:
+                    errors[i] += 1
+                    continue
+                if r.status_code != 200:
+                    errors[i] += 1
+                    continue
                 tokens[i] += r.json()["usage"]["completion_tokens"]
                 latencies.append(time.monotonic() - t0)
 
@@ -107,36 +141,68 @@ def _client_load(url: str, model: str, clients: int, seconds: float, new_tokens:
         seconds=elapsed,
         requests=len(latencies),
         mean_latency_s=sum(latencies) / max(len(latencies), 1),
+        p50_latency_s=percentile(latencies, 0.5),
+        p99_latency_s=percentile(latencies, 0.99),
+        errors=sum(errors),
     )
 
 
+def _hostile_beside(url: str, seconds: float, run: Any) -> tuple[Any, SlowLoris, Oversized]:
+    """Run `run()` (the well-formed clients) with a slowloris and an oversized-request client
+    beside it for the same `seconds`; returns run()'s result and theirs."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    found: dict[str, Any] = {}
+    threads = [
+        threading.Thread(target=lambda: found.update(s=slowloris(host, int(port), seconds))),
+        threading.Thread(target=lambda: found.update(o=oversized(url, "bench", seconds))),
+    ]
+    for t in threads:
+        t.start()
+    result = run()
+    for t in threads:
+        t.join()
+    return result, found["s"], found["o"]
+
+
 def bench_serve(
-    model_dir: str | Path, *, clients: int = 8, seconds: float = 20.0, new_tokens: int = 32
+    model_dir: str | Path,
+    *,
+    clients: int = 8,
+    seconds: float = 20.0,
+    new_tokens: int = 32,
+    hostile: bool = True,
 ) -> ServeBench:
     """Aggregate generated tokens/s with one client, then with `clients` at once, against a
-    server on a free loopback port; `speedup` is the ratio."""
-    import uvicorn
-
+    server on a free loopback port (`speedup` is the ratio), with each phase's latency
+    percentiles and errors; with `hostile`, a slowloris and an oversized-request client run
+    beside the `clients`, and the process's peak memory during that phase is reported."""
     from moekit.serve import build
+    from moekit.serve.server import http_server
 
     app, engine = build(model_dir, model_name="bench", max_batch=max(clients, 1))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = http_server(app, "127.0.0.1", 0)
     http = threading.Thread(target=server.run, daemon=True)
     http.start()
     results: dict[str, Any] = {}
 
     def drive() -> None:
         try:
-            deadline = time.monotonic() + 60
-            while not (server.started and server.servers):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the benchmark server did not start")
-                time.sleep(0.01)
-            url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+            url = _wait_for(server)
             _client_load(url, "bench", 1, min(2.0, seconds), new_tokens)  # warm up
             results["one"] = _client_load(url, "bench", 1, seconds, new_tokens)
             steps0, rows0 = engine.stats.decode_steps, engine.stats.batched_tokens
-            results["many"] = _client_load(url, "bench", clients, seconds, new_tokens)
+            with peak_memory() as memory:
+
+                def many() -> ClientLoad:
+                    return _client_load(url, "bench", clients, seconds, new_tokens)
+
+                if hostile:
+                    results["many"], results["slowloris"], results["oversized"] = _hostile_beside(
+                        url, seconds, many
+                    )
+                else:
+                    results["many"] = many()
+            results["memory"] = memory[0]
             results["steps"] = engine.stats.decode_steps - steps0
             results["rows"] = engine.stats.batched_tokens - rows0
         except Exception as e:  # reported below, from the main thread
@@ -159,4 +225,17 @@ def bench_serve(
         one_client=results["one"],
         many_clients=results["many"],
         mean_decode_batch=results["rows"] / max(results["steps"], 1),
+        memory=results["memory"],
+        slowloris=results.get("slowloris"),
+        oversized=results.get("oversized"),
     )
+
+
+def _wait_for(server: Any) -> str:
+    """The URL of `server` once it listens (a RuntimeError after a minute without)."""
+    deadline = time.monotonic() + 60
+    while not (server.started and server.servers):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the benchmark server did not start")
+        time.sleep(0.01)
+    return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.cli.common import add_run_arguments, doc, run_config, training_errors
-from moekit.cli.format import console, human, print_json, table
+from moekit.cli.format import console, human, nbytes, print_json, table
 
 
 def add_parser(sub: Any) -> None:
@@ -155,6 +155,11 @@ def _add_serve(benches: Any) -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=20.0, help="per measurement")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per request")
+    p.add_argument(
+        "--no-hostile",
+        action="store_true",
+        help="without the slowloris and oversized-request clients beside the many clients",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_serve)
 
@@ -163,20 +168,42 @@ def run_serve(args: argparse.Namespace) -> int:
     from moekit.bench.serve import bench_serve
 
     result = bench_serve(
-        args.model_dir, clients=args.clients, seconds=args.seconds, new_tokens=args.new_tokens
+        args.model_dir,
+        clients=args.clients,
+        seconds=args.seconds,
+        new_tokens=args.new_tokens,
+        hostile=not args.no_hostile,
     )
     if args.json:
         print_json(result.to_dict())
         return 0
     one, many = result.one_client, result.many_clients
     print(f"server decode throughput, {result.new_tokens} tokens per request:")
-    print(f"  1 client   {one.tokens_per_s:8,.1f} tokens/s ({one.requests} requests)")
-    print(
-        f"  {many.clients} clients  {many.tokens_per_s:8,.1f} tokens/s "
-        f"({many.requests} requests; mean decode batch {result.mean_decode_batch:.1f})"
-    )
-    print(f"  speed-up   {result.speedup:.2f}x")
+    for label, load in (("1 client", one), (f"{many.clients} clients", many)):
+        print(
+            f"  {label:10s} {load.tokens_per_s:8,.1f} tokens/s, {load.requests} requests, "
+            f"latency p50 {load.p50_latency_s:.2f} s p99 {load.p99_latency_s:.2f} s, "
+            f"{load.errors} errors"
+        )
+    print(f"  speed-up   {result.speedup:.2f}x (mean decode batch {result.mean_decode_batch:.1f})")
+    if result.slowloris is not None and result.oversized is not None:
+        sl, big = result.slowloris, result.oversized
+        print(
+            f"  beside them: slowloris, {sl.cut_by_server} of {sl.connections} connections cut "
+            f"by the server (longest open {sl.longest_open_s:.1f} s); oversized, "
+            f"{big.refused} of {big.requests} requests refused ({_statuses(big.statuses)})"
+        )
+    if result.memory is not None:
+        mem = result.memory
+        print(
+            f"  memory     {nbytes(mem.before_bytes)} before, {nbytes(mem.peak_bytes)} peak "
+            f"(+{nbytes(mem.growth_bytes)})"
+        )
     return 0
+
+
+def _statuses(statuses: dict[str, int]) -> str:
+    return ", ".join(f"{n} x {status}" for status, n in sorted(statuses.items())) or "none"
 
 
 # ---- upcycle ----------------------------------------------------------------------------------
