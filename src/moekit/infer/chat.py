@@ -17,6 +17,7 @@ new turn. `ChatSession` holds a conversation (what `moekit chat` runs).
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,3 +138,23 @@ class ChatSession:
                 del self.history[first : first + 2]  # forget the oldest exchange
         if reply:
             self.history.append({"role": "assistant", "content": reply.strip()})
+
+
+def check_template(template: ChatTemplate, source: str) -> None:
+    """Render a probe conversation (a turn of every role) with `template`; a ValueError
+    naming `source` (where the template came from) and the faulty turn when it cannot be
+    rendered, e.g. a placeholder other than {content}."""
+    for role, turn in template.turn.items():
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(turn) if name is not None]
+            unknown = next((n for n in names if n != "content"), None)
+            if unknown is None:
+                template.format([{"role": role, "content": "probe"}])
+                continue
+            problem = f"has the placeholder {{{unknown}}}, but {{content}} is the only one"
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+            problem = f"cannot be rendered ({type(e).__name__}: {e})"
+        raise ValueError(
+            f"{source}: the {role!r} turn {turn!r} {problem} (write {{{{ and }}}} for a "
+            "literal brace)"
+        )

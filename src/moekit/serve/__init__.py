@@ -12,10 +12,14 @@ needs to know about the model). With an API key set, every endpoint but /health 
 (auth.py). A client that disconnects stops its generation: every choice of its request is
 cancelled within a fraction of a second, streaming or not.
 
+With or without a key, only the server's own page and allowed origins may call it from a
+browser (origin.py), and a client must send its request in good time, on one of a bounded
+number of connections (connections.py).
+
 The modules, each with one job:
 
     protocol   request bodies and their validation; APIError
-    config     ServerConfig: what the HTTP layer is told
+    config     ServerConfig: what the HTTP layer is told; ConnectionLimits
     admission  a validated request against the model and engine: checks, tokens, submission
     engine     continuous batching in one background thread
     streams    engine events into the event loop; watching the client
@@ -23,11 +27,13 @@ The modules, each with one job:
     sse        streamed answers as server-sent events
     errors     every failure as an OpenAI error body
     auth       the API key and the playground's cookie
+    origin     the Host and Origin checks, and CORS for allowed origins
     body       reading a request body: size limit, JSON
     guard      middleware in front of every request: checks, metrics, crashes
     metrics    counters and Prometheus text
     routes     the endpoints
     app        the app factory: create_app, build
+    connections deadlines for sending a request, and the cap on open connections
     server     serve: the socket, the HTTP thread, the engine, signals
 
 Importing this package is cheap: FastAPI, uvicorn and torch load only when one of the names
@@ -41,7 +47,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from moekit.serve.app import build, create_app
-    from moekit.serve.config import ServerConfig
+    from moekit.serve.config import ConnectionLimits, ServerConfig
     from moekit.serve.server import PortInUseError, serve
 
 # name -> the module that defines it, imported on first access.
@@ -49,11 +55,12 @@ _LAZY = {
     "build": "moekit.serve.app",
     "create_app": "moekit.serve.app",
     "ServerConfig": "moekit.serve.config",
+    "ConnectionLimits": "moekit.serve.config",
     "PortInUseError": "moekit.serve.server",
     "serve": "moekit.serve.server",
 }
 
-__all__ = ["PortInUseError", "ServerConfig", "build", "create_app", "serve"]
+__all__ = ["ConnectionLimits", "PortInUseError", "ServerConfig", "build", "create_app", "serve"]
 
 
 def __getattr__(name: str) -> object:

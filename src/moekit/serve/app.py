@@ -1,21 +1,23 @@
 """The app factory: an engine and a server config in, a FastAPI application out.
 
-The application is the routes (routes.py) behind the guard (guard.py: the API key, the body
-limit, the metrics), with every error answered in the OpenAI shape (errors.py). `build` loads
-a model directory into an engine and makes its app; `moekit.serve.serve` runs both.
+The application is the routes (routes.py) behind the guard (guard.py: the Host and Origin
+checks, the API key, the body limit, the metrics), with every error answered in the OpenAI
+shape (errors.py). `build` checks its settings and the model's chat template, then loads a
+model directory into an engine and makes its app; `moekit.serve.serve` runs both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from fastapi import FastAPI
 
-from moekit.infer.chat import ChatTemplate
+from moekit.infer.chat import TEMPLATE_FILE, ChatTemplate, check_template
 from moekit.infer.detokenize import TokenBytes
 from moekit.infer.generate import Generator
 from moekit.serve.admission import Admission
-from moekit.serve.config import ServerConfig
+from moekit.serve.config import ServerConfig, check_count, listed
 from moekit.serve.engine import Engine
 from moekit.serve.errors import add_error_handlers
 from moekit.serve.guard import Guard
@@ -29,7 +31,10 @@ def create_app(
     engine: Engine, config: ServerConfig, template: ChatTemplate | None = None
 ) -> FastAPI:
     """The FastAPI application serving `engine`'s model under `config.model_name`, formatting
-    chats with `template` (default: moekit's plain template). Start the engine to serve."""
+    chats with `template` (default: moekit's plain template; a ValueError when it cannot
+    render a conversation). Start the engine to serve."""
+    if template is not None:
+        check_template(template, "the chat template")
     app = FastAPI(title="moekit", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics()
     app.state.moekit = ServerState(
@@ -55,16 +60,28 @@ def build(
     max_tokens_limit: int | None = None,
     max_context: int | None = None,
     device: str | None = "auto",
+    allowed_hosts: str | Sequence[str] = (),
+    allowed_origins: str | Sequence[str] = (),
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
     the model's max_seq_len, at most 4096). The model runs on `device` ("auto": CUDA when
-    present, else the CPU)."""
-    generator = Generator.from_dir(model_dir, device=device)
-    engine = Engine(generator, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    present, else the CPU). `allowed_hosts` and `allowed_origins` open the server to other
+    host names and to web pages (see ServerConfig). The settings and the model's chat template
+    are checked before the model loads: a ValueError (a SettingError naming the setting, or
+    naming the template's file) for one that cannot work."""
     config = ServerConfig(
         model_name=model_name or Path(model_dir).resolve().name,
         api_key=api_key,
         max_tokens_limit=max_tokens_limit,
+        allowed_hosts=listed(allowed_hosts),
+        allowed_origins=listed(allowed_origins),
     )
-    return create_app(engine, config, ChatTemplate.load(model_dir)), engine
+    check_count("max_batch", max_batch)
+    check_count("max_queue", max_queue)
+    check_count("max_context", max_context, none_ok=True)
+    template = ChatTemplate.load(model_dir)
+    check_template(template, str(Path(model_dir) / TEMPLATE_FILE))
+    generator = Generator.from_dir(model_dir, device=device)
+    engine = Engine(generator, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    return create_app(engine, config, template), engine
