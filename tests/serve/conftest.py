@@ -11,13 +11,15 @@ uvicorn = pytest.importorskip("uvicorn")
 
 
 @contextlib.contextmanager
-def running_server(model_dir, **options):
-    """The real app on a free loopback port, served by uvicorn in a background thread."""
+def running_server(model_dir, *, limits=None, **options):
+    """The real app on a free loopback port, served by uvicorn in a background thread as
+    `moekit serve` serves it (with the connection `limits` given, else the defaults)."""
     from moekit.serve import build
+    from moekit.serve.server import http_server
 
     app, engine = build(model_dir, model_name="tiny", **options)
     engine.start()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = http_server(app, "127.0.0.1", 0, limits)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

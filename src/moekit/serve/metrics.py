@@ -1,5 +1,6 @@
-"""What /metrics reports: the HTTP counters the guard keeps, and the engine's own, as
-Prometheus text (exposition format 0.0.4)."""
+"""What /metrics reports: the HTTP counters the guard keeps, the connection counters the HTTP
+server keeps (connections.py), and the engine's own, as Prometheus text (exposition format
+0.0.4)."""
 
 from __future__ import annotations
 
@@ -24,22 +25,41 @@ def endpoint_label(path: str) -> str | None:
 
 
 @dataclass
+class ConnectionStats:
+    """What the HTTP server saw of connections: how many are open, how many were refused past
+    the connection limit, and how many were cut off for sending too slowly, by what they were
+    sending ("head" or "body")."""
+
+    open: int = 0
+    refused: int = 0
+    timed_out: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class Metrics:
-    """Requests by (endpoint, status), and the summed latency and count per endpoint."""
+    """Requests by (endpoint, status), and the summed latency and count per endpoint; requests
+    whose client went away before an answer started (`disconnects`, by endpoint: neither a
+    status nor a latency); and the connections (filled in by the HTTP server)."""
 
     requests: dict[tuple[str, int], int] = field(default_factory=dict)
     latency_sum: dict[str, float] = field(default_factory=dict)
     latency_count: dict[str, int] = field(default_factory=dict)
+    disconnects: dict[str, int] = field(default_factory=dict)
+    connections: ConnectionStats = field(default_factory=ConnectionStats)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
         self.latency_sum[endpoint] = self.latency_sum.get(endpoint, 0.0) + seconds
         self.latency_count[endpoint] = self.latency_count.get(endpoint, 0) + 1
 
+    def client_left(self, endpoint: str) -> None:
+        self.disconnects[endpoint] = self.disconnects.get(endpoint, 0) + 1
+
 
 def prometheus_text(engine: Engine, metrics: Metrics) -> str:
     """Every metric, HTTP and engine, as one Prometheus text page."""
-    return "\n".join([*_http_lines(metrics), *_engine_lines(engine)]) + "\n"
+    lines = [*_http_lines(metrics), *_connection_lines(metrics.connections)]
+    return "\n".join([*lines, *_engine_lines(engine)]) + "\n"
 
 
 def _http_lines(metrics: Metrics) -> list[str]:
@@ -62,7 +82,32 @@ def _http_lines(metrics: Metrics) -> list[str]:
         lines.append(
             f"moekit_request_latency_seconds_count{label} {metrics.latency_count[endpoint]}"
         )
+    lines += [
+        "# HELP moekit_client_disconnects_total API requests whose client went away before an "
+        "answer started (mid-upload or while waiting), by endpoint; not in the counts above.",
+        "# TYPE moekit_client_disconnects_total counter",
+    ]
+    for endpoint, n in sorted(metrics.disconnects.items()):
+        lines.append(f'moekit_client_disconnects_total{{endpoint="{endpoint}"}} {n}')
     return lines
+
+
+def _connection_lines(c: ConnectionStats) -> list[str]:
+    return [
+        "# HELP moekit_open_connections HTTP connections open now.",
+        "# TYPE moekit_open_connections gauge",
+        f"moekit_open_connections {c.open}",
+        "# HELP moekit_refused_connections_total Connections refused past the connection limit.",
+        "# TYPE moekit_refused_connections_total counter",
+        f"moekit_refused_connections_total {c.refused}",
+        "# HELP moekit_timed_out_connections_total Connections cut off for sending a request "
+        "too slowly, by what they were sending (head or body).",
+        "# TYPE moekit_timed_out_connections_total counter",
+        *(
+            f'moekit_timed_out_connections_total{{phase="{phase}"}} {n}'
+            for phase, n in sorted(c.timed_out.items())
+        ),
+    ]
 
 
 def _engine_lines(engine: Engine) -> list[str]:

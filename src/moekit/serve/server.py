@@ -14,9 +14,11 @@ import importlib.util
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from moekit.serve.config import ConnectionLimits
 
 if TYPE_CHECKING:
     import uvicorn
@@ -68,13 +70,19 @@ def serve(
     max_context: int | None = None,
     device: str | None = "auto",
     on_ready: Callable[[], None] | None = None,
+    limits: ConnectionLimits | None = None,
+    allowed_hosts: str | Sequence[str] = (),
+    allowed_origins: str | Sequence[str] = (),
 ) -> None:
     """Serve a model directory over HTTP until interrupted (an OpenAI-compatible API at
     http://HOST:PORT/v1 and a playground page at http://HOST:PORT/). `max_context` bounds
     prompt plus new tokens per request and sizes each batch slot's KV cache (default: the
     model's max_seq_len, at most 4096). The model runs on `device` ("auto": CUDA when present,
-    else the CPU). `on_ready` is called once the server accepts requests. Raises PortInUseError
-    when the port is taken."""
+    else the CPU). `on_ready` is called once the server accepts requests. `limits` bounds what
+    a connection may do (default ConnectionLimits(): a request head within 10 s, its body
+    within 30 s, at most 256 connections open); `allowed_hosts` and `allowed_origins` open the
+    server to other host names and to web pages (see ServerConfig). Raises PortInUseError when
+    the port is taken, a ValueError for a setting that cannot work."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError("moekit serve needs FastAPI and uvicorn: pip install 'moekit[serve]'")
@@ -91,11 +99,13 @@ def serve(
             max_tokens_limit=max_tokens_limit,
             max_context=max_context,
             device=device,
+            allowed_hosts=allowed_hosts,
+            allowed_origins=allowed_origins,
         )
     except BaseException:
         sock.close()
         raise
-    server = http_server(app, host, port)
+    server = http_server(app, host, port, limits)
     http = _start_http(server, sock, f"{host}:{port}")
     if on_ready is not None:
         on_ready()
@@ -115,11 +125,23 @@ def serve(
             http.join(timeout=HTTP_EXIT_WAIT_S)
 
 
-def http_server(app: FastAPI, host: str, port: int) -> uvicorn.Server:
-    """The uvicorn server for `app`: what a connection may do is set here."""
+def http_server(
+    app: FastAPI, host: str, port: int, limits: ConnectionLimits | None = None
+) -> uvicorn.Server:
+    """The uvicorn server for `app`: what a connection may do is set here (`limits`, default
+    ConnectionLimits(); see connections.py), counted in the app's metrics when it has them."""
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    from moekit.serve.connections import protocol_class
+    from moekit.serve.metrics import ConnectionStats
+
+    state = getattr(app.state, "moekit", None)
+    stats = state.metrics.connections if state is not None else ConnectionStats()
+    http = protocol_class(limits or ConnectionLimits(), stats)
+    # No WebSocket routes: without ws="none" an upgrade would hand the connection to another
+    # protocol, outside the deadlines and the count.
+    config = uvicorn.Config(app, host=host, port=port, http=http, ws="none", log_level="warning")
+    return uvicorn.Server(config)
 
 
 def _start_http(server: uvicorn.Server, sock: socket.socket, address: str) -> threading.Thread:
