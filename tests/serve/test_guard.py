@@ -20,6 +20,10 @@ async def stand_in(scope, receive, send):
     await PlainTextResponse("ok")(scope, receive, send)
 
 
+# TestClient's default Host, "testserver", is a name the Host check refuses.
+LOCAL = "http://127.0.0.1:8000"
+
+
 def guarded(**config):
     metrics = Metrics()
     app = Guard(stand_in, config=ServerConfig("tiny", **config), metrics=metrics)
@@ -28,7 +32,7 @@ def guarded(**config):
 
 def test_a_crash_costs_one_request_and_answers_in_the_api_shape():
     app, metrics = guarded()
-    client = TestClient(app)
+    client = TestClient(app, base_url=LOCAL)
     r = client.get("/v1/completions")
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error" and "boom" in r.json()["error"]["message"]
@@ -39,13 +43,13 @@ def test_a_crash_costs_one_request_and_answers_in_the_api_shape():
 def test_a_crash_after_the_answer_started_is_not_answered_twice():
     app, metrics = guarded()
     with pytest.raises(RuntimeError, match="late"):  # left to the server, which drops it
-        TestClient(app).get("/v1/chat/completions")
+        TestClient(app, base_url=LOCAL).get("/v1/chat/completions")
     assert metrics.requests == {("/v1/chat/completions", 200): 1}
 
 
 def test_checks_run_in_order_before_the_app():
     app, metrics = guarded(api_key="sesame", max_body_bytes=4)
-    client = TestClient(app)
+    client = TestClient(app, base_url=LOCAL)
     r = client.post("/v1/models", content=b"too long")
     assert r.status_code == 401  # the key first: a stranger learns nothing about limits
     r = client.post("/v1/models", content=b"too long", headers={"Authorization": "Bearer sesame"})

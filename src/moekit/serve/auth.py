@@ -1,6 +1,7 @@
 """The API key: who may call the server.
 
-With a key set, every endpoint but /health requires it as `Authorization: Bearer KEY`. A
+With a key set, every endpoint but /health requires it as `Authorization: Bearer KEY` (and a
+CORS preflight, which a browser sends without it: origin.py answers those). A
 browser opens the playground as `/?key=KEY` once: that sets an HttpOnly cookie (a digest of
 the key, not the key) that lets it load the page and the page's files, and the page sends the
 key as a Bearer token on its API calls. Secrets are compared in constant time.
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from moekit.serve.config import ServerConfig
+from moekit.serve.origin import is_preflight
 from moekit.serve.protocol import APIError
 
 PAGE_COOKIE = "moekit_page"
@@ -52,7 +54,8 @@ def authorized(request: Request, key: str) -> bool:
 def check_api_key(request: Request, config: ServerConfig) -> APIError | None:
     """A guard check: the 401 for a request without the key, or None when it may pass."""
     key = config.api_key
-    if key and request.url.path not in OPEN_PATHS and not authorized(request, key):
+    exempt = request.url.path in OPEN_PATHS or is_preflight(request)
+    if key and not exempt and not authorized(request, key):
         return APIError(
             401,
             "missing or wrong API key: send 'Authorization: Bearer <key>' "

@@ -1,7 +1,11 @@
 """Reading a request body: its size limit and its JSON.
 
 A body is refused as soon as it is known to be too large: up front when its Content-Length
-says so (a guard check, before any of it is read), else while it streams in.
+says so (a guard check, before any of it is read), else while it streams in. JSON that Python
+could decode only at a cost, or not at all, is a 400 like any other bad JSON: nesting deeper
+than the decoder's recursion limit, and integers longer than MAX_INT_DIGITS digits (no field
+needs more than 20; Python's own limit of 4300 would be a 500, and a long integer is slow to
+convert and too large for any float).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from starlette.requests import Request
 
 from moekit.serve.config import ServerConfig
 from moekit.serve.protocol import APIError
+
+MAX_INT_DIGITS = 100
 
 
 def too_large(limit: int) -> APIError:
@@ -38,6 +44,19 @@ async def read_json(request: Request, max_bytes: int) -> Any:
             raise too_large(max_bytes)
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(b"".join(chunks) or b"null", parse_int=_parse_int)
+    except RecursionError:
+        raise APIError(400, "the request body is JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise APIError(
+            400,
+            f"the request body has an integer of {digits} digits; at most {MAX_INT_DIGITS} "
+            "are accepted",
+        )
+    return int(text)

@@ -2,10 +2,14 @@
 
 Request problems are raised as `APIError` (see protocol.py) wherever they are found; the
 handlers installed here turn those, Starlette's own HTTP errors (404, 405) and any crash into
-the same body shape, so a client never sees an HTML page or a bare traceback.
+the same body shape, so a client never sees an HTML page or a bare traceback. A 500 is a bug
+or a failed generation, so it is logged with its traceback on the "moekit.serve" logger: here
+when it is an APIError, by the guard when it is a crash.
 """
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -14,6 +18,8 @@ from starlette.responses import Response
 
 from moekit.serve.engine import DoneEvent
 from moekit.serve.protocol import APIError
+
+log = logging.getLogger("moekit.serve")
 
 
 def error_response(err: APIError) -> Response:
@@ -40,6 +46,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
+        if exc.status == 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -49,4 +57,5 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> Response:
+        # Starlette raises the exception again once this is sent: the guard logs it.
         return error_response(internal_error(exc))
