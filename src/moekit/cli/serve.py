@@ -32,11 +32,69 @@ def add_parser(sub: Any) -> None:
         "context, at most 4096)",
     )
     add_device_argument(p)
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to send a request's head, from connecting (default 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds a client has to send a request's body, after its head (default 30)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        metavar="N",
+        help="open connections at most; past it, new ones get a 503 (default 256)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        action="append",
+        default=[],
+        metavar="HOST[,HOST...]",
+        help="host names the server answers to besides IP addresses and localhost, e.g. the "
+        "name it is reached by (*.example.com for a domain, * for any); repeatable",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        action="append",
+        default=[],
+        metavar="ORIGIN[,ORIGIN...]",
+        help="web pages allowed to call the API, as scheme://host[:port] (* for any), with "
+        "CORS; repeatable",
+    )
     p.set_defaults(run=run, json=False)
+
+
+# The library names a bad setting by its keyword; the command line adds the flag.
+FLAGS = {
+    "model_name": "--model-name",
+    "max_batch": "--max-batch",
+    "max_queue": "--max-queue",
+    "max_tokens_limit": "--max-tokens",
+    "max_context": "--max-context",
+    "header_timeout_s": "--header-timeout",
+    "body_timeout_s": "--body-timeout",
+    "max_connections": "--max-connections",
+    "allowed_hosts": "--allowed-hosts",
+    "allowed_origins": "--allowed-origins",
+}
+
+
+def split_list(values: list[str]) -> list[str]:
+    """Repeated flags, each a comma-separated list, as one list."""
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
     from moekit.serve import PortInUseError, serve
+    from moekit.serve.config import ConnectionLimits, SettingError
 
     api_key = args.api_key or os.environ.get("MOEKIT_API_KEY")
     base = f"http://{args.host}:{args.port}"
@@ -50,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
         )
 
     try:
+        limits = ConnectionLimits(
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            max_connections=args.max_connections,
+        )
         serve(
             args.model_dir,
             host=args.host,
@@ -62,7 +125,13 @@ def run(args: argparse.Namespace) -> int:
             max_context=args.max_context,
             device=args.device,
             on_ready=ready,
+            limits=limits,
+            allowed_hosts=split_list(args.allowed_hosts),
+            allowed_origins=split_list(args.allowed_origins),
         )
     except PortInUseError as e:
         raise ValueError(f"{e} (--port)") from None
+    except SettingError as e:
+        flag = FLAGS.get(e.setting)
+        raise ValueError(f"{e} ({flag})" if flag else str(e)) from None
     return 0
