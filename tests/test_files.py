@@ -119,7 +119,7 @@ def test_temporaries_a_killed_writer_left_are_removed_by_the_next_write(tmp_path
     old = time.time() - 2 * STALE_AFTER_S
     names = {
         "stale": ".model.safetensors.a1b2c3d4.tmp",  # an atomic write's, killed
-        "stale_rust": ".tmpAb12Cd",  # safetensors' own, killed
+        "rust": ".tmpAb12Cd",  # safetensors' own (or another program's): not for a text file
         "fresh": ".config.json.e5f6g7h8.tmp",  # another process is writing it now
         "held": ".run.json.i9j0k1l2.tmp",  # written slowly by a live process (locked)
         "mine": "notes.tmp",  # not a temporary of ours
@@ -135,8 +135,10 @@ def test_temporaries_a_killed_writer_left_are_removed_by_the_next_write(tmp_path
     finally:
         os.close(fd)
     left = set(os.listdir(tmp_path))
-    assert left == {"metrics.txt", names["fresh"], names["held"], names["mine"]}
-    assert remove_stale_temporaries(tmp_path) == [tmp_path / names["held"]]  # now released
+    assert left == {"metrics.txt", *(names[k] for k in ("rust", "fresh", "held", "mine"))}
+    # Released now; and a writer of safetensors files takes safetensors' temporaries too.
+    removed = remove_stale_temporaries(tmp_path, safetensors=True)
+    assert sorted(removed) == sorted([tmp_path / names["held"], tmp_path / names["rust"]])
 
 
 def test_format_bytes():

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import stat
+import time
 
 import pytest
 import torch
@@ -347,3 +348,15 @@ def test_a_full_disk_while_writing_the_config_keeps_the_old_one(tmp_path, monkey
     monkeypatch.undo()
     assert ModelDir(tmp_path).config() == cfg
     assert os.listdir(tmp_path) == [ModelDir.CONFIG]
+
+
+def test_writing_weights_removes_what_a_killed_writer_left(tmp_path):
+    from moekit.files import STALE_AFTER_S
+
+    left = [".tmpAb12Cd", ".model.safetensors.a1b2c3d4.tmp", ".part-00001.safetensors.tmp"]
+    old = time.time() - 2 * STALE_AFTER_S
+    for name in left:
+        (tmp_path / name).write_bytes(b"\0" * 1000)  # model-sized, in real life
+        os.utime(tmp_path / name, (old, old))
+    save_weights({"a": torch.ones(3)}, tmp_path)
+    assert os.listdir(tmp_path) == [ModelDir.WEIGHTS]

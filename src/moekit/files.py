@@ -32,7 +32,8 @@ _FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 # How writers that are not Python file objects report a full disk (safetensors' Rust I/O).
 _FULL_TEXT = ("(os error 28)", "(os error 122)", "No space left on device", "Disk quota exceeded")
 # Temporary names: ours (`.NAME.XXXXXXXX.tmp`, from mkstemp) and safetensors' own (`.tmpXXXXXX`,
-# which it renames onto ours when done).
+# which it renames onto ours when done; other programs' temporaries may look the same, so
+# only a writer of safetensors files removes those).
 _OURS = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _SAFETENSORS = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 # A temporary file untouched for this long, whose lock nobody holds, belongs to a dead writer.
@@ -180,9 +181,10 @@ def _lock_again(tmp_path: Path, locks: list[int]) -> None:
             _lock(fd)
 
 
-def remove_stale_temporaries(directory: Path) -> list[Path]:
+def remove_stale_temporaries(directory: Path, *, safetensors: bool = False) -> list[Path]:
     """Remove the temporary files that writes into `directory` left behind when their process
-    was killed (`.NAME.XXXXXXXX.tmp` from `atomic_path`, `.tmpXXXXXX` from safetensors), and
+    was killed (`.NAME.XXXXXXXX.tmp` from `atomic_path`; with `safetensors`, which a writer of
+    safetensors files into `directory` passes, also the library's own `.tmpXXXXXX`), and
     return them. A file counts as left behind when no process holds its lock and it has not
     changed for `STALE_AFTER_S` seconds, so writes running in other processes keep theirs."""
     removed: list[Path] = []
@@ -192,7 +194,7 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
         return removed
     now = time.time()
     for entry in entries:
-        if not (_OURS.match(entry.name) or _SAFETENSORS.match(entry.name)):
+        if not (_OURS.match(entry.name) or (safetensors and _SAFETENSORS.match(entry.name))):
             continue
         try:
             if not entry.is_file(follow_symlinks=False):

@@ -35,7 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 from moekit.config import FILE_NAME as CONFIG_FILE
 from moekit.config import ModelConfig
-from moekit.files import DiskFullError, atomic_path, atomic_write, fsync_dir, read_json, write_json
+from moekit.files import (
+    DiskFullError,
+    atomic_path,
+    atomic_write,
+    fsync_dir,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+)
 from moekit.version import __version__
 
 if TYPE_CHECKING:
@@ -170,10 +178,9 @@ class ModelDir:
         """Build the model config.json describes on `device` ("auto": CUDA when present, else
         the CPU) and load its weights (cast to `dtype` when given, routers kept in float32).
 
-        Before anything is allocated, the stored tensors' names and shapes (read from the
-        safetensors headers) are checked against the model config.json describes, and its
-        size against the memory the device has: either mismatch is a ValueError naming the
-        files and the tensors, or the sizes."""
+        Before anything is allocated, the stored tensors' names and shapes (safetensors
+        headers) are checked against that model, and its size against the device's memory:
+        a mismatch is a ValueError naming the files and tensors, or the sizes."""
         from moekit.model import build_model, cast_model, meta_model
         from moekit.runtime import resolve_device
 
@@ -340,10 +347,9 @@ def save_weights(
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a model directory (one file, or the shards of its index).
 
-    An index that is not valid JSON, or that names anything but a plain file name in this
-    directory (`../x.safetensors`, an absolute path), is a ValueError naming the index and
-    the entry: weights are never read from outside the model directory. (A shard that is a
-    symbolic link, as in Hugging Face's cache, is still followed: the link is the owner's.)"""
+    An index that is not valid JSON, or names anything but a plain file name in this directory
+    (`../x.safetensors`, an absolute path), is a ValueError naming the index and the entry.
+    (A shard that is a symbolic link, as in Hugging Face's cache, is still followed.)"""
     single, index = directory / ModelDir.WEIGHTS, directory / ModelDir.INDEX
     if index.exists():
         try:
@@ -368,16 +374,10 @@ def weight_files(directory: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """A tensor as its safetensors header describes it: dtype ("F32", "BF16", ...), shape,
-    and the file that holds it."""
+    """A tensor as its safetensors header describes it: dtype ("F32", "BF16", ...), shape."""
 
     dtype: str
     shape: tuple[int, ...]
-    file: Path
-
-
-# safetensors refuses headers above 100 MB; so do we, before reading one.
-_MAX_HEADER = 100_000_000
 
 
 def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
@@ -392,7 +392,8 @@ def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
         size = path.stat().st_size
         with open(path, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
-            if size < 8 or length > min(size - 8, _MAX_HEADER):
+            # safetensors refuses headers above 100 MB; so do we, before reading one.
+            if size < 8 or length > min(size - 8, 100_000_000):
                 raise UnreadableWeightsError(path, f"{size} bytes cannot hold its header")
             header = json.loads(f.read(length))
         for name, entry in header.items():
@@ -403,7 +404,7 @@ def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
                 isinstance(n, int) and n >= 0 for n in [*shape, begin, stop]
             ):
                 raise ValueError(f"tensor {name!r} has a malformed entry")
-            tensors[name] = StoredTensor(dtype, tuple(shape), path)
+            tensors[name] = StoredTensor(dtype, tuple(shape))
             end = max(end, stop)
     except UnreadableWeightsError:
         raise
@@ -411,11 +412,9 @@ def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
         raise UnreadableWeightsError(path, str(e)) from e
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise UnreadableWeightsError(path, f"malformed header: {e}") from e
-    if 8 + length + end != size:
-        described = 8 + length + end
-        raise UnreadableWeightsError(
-            path, f"it holds {size} bytes where its header describes {described}"
-        )
+    if (described := 8 + length + end) != size:
+        reason = f"it holds {size} bytes where its header describes {described}"
+        raise UnreadableWeightsError(path, reason)
     return tensors
 
 
@@ -431,9 +430,8 @@ class UnreadableWeightsError(ValueError):
 
 
 def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
-    """Every tensor of a directory's safetensors files, from their headers (no data is read).
-    A shard the index lists but the directory lacks is a FileNotFoundError; an unreadable
-    file a ValueError naming it."""
+    """Every tensor of a directory's safetensors files, from their headers (no data is read);
+    a listed shard that is missing is a FileNotFoundError, an unreadable file a ValueError."""
     tensors: dict[str, StoredTensor] = {}
     for path in weight_files(directory):
         if not path.exists():
@@ -472,11 +470,8 @@ def load_state_checked(model: torch.nn.Module, state: Mapping[str, Tensor], sour
     import torch
 
     own = model.state_dict()
-    check_fit(
-        {k: tuple(t.shape) for k, t in own.items()},
-        {k: tuple(t.shape) for k, t in state.items()},
-        source,
-    )
+    shapes = {k: tuple(t.shape) for k, t in own.items()}
+    check_fit(shapes, {k: tuple(t.shape) for k, t in state.items()}, source)
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(state[k])
@@ -525,6 +520,7 @@ class ShardWriter:
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob(".part-*.safetensors.tmp"):  # left by a killed writer
             stale.unlink(missing_ok=True)
+        remove_stale_temporaries(directory, safetensors=True)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
         self._current: dict[str, Tensor] = {}
