@@ -247,3 +247,12 @@ def test_only_long_runs_of_one_kind_are_cut():
     assert "".join(pieces) == text
     assert all(not long_runs(p) for p in pieces)
     assert [len(p) for p in pieces] == [1006, 1000, 1500, 1001, 5]
+
+
+def test_a_long_training_is_announced(tmp_path, monkeypatch):
+    import moekit.data.tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "LONG_TRAINING_CHARS", 30)
+    said = []
+    get_tokenizer(docs_of("some text to train on", "and some more"), 270, tmp_path, say=said.append)
+    assert said == ["training a tokenizer of 270 tokens on 34 characters ..."]
