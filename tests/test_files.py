@@ -1,18 +1,26 @@
 """moekit.files: atomic writes, JSON and JSON lines."""
 
+import errno
+import fcntl
 import json
 import math
 import os
 import stat
+import time
 
 import pytest
 
 from moekit.files import (
+    STALE_AFTER_S,
+    DiskFullError,
     atomic_write,
     atomic_write_text,
+    disk_full,
+    format_bytes,
     json_safe,
     read_json,
     read_jsonl,
+    remove_stale_temporaries,
     umask,
     write_json,
 )
@@ -73,3 +81,70 @@ def test_read_jsonl_names_the_line(tmp_path):
     path.write_bytes(b"\xff\n")
     with pytest.raises(ValueError, match="is not UTF-8"):
         list(read_jsonl(path))
+
+
+def enospc(tmp):
+    """A writer that gets half way, then finds the disk full."""
+    tmp.write_text("half")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_previous_one(tmp_path):
+    path = tmp_path / "a.txt"
+    atomic_write_text(path, "kept")
+    with pytest.raises(DiskFullError) as info:
+        atomic_write(path, enospc, needed=3_000_000)
+    assert info.value.errno == errno.ENOSPC and info.value.path == path
+    message = str(info.value)
+    assert message.startswith(f"the disk is full: could not write {path} (it needs about 3.0 MB, ")
+    assert " free); what was there before is unchanged" in message
+    assert path.read_text() == "kept"
+    assert os.listdir(tmp_path) == ["a.txt"]  # the temporary file is gone
+
+
+def test_full_disks_are_recognised_however_a_writer_says_so(tmp_path):
+    path = tmp_path / "w.safetensors"
+    rust = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert isinstance(disk_full(rust, path), DiskFullError)
+    assert isinstance(disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), path), DiskFullError)
+    assert disk_full(OSError(errno.EACCES, "Permission denied"), path) is None
+    # torch's file writer says only that a write failed: the free space tells.
+    failed = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    assert disk_full(failed, path) is None
+    assert isinstance(disk_full(failed, path, needed=10**18), DiskFullError)
+    assert disk_full(failed, path, needed=1) is None
+
+
+def test_temporaries_a_killed_writer_left_are_removed_by_the_next_write(tmp_path):
+    old = time.time() - 2 * STALE_AFTER_S
+    names = {
+        "stale": ".model.safetensors.a1b2c3d4.tmp",  # an atomic write's, killed
+        "rust": ".tmpAb12Cd",  # safetensors' own (or another program's): not for a text file
+        "fresh": ".config.json.e5f6g7h8.tmp",  # another process is writing it now
+        "held": ".run.json.i9j0k1l2.tmp",  # written slowly by a live process (locked)
+        "mine": "notes.tmp",  # not a temporary of ours
+    }
+    for key, name in names.items():
+        (tmp_path / name).write_text(key)
+        if key != "fresh":
+            os.utime(tmp_path / name, (old, old))
+    fd = os.open(tmp_path / names["held"], os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        atomic_write_text(tmp_path / "metrics.txt", "x")
+    finally:
+        os.close(fd)
+    left = set(os.listdir(tmp_path))
+    assert left == {"metrics.txt", *(names[k] for k in ("rust", "fresh", "held", "mine"))}
+    # Released now; and a writer of safetensors files takes safetensors' temporaries too.
+    removed = remove_stale_temporaries(tmp_path, safetensors=True)
+    assert sorted(removed) == sorted([tmp_path / names["held"], tmp_path / names["rust"]])
+
+
+def test_format_bytes():
+    assert [format_bytes(n) for n in (512, 1500, 3_000_000, 25_600_000_000_000)] == [
+        "512 B",
+        "1.5 kB",
+        "3.0 MB",
+        "25.6 TB",
+    ]

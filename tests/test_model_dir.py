@@ -1,18 +1,25 @@
 """moekit.model_dir: the one owner of a model directory's file names and contents."""
 
+import errno
 import json
+import os
+import re
 import stat
+import time
 
 import pytest
 import torch
 
+import moekit.model
 from moekit import ModelDir, build_model, get_preset, load_model, save_model
-from moekit.files import umask
+from moekit.files import DiskFullError, umask
 from moekit.model_dir import (
     FinetuneSummary,
     ShardWriter,
     load_weights,
+    read_safetensors_header,
     save_weights,
+    stored_tensors,
     weight_files,
 )
 
@@ -176,3 +183,180 @@ def test_loaders_follow_the_device_policy(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             load_model(tmp_path, device="cuda")
+
+
+# ---- hostile model directories ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["../other/x.safetensors", "ABSOLUTE", "sub/x.safetensors", ".."])
+def test_an_index_may_only_name_files_in_its_own_directory(tmp_path, entry):
+    from moekit.analysis.doctor.weight_files import WeightFiles
+
+    outside = tmp_path / "other"
+    save_weights({"embed.weight": torch.ones(2)}, outside)
+    (outside / "x.safetensors").write_bytes((outside / ModelDir.WEIGHTS).read_bytes())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.safetensors").write_bytes((outside / ModelDir.WEIGHTS).read_bytes())
+    if entry == "ABSOLUTE":
+        entry = str(outside / "x.safetensors")
+    d = ModelDir(tmp_path / "m")
+    get_preset("debug").save(d.config_path)
+    index = {"metadata": {}, "weight_map": {"embed.weight": entry}}
+    (d / ModelDir.INDEX).write_text(json.dumps(index))
+    message = rf"{ModelDir.INDEX} names '{re.escape(entry)}' for tensor 'embed.weight'"
+    for read in (d.weight_files, d.load_weights, d.load_model, lambda: WeightFiles(d.path)):
+        with pytest.raises(ValueError, match=message):
+            read()
+
+
+def test_an_index_that_is_not_a_mapping_is_refused(tmp_path):
+    (tmp_path / ModelDir.INDEX).write_text('{"weight_map": ["model.safetensors"]}')
+    with pytest.raises(ValueError, match=r"not a valid safetensors index \(weight_map is a list"):
+        weight_files(tmp_path)
+
+
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_allocating(tmp_path, monkeypatch):
+    cfg = get_preset("debug")
+    save_model(build_model(cfg), cfg, tmp_path)
+    config = json.loads((tmp_path / ModelDir.CONFIG).read_text())
+    config["dim"] = 2**20  # some 26 TB of float32 parameters
+    (tmp_path / ModelDir.CONFIG).write_text(json.dumps(config))
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the model was built before the weights were checked")
+
+    monkeypatch.setattr(moekit.model, "build_model", no_allocation)
+    with pytest.raises(ValueError) as info:
+        load_model(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / ModelDir.WEIGHTS} (with {tmp_path / ModelDir.CONFIG})")
+    assert "does not fit the model config: shape mismatch: embed.weight: file (512, 64) vs " \
+           "model (512, 1048576)" in message  # fmt: skip
+
+
+def test_stored_tensors_come_from_the_headers_alone(tmp_path):
+    save_weights({"a": torch.ones(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}, tmp_path)
+    stored = stored_tensors(tmp_path)
+    assert {k: (t.dtype, t.shape) for k, t in stored.items()} == {
+        "a": ("F32", (2, 3)),
+        "b": ("BF16", (4,)),
+    }
+    path = tmp_path / ModelDir.WEIGHTS
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match=r"holds \d+ bytes where its header describes"):
+        read_safetensors_header(path)
+
+
+def test_a_model_too_large_for_the_memory_is_refused_with_both_sizes(tmp_path, monkeypatch):
+    cfg = get_preset("debug")
+    save_model(build_model(cfg), cfg, tmp_path)
+    monkeypatch.setattr(moekit.model, "available_memory", lambda device: 1_000_000)
+    with pytest.raises(ValueError) as info:
+        load_model(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / ModelDir.CONFIG}: the model this config describes")
+    assert (
+        "has 386,368 parameters and needs 1.5 MB of memory, but cpu has 1.0 MB available" in message
+    )
+    with pytest.raises(ValueError, match="check the config's sizes"):
+        build_model(cfg)
+    monkeypatch.undo()
+    assert moekit.model.available_memory(torch.device("cpu")) > 1_000_000
+
+
+def disk_full_after(monkeypatch, files_written):
+    """safetensors writes `files_written` files, then fills the disk half way into the next."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+    calls = []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) <= files_written:
+            return real(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_a_full_disk_leaves_the_earlier_weights_and_no_temporaries(tmp_path, monkeypatch, layout):
+    cfg = get_preset("debug")
+    before = build_model(cfg, seed=1)
+    save_model(before, cfg, tmp_path)
+    if layout == "sharded":
+        save_weights(before.state_dict(), tmp_path, max_shard_bytes=200_000)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    disk_full_after(monkeypatch, files_written=2)
+    with pytest.raises(DiskFullError) as info:
+        save_weights(build_model(cfg, seed=2).state_dict(), tmp_path, max_shard_bytes=200_000)
+    assert str(info.value).startswith(
+        f"the disk is full: could not write the weights in {tmp_path}"
+    )
+    assert "it needs about" in str(info.value)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    for (name, a), b in zip(before.state_dict().items(), load_model(tmp_path).state_dict().values(),
+                            strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+
+
+def test_a_full_disk_at_the_index_leaves_the_earlier_shards(tmp_path, monkeypatch):
+    import pathlib
+
+    first = {f"t{i}": torch.full((1000,), float(i)) for i in range(3)}
+    save_weights(first, tmp_path, max_shard_bytes=5000)
+    real_write_text = pathlib.Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        if ModelDir.INDEX in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    with pytest.raises(
+        DiskFullError, match=re.escape(f"could not write {tmp_path / ModelDir.INDEX}")
+    ):
+        save_weights({k: v + 1 for k, v in first.items()}, tmp_path, max_shard_bytes=5000)
+    monkeypatch.undo()
+    assert all(torch.equal(load_weights(tmp_path)[k], v) for k, v in first.items())
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_a_full_disk_while_writing_the_config_keeps_the_old_one(tmp_path, monkeypatch):
+    import pathlib
+
+    cfg = get_preset("debug")
+    ModelDir(tmp_path).save_config(cfg)
+    real_write_text = pathlib.Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        real_write_text(self, text[:10], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    other = get_preset("debug")
+    other.dim = 128
+    with pytest.raises(
+        DiskFullError, match=re.escape(f"could not write {tmp_path / ModelDir.CONFIG}")
+    ):
+        ModelDir(tmp_path).save_config(other)
+    monkeypatch.undo()
+    assert ModelDir(tmp_path).config() == cfg
+    assert os.listdir(tmp_path) == [ModelDir.CONFIG]
+
+
+def test_writing_weights_removes_what_a_killed_writer_left(tmp_path):
+    from moekit.files import STALE_AFTER_S
+
+    left = [".tmpAb12Cd", ".model.safetensors.a1b2c3d4.tmp", ".part-00001.safetensors.tmp"]
+    old = time.time() - 2 * STALE_AFTER_S
+    for name in left:
+        (tmp_path / name).write_bytes(b"\0" * 1000)  # model-sized, in real life
+        os.utime(tmp_path / name, (old, old))
+    save_weights({"a": torch.ones(3)}, tmp_path)
+    assert os.listdir(tmp_path) == [ModelDir.WEIGHTS]

@@ -7,6 +7,7 @@ dense model is the same code with every layer dense.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
+from moekit.files import format_bytes
 from moekit.moe.layer import DEFAULT_ROUTE, MoELayer, MoEStats, RouteOptions
 from moekit.nn.attention import build_attention
 from moekit.nn.kv_cache import KVCache
@@ -186,6 +188,13 @@ class Transformer(nn.Module):
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std, generator=gen)
 
 
+def meta_model(cfg: ModelConfig) -> Transformer:
+    """The model `cfg` describes on the meta device: every parameter's name, shape and dtype,
+    and no memory (what checks a config against stored weights or memory before building)."""
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
 def build_model(
     cfg: ModelConfig,
     *,
@@ -198,15 +207,56 @@ def build_model(
     The modules are created on the meta device (no memory), then materialised on `device`
     ("auto": CUDA when present, else the CPU) and initialised once by
     `Transformer.init_weights(seed)`. With a non-float32 `dtype` the router
-    weights stay float32.
+    weights stay float32. A model larger than the memory `device` has available is a
+    ValueError that says both sizes, before anything is allocated.
     """
     from moekit.runtime import resolve_device
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=resolve_device(device))
+    model = meta_model(cfg)
+    target = resolve_device(device)
+    check_memory(model, target)
+    model.to_empty(device=target)
     model.init_weights(seed)
     return cast_model(model, dtype)
+
+
+def check_memory(model: nn.Module, device: torch.device) -> None:
+    """ValueError when `model` (on the meta device) would need more memory than `device` has
+    available: a config with a dimension far too large is refused with the sizes instead of
+    failing inside the allocator. Nothing is checked where the available memory is unknown."""
+    tensors = [*model.parameters(), *model.buffers()]
+    needed = sum(t.numel() * t.element_size() for t in tensors)
+    available = available_memory(device)
+    if available is None or needed <= available:
+        return
+    params = sum(p.numel() for p in model.parameters())
+    raise ValueError(
+        f"the model this config describes has {params:,} parameters and needs "
+        f"{format_bytes(needed)} of memory, but {device} has {format_bytes(available)} "
+        "available; check the config's sizes (dim, num_layers, vocab_size, num_experts, "
+        "expert_hidden)"
+    )
+
+
+def available_memory(device: torch.device) -> int | None:
+    """The bytes `device` can still allocate: on the CPU the kernel's MemAvailable plus free
+    swap, on CUDA the free device memory plus what PyTorch has cached; None when unknown."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: line.split()[1] for line in f if ":" in line}
+        return (int(info["MemAvailable"]) + int(info.get("SwapFree", 0))) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:  # elsewhere: all physical memory, a looser bound
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:

@@ -23,6 +23,7 @@ safetensors only, never pickles.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,7 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 from moekit.config import FILE_NAME as CONFIG_FILE
 from moekit.config import ModelConfig
-from moekit.files import atomic_write, fsync_dir, read_json, write_json
+from moekit.files import (
+    DiskFullError,
+    atomic_path,
+    atomic_write,
+    fsync_dir,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+)
 from moekit.version import __version__
 
 if TYPE_CHECKING:
@@ -167,12 +176,26 @@ class ModelDir:
         self, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> Transformer:
         """Build the model config.json describes on `device` ("auto": CUDA when present, else
-        the CPU) and load its weights (cast to `dtype` when given, routers kept in float32)."""
-        from moekit.model import build_model, cast_model
+        the CPU) and load its weights (cast to `dtype` when given, routers kept in float32).
+
+        Before anything is allocated, the stored tensors' names and shapes (safetensors
+        headers) are checked against that model, and its size against the device's memory:
+        a mismatch is a ValueError naming the files and tensors, or the sizes."""
+        from moekit.model import build_model, cast_model, meta_model
         from moekit.runtime import resolve_device
 
         device = resolve_device(device)
-        model = build_model(self.config(), device=device, seed=None)
+        cfg = self.config()
+        stored = stored_tensors(self.path)
+        expected = {k: tuple(t.shape) for k, t in meta_model(cfg).state_dict().items()}
+        index = self.path / self.INDEX
+        weights = index if index.exists() else self.path / self.WEIGHTS
+        where = f"{weights} (with {self.config_path})"
+        check_fit(expected, {k: t.shape for k, t in stored.items()}, where)
+        try:
+            model = build_model(cfg, device=device, seed=None)
+        except ValueError as e:
+            raise ValueError(f"{self.config_path}: {e}") from None
         load_state_checked(model, self.load_weights(device), str(self.path))
         return cast_model(model, dtype) if dtype is not None else model
 
@@ -291,23 +314,16 @@ def _shard_names(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def _finish_shards(
-    directory: Path, written: list[Path], weight_map: dict[str, str], total: int
-) -> list[Path]:
-    """Write the index of a sharded save (when there is more than one file) and remove weight
-    files left from an earlier save of a different layout. Returns every file written."""
-    index_path = directory / ModelDir.INDEX
-    if len(written) > 1:
-        write_json(index_path, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        written = [*written, index_path]
+def _remove_stale_layouts(directory: Path, written: list[Path]) -> None:
+    """Remove weight files left from an earlier save of a different layout (the index first:
+    an index must never name shards that are already gone)."""
     keep = {p.name for p in written}
-    # The index goes first: an index must never name shards that are already gone.
+    index_path = directory / ModelDir.INDEX
     stale = [index_path, *directory.glob("model-*-of-*.safetensors"), directory / ModelDir.WEIGHTS]
     for path in stale:
         if path.name not in keep:
             path.unlink(missing_ok=True)
     fsync_dir(directory)
-    return written
 
 
 def save_weights(
@@ -329,17 +345,99 @@ def save_weights(
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a model directory (one file, or the shards of its index)."""
+    """The safetensors files of a model directory (one file, or the shards of its index).
+
+    An index that is not valid JSON, or names anything but a plain file name in this directory
+    (`../x.safetensors`, an absolute path), is a ValueError naming the index and the entry.
+    (A shard that is a symbolic link, as in Hugging Face's cache, is still followed.)"""
     single, index = directory / ModelDir.WEIGHTS, directory / ModelDir.INDEX
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ValueError(f"{index} is not a valid safetensors index ({e})") from e
+        if not isinstance(weight_map, dict):
+            kind = type(weight_map).__name__
+            raise ValueError(f"{index} is not a valid safetensors index (weight_map is a {kind})")
+        for tensor, name in weight_map.items():
+            # Only a plain file name, on any system (":" is a Windows drive or stream).
+            if not isinstance(name, str) or name in ("", ".", "..") or set(name) & set("/\\:\0"):
+                raise ValueError(
+                    f"{index} names {name!r} for tensor {tensor!r}: an index may only name "
+                    f"files in its own directory ({directory}), by plain file name"
+                )
         return [directory / name for name in sorted(set(weight_map.values()))]
     if single.exists():
         return [single]
     raise FileNotFoundError(f"no {ModelDir.WEIGHTS} or {ModelDir.INDEX} in {directory}")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as its safetensors header describes it: dtype ("F32", "BF16", ...), shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors a safetensors file holds, from its header alone (no tensor data is read).
+
+    The header must be well formed and the file exactly as long as the header says: a
+    truncated, padded or corrupt header is an UnreadableWeightsError (a ValueError) naming
+    the file."""
+    tensors: dict[str, StoredTensor] = {}
+    end = 0
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            # safetensors refuses headers above 100 MB; so do we, before reading one.
+            if size < 8 or length > min(size - 8, 100_000_000):
+                raise UnreadableWeightsError(path, f"{size} bytes cannot hold its header")
+            header = json.loads(f.read(length))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not isinstance(dtype, str) or not all(
+                isinstance(n, int) and n >= 0 for n in [*shape, begin, stop]
+            ):
+                raise ValueError(f"tensor {name!r} has a malformed entry")
+            tensors[name] = StoredTensor(dtype, tuple(shape))
+            end = max(end, stop)
+    except UnreadableWeightsError:
+        raise
+    except OSError as e:
+        raise UnreadableWeightsError(path, str(e)) from e
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UnreadableWeightsError(path, f"malformed header: {e}") from e
+    if (described := 8 + length + end) != size:
+        reason = f"it holds {size} bytes where its header describes {described}"
+        raise UnreadableWeightsError(path, reason)
+    return tensors
+
+
+class UnreadableWeightsError(ValueError):
+    """A safetensors file that cannot be read: `path`, and the `reason` in a few words."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"{path} is not a readable safetensors file ({reason}); it may be truncated or "
+            "corrupt: restore it from a checkpoint in train_state/ or re-create it"
+        )
+        self.path, self.reason = path, reason
+
+
+def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a directory's safetensors files, from their headers (no data is read);
+    a listed shard that is missing is a FileNotFoundError, an unreadable file a ValueError."""
+    tensors: dict[str, StoredTensor] = {}
+    for path in weight_files(directory):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is listed in {ModelDir.INDEX} but missing")
+        tensors.update(read_safetensors_header(path))
+    return tensors
 
 
 def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
@@ -362,10 +460,7 @@ def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[st
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     state[name] = f.get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise ValueError(
-                f"{path} is not a readable safetensors file ({e}); it may be truncated or "
-                "corrupt: restore it from a checkpoint in train_state/ or re-create it"
-            ) from e
+            raise UnreadableWeightsError(path, str(e)) from e
     return state
 
 
@@ -375,12 +470,24 @@ def load_state_checked(model: torch.nn.Module, state: Mapping[str, Tensor], sour
     import torch
 
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    shapes = {k: tuple(t.shape) for k, t in own.items()}
+    check_fit(shapes, {k: tuple(t.shape) for k, t in state.items()}, source)
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k])
+
+
+def check_fit(
+    expected: Mapping[str, tuple[int, ...]], stored: Mapping[str, tuple[int, ...]], source: str
+) -> None:
+    """ValueError naming `source` and the tensors when the `stored` names and shapes are not
+    exactly those a model `expected`: missing, unexpected or misshapen ones."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
     misshapen = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
+        f"{k}: file {tuple(stored[k])} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in stored and tuple(stored[k]) != tuple(expected[k])
     ]
     problems = []
     if missing:
@@ -391,9 +498,6 @@ def load_state_checked(model: torch.nn.Module, state: Mapping[str, Tensor], sour
         problems.append(f"shape mismatch: {'; '.join(misshapen[:5])}")
     if problems:
         raise ValueError(f"{source} does not fit the model config: " + "; ".join(problems))
-    with torch.no_grad():
-        for k, t in own.items():
-            t.copy_(state[k])
 
 
 class ShardWriter:
@@ -416,6 +520,7 @@ class ShardWriter:
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob(".part-*.safetensors.tmp"):  # left by a killed writer
             stale.unlink(missing_ok=True)
+        remove_stale_temporaries(directory, safetensors=True)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
         self._current: dict[str, Tensor] = {}
@@ -450,8 +555,15 @@ class ShardWriter:
 
     def _flush(self) -> None:
         part = self.directory / f".part-{len(self._parts):05d}.safetensors.tmp"
-        # Through atomic_write: the part is fsynced and has the usual file mode.
-        atomic_write(part, partial(_save_safetensors, self._current, self.metadata))
+        # Through atomic_write: the part is fsynced, has the usual file mode, and a full disk
+        # is a DiskFullError (named after the weights, not the part's temporary name).
+        try:
+            write = partial(_save_safetensors, self._current, self.metadata)
+            atomic_write(part, write, needed=self._size)
+        except DiskFullError as e:
+            written = sum(size for _, _, size in self._parts)
+            what = f"the weights in {self.directory}"
+            raise DiskFullError(part, written + self._size, e.free, what) from e
         self._parts.append((part, list(self._current), self._size))
         self._current, self._size = {}, 0
 
@@ -463,12 +575,21 @@ class ShardWriter:
         if self._current or not self._parts:
             self._flush()
         names = _shard_names(len(self._parts))
-        written = []
-        for (part, _, _), name in zip(self._parts, names, strict=True):
-            os.replace(part, self.directory / name)
-            written.append(self.directory / name)
+        shards = [self.directory / name for name in names]
+        written = list(shards)
         weight_map = {
             k: name for (_, keys, _), name in zip(self._parts, names, strict=True) for k in keys
         }
         total = sum(size for _, _, size in self._parts)
-        return _finish_shards(self.directory, written, weight_map, total)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        # The index is written before any shard is renamed, and renamed into place after
+        # them: a write that fails (a full disk) leaves the earlier weights as they were.
+        with contextlib.ExitStack() as stack:
+            if len(written) > 1:
+                index_tmp = stack.enter_context(atomic_path(self.directory / ModelDir.INDEX))
+                index_tmp.write_text(json.dumps(index, indent=2) + "\n")
+                written.append(self.directory / ModelDir.INDEX)
+            for (part, _, _), path in zip(self._parts, shards, strict=True):
+                os.replace(part, path)
+        _remove_stale_layouts(self.directory, written)
+        return written

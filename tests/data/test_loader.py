@@ -191,10 +191,10 @@ def train_texts(monkeypatch):
     seen = []
     original = Tokenizer.train.__func__
 
-    def recording(cls, texts, vocab_size):
+    def recording(cls, texts, vocab_size, **options):
         texts = list(texts)
         seen.extend(texts)
-        return original(cls, texts, vocab_size)
+        return original(cls, texts, vocab_size, **options)
 
     monkeypatch.setattr(Tokenizer, "train", classmethod(recording))
     return seen
@@ -287,3 +287,12 @@ def test_prepare_data_reports_domains_too_small_to_evaluate(tmp_path, small_toke
     assert data.stats["val_domains_skipped"] == ["tiny"]
     assert data.stats["val"]["by_domain"]["tiny"]["documents"] == 1
     assert "rows" not in data.stats["val"]["by_domain"]["tiny"]
+
+
+def test_prepare_data_passes_on_what_tokenizer_training_says(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "blob.txt").write_text("some words here\n" * 200 + "z" * 20_000 + "\n")
+    cfg = DataConfig(source=str(tmp_path / "data"), val_fraction=0.0)
+    said = []
+    prepare_data(cfg, vocab_size=300, seq_len=16, cache_dir=tmp_path / "cache", say=said.append)
+    assert len(said) == 1 and said[0].startswith("tokenizer training: 1 text(s) hold a run")

@@ -1,19 +1,24 @@
+import hashlib
 import json
 import os
+import time
 
 import pytest
 import tokenizers
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moekit.data.corpus import Document
+from moekit.data.corpus import Document, fingerprint
 from moekit.data.tokenizer import (
     EOS,
+    MAX_RUN,
     PAD,
     TOKENIZER_FILE,
     Tokenizer,
+    cut_long_runs,
     default_cache_dir,
     get_tokenizer,
+    long_runs,
 )
 
 SAMPLES = {
@@ -146,10 +151,10 @@ def train_calls(monkeypatch):
     calls = []
     original = Tokenizer.train.__func__
 
-    def counting(cls, texts, vocab_size):
+    def counting(cls, texts, vocab_size, **options):
         texts = list(texts)
         calls.append((texts, vocab_size))
-        return original(cls, texts, vocab_size)
+        return original(cls, texts, vocab_size, **options)
 
     monkeypatch.setattr(Tokenizer, "train", classmethod(counting))
     return calls
@@ -196,3 +201,58 @@ def test_default_cache_dir_from_environment(tmp_path, monkeypatch, train_calls):
     assert len(os.listdir(tmp_path / "env-cache" / "tokenizers")) == 1
     monkeypatch.delenv("MOEKIT_CACHE_DIR")
     assert default_cache_dir().parts[-2:] == (".cache", "moekit")
+
+
+def test_the_cache_key_of_ordinary_documents_is_unchanged(tmp_path, small_corpus):
+    get_tokenizer(small_corpus, 300, cache_dir=tmp_path)
+    key = hashlib.sha256(f"v1:300:{fingerprint(small_corpus)}".encode()).hexdigest()[:32]
+    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == [f"{key}.json"]
+
+
+def test_a_multi_megabyte_line_without_spaces_trains_in_seconds(tmp_path, train_calls):
+    line = "moekit" * 500_000  # 3 MB of letters: one pre-token, minutes for the BPE trainer
+    docs = docs_of("a short ordinary document", line)
+    said = []
+    start = time.perf_counter()
+    tokenizer = get_tokenizer(docs, 300, cache_dir=tmp_path, say=said.append)
+    assert time.perf_counter() - start < 30  # about a second; uncut, over 100 seconds
+    assert said == [
+        f"tokenizer training: 1 text(s) hold a run of more than {MAX_RUN:,} characters of one "
+        "kind (no space or change between letters, digits and symbols); such runs are trained "
+        f"on in pieces of {MAX_RUN:,} characters (one piece would take the BPE trainer minutes)"
+    ]
+    ((texts, _),) = train_calls
+    assert texts[0] == "a short ordinary document" and "".join(texts[1:]) == line
+    assert tokenizer.decode(tokenizer.encode(line[:10_000])) == line[:10_000]
+    # Cut documents never share a cache entry with what an uncut training made.
+    key = hashlib.sha256(f"v1:300:{fingerprint(docs)}".encode()).hexdigest()[:32]
+    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] != [f"{key}.json"]
+    get_tokenizer(docs, 300, cache_dir=tmp_path, say=said.append)
+    assert len(train_calls) == 1 and len(said) == 1  # from the cache, without a word
+
+
+def test_training_alone_warns_of_the_runs_it_cut():
+    with pytest.warns(UserWarning, match=r"2 text\(s\) hold a run of more than 1,000"):
+        Tokenizer.train(["x" * 5000, "ordinary words", " " * 3000], 270)
+
+
+def test_only_long_runs_of_one_kind_are_cut():
+    ordinary = " ".join(["word", "12345", "{'a': [1, 2]}", "x" * MAX_RUN] * 500)
+    assert long_runs(ordinary) == [] and cut_long_runs(ordinary) == [ordinary]
+    # Minified data alternates letters, digits and symbols: no run is long.
+    assert long_runs("ab12{};" * 2000) == []
+    text = "start " + "a" * 2500 + "1" * 1001 + "\n" * 1001 + " end"
+    assert long_runs(text) == [(6, 2506), (2506, 3507), (3507, 4509)]  # the newlines and a space
+    pieces = cut_long_runs(text)
+    assert "".join(pieces) == text
+    assert all(not long_runs(p) for p in pieces)
+    assert [len(p) for p in pieces] == [1006, 1000, 1500, 1001, 5]
+
+
+def test_a_long_training_is_announced(tmp_path, monkeypatch):
+    import moekit.data.tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "LONG_TRAINING_CHARS", 30)
+    said = []
+    get_tokenizer(docs_of("some text to train on", "and some more"), 270, tmp_path, say=said.append)
+    assert said == ["training a tokenizer of 270 tokens on 34 characters ..."]

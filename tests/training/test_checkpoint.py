@@ -1,8 +1,11 @@
+import errno
+
 import pytest
 import torch
 
 import moekit.training.checkpoint as ckpt
 from moekit import build_model, get_preset
+from moekit.files import DiskFullError
 from moekit.model_dir import (
     ModelDir,
 )
@@ -66,3 +69,64 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     found.restore(*live_state()[1:])  # still loadable
     leftovers = [p.name for p in (tmp_path / "train_state").iterdir()]
     assert sorted(leftovers) == ["latest", "step-00000001"]
+
+
+def test_a_full_disk_mid_checkpoint_is_named_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    _, model, opt, sched = live_state()
+    ckpt.save_checkpoint(tmp_path, 1, model, opt, sched, {"tag": "first"}, keep_last=3)
+    real_save = torch.save
+
+    def full(obj, path, *a, **k):
+        if str(path).endswith("optimizer.pt"):
+            with open(path, "wb") as f:
+                f.write(b"PK\x03\x04 half an optimizer")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(DiskFullError) as info:
+        ckpt.save_checkpoint(tmp_path, 2, model, opt, sched, {"tag": "second"}, keep_last=3)
+    monkeypatch.undo()
+    final = tmp_path / "train_state" / "step-00000002"
+    assert str(info.value).startswith(
+        f"the disk is full: could not write the checkpoint of step 2 ({final}) (it needs about "
+    )
+    found = ckpt.latest_checkpoint(tmp_path)
+    assert found.step == 1 and found.state["tag"] == "first"
+    found.restore(*live_state()[1:])
+    assert sorted(p.name for p in (tmp_path / "train_state").iterdir()) == [
+        "latest",
+        "step-00000001",
+    ]
+
+
+def damage(checkpoint, name):
+    """Truncate one file of a checkpoint to half its size."""
+    path = checkpoint / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "rng.pt"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, name):
+    _, model, opt, sched = live_state()
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, model, opt, sched, {}, keep_last=3)
+    root = tmp_path / "train_state"
+    damage(root / "step-00000003", name)
+    skipped = []
+    found = ckpt.latest_checkpoint(tmp_path, on_skip=lambda path, why: skipped.append((path, why)))
+    assert found.step == 2
+    ((path, why),) = skipped
+    assert path == root / "step-00000003"
+    assert name in why and ("truncated or corrupt" in why)
+    assert ckpt.newest_checkpoint(tmp_path).step == 3  # it is still there: the run exists
+    found.restore(*live_state()[1:])
+
+
+def test_no_usable_checkpoint_is_none(tmp_path):
+    _, model, opt, sched = live_state()
+    ckpt.save_checkpoint(tmp_path, 1, model, opt, sched, {}, keep_last=3)
+    (tmp_path / "train_state" / "step-00000001" / "rng.pt").unlink()
+    skipped = []
+    assert ckpt.latest_checkpoint(tmp_path, on_skip=lambda p, why: skipped.append(why)) is None
+    assert skipped == ["rng.pt is missing"]

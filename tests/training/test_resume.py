@@ -5,13 +5,16 @@ import pytest
 
 from moekit.cli import main
 from moekit.model_dir import ModelDir
+from moekit.training.checkpoint import latest_checkpoint
 from moekit.training.config import resume_run_config
 from moekit.training.errors import (
     ExistingModelError,
     ExistingRunError,
     NothingToResumeError,
+    NoUsableCheckpointError,
     ResumeMismatchError,
 )
+from moekit.training.events import TrainingObserver
 from moekit.training.trainer import train
 
 from ..conftest import TINY_RUN
@@ -89,3 +92,52 @@ def test_the_command_line_says_them_with_its_flags(tmp_path, capsys):
     assert "choose another --out (a run never overwrites a model)" in error(
         "train", "--out", str(run / "train_state" / "step-00000002"), *args
     )
+
+
+class Messages(TrainingObserver):
+    def __init__(self):
+        self.lines = []
+
+    def message(self, text):
+        self.lines.append(text)
+
+
+def train_losses(run_dir):
+    return [r["loss"] for r in ModelDir(run_dir).read_metrics() if r["kind"] == "train"]
+
+
+def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(tmp_path, tiny_run_config):
+    cfg = tiny_run_config("train.max_steps=8")  # checkpoints at steps 4 and 8
+    run = tmp_path / "run"
+    train(cfg, run, verbose=False, report=False)
+    curve = train_losses(run)
+    weights = run / "train_state" / "step-00000008" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    seen = Messages()
+    result = train(cfg, run, verbose=False, report=False, resume=True, observer=seen)
+    assert (
+        f"skipped the checkpoint step-00000008 in {run / 'train_state'}: model.safetensors is "
+        f"truncated or corrupt (it holds {len(data) // 2} bytes where its header describes "
+        f"{len(data)})" == seen.lines[0]
+    )
+    assert result.step == 8 and len(result.history) > 0  # it trained steps 5 to 8 again
+    assert train_losses(run) == curve  # bit for bit, from the older checkpoint on
+    assert latest_checkpoint(run).step == 8  # rewritten whole
+
+
+def test_no_usable_checkpoint_is_a_clear_refusal(tmp_path, tiny_run_config):
+    cfg = tiny_run_config("train.max_steps=8")
+    run = tmp_path / "run"
+    train(cfg, run, verbose=False, report=False)
+    for step in (4, 8):
+        (run / "train_state" / f"step-{step:08d}" / "optimizer.pt").write_bytes(b"garbage")
+    with pytest.raises(NoUsableCheckpointError) as info:
+        train(cfg, run, verbose=False, report=False, resume=True)
+    message = str(info.value)
+    assert message.startswith(f"cannot resume: no checkpoint of the run in {run} is usable ")
+    assert "step-00000008: optimizer.pt is truncated or corrupt" in message
+    assert "step-00000004: optimizer.pt is truncated or corrupt" in message
+    assert "--" not in message
+    with pytest.raises(ExistingRunError):  # and a fresh run still does not overwrite it
+        train(cfg, run, verbose=False, report=False)

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -11,7 +12,13 @@ import torch
 import moekit.training.step as step_mod
 from moekit.model_dir import ModelDir, load_model, load_weights
 from moekit.training.checkpoint import latest_checkpoint
-from moekit.training.errors import ExistingRunError, NothingToResumeError, ResumeMismatchError
+from moekit.training.errors import (
+    ExistingRunError,
+    NothingToResumeError,
+    ResumeMismatchError,
+    RunDiskFullError,
+)
+from moekit.training.metrics import MetricsLog
 from moekit.training.trainer import NonFiniteLossError, Trainer, train
 
 from ..conftest import TINY_RUN
@@ -232,3 +239,73 @@ def test_signals_save_a_checkpoint_then_resume_finishes(tmp_path, sig):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["steps"] == step + 2
+
+
+def fill_disk_after(monkeypatch, files_written):
+    """safetensors writes `files_written` files, then finds the disk full half way into the
+    next one."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+    calls = []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) <= files_written:
+            return real(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+# A save writes the model directory's weights, then the checkpoint's: the disk fills at the
+# second save (step 8), in the one or in the other.
+@pytest.mark.parametrize("files_written", [2, 3], ids=["model-weights", "checkpoint"])
+def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(
+    tmp_path, tiny_run_config, monkeypatch, files_written
+):
+    cfg = tiny_run_config("train.max_steps=8")
+    train(cfg, tmp_path / "full", verbose=False, report=False)
+    run = tmp_path / "run"
+    fill_disk_after(monkeypatch, files_written)
+    with pytest.raises(RunDiskFullError) as info:
+        train(cfg, run, verbose=False, report=False)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "\n" not in message and "--" not in message
+    assert message.startswith("the disk is full: could not write ")
+    assert message.endswith(
+        f"; the run stopped at step 8; the last complete checkpoint (step 4) is in "
+        f"{run / 'train_state'}: free some space and resume the run (resume=True)"
+    )
+    assert info.value.step == 8 and info.value.checkpoint_step == 4
+    assert latest_checkpoint(run).step == 4
+    leftovers = [p.name for p in run.rglob(".*") if p.parent.name != "tensorboard"]
+    assert leftovers == []
+    assert load_model(run) is not None  # the model directory is whole (step 4's or 8's)
+    train(cfg, run, verbose=False, report=False, resume=True)
+    assert losses(run) == losses(tmp_path / "full")
+
+
+def test_a_full_disk_at_the_metrics_stops_the_run(tmp_path, tiny_run_config, monkeypatch):
+    cfg = tiny_run_config("train.max_steps=8")
+    real = MetricsLog.log
+
+    def log(self, record):
+        if record["step"] == 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, record)
+
+    monkeypatch.setattr(MetricsLog, "log", log)
+    with pytest.raises(RunDiskFullError) as info:
+        train(cfg, tmp_path / "run", verbose=False, report=False)
+    monkeypatch.undo()
+    assert str(info.value).startswith(
+        f"the disk is full: could not write {tmp_path / 'run' / 'metrics.jsonl'}"
+    )
+    assert "the run stopped at step 6; the last complete checkpoint (step 4)" in str(info.value)
+    train(cfg, tmp_path / "run", verbose=False, report=False, resume=True)
+    assert [r["step"] for r in ModelDir(tmp_path / "run").read_metrics() if r["kind"] == "train"] \
+        == list(range(1, 9))  # fmt: skip

@@ -10,7 +10,7 @@ and restore its exact position.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,13 +78,15 @@ def prepare_data(
     *,
     tokenizer: Tokenizer | None = None,
     cache_dir: Path | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[Tokenizer, TokenizedData]:
     """Load, split, tokenize and pack the data that `cfg` names.
 
     The tokenizer is `tokenizer` when given (it must have at most `vocab_size` tokens), else one
     trained with `vocab_size` tokens on the training split only (cached under `cache_dir`, see
-    `get_tokenizer`). With `cfg.val_fraction == 0`, `val` is an empty (0, seq_len + 1) tensor;
-    otherwise a validation split too small for one row is a ValueError.
+    `get_tokenizer`; `say` hears what its training has to say). With `cfg.val_fraction == 0`,
+    `val` is an empty (0, seq_len + 1) tensor; otherwise a validation split too small for one
+    row is a ValueError.
     """
     docs = load_documents(cfg)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
@@ -94,7 +96,7 @@ def prepare_data(
             f"out of {len(docs)}"
         )
     if tokenizer is None:
-        tokenizer = get_tokenizer(train_docs, vocab_size, cache_dir)
+        tokenizer = get_tokenizer(train_docs, vocab_size, cache_dir, say=say)
     elif tokenizer.vocab_size > vocab_size:
         raise ValueError(
             f"the given tokenizer has {tokenizer.vocab_size} tokens, more than "

@@ -9,6 +9,11 @@ loads the directory too) names the end-of-text and padding tokens, and says whet
 tokens written in ordinary text stay plain text (`split_special_tokens`, true for tokenizers
 trained here). A tokenizer imported from a Hugging Face checkpoint keeps its own tokens.
 
+Training cuts runs of more than `MAX_RUN` characters of one kind (letters, digits, other
+symbols, whitespace: the pieces the byte-level pre-tokenizer never splits) into pieces of
+`MAX_RUN`: one unbroken multi-megabyte "word" would take the BPE trainer many minutes. Texts
+without such runs train exactly as they always did.
+
 Beginning-of-sequence tokens: tokenizers trained here have none. An imported one (Mixtral's
 `<s>`, DeepSeek's begin-of-sentence) may have a post-processor in tokenizer.json that puts one
 in front of every text; transformers applies it by default, and its models were trained with
@@ -19,9 +24,12 @@ the document separators itself.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,17 @@ CONFIG_FILE = ModelDir.TOKENIZER_CONFIG
 # Bump when the way a tokenizer is built changes, so cached tokenizers are not reused.
 CACHE_FORMAT_VERSION = 1
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+# The longest run of one kind of character trained on as one piece. Words, numbers and
+# punctuation in real text are far shorter; the trainer slows down with the square of a
+# piece's length.
+MAX_RUN = 1000
+# A corpus this large trains long enough that a run says so before it starts.
+LONG_TRAINING_CHARS = 50_000_000
+# Runs of one character class as the byte-level pre-tokenizer sees them (letters, digits,
+# other symbols, whitespace); the look-behind makes each run match once, from its start.
+_CLASSES = (r"[^\W\d_]", r"\d", r"(?:[^\s\w]|_)", r"\s")
+_LONG_RUN = re.compile("|".join(f"(?<!{c}){c}{{{MAX_RUN + 1},}}" for c in _CLASSES))
+_LONG_SPACE = re.compile(rf"\s{{{MAX_RUN + 1}}}")
 
 
 class Tokenizer:
@@ -77,12 +96,21 @@ class Tokenizer:
         self._prompt_prefix = _prefix_of(backend)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        *,
+        say: Callable[[str], None] | None = None,
+        progress: bool = False,
+    ) -> Tokenizer:
         """Train a byte-level BPE tokenizer on `texts`.
 
         `vocab_size` counts everything: the special tokens, the 256 byte symbols and the merges;
         it must be at least 258. The result may hold fewer tokens when the texts offer fewer
-        distinct merges.
+        distinct merges. Runs of more than `MAX_RUN` characters of one kind are cut into
+        pieces first, and `say` is told how many texts had one (a warning without `say`).
+        With `progress`, the `tokenizers` library shows its progress bars on a terminal.
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
@@ -100,9 +128,12 @@ class Tokenizer:
             special_tokens=list(SPECIAL_TOKENS),
             # All 256 bytes, even ones absent from the texts, so any later text encodes.
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=progress,
         )
-        backend.train_from_iterator(texts, trainer=trainer)
+        cut = [0]
+        backend.train_from_iterator(_cut_long_runs(texts, cut), trainer=trainer)
+        if cut[0]:
+            _tell(say, _cut_message(cut[0]))
         return cls(backend)
 
     @classmethod
@@ -245,16 +276,76 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "moekit"
 
 
+def long_runs(text: str) -> list[tuple[int, int]]:
+    """Where `text` holds runs of more than `MAX_RUN` characters of one kind (letters, digits,
+    other symbols, whitespace), as (start, end) spans."""
+    if len(text) <= MAX_RUN:
+        return []
+    # A cheap look first: only a text with a long stretch between spaces, or a long stretch
+    # of whitespace, can hold such a run.
+    if max(map(len, text.split()), default=0) <= MAX_RUN and not _LONG_SPACE.search(text):
+        return []
+    return [m.span() for m in _LONG_RUN.finditer(text)]
+
+
+def cut_long_runs(text: str) -> list[str]:
+    """`text` in pieces that together are `text`, cut inside every run of more than `MAX_RUN`
+    characters of one kind so that no piece holds such a run; `[text]` when it has none."""
+    cuts = [c for start, end in long_runs(text) for c in range(start + MAX_RUN, end, MAX_RUN)]
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _cut_long_runs(texts: Iterable[str], cut: list[int]) -> Iterator[str]:
+    """The pieces of each text (`cut_long_runs`), counting in `cut[0]` the texts cut."""
+    for text in texts:
+        pieces = cut_long_runs(text)
+        cut[0] += len(pieces) > 1
+        yield from pieces
+
+
+def _cut_message(count: int) -> str:
+    return (
+        f"tokenizer training: {count} text(s) hold a run of more than {MAX_RUN:,} characters "
+        f"of one kind (no space or change between letters, digits and symbols); such runs "
+        f"are trained on in pieces of {MAX_RUN:,} characters (one piece would take the BPE "
+        "trainer minutes)"
+    )
+
+
+def _tell(say: Callable[[str], None] | None, message: str) -> None:
+    if say is not None:
+        say(message)
+    else:
+        warnings.warn(message, stacklevel=3)
+
+
 def get_tokenizer(
-    docs: Sequence[Document], vocab_size: int, cache_dir: Path | None = None
+    docs: Sequence[Document],
+    vocab_size: int,
+    cache_dir: Path | None = None,
+    *,
+    say: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> Tokenizer:
     """A tokenizer trained on the texts of `docs`, loaded from the cache when it is there.
 
     The cache file is `cache_dir / "tokenizers" / KEY.json` (`cache_dir` defaults to
     `default_cache_dir()`), where KEY hashes the documents' fingerprint, `vocab_size` and the
-    cache format version. A cache file that cannot be read is replaced by a fresh one.
+    cache format version (and `MAX_RUN` when some document has a run that long, see
+    `Tokenizer.train`). A cache file that cannot be read is replaced by a fresh one. `say`
+    hears of long runs cut and of a long training about to start (warnings without it);
+    `progress` shows the `tokenizers` library's progress bars.
     """
+    texts: list[str] = []
+    cut = 0
+    for doc in docs:
+        pieces = cut_long_runs(doc.text)
+        cut += len(pieces) > 1
+        texts.extend(pieces)
     key_text = f"v{CACHE_FORMAT_VERSION}:{vocab_size}:{fingerprint(docs)}"
+    if cut:  # trained differently from before runs were cut: never the same cache entry
+        key_text += f":cut{MAX_RUN}"
     key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
     file = (cache_dir or default_cache_dir()) / "tokenizers" / f"{key}.json"
     if file.is_file():
@@ -262,7 +353,12 @@ def get_tokenizer(
             return Tokenizer.load(file)
         except ValueError:
             pass  # a damaged cache entry is retrained and overwritten below
-    tokenizer = Tokenizer.train((d.text for d in docs), vocab_size)
+    if cut:
+        _tell(say, _cut_message(cut))
+    chars = sum(map(len, texts))
+    if chars >= LONG_TRAINING_CHARS and say is not None:
+        say(f"training a tokenizer of {vocab_size:,} tokens on {chars:,} characters ...")
+    tokenizer = Tokenizer.train(texts, vocab_size, say=say, progress=progress)
     # Several processes may train at once (one per rank); each rename is atomic, so readers see
     # one complete file whichever wins.
     tokenizer.save(file)

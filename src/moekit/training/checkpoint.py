@@ -20,14 +20,22 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moekit.files import atomic_write_text, fsync_dir
-from moekit.model_dir import ModelDir, load_state_checked, load_weights, save_weights
+from moekit.files import DiskFullError, atomic_write_text, disk_full, fsync_dir
+from moekit.model_dir import (
+    ModelDir,
+    UnreadableWeightsError,
+    load_state_checked,
+    load_weights,
+    save_weights,
+    stored_tensors,
+)
 
 
 @dataclass
@@ -75,7 +83,10 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Write the checkpoint of `step` (with `extra`: data position, counters) and keep only
-    the newest `keep_last`. Returns its directory."""
+    the newest `keep_last`. Returns its directory.
+
+    A full disk is a DiskFullError naming the checkpoint; what was written of it is removed,
+    and the earlier checkpoints are left as they were."""
     directory = ModelDir(run_dir)
     root = directory.train_state
     root.mkdir(parents=True, exist_ok=True)
@@ -83,36 +94,17 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     final = directory.checkpoint_dir(step)
     tmp = root / f".{final.name}.tmp"
-    tmp.mkdir()
     try:
-        save_weights(model.state_dict(), tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        version, internal, gauss = random.getstate()
-        state = {
-            "step": step,
-            "scheduler": scheduler.state_dict(),
-            "python_rng": [version, list(internal), gauss],
-            **extra,
-        }
-        atomic_write_text(tmp / "state.json", json.dumps(state) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        # Saving the same step again: move the old copy aside rather than deleting it first,
-        # so some complete copy of this step exists at every moment.
-        old = root / f".{final.name}.old"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        _write(tmp, final, step, model, optimizer, scheduler, extra)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Measured after the partial checkpoint is gone: the message says what is free now.
+        needed = _tensor_bytes(model.state_dict()) + _tensor_bytes(optimizer.state_dict())
+        full = disk_full(err, tmp, needed=needed) if isinstance(err, Exception) else None
+        if full is None:
+            raise
+        what = f"the checkpoint of step {step} ({final})"
+        raise DiskFullError(final, needed, full.free, what) from err
     atomic_write_text(root / "latest", final.name + "\n")
     # Keep the newest `keep_last` up to this step; newer ones are orphans of a crashed run.
     older = [p for p in directory.checkpoints() if p.name <= final.name]
@@ -120,6 +112,56 @@ def save_checkpoint(
     for stale in [*older[:-keep_last], *newer]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _write(
+    tmp: Path,
+    final: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extra: dict[str, Any],
+) -> None:
+    """Write the checkpoint into `tmp`, fsync it and rename it to `final`."""
+    root = tmp.parent
+    tmp.mkdir()
+    save_weights(model.state_dict(), tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    version, internal, gauss = random.getstate()
+    state = {
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "python_rng": [version, list(internal), gauss],
+        **extra,
+    }
+    atomic_write_text(tmp / "state.json", json.dumps(state) + "\n")
+    for f in tmp.iterdir():
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    # Saving the same step again: move the old copy aside rather than deleting it first,
+    # so some complete copy of this step exists at every moment.
+    old = root / f".{final.name}.old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in a (nested) state dict."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def _read(path: Path) -> Checkpoint | None:
@@ -130,20 +172,69 @@ def _read(path: Path) -> Checkpoint | None:
         return None
 
 
-def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint of `run_dir`, or None when the run has none.
-
-    Normally the one `train_state/latest` names; if that is missing or unreadable (a crash at
-    the wrong moment), the newest readable `step-*` directory.
-    """
+def _candidates(run_dir: Path) -> list[Path]:
+    """The checkpoint directories of `run_dir` in the order they are tried: the one
+    `train_state/latest` names, then every `step-*` directory, newest first."""
     root = ModelDir(run_dir).train_state
+    named: list[Path] = []
     pointer = root / "latest"
     if pointer.exists():
-        found = _read(root / pointer.read_text().strip())
-        if found is not None:
-            return found
-    for path in reversed(ModelDir(run_dir).checkpoints()):
+        try:
+            named = [root / pointer.read_text().strip()]
+        except (OSError, UnicodeDecodeError):
+            named = []
+    others = [p for p in reversed(ModelDir(run_dir).checkpoints()) if p not in named]
+    return [*named, *others]
+
+
+def newest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint of `run_dir` whose state.json reads, without looking at its other
+    files: whether the directory holds a run at all."""
+    for path in _candidates(run_dir):
         found = _read(path)
         if found is not None:
             return found
+    return None
+
+
+def latest_checkpoint(
+    run_dir: Path, *, on_skip: Callable[[Path, str], None] | None = None
+) -> Checkpoint | None:
+    """The newest complete checkpoint of `run_dir`, or None when the run has none.
+
+    Normally the one `train_state/latest` names; if that is missing or unreadable (a crash at
+    the wrong moment), or its files are truncated or corrupt (`checkpoint_problem`), the next
+    newest one whose files are whole. `on_skip(path, problem)` is told of each checkpoint
+    passed over, and why."""
+    for path in _candidates(run_dir):
+        found = _read(path)
+        problem = "its state.json is missing or unreadable" if found is None else None
+        problem = problem or checkpoint_problem(path)
+        if problem is None:
+            return found
+        if on_skip is not None and path.is_dir():
+            on_skip(path, problem)
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint in `path` cannot be restored, from a cheap look at its files, or
+    None when they look whole: the weights' safetensors headers must parse and agree with
+    the files' sizes, and optimizer.pt and rng.pt must load (memory-mapped: their tensor data
+    is not read)."""
+    try:
+        stored_tensors(path)
+    except UnreadableWeightsError as e:
+        return f"{e.path.name} is truncated or corrupt ({e.reason})"
+    except (ValueError, FileNotFoundError) as e:
+        return str(e)
+    for name in ("optimizer.pt", "rng.pt"):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        try:
+            torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+        except Exception as e:  # torch raises RuntimeError, pickle and zip errors alike
+            first = " ".join(str(e).split()).split(". ")[0]  # torch adds paragraphs of advice
+            return f"{name} is truncated or corrupt ({first})"
     return None

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Any
+
+from moekit.files import DiskFullError
+from moekit.model_dir import ModelDir
 
 
 class TrainingInterruptedError(Exception):
@@ -68,3 +72,44 @@ class ResumeMismatchError(ValueError):
         super().__init__(f"cannot resume: {problem}")
         self.problem = problem
         self.setting = setting
+
+
+class NoUsableCheckpointError(ValueError):
+    """Resuming was asked for, but every checkpoint of the run is truncated or corrupt;
+    `problems` says, per checkpoint directory name, what is wrong with it."""
+
+    def __init__(self, run_dir: Path, problems: dict[str, str]) -> None:
+        listed = "; ".join(f"{name}: {why}" for name, why in problems.items())
+        super().__init__(
+            f"cannot resume: no checkpoint of the run in {run_dir} is usable ({listed}); "
+            f"restore {ModelDir.TRAIN_STATE}/ from a copy, or train into another directory"
+        )
+        self.run_dir = run_dir
+        self.problems = problems
+
+
+class RunDiskFullError(DiskFullError):
+    """A write of a running training run (its model, a checkpoint, its metrics) found the disk
+    full, and the run stopped at `step`. `checkpoint_step` is the newest complete checkpoint
+    it leaves (None: none was written yet), which a resumed run continues from."""
+
+    def __init__(
+        self, cause: DiskFullError, run_dir: Path, step: int, checkpoint_step: int | None
+    ) -> None:
+        super().__init__(cause.path, cause.needed, cause.free, cause.what)
+        self.cause, self.run_dir = cause, run_dir
+        self.step, self.checkpoint_step = step, checkpoint_step
+
+    def __str__(self) -> str:
+        if self.checkpoint_step is None:
+            kept = "no checkpoint was written yet"
+        else:
+            kept = (
+                f"the last complete checkpoint (step {self.checkpoint_step}) is in "
+                f"{ModelDir(self.run_dir).train_state}: free some space and resume the run "
+                "(resume=True)"
+            )
+        return f"{self.problem}; the run stopped at step {self.step}; {kept}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.cause, self.run_dir, self.step, self.checkpoint_step))

@@ -7,17 +7,19 @@ directory as it was.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from moekit.files import read_json
 from moekit.model_dir import ModelDir
-from moekit.training.checkpoint import Checkpoint, latest_checkpoint
+from moekit.training.checkpoint import Checkpoint, latest_checkpoint, newest_checkpoint
 from moekit.training.config import RunConfig
 from moekit.training.errors import (
     ExistingModelError,
     ExistingRunError,
     NothingToResumeError,
+    NoUsableCheckpointError,
     ResumeMismatchError,
 )
 
@@ -26,20 +28,33 @@ KEPT_SECTIONS = ("model", "data", "finetune")
 DATA_ORDER = ("batch_size", "seq_len", "seed")
 
 
-def check_run_dir(run_dir: Path, cfg: RunConfig, *, resume: bool) -> Checkpoint | None:
+def check_run_dir(
+    run_dir: Path, cfg: RunConfig, *, resume: bool, say: Callable[[str], None] | None = None
+) -> Checkpoint | None:
     """The checkpoint a resumed run continues from (None for a fresh run), after checking
     that `run_dir` may take the run: without `resume` it holds no checkpoint and no model
     (a directory whose run never reached its first checkpoint starts again); with `resume`
-    it holds a checkpoint of a run with the same model, data and finetune sections and the
-    same data order."""
-    checkpoint = latest_checkpoint(run_dir) if run_dir.exists() else None
+    it holds a usable checkpoint of a run with the same model, data and finetune sections
+    and the same data order. A newer checkpoint whose files are truncated or corrupt is
+    passed over for an older one, and `say` is told which and why."""
     if not resume:
-        if checkpoint is not None:
-            raise ExistingRunError(run_dir, checkpoint.step)
+        existing = newest_checkpoint(run_dir) if run_dir.exists() else None
+        if existing is not None:
+            raise ExistingRunError(run_dir, existing.step)
         held = ModelDir(run_dir).model_files()
         if held:
             raise ExistingModelError(run_dir, held)
         return None
+    skipped: dict[str, str] = {}
+
+    def skip(path: Path, problem: str) -> None:
+        skipped[path.name] = problem
+        if say is not None:
+            say(f"skipped the checkpoint {path.name} in {path.parent}: {problem}")
+
+    checkpoint = latest_checkpoint(run_dir, on_skip=skip) if run_dir.exists() else None
+    if checkpoint is None and skipped:
+        raise NoUsableCheckpointError(run_dir, skipped)
     if checkpoint is None:
         raise NothingToResumeError(run_dir, "no checkpoint (train_state/)")
     saved = RunConfig.from_dict(read_json(run_dir / ModelDir.RUN_CONFIG, what="run config"))

@@ -31,13 +31,17 @@ import torch
 from torch import Tensor
 
 from moekit.data.loader import PackedLoader
-from moekit.files import atomic_write_text
+from moekit.files import DiskFullError, atomic_write_text, disk_full
 from moekit.model import Transformer, build_model
 from moekit.model_dir import ModelDir
 from moekit.runtime import resolve_device
 from moekit.training.checkpoint import Checkpoint, save_checkpoint
 from moekit.training.config import RunConfig
-from moekit.training.errors import NonFiniteLossError, TrainingInterruptedError
+from moekit.training.errors import (
+    NonFiniteLossError,
+    RunDiskFullError,
+    TrainingInterruptedError,
+)
 from moekit.training.events import (
     Observers,
     RunStarted,
@@ -54,6 +58,7 @@ from moekit.training.step import autocast_dtype, eval_loss, lm_loss, optimizer_s
 
 __all__ = [
     "NonFiniteLossError",
+    "RunDiskFullError",
     "TrainResult",
     "Trainer",
     "TrainingInterruptedError",
@@ -102,7 +107,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.observer: TrainingObserver = Observers(console_observer(verbose), observer)
-        checkpoint = check_run_dir(self.run_dir, cfg, resume=resume)
+        checkpoint = check_run_dir(self.run_dir, cfg, resume=resume, say=self.observer.message)
         tc = cfg.train
         self.device = resolve_device(tc.device)
         self.amp_dtype = autocast_dtype(self.device, tc.precision)
@@ -207,7 +212,7 @@ class Trainer:
         has_val = len(self.val_rows) > 0 or bool(self.val_rows_by_domain)
         if has_val and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):
             loop.last_eval = self.evaluate()
-            self.metrics.log(loop.last_eval)
+            self._write_metrics(loop.last_eval)
             loop.history.append(loop.last_eval)
             self.observer.evaluated(loop.last_eval)
         if self.step % tc.save_every == 0 or self.step == loop.end:
@@ -278,7 +283,7 @@ class Trainer:
         }
         loop.routing.reset()
         loop.window_tokens, loop.window_seconds = 0, 0.0
-        self.metrics.log(entry)
+        self._write_metrics(entry)
         loop.history.append(entry)
         self.observer.logged(entry)
 
@@ -329,27 +334,43 @@ class Trainer:
 
     def save(self) -> None:
         """Write the model directory's weights and config, and a training checkpoint (once per
-        step: a signal arriving on a step that was just saved does not save it again)."""
+        step: a signal arriving on a step that was just saved does not save it again).
+
+        A full disk stops the run with a RunDiskFullError: the files being written keep their
+        earlier versions, and the last complete checkpoint stays loadable."""
         if self._saved_step == self.step:
             return
-        self.method.save(self.model)
-        path = save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            {
-                "loader": self.loader.state_dict(),
-                "tokens": self.tokens,
-                "skipped": self.skipped,
-                "elapsed": self.elapsed,
-                "data_fingerprint": self.data.stats.get("fingerprint"),
-            },
-            keep_last=self.cfg.train.keep_last,
-        )
+        try:
+            self.method.save(self.model)
+            path = save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                {
+                    "loader": self.loader.state_dict(),
+                    "tokens": self.tokens,
+                    "skipped": self.skipped,
+                    "elapsed": self.elapsed,
+                    "data_fingerprint": self.data.stats.get("fingerprint"),
+                },
+                keep_last=self.cfg.train.keep_last,
+            )
+        except DiskFullError as e:
+            raise RunDiskFullError(e, self.run_dir, self.step, self._saved_step) from e
         self._saved_step = self.step
         self.observer.saved(self.step, path)
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        """Append `record` to metrics.jsonl; a full disk stops the run (RunDiskFullError)."""
+        try:
+            self.metrics.log(record)
+        except OSError as e:
+            full = disk_full(e, self.metrics.path)
+            if full is None:
+                raise
+            raise RunDiskFullError(full, self.run_dir, self.step, self._saved_step) from e
 
     def method_line(self) -> str | None:
         """One line on how the model was trained when it differs from pre-training (the
