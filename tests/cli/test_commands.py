@@ -43,3 +43,27 @@ def test_compare_without_a_config_runs_the_demo_recipe(tmp_path, capsys):
 def test_bench_layer_rejects_unknown_shapes(capsys):
     assert main(["bench", "layer", "--shapes", "huge"]) == 2
     assert "unknown shape" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_train_with_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) <= 2:  # the first save (model and checkpoint) goes through
+            return real(tensors, filename, metadata=metadata)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "debug", "--out", str(out), "--quiet", *TINY_RUN,
+            "train.max_steps=8", "train.save_every=4"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "disk" in err and "the run stopped at step 8" in err
+    assert f"moekit train --out {out} --resume" in err and "step 4" in err

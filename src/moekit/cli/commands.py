@@ -68,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"moekit {command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk outside a training run (convert, upcycle, ...)
+        from moekit.files import DiskFullError
+
+        if not isinstance(e, DiskFullError):
+            raise
+        print(f"moekit {command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -112,8 +112,12 @@ def sampling_params(args: argparse.Namespace, **extra: Any) -> Any:
 def training_errors(command: str, *, resume_hint: str) -> Iterator[None]:
     """Turn a training run's stops into exit codes: a signal that saved a checkpoint exits
     with 128 + the signal number and says how to continue (`resume_hint`); a run stopped by
-    non-finite losses exits with 1."""
-    from moekit.training.trainer import NonFiniteLossError, TrainingInterruptedError
+    non-finite losses or by a full disk exits with 1."""
+    from moekit.training.trainer import (
+        NonFiniteLossError,
+        RunDiskFullError,
+        TrainingInterruptedError,
+    )
 
     try:
         yield
@@ -122,6 +126,17 @@ def training_errors(command: str, *, resume_hint: str) -> Iterator[None]:
         raise Exit(128 + e.signum) from None
     except NonFiniteLossError as e:
         print(f"moekit {command}: {e}", file=sys.stderr)
+        raise Exit(1) from None
+    except RunDiskFullError as e:
+        if e.checkpoint_step is None:
+            kept = "no checkpoint was written yet"
+        else:
+            kept = (
+                f"the last complete checkpoint is at step {e.checkpoint_step}: free some space "
+                f"and continue with `{resume_hint}`"
+            )
+        print(f"moekit {command}: {e.problem}; the run stopped at step {e.step}; {kept}",
+              file=sys.stderr)  # fmt: skip
         raise Exit(1) from None
 
 

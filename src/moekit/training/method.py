@@ -103,7 +103,9 @@ class Pretraining:
         elif self.init_from is not None and ModelDir(self.init_from).tokenizer_path.is_file():
             tokenizer = Tokenizer.load(self.init_from)  # keep the source model's vocabulary
         say("preparing data ...")
-        tok, data = prepare_data(self.cfg.data, model.vocab_size, tc.seq_len, tokenizer=tokenizer)
+        tok, data = prepare_data(
+            self.cfg.data, model.vocab_size, tc.seq_len, tokenizer=tokenizer, say=say
+        )
         if tok.vocab_size > model.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
