@@ -6,6 +6,11 @@ against the served model and engine (the model name, the queue's size, token ids
 context, `max_tokens`, experts per token), tokenizes the prompts, builds each choice's
 sampling parameters and submits the whole request, translating the engine's refusals (a full
 queue, a stopped engine) into the API's errors.
+
+Tokenizing takes about a second per megabyte of text, so it runs in a worker thread (the event
+loop keeps answering /health and streaming other answers meanwhile), after a check that needs
+only the prompt's length: a prompt whose characters alone prove it cannot fit the context is
+refused without being tokenized (see `moekit.infer.token_bound`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 from moekit.infer.chat import ChatTemplate
 from moekit.infer.generate import ContextLengthError
 from moekit.infer.sampling import SamplingParams
+from moekit.infer.token_bound import TokenBound
 from moekit.serve.config import ServerConfig
 from moekit.serve.engine import (
     Engine,
@@ -69,6 +75,7 @@ class Admission:
         self.template = template or ChatTemplate()
         self.tokenizer, self.cfg = engine.tokenizer, engine.cfg
         self.limit = config.max_tokens_limit or engine.max_context  # on max_tokens
+        self.bound = TokenBound(self.tokenizer)
 
     def check_model(self, name: str) -> None:
         if name != self.config.model_name:
@@ -92,11 +99,23 @@ class Admission:
                 code="request_too_large",
             )
 
+    async def encode_all(self, prompts: list[str | list[int]], param: str) -> list[list[int]]:
+        """Every prompt's token ids, tokenized in a worker thread (see `encode`)."""
+        return await asyncio.to_thread(lambda: [self.encode(p, param) for p in prompts])
+
+    async def chat_ids(self, req: ChatRequest) -> list[int]:
+        """The chat's messages formatted by the model's chat template, as token ids (formatted
+        and tokenized in a worker thread)."""
+        return await asyncio.to_thread(self._chat_ids, req)
+
     def encode(self, prompt: str | list[int], param: str) -> list[int]:
-        """A prompt's token ids (text is tokenized, ids are checked against the vocabulary)."""
+        """A prompt's token ids (text is tokenized, ids are checked against the vocabulary).
+        Text whose length alone proves it cannot fit the context is refused untokenized."""
         vocab = self.cfg.vocab_size
+        ids: list[int]
         if isinstance(prompt, str):
-            ids: list[int] = self.tokenizer.encode_prompt(prompt)
+            self._check_length(prompt, param)
+            ids = self.tokenize(prompt)
         else:
             ids = list(prompt)
             if any(not 0 <= t < vocab for t in ids):
@@ -105,8 +124,18 @@ class Admission:
             raise APIError(400, "the prompt is empty", param=param)
         return ids
 
-    def chat_ids(self, req: ChatRequest) -> list[int]:
-        """The chat's messages formatted by the model's chat template, as token ids."""
+    def tokenize(self, text: str) -> list[int]:
+        """`tokenizer.encode_prompt(text)`, through the batch encoder: the tokenizers library
+        lets other threads run while it encodes a batch, not while it encodes one text."""
+        return [*self.tokenizer.prompt_prefix, *self.tokenizer.encode_batch([text])[0]]
+
+    def _check_length(self, text: str, param: str) -> None:
+        try:
+            self.engine.check_prompt_size(len(text), self.bound.at_least(text))
+        except ContextLengthError as e:
+            raise context_error(e, param) from None
+
+    def _chat_ids(self, req: ChatRequest) -> list[int]:
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in req.messages

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from moekit.infer.detokenize import TextTracker
-from moekit.infer.generate import Generator, Routing, check_fits, routing_of
+from moekit.infer.generate import ContextLengthError, Generator, Routing, check_fits, routing_of
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
 from moekit.nn.kv_cache import KVCache
 
@@ -239,6 +239,16 @@ class Engine:
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """ContextLengthError unless a request of this size fits `max_context`."""
         check_fits(prompt_tokens, max_new_tokens, self.max_context, limit=self._limit)
+
+    def check_prompt_size(self, chars: int, min_tokens: int) -> None:
+        """ContextLengthError when a prompt of `chars` characters, which the tokenizer turns
+        into at least `min_tokens` tokens, cannot fit `max_context` even alone."""
+        if min_tokens > self.max_context:
+            raise ContextLengthError(
+                f"{self._limit} is {self.max_context} tokens, but the prompt has {chars} "
+                f"characters, which this model's tokenizer turns into at least {min_tokens} "
+                "tokens; shorten the prompt"
+            )
 
     @property
     def queue_depth(self) -> int:

@@ -12,6 +12,7 @@ and response bodies live in their own modules (admission, streams, responses, ss
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -135,7 +136,7 @@ async def completions(request: Request) -> Any:
     admit.check_model(req.model)
     prompts = prompt_list(req.prompt)
     admit.check_size(len(prompts) * req.n, req.n)
-    encoded = [admit.encode(p, "prompt") for p in prompts]
+    encoded = await admit.encode_all(prompts, "prompt")
     echo_logprobs = req.echo and req.logprobs is not None
     jobs = []
     for ids in encoded:
@@ -144,7 +145,8 @@ async def completions(request: Request) -> Any:
             jobs.append(Job(ids, with_seed(params, req.seed, i), req.logprobs, echo_logprobs))
     streams = admit.submit(jobs, "prompt")
     head = responses.head("cmpl", "text_completion", s.config.model_name)
-    echoes = responses.echoes(admit.tokenizer, encoded, req)
+    # Decoding a long prompt back to text, token by token, is slow too: off the event loop.
+    echoes = await asyncio.to_thread(responses.echoes, admit.tokenizer, encoded, req)
     if req.stream:
         return sse.event_stream(sse.completion_events(request, streams, head, echoes, req))
     gens = await collect_all(request, streams)
@@ -159,7 +161,7 @@ async def chat(request: Request) -> Any:
     req: ChatRequest = parse(ChatRequest, await read_json(request, s.config.max_body_bytes))
     admit.check_model(req.model)
     admit.check_size(req.n, req.n)
-    ids = admit.chat_ids(req)
+    ids = await admit.chat_ids(req)
     params = admit.chat_sampling(req, len(ids))
     top = (req.top_logprobs or 0) if req.logprobs else None
     jobs = [Job(ids, with_seed(params, req.seed, i), top) for i in range(req.n)]
