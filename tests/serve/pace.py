@@ -58,6 +58,22 @@ class Background:
         assert self.first.wait(timeout), "the background stream never started"
         assert self.error is None, self.error
 
+    def wait_chunks(self, n: int, timeout: float = 120) -> None:
+        """Until `n` chunks arrived. Sleeps between looks: the server under test runs in this
+        process, and a busy wait would take the interpreter lock from it."""
+        deadline = time.monotonic() + timeout
+        while len(self.chunks) < n:
+            assert self.thread.is_alive() or len(self.chunks) >= n, "the stream ended early"
+            assert time.monotonic() < deadline, f"{len(self.chunks)} of {n} chunks arrived"
+            time.sleep(0.01)
+
+    def wait_end(self, timeout: float = 120) -> list[tuple[float, dict]]:
+        """Every chunk, once the stream has ended by itself."""
+        self.thread.join(timeout=timeout)
+        assert not self.thread.is_alive(), "the background stream did not end"
+        assert self.error is None, self.error
+        return self.chunks
+
     def close(self) -> list[tuple[float, dict]]:
         self.closing.set()
         self.thread.join(timeout=60)

@@ -42,8 +42,7 @@ def test_stop_strings_at_the_limit_do_not_slow_another_stream(long_server):
             other.wait_first()
             # Let the output outgrow the stop strings: a check that depends on the output's
             # length shows by now.
-            while len(other.chunks) < 200:
-                other.first.wait(0.01)
+            other.wait_chunks(200)
         cpu, steps = engine_cpu_s(engine), engine.stats.decode_steps
         assert len(stream_chunks(url, victim)) >= 61  # every token, and the last chunk
         cost = (engine_cpu_s(engine) - cpu) / (engine.stats.decode_steps - steps)

@@ -32,6 +32,21 @@ def add_parser(sub: Any) -> None:
         "context, at most 4096)",
     )
     add_device_argument(p)
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled between two decode steps of the running requests, so a "
+        "long prompt does not stall them (0: whole prompts at once; default 512)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, refuse new requests and let running ones finish for up to this "
+        "long, then abort the rest (default 30; a second SIGTERM or Ctrl-C stops at once)",
+    )
     p.set_defaults(run=run, json=False)
 
 
@@ -45,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         page = f"{base}/?key=..." if api_key else f"{base}/"
         print(
             f"serving {args.model_dir} at {base}/v1 (OpenAI-compatible API) and {page} "
-            "(playground); Ctrl-C stops",
+            "(playground); Ctrl-C stops, SIGTERM drains",
             file=sys.stderr,
         )
 
@@ -62,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             max_context=args.max_context,
             device=args.device,
             on_ready=ready,
+            prefill_chunk=args.prefill_chunk,
+            shutdown_grace=args.shutdown_grace,
         )
     except PortInUseError as e:
         raise ValueError(f"{e} (--port)") from None

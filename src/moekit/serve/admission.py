@@ -38,13 +38,15 @@ from moekit.serve.streams import EventStream, Submitted
 
 @dataclass
 class Job:
-    """One choice to generate: prompt ids, sampling, logprob alternatives (None: no logprobs)
-    and whether the prompt's logprobs are wanted too (echo)."""
+    """One choice to generate: prompt ids, sampling, logprob alternatives (None: no logprobs),
+    whether the prompt's logprobs are wanted too (echo), and whether it only scores its
+    prompt (generating nothing)."""
 
     ids: list[int]
     params: SamplingParams
     logprobs: int | None = None
     echo_logprobs: bool = False
+    prompt_only: bool = False
 
 
 def prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -147,11 +149,23 @@ class Admission:
         return self.encode(prompt, "messages")
 
     def sampling(
-        self, req: Any, max_tokens: int | None, prompt_len: int, prompt_param: str
+        self,
+        req: Any,
+        max_tokens: int | None,
+        prompt_len: int,
+        prompt_param: str,
+        *,
+        scoring: bool = False,
     ) -> SamplingParams:
         """The sampling parameters for a completion or chat request `req` whose prompt has
-        `prompt_len` tokens; `max_tokens` None means as many as fit."""
-        max_tokens = self._max_tokens(max_tokens, prompt_len, prompt_param)
+        `prompt_len` tokens; `max_tokens` None means as many as fit. `scoring`: the request
+        only scores its prompt (`max_tokens` 0 with `echo`), so the prompt alone must fit;
+        nothing is sampled."""
+        if scoring:
+            self._check_fits(prompt_len, 0, prompt_param)
+            max_tokens = 1  # what SamplingParams asks for; the engine generates none
+        else:
+            max_tokens = self._max_tokens(max_tokens, prompt_len, prompt_param)
         self._check_experts(req.moekit.top_k)
         vocab = self.cfg.vocab_size
         if any(not 0 <= t < vocab for t in req.stop_token_ids):
@@ -195,14 +209,22 @@ class Admission:
                 except ContextLengthError as e:
                     raise context_error(e, prompt_param) from None
         if max_tokens <= 0:
-            raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
+            raise APIError(
+                400,
+                "max_tokens must be at least 1 (a completion may ask for 0 with echo, to score "
+                "its prompt)",
+                param="max_tokens",
+            )
         if max_tokens > self.limit:
             raise APIError(400, f"max_tokens must be at most {self.limit}", param="max_tokens")
+        self._check_fits(prompt_len, max_tokens, prompt_param)
+        return max_tokens
+
+    def _check_fits(self, prompt_len: int, max_tokens: int, prompt_param: str) -> None:
         try:
-            engine.check_fits(prompt_len, max_tokens)
+            self.engine.check_fits(prompt_len, max_tokens)
         except ContextLengthError as e:
             raise context_error(e, prompt_param) from None
-        return max_tokens
 
     def _check_experts(self, top_k: int | None) -> None:
         if top_k is None:
@@ -224,7 +246,7 @@ class Admission:
         for job in jobs:
             stream = EventStream(loop)
             request = EngineRequest(
-                job.ids, job.params, stream.emit, job.logprobs, job.echo_logprobs
+                job.ids, job.params, stream.emit, job.logprobs, job.echo_logprobs, job.prompt_only
             )
             out.append((request, stream))
         try:

@@ -16,7 +16,7 @@ from moekit.infer.detokenize import TokenBytes
 from moekit.infer.generate import Generator
 from moekit.serve.admission import Admission
 from moekit.serve.config import ServerConfig
-from moekit.serve.engine import Engine
+from moekit.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
 from moekit.serve.errors import add_error_handlers
 from moekit.serve.guard import Guard
 from moekit.serve.metrics import Metrics
@@ -55,13 +55,21 @@ def build(
     max_tokens_limit: int | None = None,
     max_context: int | None = None,
     device: str | None = "auto",
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
     the model's max_seq_len, at most 4096). The model runs on `device` ("auto": CUDA when
-    present, else the CPU)."""
+    present, else the CPU). `prefill_chunk`: prompt tokens prefilled between two decode steps
+    of the running requests (0: whole prompts at once)."""
     generator = Generator.from_dir(model_dir, device=device)
-    engine = Engine(generator, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    engine = Engine(
+        generator,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_context=max_context,
+        prefill_chunk=prefill_chunk,
+    )
     config = ServerConfig(
         model_name=model_name or Path(model_dir).resolve().name,
         api_key=api_key,

@@ -2,8 +2,13 @@
 
 `serve` binds the address before loading the model (a taken port fails at once), serves HTTP
 with uvicorn in a background thread, and runs the engine in the main thread, where the heavy
-work belongs (see Engine.run). SIGTERM stops it as Ctrl-C does: the engine answers every
-queued and running request ("abort"), then the HTTP server sends those answers and exits.
+work belongs (see Engine.run).
+
+SIGTERM (what a service manager or Kubernetes sends) drains: new requests get a 503, the
+queued and running ones finish, for at most `shutdown_grace` seconds, after which whatever is
+left ends with "abort"; then the HTTP server sends the last answers and `serve` returns. A
+second SIGTERM, or Ctrl-C (SIGINT) at any time, stops at once: every queued and running
+request is answered "abort".
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moekit.serve.engine import DEFAULT_PREFILL_CHUNK
+
 if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
+    from moekit.serve.engine import Engine
+
 HTTP_EXIT_WAIT_S = 10  # for the HTTP server to send the last answers once the engine stopped
+DEFAULT_SHUTDOWN_GRACE_S = 30.0  # as long as Kubernetes waits after SIGTERM by default
 
 
 class PortInUseError(ValueError):
@@ -68,16 +78,25 @@ def serve(
     max_context: int | None = None,
     device: str | None = "auto",
     on_ready: Callable[[], None] | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S,
 ) -> None:
     """Serve a model directory over HTTP until interrupted (an OpenAI-compatible API at
     http://HOST:PORT/v1 and a playground page at http://HOST:PORT/). `max_context` bounds
     prompt plus new tokens per request and sizes each batch slot's KV cache (default: the
     model's max_seq_len, at most 4096). The model runs on `device` ("auto": CUDA when present,
-    else the CPU). `on_ready` is called once the server accepts requests. Raises PortInUseError
-    when the port is taken."""
+    else the CPU). `on_ready` is called once the server accepts requests. `prefill_chunk`:
+    prompt tokens prefilled between two decode steps (0: whole prompts at once, stalling the
+    running streams). SIGTERM drains: new requests get a 503 while the queued and running
+    ones finish, for at most `shutdown_grace` seconds; a second SIGTERM or Ctrl-C stops at
+    once. Raises PortInUseError when the port is taken."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError("moekit serve needs FastAPI and uvicorn: pip install 'moekit[serve]'")
+    if isinstance(shutdown_grace, bool) or not isinstance(shutdown_grace, int | float):
+        raise TypeError(f"shutdown_grace must be a number, got {type(shutdown_grace).__name__}")
+    if not 0 <= shutdown_grace < float("inf"):
+        raise ValueError(f"shutdown_grace={shutdown_grace} is invalid: must be >= 0 seconds")
     from moekit.serve.app import build
 
     sock = listen_socket(host, port)  # before loading the model: fail fast
@@ -91,6 +110,7 @@ def serve(
             max_tokens_limit=max_tokens_limit,
             max_context=max_context,
             device=device,
+            prefill_chunk=prefill_chunk,
         )
     except BaseException:
         sock.close()
@@ -105,12 +125,12 @@ def serve(
         engine.stop()
 
     threading.Thread(target=stop_engine_when_http_ends, name="moekit-watch", daemon=True).start()
-    with _sigterm_interrupts():
+    with _sigterm_drains(engine, shutdown_grace):
         try:
             engine.run()  # the heavy work stays in the main thread (see Engine.run)
         except KeyboardInterrupt:
             pass
-        finally:  # the engine has answered every request ("abort"); let the server send them
+        finally:  # the engine has answered every request; let the server send the answers
             server.should_exit = True
             http.join(timeout=HTTP_EXIT_WAIT_S)
 
@@ -137,19 +157,23 @@ def _start_http(server: uvicorn.Server, sock: socket.socket, address: str) -> th
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """While inside, SIGTERM raises KeyboardInterrupt in the main thread: a service manager's
-    stop is as graceful as Ctrl-C. Outside the main thread signals cannot be handled, and
-    nothing changes."""
+def _sigterm_drains(engine: Engine, grace_s: float) -> Iterator[None]:
+    """While inside, the first SIGTERM drains `engine` (see Engine.drain) and a second one
+    raises KeyboardInterrupt in the main thread, as Ctrl-C does. Outside the main thread
+    signals cannot be handled, and nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if not engine.accepting:
+            raise KeyboardInterrupt
+        # Not here: a handler runs between two bytecodes of the main thread, which may hold
+        # the engine's lock that `drain` takes.
+        threading.Thread(target=engine.drain, args=(grace_s,), name="moekit-drain").start()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
