@@ -3,6 +3,8 @@ SentencePiece-style byte fallback with a Metaspace pre-tokenizer (Llama, Mistral
 
 import pytest
 import tokenizers
+from hypothesis import example, given
+from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers
 
 from moekit import build_model
@@ -107,3 +109,66 @@ def test_generating_with_a_byte_fallback_tokenizer_streams_the_completion_text()
     completion = generator.generate("Hello", params)[0]
     streamed = "".join(chunk.text for chunk in generator.stream("Hello", params))
     assert streamed == completion.text and len(completion.token_ids) == 40
+
+
+class CharTokenizer:
+    """Token i is the text PIECES[i]: a decoder with no windows of its own, so the tracker's
+    stop-string logic is all that shapes what it releases."""
+
+    PIECES = ("a", "b", "ab", "ba", "aab", "\n", "c")
+
+    def decode(self, ids) -> str:
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def expected_releases(pieces: list[str], stops: list[str]) -> list[str]:
+    """What a tracker must release after each piece and at the flush, from the definition:
+    the output is the text before the earliest stop string; after each piece, all of it but
+    the longest end that is the start of a stop string."""
+    text, released, out = "", 0, []
+    for piece in pieces:
+        text += piece
+        found = [text.find(s) for s in stops if s in text]
+        if found:
+            out.append(text[released : min(found)])
+            return out + [""] * (len(pieces) - len(out)) + [""]
+        held = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        out.append(text[released : len(text) - held])
+        released = len(text) - held
+    return [*out, text[released:]]
+
+
+@given(
+    ids=st.lists(st.integers(0, len(CharTokenizer.PIECES) - 1), max_size=30),
+    stops=st.lists(st.text("abc\n", min_size=1, max_size=5), max_size=4),
+)
+@example(ids=[0, 1, 6], stops=["ba", "abc"])  # "ab" may still become "abc": hold it all
+def test_stop_strings_release_exactly_what_the_definition_says(ids, stops):
+    tracker = TextTracker(CharTokenizer(), stops)
+    got = [tracker.add(t) for t in ids] + [tracker.flush()]
+    pieces = [CharTokenizer.PIECES[t] for t in ids]
+    assert got == expected_releases(pieces, stops)
+    assert tracker.text == "".join(got)
+    assert tracker.stopped == any(s in "".join(pieces) for s in stops)
+
+
+def test_checking_stop_strings_costs_the_same_late_in_a_long_output():
+    """The work per token does not grow with the output: a stretch of tokens late in a long
+    output takes about as long as the first one (it grew with the output's length, up to the
+    longest stop string's)."""
+    import time
+
+    stops = ["ab" * 500 + "c", "\n" * 1000]  # long, and never found
+    tracker = TextTracker(CharTokenizer(), stops)
+    ids = [0, 1, 5] * 800  # "a", "b", "\n": always the start of a stop string, never one
+
+    def seconds(chunk) -> float:
+        start = time.process_time()
+        for t in chunk:
+            tracker.add(t)
+        return time.process_time() - start
+
+    first = seconds(ids[:200])
+    seconds(ids[200:2200])
+    last = seconds(ids[2200:])
+    assert not tracker.stopped and last < 2 * first + 0.01, (first, last)

@@ -14,7 +14,7 @@ from moekit.serve.config import ConnectionLimits, ServerConfig, SettingError
 @pytest.mark.parametrize(
     "setting, value",
     [("max_tokens_limit", 0), ("max_tokens_limit", -1), ("max_tokens_limit", 2.5),
-     ("max_batch", 0), ("max_queue", -3), ("max_context", 0)],
+     ("max_batch", 0), ("max_queue", -3), ("max_context", 0), ("prefill_chunk", -1)],
 )  # fmt: skip
 def test_build_refuses_a_setting_that_cannot_work(tiny_model_dir, setting, value):
     from moekit.serve import build
@@ -41,6 +41,8 @@ def test_the_command_line_names_the_flag_and_exits_2(tiny_model_dir, capsys):
                          (["--max-tokens", "-1"], "--max-tokens"),
                          (["--header-timeout", "0"], "--header-timeout"),
                          (["--max-connections", "0"], "--max-connections"),
+                         (["--prefill-chunk", "-1"], "--prefill-chunk"),
+                         (["--shutdown-grace", "-1"], "--shutdown-grace"),
                          (["--allowed-origins", "example.com"], "--allowed-origins")]:  # fmt: skip
         t0 = time.monotonic()
         assert main(["serve", str(tiny_model_dir), "--port", "0", *flags]) == 2

@@ -69,6 +69,22 @@ def add_parser(sub: Any) -> None:
         help="web pages allowed to call the API, as scheme://host[:port] (* for any), with "
         "CORS; repeatable",
     )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        metavar="N",
+        help="prompt tokens prefilled between two decode steps of the running requests, so a "
+        "long prompt does not stall them (0: whole prompts at once; default 512)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, refuse new requests and let running ones finish for up to this "
+        "long, then abort the rest (default 30; a second SIGTERM or Ctrl-C stops at once)",
+    )
     p.set_defaults(run=run, json=False)
 
 
@@ -84,6 +100,8 @@ FLAGS = {
     "max_connections": "--max-connections",
     "allowed_hosts": "--allowed-hosts",
     "allowed_origins": "--allowed-origins",
+    "prefill_chunk": "--prefill-chunk",
+    "shutdown_grace": "--shutdown-grace",
 }
 
 
@@ -103,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         page = f"{base}/?key=..." if api_key else f"{base}/"
         print(
             f"serving {args.model_dir} at {base}/v1 (OpenAI-compatible API) and {page} "
-            "(playground); Ctrl-C stops",
+            "(playground); Ctrl-C stops, SIGTERM drains",
             file=sys.stderr,
         )
 
@@ -128,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
             limits=limits,
             allowed_hosts=split_list(args.allowed_hosts),
             allowed_origins=split_list(args.allowed_origins),
+            prefill_chunk=args.prefill_chunk,
+            shutdown_grace=args.shutdown_grace,
         )
     except PortInUseError as e:
         raise ValueError(f"{e} (--port)") from None

@@ -75,47 +75,81 @@ class TextTracker:
     """Incremental detokenisation with stop strings: releases only text that can no longer
     change (no incomplete character, no partial stop string at the end). `text` is the output
     so far, cut before the first stop string; `stopped` says one was found. `context`: the
-    prompt's ids (see `IncrementalDecoder`)."""
+    prompt's ids (see `IncrementalDecoder`).
+
+    Released text never holds a stop string nor ends with the start of one (that part is held
+    back), so a stop string can only begin in the text not yet released: every check looks at
+    that tail alone, which is shorter than the longest stop string plus the newest piece. The
+    cost per token depends on the stop strings and the token, never on the output's length."""
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], context: Sequence[int] = ()) -> None:
         self.decoder = IncrementalDecoder(tokenizer, context)
-        self.stops = list(stops)
-        self.decoded = ""  # every piece the decoder released
-        self.text = ""
-        self.released = 0  # text[:released] was returned to the caller
+        self.stops = [_StopMatcher(s) for s in stops]
+        self._released: list[str] = []  # the pieces returned to the caller
+        self._held = ""  # the output after them: text not released yet
         self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """The output so far (cut before the first stop string)."""
+        self._released = ["".join(self._released)]
+        return self._released[0] + self._held
 
     def add(self, token: int) -> str:
         """The output text that `token` releases (often "")."""
         if self.stopped:
             return ""
-        self.decoded += self.decoder.add(token)
-        return self._release(final=False)
+        return self._release(self.decoder.add(token), final=False)
 
     def flush(self) -> str:
         """The rest of the output, held back until now."""
-        if not self.stopped:
-            self.decoded += self.decoder.flush()
-        return self._release(final=True)
+        piece = "" if self.stopped else self.decoder.flush()
+        return self._release(piece, final=True)
 
-    def _release(self, *, final: bool) -> str:
-        if not self.stopped:
-            self.text = self.decoded
-            for stop in self.stops:
-                # Text already released holds no stop string, nor ends with part of one.
-                at = self.text.find(stop, max(0, self.released - len(stop)))
-                if at != -1:
-                    self.text, self.stopped = self.text[:at], True
-        safe = len(self.text)
+    def _release(self, piece: str, *, final: bool) -> str:
+        if not self.stopped and piece:
+            self._held += piece
+            found = [at for m in self.stops if (at := self._held.find(m.stop)) != -1]
+            if found:  # the earliest stop string ends the output
+                self._held, self.stopped = self._held[: min(found)], True
+        keep = 0
         if not (self.stopped or final):
-            for stop in self.stops:
-                for n in range(min(len(stop) - 1, safe), 0, -1):
-                    if self.text.endswith(stop[:n]):
-                        safe = min(safe, len(self.text) - n)
-                        break
-        piece = self.text[self.released : max(safe, self.released)]
-        self.released = max(self.released, safe)
-        return piece
+            # Hold back the longest end of the text that may still grow into a stop string.
+            keep = max((m.feed(piece) for m in self.stops), default=0)
+        cut = len(self._held) - min(keep, len(self._held))
+        out, self._held = self._held[:cut], self._held[cut:]
+        if out:
+            self._released.append(out)
+        return out
+
+
+class _StopMatcher:
+    """How much of one stop string the text seen so far ends with (Knuth-Morris-Pratt): each
+    character costs amortised constant time, whatever the length of the text."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop, self.matched = stop, 0
+        # fail[i]: the longest proper prefix of stop[: i + 1] that is also its suffix.
+        self.fail = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+
+    def feed(self, text: str) -> int:
+        """Read `text`; the length of the longest end of everything read that is a proper
+        prefix of the stop string (a whole match is found by the caller before this)."""
+        stop, fail, k = self.stop, self.fail, self.matched
+        for c in text:
+            while k and (k == len(stop) or stop[k] != c):
+                k = fail[k - 1]
+            if stop[k] == c:
+                k += 1
+        self.matched = k
+        return k if k < len(stop) else fail[k - 1]
 
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")

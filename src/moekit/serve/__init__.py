@@ -21,7 +21,9 @@ The modules, each with one job:
     protocol   request bodies and their validation; APIError
     config     ServerConfig: what the HTTP layer is told; ConnectionLimits
     admission  a validated request against the model and engine: checks, tokens, submission
-    engine     continuous batching in one background thread
+    engine     continuous batching in one background thread; draining
+    events     what goes into the engine (EngineRequest) and what comes back
+    prefill    a prompt through the model, a chunk at a time
     streams    engine events into the event loop; watching the client
     responses  OpenAI response bodies
     sse        streamed answers as server-sent events

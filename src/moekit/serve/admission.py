@@ -6,6 +6,11 @@ against the served model and engine (the model name, the queue's size, token ids
 context, `max_tokens`, experts per token), tokenizes the prompts, builds each choice's
 sampling parameters and submits the whole request, translating the engine's refusals (a full
 queue, a stopped engine) into the API's errors.
+
+Tokenizing takes about a second per megabyte of text, so it runs in a worker thread (the event
+loop keeps answering /health and streaming other answers meanwhile), after a check that needs
+only the prompt's length: a prompt whose characters alone prove it cannot fit the context is
+refused without being tokenized (see `moekit.infer.token_bound`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 from moekit.infer.chat import ChatTemplate
 from moekit.infer.generate import ContextLengthError
 from moekit.infer.sampling import SamplingParams
+from moekit.infer.token_bound import TokenBound
 from moekit.serve.config import ServerConfig
 from moekit.serve.engine import (
     Engine,
@@ -32,13 +38,15 @@ from moekit.serve.streams import EventStream, Submitted
 
 @dataclass
 class Job:
-    """One choice to generate: prompt ids, sampling, logprob alternatives (None: no logprobs)
-    and whether the prompt's logprobs are wanted too (echo)."""
+    """One choice to generate: prompt ids, sampling, logprob alternatives (None: no logprobs),
+    whether the prompt's logprobs are wanted too (echo), and whether it only scores its
+    prompt (generating nothing)."""
 
     ids: list[int]
     params: SamplingParams
     logprobs: int | None = None
     echo_logprobs: bool = False
+    prompt_only: bool = False
 
 
 def prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -69,6 +77,7 @@ class Admission:
         self.template = template or ChatTemplate()
         self.tokenizer, self.cfg = engine.tokenizer, engine.cfg
         self.limit = config.max_tokens_limit or engine.max_context  # on max_tokens
+        self.bound = TokenBound(self.tokenizer)
 
     def check_model(self, name: str) -> None:
         if name != self.config.model_name:
@@ -92,11 +101,23 @@ class Admission:
                 code="request_too_large",
             )
 
+    async def encode_all(self, prompts: list[str | list[int]], param: str) -> list[list[int]]:
+        """Every prompt's token ids, tokenized in a worker thread (see `encode`)."""
+        return await asyncio.to_thread(lambda: [self.encode(p, param) for p in prompts])
+
+    async def chat_ids(self, req: ChatRequest) -> list[int]:
+        """The chat's messages formatted by the model's chat template, as token ids (formatted
+        and tokenized in a worker thread)."""
+        return await asyncio.to_thread(self._chat_ids, req)
+
     def encode(self, prompt: str | list[int], param: str) -> list[int]:
-        """A prompt's token ids (text is tokenized, ids are checked against the vocabulary)."""
+        """A prompt's token ids (text is tokenized, ids are checked against the vocabulary).
+        Text whose length alone proves it cannot fit the context is refused untokenized."""
         vocab = self.cfg.vocab_size
+        ids: list[int]
         if isinstance(prompt, str):
-            ids: list[int] = self.tokenizer.encode_prompt(prompt)
+            self._check_length(prompt, param)
+            ids = self.tokenize(prompt)
         else:
             ids = list(prompt)
             if any(not 0 <= t < vocab for t in ids):
@@ -105,8 +126,18 @@ class Admission:
             raise APIError(400, "the prompt is empty", param=param)
         return ids
 
-    def chat_ids(self, req: ChatRequest) -> list[int]:
-        """The chat's messages formatted by the model's chat template, as token ids."""
+    def tokenize(self, text: str) -> list[int]:
+        """`tokenizer.encode_prompt(text)`, through the batch encoder: the tokenizers library
+        lets other threads run while it encodes a batch, not while it encodes one text."""
+        return [*self.tokenizer.prompt_prefix, *self.tokenizer.encode_batch([text])[0]]
+
+    def _check_length(self, text: str, param: str) -> None:
+        try:
+            self.engine.check_prompt_size(len(text), self.bound.at_least(text))
+        except ContextLengthError as e:
+            raise context_error(e, param) from None
+
+    def _chat_ids(self, req: ChatRequest) -> list[int]:
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in req.messages
@@ -118,11 +149,23 @@ class Admission:
         return self.encode(prompt, "messages")
 
     def sampling(
-        self, req: Any, max_tokens: int | None, prompt_len: int, prompt_param: str
+        self,
+        req: Any,
+        max_tokens: int | None,
+        prompt_len: int,
+        prompt_param: str,
+        *,
+        scoring: bool = False,
     ) -> SamplingParams:
         """The sampling parameters for a completion or chat request `req` whose prompt has
-        `prompt_len` tokens; `max_tokens` None means as many as fit."""
-        max_tokens = self._max_tokens(max_tokens, prompt_len, prompt_param)
+        `prompt_len` tokens; `max_tokens` None means as many as fit. `scoring`: the request
+        only scores its prompt (`max_tokens` 0 with `echo`), so the prompt alone must fit;
+        nothing is sampled."""
+        if scoring:
+            self._check_fits(prompt_len, 0, prompt_param)
+            max_tokens = 1  # what SamplingParams asks for; the engine generates none
+        else:
+            max_tokens = self._max_tokens(max_tokens, prompt_len, prompt_param)
         self._check_experts(req.moekit.top_k)
         vocab = self.cfg.vocab_size
         if any(not 0 <= t < vocab for t in req.stop_token_ids):
@@ -166,14 +209,22 @@ class Admission:
                 except ContextLengthError as e:
                     raise context_error(e, prompt_param) from None
         if max_tokens <= 0:
-            raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
+            raise APIError(
+                400,
+                "max_tokens must be at least 1 (a completion may ask for 0 with echo, to score "
+                "its prompt)",
+                param="max_tokens",
+            )
         if max_tokens > self.limit:
             raise APIError(400, f"max_tokens must be at most {self.limit}", param="max_tokens")
+        self._check_fits(prompt_len, max_tokens, prompt_param)
+        return max_tokens
+
+    def _check_fits(self, prompt_len: int, max_tokens: int, prompt_param: str) -> None:
         try:
-            engine.check_fits(prompt_len, max_tokens)
+            self.engine.check_fits(prompt_len, max_tokens)
         except ContextLengthError as e:
             raise context_error(e, prompt_param) from None
-        return max_tokens
 
     def _check_experts(self, top_k: int | None) -> None:
         if top_k is None:
@@ -195,7 +246,7 @@ class Admission:
         for job in jobs:
             stream = EventStream(loop)
             request = EngineRequest(
-                job.ids, job.params, stream.emit, job.logprobs, job.echo_logprobs
+                job.ids, job.params, stream.emit, job.logprobs, job.echo_logprobs, job.prompt_only
             )
             out.append((request, stream))
         try:

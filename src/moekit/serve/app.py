@@ -17,8 +17,8 @@ from moekit.infer.chat import TEMPLATE_FILE, ChatTemplate, check_template
 from moekit.infer.detokenize import TokenBytes
 from moekit.infer.generate import Generator
 from moekit.serve.admission import Admission
-from moekit.serve.config import ServerConfig, check_count, listed
-from moekit.serve.engine import Engine
+from moekit.serve.config import ServerConfig, SettingError, check_count, listed
+from moekit.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
 from moekit.serve.errors import add_error_handlers
 from moekit.serve.guard import Guard
 from moekit.serve.metrics import Metrics
@@ -62,14 +62,16 @@ def build(
     device: str | None = "auto",
     allowed_hosts: str | Sequence[str] = (),
     allowed_origins: str | Sequence[str] = (),
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
     the model's max_seq_len, at most 4096). The model runs on `device` ("auto": CUDA when
     present, else the CPU). `allowed_hosts` and `allowed_origins` open the server to other
-    host names and to web pages (see ServerConfig). The settings and the model's chat template
-    are checked before the model loads: a ValueError (a SettingError naming the setting, or
-    naming the template's file) for one that cannot work."""
+    host names and to web pages (see ServerConfig). `prefill_chunk`: prompt tokens prefilled
+    between two decode steps of the running requests (0: whole prompts at once). The settings
+    and the model's chat template are checked before the model loads: a ValueError (a
+    SettingError naming the setting, or naming the template's file) for one that cannot work."""
     config = ServerConfig(
         model_name=model_name or Path(model_dir).resolve().name,
         api_key=api_key,
@@ -80,8 +82,16 @@ def build(
     check_count("max_batch", max_batch)
     check_count("max_queue", max_queue)
     check_count("max_context", max_context, none_ok=True)
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
+        raise SettingError("prefill_chunk", prefill_chunk, "must be an integer >= 0 (0: off)")
     template = ChatTemplate.load(model_dir)
     check_template(template, str(Path(model_dir) / TEMPLATE_FILE))
     generator = Generator.from_dir(model_dir, device=device)
-    engine = Engine(generator, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    engine = Engine(
+        generator,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_context=max_context,
+        prefill_chunk=prefill_chunk,
+    )
     return create_app(engine, config, template), engine

@@ -1,15 +1,18 @@
 """The serving engine: continuous batching of generation requests in one background thread.
 
 Requests wait in a bounded queue. The engine thread keeps up to `max_batch` of them in the
-slots of one batched KV cache: a new request is prefilled alone and its cache row copied into
-a free slot; then every step decodes one token for all occupied slots in a single forward pass
-(idle slots take part masked out and do not grow). Each request samples with its own
-parameters and random generator, and may route its tokens to its own number of experts.
-Events go back through the request's `emit` callback, called from the engine thread.
+slots of one batched KV cache: a new request takes a free slot and its prompt is prefilled
+alone (prefill.py), `prefill_chunk` tokens per turn of the loop, between the decode steps of
+the running requests; once through, its cache row is copied into the slot. Every step decodes
+one token for all occupied slots in a single forward pass (idle slots take part masked out and
+do not grow). Each request samples with its own parameters and random generator, and may
+route its tokens to its own number of experts. Events go back through the request's `emit`
+callback, called from the engine thread.
 
 Every request gets exactly one `DoneEvent`, whatever happens: a request that fails (a bad
 seed, a failed prefill) fails alone, and stopping the engine ends the waiting and running
-requests with finish reason "abort".
+requests with finish reason "abort". Draining (`drain`) refuses new requests but lets the
+waiting and running ones finish, within a grace period.
 
 The KV cache holds `max_context` positions per slot (by default the model's context, capped
 at 4096): an imported model with a 32k context would otherwise claim tens of GB up front.
@@ -18,21 +21,50 @@ at 4096): an imported model with a 32k context would otherwise claim tens of GB 
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from moekit.infer.detokenize import TextTracker
-from moekit.infer.generate import Generator, Routing, check_fits, routing_of
+from moekit.infer.generate import ContextLengthError, Generator, check_fits, routing_of
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
 from moekit.nn.kv_cache import KVCache
+from moekit.serve.events import (
+    DoneEvent,
+    EngineRequest,
+    Event,
+    PromptEvent,
+    TokenEvent,
+    TokenLogprob,
+    TopLogprob,
+    token_logprob,
+)
+from moekit.serve.prefill import Prefill
+
+__all__ = [
+    "DoneEvent",
+    "Engine",
+    "EngineRequest",
+    "EngineStoppedError",
+    "Event",
+    "PromptEvent",
+    "QueueFullError",
+    "RequestTooLargeError",
+    "TokenEvent",
+    "TokenLogprob",
+    "TopLogprob",
+]
 
 DEFAULT_MAX_CONTEXT = 4096
+# Prompt tokens prefilled per turn of the engine loop, between two decode steps: a running
+# stream waits for one chunk at most, and chunks this long keep the prefill's own cost close
+# to a single pass.
+DEFAULT_PREFILL_CHUNK = 512
 SHUTTING_DOWN = "the server is shutting down"
 
 
@@ -46,72 +78,6 @@ class RequestTooLargeError(ValueError):
 
 class EngineStoppedError(Exception):
     """The engine has stopped and takes no more requests."""
-
-
-class TopLogprob(NamedTuple):
-    """One of the most likely tokens at a position: its id, text and log-probability."""
-
-    id: int
-    token: str
-    logprob: float
-
-
-@dataclass
-class TokenLogprob:
-    """The log-probability of the token at a position, and the `top` alternatives there."""
-
-    id: int
-    token: str
-    logprob: float
-    top: list[TopLogprob] = field(default_factory=list)
-
-
-@dataclass
-class TokenEvent:
-    """A generated token: its id, the text it releases, its logprobs, its routing.
-
-    A stop token (end-of-text or a stop token id) is sent only when logprobs were asked for,
-    with no text and no routing (it is never fed to the model); id -1 carries the text still
-    held back when the request ends."""
-
-    id: int
-    text: str
-    logprob: TokenLogprob | None
-    routing: Routing | None = None
-
-
-@dataclass
-class PromptEvent:
-    """Sent once after prefill: the prompt's token logprobs (echo), the first None."""
-
-    logprobs: list[TokenLogprob | None]
-
-
-@dataclass
-class DoneEvent:
-    """The end of a request. `completion_tokens` counts a stop token too (as vLLM does)."""
-
-    finish_reason: str  # "stop", "length", "cancelled", "abort" (shutdown) or "error"
-    text: str
-    completion_tokens: int
-    error: str | None = None
-
-
-Event = TokenEvent | PromptEvent | DoneEvent
-
-
-@dataclass
-class EngineRequest:
-    """What a client asked for. `logprobs`: None for none, else how many alternatives per
-    token (0: only the chosen token's). `emit` receives the events, in the engine thread."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    emit: Callable[[Event], None]
-    logprobs: int | None = None
-    echo_logprobs: bool = False
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -142,7 +108,8 @@ class Engine:
     """Continuous batching over one model. `max_batch`: requests decoded together;
     `max_queue`: requests waiting for a slot before `submit` refuses more; `max_context`:
     prompt plus new tokens per request, the length of each slot's KV cache (default: the
-    model's max_seq_len, at most 4096)."""
+    model's max_seq_len, at most 4096); `prefill_chunk`: prompt tokens prefilled between two
+    decode steps (0: a whole prompt at once, stalling the running requests meanwhile)."""
 
     def __init__(
         self,
@@ -151,9 +118,15 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         max_context: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int):
+            raise TypeError(f"prefill_chunk must be an int, got {type(prefill_chunk).__name__}")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk={prefill_chunk} is invalid: must be >= 0 (0: off)")
+        self.prefill_chunk = prefill_chunk
         self.generator = generator
         self.model = generator.model
         self.tokenizer = generator.tokenizer
@@ -189,7 +162,9 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._slots: list[_Slot | None] = [None] * max_batch
+        self._prefills: list[Prefill] = []  # admitted, in order; each holds a slot
         self._stop = False
+        self._draining, self._deadline = False, math.inf
         self._thread: threading.Thread | None = None
         self._cache = KVCache(
             self.cfg, max_batch, max_context, device=self.device, dtype=generator.dtype
@@ -217,6 +192,21 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
+    def drain(self, grace_s: float) -> None:
+        """Take no more requests (`submit` raises EngineStoppedError), let the waiting and
+        running ones finish, and end the loop once none is left; whatever is left after
+        `grace_s` seconds ends with reason "abort". Returns at once (call it from any thread
+        but a signal handler: it takes the engine's lock)."""
+        with self._wake:
+            self._draining = True
+            self._deadline = min(self._deadline, time.monotonic() + max(0.0, grace_s))
+            self._wake.notify()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether `submit` takes requests (not stopped, not draining)."""
+        return not (self._stop or self._draining)
+
     def submit(self, *requests: EngineRequest) -> None:
         """Queue requests together (all or none). Raises ContextLengthError when one does not
         fit `max_context`, RequestTooLargeError when there are more than the queue can ever
@@ -227,9 +217,9 @@ class Engine:
                 f"most {self.max_queue} (the server's max_queue setting)"
             )
         for req in requests:
-            self.check_fits(len(req.prompt_ids), req.params.max_new_tokens)
+            self.check_fits(len(req.prompt_ids), req.new_tokens)
         with self._wake:
-            if self._stop:
+            if not self.accepting:
                 raise EngineStoppedError(SHUTTING_DOWN)
             if len(self._queue) + len(requests) > self.max_queue:
                 raise QueueFullError(f"{len(self._queue)} requests are waiting")
@@ -240,87 +230,138 @@ class Engine:
         """ContextLengthError unless a request of this size fits `max_context`."""
         check_fits(prompt_tokens, max_new_tokens, self.max_context, limit=self._limit)
 
+    def check_prompt_size(self, chars: int, min_tokens: int) -> None:
+        """ContextLengthError when a prompt of `chars` characters, which the tokenizer turns
+        into at least `min_tokens` tokens, cannot fit `max_context` even alone."""
+        if min_tokens > self.max_context:
+            raise ContextLengthError(
+                f"{self._limit} is {self.max_context} tokens, but the prompt has {chars} "
+                f"characters, which this model's tokenizer turns into at least {min_tokens} "
+                "tokens; shorten the prompt"
+            )
+
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
     @property
     def active(self) -> int:
-        return sum(s is not None for s in self._slots)
+        """Requests holding a slot: being prefilled or decoded."""
+        return sum(s is not None for s in self._slots) + len(self._prefills)
 
     # ---- the engine thread ------------------------------------------------------------
     def _loop(self) -> None:
         try:
             while True:
                 with self._wake:
-                    while not self._stop and not self._queue and not any(self._slots):
+                    while not (self._stop or self._draining or self._queue or self._busy()):
                         self._wake.wait(timeout=1.0)
-                    if self._stop:
+                    if self._stop or self._drained():
                         break
-                    free = [i for i, s in enumerate(self._slots) if s is None]
+                    held = {p.slot for p in self._prefills}
+                    free = [i for i, s in enumerate(self._slots) if s is None and i not in held]
                     admitted = [(i, self._queue.popleft()) for i in free[: len(self._queue)]]
                 for slot, req in admitted:
                     self._admit(slot, req)
+                self._prefill()
                 try:
                     self._step()
                 except Exception as e:  # never let one bad step take the server down
                     for i, s in enumerate(self._slots):
                         if s is not None:
                             self._close(i, "error", error=f"generation failed: {e}")
-        finally:  # stop() or Ctrl-C in `run`: nobody may wait forever for an answer
+        finally:  # stop(), the end of a drain, or Ctrl-C in `run`: nobody may wait forever
             self._abort_all()
+
+    def _busy(self) -> bool:
+        return bool(self._prefills) or any(s is not None for s in self._slots)
+
+    def _drained(self) -> bool:
+        """Draining, and nothing is left to do or the grace period is over."""
+        if not self._draining:
+            return False
+        return not (self._queue or self._busy()) or time.monotonic() >= self._deadline
 
     def _abort_all(self) -> None:
         with self._wake:
             self._stop = True
             waiting = list(self._queue)
             self._queue.clear()
+        waiting += [p.req for p in self._prefills]
+        self._prefills.clear()
         for req in waiting:
-            self.stats.finished["abort"] += 1
-            self._emit(req, DoneEvent("abort", "", 0, error=SHUTTING_DOWN))
+            self._finish(req, DoneEvent("abort", "", 0, error=SHUTTING_DOWN))
         for i, s in enumerate(self._slots):
             if s is not None:
                 self._close(i, "abort", error=SHUTTING_DOWN)
 
-    @torch.no_grad()
+    def _finish(self, req: EngineRequest, done: DoneEvent) -> None:
+        """End a request that holds no slot."""
+        self.stats.finished[done.finish_reason] += 1
+        self._emit(req, done)
+
     def _admit(self, slot: int, req: EngineRequest) -> None:
-        """Prefill a request into `slot`. Anything that goes wrong fails this request only."""
+        """Start prefilling a request into `slot`; a request that cannot start fails alone."""
         if req.cancelled.is_set():
-            self.stats.finished["cancelled"] += 1
-            self._emit(req, DoneEvent("cancelled", "", 0))
-            return
-        ids = req.prompt_ids
-        try:
-            gen = make_generator(req.params.seed, self.device)
-            tracker = TextTracker(self.tokenizer, req.params.stop, context=ids)
-            small = KVCache(self.cfg, 1, len(ids), device=self.device, dtype=self.generator.dtype)
-            out = self.model(
-                torch.tensor([ids], device=self.device),
-                cache=small,
-                causal_routing=True,
-                top_k=req.params.experts_per_token,
-            )
-            logits = out.logits[0]  # (L, V) in the model's dtype
-            echo = (
-                self._prompt_logprobs(logits, ids, req.logprobs or 0) if req.echo_logprobs else None
-            )
-            self._cache.load_row(slot, small)
-            self._slots[slot] = _Slot(
-                req=req,
-                gen=gen,
-                seen=torch.tensor(ids, dtype=torch.long, device=self.device),
-                tracker=tracker,
-                logits=logits[-1].float(),
-            )
-        except Exception as e:
-            self._slots[slot] = None
-            self._cache.clear_row(slot)
-            self.stats.finished["error"] += 1
-            self._emit(req, DoneEvent("error", "", 0, error=f"could not start generation: {e}"))
-            return
+            self._finish(req, DoneEvent("cancelled", "", 0))
+        elif req.prompt_only and not req.echo_logprobs:  # nothing to compute
+            self._finish(req, DoneEvent("length", "", 0))
+        else:
+            try:
+                self._prefills.append(
+                    Prefill(req, slot, self.model, self.tokenizer, self.generator.dtype)
+                )
+            except Exception as e:
+                error = f"could not start generation: {e}"
+                self._finish(req, DoneEvent("error", "", 0, error=error))
+
+    def _prefill(self) -> None:
+        """Run `prefill_chunk` prompt tokens (all of them when 0), oldest request first;
+        a request whose prompt is through joins the batch."""
+        budget = self.prefill_chunk
+        while self._prefills:
+            p = self._prefills[0]
+            if p.req.cancelled.is_set():
+                self._prefills.pop(0)
+                self._finish(p.req, DoneEvent("cancelled", "", 0))
+                continue
+            try:
+                ran = p.advance(budget)
+            except Exception as e:  # this prompt failed: end it, not the others
+                self._prefills.pop(0)
+                error = f"could not start generation: {e}"
+                self._finish(p.req, DoneEvent("error", "", 0, error=error))
+                continue
+            if p.finished:
+                self._prefills.pop(0)
+                self._start(p)
+            if self.prefill_chunk:
+                budget -= ran
+                if budget <= 0:
+                    return
+
+    def _start(self, p: Prefill) -> None:
+        """Put a prefilled request into its slot (or end it, when it only scores its prompt)."""
+        req, ids = p.req, p.req.prompt_ids
+        assert p.logits is not None
+        if not req.prompt_only:
+            try:
+                gen = make_generator(req.params.seed, self.device)
+                tracker = TextTracker(self.tokenizer, req.params.stop, context=ids)
+                self._cache.load_row(p.slot, p.cache)
+                seen = torch.tensor(ids, dtype=torch.long, device=self.device)
+                self._slots[p.slot] = _Slot(req, gen, seen, tracker, logits=p.logits)
+            except Exception as e:
+                self._slots[p.slot] = None
+                self._cache.clear_row(p.slot)
+                error = f"could not start generation: {e}"
+                self._finish(req, DoneEvent("error", "", 0, error=error))
+                return
         self.stats.prompt_tokens += len(ids)
-        if echo is not None:
-            self._emit(req, PromptEvent(echo))
+        if req.echo_logprobs:
+            self._emit(req, PromptEvent(p.echo))
+        if req.prompt_only:
+            self._finish(req, DoneEvent("length", "", 0))
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -440,35 +481,11 @@ class Engine:
         tail = s.tracker.flush()
         if tail:
             self._emit(s.req, TokenEvent(id=-1, text=tail, logprob=None))
-        self.stats.finished[reason] += 1
-        self._emit(s.req, DoneEvent(reason, s.tracker.text, s.produced, error))
+        self._finish(s.req, DoneEvent(reason, s.tracker.text, s.produced, error))
 
     def _logprob(self, logits: Tensor, token: int, top: int | None) -> TokenLogprob:
         logp = torch.log_softmax(logits.float(), -1)
-        return self._entry(logp, token, top or 0)
-
-    def _prompt_logprobs(
-        self, logits_LV: Tensor, ids: list[int], top: int
-    ) -> list[TokenLogprob | None]:
-        """Each prompt token's logprob given the tokens before it (the first has none)."""
-        out: list[TokenLogprob | None] = [None]
-        for start in range(0, len(ids) - 1, 256):  # a few rows at a time: (L, V) can be big
-            logp = torch.log_softmax(logits_LV[start : start + 256].float(), -1)
-            for i in range(min(256, len(ids) - 1 - start)):
-                out.append(self._entry(logp[i], ids[start + i + 1], top))
-        return out
-
-    def _entry(self, logp_V: Tensor, token: int, top: int) -> TokenLogprob:
-        alternatives: list[TopLogprob] = []
-        if top:
-            values, ids = logp_V.topk(top)
-            alternatives = [
-                TopLogprob(int(t), self.tokenizer.decode([int(t)]), float(v))
-                for v, t in zip(values.tolist(), ids.tolist(), strict=True)
-            ]
-        return TokenLogprob(
-            token, self.tokenizer.decode([token]), float(logp_V[token]), alternatives
-        )
+        return token_logprob(self.tokenizer, logp, token, top or 0)
 
     @staticmethod
     def _emit(req: EngineRequest, event: Event) -> None:

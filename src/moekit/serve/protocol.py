@@ -30,8 +30,12 @@ from pydantic import (
 from moekit.infer.sampling import MAX_SEED
 
 # OpenAI documents up to 4 stop sequences; lm-evaluation-harness and similar tools send more
-# (one per answer delimiter of a task), and vLLM sets no limit. 16 covers them.
+# (one per answer delimiter of a task), and vLLM sets no limit. 16 covers them. Their length is
+# bounded too: the engine holds back and searches text as long as the longest of them after
+# every token. Real stop strings are delimiters ("\n\n", "Question:", "</answer>").
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 512  # per stop string
+MAX_STOP_TOTAL_CHARS = 2048  # all of a request's stop strings together
 
 
 class APIError(Exception):
@@ -171,6 +175,18 @@ class _Common(_Body):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(
+                f"a stop sequence may be at most {MAX_STOP_CHARS} characters long "
+                f"(one has {longest})"
+            )
+        total = sum(len(s) for s in stops)
+        if total > MAX_STOP_TOTAL_CHARS:
+            raise ValueError(
+                f"the stop sequences may have at most {MAX_STOP_TOTAL_CHARS} characters "
+                f"together (these have {total})"
+            )
         return stops
 
     @field_validator("seed")

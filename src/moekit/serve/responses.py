@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.infer.detokenize import TokenBytes, decode_with_offsets
-from moekit.serve.engine import TokenEvent, TokenLogprob
+from moekit.serve.events import TokenEvent, TokenLogprob
 from moekit.serve.protocol import ChatRequest, CompletionRequest
 from moekit.serve.streams import Generation
 

@@ -1,7 +1,7 @@
 """The endpoints. Each reads what it needs from the app's `ServerState`; checks, generation
 and response bodies live in their own modules (admission, streams, responses, sse).
 
-    GET  /health               liveness (never needs the API key)
+    GET  /health               liveness (never needs the API key; 503 while draining)
     GET  /v1/models            the one model served
     GET  /v1/moekit/info       what the playground needs to know about the model
     GET  /metrics              Prometheus text
@@ -12,6 +12,7 @@ and response bodies live in their own modules (admission, streams, responses, ss
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.responses import Response
 
 from moekit.infer.detokenize import TokenBytes
@@ -58,9 +59,17 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
+async def health(request: Request) -> Response:
+    """200 while serving; 503 with status "draining" once a shutdown began, so that a load
+    balancer sends new requests elsewhere while the running ones finish."""
     s = state_of(request)
-    return {"status": "ok", "model": s.config.model_name, "queue_depth": s.engine.queue_depth}
+    serving = s.engine.accepting
+    body = {
+        "status": "ok" if serving else "draining",
+        "model": s.config.model_name,
+        "queue_depth": s.engine.queue_depth,
+    }
+    return JSONResponse(body, status_code=200 if serving else 503)
 
 
 @router.get("/v1/models")
@@ -135,16 +144,20 @@ async def completions(request: Request) -> Any:
     admit.check_model(req.model)
     prompts = prompt_list(req.prompt)
     admit.check_size(len(prompts) * req.n, req.n)
-    encoded = [admit.encode(p, "prompt") for p in prompts]
+    encoded = await admit.encode_all(prompts, "prompt")
     echo_logprobs = req.echo and req.logprobs is not None
+    # The legacy API's scoring request: the prompt's logprobs, nothing generated.
+    scoring = req.echo and req.max_tokens == 0
     jobs = []
     for ids in encoded:
-        params = admit.sampling(req, req.max_tokens, len(ids), "prompt")
+        params = admit.sampling(req, req.max_tokens, len(ids), "prompt", scoring=scoring)
         for i in range(req.n):
-            jobs.append(Job(ids, with_seed(params, req.seed, i), req.logprobs, echo_logprobs))
+            seeded = with_seed(params, req.seed, i)
+            jobs.append(Job(ids, seeded, req.logprobs, echo_logprobs, prompt_only=scoring))
     streams = admit.submit(jobs, "prompt")
     head = responses.head("cmpl", "text_completion", s.config.model_name)
-    echoes = responses.echoes(admit.tokenizer, encoded, req)
+    # Decoding a long prompt back to text, token by token, is slow too: off the event loop.
+    echoes = await asyncio.to_thread(responses.echoes, admit.tokenizer, encoded, req)
     if req.stream:
         return sse.event_stream(sse.completion_events(request, streams, head, echoes, req))
     gens = await collect_all(request, streams)
@@ -159,7 +172,7 @@ async def chat(request: Request) -> Any:
     req: ChatRequest = parse(ChatRequest, await read_json(request, s.config.max_body_bytes))
     admit.check_model(req.model)
     admit.check_size(req.n, req.n)
-    ids = admit.chat_ids(req)
+    ids = await admit.chat_ids(req)
     params = admit.chat_sampling(req, len(ids))
     top = (req.top_logprobs or 0) if req.logprobs else None
     jobs = [Job(ids, with_seed(params, req.seed, i), top) for i in range(req.n)]

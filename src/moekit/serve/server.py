@@ -2,8 +2,13 @@
 
 `serve` binds the address before loading the model (a taken port fails at once), serves HTTP
 with uvicorn in a background thread, and runs the engine in the main thread, where the heavy
-work belongs (see Engine.run). SIGTERM stops it as Ctrl-C does: the engine answers every
-queued and running request ("abort"), then the HTTP server sends those answers and exits.
+work belongs (see Engine.run).
+
+SIGTERM (what a service manager or Kubernetes sends) drains: new requests get a 503, the
+queued and running ones finish, for at most `shutdown_grace` seconds, after which whatever is
+left ends with "abort"; then the HTTP server sends the last answers and `serve` returns. A
+second SIGTERM, or Ctrl-C (SIGINT) at any time, stops at once: every queued and running
+request is answered "abort".
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moekit.serve.config import ConnectionLimits
+from moekit.serve.config import ConnectionLimits, SettingError
+from moekit.serve.engine import DEFAULT_PREFILL_CHUNK
 
 if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
+    from moekit.serve.engine import Engine
+
 HTTP_EXIT_WAIT_S = 10  # for the HTTP server to send the last answers once the engine stopped
+DEFAULT_SHUTDOWN_GRACE_S = 30.0  # as long as Kubernetes waits after SIGTERM by default
 
 
 class PortInUseError(ValueError):
@@ -73,6 +82,8 @@ def serve(
     limits: ConnectionLimits | None = None,
     allowed_hosts: str | Sequence[str] = (),
     allowed_origins: str | Sequence[str] = (),
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S,
 ) -> None:
     """Serve a model directory over HTTP until interrupted (an OpenAI-compatible API at
     http://HOST:PORT/v1 and a playground page at http://HOST:PORT/). `max_context` bounds
@@ -81,11 +92,21 @@ def serve(
     else the CPU). `on_ready` is called once the server accepts requests. `limits` bounds what
     a connection may do (default ConnectionLimits(): a request head within 10 s, its body
     within 30 s, at most 256 connections open); `allowed_hosts` and `allowed_origins` open the
-    server to other host names and to web pages (see ServerConfig). Raises PortInUseError when
-    the port is taken, a ValueError for a setting that cannot work."""
+    server to other host names and to web pages (see ServerConfig). `prefill_chunk`: prompt
+    tokens prefilled between two decode steps (0: whole prompts at once, stalling the running
+    streams). SIGTERM drains: new requests get a 503 while the queued and running ones
+    finish, for at most `shutdown_grace` seconds; a second SIGTERM or Ctrl-C stops at once.
+    Raises PortInUseError when the port is taken, a ValueError for a setting that cannot
+    work."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError("moekit serve needs FastAPI and uvicorn: pip install 'moekit[serve]'")
+    if (
+        isinstance(shutdown_grace, bool)
+        or not isinstance(shutdown_grace, int | float)
+        or not 0 <= shutdown_grace < float("inf")
+    ):
+        raise SettingError("shutdown_grace", shutdown_grace, "must be a number of seconds >= 0")
     from moekit.serve.app import build
 
     sock = listen_socket(host, port)  # before loading the model: fail fast
@@ -101,6 +122,7 @@ def serve(
             device=device,
             allowed_hosts=allowed_hosts,
             allowed_origins=allowed_origins,
+            prefill_chunk=prefill_chunk,
         )
     except BaseException:
         sock.close()
@@ -115,12 +137,12 @@ def serve(
         engine.stop()
 
     threading.Thread(target=stop_engine_when_http_ends, name="moekit-watch", daemon=True).start()
-    with _sigterm_interrupts():
+    with _sigterm_drains(engine, shutdown_grace):
         try:
             engine.run()  # the heavy work stays in the main thread (see Engine.run)
         except KeyboardInterrupt:
             pass
-        finally:  # the engine has answered every request ("abort"); let the server send them
+        finally:  # the engine has answered every request; let the server send the answers
             server.should_exit = True
             http.join(timeout=HTTP_EXIT_WAIT_S)
 
@@ -159,19 +181,23 @@ def _start_http(server: uvicorn.Server, sock: socket.socket, address: str) -> th
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """While inside, SIGTERM raises KeyboardInterrupt in the main thread: a service manager's
-    stop is as graceful as Ctrl-C. Outside the main thread signals cannot be handled, and
-    nothing changes."""
+def _sigterm_drains(engine: Engine, grace_s: float) -> Iterator[None]:
+    """While inside, the first SIGTERM drains `engine` (see Engine.drain) and a second one
+    raises KeyboardInterrupt in the main thread, as Ctrl-C does. Outside the main thread
+    signals cannot be handled, and nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if not engine.accepting:
+            raise KeyboardInterrupt
+        # Not here: a handler runs between two bytecodes of the main thread, which may hold
+        # the engine's lock that `drain` takes.
+        threading.Thread(target=engine.drain, args=(grace_s,), name="moekit-drain").start()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt

@@ -12,8 +12,8 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 
 from moekit.infer.detokenize import TokenBytes
-from moekit.serve.engine import DoneEvent, PromptEvent, TokenEvent
 from moekit.serve.errors import ended_badly
+from moekit.serve.events import DoneEvent, PromptEvent, TokenEvent
 from moekit.serve.protocol import ChatRequest, CompletionRequest
 from moekit.serve.responses import (
     Echo,

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from moekit.serve.engine import (
+from moekit.serve.errors import ended_badly
+from moekit.serve.events import (
     DoneEvent,
     EngineRequest,
     Event,
@@ -22,7 +23,6 @@ from moekit.serve.engine import (
     TokenEvent,
     TokenLogprob,
 )
-from moekit.serve.errors import ended_badly
 
 DISCONNECT_POLL_S = 0.2  # how often a request checks whether its client is still there
 
