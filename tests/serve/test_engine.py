@@ -40,7 +40,8 @@ def request(generator, inbox, **params):
     return EngineRequest(ids, SamplingParams(**params), inbox.emit)
 
 
-def test_a_request_that_cannot_start_fails_alone(tiny_model_dir):
+def test_a_request_that_cannot_start_fails_alone(tiny_model_dir, caplog):
+    caplog.set_level("ERROR", logger="moekit.serve")
     generator = Generator.from_dir(tiny_model_dir)
     engine = Engine(generator, max_batch=2)
     engine.start()
@@ -51,6 +52,8 @@ def test_a_request_that_cannot_start_fails_alone(tiny_model_dir):
         engine.submit(broken)
         assert bad.finish.finish_reason == "error"
         assert "could not start generation" in (bad.finish.error or "")
+        [record] = [r for r in caplog.records if r.name == "moekit.serve"]
+        assert "could not start" in record.getMessage() and record.exc_info  # with traceback
         engine.submit(request(generator, good, max_new_tokens=4, ignore_eos=True))
         assert good.finish.finish_reason == "length"  # the engine kept serving
     finally:

@@ -21,6 +21,7 @@ at 4096): an imported model with a 32k context would otherwise claim tens of GB 
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import threading
 import time
@@ -59,6 +60,8 @@ __all__ = [
     "TokenLogprob",
     "TopLogprob",
 ]
+
+log = logging.getLogger("moekit.serve")  # failures, with their tracebacks
 
 DEFAULT_MAX_CONTEXT = 4096
 # Prompt tokens prefilled per turn of the engine loop, between two decode steps: a running
@@ -267,6 +270,9 @@ class Engine:
                 try:
                     self._step()
                 except Exception as e:  # never let one bad step take the server down
+                    log.exception(
+                        "a decode step failed; ending the %d running requests", self.active
+                    )
                     for i, s in enumerate(self._slots):
                         if s is not None:
                             self._close(i, "error", error=f"generation failed: {e}")
@@ -312,6 +318,7 @@ class Engine:
                     Prefill(req, slot, self.model, self.tokenizer, self.generator.dtype)
                 )
             except Exception as e:
+                log.exception("a request could not start")
                 error = f"could not start generation: {e}"
                 self._finish(req, DoneEvent("error", "", 0, error=error))
 
@@ -328,6 +335,7 @@ class Engine:
             try:
                 ran = p.advance(budget)
             except Exception as e:  # this prompt failed: end it, not the others
+                log.exception("a prompt's prefill failed")
                 self._prefills.pop(0)
                 error = f"could not start generation: {e}"
                 self._finish(p.req, DoneEvent("error", "", 0, error=error))
@@ -352,6 +360,7 @@ class Engine:
                 seen = torch.tensor(ids, dtype=torch.long, device=self.device)
                 self._slots[p.slot] = _Slot(req, gen, seen, tracker, logits=p.logits)
             except Exception as e:
+                log.exception("a request could not start")
                 self._slots[p.slot] = None
                 self._cache.clear_row(p.slot)
                 error = f"could not start generation: {e}"
@@ -382,6 +391,7 @@ class Engine:
             try:
                 token = self._choose(i, s)
             except Exception as e:  # this request's sampling failed: end it, not the batch
+                log.exception("sampling failed for one request")
                 self._close(i, "error", error=f"sampling failed: {e}")
                 continue
             if token is not None:
