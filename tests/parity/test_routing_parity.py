@@ -105,8 +105,8 @@ def test_a_transformers_model_with_other_experts_is_refused(tiny_model_dir, text
     ours = tmp_path / "moekit"
     Tokenizer.load(tiny_model_dir).save(ours)
     save_model(build_model(cfg, seed=0), cfg, ours)
-    other = ModelConfig.from_dict({**MODELS["MixtralForCausalLM"],
-                                   "moe": dict(num_experts=4, top_k=2, expert_hidden=64)})  # fmt: skip
+    four = dict(num_experts=4, top_k=2, expert_hidden=64)
+    other = ModelConfig.from_dict({**MODELS["MixtralForCausalLM"], "moe": four})
     Tokenizer.load(tiny_model_dir).save(tmp_path / "other")
     save_model(build_model(other, seed=0), other, tmp_path / "other")
     export_hf(tmp_path / "other", tmp_path / "hf")

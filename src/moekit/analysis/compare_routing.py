@@ -232,7 +232,7 @@ def trace_side(
     if side.kind == "transformers":
         from moekit.analysis.hf_routing import load_hf_model, trace_hf_routing
 
-        hf = load_hf_model(side.path, device)
+        hf = load_hf_model(side.path, device, quiet=not progress)
         trace = trace_hf_routing(
             hf, cfg, ids, seq_len=seq_len, batch_size=batch_size, progress=report
         )

@@ -34,9 +34,10 @@ if TYPE_CHECKING:
 _GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate$")
 
 
-def load_hf_model(directory: str | Path, device: str | torch.device) -> Any:
+def load_hf_model(directory: str | Path, device: str | torch.device, *, quiet: bool = False) -> Any:
     """The checkpoint in `directory` as transformers' own causal LM, in its stored dtype and in
-    eval mode on `device`. ValueError when transformers is missing or cannot load it."""
+    eval mode on `device` (`quiet`: without transformers' loading progress bar). ValueError
+    when transformers is missing or cannot load it."""
     try:
         import transformers
     except ImportError:
@@ -44,10 +45,18 @@ def load_hf_model(directory: str | Path, device: str | torch.device) -> Any:
             f"{directory} is a Hugging Face checkpoint, and reading it with transformers needs "
             "the transformers package (pip install transformers)"
         ) from None
+    from transformers.utils import logging
+
+    bar = logging.is_progress_bar_enabled()
+    if quiet:
+        logging.disable_progress_bar()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype="auto")
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"transformers cannot load {directory}: {e}") from None
+    finally:
+        if bar:
+            logging.enable_progress_bar()
     return model.to(device).eval()  # type: ignore[arg-type]
 
 

@@ -24,7 +24,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -266,11 +266,11 @@ class TraceRecorder:
         self._batches += 1
 
     def build(self) -> RoutingTrace:
+        def cat(parts: dict[str, list[Tensor]], name: str) -> Any:
+            return torch.cat(parts[name]) if name in parts else None
+
         names = ("experts", "entropy", "row_counts", "weights", "margin")
-        layers = {
-            i: LayerTrace(*(torch.cat(parts[n]) if n in parts else None for n in names))  # type: ignore[arg-type]
-            for i, parts in self._parts.items()
-        }
+        layers = {i: LayerTrace(*(cat(p, n) for n in names)) for i, p in self._parts.items()}
         return RoutingTrace(
             num_experts=self.num_experts,
             layers=layers,
