@@ -22,6 +22,12 @@ MODELS = {  # the architecture export_hf picks: the moekit config
         attention=dict(head_dim=16, qk_norm="head"),
         moe=dict(num_experts=8, top_k=3, expert_hidden=32, norm_topk_prob=False),
     ),
+    "OlmoeForCausalLM": dict(
+        BASE,
+        ffn_hidden=64,
+        attention=dict(qk_norm="full"),
+        moe=dict(num_experts=4, top_k=2, expert_hidden=64),
+    ),
     "Qwen2MoeForCausalLM": dict(
         BASE,
         attention=dict(qkv_bias=True),
