@@ -183,6 +183,9 @@ def test_a_zero_adapter_routes_as_its_base_and_a_router_adapter_changes_routing(
     assert all(row.set_match == 1.0 for row in same.agreement.layers)
     moved = compare_routing(base, tmp_path / "moved", text=text_file, tokens=300, progress=False)
     assert moved.agreement.first_divergent_layer == 2
+    save_adapter(model, lora_cfg, tmp_path / "orphan", base=str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match=r"records the base model .*gone"):
+        compare_routing(base, tmp_path / "orphan", text=text_file, progress=False)
 
 
 def test_different_experts_or_tokenizers_are_refused_by_name(models, text_file, tmp_path):

@@ -2,7 +2,8 @@
 co-activation and consistency.
 
 This is the one routing trace of moekit: `moekit analyze`, `moekit doctor` and the training
-report all sample text with `sample_tokens` and record routing with `trace_routing`, and they
+report all sample text with `sample_tokens` and record routing with `trace_routing` (`moekit
+compare-routing` too, and it fills the same `TraceRecorder` from a transformers model), and they
 (and the training metrics) judge expert health with one rule, `load_stats`:
 
   dead         an expert that received no copy (token x chosen expert)
