@@ -250,6 +250,7 @@ class Generator:
             causal_routing=True,
             top_k=params.experts_per_token,
             return_routing=params.return_routing,
+            routing_stats=False,
         )
 
 
@@ -286,7 +287,10 @@ def greedy_generate(
     new: list[int] = []
     try:
         logits = model(
-            torch.tensor([prompt_ids], device=device), cache=cache, causal_routing=True
+            torch.tensor([prompt_ids], device=device),
+            cache=cache,
+            causal_routing=True,
+            routing_stats=False,
         ).logits
         for _ in range(budget):
             token = int(logits[0, -1].argmax())
@@ -296,7 +300,10 @@ def greedy_generate(
             if len(new) == budget:
                 break
             logits = model(
-                torch.tensor([[token]], device=device), cache=cache, causal_routing=True
+                torch.tensor([[token]], device=device),
+                cache=cache,
+                causal_routing=True,
+                routing_stats=False,
             ).logits
     finally:
         model.train(was_training)

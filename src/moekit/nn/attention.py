@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
+from moekit.nn.fuse import Fused, plain
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.norm import RMSNorm
 from moekit.nn.rope import apply_rope
@@ -69,6 +70,21 @@ class Attention(nn.Module):
             )
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_sizes = [H * hd, Hkv * hd, Hkv * hd]
+        self._qkv, self._qkv_bias = Fused(), Fused()
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v of `x`. Without autograd, one matmul over the three weights fused in
+        memory (see `moekit.nn.fuse`)."""
+        if torch.is_grad_enabled() or not plain(self.wq, self.wk, self.wv):
+            return self.wq(x), self.wk(x), self.wv(x)
+        lins = (self.wq, self.wk, self.wv)
+        w = self._qkv.get([lin.weight for lin in lins])
+        b = None
+        if self.wq.bias is not None:
+            b = self._qkv_bias.get([lin.bias for lin in lins if lin.bias is not None])
+        q, k, v = F.linear(x, w, b).split(self.qkv_sizes, dim=-1)
+        return q, k, v
 
     def forward(
         self,
@@ -80,7 +96,7 @@ class Attention(nn.Module):
         layer: int = 0,
     ) -> Tensor:
         B, S, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = self.project(x)
         if self.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
