@@ -21,7 +21,7 @@ from moekit.nn.attention import build_attention
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.mlp import MLP
 from moekit.nn.norm import RMSNorm
-from moekit.nn.rope import rope_tables
+from moekit.nn.rope import per_head, rope_tables
 
 
 class ModelOutput(NamedTuple):
@@ -142,7 +142,7 @@ class Transformer(nn.Module):
             stats=routing_stats,
         )
         x = self.embed(tokens)
-        cos, sin = rope_tables(positions, self.rope_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = per_head(*rope_tables(positions, self.rope_dim, self.cfg.rope_theta, x.dtype))
         stats: dict[int, MoEStats] = {}
         aux = x.new_zeros((), dtype=torch.float32)
         grad = torch.is_grad_enabled()  # without autograd the router losses are all 0

@@ -32,9 +32,17 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate `x` of shape (B, S, H, dim) with tables of shape (B, S, dim) or (S, dim)."""
+def per_head(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Tables of shape (B, S, dim) or (S, dim) made (B or 1, S, 1, dim), to broadcast over
+    heads; a model makes them once per forward pass instead of once per rotation."""
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+    return cos.unsqueeze(2), sin.unsqueeze(2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x` of shape (B, S, H, dim) with tables of shape (B, S, dim) or (S, dim), or
+    tables already shaped by `per_head`."""
+    if cos.dim() != 4:
+        cos, sin = per_head(cos, sin)
     return x * cos + rotate_half(x) * sin
