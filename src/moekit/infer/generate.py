@@ -153,7 +153,8 @@ class Generator:
             yield chunk
 
     # ---- the decoding loop --------------------------------------------------------------
-    @torch.no_grad()
+    # Inference mode: like no_grad, and each PyTorch call skips autograd's bookkeeping.
+    @torch.inference_mode()
     def _run(
         self, prompts: Sequence[str | Sequence[int]], params: SamplingParams, done: list[Completion]
     ) -> Iterator[tuple[int, Chunk]]:
@@ -267,7 +268,7 @@ def _as_batch(
     return items  # type: ignore[return-value]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_generate(
     model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, eos_id: int | None = None
 ) -> list[int]:
