@@ -121,3 +121,13 @@ def test_autograd_and_adapters_keep_the_backends():
         assert not m._decodes(9 * 2, DECODE)  # more copies than experts
         m.backend = "sliced"
         assert not m._decodes(2, DECODE)  # a backend asked for by name
+
+
+def test_decoding_in_inference_mode_leaves_trainable_weights():
+    m = layer()
+    with torch.inference_mode():
+        m(torch.randn(1, 1, 16), route=DECODE)
+        m.train()  # as a generator restoring training mode on its way out does
+    y, _ = m(torch.randn(2, 3, 16))
+    y.sum().backward()
+    assert m.experts.w_gate.grad is not None and m.experts.w_up.grad is not None

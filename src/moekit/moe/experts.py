@@ -107,7 +107,8 @@ class Experts(nn.Module):
         # Training wants contiguous stacked weights (the grouped GEMM and its gradients):
         # give the gate and up projections their own storage again.
         if mode and self._gate_up.tensor is not None:
-            with torch.no_grad():
+            # Never an inference-mode tensor (this may run inside inference mode).
+            with torch.no_grad(), torch.inference_mode(False):
                 for w in (self.w_gate, self.w_up):
                     if w is not None:
                         w.data = w.data.contiguous()

@@ -14,7 +14,9 @@ from torch import Tensor
 
 @functools.lru_cache(maxsize=32)
 def _inv_freq(dim: int, theta: float, device: torch.device) -> Tensor:
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    # Cached across calls: never an inference-mode tensor, which training could not use.
+    with torch.inference_mode(False):
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
 
 
 def rope_tables(
