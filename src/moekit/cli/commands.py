@@ -20,6 +20,7 @@ COMMANDS = (
     "analyze",
     "doctor",
     "convert",
+    "quantize",
     "generate",
     "serve",
     "chat",

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.moe import dispatch, losses
-from moekit.moe.experts import Experts, select_backend
+from moekit.moe.experts import ExpertBackend, Experts, select_backend
 from moekit.moe.router import RouterOutput, build_router
 from moekit.nn.mlp import MLP
 
@@ -79,6 +79,9 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         select_backend(cfg.backend, 0, cfg.num_experts, torch.device("cpu"))  # a known name?
         self.backend = cfg.backend
+        # Experts that bring their own compute (quantised: moekit.quant) set it here; it is
+        # used instead of the registry's backends.
+        self.backend_override: ExpertBackend | None = None
 
     def forward(
         self, x_BSD: Tensor, *, route: RouteOptions = DEFAULT_ROUTE
@@ -97,7 +100,9 @@ class MoELayer(nn.Module):
         if T == 0:
             return x_BSD.new_zeros(B, S, D), self._empty_stats(decision)
 
-        backend = select_backend(self.backend, T * K, self.cfg.num_experts, x_BSD.device)
+        backend = self.backend_override or select_backend(
+            self.backend, T * K, self.cfg.num_experts, x_BSD.device
+        )
         p = dispatch.plan(
             decision.experts,
             decision.weights,
