@@ -4,6 +4,7 @@ adapters to PEFT's format."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from moekit.cli.common import doc
@@ -61,6 +62,15 @@ def run(args: argparse.Namespace) -> int:
         figures = {"direction": "from-hf", "architecture": arch, "out": args.out,
                    "total_params": pc.total, "active_params": pc.active}  # fmt: skip
     else:
+        from moekit.model_dir import ModelDir
+
+        if (q := ModelDir(args.to_hf).config().quantization) is not None:
+            print(
+                f"{args.to_hf} is quantised ({q.bits} bits): exporting its weights dequantised "
+                f"to {args.dtype or 'float32'} (the Hugging Face checkpoint holds no "
+                "quantisation)",
+                file=sys.stderr,
+            )
         arch = export_hf(args.to_hf, args.out, dtype=args.dtype)
         figures = {"direction": "to-hf", "architecture": arch, "out": args.out}
     if args.json:

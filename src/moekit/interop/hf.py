@@ -28,6 +28,7 @@ from moekit.interop.checkpoint import (
     LazyTensors,
 )
 from moekit.interop.fields import UnsupportedError
+from moekit.interop.quantize import DequantizedTensors
 from moekit.interop.tensors import TensorMap
 from moekit.interop.tokenizer import export_tokenizer, import_tokenizer, special_ids
 from moekit.model_dir import ModelDir, ShardWriter
@@ -150,12 +151,15 @@ def export_hf(
 ) -> str:
     """Write a moekit model directory as a standard Hugging Face checkpoint that
     `transformers.AutoModelForCausalLM.from_pretrained` loads without custom code; returns the
-    architecture chosen (the plainest one that represents the model exactly)."""
+    architecture chosen (the plainest one that represents the model exactly). A quantised
+    model is written dequantised, in float32 unless `dtype` says otherwise."""
     src = ModelDir(model_dir)
     cfg = src.config()
     arch = choose_architecture(cfg)
     target = _dtype(dtype)
     weights = LazyTensors.of_files(src.weight_files(), f"{src}: the weights")
+    if cfg.quantization is not None:  # written dequantised (float32, or `dtype`)
+        weights = DequantizedTensors(weights, cfg.quantization)
     hf: dict[str, Any] = {
         "architectures": [arch.name],
         "model_type": arch.model_type,

@@ -22,6 +22,7 @@ from moekit.model import meta_model
 from moekit.model_dir import ModelDir, ShardWriter, check_fit, stored_tensors
 from moekit.quant.build import Targets, already_quantized, check_shapes, targets
 from moekit.quant.build import quantize_tensors as quantize_stream
+from moekit.quant.formats import QWEIGHT, dequantize, stored_parts
 from moekit.version import __version__
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
@@ -132,3 +133,33 @@ def quantized_targets(cfg: Any, q: QuantizationConfig) -> Targets:
     found = targets(meta, q.parts)
     check_shapes(meta, found, q)
     return found
+
+
+class DequantizedTensors(LazyTensors):
+    """The float tensors of a quantised model directory, each quantised weight dequantised to
+    float32 when it is read (what exporting a quantised model writes): float name `P.w_up`
+    of stacked experts is stored as `P.w_up.qweight` ..., `L.weight` of a linear as
+    `L.qweight` ...."""
+
+    def __init__(self, tensors: LazyTensors, q: QuantizationConfig) -> None:
+        super().__init__(tensors._file_of, tensors.label)
+        self.q = q
+
+    def _prefix(self, key: str) -> str | None:
+        if super().has(key):
+            return None
+        for prefix in (key, key.removesuffix(".weight")):
+            if super().has(f"{prefix}.{QWEIGHT}"):
+                return prefix
+        return None
+
+    def has(self, key: str) -> bool:
+        return super().has(key) or self._prefix(key) is not None
+
+    def get(self, key: str) -> Tensor:
+        prefix = self._prefix(key)
+        if prefix is None:
+            return super().get(key)
+        names = stored_parts(self.q.bits)
+        parts = {p: super(DequantizedTensors, self).get(f"{prefix}.{p}") for p in names}
+        return dequantize(parts, self.q.bits, self.q.group_size)
