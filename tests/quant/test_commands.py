@@ -121,3 +121,11 @@ def test_convert_to_hf_writes_a_quantised_model_dequantised(int4_dir, tmp_path, 
     with torch.no_grad():
         expected = ours(tokens, causal_routing=True).logits
         torch.testing.assert_close(hf(tokens).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_finetuning_a_quantised_model_is_refused_by_name(int4_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "hi", "completion": " there"}\n' * 20)
+    args = ["finetune", str(int4_dir), "--data", str(data), "--out", str(tmp_path / "ft")]
+    assert main([*args, "--quiet", "train.max_steps=1"]) == 2
+    assert "is quantised (4 bits): fine-tuning needs float weights" in capsys.readouterr().err
