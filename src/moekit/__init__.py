@@ -8,7 +8,7 @@ stays fast (torch is imported only when a name that needs it is touched):
     from moekit import RunConfig, resolve_run_config, train         # training
     from moekit import Generator, SamplingParams                     # generation
     from moekit import analyze, diagnose, compare_routing           # looking inside
-    from moekit import import_hf, export_hf, upcycle                # conversion
+    from moekit import import_hf, export_hf, upcycle, quantize      # conversion
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from moekit.infer.generate import Generator
     from moekit.infer.sampling import SamplingParams
     from moekit.interop.hf import export_hf, import_hf
+    from moekit.interop.quantize import quantize
     from moekit.model import build_model
     from moekit.model_dir import ModelDir, load_model, save_model
     from moekit.params import count_params
@@ -51,6 +52,7 @@ _LAZY = {
     "diagnose": "moekit.analysis.doctor",
     "import_hf": "moekit.interop.hf",
     "export_hf": "moekit.interop.hf",
+    "quantize": "moekit.interop.quantize",
     "upcycle": "moekit.finetune.upcycle",
 }
 
@@ -73,6 +75,7 @@ __all__ = [
     "import_hf",
     "list_presets",
     "load_model",
+    "quantize",
     "resolve_run_config",
     "save_model",
     "train",

@@ -36,6 +36,37 @@ CAPACITY_PRIORITIES = ("weight", "position")
 ACTIVATIONS = ("swiglu", "gelu")
 ATTENTION_KINDS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full")
+QUANT_BITS = (8, 4)
+QUANT_PARTS = ("experts", "all")
+QUANT_GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass(kw_only=True)
+class QuantizationConfig(ConfigBase):
+    """Weight-only quantisation of a stored model (see moekit.quant).
+
+    bits 8: int8, one float32 scale per output channel. bits 4: int4 in groups of
+    `group_size` input columns, a float32 scale and minimum per group. `parts` says what is
+    quantised: "experts" (the routed experts) or "all" (every linear layer but the routers;
+    embeddings and norms stay float)."""
+
+    bits: int
+    group_size: int | None = None  # bits 4 only; None: 32
+    parts: str = "experts"
+
+    def __post_init__(self) -> None:
+        owner = "QuantizationConfig"
+        check_field_types(self)
+        if self.bits not in QUANT_BITS:
+            raise fail(owner, "bits", self.bits, "must be 8 or 4 (the bit widths moekit reads)")
+        check_choice(owner, "parts", self.parts, QUANT_PARTS)
+        if self.bits == 8:
+            self.group_size = None  # int8 scales are per output channel
+        elif self.group_size is None:
+            self.group_size = 32
+        elif self.group_size not in QUANT_GROUP_SIZES:
+            allowed = ", ".join(map(str, QUANT_GROUP_SIZES))
+            raise fail(owner, "group_size", self.group_size, f"must be one of {allowed}")
 
 
 @dataclass(kw_only=True)
@@ -290,7 +321,11 @@ class ModelConfig(ConfigBase):
     `moe=None` gives a dense model from the same code.
     """
 
-    _nested: ClassVar[dict[str, type]] = {"attention": AttentionConfig, "moe": MoEConfig}
+    _nested: ClassVar[dict[str, type]] = {
+        "attention": AttentionConfig,
+        "moe": MoEConfig,
+        "quantization": QuantizationConfig,
+    }
 
     vocab_size: int
     dim: int
@@ -306,9 +341,12 @@ class ModelConfig(ConfigBase):
     init_std: float = 0.02
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig | None = None
+    quantization: QuantizationConfig | None = None  # a quantised model (moekit.quant)
 
     def __post_init__(self) -> None:
         owner = "ModelConfig"
+        if isinstance(self.quantization, dict):
+            self.quantization = QuantizationConfig.from_dict(self.quantization)
         if isinstance(self.attention, dict):
             self.attention = AttentionConfig.from_dict(self.attention)
         if isinstance(self.moe, dict):
@@ -380,11 +418,10 @@ class ModelConfig(ConfigBase):
 
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "moekit_version": __version__,
-            **super().to_dict(),
-        }
+        data = super().to_dict()
+        if data["quantization"] is None:  # a float model's config.json is as it always was
+            del data["quantization"]
+        return {"format_version": FORMAT_VERSION, "moekit_version": __version__, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

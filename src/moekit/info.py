@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import ModelConfig
-from moekit.model_dir import FinetuneSummary, ModelDir
+from moekit.model_dir import FinetuneSummary, ModelDir, stored_tensors
 from moekit.params import ModelSummary, count_params, summary
 from moekit.presets import PRESETS, get_preset
 from moekit.speed import SpeedPrediction, measure_bandwidth, predict_decode
@@ -21,18 +21,73 @@ FINETUNE_FIELDS = (
 )  # fmt: skip
 
 
+# Bytes per element of each safetensors dtype.
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+               "I16": 2, "U16": 2}  # fmt: skip
+PARTS = ("experts", "attention", "embeddings", "other")
+
+
+@dataclass(frozen=True)
+class StoredBytes:
+    """The bytes a model directory's weights take as stored (from the safetensors headers):
+    per dtype ("F32", "I8", "U8", ...) and per part: "experts" (the routed experts),
+    "attention", "embeddings" (the embedding and the output head) and "other" (routers, norms,
+    dense and shared-expert MLPs). `quantization` is config.json's block, or None."""
+
+    by_dtype: dict[str, int]
+    by_part: dict[str, int]
+    quantization: dict[str, Any] | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_dtype.values())
+
+
+def part_of(tensor: str) -> str:
+    """The part (see `StoredBytes`) a stored tensor belongs to, by its name."""
+    if ".ffn.experts." in tensor:
+        return "experts"
+    if ".attn." in tensor:
+        return "attention"
+    if tensor.startswith(("embed.", "lm_head.")):
+        return "embeddings"
+    return "other"
+
+
+def stored_bytes(directory: str | Path, cfg: ModelConfig) -> StoredBytes:
+    by_dtype: dict[str, int] = {}
+    by_part = dict.fromkeys(PARTS, 0)
+    for name, t in stored_tensors(Path(directory)).items():
+        n = DTYPE_BYTES.get(t.dtype, 1)
+        for dim in t.shape:
+            n *= dim
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + n
+        by_part[part_of(name)] += n
+    q = cfg.quantization.to_dict() if cfg.quantization is not None else None
+    return StoredBytes(by_dtype, by_part, q)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """One model's figures. `name` is the preset or path asked for; `finetune` what a
     fine-tuned model directory was trained with (method, base, trainable parameters and, for
-    expert-specialised tuning, the experts trained per layer), else None."""
+    expert-specialised tuning, the experts trained per layer), else None; `stored` the bytes of
+    a model directory's weights as stored (None for a preset or config file)."""
 
     name: str
     summary: ModelSummary
     finetune: FinetuneSummary | None = None
+    stored: StoredBytes | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, **self.summary.to_dict()}
+        if self.stored is not None:
+            out["stored_bytes"] = {
+                "total": self.stored.total,
+                "by_dtype": self.stored.by_dtype,
+                "by_part": self.stored.by_part,
+                "quantization": self.stored.quantization,
+            }
         if self.finetune is not None:
             tuned = self.finetune.to_dict()
             out["finetune"] = {k: tuned[k] for k in FINETUNE_FIELDS if k in tuned}
@@ -65,8 +120,13 @@ def resolve_config(target: str) -> ModelConfig:
 
 def model_info(target: str, *, context: int = 2048) -> ModelInfo:
     """The figures of one preset, config file or model directory, FLOPs at `context`."""
-    tuned = ModelDir(target).finetune_summary() if Path(target).is_dir() else None
-    return ModelInfo(target, summary(resolve_config(target), context=context), tuned)
+    is_dir = Path(target).is_dir()
+    tuned = ModelDir(target).finetune_summary() if is_dir else None
+    cfg = resolve_config(target)
+    stored = None
+    if is_dir and len(ModelDir(target).model_files()) > 1:  # config.json and weights
+        stored = stored_bytes(target, cfg)
+    return ModelInfo(target, summary(cfg, context=context), tuned, stored)
 
 
 # The figures `ratios` compares, and how to read each from a summary.

@@ -181,7 +181,8 @@ class ModelDir:
         Before anything is allocated, the stored tensors' names and shapes (safetensors
         headers) are checked against that model, and its size against the device's memory:
         a mismatch is a ValueError naming the files and tensors, or the sizes."""
-        from moekit.model import build_model, cast_model, meta_model
+        from moekit.model import cast_model
+        from moekit.quant.build import build_model, meta_model  # quantised configs too
         from moekit.runtime import resolve_device
 
         device = resolve_device(device)

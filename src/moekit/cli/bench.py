@@ -18,6 +18,7 @@ def add_parser(sub: Any) -> None:
     _add_serve(benches)
     _add_upcycle(benches)
     _add_train(benches)
+    _add_quant(benches)
 
 
 # ---- layer ------------------------------------------------------------------------------------
@@ -320,4 +321,62 @@ def run_train(args: argparse.Namespace) -> int:
     if result.ours_over_hf_best is not None:
         best, ratio = result.hf_best_impl, result.ours_over_hf_best
         print(f"  ours / transformers' best ({best}): {ratio:.2f}x")
+    return 0
+
+
+# ---- quant ------------------------------------------------------------------------------------
+
+
+def _add_quant(benches: Any) -> None:
+    p = benches.add_parser(
+        "quant",
+        help="int8 and int4 experts against float32: validation loss, agreement, decode speed",
+        description=doc("moekit.bench.quant", "bench_quant"),
+    )
+    p.add_argument("model_dir", help="a float32 model directory (with a tokenizer)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (default 32)")
+    p.add_argument("--val-batches", type=int, default=8, help="validation batches of 8 rows")
+    p.add_argument("--prompts", type=int, default=8, help="prompts for greedy agreement")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
+    p.add_argument("--repeats", type=int, default=5, help="timed samples per figure")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_quant)
+
+
+def run_quant(args: argparse.Namespace) -> int:
+    from moekit.bench.quant import bench_quant
+
+    result = bench_quant(
+        args.model_dir,
+        group_size=args.group_size,
+        val_batches=args.val_batches,
+        prompts=args.prompts,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+    )
+    if args.json:
+        print_json(result.to_dict())
+        return 0
+    t = table(
+        f"quantised experts vs float32: {result.model}",
+        ["setting", "expert bytes", "val loss", "top-1 agree", "greedy agree", "experts (1 token)",
+         "decode tok/s (batch 1)"],
+        right={"expert bytes", "val loss", "top-1 agree", "greedy agree"},
+        caption=f"{result.val_tokens:,} validation tokens; greedy: {result.prompts} prompts x "
+        f"{result.new_tokens} tokens",
+    )  # fmt: skip
+    base = result.rows[0]
+    ref_us = base.experts_us.get("float", 0.0)
+    ref_tps = base.decode_tokens_per_s.get("float", 0.0)
+    for row in result.rows:
+        experts = ", ".join(
+            f"{k} {v:.0f} us ({ref_us / v:.2f}x)" for k, v in row.experts_us.items()
+        )
+        decode = ", ".join(
+            f"{k} {v:.0f} ({v / ref_tps:.2f}x)" for k, v in row.decode_tokens_per_s.items()
+        )
+        figures = nbytes(row.expert_bytes), f"{row.val_loss:.4f}"
+        agree = f"{row.top1_agreement:.1%}", f"{row.greedy_agreement:.1%}"
+        t.add_row(row.name, *figures, *agree, experts, decode)
+    console(wide=True).print(t)
     return 0

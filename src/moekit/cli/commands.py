@@ -22,6 +22,7 @@ COMMANDS = (
     "doctor",
     "compare-routing",
     "convert",
+    "quantize",
     "generate",
     "serve",
     "chat",

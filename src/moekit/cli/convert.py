@@ -4,6 +4,7 @@ adapters to PEFT's format."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from moekit.cli.common import doc
@@ -39,6 +40,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="the directory to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="convert the weights (default: keep them as stored)")  # fmt: skip
+    p.add_argument("--quantize", type=int, choices=[8, 4], default=None,
+                   help="with --from-hf: store the routed experts as int8 or int4")  # fmt: skip
+    p.add_argument("--group-size", type=int, default=None,
+                   help="with --quantize 4: input columns per scale (default 32)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
 
@@ -57,10 +62,30 @@ def run(args: argparse.Namespace) -> int:
     figures: dict[str, Any]
     if args.from_hf:
         arch = architecture_of(HFCheckpoint(args.from_hf).config).name
-        pc = count_params(import_hf(args.from_hf, args.out, dtype=args.dtype))
+        if args.group_size is not None and args.quantize != 4:
+            raise ValueError("--group-size needs --quantize 4")
+        imported = import_hf(
+            args.from_hf,
+            args.out,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            group_size=args.group_size,
+        )
+        pc = count_params(imported)
         figures = {"direction": "from-hf", "architecture": arch, "out": args.out,
                    "total_params": pc.total, "active_params": pc.active}  # fmt: skip
     else:
+        if args.quantize is not None:
+            raise ValueError("--quantize applies to --from-hf only (use moekit quantize)")
+        from moekit.model_dir import ModelDir
+
+        if (q := ModelDir(args.to_hf).config().quantization) is not None:
+            print(
+                f"{args.to_hf} is quantised ({q.bits} bits): exporting its weights dequantised "
+                f"to {args.dtype or 'float32'} (the Hugging Face checkpoint holds no "
+                "quantisation)",
+                file=sys.stderr,
+            )
         arch = export_hf(args.to_hf, args.out, dtype=args.dtype)
         figures = {"direction": "to-hf", "architecture": arch, "out": args.out}
     if args.json:

@@ -156,6 +156,8 @@ def print_info(info: ModelInfo) -> None:
         if total:
             parts.add_row(part, human(total), human(s.active_params_by[part]))
     out.print(parts)
+    if info.stored is not None:
+        print_stored(info, out)
 
 
 def run_speed(args: argparse.Namespace) -> int:
@@ -184,3 +186,22 @@ def run_speed(args: argparse.Namespace) -> int:
     t.add_row("predicted decode tokens/s", f"{pred.tokens_per_s:,.0f}")
     console().print(t)
     return 0
+
+
+def print_stored(info: ModelInfo, out: Any) -> None:
+    stored = info.stored
+    assert stored is not None
+    q = stored.quantization
+    title = "weights as stored"
+    if q:
+        group = f", groups of {q['group_size']}" if q.get("group_size") else ""
+        title += f" (quantised: {q['bits']} bits{group}, {q['parts']})"
+    t = table(title, ["", "bytes", "share"], right={"bytes", "share"})
+    total = stored.total or 1
+    for dtype, n in sorted(stored.by_dtype.items(), key=lambda kv: -kv[1]):
+        t.add_row(f"dtype {dtype}", nbytes(n), f"{n / total:.1%}")
+    for part, n in stored.by_part.items():
+        if n:
+            t.add_row(f"part {part}", nbytes(n), f"{n / total:.1%}")
+    t.add_row("total", nbytes(stored.total), "100%")
+    out.print(t)

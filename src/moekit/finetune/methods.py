@@ -97,6 +97,11 @@ class FineTuning:
     # ---- the model ----------------------------------------------------------------------
     def prepare_model(self, model: Transformer, data: TokenizedData) -> None:
         """Load the base weights, then apply the method."""
+        if (q := ModelDir(self.base).config().quantization) is not None:
+            raise ValueError(
+                f"{self.base} is quantised ({q.bits} bits): fine-tuning needs float weights; "
+                "fine-tune its float original, then quantise the result"
+            )
         load_state_checked(
             model, load_weights(self.base, next(model.parameters()).device), str(self.base)
         )

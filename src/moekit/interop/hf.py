@@ -28,9 +28,15 @@ from moekit.interop.checkpoint import (
     LazyTensors,
 )
 from moekit.interop.fields import UnsupportedError
+from moekit.interop.quantize import (
+    DequantizedTensors,
+    quantization_config,
+    quantized_targets,
+)
 from moekit.interop.tensors import TensorMap
 from moekit.interop.tokenizer import export_tokenizer, import_tokenizer, special_ids
 from moekit.model_dir import ModelDir, ShardWriter
+from moekit.quant.build import quantize_tensors
 from moekit.version import __version__
 
 __all__ = [
@@ -103,6 +109,8 @@ def import_hf(
     *,
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
+    quantize: int | None = None,
+    group_size: int | None = None,
 ) -> ModelConfig:
     """Convert a Hugging Face checkpoint into a moekit model directory; returns its config.
 
@@ -111,6 +119,8 @@ def import_hf(
     "float16") converts the weights; by default they keep their stored dtype (routers and
     selection biases always float32). The tokenizer files are carried over. A directory that
     already holds a model or a training run is refused: a conversion never overwrites one.
+    `quantize` (8 or 4, with `group_size` for 4) quantises the routed experts as they are
+    written (see moekit.interop.quantize), so the float model never exists whole in memory.
     """
     out = ModelDir(out_dir)
     out.refuse_overwrite("a conversion")
@@ -123,6 +133,8 @@ def import_hf(
     arch = architecture_of(ckpt.config)
     cfg = arch.config_from_hf(ckpt.config)
     target = _dtype(dtype)
+    q = None if quantize is None else quantization_config(quantize, group_size, "experts")
+    found = None if q is None else quantized_targets(cfg, q)
     maps = arch.tensor_maps(cfg, ckpt.config)
     used = {k for m in maps for k in m.theirs}
     leftovers = [k for k in ckpt.keys() if k not in used and not arch.ignore(k, cfg)]  # noqa: SIM118
@@ -135,8 +147,14 @@ def import_hf(
     with ShardWriter(out.path, metadata=meta, **_shard_kw(max_shard_bytes)) as writer:
         for m in maps:
             for name, tensor in zip(m.ours, _import_one(m, ckpt.tensors), strict=True):
-                writer.add(name, _cast(tensor, target, name))
+                stored = [(name, _cast(tensor, target, name))]
+                if q is not None and found is not None:
+                    stored = list(quantize_tensors(iter(stored), found, q))
+                for stored_name, value in stored:
+                    writer.add(stored_name, value)
     import_tokenizer(arch.tokenizer, ckpt.directory, out, ckpt.config)
+    if q is not None:
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "quantization": q.to_dict()})
     out.save_config(cfg)  # last: a directory with a config is a complete model
     return cfg
 
@@ -150,12 +168,15 @@ def export_hf(
 ) -> str:
     """Write a moekit model directory as a standard Hugging Face checkpoint that
     `transformers.AutoModelForCausalLM.from_pretrained` loads without custom code; returns the
-    architecture chosen (the plainest one that represents the model exactly)."""
+    architecture chosen (the plainest one that represents the model exactly). A quantised
+    model is written dequantised, in float32 unless `dtype` says otherwise."""
     src = ModelDir(model_dir)
     cfg = src.config()
     arch = choose_architecture(cfg)
     target = _dtype(dtype)
     weights = LazyTensors.of_files(src.weight_files(), f"{src}: the weights")
+    if cfg.quantization is not None:  # written dequantised (float32, or `dtype`)
+        weights = DequantizedTensors(weights, cfg.quantization)
     hf: dict[str, Any] = {
         "architectures": [arch.name],
         "model_type": arch.model_type,

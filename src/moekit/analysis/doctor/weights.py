@@ -38,14 +38,14 @@ def check_expert_copies(cfg: ModelConfig, weights: WeightFiles) -> Check:
     checked = 0
     for i in moe_layers(cfg):
         stacks = {p: f"layers.{i}.ffn.experts.{p}" for p in PROJECTIONS}
-        stacks = {p: n for p, n in stacks.items() if n in weights}
+        stacks = {p: n for p, n in stacks.items() if n in weights or f"{n}.qweight" in weights}
         if not stacks:
             continue
         checked += 1
         num_experts = cfg.moe.num_experts
         keys: list[list[str]] = [[] for _ in range(num_experts)]
         for proj, tensor_name in stacks.items():
-            stacked = weights.get(tensor_name)
+            stacked = _stacked(cfg, weights, tensor_name)
             for e in range(min(num_experts, stacked.shape[0])):
                 if not bool(stacked[e].any()):
                     zero.setdefault(str(i), {}).setdefault(e, []).append(proj)
@@ -99,6 +99,17 @@ def check_expert_copies(cfg: ModelConfig, weights: WeightFiles) -> Check:
         f"the experts of all {checked} MoE layer(s) are pairwise distinct and none is all zeros."
     )
     return Check(name, "ok", evidence, "", data)
+
+
+def _stacked(cfg: ModelConfig, weights: WeightFiles, name: str) -> torch.Tensor:
+    """A stacked expert weight in float (a quantised one dequantised: moekit.quant)."""
+    if name in weights or cfg.quantization is None:
+        return weights.get(name)
+    from moekit.quant import formats
+
+    q = cfg.quantization
+    parts = {p: weights.get(f"{name}.{p}") for p in formats.stored_parts(q.bits)}
+    return formats.dequantize(parts, q.bits, q.group_size)
 
 
 def _copies_words(copies: dict[str, list[list[int]]]) -> str:

@@ -1,0 +1,171 @@
+"""Quantised weights as modules: `QuantWeight` (a packed weight, stacked over experts or not)
+and `QuantLinear` (a drop-in for `nn.Linear`).
+
+Shape legend: M rows, N output features, K input features, E experts.
+
+A product `x @ w^T` is computed by one of two kernels, never by dequantising a whole stacked
+tensor:
+
+- "torch": the weight-only kernels PyTorch ships (`aten._weight_int8pack_mm`,
+  `aten._weight_int4pack_mm_for_cpu`), reading the packed weights directly. PyTorch vectorises
+  them on CPUs with AVX-512; elsewhere they run a plain scalar loop.
+- "dequant": expands one weight (one expert's slice of a stacked tensor) to the input's dtype
+  and multiplies; int8 applies its per-channel scale after the product.
+
+"auto" (the default) picks "torch" on AVX-512 CPUs and "dequant" elsewhere (on AVX2 the scalar
+kernels measure 5-20x slower than a float32 matmul; `moekit bench quant` prints both).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.quant import formats
+
+KERNELS = ("auto", "torch", "dequant")
+
+
+def auto_kernel(device: torch.device) -> str:
+    """The kernel "auto" means on `device` (see the module docstring)."""
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return "torch"
+    return "dequant"
+
+
+class QuantWeight(nn.Module):
+    """A weight of float shape `shape` ([E, N, K] stacked over experts, or [N, K]) stored as
+    `formats` describes, in buffers `qweight`, `scale` (and `min` for 4 bits)."""
+
+    min: Tensor | None
+
+    def __init__(
+        self, shape: tuple[int, ...], bits: int, group: int | None, device: torch.device | None
+    ) -> None:
+        super().__init__()
+        self.shape, self.bits, self.group = tuple(shape), bits, group
+        self.kernel = "auto"
+        dtypes = formats.stored_dtypes(bits)
+        for part, part_shape in formats.stored_shapes(self.shape, bits, group).items():
+            self.register_buffer(part, torch.empty(part_shape, dtype=dtypes[part], device=device))
+        if bits == 8:
+            self.register_buffer(formats.MIN, None)
+        self._packed: dict[int | None, tuple[int, Tensor, Tensor]] = {}
+
+    @classmethod
+    def from_float(cls, w: Tensor, bits: int, group: int | None) -> QuantWeight:
+        """`w` quantised (its device; the float tensor is not kept)."""
+        q = cls(tuple(w.shape), bits, group, w.device)
+        q.load_parts(formats.quantize(w, bits, group))
+        return q
+
+    def load_parts(self, parts: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, t in parts.items():
+                getattr(self, name).copy_(t)
+
+    def parts(self, e: int | None = None) -> dict[str, Tensor]:
+        """The stored tensors (of expert `e` when stacked)."""
+        names = formats.stored_parts(self.bits)
+        if e is None:
+            return {n: getattr(self, n) for n in names}
+        return {n: getattr(self, n)[e] for n in names}
+
+    def dequantize(self, e: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight (of expert `e` when stacked): [N, K], or [E, N, K] for e=None."""
+        return formats.dequantize(self.parts(e), self.bits, self.group, dtype)
+
+    def matmul(self, x_MK: Tensor, e: int | None = None) -> Tensor:
+        """`x_MK @ w^T` (w: expert `e`'s weight when stacked): (M, N) in x's dtype."""
+        kernel = self.kernel if self.kernel != "auto" else auto_kernel(x_MK.device)
+        if kernel == "torch" and self._torch_kernel_fits(x_MK):
+            return self._torch_matmul(x_MK.contiguous(), e)
+        if self.bits == 8:
+            q, scale = self.parts(e)[formats.QWEIGHT], self.parts(e)[formats.SCALE]
+            return F.linear(x_MK, q.to(x_MK.dtype)) * scale.to(x_MK.dtype)
+        return F.linear(x_MK, self.dequantize(e, x_MK.dtype))
+
+    def _torch_kernel_fits(self, x: Tensor) -> bool:
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.half):
+            return False
+        # The int4 kernel wants N divisible by 16 and one of its group sizes.
+        return self.bits == 8 or (self.shape[-2] % 16 == 0 and self.group in (32, 64, 128, 256))
+
+    def _torch_matmul(self, x_MK: Tensor, e: int | None) -> Tensor:
+        parts = self.parts(e)
+        if self.bits == 8:
+            scale = parts[formats.SCALE].to(x_MK.dtype)
+            out: Tensor = torch.ops.aten._weight_int8pack_mm(x_MK, parts[formats.QWEIGHT], scale)
+            return out
+        packed, scale_zeros = self._int4_packed(e, x_MK.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x_MK, packed, self.group, scale_zeros)
+        return out
+
+    def _int4_packed(self, e: int | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The kernel's own layout of expert `e`'s weight (made once, then kept): its packing
+        is specific to the CPU, so the directory stores the portable nibbles instead."""
+        version = self.qweight._version
+        cached = self._packed.get(e)
+        if cached is None or cached[0] != version or cached[2].dtype != dtype:
+            parts = self.parts(e)
+            q_NK = formats.unpack_int4(parts[formats.QWEIGHT]).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_NK, 1)
+            scale, lo = parts[formats.SCALE], parts[formats.MIN]
+            # The kernel computes w = (q - 8) * scale + zero.
+            zero = lo + 8 * scale
+            scale_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()
+            cached = (version, packed, scale_zeros)
+            self._packed[e] = cached
+        return cached[1], cached[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+    def extra_repr(self) -> str:
+        group = f", group={self.group}" if self.group else ""
+        return f"shape={self.shape}, bits={self.bits}{group}, kernel={self.kernel}"
+
+
+class QuantLinear(QuantWeight):
+    """`nn.Linear` with a quantised weight: `forward(x)` takes any leading dimensions."""
+
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group: int | None,
+        *,
+        bias: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__((out_features, in_features), bits, group, device)
+        self.in_features, self.out_features = in_features, out_features
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, bits: int, group: int | None) -> QuantLinear:
+        q = cls(
+            lin.in_features,
+            lin.out_features,
+            bits,
+            group,
+            bias=lin.bias is not None,
+            device=lin.weight.device,
+        )
+        if lin.weight.device.type != "meta":
+            q.load_parts(formats.quantize(lin.weight, bits, group))
+            if lin.bias is not None and q.bias is not None:
+                with torch.no_grad():
+                    q.bias.copy_(lin.bias)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
