@@ -107,8 +107,8 @@ class MoELayer(nn.Module):
             seq_len=S,
             sort=backend.needs_sorted,
         )
-        y_CD = backend.fn(
-            dispatch.permute(x_TD, p), p.expert_S, p.tokens_per_expert, p.weight_S, self.experts
+        y_CD = self.experts.compute(
+            backend, dispatch.permute(x_TD, p), p.expert_S, p.tokens_per_expert, p.weight_S
         )
         out_TD = dispatch.combine(y_CD, p, T)
 
