@@ -59,6 +59,7 @@ def _decode_speed(gen: Generator, prompt: list[int], new_tokens: int) -> tuple[f
     """Greedy decode speed in tokens/s (prefill excluded: timed as a separate 1-token run)."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     one = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+    gen.generate([prompt], one)  # warm-up: first calls pay one-time costs
     start = time.perf_counter()
     gen.generate([prompt], one)
     prefill = time.perf_counter() - start
