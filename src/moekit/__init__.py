@@ -7,7 +7,7 @@ stays fast (torch is imported only when a name that needs it is touched):
     from moekit import load_model, save_model, ModelDir             # model directories
     from moekit import RunConfig, resolve_run_config, train         # training
     from moekit import Generator, SamplingParams                     # generation
-    from moekit import analyze, diagnose                            # looking inside
+    from moekit import analyze, diagnose, compare_routing           # looking inside
     from moekit import import_hf, export_hf, upcycle                # conversion
 """
 
@@ -22,6 +22,7 @@ from moekit.version import __version__
 
 if TYPE_CHECKING:
     from moekit.analysis.analyze import analyze
+    from moekit.analysis.compare_routing import compare_routing
     from moekit.analysis.doctor import diagnose
     from moekit.finetune.upcycle import upcycle
     from moekit.infer.generate import Generator
@@ -46,6 +47,7 @@ _LAZY = {
     "Generator": "moekit.infer.generate",
     "SamplingParams": "moekit.infer.sampling",
     "analyze": "moekit.analysis.analyze",
+    "compare_routing": "moekit.analysis.compare_routing",
     "diagnose": "moekit.analysis.doctor",
     "import_hf": "moekit.interop.hf",
     "export_hf": "moekit.interop.hf",
@@ -63,6 +65,7 @@ __all__ = [
     "__version__",
     "analyze",
     "build_model",
+    "compare_routing",
     "count_params",
     "diagnose",
     "export_hf",

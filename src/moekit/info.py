@@ -13,6 +13,7 @@ from moekit.config import ModelConfig
 from moekit.model_dir import FinetuneSummary, ModelDir
 from moekit.params import ModelSummary, count_params, summary
 from moekit.presets import PRESETS, get_preset
+from moekit.speed import SpeedPrediction, measure_bandwidth, predict_decode
 
 # What a fine-tuned model directory's finetune.json contributes to its info.
 FINETUNE_FIELDS = (
@@ -95,3 +96,21 @@ def preset_infos() -> list[PresetInfo]:
         pc = count_params(preset.build())
         rows.append(PresetInfo(preset.name, preset.description, pc.total, pc.active))
     return rows
+
+
+def speed_info(
+    target: str, *, batch: int = 1, context: int = 128, bytes_per_weight: float = 4.0
+) -> SpeedPrediction:
+    """Predicted decode tokens/s of `target` (a preset, config file or model directory) on
+    this machine: the bytes a decode step reads (weights of `bytes_per_weight` bytes, a KV
+    cache of `context` positions) over the memory bandwidth measured now (a few seconds). A
+    bound that large models approach; small models are bound by per-call overhead instead.
+    A memory budget for the experts plugs in through `moekit.speed.predict_decode`'s
+    `expert_hit_rate` and `miss_bandwidth`."""
+    return predict_decode(
+        resolve_config(target),
+        measure_bandwidth(),
+        batch=batch,
+        context=context,
+        bytes_per_weight=bytes_per_weight,
+    )

@@ -21,7 +21,7 @@ from moekit.nn.attention import build_attention
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.mlp import MLP
 from moekit.nn.norm import RMSNorm
-from moekit.nn.rope import rope_tables
+from moekit.nn.rope import per_head, rope_tables
 
 
 class ModelOutput(NamedTuple):
@@ -99,6 +99,7 @@ class Transformer(nn.Module):
         causal_routing: bool | None = None,
         top_k: int | Tensor | None = None,
         return_routing: bool = False,
+        routing_stats: bool = True,
     ) -> ModelOutput:
         """Run the model on token ids `tokens` (B, S).
 
@@ -115,6 +116,9 @@ class Transformer(nn.Module):
         top_k: experts per token for this call instead of the config's: an int, or (B,) one
             count per sequence (rows of a serving batch may ask for different counts).
         return_routing: fill `MoEStats.routing` with each token's experts and weights.
+        routing_stats: False skips the routing statistics (decoding does not read them):
+            `moe_stats` is then empty unless `return_routing` asks for the routing, and
+            `aux_loss` is 0.
         """
         S = tokens.shape[1]
         if cache is None and self.cfg.max_seq_len < S:
@@ -130,17 +134,25 @@ class Transformer(nn.Module):
         if isinstance(top_k, Tensor):
             top_k = top_k.to(tokens.device).repeat_interleave(S)  # one count per token
         mask = token_mask.reshape(-1).to(tokens.device) if token_mask is not None else None
-        route = RouteOptions(causal=causal_routing, top_k=top_k, record=return_routing, mask=mask)
+        route = RouteOptions(
+            causal=causal_routing,
+            top_k=top_k,
+            record=return_routing,
+            mask=mask,
+            stats=routing_stats,
+        )
         x = self.embed(tokens)
-        cos, sin = rope_tables(positions, self.rope_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = per_head(*rope_tables(positions, self.rope_dim, self.cfg.rope_theta, x.dtype))
         stats: dict[int, MoEStats] = {}
         aux = x.new_zeros((), dtype=torch.float32)
+        grad = torch.is_grad_enabled()  # without autograd the router losses are all 0
         for i, block in enumerate(self.blocks()):
             x, layer_stats = block(x, cos, sin, attn_mask, cache, i, route)
             if layer_stats is not None:
                 assert isinstance(block.ffn, MoELayer)
                 stats[i] = layer_stats
-                aux = aux + block.ffn.weighted_loss(layer_stats)
+                if grad:
+                    aux = aux + block.ffn.weighted_loss(layer_stats)
         if cache is not None:
             cache.commit(S)
         x = self.norm(x)

@@ -1,6 +1,9 @@
 import pytest
+import torch
 
-from moekit.bench.generate import GenerateBench, PhaseSpeed
+from moekit.bench.generate import GenerateBench, PhaseSpeed, count_calls
+from moekit.presets import get_preset
+from moekit.speed import predict_decode
 
 # The keys of `moekit bench generate --json`, in order.
 KEYS = [
@@ -16,6 +19,10 @@ KEYS = [
     "hf_experts_implementation",
     "prefill_ours_over_hf",
     "decode_ours_over_hf",
+    "ours_calls_per_step",
+    "hf_calls_per_step",
+    "bound",
+    "decode_fraction_of_bound",
 ]
 
 
@@ -37,6 +44,18 @@ def test_bench_generate_against_transformers(tiny_model_dir):
     assert data["prefill_ours_over_hf"] == pytest.approx(
         data["ours_prefill_tokens_per_s"] / data["hf_prefill_tokens_per_s"]
     )
+    # Both sides make PyTorch calls per step; the bound is positive and ours is a fraction.
+    assert result.ours_calls_per_step > 0 and result.hf_calls_per_step > 0
+    assert result.bound.tokens_per_s > 0 and result.bound.bandwidth > 1e8
+    assert data["decode_fraction_of_bound"] == pytest.approx(
+        data["ours_decode_tokens_per_s"] / data["bound"]["predicted_tokens_per_s"]
+    )
+
+
+def test_count_calls_counts_each_operator():
+    x = torch.ones(3)
+    assert count_calls(lambda: x + 1) == 1
+    assert count_calls(lambda: (x + 1).mul(2).sum()) == 3
 
 
 def test_to_dict_has_the_json_keys_and_ratios():
@@ -49,8 +68,12 @@ def test_to_dict_has_the_json_keys_and_ratios():
         decode=PhaseSpeed(ours_tokens_per_s=10.0, hf_tokens_per_s=20.0),
         same_tokens=True,
         hf_experts_implementation="grouped_mm",
+        ours_calls_per_step=100,
+        hf_calls_per_step=200,
+        bound=predict_decode(get_preset("demo"), 1e10, batch=2),
     )
     data = result.to_dict()
     assert list(data) == KEYS
     assert data["ours_prefill_tokens_per_s"] == 300.0 and data["hf_decode_tokens_per_s"] == 20.0
     assert data["prefill_ours_over_hf"] == 3.0 and data["decode_ours_over_hf"] == 0.5
+    assert data["decode_fraction_of_bound"] == 10.0 / data["bound"]["predicted_tokens_per_s"]

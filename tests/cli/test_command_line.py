@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moekit.cli import main
-from moekit.cli.commands import COMMANDS, build_parser
+from moekit.cli.commands import COMMANDS, build_parser, module_of
 from moekit.version import __version__
 
 from .conftest import run
@@ -15,7 +15,7 @@ from .conftest import run
 
 def test_every_command_is_a_module_with_add_parser_and_run():
     for name in COMMANDS:
-        module = importlib.import_module(f"moekit.cli.{name}")
+        module = importlib.import_module(module_of(name))
         assert callable(module.add_parser), name
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

@@ -100,3 +100,18 @@ def test_info_prefers_a_model_directory_over_a_preset_name(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert main(["info", "tiny", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total_params"] == count_params(cfg).total
+
+
+def test_info_speed_predicts_from_bytes_and_measured_bandwidth(capsys):
+    from moekit.speed import step_bytes
+
+    assert main(["info", "demo", "--speed", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["bytes_per_token"] == step_bytes(get_preset("demo")).total
+    assert data["predicted_tokens_per_s"] == pytest.approx(
+        data["bandwidth_bytes_per_s"] / data["bytes_per_token"]
+    )
+    assert main(["info", "demo", "--speed"]) == 0
+    assert "predicted decode tokens/s" in capsys.readouterr().out
+    assert main(["info", "demo", "debug", "--speed"]) != 0
+    assert "--speed takes one preset" in capsys.readouterr().err

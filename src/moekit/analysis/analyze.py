@@ -123,7 +123,7 @@ def analyze(
              "shuffles": shuffles, "top_n": top_n}  # fmt: skip
     cfg, moe, chosen_layer = _check_arguments(model_dir, layer, sizes, capacity_factor)
     pairs = _pairs(paraphrases)
-    docs, source = _documents(model_dir, data, text_field, domain_field)
+    docs, source = text_documents(model_dir, data, text_field, domain_field)
     run = _load(model_dir, cfg, docs, max_tokens, device)
     trace = trace_routing(
         run.model,
@@ -194,10 +194,12 @@ def _pairs(paraphrases: str | Path | None) -> dict[str, list[ParaphrasePair]]:
     return groups
 
 
-def _documents(
+def text_documents(
     model_dir: Path, data: str | None, text_field: str, domain_field: str | None
 ) -> tuple[list[Document], str]:
-    """The documents to analyse and a sentence saying what they are."""
+    """The documents to analyse and a sentence saying what they are: `data` read as
+    `DataConfig.source` reads it, or (None) the validation split of the builtin corpus, cut
+    as the run in `model_dir` cut it when its run.json says so."""
     from moekit.data.config import DataConfig
     from moekit.data.corpus import builtin_corpus, load_documents, split_documents
 

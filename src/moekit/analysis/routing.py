@@ -2,7 +2,8 @@
 co-activation and consistency.
 
 This is the one routing trace of moekit: `moekit analyze`, `moekit doctor` and the training
-report all sample text with `sample_tokens` and record routing with `trace_routing`, and they
+report all sample text with `sample_tokens` and record routing with `trace_routing` (`moekit
+compare-routing` too, and it fills the same `TraceRecorder` from a transformers model), and they
 (and the training metrics) judge expert health with one rule, `load_stats`:
 
   dead         an expert that received no copy (token x chosen expert)
@@ -24,7 +25,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -139,11 +140,16 @@ class LayerTrace:
         probabilities over all E experts, `Router.probs`: softmax of the logits, or the
         sigmoid scores normalised to sum to 1).
     row_counts: (R, E) copies sent to each expert by each row (sequence) of the run.
+    weights: (N, K) the routing weight of each chosen expert, and margin: (N,) the gap between
+        the K-th and the (K+1)-th best selection score (`selection_margin`); both recorded
+        only when the trace is asked for them (`scores=True`), else None.
     """
 
     experts: Tensor
     entropy: Tensor
     row_counts: Tensor
+    weights: Tensor | None = None
+    margin: Tensor | None = None
 
 
 @dataclass
@@ -181,6 +187,102 @@ class RoutingTrace:
         return float(entropy.double().mean()) if entropy.numel() else 0.0
 
 
+def cut_rows(ids: Tensor, seq_len: int, batch_size: int) -> list[Tensor]:
+    """Token ids `ids` (N,) as the batches a trace runs: (rows, seq_len) tensors of at most
+    `batch_size` rows, then the remainder as one shorter row."""
+    n = ids.numel()
+    full = n // seq_len
+    batches: list[Tensor] = [
+        ids[i * seq_len : min(full, i + batch_size) * seq_len].view(-1, seq_len)
+        for i in range(0, full, batch_size)
+    ]
+    if n % seq_len:
+        batches.append(ids[full * seq_len :].view(1, -1))
+    return batches
+
+
+def selection_scores(logits: Tensor, score_func: str, bias: Tensor | None = None) -> Tensor:
+    """(N, E) the scores a token-choice router ranks experts by: the softmax of the logits, or
+    their sigmoid plus the selection bias (when there is one)."""
+    if score_func == "softmax":
+        return logits.float().softmax(dim=-1)
+    scores = logits.float().sigmoid()
+    return scores if bias is None else scores + bias.float().to(scores.device)
+
+
+def selection_margin(scores: Tensor, k: int) -> Tensor:
+    """(N,) how far each token is from a tie at the edge of its top k: the K-th best minus
+    the (K+1)-th best of `scores` (N, E); +inf when every expert is chosen (K >= E)."""
+    if k >= scores.shape[-1] or scores.shape[0] == 0:
+        return torch.full((scores.shape[0],), math.inf)
+    top = scores.float().topk(k + 1, dim=-1).values
+    return (top[:, k - 1] - top[:, k]).cpu()
+
+
+class TraceRecorder:
+    """Collects the routing of each forward call into a `RoutingTrace`: the one format every
+    recorder (moekit's model, a transformers model) fills. Call `add` once per MoE layer and
+    batch, then `end_batch`, and `build` at the end."""
+
+    def __init__(
+        self, layers: Sequence[int], num_experts: int, *, batch_size: int, seq_len: int
+    ) -> None:
+        self.num_experts = num_experts
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self._parts: dict[int, dict[str, list[Tensor]]] = {i: {} for i in layers}
+        self._lengths: list[int] = []
+        self._batch_of_row: list[int] = []
+        self._batches = 0
+        self.dtypes: set[str] = set()
+
+    def add(
+        self,
+        layer: int,
+        rows: int,
+        experts: Tensor,
+        probs: Tensor,
+        *,
+        weights: Tensor | None = None,
+        margin: Tensor | None = None,
+    ) -> None:
+        """One batch of `rows` rows at `layer`: chosen `experts` (T, K), the routing
+        distribution `probs` (T, E), and optionally the chosen experts' `weights` (T, K) and
+        each token's selection `margin` (T,)."""
+        chosen = experts.cpu()
+        parts = self._parts[layer]
+        parts.setdefault("experts", []).append(chosen.to(torch.int32))
+        parts.setdefault("entropy", []).append(token_entropy(probs).cpu())
+        per_row = chosen.view(rows, -1)
+        parts.setdefault("row_counts", []).append(
+            torch.stack([expert_counts(r.view(-1, 1), self.num_experts) for r in per_row])
+        )
+        if weights is not None:
+            parts.setdefault("weights", []).append(weights.detach().float().cpu())
+        if margin is not None:
+            parts.setdefault("margin", []).append(margin.float().cpu())
+
+    def end_batch(self, rows: int, length: int) -> None:
+        self._lengths += [length] * rows
+        self._batch_of_row += [self._batches] * rows
+        self._batches += 1
+
+    def build(self) -> RoutingTrace:
+        def cat(parts: dict[str, list[Tensor]], name: str) -> Any:
+            return torch.cat(parts[name]) if name in parts else None
+
+        names = ("experts", "entropy", "row_counts", "weights", "margin")
+        layers = {i: LayerTrace(*(cat(p, n) for n in names)) for i, p in self._parts.items()}
+        return RoutingTrace(
+            num_experts=self.num_experts,
+            layers=layers,
+            row_lengths=torch.tensor(self._lengths, dtype=torch.long),
+            row_batch=torch.tensor(self._batch_of_row, dtype=torch.long),
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            logits_dtypes=self.dtypes,
+        )
+
+
 @torch.no_grad()
 def trace_routing(
     model: Transformer,
@@ -189,12 +291,15 @@ def trace_routing(
     seq_len: int,
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
+    scores: bool = False,
 ) -> RoutingTrace:
     """Run token ids `ids` (N,) through `model` and record each MoE layer's routing.
 
     The ids are cut into rows of `seq_len` (the last one shorter) and run `batch_size` rows at
     a time with inference routing (`causal_routing=True`). `progress(done, total)` is called
-    after each batch. Raises ValueError for a model without MoE layers."""
+    after each batch. With `scores`, each layer's trace also keeps the chosen experts'
+    weights and every token's selection margin. Raises ValueError for a model without MoE
+    layers."""
     moe_layers = model.moe_layers()
     if not moe_layers:
         raise ValueError("the model has no MoE layers: there is no routing to analyse")
@@ -204,56 +309,31 @@ def trace_routing(
     num_experts = next(iter(moe_layers.values())).cfg.num_experts
     device = next(model.parameters()).device
     model.eval()
-    n = ids.numel()
-    full = n // seq_len
-    batches: list[Tensor] = [
-        ids[i * seq_len : min(full, i + batch_size) * seq_len].view(-1, seq_len)
-        for i in range(0, full, batch_size)
-    ]
-    if n % seq_len:
-        batches.append(ids[full * seq_len :].view(1, -1))
-    experts: dict[int, list[Tensor]] = {i: [] for i in moe_layers}
-    entropy: dict[int, list[Tensor]] = {i: [] for i in moe_layers}
-    row_counts: dict[int, list[Tensor]] = {i: [] for i in moe_layers}
-    lengths: list[int] = []
-    batch_of_row: list[int] = []
-    dtypes: set[str] = set()
-    done = 0
-    for b, batch in enumerate(batches):
+    recorder = TraceRecorder(list(moe_layers), num_experts, batch_size=batch_size, seq_len=seq_len)
+    done, n = 0, ids.numel()
+    for batch in cut_rows(ids, seq_len, batch_size):
         rows, length = batch.shape
         out = model(batch.to(device), causal_routing=True, return_routing=True)
         for i, layer in moe_layers.items():
             routing = out.moe_stats[i].routing
             assert routing is not None  # asked for with return_routing=True
-            chosen = routing.experts.cpu()  # (rows * length, K)
-            dtypes.add(str(routing.logits.dtype).removeprefix("torch."))
-            experts[i].append(chosen.to(torch.int32))
-            entropy[i].append(token_entropy(layer.router.probs(routing.logits)).cpu())
-            per_row = chosen.view(rows, -1)
-            row_counts[i].append(
-                torch.stack([expert_counts(r.view(-1, 1), num_experts) for r in per_row])
-            )
-        lengths += [length] * rows
-        batch_of_row += [b] * rows
+            recorder.dtypes.add(str(routing.logits.dtype).removeprefix("torch."))
+            margin = None
+            if scores:
+                router = layer.router
+                score_func = "softmax" if router.cfg.router == "expert_choice" else None
+                choice = selection_scores(
+                    routing.logits, score_func or router.cfg.score_func, router.selection_bias
+                )
+                margin = selection_margin(choice, routing.experts.shape[1])
+            probs = layer.router.probs(routing.logits)
+            weights = routing.weights if scores else None
+            recorder.add(i, rows, routing.experts, probs, weights=weights, margin=margin)
+        recorder.end_batch(rows, length)
         done += batch.numel()
         if progress is not None:
             progress(done, n)
-    return RoutingTrace(
-        num_experts=num_experts,
-        layers={
-            i: LayerTrace(
-                experts=torch.cat(experts[i]),
-                entropy=torch.cat(entropy[i]),
-                row_counts=torch.cat(row_counts[i]),
-            )
-            for i in moe_layers
-        },
-        row_lengths=torch.tensor(lengths, dtype=torch.long),
-        row_batch=torch.tensor(batch_of_row, dtype=torch.long),
-        batch_size=batch_size,
-        seq_len=seq_len,
-        logits_dtypes=dtypes,
-    )
+    return recorder.build()
 
 
 def stderr_progress(label: str) -> Callable[[int, int], None]:

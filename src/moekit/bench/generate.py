@@ -1,5 +1,6 @@
 """`moekit bench generate`: prefill and decode speed of our generator against transformers'
-`generate` on the same weights (copied into a MixtralForCausalLM), timed round-robin.
+`generate` on the same weights (copied into a MixtralForCausalLM), timed round-robin, the
+best of the repeats kept.
 
 Both sides decode greedily with a KV cache, never stopping early. Prefill throughput is the
 prompt tokens over the time to produce the first new token; decode throughput is the further
@@ -15,10 +16,11 @@ from typing import Any
 
 import torch
 
-from moekit.bench.timing import medians, round_robin
+from moekit.bench.timing import round_robin
 from moekit.infer.generate import Generator
 from moekit.infer.sampling import SamplingParams
 from moekit.interop.mixtral import to_hf_model
+from moekit.speed import SpeedPrediction, measure_bandwidth, predict_decode
 
 Greedy = Callable[[int], list[list[int]]]  # new tokens -> the generated ids of each prompt
 
@@ -51,6 +53,14 @@ class GenerateBench:
     decode: PhaseSpeed
     same_tokens: bool
     hf_experts_implementation: str
+    ours_calls_per_step: int
+    hf_calls_per_step: int
+    bound: SpeedPrediction
+
+    @property
+    def fraction_of_bound(self) -> float:
+        """Our decode tokens/s over the bandwidth bound (1.0: reading weights is all we do)."""
+        return self.decode.ours_tokens_per_s / self.bound.tokens_per_s
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +76,10 @@ class GenerateBench:
             "hf_experts_implementation": self.hf_experts_implementation,
             "prefill_ours_over_hf": self.prefill.ours_over_hf,
             "decode_ours_over_hf": self.decode.ours_over_hf,
+            "ours_calls_per_step": self.ours_calls_per_step,
+            "hf_calls_per_step": self.hf_calls_per_step,
+            "bound": self.bound.to_dict(),
+            "decode_fraction_of_bound": self.fraction_of_bound,
         }
 
 
@@ -84,7 +98,8 @@ def bench_generate(
 
     The model is `model_dir`'s (or a randomly initialised `preset`). Returns prefill and decode
     tokens/s for each side, their ratios (> 1: ours is faster) and whether both generated the
-    same tokens.
+    same tokens; the PyTorch calls per decode step of each side; and the bandwidth bound on
+    decoding (bytes per token over the memory bandwidth measured in this run).
     """
     generator = _generator(model_dir, preset, seed)
     cfg = generator.model.cfg
@@ -106,7 +121,16 @@ def bench_generate(
         "ours_n": lambda: ours(new_tokens),
         "hf_n": lambda: theirs(new_tokens),
     }
-    t = medians(round_robin(fns, repeats))
+    # The best sample of each: on a machine shared with other work, the least disturbed.
+    t = {name: min(ts) for name, ts in round_robin(fns, repeats).items()}
+    calls = (calls_per_step(ours), calls_per_step(theirs))
+    bound = predict_decode(
+        cfg,
+        measure_bandwidth(),
+        batch=batch_size,
+        context=prompt_tokens + new_tokens // 2,
+        bytes_per_weight=next(generator.model.parameters()).element_size(),
+    )
     prompt_total, decode_total = batch_size * prompt_tokens, batch_size * (new_tokens - 1)
     return GenerateBench(
         model=str(model_dir) if model_dir else f"{preset} (random weights)",
@@ -120,7 +144,32 @@ def bench_generate(
         ),
         same_tokens=same_tokens,
         hf_experts_implementation=hf.config._experts_implementation,
+        ours_calls_per_step=calls[0],
+        hf_calls_per_step=calls[1],
+        bound=bound,
     )
+
+
+def count_calls(fn: Callable[[], object]) -> int:
+    """The ATen operator calls `fn` makes (every call PyTorch dispatches, views included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        fn()
+    return counter.n
+
+
+def calls_per_step(greedy: Greedy) -> int:
+    """PyTorch calls of one more decode step: generating 3 tokens against generating 2 (the
+    difference is one step of the decode loop, sampling and bookkeeping included)."""
+    return count_calls(lambda: greedy(3)) - count_calls(lambda: greedy(2))
 
 
 def _generator(model_dir: str | Path | None, preset: str, seed: int) -> Generator:

@@ -12,6 +12,8 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -181,3 +183,37 @@ def oversized(url: str, model: str, seconds: float) -> Oversized:
             except httpx.HTTPError:
                 statuses["error"] += 1
     return Oversized(sent, dict(statuses))
+
+
+def run_apart(kind: str, *args: object) -> subprocess.Popen[str]:
+    """Start hostile client `kind` ("slowloris": host, port, seconds; "oversized": url, model,
+    seconds) in a process of its own, as it would run on another machine; `collect` waits for
+    what it met."""
+    command = [sys.executable, "-m", "moekit.bench.hostile", kind, *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+
+def collect(process: subprocess.Popen[str]) -> SlowLoris | Oversized:
+    """What a client started by `run_apart` met, once it ended."""
+    out, _ = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"a hostile client exited with code {process.returncode}")
+    found = json.loads(out)
+    if "cut_by_server" in found:
+        return SlowLoris(found["connections"], found["cut_by_server"], found["longest_open_s"])
+    return Oversized(found["requests"], found["statuses"])
+
+
+def main(argv: list[str]) -> None:
+    kind, *args = argv
+    if kind == "slowloris":
+        result: SlowLoris | Oversized = slowloris(args[0], int(args[1]), float(args[2]))
+    elif kind == "oversized":
+        result = oversized(args[0], args[1], float(args[2]))
+    else:
+        raise SystemExit(f"unknown hostile client {kind!r}: slowloris or oversized")
+    print(json.dumps(result.to_dict()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

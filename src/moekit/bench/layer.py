@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from moekit.bench.timing import fastest, time_interleaved, with_prefix
 from moekit.config import MoEConfig
-from moekit.moe.layer import MoELayer
+from moekit.moe.layer import DEFAULT_ROUTE, MoELayer, RouteOptions
 from moekit.nn.mlp import MLP
 
 
@@ -31,6 +31,7 @@ SHAPES = (
     LayerShape("coarse", num_experts=8, top_k=2, hidden_mult=4.0),
     LayerShape("fine", num_experts=64, top_k=8, hidden_mult=0.25),
 )
+INFERENCE_ROUTE = RouteOptions(causal=True, stats=False)  # how generation calls the layer
 PHASES = ("prefill", "decode")
 PASSES = ("fwd", "fwd_bwd")
 
@@ -221,7 +222,10 @@ def _bench_shape(
     hf = {impl: _hf_block(layer, impl) for impl in HF_IMPLS}
 
     def ours(x: Tensor) -> Tensor:
-        return layer(x)[0]
+        # Without autograd, route as inference does (causal, no statistics): the decode rows
+        # then time the path generation takes.
+        route = DEFAULT_ROUTE if torch.is_grad_enabled() else INFERENCE_ROUTE
+        return layer(x, route=route)[0]
 
     rows = []
     for phase, n in tokens.items():

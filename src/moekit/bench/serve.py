@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moekit.bench.hostile import MemoryUse, Oversized, SlowLoris, oversized, peak_memory, slowloris
+from moekit.bench.hostile import MemoryUse, Oversized, SlowLoris, collect, peak_memory, run_apart
 
 
 @dataclass(frozen=True)
@@ -149,19 +149,23 @@ def _client_load(url: str, model: str, clients: int, seconds: float, new_tokens:
 
 def _hostile_beside(url: str, seconds: float, run: Any) -> tuple[Any, SlowLoris, Oversized]:
     """Run `run()` (the well-formed clients) with a slowloris and an oversized-request client
-    beside it for the same `seconds`; returns run()'s result and theirs."""
+    beside it for the same `seconds`; returns run()'s result and theirs. The hostile clients
+    run in processes of their own, as they would on other machines: their own work (building
+    and sending megabytes) costs the server's process nothing but what the server does with
+    their requests, and the memory sampled is the server's alone."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    found: dict[str, Any] = {}
-    threads = [
-        threading.Thread(target=lambda: found.update(s=slowloris(host, int(port), seconds))),
-        threading.Thread(target=lambda: found.update(o=oversized(url, "bench", seconds))),
-    ]
-    for t in threads:
-        t.start()
-    result = run()
-    for t in threads:
-        t.join()
-    return result, found["s"], found["o"]
+    loris = run_apart("slowloris", host, port, seconds)
+    big = run_apart("oversized", url, "bench", seconds)
+    try:
+        result = run()
+        slow, over = collect(loris), collect(big)
+    finally:
+        for process in (loris, big):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert isinstance(slow, SlowLoris) and isinstance(over, Oversized)
+    return result, slow, over
 
 
 def bench_serve(

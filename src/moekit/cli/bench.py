@@ -140,6 +140,16 @@ def run_generate(args: argparse.Namespace) -> int:
             f"  {phase:8s} ours {ours:9,.1f} tok/s   transformers {hf:9,.1f} tok/s   {ratio:.2f}x"
         )
     print(f"  same tokens as transformers: {result.same_tokens}")
+    print(
+        f"  PyTorch calls per decode step: ours {result.ours_calls_per_step:,}   "
+        f"transformers {result.hf_calls_per_step:,}"
+    )
+    bound = result.bound
+    print(
+        f"  bandwidth bound: {bound.bytes.per_token / 2**20:.1f} MiB read per token at "
+        f"{bound.bandwidth / 1e9:.1f} GB/s = {bound.tokens_per_s:,.0f} tok/s predicted; "
+        f"ours decodes at {result.fraction_of_bound:.0%} of it"
+    )
     return 0
 
 

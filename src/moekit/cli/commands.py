@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from moekit.cli.common import Exit
 
-# In `moekit --help` order; each names a module of moekit.cli.
+# In `moekit --help` order; each names a module of moekit.cli (a hyphen in the command is an
+# underscore in the module's name: `module_of`).
 COMMANDS = (
     "info",
     "train",
@@ -19,6 +20,7 @@ COMMANDS = (
     "upcycle",
     "analyze",
     "doctor",
+    "compare-routing",
     "convert",
     "generate",
     "serve",
@@ -37,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"moekit.cli.{name}").add_parser(sub)
+        importlib.import_module(module_of(name)).add_parser(sub)
     return parser
+
+
+def module_of(command: str) -> str:
+    """The module of moekit.cli that implements `command`."""
+    return f"moekit.cli.{command.replace('-', '_')}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

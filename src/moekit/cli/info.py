@@ -26,6 +26,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--list", action="store_true", help="list the presets")
     p.add_argument("--context", type=int, default=2048, help="context length for FLOPs")
+    p.add_argument(
+        "--speed",
+        action="store_true",
+        help="predict decode tokens/s at batch 1 from the bytes read per token and the memory "
+        "bandwidth measured on this machine (takes a few seconds)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(run=run)
 
@@ -46,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.target:
         raise ValueError("name a preset or a model directory, or pass --list")
+    if args.speed:
+        return run_speed(args)
     infos = [model_info(target, context=args.context) for target in args.target]
     if len(infos) > 1:
         if args.json:
@@ -148,3 +156,31 @@ def print_info(info: ModelInfo) -> None:
         if total:
             parts.add_row(part, human(total), human(s.active_params_by[part]))
     out.print(parts)
+
+
+def run_speed(args: argparse.Namespace) -> int:
+    from moekit.info import speed_info
+
+    if len(args.target) != 1:
+        raise ValueError("--speed takes one preset or model directory")
+    pred = speed_info(args.target[0])
+    if args.json:
+        print_json({"name": args.target[0], **pred.to_dict()})
+        return 0
+    sb = pred.bytes
+    t = table(
+        f"{args.target[0]}: decode speed bound, batch 1",
+        ["figure", "value"],
+        right={"value"},
+        show_header=False,
+        caption=f"float32 weights, KV cache of {sb.context} positions; small models are "
+        "bound by per-call overhead and stay below this",
+    )
+    for part, n in sb.by_part.items():
+        if n:
+            t.add_row(f"read per token: {part.replace('_', ' ')}", nbytes(n))
+    t.add_row("read per token: total", nbytes(sb.total))
+    t.add_row("memory bandwidth (measured now)", f"{pred.bandwidth / 1e9:.1f} GB/s")
+    t.add_row("predicted decode tokens/s", f"{pred.tokens_per_s:,.0f}")
+    console().print(t)
+    return 0

@@ -143,6 +143,8 @@ class PagedExperts(Experts):
     """The experts of MoE layer `layer`: `total` experts stored in `pager`'s files, `slots` of
     them in memory at a time (the stacked weights hold the slots)."""
 
+    paged = True
+
     def __init__(
         self, layer: int, total: int, slots: int, dim: int, hidden: int, activation: str,
         pager: Pager,

@@ -161,7 +161,8 @@ class Generator:
             yield chunk
 
     # ---- the decoding loop --------------------------------------------------------------
-    @torch.no_grad()
+    # Inference mode: like no_grad, and each PyTorch call skips autograd's bookkeeping.
+    @torch.inference_mode()
     def _run(
         self, prompts: Sequence[str | Sequence[int]], params: SamplingParams, done: list[Completion]
     ) -> Iterator[tuple[int, Chunk]]:
@@ -258,6 +259,7 @@ class Generator:
             causal_routing=True,
             top_k=params.experts_per_token,
             return_routing=params.return_routing,
+            routing_stats=False,
         )
 
 
@@ -274,7 +276,7 @@ def _as_batch(
     return items  # type: ignore[return-value]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_generate(
     model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, eos_id: int | None = None
 ) -> list[int]:
@@ -294,7 +296,10 @@ def greedy_generate(
     new: list[int] = []
     try:
         logits = model(
-            torch.tensor([prompt_ids], device=device), cache=cache, causal_routing=True
+            torch.tensor([prompt_ids], device=device),
+            cache=cache,
+            causal_routing=True,
+            routing_stats=False,
         ).logits
         for _ in range(budget):
             token = int(logits[0, -1].argmax())
@@ -304,7 +309,10 @@ def greedy_generate(
             if len(new) == budget:
                 break
             logits = model(
-                torch.tensor([[token]], device=device), cache=cache, causal_routing=True
+                torch.tensor([[token]], device=device),
+                cache=cache,
+                causal_routing=True,
+                routing_stats=False,
             ).logits
     finally:
         model.train(was_training)

@@ -18,6 +18,11 @@ weight. Backends that set `needs_sorted` receive rows grouped by expert in exper
 - `gather`: the small-batch decode path: gathers each copy's expert weights and uses batched
   matmuls; no sorting. Cost grows with copies x expert size, so it only pays for a few tokens.
 - `auto`: picks per call from the number of copies and the device (see `select_backend`).
+
+Decoding without autograd takes `decode_experts` instead of a backend: gate and up as one
+matmul per expert over their weights fused in memory (`w_gate` and `w_up` become views of one
+(E, 2F, D) tensor; stored names and shapes do not change), no sorting kernels, and one small
+matmul that applies the routing weights and sums each token's experts.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moekit.nn.fuse import Fused
 
 ExpertFn = Callable[[Tensor, Tensor, Tensor, Tensor, "Experts"], Tensor]
 
@@ -74,6 +81,7 @@ class Experts(nn.Module):
     """
 
     w_gate: nn.Parameter | None
+    paged = False  # experts read on demand (moekit.infer.offload) take `compute`'s path
 
     def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu"):
         super().__init__()
@@ -87,6 +95,26 @@ class Experts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, F_, D))
         self.w_down = nn.Parameter(torch.empty(E, D, F_))
         self.adapters = nn.ModuleDict()
+        self._gate_up = Fused(dim=1)
+
+    def fused_gate_up(self) -> Tensor | None:
+        """(E, 2F, D): each expert's gate rows then its up rows, one tensor that `w_gate` and
+        `w_up` are views of (made at the first call); None for GELU experts."""
+        if self.w_gate is None:
+            return None
+        return self._gate_up.get([self.w_gate, self.w_up])
+
+    def train(self, mode: bool = True) -> Experts:
+        # Training wants contiguous stacked weights (the grouped GEMM and its gradients):
+        # give the gate and up projections their own storage again.
+        if mode and self._gate_up.tensor is not None:
+            # Never an inference-mode tensor (this may run inside inference mode).
+            with torch.no_grad(), torch.inference_mode(False):
+                for w in (self.w_gate, self.w_up):
+                    if w is not None:
+                        w.data = w.data.contiguous()
+            self._gate_up.tensor = None
+        return super().train(mode)
 
     def _adapter(self, name: str) -> ExpertAdapter | None:
         return self.adapters[name] if name in self.adapters else None  # type: ignore[return-value]  # noqa: SIM401 (ModuleDict has no get)
@@ -299,6 +327,47 @@ def gather_experts(
     gate = ex.linear_gathered("w_gate", x_S1D, expert_S) if ex.w_gate is not None else None
     h = ex.act(gate, up) * scale_S.to(up.dtype).view(-1, 1, 1)
     return ex.linear_gathered("w_down", h, expert_S).squeeze(1)
+
+
+def _decode_one(ex: Experts, x_ND: Tensor, e: int, gate_up: Tensor | None) -> Tensor:
+    """Expert e on a few rows, gate and up as one matmul when `gate_up` is given."""
+    if gate_up is None:
+        return ex.expert_forward(x_ND, e)
+    gate, up = F.linear(x_ND, gate_up[e]).split(ex.hidden, dim=-1)
+    return F.linear(F.silu(gate) * up, ex.w_down[e])
+
+
+def decode_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, ex: Experts) -> Tensor:
+    """The routed experts' weighted sum for each of a few tokens, without autograd: (T, D).
+
+    `experts_TK` may hold -1 for an empty slot. The caller guarantees there are no adapters
+    (they need the backends' batched calls) and that autograd is off.
+    """
+    T, K = experts_TK.shape
+    gate_up = ex.fused_gate_up()
+    rows = experts_TK.tolist()
+    w_TK = weights_TK.to(x_TD.dtype)
+    if T == 1:
+        slots = [k for k, e in enumerate(rows[0]) if e >= 0]
+        y_KD = torch.cat([_decode_one(ex, x_TD, rows[0][k], gate_up) for k in slots])
+        w_1K = w_TK if len(slots) == K else w_TK[:, slots]
+        return w_1K @ y_KD
+    # Group the copies by expert so each expert's weights are read once for the step.
+    by_expert: dict[int, list[int]] = {}
+    for t, row in enumerate(rows):
+        for k, e in enumerate(row):
+            if e >= 0:
+                by_expert.setdefault(e, []).append(t * K + k)
+    order = [s for e in sorted(by_expert) for s in by_expert[e]]
+    index = torch.tensor([order, [s // K for s in order]], device=x_TD.device)
+    x_SD = x_TD.index_select(0, index[1])
+    outs, start = [], 0
+    for e in sorted(by_expert):
+        n = len(by_expert[e])
+        outs.append(_decode_one(ex, x_SD[start : start + n], e, gate_up))
+        start += n
+    y_SD = torch.cat(outs) * w_TK.reshape(-1).index_select(0, index[0]).unsqueeze(1)
+    return y_SD.new_zeros(T, ex.dim).index_add_(0, index[1], y_SD)
 
 
 def select_backend(

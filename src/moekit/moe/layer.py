@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.moe import dispatch, losses
-from moekit.moe.experts import Experts, select_backend
+from moekit.moe.experts import Experts, decode_experts, select_backend
 from moekit.moe.router import RouterOutput, build_router
 from moekit.nn.mlp import MLP
 
@@ -31,6 +31,8 @@ class RouteOptions:
     top_k: experts per token for this call instead of the config's (token choice, and
         expert choice in causal mode): fewer for speed, more for quality.
     record: return each token's experts and weights in `MoEStats.routing`.
+    stats: compute the routing statistics; False (decoding) returns None instead of
+        `MoEStats` unless `record` asks for the routing.
     mask: (T,) bool, the tokens that take part in routing; a False token (padding) goes to no
         expert and counts in no statistic and no router loss.
     """
@@ -39,6 +41,7 @@ class RouteOptions:
     top_k: int | Tensor | None = None  # an int, or one count per token (T,)
     record: bool = False
     mask: Tensor | None = None
+    stats: bool = True
 
 
 DEFAULT_ROUTE = RouteOptions()
@@ -82,8 +85,9 @@ class MoELayer(nn.Module):
 
     def forward(
         self, x_BSD: Tensor, *, route: RouteOptions = DEFAULT_ROUTE
-    ) -> tuple[Tensor, MoEStats]:
-        """Returns the layer output (B, S, D) and its `MoEStats` (see `RouteOptions`)."""
+    ) -> tuple[Tensor, MoEStats | None]:
+        """Returns the layer output (B, S, D) and its `MoEStats` (None when `route.stats`
+        is off and nothing is recorded; see `RouteOptions`)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         decision = self.router(x_TD, causal=route.causal, top_k=route.top_k)
@@ -96,6 +100,16 @@ class MoELayer(nn.Module):
         T, K = decision.experts.shape
         if T == 0:
             return x_BSD.new_zeros(B, S, D), self._empty_stats(decision)
+        if self._decodes(T * K, route):
+            out_TD = self._with_shared(
+                x_TD, decode_experts(x_TD, decision.experts, decision.weights, self.experts)
+            )
+            if not (route.stats or route.record):
+                return out_TD.view(B, S, D), None
+            valid_C = decision.experts.reshape(-1)
+            routed_E = torch.bincount(valid_C[valid_C >= 0], minlength=self.cfg.num_experts)
+            stats = self._stats(decision, routed_E, routed_E.new_zeros(()), route.mask)
+            return out_TD.view(B, S, D), stats._replace(routing=decision if route.record else None)
 
         backend = select_backend(self.backend, T * K, self.cfg.num_experts, x_BSD.device)
         p = dispatch.plan(
@@ -110,18 +124,35 @@ class MoELayer(nn.Module):
         y_CD = self.experts.compute(
             backend, dispatch.permute(x_TD, p), p.expert_S, p.tokens_per_expert, p.weight_S
         )
-        out_TD = dispatch.combine(y_CD, p, T)
-
-        if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
-            out_TD = out_TD + shared_TD
-
-        stats = self._stats(decision, p, route.mask)
+        out_TD = self._with_shared(x_TD, dispatch.combine(y_CD, p, T))
+        if not (route.stats or route.record):
+            return out_TD.view(B, S, D), None
+        stats = self._stats(decision, p.routed_per_expert, p.num_dropped, route.mask)
         if route.record:
             stats = stats._replace(routing=decision)
         return out_TD.view(B, S, D), stats
+
+    def _decodes(self, copies: int, route: RouteOptions) -> bool:
+        """Whether this call takes the decode path (`decode_experts`): inference routing of a
+        decode-sized batch (no more copies than experts) with the automatic backend, no
+        autograd, no adapters on the experts, and experts held in memory (not paged)."""
+        return (
+            route.causal is True
+            and copies <= self.cfg.num_experts
+            and self.backend == "auto"
+            and not torch.is_grad_enabled()
+            and not len(self.experts.adapters)
+            and not self.experts.paged
+        )
+
+    def _with_shared(self, x_TD: Tensor, out_TD: Tensor) -> Tensor:
+        """The routed output plus the shared experts' (gated when configured)."""
+        if self.shared is None:
+            return out_TD
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+        return out_TD + shared_TD
 
     def _capacity(self, batch: int, seq_len: int, *, causal: bool) -> int | None:
         """Copies per expert: per batch with weight priority, per sequence with position;
@@ -136,7 +167,7 @@ class MoELayer(nn.Module):
         return self.cfg.capacity(batch * seq_len)
 
     def _stats(
-        self, route: RouterOutput, p: dispatch.DispatchPlan, mask_T: Tensor | None
+        self, route: RouterOutput, routed_E: Tensor, dropped: Tensor, mask_T: Tensor | None
     ) -> MoEStats:
         logits_TE, experts_TK = route.logits, route.experts
         if mask_T is not None:  # padding counts in no statistic and no loss
@@ -144,7 +175,7 @@ class MoELayer(nn.Module):
         probs_TE = self.router.probs(logits_TE)
         if not len(probs_TE):
             zero = route.logits.new_zeros(()) + 0.0 * route.logits.sum()
-            return MoEStats(p.routed_per_expert, p.num_dropped, zero, zero, zero.detach())
+            return MoEStats(routed_E, dropped, zero, zero, zero.detach())
         entropy = losses.router_entropy(probs_TE.detach())
         # The router losses only matter for training: without autograd (evaluation, decoding)
         # they are reported as 0 and cost nothing.
@@ -153,7 +184,7 @@ class MoELayer(nn.Module):
             z = losses.z_loss(logits_TE)
         else:
             aux = z = route.logits.new_zeros(())
-        return MoEStats(p.routed_per_expert, p.num_dropped, aux, z, entropy)
+        return MoEStats(routed_E, dropped, aux, z, entropy)
 
     def _empty_stats(self, route: RouterOutput) -> MoEStats:
         zero = route.logits.new_zeros(()) + 0.0 * route.logits.sum()  # keeps the graph alive

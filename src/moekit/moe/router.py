@@ -152,13 +152,18 @@ class TopKRouter(Router):
             scores_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = logits_TE.sigmoid()
-        choice_TE = scores_TE.detach()
-        if self.selection_bias is not None:
-            choice_TE = choice_TE + self.selection_bias.float()
-        if cfg.num_groups > 1:
-            choice_TE = self._limit_groups(choice_TE)
-        experts_TK = choice_TE.topk(k, dim=-1).indices
-        experts_TK, weights_TK = _keep_first(experts_TK, scores_TE.gather(1, experts_TK), top_k)
+        if self.selection_bias is None and cfg.num_groups == 1:
+            # Choosing by the scores themselves: the top-k values are the weights.
+            weights_TK, experts_TK = scores_TE.topk(k, dim=-1)
+        else:
+            choice_TE = scores_TE.detach()
+            if self.selection_bias is not None:
+                choice_TE = choice_TE + self.selection_bias.float()
+            if cfg.num_groups > 1:
+                choice_TE = self._limit_groups(choice_TE)
+            experts_TK = choice_TE.topk(k, dim=-1).indices
+            weights_TK = scores_TE.gather(1, experts_TK)
+        experts_TK, weights_TK = _keep_first(experts_TK, weights_TK, top_k)
         if self.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         if cfg.routed_scaling_factor != 1.0:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
+from moekit.nn.fuse import Fused, plain
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.norm import RMSNorm
 from moekit.nn.rope import apply_rope
@@ -69,6 +70,25 @@ class Attention(nn.Module):
             )
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_sizes = [H * hd, Hkv * hd, Hkv * hd]
+        self._qkv, self._qkv_bias = Fused(), Fused()
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v of `x`. Without autograd, one matmul over the three weights fused in
+        memory (see `moekit.nn.fuse`)."""
+        if torch.is_grad_enabled() or not plain(self.wq, self.wk, self.wv):
+            return self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = self.project_fused(x).split(self.qkv_sizes, dim=-1)
+        return q, k, v
+
+    def project_fused(self, x: Tensor) -> Tensor:
+        """q, k and v of `x` side by side, from their weights fused in memory."""
+        lins = (self.wq, self.wk, self.wv)
+        w = self._qkv.get([lin.weight for lin in lins])
+        b = None
+        if self.wq.bias is not None:
+            b = self._qkv_bias.get([lin.bias for lin in lins if lin.bias is not None])
+        return F.linear(x, w, b)
 
     def forward(
         self,
@@ -80,7 +100,10 @@ class Attention(nn.Module):
         layer: int = 0,
     ) -> Tensor:
         B, S, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        fusable = self.qk_norm == "none" and plain(self.wq, self.wk, self.wv)
+        if fusable and not torch.is_grad_enabled():
+            return self._infer(x, cos, sin, attn_mask, cache, layer)
+        q, k, v = self.project(x)
         if self.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
@@ -92,6 +115,25 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = _attend(q, k, v, attn_mask, cache, layer)  # (B, S, H, hd)
+        return self.wo(out.reshape(B, S, -1))
+
+    def _infer(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        """`forward` without autograd or q/k norms, in fewer PyTorch calls: q, k and v from
+        one matmul, and one rotation for the queries and keys together."""
+        B, S, _ = x.shape
+        H, Hkv = self.num_heads, self.num_kv_heads
+        qkv = self.project_fused(x).view(B, S, H + 2 * Hkv, self.head_dim)
+        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)
+        q, k = qk.split([H, Hkv], dim=2)
+        out = _attend(q, k, qkv[:, :, H + Hkv :], attn_mask, cache, layer)  # (B, S, H, hd)
         return self.wo(out.reshape(B, S, -1))
 
     def init_weights(

@@ -47,6 +47,7 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.end = torch.zeros(batch, dtype=torch.long, device=device)
         self._write_idx: Tensor | None = None
+        self._write_at: int | None = None
         self._span = 0
         self._advancing = torch.ones(batch, dtype=torch.bool, device=device)
         self.causal_prefill = False
@@ -62,10 +63,11 @@ class KVCache:
         token per row, all rows equally long, no padding).
         """
         batch = self.batch
-        if int(self.end.max()) + n > self.max_len:
+        longest = int(self.end.max())
+        if longest + n > self.max_len:
             raise ValueError(
                 f"the cache holds {self.max_len} positions; appending {n} tokens to a row of "
-                f"{int(self.end.max())} would overflow it"
+                f"{longest} would overflow it"
             )
         device = self.end.device
         if valid_new is None:
@@ -75,13 +77,15 @@ class KVCache:
         self.valid[rows, idx] = valid_new
         seen = self.valid.sum(1) - valid_new.sum(1)  # real tokens before the new ones
         positions = (seen[:, None] + valid_new.long().cumsum(1) - 1).clamp_min(0)
-        span = int(self.end.max()) + n
+        span = longest + n
         self._write_idx, self._span = idx, span
         self._advancing = valid_new.any(1)  # rows with no real token this pass do not grow
         # Common cases without a mask (SDPA runs faster, and there is less to build): one new
         # token on equally long rows, or the first tokens of rows; never with padding.
-        uniform = bool((self.end == self.end[0]).all()) and bool(self.valid[:, :span].all())
-        if uniform and (n == 1 or int(self.end[0]) == 0):
+        uniform = bool((self.end == longest).all()) and bool(self.valid[:, :span].all())
+        # Every row writes the same positions: a slice, not an indexed scatter.
+        self._write_at = longest if uniform else None
+        if uniform and (n == 1 or longest == 0):
             self.causal_prefill = n > 1
             return positions, None
         keys = torch.arange(span, device=device)
@@ -92,6 +96,12 @@ class KVCache:
     def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         """Store one layer's new keys/values; returns that layer's (B, H, L, d) keys/values."""
         assert self._write_idx is not None, "call begin() first"
+        at = self._write_at
+        if at is not None:
+            n = k_new.shape[2]
+            self.k[layer][:, :, at : at + n] = k_new
+            self.v[layer][:, :, at : at + n] = v_new
+            return self.k[layer][:, :, : self._span], self.v[layer][:, :, : self._span]
         idx = self._write_idx
         rows = torch.arange(self.batch, device=idx.device)[:, None]
         # (B, H, L, d) seen as (B, L, H, d): advanced indices (rows, idx) pick (B, n) slots.
@@ -119,6 +129,7 @@ class KVCache:
         view.v = [v[:n] for v in self.v]
         view.valid, view.end = self.valid[:n], self.end[:n]
         view._write_idx, view._span, view.causal_prefill = None, 0, False
+        view._write_at = None
         view._advancing = torch.ones(n, dtype=torch.bool, device=self.end.device)
         return view
 

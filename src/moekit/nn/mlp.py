@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.nn.fuse import Fused, plain
+
 
 class MLP(nn.Module):
     w_gate: nn.Linear | None
@@ -16,8 +18,17 @@ class MLP(nn.Module):
         self.w_gate = nn.Linear(dim, hidden, bias=False) if activation == "swiglu" else None
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.hidden = hidden
+        self._gate_up = Fused()
 
     def forward(self, x: Tensor) -> Tensor:
+        fusable = self.w_gate is not None and plain(self.w_gate, self.w_up)
+        if fusable and not torch.is_grad_enabled():
+            # Inference: gate and up as one matmul over their weights fused in memory.
+            assert self.w_gate is not None
+            w = self._gate_up.get([self.w_gate.weight, self.w_up.weight])
+            gate, up = F.linear(x, w).split(self.hidden, dim=-1)
+            return self.w_down(F.silu(gate) * up)
         up = self.w_up(x)
         h = F.silu(self.w_gate(x)) * up if self.w_gate is not None else F.gelu(up)
         return self.w_down(h)

@@ -14,7 +14,9 @@ from torch import Tensor
 
 @functools.lru_cache(maxsize=32)
 def _inv_freq(dim: int, theta: float, device: torch.device) -> Tensor:
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    # Cached across calls: never an inference-mode tensor, which training could not use.
+    with torch.inference_mode(False):
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
 
 
 def rope_tables(
@@ -32,9 +34,17 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate `x` of shape (B, S, H, dim) with tables of shape (B, S, dim) or (S, dim)."""
+def per_head(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Tables of shape (B, S, dim) or (S, dim) made (B or 1, S, 1, dim), to broadcast over
+    heads; a model makes them once per forward pass instead of once per rotation."""
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+    return cos.unsqueeze(2), sin.unsqueeze(2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x` of shape (B, S, H, dim) with tables of shape (B, S, dim) or (S, dim), or
+    tables already shaped by `per_head`."""
+    if cos.dim() != 4:
+        cos, sin = per_head(cos, sin)
     return x * cos + rotate_half(x) * sin

@@ -22,7 +22,12 @@ MAX_INT_DIGITS = 100
 
 
 def too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body is larger than {limit} bytes")
+    """The 413 for a body over `limit` bytes. It closes the connection: the rest of the body
+    is never read (draining megabytes to keep the connection open would cost the server more
+    than the client's reconnecting costs it)."""
+    return APIError(
+        413, f"the request body is larger than {limit} bytes", headers={"Connection": "close"}
+    )
 
 
 def check_content_length(request: Request, config: ServerConfig) -> APIError | None:

@@ -1,0 +1,165 @@
+"""Decode speed from first principles: the bytes a decode step reads, the memory bandwidth of
+this machine, and the tokens/s bound they give.
+
+Decoding one token touches every resident weight it uses once: attention, norms, router and
+shared experts of every layer, the embedding row of the token, the LM head, the top-k routed
+experts the router picked in each MoE layer, and the KV cache over the context. When the
+weights do not fit in the CPU's caches, reading them from memory is the floor of a decode
+step's time, so `bandwidth / bytes_per_token` bounds the tokens/s. A small model is bound
+by the fixed cost of its PyTorch calls instead, and stays well below the bound.
+
+`predict_decode` is the one place the prediction is made. Its `expert_hit_rate` and
+`miss_bandwidth` arguments are where a budget that keeps only part of the experts in memory
+plugs in: the missed experts' bytes are read at the slower bandwidth of wherever they live.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from moekit.config import ModelConfig
+from moekit.params import (
+    attention_params,
+    count_params,
+    kv_cache_elements_per_token,
+    mlp_params,
+)
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    """Bytes one decode step reads, by part, for `batch` sequences at `context` cached
+    positions each. `routed_experts` counts the distinct experts the step touches (at batch
+    1 exactly the top-k per MoE layer)."""
+
+    batch: int
+    context: int
+    by_part: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_part.values())
+
+    @property
+    def per_token(self) -> float:
+        return self.total / self.batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch,
+            "context": self.context,
+            "bytes_per_step": self.total,
+            "bytes_per_token": self.per_token,
+            "by_part": dict(self.by_part),
+        }
+
+
+def expected_distinct(num_experts: int, top_k: float, batch: int) -> float:
+    """Experts a batch of `batch` tokens touches in one MoE layer when each token picks
+    `top_k` of `num_experts` uniformly at random (the real number depends on the routing;
+    at batch 1 it is exactly `top_k`)."""
+    if batch == 1:
+        return float(top_k)
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
+
+
+def step_bytes(
+    cfg: ModelConfig, *, batch: int = 1, context: int = 128, bytes_per_weight: float = 4.0
+) -> StepBytes:
+    """The bytes one decode step of `batch` tokens reads from memory (see `StepBytes`), for
+    weights of `bytes_per_weight` bytes (4: float32) and a float32 KV cache."""
+    d, bpw = cfg.dim, bytes_per_weight
+    parts = dict.fromkeys(
+        ("embeddings", "attention", "norms", "router", "shared_experts", "dense_mlp"), 0.0
+    )
+    parts["routed_experts"] = 0.0
+    parts["embeddings"] = batch * d * bpw  # one row per token
+    head = cfg.vocab_size * d * bpw
+    parts["lm_head"] = head
+    parts["attention"] = cfg.num_layers * attention_params(cfg) * bpw
+    parts["norms"] = count_params(cfg).total_by["norms"] * bpw
+    moe = cfg.moe
+    for layer in range(cfg.num_layers):
+        if moe is None or not moe.is_moe_layer(layer):
+            parts["dense_mlp"] += mlp_params(cfg, cfg.dense_hidden) * bpw
+            continue
+        k = moe.top_k
+        if moe.router == "expert_choice":  # decoding routes it causally: ceil(factor) each
+            k = min(moe.num_experts, math.ceil(moe.capacity_factor or 1.0))
+        distinct = expected_distinct(moe.num_experts, k, batch)
+        parts["routed_experts"] += distinct * mlp_params(cfg, moe.expert_hidden) * bpw
+        parts["router"] += moe.num_experts * d * 4  # routers stay float32
+        if moe.num_shared_experts:
+            parts["shared_experts"] += mlp_params(cfg, moe.shared_hidden_total) * bpw
+    parts["kv_cache"] = batch * context * kv_cache_elements_per_token(cfg) * 4
+    return StepBytes(batch, context, {k: round(v) for k, v in parts.items()})
+
+
+def measure_bandwidth(size_mib: int = 256, repeats: int = 5) -> float:
+    """Memory read bandwidth of this machine in bytes/s: the best of `repeats` sums of a
+    `size_mib` MiB float32 tensor with PyTorch's own threads (how a decode step reads its
+    weights). Large enough to miss every CPU cache."""
+    import torch
+
+    x = torch.ones(size_mib * 2**20 // 4)
+    x.sum()  # touch every page once
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+@dataclass(frozen=True)
+class SpeedPrediction:
+    """A decode tokens/s prediction: the bytes per token, the bandwidth it is read at, and
+    the expert hit rate assumed (1.0: every expert resident)."""
+
+    bytes: StepBytes
+    bandwidth: float  # bytes/s of memory
+    expert_hit_rate: float
+    miss_bandwidth: float | None
+    tokens_per_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.bytes.to_dict(),
+            "bandwidth_bytes_per_s": self.bandwidth,
+            "expert_hit_rate": self.expert_hit_rate,
+            "miss_bandwidth_bytes_per_s": self.miss_bandwidth,
+            "predicted_tokens_per_s": self.tokens_per_s,
+        }
+
+
+def predict_decode(
+    cfg: ModelConfig,
+    bandwidth: float,
+    *,
+    batch: int = 1,
+    context: int = 128,
+    bytes_per_weight: float = 4.0,
+    expert_hit_rate: float = 1.0,
+    miss_bandwidth: float | None = None,
+) -> SpeedPrediction:
+    """Decode tokens/s bound for `cfg` on a machine reading memory at `bandwidth` bytes/s.
+
+    Every byte of `step_bytes` is read from memory once per step. With `expert_hit_rate`
+    below 1 (experts kept under a memory budget), that fraction of the routed experts' bytes
+    is found in memory and the rest is read first at `miss_bandwidth` bytes/s (a disk or page
+    cache) and then from memory as well.
+    """
+    if not 0.0 <= expert_hit_rate <= 1.0:
+        raise ValueError(f"expert_hit_rate={expert_hit_rate} must be in [0, 1]")
+    if bandwidth <= 0:
+        raise ValueError(f"bandwidth={bandwidth} must be positive")
+    sb = step_bytes(cfg, batch=batch, context=context, bytes_per_weight=bytes_per_weight)
+    seconds = sb.total / bandwidth
+    if expert_hit_rate < 1.0:
+        if miss_bandwidth is None or miss_bandwidth <= 0:
+            raise ValueError("an expert hit rate below 1 needs the bandwidth misses are read at")
+        seconds += (1.0 - expert_hit_rate) * sb.by_part["routed_experts"] / miss_bandwidth
+    return SpeedPrediction(sb, bandwidth, expert_hit_rate, miss_bandwidth, batch / seconds)

@@ -1,0 +1,44 @@
+import pytest
+
+from moekit.params import count_params
+from moekit.presets import get_preset
+from moekit.speed import expected_distinct, measure_bandwidth, predict_decode, step_bytes
+
+
+def test_step_bytes_of_the_demo_model_at_batch_1():
+    cfg = get_preset("demo")
+    sb = step_bytes(cfg, batch=1, context=0)
+    moe = cfg.moe
+    assert moe is not None
+    # Exactly the top-k experts of every layer, three matrices each, float32.
+    assert sb.by_part["routed_experts"] == 4 * moe.top_k * 3 * cfg.dim * moe.expert_hidden * 4
+    assert sb.by_part["embeddings"] == cfg.dim * 4  # one row
+    assert sb.by_part["lm_head"] == cfg.vocab_size * cfg.dim * 4
+    assert sb.by_part["kv_cache"] == 0
+    # Everything active except the embedding table is read once.
+    pc = count_params(cfg)
+    assert sb.total == (pc.active - pc.active_by["embeddings"] + cfg.dim) * 4
+
+
+def test_batches_share_experts_and_read_the_kv_cache():
+    cfg = get_preset("demo")
+    one, four = step_bytes(cfg, batch=1, context=100), step_bytes(cfg, batch=4, context=100)
+    assert four.per_token < one.per_token  # weights are shared by the batch
+    assert four.by_part["kv_cache"] == 4 * one.by_part["kv_cache"] > 0
+    assert expected_distinct(8, 2, 1) == 2 and 2 < expected_distinct(8, 2, 4) < 8
+
+
+def test_prediction_and_the_budget_extension_point():
+    cfg = get_preset("demo")
+    full = predict_decode(cfg, 1e10)
+    assert full.tokens_per_s == pytest.approx(1e10 / full.bytes.total)
+    paged = predict_decode(cfg, 1e10, expert_hit_rate=0.5, miss_bandwidth=1e9)
+    assert paged.tokens_per_s < full.tokens_per_s
+    with pytest.raises(ValueError, match="expert_hit_rate"):
+        predict_decode(cfg, 1e10, expert_hit_rate=1.5)
+    with pytest.raises(ValueError, match="misses"):
+        predict_decode(cfg, 1e10, expert_hit_rate=0.5)
+
+
+def test_measured_bandwidth_is_plausible():
+    assert 1e8 < measure_bandwidth(size_mib=32, repeats=2) < 1e13
