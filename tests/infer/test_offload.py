@@ -194,3 +194,13 @@ def test_the_server_metrics_show_the_cache_per_layer(tiny_model_dir):
     assert f'moekit_expert_cache_misses_total{{layer="1"}} {misses}' in text
     assert 'moekit_expert_bytes_read_total{layer="0"}' in text
     assert _offload_lines(load_model(tiny_model_dir)) == []
+
+
+def test_decode_steps_give_the_loaded_models_logits(tiny_model_dir):
+    """One token per row takes the loaded model's decode path and the paged model's cache."""
+    full = load_model(tiny_model_dir).eval()
+    paged = load_paged_model(tiny_model_dir, OffloadConfig(max_memory=_budget(tiny_model_dir, 2)))
+    with torch.no_grad():
+        for tokens in (torch.tensor([[7]]), torch.tensor([[1], [50], [300], [511]])):
+            want = full(tokens, causal_routing=True).logits
+            assert torch.equal(paged.eval()(tokens, causal_routing=True).logits, want)
