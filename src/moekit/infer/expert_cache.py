@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.moe.experts import ExpertBackend, Experts, compute_dtype
+from moekit.moe.experts import ExpertBackend, Experts, compute_dtype, decode_experts
 from moekit.weights import StoredTensor, UnreadableWeightsError, open_weights, read_tensor
 
 POLICIES = ("lru", "lfu")
@@ -143,8 +143,6 @@ class PagedExperts(Experts):
     """The experts of MoE layer `layer`: `total` experts stored in `pager`'s files, `slots` of
     them in memory at a time (the stacked weights hold the slots)."""
 
-    paged = True
-
     def __init__(
         self, layer: int, total: int, slots: int, dim: int, hidden: int, activation: str,
         pager: Pager,
@@ -236,39 +234,58 @@ class PagedExperts(Experts):
         nxt.pending = self.pager.submit(nxt._prefetch, order)
 
     # ---- the forward pass --------------------------------------------------------------
-    def compute(
-        self, backend: ExpertBackend, x_SD: Tensor, expert_S: Tensor, counts_E: Tensor,
-        scale_S: Tensor,
-    ) -> Tensor:  # fmt: skip
+    def _begin(self, needed: list[int], x: Tensor) -> list[list[int]]:
+        """Account for a call that needs `needed` experts and start the next layer's prefetch;
+        the experts in rounds of at most one per slot, those already in memory first."""
         self.wait()
-        needed = counts_E.nonzero().flatten().tolist()
         if self.guess is not None:
             self.metrics.needed_after_guess += len(needed)
             self.metrics.guessed_right += len(self.guess.intersection(needed))
             self.guess = None
-        self._guess_next(x_SD)
+        self._guess_next(x)
         resident = [e for e in needed if self.slot_of[e] >= 0]
         missing = [e for e in needed if self.slot_of[e] < 0]
         self.metrics.hits += len(resident)
         self.metrics.misses += len(missing)
-        order = resident + missing
-        rounds = [order[i : i + self.num_experts] for i in range(0, len(order), self.num_experts)]
+        order, size = resident + missing, self.num_experts
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def _lookup(self, experts: list[int], device: torch.device) -> Tensor:
+        """(total,) the slot of each of `experts` (read into memory now), -1 for the others."""
+        start = time.perf_counter()
+        slots = self._bring(experts)
+        self.metrics.stall_s += time.perf_counter() - start
+        lut_E = torch.full((self.total + 1,), -1, dtype=torch.long, device=device)
+        lut_E[torch.tensor(experts, device=device)] = torch.tensor(slots, device=device)
+        return lut_E  # index `total` (-1 wraps to it) stays -1: an empty slot stays empty
+
+    def compute(
+        self, backend: ExpertBackend, x_SD: Tensor, expert_S: Tensor, counts_E: Tensor,
+        scale_S: Tensor,
+    ) -> Tensor:  # fmt: skip
+        rounds = self._begin(counts_E.nonzero().flatten().tolist(), x_SD)
         y_SD = x_SD.new_zeros(x_SD.shape[0], self.dim, dtype=compute_dtype(x_SD))
         for experts in rounds:
-            start = time.perf_counter()
-            slots = self._bring(experts)
-            self.metrics.stall_s += time.perf_counter() - start
-            lut_E = torch.full((self.total,), -1, dtype=torch.long, device=x_SD.device)
-            lut_E[torch.tensor(experts, device=x_SD.device)] = torch.tensor(
-                slots, device=x_SD.device
-            )
-            slot_S = lut_E[expert_S]
-            rows = (slot_S >= 0).nonzero().squeeze(1) if len(rounds) > 1 else None
-            if rows is not None:
+            slot_S = self._lookup(experts, x_SD.device)[expert_S]
+            if len(rounds) > 1:
+                rows = (slot_S >= 0).nonzero().squeeze(1)
                 y_SD[rows] = self._run(backend, x_SD[rows], slot_S[rows], scale_S[rows])
             else:
                 y_SD = self._run(backend, x_SD, slot_S, scale_S).to(y_SD.dtype)
         return y_SD
+
+    def decode(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """The decode path on the slots: the same arithmetic as the loaded model's when the
+        step's experts fit in the cache at once (otherwise summed over rounds)."""
+        needed = sorted({e for e in experts_TK.flatten().tolist() if e >= 0})
+        rounds = self._begin(needed, x_TD)
+        y_TD: Tensor | None = None
+        for experts in rounds:
+            slot_TK = self._lookup(experts, x_TD.device)[experts_TK]
+            part = decode_experts(x_TD, slot_TK, weights_TK, self)
+            y_TD = part if y_TD is None else y_TD + part
+        assert y_TD is not None
+        return y_TD
 
     def _run(self, backend: ExpertBackend, x_SD: Tensor, slot_S: Tensor, scale_S: Tensor) -> Tensor:
         """`backend` on the slots, rows grouped by slot where it needs them sorted (a stable

@@ -81,7 +81,6 @@ class Experts(nn.Module):
     """
 
     w_gate: nn.Parameter | None
-    paged = False  # experts read on demand (moekit.infer.offload) take `compute`'s path
 
     def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu"):
         super().__init__()
@@ -150,6 +149,10 @@ class Experts(nn.Module):
         """`backend` on these experts (a paged store, moekit.infer.offload, overrides it to
         bring the experts the rows need into memory first)."""
         return backend.fn(x_SD, expert_S, counts_E, scale_S, self)
+
+    def decode(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """`decode_experts` on these experts (overridden like `compute` by a paged store)."""
+        return decode_experts(x_TD, experts_TK, weights_TK, self)
 
     def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert `e` on rows `x_ND` (the single-expert building block the loops use)."""

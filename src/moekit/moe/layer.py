@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.moe import dispatch, losses
-from moekit.moe.experts import Experts, decode_experts, select_backend
+from moekit.moe.experts import Experts, select_backend
 from moekit.moe.router import RouterOutput, build_router
 from moekit.nn.mlp import MLP
 
@@ -102,7 +102,7 @@ class MoELayer(nn.Module):
             return x_BSD.new_zeros(B, S, D), self._empty_stats(decision)
         if self._decodes(T * K, route):
             out_TD = self._with_shared(
-                x_TD, decode_experts(x_TD, decision.experts, decision.weights, self.experts)
+                x_TD, self.experts.decode(x_TD, decision.experts, decision.weights)
             )
             if not (route.stats or route.record):
                 return out_TD.view(B, S, D), None
@@ -135,14 +135,13 @@ class MoELayer(nn.Module):
     def _decodes(self, copies: int, route: RouteOptions) -> bool:
         """Whether this call takes the decode path (`decode_experts`): inference routing of a
         decode-sized batch (no more copies than experts) with the automatic backend, no
-        autograd, no adapters on the experts, and experts held in memory (not paged)."""
+        autograd and no adapters on the experts."""
         return (
             route.causal is True
             and copies <= self.cfg.num_experts
             and self.backend == "auto"
             and not torch.is_grad_enabled()
             and not len(self.experts.adapters)
-            and not self.experts.paged
         )
 
     def _with_shared(self, x_TD: Tensor, out_TD: Tensor) -> Tensor:
