@@ -19,6 +19,7 @@ def add_parser(sub: Any) -> None:
     _add_upcycle(benches)
     _add_train(benches)
     _add_quant(benches)
+    _add_offload(benches)
 
 
 # ---- layer ------------------------------------------------------------------------------------
@@ -379,4 +380,63 @@ def run_quant(args: argparse.Namespace) -> int:
         agree = f"{row.top1_agreement:.1%}", f"{row.greedy_agreement:.1%}"
         t.add_row(row.name, *figures, *agree, experts, decode)
     console(wide=True).print(t)
+    return 0
+
+
+# ---- offload ----------------------------------------------------------------------------------
+
+
+def _add_offload(benches: Any) -> None:
+    p = benches.add_parser(
+        "offload",
+        help="generation with experts paged under a memory budget, by cache size",
+        description=doc("moekit.bench.offload", "bench_offload"),
+    )
+    p.add_argument("model_dir")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument(
+        "--fractions", default="1,0.5,0.25,0.125", help="cache sizes, as fractions of the experts"
+    )
+    p.add_argument("--expert-cache", choices=("lru", "lfu"), default="lru")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_offload)
+
+
+def run_offload(args: argparse.Namespace) -> int:
+    from moekit.bench.offload import bench_offload
+
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--fractions {args.fractions!r}: give numbers such as 1,0.5,0.25"
+        ) from None
+    r = bench_offload(
+        args.model_dir,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        fractions=fractions,
+        policy=args.expert_cache,
+    )
+    if args.json:
+        print_json(r.to_dict())
+        return 0
+    print(
+        f"{r.model}: {r.moe_layers} MoE layers x {r.experts_per_layer} experts, weights "
+        f"{nbytes(r.weights_bytes)} ({nbytes(r.resident_bytes)} always in memory); fully "
+        f"loaded: {r.loaded_tokens_per_s:,.1f} tok/s decode"
+    )
+    cols = ["cache", "budget", "prefetch", "tok/s", "vs loaded", "hit rate", "stall s", "read",
+            "guessed right", "same tokens"]  # fmt: skip
+    t = table("experts paged under a budget (greedy decode)", cols, right=set(cols[1:]))
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    for row in r.rows:
+        t.add_row(
+            f"{row.cache} ({row.slots}/layer)", nbytes(row.budget), "yes" if row.prefetch else "no",
+            f"{row.tokens_per_s:,.1f}", f"{row.vs_loaded:.2f}x", pct(row.hit_rate),
+            f"{row.stall_s:.2f}", nbytes(row.bytes_read), pct(row.prefetch_accuracy),
+            str(row.same_tokens),
+        )  # fmt: skip
+    console().print(t)
     return 0

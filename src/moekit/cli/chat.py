@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Any
 
-from moekit.cli.common import add_device_argument, add_sampling_arguments, doc, sampling_params
+from moekit.cli.common import (
+    add_device_argument,
+    add_offload_arguments,
+    add_sampling_arguments,
+    doc,
+    offload_config,
+    sampling_params,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -19,6 +26,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--system", help="a system message")
     add_sampling_arguments(p, default_temperature=0.7)
     add_device_argument(p)
+    add_offload_arguments(p)
     p.set_defaults(run=run, json=False)
 
 
@@ -27,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.infer.generate import ContextLengthError, Generator
 
     session = ChatSession(
-        Generator.from_dir(args.model_dir, device=args.device),
+        Generator.from_dir(args.model_dir, device=args.device, offload=offload_config(args)),
         sampling_params(args),
         template=ChatTemplate.load(args.model_dir),
         system=args.system,

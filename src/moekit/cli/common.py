@@ -74,6 +74,49 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=f"where the model runs: {DEVICES_HELP}")
 
 
+def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
+    """--max-memory and the expert-cache flags (see moekit.infer.offload)."""
+
+    def size(text: str) -> int:
+        from moekit.infer.offload import parse_size
+
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument(
+        "--max-memory",
+        type=size,
+        metavar="SIZE",
+        help="page the routed experts from the weight files to keep the weights within SIZE "
+        "(e.g. 6GiB, 500MB); the other weights stay in memory",
+    )
+    parser.add_argument(
+        "--expert-cache",
+        choices=("lru", "lfu"),
+        default="lru",
+        help="with --max-memory: which expert a full cache drops (least recently or least "
+        "frequently used; default lru)",
+    )
+    parser.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="with --max-memory: do not guess and read the next layer's experts ahead",
+    )
+
+
+def offload_config(args: argparse.Namespace) -> Any:
+    """The OffloadConfig the offload flags ask for, or None without --max-memory."""
+    if args.max_memory is None:
+        return None
+    from moekit.infer.offload import OffloadConfig
+
+    return OffloadConfig(
+        max_memory=args.max_memory, policy=args.expert_cache, prefetch=not args.no_prefetch
+    )
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser, *, default_temperature: float) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(

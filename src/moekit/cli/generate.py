@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Any
 
-from moekit.cli.common import add_device_argument, add_sampling_arguments, doc, sampling_params
+from moekit.cli.common import (
+    add_device_argument,
+    add_offload_arguments,
+    add_sampling_arguments,
+    doc,
+    offload_config,
+    sampling_params,
+)
 from moekit.cli.format import print_json
 
 
@@ -20,6 +27,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("prompt")
     add_sampling_arguments(p, default_temperature=0.8)
     add_device_argument(p)
+    add_offload_arguments(p)
     p.add_argument("--routing", action="store_true", help="with --json: each token's experts")
     p.add_argument(
         "--json", action="store_true", help="print {text, token_ids, ...} instead of streaming"
@@ -30,7 +38,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from moekit.infer.generate import Generator
 
-    generator = Generator.from_dir(args.model_dir, device=args.device)
+    generator = Generator.from_dir(args.model_dir, device=args.device, offload=offload_config(args))
     params = sampling_params(args, return_routing=args.routing)
     if args.json:
         completion = generator.generate(args.prompt, params)[0]
@@ -45,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
                 {"token_id": t.id, "layers": {str(k): v for k, v in (t.routing or {}).items()}}
                 for t in completion.tokens
             ]
+        from moekit.infer.offload import offload_report
+
+        if (offload := offload_report(generator.model)) is not None:
+            data["offload"] = offload
         print_json(data)
         return 0
     sys.stdout.write(args.prompt)

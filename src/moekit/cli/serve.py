@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from moekit.cli.common import add_device_argument, doc
+from moekit.cli.common import add_device_argument, add_offload_arguments, doc, offload_config
 
 
 def add_parser(sub: Any) -> None:
@@ -32,6 +32,7 @@ def add_parser(sub: Any) -> None:
         "context, at most 4096)",
     )
     add_device_argument(p)
+    add_offload_arguments(p)
     p.add_argument(
         "--header-timeout",
         type=float,
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             max_tokens_limit=args.max_tokens,
             max_context=args.max_context,
             device=args.device,
+            offload=offload_config(args),
             on_ready=ready,
             limits=limits,
             allowed_hosts=split_list(args.allowed_hosts),

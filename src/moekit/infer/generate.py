@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from moekit.infer.detokenize import TextTracker
+from moekit.infer.offload import OffloadConfig
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
 from moekit.model import ModelOutput, Transformer
 from moekit.nn.kv_cache import KVCache
@@ -108,14 +109,21 @@ class Generator:
         *,
         device: str | torch.device | None = "auto",
         dtype: torch.dtype | None = None,
+        offload: OffloadConfig | None = None,
     ) -> Generator:
         """A generator for the model directory `model_dir`, on `device` ("auto": CUDA when
-        present, else the CPU; see `moekit.runtime.resolve_device`)."""
+        present, else the CPU; see `moekit.runtime.resolve_device`). With `offload`, the routed
+        experts are paged from the weight files under its memory budget (moekit.infer.offload)."""
         from moekit.data.tokenizer import Tokenizer
         from moekit.model_dir import load_model
         from moekit.runtime import resolve_device
 
-        model = load_model(model_dir, device=resolve_device(device), dtype=dtype)
+        if offload is not None:
+            from moekit.infer.offload import load_paged_model
+
+            model = load_paged_model(model_dir, offload, device=resolve_device(device), dtype=dtype)
+        else:
+            model = load_model(model_dir, device=resolve_device(device), dtype=dtype)
         return cls(model, Tokenizer.load(model_dir))
 
     @property

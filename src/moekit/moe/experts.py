@@ -142,6 +142,18 @@ class Experts(nn.Module):
             return F.gelu(up)
         return F.silu(gate) * up
 
+    def compute(
+        self, backend: ExpertBackend, x_SD: Tensor, expert_S: Tensor, counts_E: Tensor,
+        scale_S: Tensor,
+    ) -> Tensor:  # fmt: skip
+        """`backend` on these experts (a paged store, moekit.infer.offload, overrides it to
+        bring the experts the rows need into memory first)."""
+        return backend.fn(x_SD, expert_S, counts_E, scale_S, self)
+
+    def decode(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """`decode_experts` on these experts (overridden like `compute` by a paged store)."""
+        return decode_experts(x_TD, experts_TK, weights_TK, self)
+
     def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert `e` on rows `x_ND` (the single-expert building block the loops use)."""
         gate = self.linear_one("w_gate", x_ND, e) if self.w_gate is not None else None

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.moe import dispatch, losses
-from moekit.moe.experts import ExpertBackend, Experts, decode_experts, select_backend
+from moekit.moe.experts import ExpertBackend, Experts, select_backend
 from moekit.moe.router import RouterOutput, build_router
 from moekit.nn.mlp import MLP
 
@@ -105,7 +105,7 @@ class MoELayer(nn.Module):
             return x_BSD.new_zeros(B, S, D), self._empty_stats(decision)
         if self._decodes(T * K, route):
             out_TD = self._with_shared(
-                x_TD, decode_experts(x_TD, decision.experts, decision.weights, self.experts)
+                x_TD, self.experts.decode(x_TD, decision.experts, decision.weights)
             )
             if not (route.stats or route.record):
                 return out_TD.view(B, S, D), None
@@ -126,8 +126,8 @@ class MoELayer(nn.Module):
             seq_len=S,
             sort=backend.needs_sorted,
         )
-        y_CD = backend.fn(
-            dispatch.permute(x_TD, p), p.expert_S, p.tokens_per_expert, p.weight_S, self.experts
+        y_CD = self.experts.compute(
+            backend, dispatch.permute(x_TD, p), p.expert_S, p.tokens_per_expert, p.weight_S
         )
         out_TD = self._with_shared(x_TD, dispatch.combine(y_CD, p, T))
         if not (route.stats or route.record):

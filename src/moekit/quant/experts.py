@@ -72,6 +72,14 @@ class QuantExperts(nn.Module):
     def act(self, gate: Tensor | None, up: Tensor) -> Tensor:
         return F.gelu(up) if gate is None else F.silu(gate) * up
 
+    def compute(
+        self, backend: ExpertBackend, x_SD: Tensor, expert_S: Tensor, counts_E: Tensor,
+        scale_S: Tensor,
+    ) -> Tensor:  # fmt: skip
+        """`backend` (the quantised one the layer is given) on these experts, as the MoE
+        layer calls float experts."""
+        return backend.fn(x_SD, expert_S, counts_E, scale_S, self)  # type: ignore[arg-type]
+
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "

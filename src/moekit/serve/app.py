@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from moekit.infer.chat import TEMPLATE_FILE, ChatTemplate, check_template
 from moekit.infer.detokenize import TokenBytes
 from moekit.infer.generate import Generator
+from moekit.infer.offload import OffloadConfig
 from moekit.serve.admission import Admission
 from moekit.serve.config import ServerConfig, SettingError, check_count, listed
 from moekit.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
@@ -63,6 +64,7 @@ def build(
     allowed_hosts: str | Sequence[str] = (),
     allowed_origins: str | Sequence[str] = (),
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    offload: OffloadConfig | None = None,
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
@@ -86,7 +88,7 @@ def build(
         raise SettingError("prefill_chunk", prefill_chunk, "must be an integer >= 0 (0: off)")
     template = ChatTemplate.load(model_dir)
     check_template(template, str(Path(model_dir) / TEMPLATE_FILE))
-    generator = Generator.from_dir(model_dir, device=device)
+    generator = Generator.from_dir(model_dir, device=device, offload=offload)
     engine = Engine(
         generator,
         max_batch=max_batch,

@@ -59,7 +59,8 @@ class Metrics:
 def prometheus_text(engine: Engine, metrics: Metrics) -> str:
     """Every metric, HTTP and engine, as one Prometheus text page."""
     lines = [*_http_lines(metrics), *_connection_lines(metrics.connections)]
-    return "\n".join([*lines, *_engine_lines(engine)]) + "\n"
+    lines += [*_engine_lines(engine), *_offload_lines(getattr(engine, "model", None))]
+    return "\n".join(lines) + "\n"
 
 
 def _http_lines(metrics: Metrics) -> list[str]:
@@ -144,4 +145,25 @@ def _engine_lines(engine: Engine) -> list[str]:
     for layer, counts in sorted(s.expert_tokens.items()):
         for e, n in enumerate(counts):
             lines.append(f'moekit_expert_tokens_total{{layer="{layer}",expert="{e}"}} {n}')
+    return lines
+
+
+_OFFLOAD = (  # name, kind, help, LayerMetrics field
+    ("expert_cache_hits_total", "counter", "Experts found in the cache, by MoE layer.", "hits"),
+    ("expert_cache_misses_total", "counter", "Experts read on demand, by MoE layer.", "misses"),
+    ("expert_bytes_read_total", "counter", "Bytes of experts read, by MoE layer.", "bytes_read"),
+    ("expert_stall_seconds_total", "counter", "Time spent waiting for expert reads.", "stall_s"),
+    ("expert_cache_slots", "gauge", "Experts the cache holds, by MoE layer.", "slots"),
+)
+
+
+def _offload_lines(model: object) -> list[str]:
+    """Expert-cache metrics per MoE layer when the experts are paged (--max-memory)."""
+    from moekit.infer.offload import offload_metrics
+
+    layers = offload_metrics(model) if model is not None else []
+    lines: list[str] = []
+    for name, kind, text, attr in _OFFLOAD if layers else ():
+        lines += [f"# HELP moekit_{name} {text}", f"# TYPE moekit_{name} {kind}"]
+        lines += [f'moekit_{name}{{layer="{m.layer}"}} {getattr(m, attr)}' for m in layers]
     return lines
