@@ -90,6 +90,14 @@ def test_a_budget_below_the_minimum_is_refused_with_the_minimum(tiny_model_dir):
     assert offload_report(model)["slots_per_layer"] == 1  # type: ignore[index]
 
 
+def test_a_quantised_model_is_refused_by_name(tiny_model_dir, tmp_path):
+    from moekit import quantize
+
+    quantize(tiny_model_dir, tmp_path / "int8", bits=8)
+    with pytest.raises(ValueError, match=r"8-bit quantised weights; --max-memory pages float"):
+        load_paged_model(tmp_path / "int8", OffloadConfig(max_memory=1 << 30))
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

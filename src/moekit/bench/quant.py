@@ -60,14 +60,18 @@ class QuantBench:
 
 
 def _val_rows(model_dir: ModelDir, seq_len: int) -> Tensor:
+    """The validation rows in the fixed shuffled order training evaluates them in (seeded with
+    the run's seed), so that a capped number of rows samples every document, not the first."""
     run = model_dir / ModelDir.RUN_CONFIG
-    data = DataConfig()
+    data, seed = DataConfig(), 0
     if run.is_file():
-        fields = json.loads(run.read_text()).get("data") or {}
-        data = DataConfig.from_dict(fields)
+        fields = json.loads(run.read_text())
+        data = DataConfig.from_dict(fields.get("data") or {})
+        seed = int((fields.get("train") or {}).get("seed", 0))
     tokenizer = Tokenizer.load(model_dir.path)
     _, packed = prepare_data(data, tokenizer.vocab_size, seq_len, tokenizer=tokenizer)
-    return packed.val
+    order = torch.randperm(len(packed.val), generator=torch.Generator().manual_seed(seed))
+    return packed.val[order]
 
 
 def _expert_bytes(model: Transformer) -> int:

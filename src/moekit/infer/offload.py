@@ -144,6 +144,12 @@ def load_paged_model(
     directory = ModelDir(model_dir)
     target = resolve_device(device)
     cfg = directory.config()
+    if cfg.quantization is not None:
+        q = cfg.quantization
+        raise ValueError(
+            f"{directory.path} holds {q.bits}-bit quantised weights; --max-memory pages float "
+            "experts only: load it without a budget, or page its float original"
+        )
     stored = stored_tensors(directory.path)
     try:
         model = meta_model(cfg)
