@@ -42,3 +42,17 @@ def test_prediction_and_the_budget_extension_point():
 
 def test_measured_bandwidth_is_plausible():
     assert 1e8 < measure_bandwidth(size_mib=32, repeats=2) < 1e13
+
+
+def test_quantised_experts_count_as_stored():
+    from moekit.config import QuantizationConfig
+
+    cfg = get_preset("demo")
+    full = step_bytes(cfg, batch=1, context=0)
+    cfg.quantization = QuantizationConfig(bits=4, group_size=32)
+    int4 = step_bytes(cfg, batch=1, context=0)
+    assert int4.by_part["routed_experts"] == round(full.by_part["routed_experts"] * 0.75 / 4)
+    assert int4.by_part["attention"] == full.by_part["attention"]  # parts="experts" only
+    cfg.quantization = QuantizationConfig(bits=8, parts="all")
+    int8 = step_bytes(cfg, batch=1, context=0)
+    assert int8.by_part["attention"] < full.by_part["attention"] / 3

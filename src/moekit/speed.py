@@ -70,8 +70,16 @@ def step_bytes(
     cfg: ModelConfig, *, batch: int = 1, context: int = 128, bytes_per_weight: float = 4.0
 ) -> StepBytes:
     """The bytes one decode step of `batch` tokens reads from memory (see `StepBytes`), for
-    weights of `bytes_per_weight` bytes (4: float32) and a float32 KV cache."""
-    d, bpw = cfg.dim, bytes_per_weight
+    weights of `bytes_per_weight` bytes (4: float32) and a float32 KV cache. The weights a
+    config's `quantization` covers count as stored: int8 one byte plus a float32 scale per
+    output channel, int4 half a byte plus a float32 scale and minimum per group."""
+    d = cfg.dim
+    bpw = expert_bpw = bytes_per_weight
+    q = cfg.quantization
+    if q is not None:
+        expert_bpw = 1.0 + 4.0 / d if q.bits == 8 else 0.5 + 8.0 / (q.group_size or 32)
+        if q.parts == "all":
+            bpw = expert_bpw
     parts = dict.fromkeys(
         ("embeddings", "attention", "norms", "router", "shared_experts", "dense_mlp"), 0.0
     )
@@ -90,7 +98,7 @@ def step_bytes(
         if moe.router == "expert_choice":  # decoding routes it causally: ceil(factor) each
             k = min(moe.num_experts, math.ceil(moe.capacity_factor or 1.0))
         distinct = expected_distinct(moe.num_experts, k, batch)
-        parts["routed_experts"] += distinct * mlp_params(cfg, moe.expert_hidden) * bpw
+        parts["routed_experts"] += distinct * mlp_params(cfg, moe.expert_hidden) * expert_bpw
         parts["router"] += moe.num_experts * d * 4  # routers stay float32
         if moe.num_shared_experts:
             parts["shared_experts"] += mlp_params(cfg, moe.shared_hidden_total) * bpw

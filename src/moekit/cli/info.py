@@ -175,7 +175,7 @@ def run_speed(args: argparse.Namespace) -> int:
         ["figure", "value"],
         right={"value"},
         show_header=False,
-        caption=f"float32 weights, KV cache of {sb.context} positions; small models are "
+        caption=f"weights as stored, KV cache of {sb.context} positions; small models are "
         "bound by per-call overhead and stay below this",
     )
     for part, n in sb.by_part.items():
