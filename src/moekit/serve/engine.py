@@ -408,7 +408,8 @@ class Engine:
             valid=fed,
             causal_routing=True,
             top_k=top_k,
-            return_routing=True,
+            return_routing=True,  # the routing each token's answer and the metrics show
+            routing_stats=False,  # and none of training's routing statistics
         )
         self.stats.decode_steps += 1
         self.stats.batched_tokens += int(fed.sum())

@@ -49,6 +49,7 @@ class Prefill:
             cache=self.cache,
             causal_routing=True,
             top_k=self.req.params.experts_per_token,
+            routing_stats=False,
         )
         logits = out.logits[0]  # (n, V) in the model's dtype
         if self.req.echo_logprobs:
