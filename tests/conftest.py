@@ -1,3 +1,4 @@
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -135,3 +136,23 @@ def browser() -> Iterator[Any]:
             yield chrome
         finally:
             chrome.close()
+
+
+def disk_full_after(monkeypatch: Any, files_written: int) -> list[str]:
+    """Make safetensors write `files_written` files, then find the disk full half way into the
+    next one (an ENOSPC, a partial file left behind); returns the file names it was given."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+    calls = []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) <= files_written:
+            return real(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    return calls

@@ -23,6 +23,8 @@ from moekit.model_dir import (
     weight_files,
 )
 
+from .conftest import disk_full_after
+
 
 def test_a_model_round_trips_through_its_directory(tmp_path):
     cfg = get_preset("debug")
@@ -262,25 +264,6 @@ def test_a_model_too_large_for_the_memory_is_refused_with_both_sizes(tmp_path, m
         build_model(cfg)
     monkeypatch.undo()
     assert moekit.model.available_memory(torch.device("cpu")) > 1_000_000
-
-
-def disk_full_after(monkeypatch, files_written):
-    """safetensors writes `files_written` files, then fills the disk half way into the next."""
-    import safetensors.torch
-
-    real = safetensors.torch.save_file
-    calls = []
-
-    def save_file(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) <= files_written:
-            return real(tensors, filename, metadata=metadata)
-        with open(filename, "wb") as f:
-            f.write(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    return calls
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded"])

@@ -21,7 +21,7 @@ from moekit.training.errors import (
 from moekit.training.metrics import MetricsLog
 from moekit.training.trainer import NonFiniteLossError, Trainer, train
 
-from ..conftest import TINY_RUN
+from ..conftest import TINY_RUN, disk_full_after
 
 
 def losses(run_dir, kind="train", key="loss"):
@@ -241,25 +241,6 @@ def test_signals_save_a_checkpoint_then_resume_finishes(tmp_path, sig):
     assert json.loads(resumed.stdout)["steps"] == step + 2
 
 
-def fill_disk_after(monkeypatch, files_written):
-    """safetensors writes `files_written` files, then finds the disk full half way into the
-    next one."""
-    import safetensors.torch
-
-    real = safetensors.torch.save_file
-    calls = []
-
-    def save_file(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) <= files_written:
-            return real(tensors, filename, metadata=metadata)
-        with open(filename, "wb") as f:
-            f.write(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-
-
 # A save writes the model directory's weights, then the checkpoint's: the disk fills at the
 # second save (step 8), in the one or in the other.
 @pytest.mark.parametrize("files_written", [2, 3], ids=["model-weights", "checkpoint"])
@@ -269,7 +250,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(
     cfg = tiny_run_config("train.max_steps=8")
     train(cfg, tmp_path / "full", verbose=False, report=False)
     run = tmp_path / "run"
-    fill_disk_after(monkeypatch, files_written)
+    disk_full_after(monkeypatch, files_written)
     with pytest.raises(RunDiskFullError) as info:
         train(cfg, run, verbose=False, report=False)
     monkeypatch.undo()
