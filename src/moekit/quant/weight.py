@@ -64,6 +64,7 @@ class QuantWeight(nn.Module):
         with torch.no_grad():
             for name, t in parts.items():
                 getattr(self, name).copy_(t)
+        self.forget()
 
     def parts(self, e: int | None = None) -> dict[str, Tensor]:
         """The stored tensors (of expert `e` when stacked)."""
@@ -118,6 +119,14 @@ class QuantWeight(nn.Module):
             cached = (version, packed, scale_zeros)
             self._packed[e] = cached
         return cached[1], cached[2]
+
+    def forget(self, e: int | None = None) -> None:
+        """Drop what the kernels derived from the stored tensors (of expert `e`, or all): call
+        after writing into them other than through `load_parts` (a paged expert's slot)."""
+        if e is None:
+            self._packed.clear()
+        else:
+            self._packed.pop(e, None)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parts().values())
