@@ -28,7 +28,6 @@ from moekit.infer.generate import greedy_generate
 from moekit.model import Transformer
 from moekit.model_dir import ModelDir
 from moekit.moe import dispatch
-from moekit.moe.experts import select_backend
 from moekit.quant.build import quantize_model, set_kernel
 from moekit.training.step import eval_loss
 
@@ -113,7 +112,7 @@ def _experts_call(model: Transformer) -> Any:
     layer = next(iter(model.moe_layers().values()))
     x_TD = torch.randn(1, model.cfg.dim, generator=torch.Generator().manual_seed(0))
     decision = layer.router(x_TD, causal=True)
-    backend = layer.backend_override or select_backend(
+    backend = layer.experts.backend_for(
         layer.backend, decision.experts.numel(), layer.cfg.num_experts, x_TD.device
     )
     p = dispatch.plan(decision.experts, decision.weights, layer.cfg.num_experts, sort=True)

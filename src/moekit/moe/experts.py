@@ -142,17 +142,46 @@ class Experts(nn.Module):
             return F.gelu(up)
         return F.silu(gate) * up
 
+    # ---- what the MoE layer calls (the expert-store contract) ----------------------------
+    # Stores that hold their weights another way (quantised: moekit.quant.experts; paged from
+    # disk: moekit.infer.expert_cache) provide the same five methods.
+
+    def backend_for(
+        self, name: str, copies: int, num_experts: int, device: torch.device
+    ) -> ExpertBackend:
+        """The backend that computes `copies` token copies routed over `num_experts` experts
+        (`select_backend`; a store that brings its own compute returns that)."""
+        return select_backend(name, copies, num_experts, device)
+
+    def can_decode(self) -> bool:
+        """Whether `decode` may be used (no adapters: they need the backends' batched calls)."""
+        return not len(self.adapters)
+
     def compute(
         self, backend: ExpertBackend, x_SD: Tensor, expert_S: Tensor, counts_E: Tensor,
         scale_S: Tensor,
     ) -> Tensor:  # fmt: skip
-        """`backend` on these experts (a paged store, moekit.infer.offload, overrides it to
-        bring the experts the rows need into memory first)."""
+        """`backend` on these experts (a paged store brings the experts the rows need into
+        memory first)."""
         return backend.fn(x_SD, expert_S, counts_E, scale_S, self)
 
     def decode(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """`decode_experts` on these experts (overridden like `compute` by a paged store)."""
         return decode_experts(x_TD, experts_TK, weights_TK, self)
+
+    def decode_fn(self) -> Callable[[Tensor, int], Tensor]:
+        """For one decode step: `fn(x_ND, e)`, expert e on a few rows without autograd (gate
+        and up as one matmul over their weights fused in memory)."""
+        gate_up = self.fused_gate_up()
+        if gate_up is None:
+            return self.expert_forward
+        w_down, hidden = self.w_down, self.hidden
+
+        def one(x_ND: Tensor, e: int) -> Tensor:
+            gate, up = F.linear(x_ND, gate_up[e]).split(hidden, dim=-1)
+            return F.linear(F.silu(gate) * up, w_down[e])
+
+        return one
 
     def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert `e` on rows `x_ND` (the single-expert building block the loops use)."""
@@ -332,27 +361,29 @@ def gather_experts(
     return ex.linear_gathered("w_down", h, expert_S).squeeze(1)
 
 
-def _decode_one(ex: Experts, x_ND: Tensor, e: int, gate_up: Tensor | None) -> Tensor:
-    """Expert e on a few rows, gate and up as one matmul when `gate_up` is given."""
-    if gate_up is None:
-        return ex.expert_forward(x_ND, e)
-    gate, up = F.linear(x_ND, gate_up[e]).split(ex.hidden, dim=-1)
-    return F.linear(F.silu(gate) * up, ex.w_down[e])
+class DecodingStore(Protocol):
+    """What `decode_experts` needs of an expert store."""
+
+    dim: int
+
+    def decode_fn(self) -> Callable[[Tensor, int], Tensor]: ...
 
 
-def decode_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, ex: Experts) -> Tensor:
+def decode_experts(
+    x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, ex: DecodingStore
+) -> Tensor:
     """The routed experts' weighted sum for each of a few tokens, without autograd: (T, D).
 
-    `experts_TK` may hold -1 for an empty slot. The caller guarantees there are no adapters
-    (they need the backends' batched calls) and that autograd is off.
+    `experts_TK` may hold -1 for an empty slot. The caller guarantees that the store can
+    decode (`can_decode`: no adapters) and that autograd is off.
     """
     T, K = experts_TK.shape
-    gate_up = ex.fused_gate_up()
+    one = ex.decode_fn()
     rows = experts_TK.tolist()
     w_TK = weights_TK.to(x_TD.dtype)
     if T == 1:
         slots = [k for k, e in enumerate(rows[0]) if e >= 0]
-        y_KD = torch.cat([_decode_one(ex, x_TD, rows[0][k], gate_up) for k in slots])
+        y_KD = torch.cat([one(x_TD, rows[0][k]) for k in slots])
         w_1K = w_TK if len(slots) == K else w_TK[:, slots]
         return w_1K @ y_KD
     # Group the copies by expert so each expert's weights are read once for the step.
@@ -367,7 +398,7 @@ def decode_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, ex: Exp
     outs, start = [], 0
     for e in sorted(by_expert):
         n = len(by_expert[e])
-        outs.append(_decode_one(ex, x_SD[start : start + n], e, gate_up))
+        outs.append(one(x_SD[start : start + n], e))
         start += n
     y_SD = torch.cat(outs) * w_TK.reshape(-1).index_select(0, index[0]).unsqueeze(1)
     return y_SD.new_zeros(T, ex.dim).index_add_(0, index[1], y_SD)

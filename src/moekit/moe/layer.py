@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.moe import dispatch, losses
-from moekit.moe.experts import ExpertBackend, Experts, select_backend
+from moekit.moe.experts import Experts, select_backend
 from moekit.moe.router import RouterOutput, build_router
 from moekit.nn.mlp import MLP
 
@@ -82,9 +82,6 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         select_backend(cfg.backend, 0, cfg.num_experts, torch.device("cpu"))  # a known name?
         self.backend = cfg.backend
-        # Experts that bring their own compute (quantised: moekit.quant) set it here; it is
-        # used instead of the registry's backends.
-        self.backend_override: ExpertBackend | None = None
 
     def forward(
         self, x_BSD: Tensor, *, route: RouteOptions = DEFAULT_ROUTE
@@ -114,9 +111,7 @@ class MoELayer(nn.Module):
             stats = self._stats(decision, routed_E, routed_E.new_zeros(()), route.mask)
             return out_TD.view(B, S, D), stats._replace(routing=decision if route.record else None)
 
-        backend = self.backend_override or select_backend(
-            self.backend, T * K, self.cfg.num_experts, x_BSD.device
-        )
+        backend = self.experts.backend_for(self.backend, T * K, self.cfg.num_experts, x_BSD.device)
         p = dispatch.plan(
             decision.experts,
             decision.weights,
@@ -140,14 +135,13 @@ class MoELayer(nn.Module):
     def _decodes(self, copies: int, route: RouteOptions) -> bool:
         """Whether this call takes the decode path (`decode_experts`): inference routing of a
         decode-sized batch (no more copies than experts) with the automatic backend, no
-        autograd and no adapters on the experts."""
+        autograd, and experts that can (`Experts.can_decode`: no adapters)."""
         return (
-            self.backend_override is None  # quantised experts: their own backend
-            and route.causal is True
+            route.causal is True
             and copies <= self.cfg.num_experts
             and self.backend == "auto"
             and not torch.is_grad_enabled()
-            and not len(self.experts.adapters)
+            and self.experts.can_decode()
         )
 
     def _with_shared(self, x_TD: Tensor, out_TD: Tensor) -> Tensor:

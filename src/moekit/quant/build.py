@@ -17,10 +17,9 @@ from torch import Tensor, nn
 from moekit import model as float_model
 from moekit.config import ModelConfig, QuantizationConfig
 from moekit.moe.experts import Experts
-from moekit.moe.layer import MoELayer
 from moekit.moe.router import Router
 from moekit.quant import formats
-from moekit.quant.experts import BACKEND, PROJECTIONS, QuantExperts
+from moekit.quant.experts import PROJECTIONS, QuantExperts
 from moekit.quant.weight import QuantLinear, QuantWeight
 
 
@@ -83,9 +82,6 @@ def swap_modules(model: float_model.Transformer, q: QuantizationConfig) -> None:
         experts = model.get_submodule(path)
         assert isinstance(experts, Experts)
         _set(model, path, QuantExperts.like(experts, bits, group))
-        layer = model.get_submodule(path.rpartition(".")[0])
-        assert isinstance(layer, MoELayer)
-        layer.backend_override = BACKEND
     for path in found.linears:
         lin = model.get_submodule(path)
         assert isinstance(lin, nn.Linear)

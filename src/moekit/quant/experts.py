@@ -9,11 +9,13 @@ projection per non-empty expert, reading only that expert's packed slice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.moe.experts import ExpertBackend, Experts
+from moekit.moe.experts import ExpertBackend, Experts, decode_experts
 from moekit.quant.weight import QuantWeight
 
 PROJECTIONS = ("w_gate", "w_up", "w_down")
@@ -72,13 +74,36 @@ class QuantExperts(nn.Module):
     def act(self, gate: Tensor | None, up: Tensor) -> Tensor:
         return F.gelu(up) if gate is None else F.silu(gate) * up
 
+    # ---- the expert-store contract (see moekit.moe.experts.Experts) ---------------------
+
+    def backend_for(
+        self, name: str, copies: int, num_experts: int, device: torch.device
+    ) -> ExpertBackend:
+        """`BACKEND` whatever the config names: packed weights have one way to compute."""
+        return BACKEND
+
+    def can_decode(self) -> bool:
+        return True
+
     def compute(
         self, backend: ExpertBackend, x_SD: Tensor, expert_S: Tensor, counts_E: Tensor,
         scale_S: Tensor,
     ) -> Tensor:  # fmt: skip
-        """`backend` (the quantised one the layer is given) on these experts, as the MoE
-        layer calls float experts."""
+        """`backend` (the one `backend_for` gave the layer) on these experts."""
         return backend.fn(x_SD, expert_S, counts_E, scale_S, self)  # type: ignore[arg-type]
+
+    def decode(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """The routed experts' weighted sum for a few tokens (`decode_experts`)."""
+        return decode_experts(x_TD, experts_TK, weights_TK, self)
+
+    def decode_fn(self) -> Callable[[Tensor, int], Tensor]:
+        """`fn(x_ND, e)`: expert e on a few rows, from its packed weights."""
+        return self.expert_forward
+
+    def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
+        """Expert `e` on rows `x_ND` (gate, up and down products from the packed weights)."""
+        gate = self.w_gate.matmul(x_ND, e) if self.w_gate is not None else None
+        return self.w_down.matmul(self.act(gate, self.w_up.matmul(x_ND, e)), e)
 
     def extra_repr(self) -> str:
         return (
