@@ -23,6 +23,7 @@ from moekit.infer.offload import (
 from moekit.infer.sampling import SamplingParams
 from moekit.model import meta_model
 from moekit.model_dir import ModelDir, load_model, save_model
+from moekit.quant.build import meta_model as qmeta_model
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -44,11 +45,11 @@ def test_a_malformed_size_names_the_accepted_forms(text):
 
 
 def _minimum(model_dir: Path) -> int:
-    return plan_budget(meta_model(ModelDir(model_dir).config()), 2**62).minimum
+    return plan_budget(qmeta_model(ModelDir(model_dir).config()), 2**62).minimum
 
 
 def _budget(model_dir: Path, slots: int) -> int:
-    plan = plan_budget(meta_model(ModelDir(model_dir).config()), 2**62)
+    plan = plan_budget(qmeta_model(ModelDir(model_dir).config()), 2**62)
     return plan.resident + slots * sum(plan.expert.values())
 
 
@@ -90,12 +91,38 @@ def test_a_budget_below_the_minimum_is_refused_with_the_minimum(tiny_model_dir):
     assert offload_report(model)["slots_per_layer"] == 1  # type: ignore[index]
 
 
-def test_a_quantised_model_is_refused_by_name(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("bits", "only", "slots", "prefetch"),
+    [(8, "experts", 2, True), (4, "all", 3, False), (4, "experts", 1, True)],
+)
+def test_quantised_experts_page_with_the_loaded_models_outputs(
+    tiny_model_dir, tmp_path, bits, only, slots, prefetch
+):
+    """A slot holds an expert's packed weights, scales and minimums: prompts (in rounds),
+    decode steps and greedy tokens equal the quantised model loaded whole."""
     from moekit import quantize
 
-    quantize(tiny_model_dir, tmp_path / "int8", bits=8)
-    with pytest.raises(ValueError, match=r"8-bit quantised weights; --max-memory pages float"):
-        load_paged_model(tmp_path / "int8", OffloadConfig(max_memory=1 << 30))
+    qdir = tmp_path / f"int{bits}"
+    quantize(tiny_model_dir, qdir, bits=bits, only=only)
+    offload = OffloadConfig(max_memory=_budget(qdir, slots), prefetch=prefetch)
+    paged = Generator.from_dir(qdir, device="cpu", offload=offload)
+    full = Generator.from_dir(qdir, device="cpu")
+    report = offload_report(paged.model)
+    assert report is not None and report["slots_per_layer"] == slots
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = full.model(tokens, causal_routing=True).logits
+        assert torch.equal(paged.model(tokens, causal_routing=True).logits, want)
+        step = torch.tensor([[1], [50], [300], [511]])
+        want = full.model(step, causal_routing=True).logits
+        assert torch.equal(paged.model(step, causal_routing=True).logits, want)
+    prompts = ["The history of", "Water boils at"]
+    want_ids = [c.token_ids for c in full.generate(prompts, GREEDY)]
+    assert [c.token_ids for c in paged.generate(prompts, GREEDY)] == want_ids
+    layer = plan_budget(qmeta_model(ModelDir(qdir).config()), 2**62).expert[0]
+    float_layer = plan_budget(meta_model(ModelDir(tiny_model_dir).config()), 2**62).expert[0]
+    assert layer < float_layer / 3  # a slot holds the packed bytes, not float weights
+    assert offload_report(paged.model)["bytes_read"] > 0  # type: ignore[index]
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -4,12 +4,14 @@ Shape legend: S kept token copies, D model dim, F expert hidden dim, E experts o
 C cache slots of the layer (C <= E).
 
 A `PagedExperts` is an `Experts` module whose stacked weights hold C slots instead of E
-experts. Before a backend runs, `compute` makes sure the experts the rows were routed to sit
-in slots (reading each missing expert's slice of `w_gate_EFD`, `w_up_EFD` and `w_down_EDF`
-from the file, evicting the least recently or least frequently used one), renumbers the rows
-from experts to slots and runs the same backend on the slots: every expert sees the same rows
-in the same order with the same weights, so outputs equal the fully resident model's. When a
-call needs more experts than there are slots (a long prompt), they are computed in rounds.
+experts (`PagedQuantExperts` the same for quantised experts: a slot holds an expert's packed
+weights, scales and minimums). Before a backend runs, `compute` makes sure the experts the
+rows were routed to sit in slots (reading each missing expert's slice of every stacked tensor
+it is stored as, e.g. `w_gate_EFD`, `w_up_EFD` and `w_down_EDF`, from the file, evicting the
+least recently or least frequently used one), renumbers the rows from experts to slots and
+runs the same computation on the slots: every expert sees the same rows in the same order with
+the same weights, so outputs equal the fully resident model's. When a call needs more experts
+than there are slots (a long prompt), they are computed in rounds.
 
 With prefetch, a layer applies the next MoE layer's router to its own input and loads the
 experts it names for that layer on a background thread while it computes.
@@ -27,6 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from moekit.moe.experts import ExpertBackend, Experts, compute_dtype, decode_experts
+from moekit.quant.experts import QuantExperts
+from moekit.quant.weight import QuantWeight
 from moekit.weights import StoredTensor, UnreadableWeightsError, open_weights, read_tensor
 
 POLICIES = ("lru", "lfu")
@@ -119,7 +123,7 @@ class Pager:
     files: ExpertFiles
     policy: str = "lru"
     prefetch: bool = True
-    layers: dict[int, PagedExperts] = field(default_factory=dict)
+    layers: dict[int, SlotCache] = field(default_factory=dict)
     routers: dict[int, nn.Module] = field(default_factory=dict)
     following: dict[int, int] = field(default_factory=dict)
     _pool: ThreadPoolExecutor | None = None
@@ -139,15 +143,17 @@ class Pager:
             layer.metrics = LayerMetrics(layer=m.layer, experts=m.experts, slots=m.slots)
 
 
-class PagedExperts(Experts):
-    """The experts of MoE layer `layer`: `total` experts stored in `pager`'s files, `slots` of
-    them in memory at a time (the stacked weights hold the slots)."""
+class SlotCache:
+    """The cache of one paged MoE layer, mixed into an expert store (float `Experts` or
+    quantised `QuantExperts`) whose stacked tensors hold `num_experts` = C slots: the store
+    names the tensors an expert is stored as (`slot_tensors`), the cache reads experts into
+    slots and runs the store's own compute on the slots."""
 
-    def __init__(
-        self, layer: int, total: int, slots: int, dim: int, hidden: int, activation: str,
-        pager: Pager,
-    ) -> None:  # fmt: skip
-        super().__init__(slots, dim, hidden, activation)
+    num_experts: int
+    dim: int
+
+    def _init_cache(self, layer: int, total: int, pager: Pager) -> None:
+        slots = self.num_experts
         self.layer, self.total, self.pager = layer, total, pager
         self.prefix = f"layers.{layer}.ffn.experts."
         self.slot_of = [-1] * total  # expert -> slot, -1 when not in memory
@@ -158,6 +164,14 @@ class PagedExperts(Experts):
         self.metrics = LayerMetrics(layer=layer, experts=total, slots=slots)
         self.pending: Future[None] | None = None
         self.guess: set[int] | None = None
+
+    def slot_tensors(self) -> list[tuple[str, Tensor]]:
+        """(stored name after the layer's `experts.` prefix, the (C, ...) tensor of slots) for
+        every tensor one expert is stored as."""
+        raise NotImplementedError
+
+    def _loaded(self, s: int) -> None:
+        """Called after slot `s` was written (a store that derives data from it drops it)."""
 
     # ---- the cache ---------------------------------------------------------------------
     def _victim(self, pinned: set[int]) -> int:
@@ -176,13 +190,12 @@ class PagedExperts(Experts):
         old = self.expert_in[s]
         if old >= 0:
             self.slot_of[old] = -1
-        self.expert_in[s] = -1  # empty until every projection is read
-        for name in PROJECTIONS:
-            weight = getattr(self, name)
-            if weight is not None:
-                with torch.no_grad():
-                    n = self.pager.files.read(self.prefix + name, e, weight.data[s])
-                self.metrics.bytes_read += n
+        self.expert_in[s] = -1  # empty until every tensor is read
+        for name, slots in self.slot_tensors():
+            with torch.no_grad():
+                n = self.pager.files.read(self.prefix + name, e, slots.data[s])
+            self.metrics.bytes_read += n
+        self._loaded(s)
         self.expert_in[s], self.slot_of[e] = e, s
         return s
 
@@ -282,7 +295,7 @@ class PagedExperts(Experts):
         y_TD: Tensor | None = None
         for experts in rounds:
             slot_TK = self._lookup(experts, x_TD.device)[experts_TK]
-            part = decode_experts(x_TD, slot_TK, weights_TK, self)
+            part = decode_experts(x_TD, slot_TK, weights_TK, self)  # type: ignore[arg-type]
             y_TD = part if y_TD is None else y_TD + part
         assert y_TD is not None
         return y_TD
@@ -291,8 +304,47 @@ class PagedExperts(Experts):
         """`backend` on the slots, rows grouped by slot where it needs them sorted (a stable
         sort: each expert keeps its rows in their order)."""
         counts_C = torch.bincount(slot_S, minlength=self.num_experts)
+        store: Any = self
         if not backend.needs_sorted:
-            return backend.fn(x_SD, slot_S, counts_C, scale_S, self)
+            return backend.fn(x_SD, slot_S, counts_C, scale_S, store)
         order_S = torch.argsort(slot_S, stable=True)
-        y_SD = backend.fn(x_SD[order_S], slot_S[order_S], counts_C, scale_S[order_S], self)
+        y_SD = backend.fn(x_SD[order_S], slot_S[order_S], counts_C, scale_S[order_S], store)
         return torch.empty_like(y_SD).index_copy_(0, order_S, y_SD)
+
+
+class PagedExperts(SlotCache, Experts):
+    """The float experts of MoE layer `layer`: `total` experts stored in `pager`'s files,
+    `slots` of them in memory at a time (the stacked weights hold the slots)."""
+
+    def __init__(
+        self, layer: int, total: int, slots: int, dim: int, hidden: int, activation: str,
+        pager: Pager,
+    ) -> None:  # fmt: skip
+        Experts.__init__(self, slots, dim, hidden, activation)
+        self._init_cache(layer, total, pager)
+
+    def slot_tensors(self) -> list[tuple[str, Tensor]]:
+        return [(n, w) for n in PROJECTIONS if (w := getattr(self, n)) is not None]
+
+
+class PagedQuantExperts(SlotCache, QuantExperts):
+    """`PagedExperts` for quantised experts: a slot holds one expert's packed weights, scales
+    (and minimums), read from their stacked tensors."""
+
+    def __init__(
+        self, layer: int, total: int, slots: int, like: QuantExperts, pager: Pager
+    ) -> None:
+        QuantExperts.__init__(
+            self, slots, like.dim, like.hidden, like.activation, like.bits, like.group
+        )
+        self._init_cache(layer, total, pager)
+
+    def _weights(self) -> list[tuple[str, QuantWeight]]:
+        return [(n, w) for n in PROJECTIONS if (w := getattr(self, n)) is not None]
+
+    def slot_tensors(self) -> list[tuple[str, Tensor]]:
+        return [(f"{n}.{p}", t) for n, w in self._weights() for p, t in w.parts().items()]
+
+    def _loaded(self, s: int) -> None:
+        for _, w in self._weights():
+            w.forget(s)

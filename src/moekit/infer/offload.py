@@ -21,7 +21,7 @@ from moekit.validate import check_choice
 if TYPE_CHECKING:
     import torch
 
-    from moekit.infer.expert_cache import LayerMetrics, Pager
+    from moekit.infer.expert_cache import LayerMetrics, Pager, SlotCache
     from moekit.model import Transformer
 
 _UNITS = {
@@ -96,16 +96,13 @@ class BudgetPlan:
 def plan_budget(model: Transformer, max_memory: int) -> BudgetPlan:
     """Divide `max_memory` for `model` (on the meta device): ValueError with the minimum when
     it cannot hold the resident weights and one expert per MoE layer."""
-    from moekit.infer.expert_cache import PROJECTIONS
-
     layers = model.moe_layers()
     if not layers:
         raise ValueError("the model has no MoE layers: there are no experts to page")
     per_expert = {}
     paged = 0
     for i, layer in layers.items():
-        weights = [getattr(layer.experts, n) for n in PROJECTIONS]
-        size = sum(w.numel() * w.element_size() for w in weights if w is not None)
+        size = sum(t.numel() * t.element_size() for t in layer.experts.state_dict().values())
         per_expert[i] = size // layer.experts.num_experts
         paged += size
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -134,22 +131,16 @@ def load_paged_model(
     `offload.max_memory` (see `OffloadConfig`); every other weight is read into memory. The
     checks of `ModelDir.load_model` apply (names and shapes from the headers, memory); a budget
     below the minimum is a ValueError that says the minimum."""
-    import torch
 
-    from moekit.infer.expert_cache import PROJECTIONS, ExpertFiles, PagedExperts, Pager
-    from moekit.model import cast_model, check_memory, meta_model
+    from moekit.infer.expert_cache import ExpertFiles, Pager
+    from moekit.model import cast_model, check_memory
     from moekit.model_dir import ModelDir, check_fit, read_into, stored_tensors
+    from moekit.quant.build import meta_model
     from moekit.runtime import resolve_device
 
     directory = ModelDir(model_dir)
     target = resolve_device(device)
     cfg = directory.config()
-    if cfg.quantization is not None:
-        q = cfg.quantization
-        raise ValueError(
-            f"{directory.path} holds {q.bits}-bit quantised weights; --max-memory pages float "
-            "experts only: load it without a budget, or page its float original"
-        )
     stored = stored_tensors(directory.path)
     try:
         model = meta_model(cfg)
@@ -163,13 +154,8 @@ def load_paged_model(
     pager = Pager(ExpertFiles(stored), policy=offload.policy, prefetch=offload.prefetch)
     layers = model.moe_layers()
     for i, layer in layers.items():
-        ex = layer.experts
-        with torch.device("meta"):
-            paged = PagedExperts(
-                i, ex.num_experts, plan.slots, ex.dim, ex.hidden, ex.activation, pager
-            )
-        paged.to(ex.w_up.dtype)
-        layer.experts = paged
+        paged = _paged_store(i, layer.experts, plan.slots, pager)
+        setattr(layer, "experts", paged)  # noqa: B010 (a paged store stands in for Experts)
         pager.layers[i] = paged
         pager.routers[i] = layer.router
     order = sorted(layers)
@@ -179,19 +165,34 @@ def load_paged_model(
     except ValueError as e:
         raise ValueError(f"{directory.config_path}: {e}") from None
     model.to_empty(device=target)
-    paged_names = {f"layers.{i}.ffn.experts.{n}" for i in layers for n in PROJECTIONS}
+    paged_prefixes = tuple(f"layers.{i}.ffn.experts." for i in layers)
     state = model.state_dict()
-    read_into({k: v for k, v in state.items() if k not in paged_names}, stored)
+    read_into({k: v for k, v in state.items() if not k.startswith(paged_prefixes)}, stored)
     model.offload_plan = plan  # type: ignore[assignment]  # what `offload_report` shows
     return model
 
 
+def _paged_store(layer: int, experts: Any, slots: int, pager: Pager) -> SlotCache:
+    """A paged stand-in (on the meta device) for MoE layer `layer`'s `experts`."""
+    import torch
+
+    from moekit.infer.expert_cache import PagedExperts, PagedQuantExperts
+    from moekit.quant.experts import QuantExperts
+
+    ex = experts
+    with torch.device("meta"):
+        if isinstance(ex, QuantExperts):
+            return PagedQuantExperts(layer, ex.num_experts, slots, ex, pager)
+        paged = PagedExperts(layer, ex.num_experts, slots, ex.dim, ex.hidden, ex.activation, pager)
+    return paged.to(ex.w_up.dtype)
+
+
 def pager_of(model: Any) -> Pager | None:
     """The pager of a model loaded by `load_paged_model`, or None."""
-    from moekit.infer.expert_cache import PagedExperts
+    from moekit.infer.expert_cache import SlotCache
 
     for module in model.modules():
-        if isinstance(module, PagedExperts):
+        if isinstance(module, SlotCache):
             return module.pager
     return None
 
