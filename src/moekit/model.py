@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -48,6 +49,13 @@ class Block(nn.Module):
             self.ffn = MoELayer(cfg.dim, cfg.moe, cfg.activation)
         else:
             self.ffn = MLP(cfg.dim, cfg.dense_hidden, cfg.activation)
+
+    def init_weights(self, std: float, out_std: float, gen: torch.Generator | None) -> None:
+        """Initialise the block as `Transformer.init_weights` describes."""
+        self.attn_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attn.init_weights(std, out_std, gen)
+        self.ffn.init_weights(std, out_std, gen)
 
     def forward(
         self,
@@ -191,13 +199,43 @@ class Transformer(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         nn.init.normal_(self.embed.weight, mean=0.0, std=std, generator=gen)
         for block in self.blocks():
-            block.attn_norm.init_weights()
-            block.ffn_norm.init_weights()
-            block.attn.init_weights(std, out_std, gen)
-            block.ffn.init_weights(std, out_std, gen)
+            block.init_weights(std, out_std, gen)
         self.norm.init_weights()
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std, generator=gen)
+
+
+@torch.no_grad()
+def random_tensors(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, Tensor]]:
+    """The named float32 tensors of a randomly initialised model `cfg` (the distribution of
+    `Transformer.init_weights`), in state-dict order, made one piece (the embedding, a block,
+    the final norm, the output head) at a time: a model far larger than memory can be written
+    (quantised, say) without ever existing whole. The numbers are `build_model(cfg,
+    seed=seed)`'s: the same generator draws them in the same order."""
+    model = meta_model(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    std = cfg.init_std
+    out_std = std / math.sqrt(2 * cfg.num_layers)
+    pieces: list[tuple[str, nn.Module]] = [("embed", model.embed)]
+    pieces += [(f"layers.{i}", block) for i, block in enumerate(model.blocks())]
+    pieces.append(("norm", model.norm))
+    if model.lm_head is not None:
+        pieces.append(("lm_head", model.lm_head))
+    names = set(model.state_dict())
+    for prefix, piece in pieces:
+        piece.to_empty(device="cpu")
+        if isinstance(piece, Block):
+            piece.init_weights(std, out_std, gen)
+        elif isinstance(piece, RMSNorm):
+            piece.init_weights()
+        else:
+            assert isinstance(piece, nn.Embedding | nn.Linear)
+            nn.init.normal_(piece.weight, mean=0.0, std=std, generator=gen)
+        for name, t in piece.state_dict().items():
+            names.discard(f"{prefix}.{name}")
+            yield f"{prefix}.{name}", t
+        piece.to_empty(device="meta")  # its memory goes before the next piece is made
+    assert not names, f"tensors outside every piece: {sorted(names)}"
 
 
 def meta_model(cfg: ModelConfig) -> Transformer:

@@ -16,7 +16,13 @@ def add_parser(sub: Any) -> None:
         help="write an int8 or int4 (weight-only) copy of a model directory",
         description=doc("moekit.interop.quantize", "quantize"),
     )
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", nargs="?", help="the float model directory to quantise")
+    p.add_argument(
+        "--preset",
+        help="instead of a model directory: random weights for this preset, made one block at "
+        "a time (for measuring speed and memory of models larger than memory in float32)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="with --preset: the random seed")
     p.add_argument("--bits", type=int, required=True, help="8 (int8) or 4 (int4)")
     p.add_argument(
         "--group-size",
@@ -36,20 +42,22 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.interop.quantize import quantize
+    from moekit.interop.quantize import quantize, quantize_random
+
+    if (args.model_dir is None) == (args.preset is None):
+        raise ValueError("name a model directory or --preset NAME (random weights), not both")
 
     def progress(done: int, total: int, name: str) -> None:
         print(f"\r[{done}/{total}] {name}\x1b[K", end="", file=sys.stderr, flush=True)
 
+    settings = {"bits": args.bits, "group_size": args.group_size, "only": args.only}
     try:
-        result = quantize(
-            args.model_dir,
-            args.out,
-            bits=args.bits,
-            group_size=args.group_size,
-            only=args.only,
-            progress=progress,
-        )
+        if args.preset is not None:
+            result = quantize_random(
+                args.preset, args.out, **settings, seed=args.seed, progress=progress
+            )
+        else:
+            result = quantize(args.model_dir, args.out, **settings, progress=progress)
     except ValueError as e:
         raise ValueError(_flags(str(e))) from None
     finally:

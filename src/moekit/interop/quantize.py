@@ -9,14 +9,20 @@ records the quantisation; docs/model-directory.md describes the stored tensors.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from moekit.config import QUANT_BITS, QUANT_GROUP_SIZES, QUANT_PARTS, QuantizationConfig
+from moekit.config import (
+    QUANT_BITS,
+    QUANT_GROUP_SIZES,
+    QUANT_PARTS,
+    ModelConfig,
+    QuantizationConfig,
+)
 from moekit.interop.checkpoint import LazyTensors
 from moekit.model import meta_model
 from moekit.model_dir import ModelDir, ShardWriter, check_fit, stored_tensors
@@ -100,20 +106,64 @@ def quantize(
     check_fit(expected, {k: t.shape for k, t in stored.items()}, f"{src}")
     weights = LazyTensors.of_files(src.weight_files(), f"{src}: the weights")
     names = weights.keys()
-    before = after = 0
+    result = _write(out, cfg, q, found, ((n, weights.get(n)) for n in names), len(names), progress)
+    for path in src.tokenizer_files():
+        shutil.copy2(path, out / path.name)
+    out.save_config(_quantized_config(cfg, q))  # last: a directory with a config is complete
+    return result
+
+
+def quantize_random(
+    cfg: ModelConfig | str,
+    out_dir: str | Path,
+    *,
+    bits: int,
+    group_size: int | None = None,
+    only: str = "experts",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """Write a quantised model directory of randomly initialised weights for `cfg` (a
+    `ModelConfig` or a preset name) into `out_dir`, one block at a time: the float model never
+    exists whole, so a preset far larger than memory in float32 (`qwen3-30b-a3b`) can be made
+    on a small machine to measure speed and memory. The directory has no tokenizer (commands
+    that need one say so). Settings and refusals as `quantize`."""
+    from moekit.model import random_tensors
+    from moekit.presets import get_preset
+
+    q = quantization_config(bits, group_size, only)
+    config = get_preset(cfg) if isinstance(cfg, str) else cfg
+    out = ModelDir(out_dir)
+    out.refuse_overwrite("quantize")
+    meta = meta_model(config)
+    found = targets(meta, q.parts)
+    check_shapes(meta, found, q)
+    total = len(meta.state_dict())
+    result = _write(out, config, q, found, random_tensors(config, seed), total, progress)
+    out.save_config(_quantized_config(config, q))
+    return result
+
+
+def _write(
+    out: ModelDir,
+    cfg: ModelConfig,
+    q: QuantizationConfig,
+    found: Targets,
+    tensors: Iterator[tuple[str, Tensor]],
+    total: int,
+    progress: Progress | None,
+) -> QuantizeResult:
+    """Quantise `tensors` (float, named as in the model) into `out`'s weight files."""
+    before = after = count = 0
     with ShardWriter(out.path, metadata={"moekit_version": __version__}) as writer:
-        for done, name in enumerate(names, start=1):
-            tensor = weights.get(name)
+        for done, (name, tensor) in enumerate(tensors, start=1):
             before += _nbytes(tensor)
+            count += found.prefix(name) is not None
             for stored_name, value in quantize_stream(iter([(name, tensor)]), found, q):
                 writer.add(stored_name, value)
                 after += _nbytes(value)
             if progress is not None:
-                progress(done, len(names), name)
-    for path in src.tokenizer_files():
-        shutil.copy2(path, out / path.name)
-    out.save_config(_quantized_config(cfg, q))  # last: a directory with a config is complete
-    count = sum(1 for n in names if found.prefix(n) is not None)
+                progress(done, total, name)
     return QuantizeResult(str(out), q.bits, q.group_size, q.parts, before, after, count)
 
 
@@ -121,9 +171,7 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _quantized_config(cfg: Any, q: QuantizationConfig) -> Any:
-    from moekit.config import ModelConfig
-
+def _quantized_config(cfg: ModelConfig, q: QuantizationConfig) -> ModelConfig:
     return ModelConfig.from_dict({**cfg.to_dict(), "quantization": q.to_dict()})
 
 
