@@ -85,7 +85,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # An uninitialised weight (init_weights sets it): nn.Embedding's own initialisation
+        # would import torch's compiler (seconds) the first time a model is made on meta.
+        self.embed = nn.Embedding(
+            cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim)
+        )
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = (
