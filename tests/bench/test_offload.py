@@ -21,8 +21,10 @@ def test_bench_offload_rows_match_the_loaded_model(tiny_model_dir, tmp_path):
     assert [row.expected_hit_rate for row in r.rows[::2]] == [1.0, 0.25, 0.125]
     assert full.predicted_tokens_per_s == r.loaded_predicted_tokens_per_s
     assert full.predicted_vs_loaded == 1.0 > r.rows[2].predicted_vs_loaded > one.predicted_vs_loaded
-    assert full.calibrated_tokens_per_s == pytest.approx(r.loaded_tokens_per_s)
-    assert r.loaded_tokens_per_s > r.rows[2].calibrated_tokens_per_s > one.calibrated_tokens_per_s
+    # The calibrated figure: the loaded model timed in turn with the row, slowed by its misses.
+    assert full.calibrated_tokens_per_s == pytest.approx(full.loaded_tokens_per_s)
+    assert all(row.loaded_tokens_per_s > row.calibrated_tokens_per_s for row in r.rows[2:])
+    assert all(row.vs_loaded == row.tokens_per_s / row.loaded_tokens_per_s for row in r.rows)
     assert not any(row.cold for row in r.rows)
     png = plot_offload(r, tmp_path / "plots" / "offload.png")
     with Image.open(png) as image:

@@ -3,7 +3,6 @@ the fully loaded model in the same run."""
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,23 +36,25 @@ FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 @dataclass(frozen=True)
 class OffloadRow:
     """One configuration: `cache` (what the cache holds), `slots` experts per layer, the
-    weights' `budget` bytes, `prefetch`, decode `tokens_per_s` and its ratio to the fully
-    loaded model, the cache's `hit_rate`, `stall_s` waiting for reads, `bytes_read`,
-    `prefetch_accuracy` (these over the timed generation), and whether the greedy tokens equal
-    the loaded model's. `expected_hit_rate` and `predicted_tokens_per_s` are what `moekit info
-    --speed --max-memory` predicts for this budget, `predicted_vs_loaded` that prediction over
-    the one for the loaded model, and `calibrated_tokens_per_s` the measured loaded speed
-    slowed by the time the prediction gives the misses (the bound's miss time added to the
-    loaded model's measured time per token: for models that per-call overhead, not memory
-    bandwidth, keeps below the bound). `page_cache`: the share of the weight files the operating
-    system held in its page cache when the timed generation began (None: unknown); after a
-    drop (`cold`) it is near 0 and the first read of each expert comes from the disk."""
+    weights' `budget` bytes, `prefetch`, decode `tokens_per_s`, the fully loaded model's
+    (`loaded_tokens_per_s`, timed in turn with it) and the ratio of the two (`vs_loaded`),
+    the cache's `hit_rate`, `stall_s` waiting for reads, `bytes_read`, `prefetch_accuracy`
+    (these over the last timed generation), and whether the greedy tokens equal the loaded
+    model's. `expected_hit_rate` and `predicted_tokens_per_s` are what `moekit info --speed
+    --max-memory` predicts for this budget, `predicted_vs_loaded` that prediction over the
+    one for the loaded model, and `calibrated_tokens_per_s` the measured loaded speed slowed
+    by the time the prediction gives the misses (for models that per-call overhead, not
+    memory bandwidth, keeps below the bound). `page_cache`: the share of the weight files the
+    operating system held in its page cache when the last timed generation began (None:
+    unknown); after a drop (`cold`) it is near 0 and the first read of each expert comes from
+    the disk."""
 
     cache: str
     slots: int
     budget: int
     prefetch: bool
     tokens_per_s: float
+    loaded_tokens_per_s: float
     vs_loaded: float
     hit_rate: float | None
     stall_s: float
@@ -87,34 +88,40 @@ class OffloadBench:
         return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
 
 
-def _decode_speed(
-    gen: Generator,
-    prompt: list[int],
-    new_tokens: int,
-    repeats: int = 1,
-    before: Callable[[], object] = lambda: None,
-) -> tuple[float, list[int]]:
-    """Greedy decode speed in tokens/s: the best of `repeats` whole generations less the best
-    of `repeats` 1-token ones (the prefill), taken in turn. `before` runs ahead of each timed
-    run (outside the timing); a paged model's cache metrics are reset before the last one, so
-    they cover the last timed generation."""
+Candidate = tuple[Generator, Callable[[], object]]  # a generator, what runs before its timings
+
+
+def _decode_speeds(
+    candidates: list[Candidate], prompt: list[int], new_tokens: int, repeats: int = 1
+) -> list[tuple[float, list[int]]]:
+    """Greedy decode speed in tokens/s of each candidate, and its tokens: the best of
+    `repeats` whole generations less the best of `repeats` 1-token ones (the prefill), the
+    candidates taken in turn in each repeat (so load on a shared machine falls on all alike).
+    A candidate's `before` runs ahead of each of its timed runs (outside the timing); a paged
+    model's cache metrics are reset before each whole generation, so they cover the last."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     one = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
-    gen.generate([prompt], one)  # warm-up: first calls pay one-time costs
-    pager = pager_of(gen.model)
-    prefill = whole = float("inf")
+    for gen, _ in candidates:
+        gen.generate([prompt], one)  # warm-up: first calls pay one-time costs
+    prefill = [float("inf")] * len(candidates)
+    whole = [float("inf")] * len(candidates)
+    tokens: list[list[int]] = [[] for _ in candidates]
     for _ in range(repeats):
-        before()
-        start = time.perf_counter()
-        gen.generate([prompt], one)
-        prefill = min(prefill, time.perf_counter() - start)
-        before()
-        if pager is not None:
-            pager.reset_metrics()
-        start = time.perf_counter()
-        out = gen.generate([prompt], params)[0]
-        whole = min(whole, time.perf_counter() - start)
-    return (len(out.token_ids) - 1) / max(whole - prefill, 1e-9), out.token_ids
+        for i, (gen, before) in enumerate(candidates):
+            before()
+            start = time.perf_counter()
+            gen.generate([prompt], one)
+            prefill[i] = min(prefill[i], time.perf_counter() - start)
+            before()
+            pager = pager_of(gen.model)
+            if pager is not None:
+                pager.reset_metrics()
+            start = time.perf_counter()
+            tokens[i] = gen.generate([prompt], params)[0].token_ids
+            whole[i] = min(whole[i], time.perf_counter() - start)
+    return [
+        ((len(t) - 1) / max(w - p, 1e-9), t) for t, w, p in zip(tokens, whole, prefill, strict=True)
+    ]
 
 
 def bench_offload(
@@ -131,8 +138,9 @@ def bench_offload(
     """Greedy generation from a random prompt of `prompt_tokens` ids, `new_tokens` new tokens:
     the fully loaded model, then the experts paged with a cache of each fraction of the
     experts (at least 1 per layer) and with a single slot per layer (nearly every expert read
-    from the files at every step), each with and without prefetch. Decode tokens/s excludes
-    the prompt and keeps the best of `repeats` (see `_decode_speed`); hit rate, stall and
+    from the files at every step), each with and without prefetch; the loaded model is timed
+    again in turn with each of them, and each ratio is to that figure. Decode tokens/s
+    excludes the prompt and keeps the best of `repeats` (see `_decode_speeds`); hit rate, stall and
     bytes read cover the last timed generation (prompt and decoding). Each paged row also
     shows what `moekit info --speed --max-memory` predicts (uniform routing, this run's
     memory and file read bandwidths).
@@ -150,9 +158,8 @@ def bench_offload(
         0, cfg.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(seed)
     )
     prompt = ids.tolist()
-    loaded_speed, want = _decode_speed(gen_loaded, prompt, new_tokens, repeats)
-    del gen_loaded
-    gc.collect()  # unmap the loaded weights, so that a drop can empty the page cache
+    [(loaded_speed, _)] = _decode_speeds([(gen_loaded, lambda: None)], prompt, new_tokens,
+                                         repeats)  # fmt: skip
     bandwidth, read_bandwidth = (
         measure_bandwidth(),
         measure_read_bandwidth(
@@ -172,9 +179,7 @@ def bench_offload(
     sizes = [(f"{f:.1%} of experts", max(1, round(f * experts))) for f in fractions]
     if all(slots > 1 for _, slots in sizes):
         sizes.append(("1 slot (no cache)", 1))
-    setting = _Setting(
-        directory, files, prompt, new_tokens, repeats, policy, cold, want, loaded_speed
-    )
+    setting = _Setting(directory, files, prompt, new_tokens, repeats, policy, cold, gen_loaded)
     rows = []
     for label, slots in sizes:
         budget = plan.resident + slots * sum(plan.expert.values())
@@ -182,10 +187,11 @@ def bench_offload(
         for prefetch in (False, True):
             row = _paged_row(setting, label, slots, budget, prefetch)
             miss_s = 1 / predicted - 1 / loaded_predicted
+            calibrated = 1 / (1 / row["loaded_tokens_per_s"] + miss_s)
             rows.append(
                 OffloadRow(**row, expected_hit_rate=hit, predicted_tokens_per_s=predicted,
                            predicted_vs_loaded=predicted / loaded_predicted,
-                           calibrated_tokens_per_s=1 / (1 / loaded_speed + miss_s))
+                           calibrated_tokens_per_s=calibrated)
             )  # fmt: skip
     weights = plan.resident + experts * sum(plan.expert.values())
     return OffloadBench(
@@ -205,8 +211,7 @@ class _Setting:
     repeats: int
     policy: str
     cold: bool
-    want: list[int]  # the loaded model's greedy tokens
-    loaded_speed: float
+    loaded: Generator  # timed in turn with each paged model
 
 
 def _paged_row(s: _Setting, label: str, slots: int, budget: int, prefetch: bool) -> dict[str, Any]:
@@ -221,14 +226,16 @@ def _paged_row(s: _Setting, label: str, slots: int, budget: int, prefetch: bool)
         seen.append(cached_fraction(s.files))
 
     gen = Generator(model, _tokenizer(s.directory))
-    speed, got = _decode_speed(gen, s.prompt, s.new_tokens, s.repeats, before)
+    candidates: list[Candidate] = [(gen, before), (s.loaded, lambda: None)]
+    (speed, got), (loaded, want) = _decode_speeds(candidates, s.prompt, s.new_tokens, s.repeats)
     r = offload_report(model)
     assert r is not None
     return dict(
         cache=label, slots=slots, budget=budget, prefetch=prefetch, tokens_per_s=speed,
-        vs_loaded=speed / s.loaded_speed, hit_rate=r["hit_rate"], stall_s=r["stall_s"],
-        bytes_read=r["bytes_read"], prefetch_accuracy=r["prefetch_accuracy"],
-        same_tokens=got == s.want, cold=s.cold, page_cache=seen[-1],
+        loaded_tokens_per_s=loaded, vs_loaded=speed / loaded, hit_rate=r["hit_rate"],
+        stall_s=r["stall_s"], bytes_read=r["bytes_read"],
+        prefetch_accuracy=r["prefetch_accuracy"], same_tokens=got == want, cold=s.cold,
+        page_cache=seen[-1],
     )  # fmt: skip
 
 

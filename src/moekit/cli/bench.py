@@ -455,24 +455,25 @@ def run_offload(args: argparse.Namespace) -> int:
         if cold
         else "page cache: weight files left cached (misses are copies from memory)"
     )
-    cols = ["experts cached", "budget", "prefetch", "tok/s", "vs loaded", "predicted",
-            "pred. vs loaded", "calibrated", "hit rate", "expected", "stall s", "read",
+    cols = ["experts cached", "budget", "prefetch", "tok/s", "loaded tok/s", "vs loaded",
+            "predicted", "calibrated", "hit rate", "expected", "stall s", "read",
             "guessed right", "page cache", "same tokens"]  # fmt: skip
     t = table(
         "experts paged under a budget (greedy decode)",
         cols,
         right=set(cols[1:]),
-        caption="predicted: info --speed --max-memory (uniform routing, a bandwidth bound); "
-        "calibrated: the loaded speed measured, slowed by the predicted misses; page cache: "
-        "share of the weight files cached when the timed run began",
+        caption="loaded: the fully loaded model timed in turn with the row; predicted: info "
+        "--speed --max-memory (uniform routing, a bandwidth bound); calibrated: the loaded "
+        "speed slowed by the predicted misses; page cache: share of the weight files cached "
+        "when the last timed run began",
     )
     pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
     for row in r.rows:
         t.add_row(
             f"{row.slots}/{r.experts_per_layer}", nbytes(row.budget),
-            "yes" if row.prefetch else "no", f"{row.tokens_per_s:,.1f}", f"{row.vs_loaded:.2f}x",
-            f"{row.predicted_tokens_per_s:,.0f}",
-            f"{row.predicted_vs_loaded:.2f}x", f"{row.calibrated_tokens_per_s:,.1f}",
+            "yes" if row.prefetch else "no", f"{row.tokens_per_s:,.1f}",
+            f"{row.loaded_tokens_per_s:,.1f}", f"{row.vs_loaded:.2f}x",
+            f"{row.predicted_tokens_per_s:,.0f}", f"{row.calibrated_tokens_per_s:,.1f}",
             pct(row.hit_rate), pct(row.expected_hit_rate),
             f"{row.stall_s:.2f}", nbytes(row.bytes_read), pct(row.prefetch_accuracy),
             pct(row.page_cache), str(row.same_tokens),
