@@ -1,6 +1,7 @@
 """The figure of `moekit bench offload`: decode tokens/s and the expert cache's hit rate against
-the cache size, with and without prefetch, beside the fully loaded model's speed and what
-`moekit info --speed --max-memory` predicts (PNG, matplotlib on its file-only backend)."""
+the cache size, with and without prefetch, beside the fully loaded model's speed (timed in turn
+with each size) and the hit rate uniform routing would give (PNG, matplotlib on its file-only
+backend)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ def plot_offload(result: OffloadBench, path: str | Path) -> Path:
     x = [100 * r.slots / experts for r in rows]
     hits.plot(x, [100 * r.expected_hit_rate for r in rows], ":", color="gray",
               label="expected (uniform routing)")  # fmt: skip
-    speed.axhline(result.loaded_tokens_per_s, color="gray", lw=1, ls=":", label="fully loaded")
+    loaded = [
+        sum(r.loaded_tokens_per_s for r in result.rows if r.slots == row.slots)
+        / sum(1 for r in result.rows if r.slots == row.slots)
+        for row in rows
+    ]
+    speed.plot(x, loaded, ":", color="gray", label="fully loaded, timed in turn")
     cold = " (page cache dropped)" if any(r.cold for r in result.rows) else ""
     for ax in (speed, hits):
         ax.set_xscale("log", base=2)
