@@ -70,23 +70,21 @@ class PagedGenerateBench:
 
 def bench_generate_paged(
     model_dir: str | Path,
-    max_memory: int,
+    offload: OffloadConfig,
     *,
     batch_size: int = 1,
     prompt_tokens: int = 128,
     new_tokens: int = 64,
     repeats: int = 3,
-    prefetch: bool = True,
     seed: int = 0,
 ) -> PagedGenerateBench:
     """Time our greedy generation of `new_tokens` after random prompts of `prompt_tokens`
-    tokens (`batch_size` at once) with `model_dir`'s routed experts paged under `max_memory`
-    bytes of weights (LRU cache, `prefetch` on or off), the best of `repeats`. Prefill is the
+    tokens (`batch_size` at once) with `model_dir`'s routed experts paged as `offload` says
+    (budget, cache policy, prefetch), the best of `repeats`. Prefill is the
     time to the first new token, decoding the rest. The decode hit rate is the cache's hits
     and misses of a whole generation less those of a 1-token one (the prompt) from the same
     cache state. Beside it: the prediction of `moekit info --speed --max-memory`."""
     directory = ModelDir(model_dir)
-    offload = OffloadConfig(max_memory=max_memory, prefetch=prefetch)
     generator = Generator.from_dir(directory.path, offload=offload)
     cfg, model = generator.model.cfg, generator.model
     if prompt_tokens + new_tokens > cfg.max_seq_len:
@@ -127,7 +125,7 @@ def bench_generate_paged(
     )  # fmt: skip
     return PagedGenerateBench(
         model=str(model_dir),
-        max_memory=max_memory,
+        max_memory=offload.max_memory,
         batch_size=batch_size,
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from moekit.cli.common import add_run_arguments, doc, run_config, training_errors
+from moekit.cli.common import (
+    add_offload_arguments,
+    add_run_arguments,
+    doc,
+    offload_config,
+    run_config,
+    training_errors,
+)
 from moekit.cli.format import console, human, nbytes, print_json, table
 
 
@@ -113,7 +120,7 @@ def _add_generate(benches: Any) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-memory", metavar="SIZE", help=PAGED_HELP)
+    add_offload_arguments(p)  # with --max-memory: run_generate_paged
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_generate)
 
@@ -486,22 +493,16 @@ def run_offload(args: argparse.Namespace) -> int:
 
 # ---- generate --max-memory ---------------------------------------------------------------------
 
-PAGED_HELP = (
-    "page the routed experts under this budget of weights (e.g. 500MB) and print the "
-    "prediction of info --speed --max-memory beside the measurement; our side only "
-    "(transformers would need every expert in memory)"
-)
-
 
 def run_generate_paged(args: argparse.Namespace) -> int:
+    """`bench generate --max-memory`: our side only, paged (moekit.bench.paged)."""
     from moekit.bench.paged import bench_generate_paged
-    from moekit.infer.offload import parse_size
 
     if args.model_dir is None:
         raise ValueError("--max-memory pages a model directory's weight files: name one")
     r = bench_generate_paged(
         args.model_dir,
-        parse_size(args.max_memory),
+        offload_config(args),
         batch_size=args.batch_size,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
