@@ -181,7 +181,10 @@ def run_speed(args: argparse.Namespace) -> int:
         plan = plan_budget(meta_model(resolve_config(target)), budget)
     pred = speed_info(target, cache_slots=None if plan is None else plan.slots)
     if args.json:
-        extra = {} if plan is None else {"budget": {"max_memory": budget, **plan.to_dict()}}
+        extra: dict[str, Any] = {}
+        if plan is not None:
+            extra["budget"] = {"max_memory": budget, **plan.to_dict()}
+            extra["hit_rate_model"] = "uniform routing: slots / experts per layer"
         print_json({"name": target, **pred.to_dict(), **extra})
         return 0
     sb = pred.bytes
@@ -191,8 +194,8 @@ def run_speed(args: argparse.Namespace) -> int:
     )
     if plan is not None:
         caption += (
-            "; hit rate: uniform routing (slots / experts), trained routers hit more; misses "
-            "read warm from the page cache"
+            "; hit rate: uniform routing (slots / experts), real routing usually hits more; "
+            "misses read warm from the page cache"
         )
     t = table(
         f"{target}: decode speed bound, batch 1",
