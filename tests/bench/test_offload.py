@@ -35,3 +35,22 @@ def test_cold_rows_start_with_the_weight_files_out_of_the_page_cache(tiny_model_
     r = bench_offload(tiny_model_dir, prompt_tokens=8, new_tokens=4, fractions=(0.25,), cold=True)
     assert all(row.cold and row.same_tokens for row in r.rows)
     assert all(row.page_cache is not None and row.page_cache < 0.5 for row in r.rows)
+
+
+def test_the_command_says_whether_the_page_cache_was_dropped_and_draws_the_plot(
+    tiny_model_dir, tmp_path, capsys
+):
+    import json
+
+    from moekit.cli import main
+
+    plot = tmp_path / "offload.png"
+    argv = ["bench", "offload", str(tiny_model_dir), "--prompt-tokens", "8", "--new-tokens", "4",
+            "--fractions", "0.25", "--repeats", "1"]  # fmt: skip
+    assert main([*argv, "--cold", "--plot", str(plot), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["plot"] == str(plot) and plot.stat().st_size > 1000
+    assert all(row["cold"] for row in data["rows"])
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "weight files left cached" in out and "experts paged under a budget" in out
