@@ -80,10 +80,10 @@ def bench_generate_paged(
 ) -> PagedGenerateBench:
     """Time our greedy generation of `new_tokens` after random prompts of `prompt_tokens`
     tokens (`batch_size` at once) with `model_dir`'s routed experts paged as `offload` says
-    (budget, cache policy, prefetch), the best of `repeats`. Prefill is the
-    time to the first new token, decoding the rest. The decode hit rate is the cache's hits
-    and misses of a whole generation less those of a 1-token one (the prompt) from the same
-    cache state. Beside it: the prediction of `moekit info --speed --max-memory`."""
+    (budget, cache policy, prefetch), the best of `repeats`. Prefill is the time to the first
+    new token, decoding the rest. The decode hit rate is the cache's hits and misses of a
+    whole generation less those of a 1-token one (the prompt) from the same cache state.
+    Beside it: the prediction of `moekit info --speed --max-memory`."""
     directory = ModelDir(model_dir)
     generator = Generator.from_dir(directory.path, offload=offload)
     cfg, model = generator.model.cfg, generator.model
