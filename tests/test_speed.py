@@ -56,3 +56,24 @@ def test_quantised_experts_count_as_stored():
     cfg.quantization = QuantizationConfig(bits=8, parts="all")
     int8 = step_bytes(cfg, batch=1, context=0)
     assert int8.by_part["attention"] < full.by_part["attention"] / 3
+
+
+def test_expected_hit_rate_is_the_cached_share_under_uniform_routing():
+    from moekit.speed import expected_hit_rate
+
+    assert expected_hit_rate(2, 8) == 0.25 and expected_hit_rate(8, 8) == 1.0
+    assert expected_hit_rate(16, 8) == 1.0
+    with pytest.raises(ValueError, match="slots"):
+        expected_hit_rate(0, 8)
+
+
+def test_read_bandwidth_of_a_real_file_and_of_a_temporary_one(tmp_path):
+    from moekit.speed import measure_read_bandwidth
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\1" * (3 * 2**20 + 5))
+    assert 1e7 < measure_read_bandwidth(path, chunk_bytes=2**18, repeats=1) < 1e13
+    assert 1e7 < measure_read_bandwidth(size_mib=2, repeats=1) < 1e13
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        measure_read_bandwidth(tmp_path / "empty")

@@ -13,7 +13,13 @@ from moekit.config import ModelConfig
 from moekit.model_dir import FinetuneSummary, ModelDir, stored_tensors
 from moekit.params import ModelSummary, count_params, summary
 from moekit.presets import PRESETS, get_preset
-from moekit.speed import SpeedPrediction, measure_bandwidth, predict_decode
+from moekit.speed import (
+    SpeedPrediction,
+    expected_hit_rate,
+    measure_bandwidth,
+    measure_read_bandwidth,
+    predict_decode,
+)
 
 # What a fine-tuned model directory's finetune.json contributes to its info.
 FINETUNE_FIELDS = (
@@ -159,18 +165,50 @@ def preset_infos() -> list[PresetInfo]:
 
 
 def speed_info(
-    target: str, *, batch: int = 1, context: int = 128, bytes_per_weight: float = 4.0
+    target: str,
+    *,
+    batch: int = 1,
+    context: int = 128,
+    bytes_per_weight: float = 4.0,
+    cache_slots: int | None = None,
 ) -> SpeedPrediction:
     """Predicted decode tokens/s of `target` (a preset, config file or model directory) on
     this machine: the bytes a decode step reads (weights of `bytes_per_weight` bytes, a KV
     cache of `context` positions) over the memory bandwidth measured now (a few seconds). A
     bound that large models approach; small models are bound by per-call overhead instead.
-    A memory budget for the experts plugs in through `moekit.speed.predict_decode`'s
-    `expert_hit_rate` and `miss_bandwidth`."""
+
+    With `cache_slots` (experts per MoE layer that a memory budget keeps, see
+    `moekit.infer.offload.plan_budget`), the expert hit rate is `expected_hit_rate`'s uniform
+    routing figure, and each missed expert is read first at the file read bandwidth measured
+    on the model's weight file (a temporary file for a preset), warm in the page cache."""
+    cfg = resolve_config(target)
+    hit_rate, miss_bandwidth = 1.0, None
+    if cache_slots is not None:
+        if cfg.moe is None:
+            raise ValueError(f"{target} has no MoE layers: there are no experts to page")
+        hit_rate = expected_hit_rate(cache_slots, cfg.moe.num_experts)
+        if hit_rate < 1.0:
+            projection = cfg.dim * cfg.moe.expert_hidden * bytes_per_weight  # one read
+            miss_bandwidth = measure_read_bandwidth(
+                expert_file(target), chunk_bytes=int(projection)
+            )
     return predict_decode(
-        resolve_config(target),
+        cfg,
         measure_bandwidth(),
         batch=batch,
         context=context,
         bytes_per_weight=bytes_per_weight,
+        expert_hit_rate=hit_rate,
+        miss_bandwidth=miss_bandwidth,
     )
+
+
+def expert_file(target: str) -> Path | None:
+    """The weight file holding a model directory's routed experts (None for a preset or a
+    config file, or a directory without weights)."""
+    if not ModelDir(Path(target)).is_model():
+        return None
+    for name, t in stored_tensors(Path(target)).items():
+        if part_of(name) == "experts" and t.path is not None:
+            return Path(t.path)
+    return None

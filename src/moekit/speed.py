@@ -11,11 +11,15 @@ by the fixed cost of its PyTorch calls instead, and stays well below the bound.
 `predict_decode` is the one place the prediction is made. Its `expert_hit_rate` and
 `miss_bandwidth` arguments are where a budget that keeps only part of the experts in memory
 plugs in: the missed experts' bytes are read at the slower bandwidth of wherever they live.
+`expected_hit_rate` is the hit rate such a budget gives under uniform routing, and
+`measure_read_bandwidth` the speed at which a miss reads an expert from a weight file.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +124,58 @@ def measure_bandwidth(size_mib: int = 256, repeats: int = 5) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best
+
+
+def measure_read_bandwidth(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    size_mib: int = 64,
+    chunk_bytes: int = 2**20,
+    repeats: int = 3,
+) -> float:
+    """File read bandwidth in bytes/s, as an expert cache's misses see it: the best of
+    `repeats` passes reading the first `size_mib` MiB of `path` (a weight file) in reads of
+    `chunk_bytes` (a miss reads each projection of an expert in one read) into one buffer.
+    The first pass brings the bytes into the operating system's page cache, so this is the
+    speed of a warm read (a copy from memory plus a system call per read); a file read cold
+    from the disk is slower. Without `path`, a temporary file
+    of `size_mib` MiB is written and read."""
+    if path is None:
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(b"\0" * (size_mib * 2**20))
+            f.flush()
+            return measure_read_bandwidth(
+                f.name, size_mib=size_mib, chunk_bytes=chunk_bytes, repeats=repeats
+            )
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = min(os.fstat(fd).st_size, size_mib * 2**20)
+        if size == 0:
+            raise ValueError(f"{path} is empty: there is nothing to time reads of")
+        chunk = min(max(1, chunk_bytes), size)
+        buffer = bytearray(chunk)
+        view = memoryview(buffer)
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first pass fills the page cache
+            t0 = time.perf_counter()
+            for offset in range(0, size - chunk + 1, chunk):
+                os.preadv(fd, [view], offset)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return (size // chunk) * chunk / best
+
+
+def expected_hit_rate(slots: int, experts: int) -> float:
+    """The share of the experts a decode step needs that a cache of `slots` experts per layer
+    (of `experts`) already holds, when every token picks its experts uniformly at random,
+    independently of the tokens before: whichever experts the cache keeps, a needed one is
+    among them with chance slots / experts (1.0 once every expert fits). Trained routers are
+    skewed towards a few experts and consecutive tokens share experts, so LRU or LFU caches
+    of trained models hit more often than this; random weights come close to it."""
+    if experts <= 0 or slots <= 0:
+        raise ValueError(f"slots={slots} and experts={experts} must be positive")
+    return min(1.0, slots / experts)
 
 
 @dataclass(frozen=True)

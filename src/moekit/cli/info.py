@@ -32,6 +32,12 @@ def add_parser(sub: Any) -> None:
         help="predict decode tokens/s at batch 1 from the bytes read per token and the memory "
         "bandwidth measured on this machine (takes a few seconds)",
     )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="with --speed: the experts paged under this budget of weights (e.g. 6GiB); adds "
+        "the budget's plan and the cache hit rate expected under uniform routing",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(run=run)
 
@@ -161,28 +167,59 @@ def print_info(info: ModelInfo) -> None:
 
 
 def run_speed(args: argparse.Namespace) -> int:
-    from moekit.info import speed_info
+    from moekit.info import resolve_config, speed_info
 
     if len(args.target) != 1:
         raise ValueError("--speed takes one preset or model directory")
-    pred = speed_info(args.target[0])
+    target = args.target[0]
+    plan = None
+    if args.max_memory is not None:
+        from moekit.infer.offload import parse_size, plan_budget
+        from moekit.model import meta_model
+
+        budget = parse_size(args.max_memory)
+        plan = plan_budget(meta_model(resolve_config(target)), budget)
+    pred = speed_info(target, cache_slots=None if plan is None else plan.slots)
     if args.json:
-        print_json({"name": args.target[0], **pred.to_dict()})
+        extra: dict[str, Any] = {}
+        if plan is not None:
+            extra["budget"] = {"max_memory": budget, **plan.to_dict()}
+            extra["hit_rate_model"] = "uniform routing: slots / experts per layer"
+        print_json({"name": target, **pred.to_dict(), **extra})
         return 0
     sb = pred.bytes
+    caption = (
+        f"weights as stored, KV cache of {sb.context} positions; small models are bound by "
+        "per-call overhead and stay below this"
+    )
+    if plan is not None:
+        caption += (
+            "; hit rate: uniform routing (slots / experts), real routing usually hits more; "
+            "misses read warm from the page cache"
+        )
     t = table(
-        f"{args.target[0]}: decode speed bound, batch 1",
+        f"{target}: decode speed bound, batch 1",
         ["figure", "value"],
         right={"value"},
         show_header=False,
-        caption=f"weights as stored, KV cache of {sb.context} positions; small models are "
-        "bound by per-call overhead and stay below this",
+        caption=caption,
     )
     for part, n in sb.by_part.items():
         if n:
             t.add_row(f"read per token: {part.replace('_', ' ')}", nbytes(n))
     t.add_row("read per token: total", nbytes(sb.total))
     t.add_row("memory bandwidth (measured now)", f"{pred.bandwidth / 1e9:.1f} GB/s")
+    if plan is not None:
+        t.add_row("budget", nbytes(budget))
+        t.add_row("budget: weights always in memory", nbytes(plan.resident))
+        t.add_row(
+            "budget: expert cache",
+            f"{nbytes(plan.cache)} ({plan.slots} of {plan.experts_per_layer} experts per layer)",
+        )
+        t.add_row("budget: minimum", nbytes(plan.minimum))
+        t.add_row("expected expert hit rate", f"{pred.expert_hit_rate:.1%}")
+        if pred.miss_bandwidth is not None:
+            t.add_row("file read bandwidth (measured now)", f"{pred.miss_bandwidth / 1e9:.1f} GB/s")
     t.add_row("predicted decode tokens/s", f"{pred.tokens_per_s:,.0f}")
     console().print(t)
     return 0
