@@ -21,8 +21,8 @@ from moekit.infer.offload import (
     plan_budget,
 )
 from moekit.infer.sampling import SamplingParams
-from moekit.model import meta_model
 from moekit.model_dir import ModelDir, load_model
+from moekit.quant.build import meta_model  # counts quantised experts as stored
 from moekit.speed import (
     expected_hit_rate,
     measure_bandwidth,

@@ -46,6 +46,8 @@ class PagedGenerateBench:
     expected_hit_rate: float
     prediction: SpeedPrediction
     offload: dict[str, Any]
+    baseline_rss: int | None = None  # resident bytes before loading (the runtime)
+    peak_rss: int | None = None  # the process's peak resident bytes, loading included
 
     @property
     def measured_over_predicted(self) -> float:
@@ -65,6 +67,8 @@ class PagedGenerateBench:
             "prediction": self.prediction.to_dict(),
             "measured_over_predicted": self.measured_over_predicted,
             "offload": self.offload,
+            "baseline_rss_bytes": self.baseline_rss,
+            "peak_rss_bytes": self.peak_rss,
         }
 
 
@@ -85,7 +89,8 @@ def bench_generate_paged(
     whole generation less those of a 1-token one (the prompt) from the same cache state.
     Beside it: the prediction of `moekit info --speed --max-memory`."""
     directory = ModelDir(model_dir)
-    generator = Generator.from_dir(directory.path, offload=offload)
+    baseline = _status_bytes("VmRSS")
+    generator = _paged_generator(directory, offload)
     cfg, model = generator.model.cfg, generator.model
     if prompt_tokens + new_tokens > cfg.max_seq_len:
         raise ValueError(
@@ -135,7 +140,32 @@ def bench_generate_paged(
         expected_hit_rate=expected,
         prediction=prediction,
         offload=report,
+        baseline_rss=baseline,
+        peak_rss=_status_bytes("VmHWM"),
     )
+
+
+def _paged_generator(directory: ModelDir, offload: OffloadConfig) -> Generator:
+    """The directory's generator; a directory without a tokenizer (`moekit quantize --preset`
+    writes none) gets one that only supplies the special ids: the bench feeds token ids."""
+    if any(directory.tokenizer_files()):
+        return Generator.from_dir(directory.path, offload=offload)
+    from moekit.data.tokenizer import Tokenizer
+    from moekit.infer.offload import load_paged_model
+
+    return Generator(load_paged_model(directory.path, offload), Tokenizer.train(["a b c"], 300))
+
+
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _counted(model: Any, run: Any) -> tuple[int, int]:

@@ -175,7 +175,7 @@ def run_speed(args: argparse.Namespace) -> int:
     plan = None
     if args.max_memory is not None:
         from moekit.infer.offload import parse_size, plan_budget
-        from moekit.model import meta_model
+        from moekit.quant.build import meta_model  # counts quantised experts as stored
 
         budget = parse_size(args.max_memory)
         plan = plan_budget(meta_model(resolve_config(target)), budget)
