@@ -23,8 +23,9 @@ def test_compiled_kernel_matches_dequantise_then_matmul_in_every_row_regime():
         for e in (0, 2):
             expected = x @ w.dequantize(e).T
             torch.testing.assert_close(w.matmul(x, e), expected, **TOL)
-    # one kernel per regime, reused across experts and row counts
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 3
+    # one kernel per regime, reused across experts and row counts (one row is compiled
+    # without dynamo; the two dynamic-row kernels are one dynamo graph each)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
     assert {k[0] for k in kernels._compiled if k[1:3] == (48, 128)} == {"1", "few", "many"}
 
 

@@ -15,9 +15,13 @@ little-endian 32-bit words puts column 8w+c at bits 4c..4c+3 of word w, so `x` v
 - `dequant_mm` (more rows): one compiled pass that unpacks the weight to float, then the float
   matmul, so the unpacking is paid once for all rows.
 
-Each kernel is compiled once per (N, K, G, dtype, row regime): one row is its own static
-shape; 2..FEW_ROWS rows share one kernel compiled for a dynamic M, and so do larger row
-counts. Inductor's C++ is built with floating-point contraction and reassociation allowed
+Each kernel is compiled once per (N, K, G, dtype, row regime): one row (decoding) is its own
+static shape, traced and compiled without dynamo, whose per-call guard checks would cost
+several times the rest of the call; 2..FEW_ROWS rows share one kernel compiled by
+`torch.compile` for a dynamic M, and so do larger row counts. Compiled code is cached on
+disk by inductor, so later processes load it instead of compiling again.
+
+Inductor's C++ is built with floating-point contraction and reassociation allowed
 (fused multiply-adds and a reordered sum), which changes results only by float32 rounding.
 When compiling fails (no C++ compiler, an unsupported platform), `compiled_matmul` returns
 None after logging the reason once on the `moekit` logger, and the caller uses its eager path.
@@ -90,9 +94,18 @@ def regime(rows: int) -> str:
     return "1" if rows == 1 else "few" if rows <= FEW_ROWS else "many"
 
 
-def _build(key: tuple) -> _Kernel:
+def _build(key: tuple, example: tuple[Tensor, ...]) -> _Kernel:
     kind = key[0]
     fn = _fused if kind != "many" else _dequant_mm
+    if kind == "1":
+        # One row, the decode case: traced once and compiled without dynamo's guards, whose
+        # per-call cost (about 4x this path's) would rival the product itself. The caller's
+        # key pins every shape, dtype and stride the compiled code assumes.
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        graph = make_fx(fn)(*example)
+        static: _Kernel = torch._inductor.compile(graph, list(example), options=_OPTIONS)
+        return static
     # A fresh code object per key: each shape gets its own compiled entry instead of sharing
     # one (and its recompile limit) with every other shape.
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, f"{fn.__name__}_{kind}")
@@ -116,16 +129,15 @@ def compiled_matmul(
     key = (kind, n, kh * 2, group, x_MK.dtype)
     if key in _failed:
         return None
-    with _lock:
-        if key not in _compiled:
-            _compiled[key] = _build(key)
-        fn = _compiled[key]
-    q_NW = packed_NKh.view(torch.int32)
-    x_MK = x_MK.contiguous()
+    q_NW = packed_NKh.contiguous().view(torch.int32)
+    args = (x_MK.contiguous(), q_NW, scale_Ng.contiguous(), min_Ng.contiguous())
     if kind != "1":
-        torch._dynamo.mark_dynamic(x_MK, 0)
+        torch._dynamo.mark_dynamic(args[0], 0)
     try:
-        return fn(x_MK, q_NW, scale_Ng, min_Ng)
+        with _lock:
+            if key not in _compiled:
+                _compiled[key] = _build(key, args)
+        return _compiled[key](*args)
     except Exception as exc:  # compilation failures come as many exception types
         _failed[key] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.warning(

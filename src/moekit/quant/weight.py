@@ -29,6 +29,8 @@ it would resolve are smaller than that noise.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,15 +44,22 @@ def auto_kernel(device: torch.device, bits: int = 8) -> str:
     """The kernel "auto" means for `bits`-bit weights on `device` (see the module docstring)."""
     if device.type != "cpu":
         return "dequant"
-    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+    if _avx512():
         return "torch"
     return "compiled" if bits == 4 else "dequant"
+
+
+@functools.cache
+def _avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 class QuantWeight(nn.Module):
     """A weight of float shape `shape` ([E, N, K] stacked over experts, or [N, K]) stored as
     `formats` describes, in buffers `qweight`, `scale` (and `min` for 4 bits)."""
 
+    qweight: Tensor
+    scale: Tensor
     min: Tensor | None
 
     def __init__(
@@ -96,9 +105,10 @@ class QuantWeight(nn.Module):
         if kernel == "torch" and self._torch_kernel_fits(x_MK):
             return self._torch_matmul(x_MK.contiguous(), e)
         if kernel == "compiled" and self.bits == 4 and kernels.fits(x_MK, self.shape, self.group):
-            assert self.group is not None
-            parts = self.parts(e)
-            q, scale, lo = parts[formats.QWEIGHT], parts[formats.SCALE], parts[formats.MIN]
+            assert self.group is not None and self.min is not None
+            q, scale, lo = self.qweight, self.scale, self.min
+            if e is not None:
+                q, scale, lo = q[e], scale[e], lo[e]
             out = kernels.compiled_matmul(x_MK, q, scale, lo, self.group)
             if out is not None:
                 return out
