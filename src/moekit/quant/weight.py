@@ -20,11 +20,11 @@ stacked tensor:
 
 "auto" (the default) is a fixed rule from measurements (`moekit bench quant --kernels`; the
 figures are in docs/benchmarks.md): "torch" on AVX-512 CPUs; elsewhere "compiled" for int4
-on CPU (1.3-2x a float32 matmul at one row on an AVX2 CPU, where "torch" and "dequant" are
-several times slower than float32) and "dequant" for int8 (about float32's speed; the scalar
-"torch" kernel is 5-10x slower). A fixed rule rather than timing each choice at start-up: on
-a shared machine a start-up timing picks differently from run to run, and the differences
-it would resolve are smaller than that noise.
+on CPU (1.6-1.8x a float32 matmul at one row at real expert shapes on an AVX2 CPU, where
+"torch" and "dequant" are 8-9x slower than float32) and "dequant" for int8 (about 0.8x
+float32; the scalar "torch" kernel 0.2x). A fixed rule rather than timing each choice at
+start-up: on a shared machine a start-up timing picks differently from run to run, and the
+differences it would resolve are smaller than that noise.
 """
 
 from __future__ import annotations
