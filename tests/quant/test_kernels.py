@@ -55,3 +55,14 @@ def test_shapes_the_compiled_kernel_cannot_take_use_dequant(x, group):
     w.kernel = "compiled"
     assert not kernels.fits(x, w.shape, w.group)
     torch.testing.assert_close(w.matmul(x), x @ w.dequantize().T, **TOL)
+
+
+def test_a_product_that_needs_its_gradient_takes_the_eager_path():
+    w = QuantWeight.from_float(torch.randn(16, 64), 4, 32)
+    w.kernel = "compiled"
+    x = torch.randn(2, 64, requires_grad=True)
+    assert not kernels.fits(x, w.shape, w.group)
+    w.matmul(x).sum().backward()
+    torch.testing.assert_close(x.grad, w.dequantize().sum(0).expand(2, 64), **TOL)
+    with torch.no_grad():
+        assert kernels.fits(x, w.shape, w.group)

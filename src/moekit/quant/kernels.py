@@ -78,10 +78,13 @@ def _dequant_mm(x_MK: Tensor, q_NW: Tensor, scale_Ng: Tensor, min_Ng: Tensor) ->
 
 def fits(x_MK: Tensor, shape: tuple[int, ...], group: int | None) -> bool:
     """Whether the compiled kernels can compute `x_MK @ w^T` for an int4 weight of `shape`
-    ([..., N, K]) in groups of `group`: CPU, a float dtype, whole words per group."""
+    ([..., N, K]) in groups of `group`: CPU, a float dtype, whole words per group, and no
+    gradient wanted (they are inference kernels; a product that needs its gradient takes the
+    eager path, which autograd follows)."""
     return (
         x_MK.device.type == "cpu"
         and x_MK.shape[0] > 0
+        and not (x_MK.requires_grad and torch.is_grad_enabled())
         and x_MK.dtype in _DTYPES
         and group is not None
         and group % 8 == 0
