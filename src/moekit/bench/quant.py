@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.bench.timing import time_interleaved
@@ -29,6 +30,7 @@ from moekit.model import Transformer
 from moekit.model_dir import ModelDir
 from moekit.moe import dispatch
 from moekit.quant.build import quantize_model, set_kernel
+from moekit.quant.weight import QuantWeight
 from moekit.training.step import eval_loss
 
 
@@ -151,11 +153,11 @@ def bench_quant(
     }
     prompt_ids = [r[:32].tolist() for r in rows[:prompts]]
     greedy_ref = _greedy(ref, prompt_ids, new_tokens)
-    kernels = ("dequant", "torch")
     # Speed: every setting and kernel timed in turn, interleaved.
     expert_fns, decode_fns = {}, {}
     for name, model in models.items():
-        for kernel in kernels if name != "float32" else ("float",):
+        bits = 4 if name.startswith("int4") else 8
+        for kernel in QUANT_KERNELS[bits] if name != "float32" else ("float",):
             key = f"{name}/{kernel}"
             if kernel != "float":
                 set_kernel(model, kernel)
@@ -218,3 +220,118 @@ def _timed(models: dict[str, Transformer], fns: dict[str, Any], repeats: int) ->
         return call
 
     return time_interleaved({k: with_kernel(k, f) for k, f in fns.items()}, repeats)
+
+
+# ---- kernels at real expert shapes ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    """One expert's three products (gate, up: [F, D]; down: [D, F]) on `rows` rows with one
+    setting and kernel: microseconds per expert, weight bytes read per expert, the rate they
+    are read at, its share of the measured memory bandwidth and the speed against float32."""
+
+    preset: str
+    rows: int
+    setting: str  # "float32", "int8", "int4 g32"
+    kernel: str  # "float" for float32
+    us: float
+    weight_bytes: int
+    gb_per_s: float
+    of_bandwidth: float
+    vs_float32: float
+
+
+@dataclass(frozen=True)
+class KernelBench:
+    bandwidth: float  # bytes/s, measured in the same run
+    threads: int
+    experts: int
+    rows: list[KernelRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
+
+
+QUANT_KERNELS = {8: ("dequant", "torch"), 4: ("dequant", "torch", "compiled")}
+
+
+def _expert_products(weights: dict[str, Any], kernel: str, x_MD: Tensor, h_MF: Tensor) -> Any:
+    """A function computing every expert's three products once with `kernel`."""
+    gate, up, down = weights["w_gate"], weights["w_up"], weights["w_down"]
+    if kernel == "float":
+
+        def run_float() -> None:
+            for e in range(gate.shape[0]):
+                F.linear(x_MD, gate[e]), F.linear(x_MD, up[e]), F.linear(h_MF, down[e])
+
+        return run_float
+
+    def run() -> None:
+        for w in (gate, up, down):  # the weights are shared by every kernel's function
+            w.kernel = kernel
+        for e in range(gate.shape[0]):
+            gate.matmul(x_MD, e), up.matmul(x_MD, e), down.matmul(h_MF, e)
+
+    return run
+
+
+def bench_quant_kernels(
+    presets: tuple[str, ...] = ("olmoe-1b-7b", "qwen3-30b-a3b"),
+    *,
+    rows: tuple[int, ...] = (1, 4, 8),
+    group_size: int = 32,
+    experts: int = 16,
+    repeats: int = 5,
+) -> KernelBench:
+    """Each quantised kernel against float32 at the routed-expert shapes of `presets` (random
+    weights; `experts` experts, cycled so that their weights do not stay in the CPU caches),
+    for each row count in `rows`: time per expert, weight bytes read per second and their share
+    of the memory bandwidth measured in the same run."""
+    from moekit.presets import get_preset
+    from moekit.speed import measure_bandwidth
+
+    bandwidth = measure_bandwidth()
+    out: list[KernelRow] = []
+    for name in presets:
+        cfg = get_preset(name)
+        if cfg.moe is None:
+            raise ValueError(f"preset {name!r} has no MoE layers to measure the experts of")
+        d, f = cfg.dim, cfg.moe.expert_hidden
+        gen = torch.Generator().manual_seed(0)
+        shapes = {"w_gate": (experts, f, d), "w_up": (experts, f, d), "w_down": (experts, d, f)}
+        floats = {k: torch.randn(s, generator=gen) * 0.02 for k, s in shapes.items()}
+        settings: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+            "float32": (floats, ("float",))
+        }
+        for bits in (8, 4):
+            group = group_size if bits == 4 else None
+            quant = {k: QuantWeight.from_float(w, bits, group) for k, w in floats.items()}
+            settings["int8" if bits == 8 else f"int4 g{group_size}"] = (quant, QUANT_KERNELS[bits])
+        for m in rows:
+            x_MD, h_MF = torch.randn(m, d, generator=gen), torch.randn(m, f, generator=gen)
+            fns = {
+                (setting, kernel): _expert_products(weights, kernel, x_MD, h_MF)
+                for setting, (weights, kernels) in settings.items()
+                for kernel in kernels
+            }
+            with torch.no_grad():
+                times = time_interleaved({f"{s}/{k}": fn for (s, k), fn in fns.items()}, repeats)
+            ref = times["float32/float"]
+            for (setting, kernel), _ in fns.items():
+                weights = settings[setting][0]
+                per_expert = sum(_one_expert_bytes(w) for w in weights.values()) // experts
+                t = times[f"{setting}/{kernel}"] / experts
+                rate = per_expert / t
+                row = KernelRow(
+                    name, m, setting, kernel, t * 1e6, per_expert, rate / 1e9,
+                    rate / bandwidth, ref / experts / t,
+                )  # fmt: skip
+                out.append(row)
+    return KernelBench(bandwidth, torch.get_num_threads(), experts, out)
+
+
+def _one_expert_bytes(w: Tensor | QuantWeight) -> int:
+    if isinstance(w, QuantWeight):
+        return w.nbytes()
+    return w.numel() * w.element_size()

@@ -344,8 +344,15 @@ def _add_quant(benches: Any) -> None:
         help="int8 and int4 experts against float32: validation loss, agreement, decode speed",
         description=doc("moekit.bench.quant", "bench_quant"),
     )
-    p.add_argument("model_dir", help="a float32 model directory (with a tokenizer)")
+    p.add_argument("model_dir", nargs="?", help="a float32 model directory (with a tokenizer)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (default 32)")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="instead: each kernel at the expert shapes of --presets (random weights, no model)",
+    )
+    p.add_argument("--presets", default="olmoe-1b-7b,qwen3-30b-a3b", help="with --kernels")
+    p.add_argument("--rows", default="1,4,8", help="with --kernels: rows per expert")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches of 8 rows")
     p.add_argument("--prompts", type=int, default=8, help="prompts for greedy agreement")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
@@ -357,6 +364,10 @@ def _add_quant(benches: Any) -> None:
 def run_quant(args: argparse.Namespace) -> int:
     from moekit.bench.quant import bench_quant
 
+    if args.kernels:
+        return _run_quant_kernels(args)
+    if args.model_dir is None:
+        raise ValueError("bench quant needs a model directory (or --kernels)")
     result = bench_quant(
         args.model_dir,
         group_size=args.group_size,
@@ -389,6 +400,37 @@ def run_quant(args: argparse.Namespace) -> int:
         figures = nbytes(row.expert_bytes), f"{row.val_loss:.4f}"
         agree = f"{row.top1_agreement:.1%}", f"{row.greedy_agreement:.1%}"
         t.add_row(row.name, *figures, *agree, experts, decode)
+    console(wide=True).print(t)
+    return 0
+
+
+def _run_quant_kernels(args: argparse.Namespace) -> int:
+    from moekit.bench.quant import bench_quant_kernels
+
+    try:
+        rows = tuple(int(r) for r in args.rows.split(","))
+    except ValueError:
+        raise ValueError(f"--rows {args.rows!r}: give row counts such as 1,4,8") from None
+    r = bench_quant_kernels(
+        tuple(args.presets.split(",")), rows=rows, group_size=args.group_size,
+        repeats=args.repeats,
+    )  # fmt: skip
+    if args.json:
+        print_json(r.to_dict())
+        return 0
+    t = table(
+        "quantised kernels at expert shapes: gate, up and down of one expert",
+        ["preset", "rows", "setting", "kernel", "us / expert", "weight bytes", "GB/s",
+         "of bandwidth", "vs float32"],
+        right={"rows", "us / expert", "weight bytes", "GB/s", "of bandwidth", "vs float32"},
+        caption=f"memory bandwidth {r.bandwidth / 1e9:.1f} GB/s (measured in this run); "
+        f"{r.threads} threads; {r.experts} experts cycled",
+    )  # fmt: skip
+    for k in r.rows:
+        t.add_row(
+            k.preset, str(k.rows), k.setting, k.kernel, f"{k.us:,.0f}", nbytes(k.weight_bytes),
+            f"{k.gb_per_s:.2f}", f"{k.of_bandwidth:.0%}", f"{k.vs_float32:.2f}x",
+        )  # fmt: skip
     console(wide=True).print(t)
     return 0
 

@@ -3,41 +3,63 @@ and `QuantLinear` (a drop-in for `nn.Linear`).
 
 Shape legend: M rows, N output features, K input features, E experts.
 
-A product `x @ w^T` is computed by one of two kernels, never by dequantising a whole stacked
-tensor:
+A product `x @ w^T` is computed by one of three kernels, never by dequantising a whole
+stacked tensor:
 
 - "torch": the weight-only kernels PyTorch ships (`aten._weight_int8pack_mm`,
   `aten._weight_int4pack_mm_for_cpu`), reading the packed weights directly. PyTorch vectorises
   them on CPUs with AVX-512; elsewhere they run a plain scalar loop.
+- "compiled" (int4 on CPU): `torch.compile`d kernels that read the stored nibbles directly
+  (`moekit.quant.kernels`): for up to `kernels.FEW_ROWS` rows one fused loop that unpacks,
+  scales and multiplies without writing a float weight; for more rows one compiled unpacking
+  pass, then the float matmul. Compiled once per shape and row regime, on first use (seconds);
+  when compiling fails it logs once and runs "dequant". int8 weights have no compiled kernel
+  (none measured faster than "dequant") and run "dequant".
 - "dequant": expands one weight (one expert's slice of a stacked tensor) to the input's dtype
   and multiplies; int8 applies its per-channel scale after the product.
 
-"auto" (the default) picks "torch" on AVX-512 CPUs and "dequant" elsewhere (on AVX2 the scalar
-kernels measure 5-20x slower than a float32 matmul; `moekit bench quant` prints both).
+"auto" (the default) is a fixed rule from measurements (`moekit bench quant --kernels`; the
+figures are in docs/benchmarks.md): "torch" on AVX-512 CPUs; elsewhere "compiled" for int4
+on CPU (1.6-1.8x a float32 matmul at one row at real expert shapes on an AVX2 CPU, where
+"torch" and "dequant" are 8-9x slower than float32) and "dequant" for int8 (about 0.8x
+float32; the scalar "torch" kernel 0.2x). A fixed rule rather than timing each choice at
+start-up: on a shared machine a start-up timing picks differently from run to run, and the
+differences it would resolve are smaller than that noise.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.quant import formats
+from moekit.quant import formats, kernels
 
-KERNELS = ("auto", "torch", "dequant")
+KERNELS = ("auto", "torch", "dequant", "compiled")
 
 
-def auto_kernel(device: torch.device) -> str:
-    """The kernel "auto" means on `device` (see the module docstring)."""
-    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+def auto_kernel(device: torch.device, bits: int = 8) -> str:
+    """The kernel "auto" means for `bits`-bit weights on `device` (see the module docstring)."""
+    if device.type != "cpu":
+        return "dequant"
+    if _avx512():
         return "torch"
-    return "dequant"
+    return "compiled" if bits == 4 else "dequant"
+
+
+@functools.cache
+def _avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 class QuantWeight(nn.Module):
     """A weight of float shape `shape` ([E, N, K] stacked over experts, or [N, K]) stored as
     `formats` describes, in buffers `qweight`, `scale` (and `min` for 4 bits)."""
 
+    qweight: Tensor
+    scale: Tensor
     min: Tensor | None
 
     def __init__(
@@ -79,9 +101,17 @@ class QuantWeight(nn.Module):
 
     def matmul(self, x_MK: Tensor, e: int | None = None) -> Tensor:
         """`x_MK @ w^T` (w: expert `e`'s weight when stacked): (M, N) in x's dtype."""
-        kernel = self.kernel if self.kernel != "auto" else auto_kernel(x_MK.device)
+        kernel = self.kernel if self.kernel != "auto" else auto_kernel(x_MK.device, self.bits)
         if kernel == "torch" and self._torch_kernel_fits(x_MK):
             return self._torch_matmul(x_MK.contiguous(), e)
+        if kernel == "compiled" and self.bits == 4 and kernels.fits(x_MK, self.shape, self.group):
+            assert self.group is not None and self.min is not None
+            q, scale, lo = self.qweight, self.scale, self.min
+            if e is not None:
+                q, scale, lo = q[e], scale[e], lo[e]
+            out = kernels.compiled_matmul(x_MK, q, scale, lo, self.group)
+            if out is not None:
+                return out
         if self.bits == 8:
             q, scale = self.parts(e)[formats.QWEIGHT], self.parts(e)[formats.SCALE]
             return F.linear(x_MK, q.to(x_MK.dtype)) * scale.to(x_MK.dtype)
