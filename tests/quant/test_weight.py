@@ -94,3 +94,30 @@ def test_quantized_experts_match_eager_on_the_dequantised_weights(kernel, bits, 
         torch.testing.assert_close(run(BACKEND, q), expected, rtol=1e-4, atol=tol)
     # and the quantisation is visible against the float experts it came from
     assert not torch.allclose(run(BACKENDS["eager"], ex).detach(), expected.detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 20])
+def test_a_large_weight_is_expanded_in_blocks_with_the_same_product(monkeypatch, bits, rows):
+    """Above DEQUANT_CHUNK elements the weight is expanded a block of output rows at a time
+    (the last block shorter): the product equals dequantise-then-matmul."""
+    from moekit.quant import weight as weight_module
+
+    w = torch.randn(200, 64)
+    q = QuantWeight.from_float(w, bits, 32 if bits == 4 else None)
+    q.kernel = "dequant"
+    x = torch.randn(rows, 64)
+    want = x @ q.dequantize().T
+    monkeypatch.setattr(weight_module, "DEQUANT_CHUNK", 48 * 64)  # blocks of 48 rows
+    expanded = []
+    original = weight_module.formats.dequantize
+
+    def counting(parts, *args, **kwargs):
+        expanded.append(parts["qweight"].shape[0])
+        return original(parts, *args, **kwargs)
+
+    monkeypatch.setattr(weight_module.formats, "dequantize", counting)
+    got = q.matmul(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if bits == 4:
+        assert expanded == [48, 48, 48, 48, 8]  # never the whole weight at once

@@ -156,8 +156,8 @@ def quantize_tensors(
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:
-    """Use `kernel` ("auto", "torch" or "dequant"; see moekit.quant.weight) for every
-    quantised weight of `model`."""
+    """Use `kernel` (one of `moekit.quant.weight.KERNELS`: "auto", "torch", "dequant" or
+    "compiled"; see that module) for every quantised weight of `model`."""
     from moekit.quant.weight import KERNELS
 
     if kernel not in KERNELS:

@@ -16,7 +16,10 @@ stacked tensor:
   when compiling fails it logs once and runs "dequant". int8 weights have no compiled kernel
   (none measured faster than "dequant") and run "dequant".
 - "dequant": expands one weight (one expert's slice of a stacked tensor) to the input's dtype
-  and multiplies; int8 applies its per-channel scale after the product.
+  and multiplies; int8 applies its per-channel scale after the product. A weight larger than
+  `DEQUANT_CHUNK` elements (an output head over a large vocabulary) is expanded and multiplied
+  a block of output rows at a time, so the float copy never exists whole (the compiled
+  kernel's many-rows pass, which expands the weight, hands such weights to this path).
 
 "auto" (the default) is a fixed rule from measurements (`moekit bench quant --kernels`; the
 figures are in docs/benchmarks.md): "torch" on AVX-512 CPUs; elsewhere "compiled" for int4
@@ -38,6 +41,8 @@ from torch import Tensor, nn
 from moekit.quant import formats, kernels
 
 KERNELS = ("auto", "torch", "dequant", "compiled")
+# Weights of more elements than this (16 MiB in float32) are expanded in blocks of output rows.
+DEQUANT_CHUNK = 1 << 22
 
 
 def auto_kernel(device: torch.device, bits: int = 8) -> str:
@@ -104,7 +109,13 @@ class QuantWeight(nn.Module):
         kernel = self.kernel if self.kernel != "auto" else auto_kernel(x_MK.device, self.bits)
         if kernel == "torch" and self._torch_kernel_fits(x_MK):
             return self._torch_matmul(x_MK.contiguous(), e)
-        if kernel == "compiled" and self.bits == 4 and kernels.fits(x_MK, self.shape, self.group):
+        big = self.shape[-2] * self.shape[-1] > DEQUANT_CHUNK
+        if (
+            kernel == "compiled"
+            and self.bits == 4
+            and kernels.fits(x_MK, self.shape, self.group)
+            and not (big and kernels.regime(x_MK.shape[0]) == "many")  # it would expand w
+        ):
             assert self.group is not None and self.min is not None
             q, scale, lo = self.qweight, self.scale, self.min
             if e is not None:
@@ -112,10 +123,24 @@ class QuantWeight(nn.Module):
             out = kernels.compiled_matmul(x_MK, q, scale, lo, self.group)
             if out is not None:
                 return out
+        parts = self.parts(e)
+        if not big:
+            return self._dequant_matmul(x_MK, parts)
+        # A large weight (an output head over a big vocabulary) is expanded a block of output
+        # rows at a time: the float copy of all of it would be larger than the packed weights.
+        step = max(16, DEQUANT_CHUNK // self.shape[-1])
+        outs = []
+        for start in range(0, self.shape[-2], step):
+            block = {k: v[start : start + step] for k, v in parts.items()}
+            outs.append(self._dequant_matmul(x_MK, block))
+        return torch.cat(outs, dim=-1)
+
+    def _dequant_matmul(self, x_MK: Tensor, parts: dict[str, Tensor]) -> Tensor:
+        """`x_MK @ w^T` with `w` (these stored parts, [N, ...]) expanded to x's dtype."""
         if self.bits == 8:
-            q, scale = self.parts(e)[formats.QWEIGHT], self.parts(e)[formats.SCALE]
+            q, scale = parts[formats.QWEIGHT], parts[formats.SCALE]
             return F.linear(x_MK, q.to(x_MK.dtype)) * scale.to(x_MK.dtype)
-        return F.linear(x_MK, self.dequantize(e, x_MK.dtype))
+        return F.linear(x_MK, formats.dequantize(parts, self.bits, self.group, x_MK.dtype))
 
     def _torch_kernel_fits(self, x: Tensor) -> bool:
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.half):
