@@ -9,6 +9,7 @@ new tokens over the remaining time. The generated tokens are compared as a sanit
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,8 @@ class GenerateBench:
     ours_calls_per_step: int
     hf_calls_per_step: int
     bound: SpeedPrediction
+    compiled: bool = False  # our decode steps ran through torch.compile
+    ours_warmup_s: float = 0.0  # our first generation (with compile: the compilation)
 
     @property
     def fraction_of_bound(self) -> float:
@@ -80,6 +83,8 @@ class GenerateBench:
             "hf_calls_per_step": self.hf_calls_per_step,
             "bound": self.bound.to_dict(),
             "decode_fraction_of_bound": self.fraction_of_bound,
+            "compiled": self.compiled,
+            "ours_warmup_s": self.ours_warmup_s,
         }
 
 
@@ -92,6 +97,7 @@ def bench_generate(
     new_tokens: int = 64,
     repeats: int = 3,
     seed: int = 0,
+    compile: bool = True,
 ) -> GenerateBench:
     """Time ours and transformers' greedy generation of `new_tokens` after a random prompt of
     `prompt_tokens` tokens, for `batch_size` prompts at once.
@@ -99,9 +105,30 @@ def bench_generate(
     The model is `model_dir`'s (or a randomly initialised `preset`). Returns prefill and decode
     tokens/s for each side, their ratios (> 1: ours is faster) and whether both generated the
     same tokens; the PyTorch calls per decode step of each side; and the bandwidth bound on
-    decoding (bytes per token over the memory bandwidth measured in this run).
+    decoding (bytes per token over the memory bandwidth measured in this run). With
+    `compile` our decode steps run through `torch.compile` (moekit.infer.compiled); the
+    compilation happens in an untimed first generation (`ours_warmup_s`).
     """
+    import torch._inductor.config
+
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": compile}):
+        return _bench(
+            model_dir, preset, batch_size, prompt_tokens, new_tokens, repeats, seed, compile
+        )
+
+
+def _bench(
+    model_dir: str | Path | None,
+    preset: str,
+    batch_size: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    seed: int,
+    compile: bool,
+) -> GenerateBench:
     generator = _generator(model_dir, preset, seed)
+    generator.compile = compile
     cfg = generator.model.cfg
     if prompt_tokens + new_tokens > cfg.max_seq_len:
         raise ValueError(
@@ -113,7 +140,11 @@ def bench_generate(
     low = 2  # skip the special tokens
     prompts = torch.randint(low, cfg.vocab_size, (batch_size, prompt_tokens))
     ours, theirs = _ours(generator, prompts), _theirs(hf, prompts, generator.tokenizer.pad_id)
-    same_tokens = ours(new_tokens) == theirs(new_tokens)
+    start = time.perf_counter()
+    ours_tokens = ours(new_tokens)
+    warmup = time.perf_counter() - start
+    compiled = generator._decoder is not None and generator._decoder.active
+    same_tokens = ours_tokens == theirs(new_tokens)
     # The first new token costs the prefill; the rest of the time is decoding.
     fns = {
         "ours_1": lambda: ours(1),
@@ -123,7 +154,10 @@ def bench_generate(
     }
     # The best sample of each: on a machine shared with other work, the least disturbed.
     t = {name: min(ts) for name, ts in round_robin(fns, repeats).items()}
-    calls = (calls_per_step(ours), calls_per_step(theirs))
+    # A compiled step runs generated code that a dispatch mode does not see (and under one
+    # it would not run compiled): count its PyTorch calls and kernels with the profiler.
+    counter = profiled_calls if compiled else count_calls
+    calls = (calls_per_step(ours, counter), calls_per_step(theirs))
     bound = predict_decode(
         cfg,
         measure_bandwidth(),
@@ -147,6 +181,8 @@ def bench_generate(
         ours_calls_per_step=calls[0],
         hf_calls_per_step=calls[1],
         bound=bound,
+        compiled=compiled,
+        ours_warmup_s=warmup,
     )
 
 
@@ -166,10 +202,34 @@ def count_calls(fn: Callable[[], object]) -> int:
     return counter.n
 
 
-def calls_per_step(greedy: Greedy) -> int:
+def profiled_calls(fn: Callable[[], object]) -> int:
+    """The PyTorch operators `fn` calls from Python (profiled, not counting the operators
+    they call in turn) plus the compiled kernels it runs (recorded when compiled with
+    `torch._inductor.config.cpp.enable_kernel_profile`, as `bench_generate` does)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+
+    def top(event: Any) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::") and top(e))
+    return ops + sum(1 for e in events if "cpp_fused" in e.name)
+
+
+def calls_per_step(
+    greedy: Greedy, counter: Callable[[Callable[[], object]], int] = count_calls
+) -> int:
     """PyTorch calls of one more decode step: generating 3 tokens against generating 2 (the
     difference is one step of the decode loop, sampling and bookkeeping included)."""
-    return count_calls(lambda: greedy(3)) - count_calls(lambda: greedy(2))
+    return counter(lambda: greedy(3)) - counter(lambda: greedy(2))
 
 
 def _generator(model_dir: str | Path | None, preset: str, seed: int) -> Generator:

@@ -113,6 +113,12 @@ def _add_generate(benches: Any) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="our decode steps through torch.compile (compiled in an untimed first run)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_generate)
 
@@ -127,6 +133,7 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
+        compile=args.compile,
     )
     if args.json:
         print_json(result.to_dict())
@@ -141,6 +148,8 @@ def run_generate(args: argparse.Namespace) -> int:
             f"  {phase:8s} ours {ours:9,.1f} tok/s   transformers {hf:9,.1f} tok/s   {ratio:.2f}x"
         )
     print(f"  same tokens as transformers: {result.same_tokens}")
+    how = "compiled" if result.compiled else "eager"
+    print(f"  our decode steps: {how} (first generation, untimed: {result.ours_warmup_s:.1f} s)")
     print(
         f"  PyTorch calls per decode step: ours {result.ours_calls_per_step:,}   "
         f"transformers {result.hf_calls_per_step:,}"
