@@ -288,10 +288,14 @@ class CompiledDecoder:
             return self._fn()(self.model, weights, *args)
         except Exception as e:  # any compiler failure: fall back, and say why
             self.failed = True
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            root: BaseException = e
+            # The compiler's own error, not its wrappers (a backend's is `inner_exception`).
+            while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
+                root = inner
+            text = str(root).strip()
             log.warning(
                 "compiled decoding is off: torch.compile failed (%s: %s); decoding eagerly",
-                type(e).__name__,
-                first[:200],
+                type(root).__name__,
+                text.splitlines()[0][:200] if text else "no message",
             )
             return None
