@@ -1,8 +1,8 @@
 """The compiled decode step (moekit.infer.compiled) against the eager model.
 
-Compiling is slow on a small CPU, so one test compiles (a tiny model covering dense and MoE
-layers, shared experts with a gate, q/k/v biases and left padding); the others check the
-guards and the fallback without compiling a graph.
+Compiling is slow on a small CPU, so two tests compile (tiny models covering dense and MoE
+layers, shared experts with a gate, q/k/v biases, both kinds of q/k norm and left padding);
+the others check the guards and the fallback without compiling a graph.
 """
 
 import logging
@@ -20,7 +20,7 @@ from moekit.infer.sampling import SamplingParams
 
 CFG = dict(
     vocab_size=300, dim=32, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden=48,
-    max_seq_len=64, attention=dict(qkv_bias=True),
+    max_seq_len=64, attention=dict(qkv_bias=True, qk_norm="head"),
     moe=dict(num_experts=4, top_k=2, expert_hidden=16, first_dense_layers=1,
              num_shared_experts=1, shared_expert_gate=True),
 )  # fmt: skip
@@ -49,6 +49,7 @@ def test_the_cache_length_is_bucketed_and_capped():
     assert cache_length(70, 70) == 70
 
 
+@pytest.mark.slow  # compiles a graph (tens of seconds on a small CPU)
 def test_compiled_decoding_gives_the_eager_tokens_and_logprobs(tokenizer):
     model = _model()
     eager = Generator(model, tokenizer)
@@ -72,6 +73,19 @@ def test_compiled_decoding_gives_the_eager_tokens_and_logprobs(tokenizer):
     assert [c.token_ids for c in compiled.generate(prompts, stop)] == [
         c.token_ids for c in eager.generate(prompts, stop)
     ]
+
+
+@pytest.mark.slow  # compiles a graph (tens of seconds on a small CPU)
+def test_compiled_decoding_with_full_qk_norms_gives_the_eager_tokens(tokenizer):
+    cfg = dict(
+        CFG, attention=dict(qk_norm="full"), moe=dict(num_experts=4, top_k=2, expert_hidden=16)
+    )
+    model = build_model(ModelConfig.from_dict(cfg), seed=1).eval()
+    prompts = [[5, 9, 17, 33], [40, 41]]
+    want = [c.token_ids for c in Generator(model, tokenizer).generate(prompts, GREEDY)]
+    compiled = Generator(model, tokenizer, compile=True)
+    assert [c.token_ids for c in compiled.generate(prompts, GREEDY)] == want
+    assert compiled._decoder is not None and compiled._decoder.active
 
 
 def _broken_backend(gm, example_inputs):

@@ -13,10 +13,11 @@ has the same shapes every time. So the step here is written for static shapes:
   reduction (only the chosen experts are read), with no Python loop over experts.
 
 It is used only where it is exact and safe: inference without adapters, hooks, routing
-records, quantised or paged experts (those bring their own compute), grouped-query attention
-without q/k norms and SwiGLU feed-forwards. `decode_support` says why a model is not
-supported; a compilation that fails is reported once on the `moekit` logger and the step
-falls back to the eager model. On CUDA the step asks for CUDA graphs ("reduce-overhead").
+records, quantised or paged experts (those bring their own compute); grouped-query attention
+(with or without q/k norms), SwiGLU feed-forwards and token-choice routers. `decode_support`
+says why a model is not supported; a compilation that fails is reported once on the `moekit`
+logger and the step falls back to the eager model. On CUDA the step asks for CUDA graphs
+("reduce-overhead").
 """
 
 from __future__ import annotations
@@ -88,8 +89,6 @@ def decode_support(model: Transformer) -> str | None:
         attn = block.attn
         if not isinstance(attn, Attention):
             return "multi-head latent attention"
-        if attn.qk_norm != "none":
-            return "q/k norms"
         if not plain(attn.wq, attn.wk, attn.wv, attn.wo):
             return f"layer {i}'s attention projections have adapters or hooks"
         reason = _ffn_support(block.ffn)
@@ -171,15 +170,26 @@ def _attention(
     end_B: Tensor,
     mask: Tensor,
 ) -> Tensor:
-    """One new token per row: project, rotate, store at the row's position, attend."""
+    """One new token per row: project, normalise (q/k norms), rotate, store at the row's
+    position, attend."""
     B = x.shape[0]
-    H, Hkv = attn.num_heads, attn.num_kv_heads
-    qkv = F.linear(x, w[0], w[1]).view(B, 1, H + 2 * Hkv, attn.head_dim)
-    qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)
-    q, k = qk.split([H, Hkv], dim=2)
+    H, Hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    qkv = F.linear(x, w[0], w[1])
+    if attn.q_norm is None or attn.k_norm is None:
+        qkv = qkv.view(B, 1, H + 2 * Hkv, hd)
+        q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split([H, Hkv], dim=2)
+        v = qkv[:, :, H + Hkv :]
+    else:  # as `Attention.forward`: norms over all heads ("full") or each head ("head")
+        q, k, v = qkv.split(attn.qkv_sizes, dim=-1)
+        if attn.qk_norm == "full":
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.view(B, 1, H, hd), k.view(B, 1, Hkv, hd), v.view(B, 1, Hkv, hd)
+        if attn.qk_norm == "head":
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     rows = torch.arange(B, device=x.device)
     k_cache[rows, :, end_B] = k[:, 0].to(k_cache.dtype)  # (B, Hkv, hd) at (row, :, end)
-    v_cache[rows, :, end_B] = qkv[:, 0, H + Hkv :].to(v_cache.dtype)
+    v_cache[rows, :, end_B] = v[:, 0].to(v_cache.dtype)
     out = _attend(q[:, 0], k_cache, v_cache, mask)
     return F.linear(out.reshape(B, 1, -1), attn.wo.weight)
 
