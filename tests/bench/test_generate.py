@@ -23,6 +23,10 @@ KEYS = [
     "hf_calls_per_step",
     "bound",
     "decode_fraction_of_bound",
+    "compiled",
+    "ours_warmup_s",
+    "eager_decode_tokens_per_s",
+    "eager_calls_per_step",
 ]
 
 
@@ -50,6 +54,9 @@ def test_bench_generate_against_transformers(tiny_model_dir):
     assert data["decode_fraction_of_bound"] == pytest.approx(
         data["ours_decode_tokens_per_s"] / data["bound"]["predicted_tokens_per_s"]
     )
+    # Compiled by default: the eager path ran beside it and makes more calls per step.
+    assert result.compiled is True and result.eager_decode_tokens_per_s > 0
+    assert 0 < result.ours_calls_per_step < result.eager_calls_per_step
 
 
 def test_count_calls_counts_each_operator():

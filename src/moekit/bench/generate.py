@@ -9,6 +9,7 @@ new tokens over the remaining time. The generated tokens are compared as a sanit
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ class GenerateBench:
     bound: SpeedPrediction
     compiled: bool = False  # our decode steps ran through torch.compile
     ours_warmup_s: float = 0.0  # our first generation (with compile: the compilation)
+    # With compile: our eager path in the same run (tokens/s at decoding, calls per step).
+    eager_decode_tokens_per_s: float | None = None
+    eager_calls_per_step: int | None = None
 
     @property
     def fraction_of_bound(self) -> float:
@@ -85,6 +89,8 @@ class GenerateBench:
             "decode_fraction_of_bound": self.fraction_of_bound,
             "compiled": self.compiled,
             "ours_warmup_s": self.ours_warmup_s,
+            "eager_decode_tokens_per_s": self.eager_decode_tokens_per_s,
+            "eager_calls_per_step": self.eager_calls_per_step,
         }
 
 
@@ -145,15 +151,19 @@ def _bench(
     warmup = time.perf_counter() - start
     compiled = generator._decoder is not None and generator._decoder.active
     same_tokens = ours_tokens == theirs(new_tokens)
-    # The first new token costs the prefill; the rest of the time is decoding.
+    # The first new token costs the prefill; the rest of the time is decoding. With compile,
+    # our eager path on the same model runs beside it (the step the compiled one replaces).
+    sides = {"ours": ours, "hf": theirs}
+    if compiled:
+        sides["eager"] = _ours(Generator(generator.model, generator.tokenizer), prompts)
     fns = {
-        "ours_1": lambda: ours(1),
-        "hf_1": lambda: theirs(1),
-        "ours_n": lambda: ours(new_tokens),
-        "hf_n": lambda: theirs(new_tokens),
+        f"{side}_{n}": functools.partial(fn, n)
+        for side, fn in sides.items()
+        for n in (1, new_tokens)
     }
     # The best sample of each: on a machine shared with other work, the least disturbed.
     t = {name: min(ts) for name, ts in round_robin(fns, repeats).items()}
+    decode_s = {side: max(t[f"{side}_{new_tokens}"] - t[f"{side}_1"], 1e-9) for side in sides}
     # A compiled step runs generated code that a dispatch mode does not see (and under one
     # it would not run compiled): count its PyTorch calls and kernels with the profiler.
     counter = profiled_calls if compiled else count_calls
@@ -172,10 +182,7 @@ def _bench(
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         prefill=PhaseSpeed(prompt_total / t["ours_1"], prompt_total / t["hf_1"]),
-        decode=PhaseSpeed(
-            decode_total / max(t["ours_n"] - t["ours_1"], 1e-9),
-            decode_total / max(t["hf_n"] - t["hf_1"], 1e-9),
-        ),
+        decode=PhaseSpeed(decode_total / decode_s["ours"], decode_total / decode_s["hf"]),
         same_tokens=same_tokens,
         hf_experts_implementation=hf.config._experts_implementation,
         ours_calls_per_step=calls[0],
@@ -183,6 +190,8 @@ def _bench(
         bound=bound,
         compiled=compiled,
         ours_warmup_s=warmup,
+        eager_decode_tokens_per_s=decode_total / decode_s["eager"] if compiled else None,
+        eager_calls_per_step=calls_per_step(sides["eager"]) if compiled else None,
     )
 
 

@@ -150,6 +150,12 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"  same tokens as transformers: {result.same_tokens}")
     how = "compiled" if result.compiled else "eager"
     print(f"  our decode steps: {how} (first generation, untimed: {result.ours_warmup_s:.1f} s)")
+    if result.eager_decode_tokens_per_s is not None:
+        gain = result.decode.ours_tokens_per_s / result.eager_decode_tokens_per_s
+        print(
+            f"  decode, our eager steps in the same run: {result.eager_decode_tokens_per_s:,.1f} "
+            f"tok/s ({result.eager_calls_per_step:,} calls per step); compiled {gain:.2f}x"
+        )
     print(
         f"  PyTorch calls per decode step: ours {result.ours_calls_per_step:,}   "
         f"transformers {result.hf_calls_per_step:,}"
