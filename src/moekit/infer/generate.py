@@ -311,6 +311,7 @@ class Generator:
             top_k=params.experts_per_token,
             return_routing=params.return_routing,
             routing_stats=False,
+            last_logits=True,
         )
 
 
@@ -357,6 +358,7 @@ def greedy_generate(
             cache=cache,
             causal_routing=True,
             routing_stats=False,
+            last_logits=True,
         ).logits
         for _ in range(budget):
             token = int(logits[0, -1].argmax())
