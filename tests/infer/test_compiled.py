@@ -125,6 +125,19 @@ def test_models_the_compiled_step_does_not_cover_are_named():
     assert "adapters or hooks" in str(decode_support(hooked))
 
 
+def test_a_hook_added_after_the_first_request_turns_the_compiled_step_off(tokenizer):
+    model = _model()
+    gen = Generator(model, tokenizer, compile=True)
+    gen._decoder = CompiledDecoder(model, compiler=lambda fn: fn)  # the step, uncompiled
+    want = Generator(model, tokenizer).generate([[3, 4, 5]], GREEDY)[0].token_ids
+    assert gen.generate([[3, 4, 5]], GREEDY)[0].token_ids == want  # the step as written
+    assert gen._decoder.active
+    seen = []
+    model.blocks()[1].attn.wo.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert gen.generate([[3, 4, 5]], GREEDY)[0].token_ids == want
+    assert not gen._decoder.active and len(seen) == len(want)  # prefill + each decode step
+
+
 def test_quantised_experts_decode_eagerly_with_compile_on(tokenizer):
     from moekit.quant.build import quantize_model
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.infer.compiled import CompiledDecoder, cache_length
+from moekit.infer.compiled import CompiledDecoder, cache_length, decode_support
 from moekit.infer.detokenize import TextTracker
 from moekit.infer.offload import OffloadConfig
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
@@ -289,8 +289,10 @@ class Generator:
             return None
         if self._decoder is None:
             self._decoder = CompiledDecoder(self.model)
-            if self._decoder.reason is not None:
-                log.info("compiled decoding is off for this model: %s", self._decoder.reason)
+        else:  # checked again per request: adapters or hooks may have been added since
+            self._decoder.reason = decode_support(self.model)
+        if self._decoder.reason is not None:
+            log.info("compiled decoding is off for this model: %s", self._decoder.reason)
         return self._decoder if self._decoder.active else None
 
     @staticmethod
