@@ -9,9 +9,12 @@ new tokens over the remaining time. The generated tokens are compared as a sanit
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,7 +220,7 @@ def profiled_calls(fn: Callable[[], object]) -> int:
     `torch._inductor.config.cpp.enable_kernel_profile`, as `bench_generate` does)."""
     from torch.profiler import profile
 
-    with profile() as prof:
+    with _quiet_stderr(), profile() as prof:
         fn()
 
     def top(event: Any) -> bool:
@@ -231,6 +234,21 @@ def profiled_calls(fn: Callable[[], object]) -> int:
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::") and top(e))
     return ops + sum(1 for e in events if "cpp_fused" in e.name)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the process's standard error (the profiler's native library writes a line
+    to it each time it starts and stops, which would interleave with the bench's output)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def calls_per_step(
