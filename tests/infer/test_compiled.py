@@ -88,6 +88,26 @@ def test_compiled_decoding_with_full_qk_norms_gives_the_eager_tokens(tokenizer):
     assert compiled._decoder is not None and compiled._decoder.active
 
 
+@pytest.mark.parametrize("qk_norm", ["head", "full", "none"])
+def test_the_step_as_written_gives_the_eager_tokens_and_logprobs(tokenizer, qk_norm):
+    # The step's arithmetic without the compiler (fast): the same function it compiles.
+    model = build_model(ModelConfig.from_dict(dict(CFG, attention=dict(qk_norm=qk_norm)))).eval()
+    gen = Generator(model, tokenizer, compile=True)
+    gen._decoder = CompiledDecoder(model, compiler=lambda fn: fn)
+    prompts = [[5, 9, 17, 33, 2, 80], [40, 41, 42], [7] * 11]
+    want = Generator(model, tokenizer).generate(prompts, GREEDY)
+    got = gen.generate(prompts, GREEDY)
+    assert gen._decoder.active
+    for w, g in zip(want, got, strict=True):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in g.tokens]),
+            torch.tensor([t.logprob for t in w.tokens]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
 def _broken_backend(gm, example_inputs):
     raise RuntimeError("this backend cannot compile")
 
