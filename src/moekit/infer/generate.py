@@ -198,9 +198,7 @@ class Generator:
             stop_ids.add(self.tokenizer.eos_id)
         gens = [make_generator(params.seed, self.device) for _ in range(B)]
         penalty = params.repetition_penalty != 1.0  # only then the seen tokens are kept
-        seen = [
-            torch.tensor(s if penalty else [], dtype=torch.long, device=self.device) for s in ids
-        ]
+        seen = [torch.tensor(q if penalty else [], device=self.device).long() for q in ids]
         trackers = [TextTracker(self.tokenizer, params.stop, context=seq) for seq in ids]
         finish: list[str | None] = [None] * B
         pending: list[GeneratedToken | None] = [None] * B
@@ -209,7 +207,7 @@ class Generator:
         while True:
             # Batched over rows, once per step: the log-probabilities, and greedy choices.
             logprobs = torch.log_softmax(logits, -1)
-            greedy = logits.argmax(-1).tolist() if _plain_greedy(params) else None
+            greedy = logits.argmax(-1).tolist() if _plain_greedy(params) else []
             next_ids, live = [pad] * B, [False] * B
             for b in range(B):
                 if finish[b] is not None:
