@@ -112,6 +112,7 @@ class Transformer(nn.Module):
         top_k: int | Tensor | None = None,
         return_routing: bool = False,
         routing_stats: bool = True,
+        last_logits: bool = False,
     ) -> ModelOutput:
         """Run the model on token ids `tokens` (B, S).
 
@@ -131,6 +132,9 @@ class Transformer(nn.Module):
         routing_stats: False skips the routing statistics (decoding does not read them):
             `moe_stats` is then empty unless `return_routing` asks for the routing, and
             `aux_loss` is 0.
+        last_logits: compute the logits of the last position only, (B, 1, vocab): all that
+            generation reads (the LM head over every prompt position is a large share of a
+            prefill's arithmetic).
         """
         S = tokens.shape[1]
         if cache is None and self.cfg.max_seq_len < S:
@@ -167,7 +171,7 @@ class Transformer(nn.Module):
                     aux = aux + block.ffn.weighted_loss(layer_stats)
         if cache is not None:
             cache.commit(S)
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_logits else x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         return ModelOutput(logits, aux, stats)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moekit.bench.generate import GenerateBench, PhaseSpeed, count_calls
+from moekit.bench.generate import GenerateBench, PhaseSpeed, count_calls, profiled_calls
 from moekit.presets import get_preset
 from moekit.speed import predict_decode
 
@@ -23,6 +23,10 @@ KEYS = [
     "hf_calls_per_step",
     "bound",
     "decode_fraction_of_bound",
+    "compiled",
+    "ours_warmup_s",
+    "eager_decode_tokens_per_s",
+    "eager_calls_per_step",
 ]
 
 
@@ -50,12 +54,22 @@ def test_bench_generate_against_transformers(tiny_model_dir):
     assert data["decode_fraction_of_bound"] == pytest.approx(
         data["ours_decode_tokens_per_s"] / data["bound"]["predicted_tokens_per_s"]
     )
+    # Compiled by default: the eager path ran beside it and makes more calls per step.
+    assert result.compiled is True and result.eager_decode_tokens_per_s > 0
+    assert 0 < result.ours_calls_per_step < result.eager_calls_per_step
 
 
 def test_count_calls_counts_each_operator():
     x = torch.ones(3)
     assert count_calls(lambda: x + 1) == 1
     assert count_calls(lambda: (x + 1).mul(2).sum()) == 3
+
+
+def test_profiled_calls_count_the_operators_called_from_python():
+    x, w = torch.ones(2, 3), torch.ones(4, 3)
+    assert profiled_calls(lambda: (x + 1).mul(2).sum()) == 3
+    # A composite operator is one call, not the operators it is made of.
+    assert profiled_calls(lambda: torch.nn.functional.linear(x, w)) == 1
 
 
 def test_to_dict_has_the_json_keys_and_ratios():

@@ -9,7 +9,12 @@ new tokens over the remaining time. The generated tokens are compared as a sanit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +61,11 @@ class GenerateBench:
     ours_calls_per_step: int
     hf_calls_per_step: int
     bound: SpeedPrediction
+    compiled: bool = False  # our decode steps ran through torch.compile
+    ours_warmup_s: float = 0.0  # our first generation (with compile: the compilation)
+    # With compile: our eager path in the same run (tokens/s at decoding, calls per step).
+    eager_decode_tokens_per_s: float | None = None
+    eager_calls_per_step: int | None = None
 
     @property
     def fraction_of_bound(self) -> float:
@@ -80,6 +90,10 @@ class GenerateBench:
             "hf_calls_per_step": self.hf_calls_per_step,
             "bound": self.bound.to_dict(),
             "decode_fraction_of_bound": self.fraction_of_bound,
+            "compiled": self.compiled,
+            "ours_warmup_s": self.ours_warmup_s,
+            "eager_decode_tokens_per_s": self.eager_decode_tokens_per_s,
+            "eager_calls_per_step": self.eager_calls_per_step,
         }
 
 
@@ -92,6 +106,7 @@ def bench_generate(
     new_tokens: int = 64,
     repeats: int = 3,
     seed: int = 0,
+    compile: bool = True,
 ) -> GenerateBench:
     """Time ours and transformers' greedy generation of `new_tokens` after a random prompt of
     `prompt_tokens` tokens, for `batch_size` prompts at once.
@@ -99,9 +114,30 @@ def bench_generate(
     The model is `model_dir`'s (or a randomly initialised `preset`). Returns prefill and decode
     tokens/s for each side, their ratios (> 1: ours is faster) and whether both generated the
     same tokens; the PyTorch calls per decode step of each side; and the bandwidth bound on
-    decoding (bytes per token over the memory bandwidth measured in this run).
+    decoding (bytes per token over the memory bandwidth measured in this run). With
+    `compile` our decode steps run through `torch.compile` (moekit.infer.compiled); the
+    compilation happens in an untimed first generation (`ours_warmup_s`).
     """
+    import torch._inductor.config
+
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": compile}):
+        return _bench(
+            model_dir, preset, batch_size, prompt_tokens, new_tokens, repeats, seed, compile
+        )
+
+
+def _bench(
+    model_dir: str | Path | None,
+    preset: str,
+    batch_size: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    seed: int,
+    compile: bool,
+) -> GenerateBench:
     generator = _generator(model_dir, preset, seed)
+    generator.compile = compile
     cfg = generator.model.cfg
     if prompt_tokens + new_tokens > cfg.max_seq_len:
         raise ValueError(
@@ -113,17 +149,28 @@ def bench_generate(
     low = 2  # skip the special tokens
     prompts = torch.randint(low, cfg.vocab_size, (batch_size, prompt_tokens))
     ours, theirs = _ours(generator, prompts), _theirs(hf, prompts, generator.tokenizer.pad_id)
-    same_tokens = ours(new_tokens) == theirs(new_tokens)
-    # The first new token costs the prefill; the rest of the time is decoding.
+    start = time.perf_counter()
+    ours_tokens = ours(new_tokens)
+    warmup = time.perf_counter() - start
+    compiled = generator._decoder is not None and generator._decoder.active
+    same_tokens = ours_tokens == theirs(new_tokens)
+    # The first new token costs the prefill; the rest of the time is decoding. With compile,
+    # our eager path on the same model runs beside it (the step the compiled one replaces).
+    sides = {"ours": ours, "hf": theirs}
+    if compiled:
+        sides["eager"] = _ours(Generator(generator.model, generator.tokenizer), prompts)
     fns = {
-        "ours_1": lambda: ours(1),
-        "hf_1": lambda: theirs(1),
-        "ours_n": lambda: ours(new_tokens),
-        "hf_n": lambda: theirs(new_tokens),
+        f"{side}_{n}": functools.partial(fn, n)
+        for side, fn in sides.items()
+        for n in (1, new_tokens)
     }
     # The best sample of each: on a machine shared with other work, the least disturbed.
     t = {name: min(ts) for name, ts in round_robin(fns, repeats).items()}
-    calls = (calls_per_step(ours), calls_per_step(theirs))
+    decode_s = {side: max(t[f"{side}_{new_tokens}"] - t[f"{side}_1"], 1e-9) for side in sides}
+    # A compiled step runs generated code that a dispatch mode does not see (and under one
+    # it would not run compiled): count its PyTorch calls and kernels with the profiler.
+    counter = profiled_calls if compiled else count_calls
+    calls = (calls_per_step(ours, counter), calls_per_step(theirs))
     bound = predict_decode(
         cfg,
         measure_bandwidth(),
@@ -138,15 +185,16 @@ def bench_generate(
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         prefill=PhaseSpeed(prompt_total / t["ours_1"], prompt_total / t["hf_1"]),
-        decode=PhaseSpeed(
-            decode_total / max(t["ours_n"] - t["ours_1"], 1e-9),
-            decode_total / max(t["hf_n"] - t["hf_1"], 1e-9),
-        ),
+        decode=PhaseSpeed(decode_total / decode_s["ours"], decode_total / decode_s["hf"]),
         same_tokens=same_tokens,
         hf_experts_implementation=hf.config._experts_implementation,
         ours_calls_per_step=calls[0],
         hf_calls_per_step=calls[1],
         bound=bound,
+        compiled=compiled,
+        ours_warmup_s=warmup,
+        eager_decode_tokens_per_s=decode_total / decode_s["eager"] if compiled else None,
+        eager_calls_per_step=calls_per_step(sides["eager"]) if compiled else None,
     )
 
 
@@ -166,10 +214,49 @@ def count_calls(fn: Callable[[], object]) -> int:
     return counter.n
 
 
-def calls_per_step(greedy: Greedy) -> int:
+def profiled_calls(fn: Callable[[], object]) -> int:
+    """The PyTorch operators `fn` calls from Python (profiled, not counting the operators
+    they call in turn) plus the compiled kernels it runs (recorded when compiled with
+    `torch._inductor.config.cpp.enable_kernel_profile`, as `bench_generate` does)."""
+    from torch.profiler import profile
+
+    with _quiet_stderr(), profile() as prof:
+        fn()
+
+    def top(event: Any) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::") and top(e))
+    return ops + sum(1 for e in events if "cpp_fused" in e.name)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the process's standard error (the profiler's native library writes a line
+    to it each time it starts and stops, which would interleave with the bench's output)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def calls_per_step(
+    greedy: Greedy, counter: Callable[[Callable[[], object]], int] = count_calls
+) -> int:
     """PyTorch calls of one more decode step: generating 3 tokens against generating 2 (the
     difference is one step of the decode loop, sampling and bookkeeping included)."""
-    return count_calls(lambda: greedy(3)) - count_calls(lambda: greedy(2))
+    return counter(lambda: greedy(3)) - counter(lambda: greedy(2))
 
 
 def _generator(model_dir: str | Path | None, preset: str, seed: int) -> Generator:

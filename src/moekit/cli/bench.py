@@ -121,6 +121,12 @@ def _add_generate(benches: Any) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     add_offload_arguments(p)  # with --max-memory: run_generate_paged
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="our decode steps through torch.compile (compiled in an untimed first run)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_generate)
 
@@ -137,6 +143,7 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
+        compile=args.compile,
     )
     if args.json:
         print_json(result.to_dict())
@@ -151,6 +158,14 @@ def run_generate(args: argparse.Namespace) -> int:
             f"  {phase:8s} ours {ours:9,.1f} tok/s   transformers {hf:9,.1f} tok/s   {ratio:.2f}x"
         )
     print(f"  same tokens as transformers: {result.same_tokens}")
+    how = "compiled" if result.compiled else "eager"
+    print(f"  our decode steps: {how} (first generation, untimed: {result.ours_warmup_s:.1f} s)")
+    if result.eager_decode_tokens_per_s is not None:
+        gain = result.decode.ours_tokens_per_s / result.eager_decode_tokens_per_s
+        print(
+            f"  decode, our eager steps in the same run: {result.eager_decode_tokens_per_s:,.1f} "
+            f"tok/s ({result.eager_calls_per_step:,} calls per step); compiled {gain:.2f}x"
+        )
     print(
         f"  PyTorch calls per decode step: ours {result.ours_calls_per_step:,}   "
         f"transformers {result.hf_calls_per_step:,}"

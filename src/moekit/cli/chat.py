@@ -27,6 +27,13 @@ def add_parser(sub: Any) -> None:
     add_sampling_arguments(p, default_temperature=0.7)
     add_device_argument(p)
     add_offload_arguments(p)
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="decode through torch.compile: faster tokens after a one-off compilation of "
+        "seconds to a minute (see docs/inference.md)",
+    )
     p.set_defaults(run=run, json=False)
 
 
@@ -35,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from moekit.infer.generate import ContextLengthError, Generator
 
     session = ChatSession(
-        Generator.from_dir(args.model_dir, device=args.device, offload=offload_config(args)),
+        Generator.from_dir(
+            args.model_dir, device=args.device, offload=offload_config(args), compile=args.compile
+        ),
         sampling_params(args),
         template=ChatTemplate.load(args.model_dir),
         system=args.system,

@@ -28,6 +28,13 @@ def add_parser(sub: Any) -> None:
     add_sampling_arguments(p, default_temperature=0.8)
     add_device_argument(p)
     add_offload_arguments(p)
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="decode through torch.compile: faster tokens after a one-off compilation of "
+        "seconds to a minute (see docs/inference.md)",
+    )
     p.add_argument("--routing", action="store_true", help="with --json: each token's experts")
     p.add_argument(
         "--json", action="store_true", help="print {text, token_ids, ...} instead of streaming"
@@ -38,7 +45,9 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from moekit.infer.generate import Generator
 
-    generator = Generator.from_dir(args.model_dir, device=args.device, offload=offload_config(args))
+    generator = Generator.from_dir(
+        args.model_dir, device=args.device, offload=offload_config(args), compile=args.compile
+    )
     params = sampling_params(args, return_routing=args.routing)
     if args.json:
         completion = generator.generate(args.prompt, params)[0]

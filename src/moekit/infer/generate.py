@@ -9,6 +9,7 @@ route causally, as they must when tokens arrive one at a time.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.infer.compiled import CompiledDecoder, cache_length, decode_support
 from moekit.infer.detokenize import TextTracker
 from moekit.infer.offload import OffloadConfig
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
 from moekit.model import ModelOutput, Transformer
 from moekit.nn.kv_cache import KVCache
+
+log = logging.getLogger("moekit")
 
 Routing = dict[int, list[tuple[int, float]]]  # MoE layer -> [(expert, weight), ...]
 
@@ -96,11 +100,14 @@ def routing_of(out: ModelOutput, row: int, position: int, seq_len: int) -> Routi
 class Generator:
     """Generates from a model and its tokenizer. Build one with `Generator.from_dir(path)`."""
 
-    def __init__(self, model: Transformer, tokenizer: Any) -> None:
+    def __init__(self, model: Transformer, tokenizer: Any, *, compile: bool = False) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # The compiled decode step (moekit.infer.compiled), built on first use.
+        self.compile = compile
+        self._decoder: CompiledDecoder | None = None
 
     @classmethod
     def from_dir(
@@ -110,10 +117,13 @@ class Generator:
         device: str | torch.device | None = "auto",
         dtype: torch.dtype | None = None,
         offload: OffloadConfig | None = None,
+        compile: bool = False,
     ) -> Generator:
         """A generator for the model directory `model_dir`, on `device` ("auto": CUDA when
         present, else the CPU; see `moekit.runtime.resolve_device`). With `offload`, the routed
-        experts are paged from the weight files under its memory budget (moekit.infer.offload)."""
+        experts are paged from the weight files under its memory budget (moekit.infer.offload).
+        With `compile`, decode steps run through `torch.compile` where the model allows it
+        (moekit.infer.compiled; the first request of each new shape pays the compilation)."""
         from moekit.data.tokenizer import Tokenizer
         from moekit.model_dir import load_model
         from moekit.runtime import resolve_device
@@ -124,7 +134,7 @@ class Generator:
             model = load_paged_model(model_dir, offload, device=resolve_device(device), dtype=dtype)
         else:
             model = load_model(model_dir, device=resolve_device(device), dtype=dtype)
-        return cls(model, Tokenizer.load(model_dir))
+        return cls(model, Tokenizer.load(model_dir), compile=compile)
 
     @property
     def max_seq_len(self) -> int:
@@ -175,49 +185,50 @@ class Generator:
             check_fits(len(seq), params.max_new_tokens, self.max_seq_len)
         B, L = len(ids), max(len(s) for s in ids)
         pad = self.tokenizer.pad_id
-        tokens = torch.full((B, L), pad, dtype=torch.long, device=self.device)
-        valid = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        tokens, valid = self._left_padded(ids)
         for b, seq in enumerate(ids):
-            tokens[b, L - len(seq) :] = torch.tensor(seq, device=self.device)
-            valid[b, L - len(seq) :] = True
             done[b].prompt_tokens = len(seq)
-        cache = KVCache(
-            self.model.cfg, B, L + params.max_new_tokens, device=self.device, dtype=self.dtype
-        )
+        decoder = self._compiled_decoder(params)
+        cache_len = L + params.max_new_tokens
+        if decoder is not None:  # a bucketed length: a few shapes cover every request
+            cache_len = cache_length(cache_len, self.max_seq_len)
+        cache = KVCache(self.model.cfg, B, cache_len, device=self.device, dtype=self.dtype)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.add(self.tokenizer.eos_id)
         gens = [make_generator(params.seed, self.device) for _ in range(B)]
-        seen = [torch.tensor(seq, dtype=torch.long, device=self.device) for seq in ids]
+        penalty = params.repetition_penalty != 1.0  # only then the seen tokens are kept
+        seen = [torch.tensor(q if penalty else [], device=self.device).long() for q in ids]
         trackers = [TextTracker(self.tokenizer, params.stop, context=seq) for seq in ids]
         finish: list[str | None] = [None] * B
         pending: list[GeneratedToken | None] = [None] * B
 
         logits = self._forward(tokens, cache, valid, params).logits[:, -1].float()
         while True:
-            step = torch.full((B, 1), pad, dtype=torch.long, device=self.device)
-            step_valid = torch.zeros(B, 1, dtype=torch.bool, device=self.device)
+            # Batched over rows, once per step: the log-probabilities, and greedy choices.
+            logprobs = torch.log_softmax(logits, -1)
+            greedy = logits.argmax(-1).tolist() if _plain_greedy(params) else []
+            next_ids, live = [pad] * B, [False] * B
             for b in range(B):
                 if finish[b] is not None:
                     continue
-                token = next_token(logits[b], params, gens[b], seen[b])
+                token = greedy[b] if greedy else next_token(logits[b], params, gens[b], seen[b])
                 if token in stop_ids:
                     finish[b] = "stop"
                     yield b, self._close(b, done, trackers[b], "stop")
                     continue
-                seen[b] = torch.cat([seen[b], seen[b].new_tensor([token])])
+                if penalty:
+                    seen[b] = torch.cat([seen[b], seen[b].new_tensor([token])])
                 done[b].token_ids.append(token)
                 gen = GeneratedToken(
-                    id=token,
-                    text=trackers[b].add(token),
-                    logprob=float(torch.log_softmax(logits[b], -1)[token]),
+                    id=token, text=trackers[b].add(token), logprob=float(logprobs[b, token])
                 )
                 done[b].tokens.append(gen)
                 if trackers[b].stopped:
                     finish[b] = "stop"
                 elif len(done[b].token_ids) >= params.max_new_tokens:
                     finish[b] = "length"
-                step[b, 0], step_valid[b, 0] = token, True
+                next_ids[b], live[b] = token, True
                 if params.return_routing:
                     pending[b] = gen
                 else:
@@ -225,22 +236,62 @@ class Generator:
                     reason = finish[b]
                     if reason is not None:
                         yield b, self._close(b, done, trackers[b], reason)
-            if not bool(step_valid.any()) or (
-                not params.return_routing and all(f is not None for f in finish)
-            ):
+            if not any(live) or (not params.return_routing and all(f is not None for f in finish)):
                 return
+            step = torch.tensor(next_ids, device=self.device).view(B, 1)
+            step_valid = torch.tensor(live, device=self.device).view(B, 1)
+            compiled = None
+            if decoder is not None:
+                compiled = decoder.step(step, cache, step_valid, params.experts_per_token)
+            if compiled is not None:
+                logits = compiled
+                continue
             out = self._forward(step, cache, step_valid, params)
             logits = out.logits[:, -1].float()
-            for b in range(B):
-                waiting = pending[b]
-                if waiting is None:
-                    continue
-                pending[b] = None
-                waiting.routing = routing_of(out, b, 0, 1)
-                yield b, Chunk(waiting.text, waiting)
-                reason = finish[b]
-                if reason is not None:
-                    yield b, self._close(b, done, trackers[b], reason)
+            yield from self._release_routed(out, pending, finish, done, trackers)
+
+    def _release_routed(
+        self,
+        out: ModelOutput,
+        pending: list[GeneratedToken | None],
+        finish: list[str | None],
+        done: list[Completion],
+        trackers: list[TextTracker],
+    ) -> Iterator[tuple[int, Chunk]]:
+        """Give the tokens waiting for their routing the routing of pass `out`, and release
+        them (with their row's final chunk when the row has finished)."""
+        for b, waiting in enumerate(pending):
+            if waiting is None:
+                continue
+            pending[b] = None
+            waiting.routing = routing_of(out, b, 0, 1)
+            yield b, Chunk(waiting.text, waiting)
+            reason = finish[b]
+            if reason is not None:
+                yield b, self._close(b, done, trackers[b], reason)
+
+    def _left_padded(self, ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """The prompts left-padded into one (B, L) tensor, and the mask of real tokens."""
+        B, L = len(ids), max(len(s) for s in ids)
+        tokens = torch.full((B, L), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
+        valid = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        for b, seq in enumerate(ids):
+            tokens[b, L - len(seq) :] = torch.tensor(seq, device=self.device)
+            valid[b, L - len(seq) :] = True
+        return tokens, valid
+
+    def _compiled_decoder(self, params: SamplingParams) -> CompiledDecoder | None:
+        """The compiled decode step for this request, or None (compilation off, a routing
+        trace asked for, or a model the compiled step does not cover)."""
+        if not self.compile or params.return_routing:
+            return None
+        if self._decoder is None:
+            self._decoder = CompiledDecoder(self.model)
+        else:  # checked again per request: adapters or hooks may have been added since
+            self._decoder.reason = decode_support(self.model)
+        if self._decoder.reason is not None:
+            log.info("compiled decoding is off for this model: %s", self._decoder.reason)
+        return self._decoder if self._decoder.active else None
 
     @staticmethod
     def _close(b: int, done: list[Completion], tracker: TextTracker, reason: str) -> Chunk:
@@ -260,7 +311,14 @@ class Generator:
             top_k=params.experts_per_token,
             return_routing=params.return_routing,
             routing_stats=False,
+            last_logits=True,
         )
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Whether the next token is the argmax of the logits as they are (`next_token` under
+    greedy decoding without a repetition penalty), which one batched call decides."""
+    return params.temperature == 0.0 and params.repetition_penalty == 1.0
 
 
 def _as_batch(
@@ -300,6 +358,7 @@ def greedy_generate(
             cache=cache,
             causal_routing=True,
             routing_stats=False,
+            last_logits=True,
         ).logits
         for _ in range(budget):
             token = int(logits[0, -1].argmax())

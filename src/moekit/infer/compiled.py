@@ -1,0 +1,311 @@
+"""A compiled decode step: one new token per row through the whole model as one graph.
+
+At demo sizes a decode step is a few hundred small PyTorch calls whose fixed cost dwarfs
+their arithmetic. `torch.compile` turns the whole step (embedding, every block, the head)
+into generated code (C++ on the CPU) with a handful of calls, which only pays when the step
+has the same shapes every time. So the step here is written for static shapes:
+
+- the KV cache is allocated at a bucketed length (`cache_length`), and every step attends
+  to all of it under a mask of the positions holding real tokens;
+- each row writes its new key and value at its own position (an indexed store, no slicing
+  by a Python integer), and the cache's positions and mask advance inside the graph;
+- an MoE layer multiplies each token by its chosen experts' weights, indexed inside the
+  reduction (only the chosen experts are read), with no Python loop over experts.
+
+It is used only where it is exact and safe: inference without adapters, hooks, routing
+records, quantised or paged experts (those bring their own compute); grouped-query attention
+(with or without q/k norms), SwiGLU feed-forwards and token-choice routers. `decode_support`
+says why a model is not supported; a compilation that fails is reported once on the `moekit`
+logger and the step falls back to the eager model. On CUDA the step asks for CUDA graphs
+("reduce-overhead").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moekit.model import Block, Transformer
+from moekit.moe.experts import Experts
+from moekit.moe.layer import MoELayer
+from moekit.moe.router import TopKRouter
+from moekit.nn.attention import Attention
+from moekit.nn.fuse import plain
+from moekit.nn.kv_cache import KVCache
+from moekit.nn.mlp import MLP
+from moekit.nn.rope import apply_rope, rope_tables
+
+log = logging.getLogger("moekit")
+
+MIN_BUCKET = 64  # the shortest cache a compiled step is built for
+
+# Per block, the fused weights the graph reads: (qkv weight, qkv bias, gate+up of the
+# dense MLP or of the experts, gate+up of the shared experts).
+BlockWeights = tuple[Tensor, Tensor | None, Tensor, Tensor | None]
+
+
+def cache_length(needed: int, max_seq_len: int) -> int:
+    """The cache length a compiled step uses for `needed` positions: the next power of two
+    (at least `MIN_BUCKET`), capped at `max_seq_len`, so that a few lengths cover every
+    request and each is compiled once."""
+    length = MIN_BUCKET
+    while length < needed:
+        length *= 2
+    return max(needed, min(length, max_seq_len))
+
+
+def _ffn_support(ffn: MLP | MoELayer) -> str | None:
+    if isinstance(ffn, MLP):
+        if ffn.w_gate is None or not plain(ffn.w_gate, ffn.w_up, ffn.w_down):
+            return "a dense MLP that is not a plain SwiGLU"
+        return None
+    if ffn.backend_override is not None:
+        return "quantised experts (they bring their own kernels)"
+    if type(ffn.experts) is not Experts:
+        return "paged experts (they are loaded on demand)"
+    if len(ffn.experts.adapters) or ffn.experts.w_gate is None:
+        return "experts with adapters or without SwiGLU"
+    if type(ffn.router) is not TopKRouter or ffn.router.adapter is not None:
+        return "a router other than plain token choice"
+    if ffn.shared is not None and _ffn_support(ffn.shared) is not None:
+        return "shared experts that are not a plain SwiGLU"
+    if ffn.shared_gate is not None and not plain(ffn.shared_gate):
+        return "a shared-expert gate with adapters"
+    return None
+
+
+def decode_support(model: Transformer) -> str | None:
+    """None when `model` can decode through the compiled step, else the reason it cannot."""
+    if model.training:
+        return "the model is in training mode"
+    if not plain(model.lm_head) and model.lm_head is not None:
+        return "the LM head has adapters or hooks"
+    for i, block in enumerate(model.blocks()):
+        attn = block.attn
+        if not isinstance(attn, Attention):
+            return "multi-head latent attention"
+        if not plain(attn.wq, attn.wk, attn.wv, attn.wo):
+            return f"layer {i}'s attention projections have adapters or hooks"
+        reason = _ffn_support(block.ffn)
+        if reason is not None:
+            return f"layer {i}: {reason}"
+    return None
+
+
+def _block_weights(block: Block) -> BlockWeights:
+    """The fused weights of one block (made once and reused; see moekit.nn.fuse)."""
+    attn = block.attn
+    assert isinstance(attn, Attention)
+    lins = (attn.wq, attn.wk, attn.wv)
+    qkv = attn._qkv.get([lin.weight for lin in lins])
+    bias = None
+    if attn.wq.bias is not None:
+        bias = attn._qkv_bias.get([lin.bias for lin in lins if lin.bias is not None])
+    ffn = block.ffn
+    if isinstance(ffn, MLP):
+        assert ffn.w_gate is not None
+        return qkv, bias, ffn._gate_up.get([ffn.w_gate.weight, ffn.w_up.weight]), None
+    gate_up = ffn.experts.fused_gate_up()
+    assert gate_up is not None
+    shared = None
+    if ffn.shared is not None:
+        assert ffn.shared.w_gate is not None
+        shared = ffn.shared._gate_up.get([ffn.shared.w_gate.weight, ffn.shared.w_up.weight])
+    return qkv, bias, gate_up, shared
+
+
+def _swiglu(x: Tensor, gate_up: Tensor, w_down: Tensor) -> Tensor:
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w_down)
+
+
+def _attend(q_BHd: Tensor, k_BGLd: Tensor, v_BGLd: Tensor, mask_BL: Tensor) -> Tensor:
+    """One query per row and head against the cache, written out (softmax of masked scores)
+    so the compiler fuses it: q (B, H, hd), cache (B, Hkv, L, hd) -> (B, H, hd)."""
+    B, H, hd = q_BHd.shape
+    G = k_BGLd.shape[1]
+    q = q_BHd.view(B, G, H // G, 1, hd) * hd**-0.5
+    scores = (q * k_BGLd[:, :, None]).sum(-1)  # (B, G, H/G, L)
+    scores = scores.masked_fill(~mask_BL[:, None, None, :], float("-inf"))
+    p = scores.float().softmax(-1).to(v_BGLd.dtype)
+    out = (p[..., None] * v_BGLd[:, :, None]).sum(-2)  # (B, G, H/G, hd)
+    return out.reshape(B, H, hd)
+
+
+def _moe(
+    layer: MoELayer, x_TD: Tensor, gate_up_E2FD: Tensor, shared: Tensor | None, top_k: int | None
+) -> Tensor:
+    """The MoE layer on a few tokens, each token multiplied by its chosen experts' weights:
+    the expert index is read inside the reduction, so only those experts' rows are read."""
+    decision = layer.router(x_TD, causal=True, top_k=top_k)
+    experts_TK = decision.experts
+    w_up = gate_up_E2FD[experts_TK]  # (T, K, 2F, D), indexed in the reduction below
+    gate, up = (x_TD[:, None, None, :] * w_up).sum(-1).chunk(2, dim=-1)  # (T, K, F)
+    h_TKF = F.silu(gate) * up
+    w_down = layer.experts.w_down[experts_TK]  # (T, K, D, F)
+    y_TKD = (h_TKF[:, :, None, :] * w_down).sum(-1)
+    out_TD = (y_TKD * decision.weights.to(y_TKD.dtype)[:, :, None]).sum(1)
+    if layer.shared is not None:
+        assert shared is not None
+        shared_TD = _swiglu(x_TD, shared, layer.shared.w_down.weight)
+        if layer.shared_gate is not None:
+            shared_TD = shared_TD * torch.sigmoid(layer.shared_gate(x_TD))
+        out_TD = out_TD + shared_TD
+    return out_TD
+
+
+def _attention(
+    attn: Attention,
+    w: BlockWeights,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    end_B: Tensor,
+    mask: Tensor,
+) -> Tensor:
+    """One new token per row: project, normalise (q/k norms), rotate, store at the row's
+    position, attend."""
+    B = x.shape[0]
+    H, Hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    qkv = F.linear(x, w[0], w[1])
+    if attn.q_norm is None or attn.k_norm is None:
+        qkv = qkv.view(B, 1, H + 2 * Hkv, hd)
+        q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split([H, Hkv], dim=2)
+        v = qkv[:, :, H + Hkv :]
+    else:  # as `Attention.forward`: norms over all heads ("full") or each head ("head")
+        q, k, v = qkv.split(attn.qkv_sizes, dim=-1)
+        if attn.qk_norm == "full":
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.view(B, 1, H, hd), k.view(B, 1, Hkv, hd), v.view(B, 1, Hkv, hd)
+        if attn.qk_norm == "head":
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rows = torch.arange(B, device=x.device)
+    k_cache[rows, :, end_B] = k[:, 0].to(k_cache.dtype)  # (B, Hkv, hd) at (row, :, end)
+    v_cache[rows, :, end_B] = v[:, 0].to(v_cache.dtype)
+    out = _attend(q[:, 0], k_cache, v_cache, mask)
+    return F.linear(out.reshape(B, 1, -1), attn.wo.weight)
+
+
+def decode_step(
+    model: Transformer,
+    weights: list[BlockWeights],
+    tokens_B1: Tensor,
+    rope: tuple[Tensor, Tensor],
+    ks: list[Tensor],
+    vs: list[Tensor],
+    valid_BL: Tensor,
+    end_B: Tensor,
+    live_B: Tensor,
+    top_k: int | None,
+) -> Tensor:
+    """One decode step on a cache's tensors, updated in place: each row's token (B, 1) is
+    stored at position `end_B` (marked valid where `live_B`), attends to the valid positions,
+    and the rows in `live_B` advance. `rope`: the cos and sin tables of every position (L, dim),
+    made once (computed inside the graph, they would be repeated in every fused kernel).
+    Returns the next-token logits (B, vocab), float32."""
+    cfg = model.cfg
+    L = valid_BL.shape[1]
+    seen_B = valid_BL.sum(1)  # real tokens before the new one: its RoPE position
+    rows = torch.arange(tokens_B1.shape[0], device=tokens_B1.device)
+    valid_BL[rows, end_B] = live_B
+    keys_L = torch.arange(L, device=valid_BL.device)
+    mask = valid_BL | (keys_L == end_B[:, None])  # (B, L)
+    x = model.embed(tokens_B1)
+    cos, sin = rope[0][seen_B][:, None, None, :], rope[1][seen_B][:, None, None, :]
+    for i, block in enumerate(model.blocks()):
+        attn = block.attn
+        assert isinstance(attn, Attention)
+        w = weights[i]
+        h = block.attn_norm(x)
+        x = x + _attention(attn, w, h, cos, sin, ks[i], vs[i], end_B, mask)
+        h = block.ffn_norm(x)
+        if isinstance(block.ffn, MoELayer):
+            x = x + _moe(block.ffn, h.view(-1, cfg.dim), w[2], w[3], top_k).view_as(x)
+        else:
+            x = x + _swiglu(h, w[2], block.ffn.w_down.weight)
+    end_B += live_B.to(end_B.dtype)
+    x = model.norm(x)
+    head = model.lm_head.weight if model.lm_head is not None else model.embed.weight
+    return F.linear(x[:, -1], head).float()
+
+
+class CompiledDecoder:
+    """`decode_step` under `torch.compile` for one model, with a fallback to the eager model.
+
+    `step` returns the next-token logits for one token per row, or None when the compiled
+    step cannot be used (the caller then runs the eager model); a failure to compile is
+    logged once, with its reason, and turns the compiled step off for this decoder.
+    """
+
+    def __init__(self, model: Transformer, *, compiler: Callable[..., Any] | None = None):
+        self.model = model
+        self.reason = decode_support(model)
+        self.failed = False
+        self._compiled: Callable[..., Tensor] | None = None
+        self._compiler = compiler
+        self._tables: tuple[Tensor, Tensor] | None = None
+
+    def _rope(self, length: int) -> tuple[Tensor, Tensor]:
+        if self._tables is None or self._tables[0].shape[0] < length:
+            m = self.model
+            positions = torch.arange(length, device=m.embed.weight.device)
+            self._tables = rope_tables(
+                positions, m.rope_dim, m.cfg.rope_theta, m.embed.weight.dtype
+            )
+        return self._tables[0][:length], self._tables[1][:length]
+
+    @property
+    def active(self) -> bool:
+        return self.reason is None and not self.failed
+
+    def _fn(self) -> Callable[..., Tensor]:
+        if self._compiled is None:
+            if self._compiler is not None:
+                self._compiled = self._compiler(decode_step)
+            else:
+                cuda = next(self.model.parameters()).device.type == "cuda"
+                mode = "reduce-overhead" if cuda else None  # CUDA graphs on a GPU
+                self._compiled = torch.compile(decode_step, dynamic=False, mode=mode)
+        return self._compiled
+
+    def step(
+        self, tokens_B1: Tensor, cache: KVCache, live_B1: Tensor, top_k: int | None
+    ) -> Tensor | None:
+        """Logits (B, vocab) of one decode step through the compiled graph, the cache
+        updated as the eager model would; None when the compiled step is off."""
+        if not self.active:
+            return None
+        weights = [_block_weights(b) for b in self.model.blocks()]
+        args = (
+            tokens_B1,
+            self._rope(cache.max_len),
+            cache.k,
+            cache.v,
+            cache.valid,
+            cache.end,
+            live_B1[:, 0],
+            top_k,
+        )
+        try:
+            return self._fn()(self.model, weights, *args)
+        except Exception as e:  # any compiler failure: fall back, and say why
+            self.failed = True
+            root: BaseException = e
+            # The compiler's own error, not its wrappers (a backend's is `inner_exception`).
+            while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
+                root = inner
+            text = str(root).strip()
+            log.warning(
+                "compiled decoding is off: torch.compile failed (%s: %s); decoding eagerly",
+                type(root).__name__,
+                text.splitlines()[0][:200] if text else "no message",
+            )
+            return None

@@ -1,0 +1,180 @@
+"""The compiled decode step (moekit.infer.compiled) against the eager model.
+
+Compiling is slow on a small CPU, so two tests compile (tiny models covering dense and MoE
+layers, shared experts with a gate, q/k/v biases, both kinds of q/k norm and left padding);
+the others check the guards and the fallback without compiling a graph.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from moekit import build_model
+from moekit.config import ModelConfig, QuantizationConfig
+from moekit.data.tokenizer import Tokenizer
+from moekit.infer.compiled import CompiledDecoder, cache_length, decode_support
+from moekit.infer.generate import Generator
+from moekit.infer.offload import OffloadConfig, plan_budget
+from moekit.infer.sampling import SamplingParams
+
+CFG = dict(
+    vocab_size=300, dim=32, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden=48,
+    max_seq_len=64, attention=dict(qkv_bias=True, qk_norm="head"),
+    moe=dict(num_experts=4, top_k=2, expert_hidden=16, first_dense_layers=1,
+             num_shared_experts=1, shared_expert_gate=True),
+)  # fmt: skip
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(["a b c d e f g h"], 300)
+
+
+def _model(seed=0):
+    model = build_model(ModelConfig.from_dict(CFG), seed=seed).eval()
+    with torch.no_grad():  # biases away from their zero initialisation
+        for block in model.blocks():
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
+                lin.bias.normal_(0.0, 0.1)
+    return model
+
+
+def test_the_cache_length_is_bucketed_and_capped():
+    assert cache_length(10, 512) == 64
+    assert cache_length(65, 512) == 128
+    assert cache_length(300, 512) == 512
+    assert cache_length(300, 400) == 400
+    assert cache_length(70, 70) == 70
+
+
+@pytest.mark.slow  # compiles a graph (tens of seconds on a small CPU)
+def test_compiled_decoding_gives_the_eager_tokens_and_logprobs(tokenizer):
+    model = _model()
+    eager = Generator(model, tokenizer)
+    compiled = Generator(model, tokenizer, compile=True)
+    prompts = [[5, 9, 17, 33, 2, 80], [40, 41, 42], [7] * 11]  # left padding, three lengths
+    want = eager.generate(prompts, GREEDY)
+    got = compiled.generate(prompts, GREEDY)
+    assert compiled._decoder is not None and compiled._decoder.active  # it really ran compiled
+    for w, g in zip(want, got, strict=True):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in g.tokens]),
+            torch.tensor([t.logprob for t in w.tokens]),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+    # Rows that stop early (a stop token) leave the batch while the others go on.
+    stop = SamplingParams(
+        temperature=0.0, max_new_tokens=12, ignore_eos=True, stop_token_ids=[want[1].token_ids[3]]
+    )
+    assert [c.token_ids for c in compiled.generate(prompts, stop)] == [
+        c.token_ids for c in eager.generate(prompts, stop)
+    ]
+
+
+@pytest.mark.slow  # compiles a graph (tens of seconds on a small CPU)
+def test_compiled_decoding_with_full_qk_norms_gives_the_eager_tokens(tokenizer):
+    cfg = dict(
+        CFG, attention=dict(qk_norm="full"), moe=dict(num_experts=4, top_k=2, expert_hidden=16)
+    )
+    model = build_model(ModelConfig.from_dict(cfg), seed=1).eval()
+    prompts = [[5, 9, 17, 33], [40, 41]]
+    want = [c.token_ids for c in Generator(model, tokenizer).generate(prompts, GREEDY)]
+    compiled = Generator(model, tokenizer, compile=True)
+    assert [c.token_ids for c in compiled.generate(prompts, GREEDY)] == want
+    assert compiled._decoder is not None and compiled._decoder.active
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full", "none"])
+def test_the_step_as_written_gives_the_eager_tokens_and_logprobs(tokenizer, qk_norm):
+    # The step's arithmetic without the compiler (fast): the same function it compiles.
+    model = build_model(ModelConfig.from_dict(dict(CFG, attention=dict(qk_norm=qk_norm)))).eval()
+    gen = Generator(model, tokenizer, compile=True)
+    gen._decoder = CompiledDecoder(model, compiler=lambda fn: fn)
+    prompts = [[5, 9, 17, 33, 2, 80], [40, 41, 42], [7] * 11]
+    want = Generator(model, tokenizer).generate(prompts, GREEDY)
+    got = gen.generate(prompts, GREEDY)
+    assert gen._decoder.active
+    for w, g in zip(want, got, strict=True):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in g.tokens]),
+            torch.tensor([t.logprob for t in w.tokens]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def _broken_backend(gm, example_inputs):
+    raise RuntimeError("this backend cannot compile")
+
+
+def test_a_failed_compilation_falls_back_to_eager_and_says_why_once(tokenizer, caplog):
+    model = _model()
+    want = Generator(model, tokenizer).generate([[3, 4, 5]], GREEDY)[0].token_ids
+    gen = Generator(model, tokenizer, compile=True)
+    gen._decoder = CompiledDecoder(
+        model, compiler=lambda fn: torch.compile(fn, backend=_broken_backend)
+    )
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        got = gen.generate([[3, 4, 5]], GREEDY)[0].token_ids
+        again = gen.generate([[3, 4, 5]], GREEDY)[0].token_ids
+    assert got == want and again == want
+    warnings = [r for r in caplog.records if "compiled decoding is off" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "cannot compile" in warnings[0].getMessage()
+    assert not gen._decoder.active
+
+
+def test_models_the_compiled_step_does_not_cover_are_named():
+    assert decode_support(_model()) is None
+    assert decode_support(_model().train()) == "the model is in training mode"
+    mla = dict(
+        CFG, num_kv_heads=4,
+        attention=dict(kind="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                       v_head_dim=8),
+    )  # fmt: skip
+    assert decode_support(build_model(ModelConfig.from_dict(mla)).eval()) == (
+        "multi-head latent attention"
+    )
+    hooked = _model()
+    hooked.blocks()[0].attn.wq.register_forward_hook(lambda *a: None)
+    assert "adapters or hooks" in str(decode_support(hooked))
+
+
+def test_a_hook_added_after_the_first_request_turns_the_compiled_step_off(tokenizer):
+    model = _model()
+    gen = Generator(model, tokenizer, compile=True)
+    gen._decoder = CompiledDecoder(model, compiler=lambda fn: fn)  # the step, uncompiled
+    want = Generator(model, tokenizer).generate([[3, 4, 5]], GREEDY)[0].token_ids
+    assert gen.generate([[3, 4, 5]], GREEDY)[0].token_ids == want  # the step as written
+    assert gen._decoder.active
+    seen = []
+    model.blocks()[1].attn.wo.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert gen.generate([[3, 4, 5]], GREEDY)[0].token_ids == want
+    assert not gen._decoder.active and len(seen) == len(want)  # prefill + each decode step
+
+
+def test_quantised_experts_decode_eagerly_with_compile_on(tokenizer):
+    from moekit.quant.build import quantize_model
+
+    model = quantize_model(_model(), QuantizationConfig(bits=8))
+    assert "quantised experts" in str(decode_support(model))
+    want = Generator(model, tokenizer).generate([[3, 4, 5]], GREEDY)[0].token_ids
+    gen = Generator(model, tokenizer, compile=True)
+    assert gen.generate([[3, 4, 5]], GREEDY)[0].token_ids == want
+    assert gen._decoder is not None and not gen._decoder.active
+
+
+def test_paged_experts_decode_eagerly_with_compile_on(tiny_model_dir):
+    full = Generator.from_dir(tiny_model_dir, device="cpu")
+    budget = plan_budget(full.model, 1 << 40).minimum  # the smallest budget that works
+    offload = OffloadConfig(max_memory=budget)
+    paged = Generator.from_dir(tiny_model_dir, device="cpu", offload=offload, compile=True)
+    assert "paged experts" in str(decode_support(paged.model))
+    prompts = ["The history of", "Water boils at"]
+    want = [c.token_ids for c in full.generate(prompts, GREEDY)]
+    assert [c.token_ids for c in paged.generate(prompts, GREEDY)] == want
