@@ -64,10 +64,12 @@ def _ffn_support(ffn: MLP | MoELayer) -> str | None:
         if ffn.w_gate is None or not plain(ffn.w_gate, ffn.w_up, ffn.w_down):
             return "a dense MLP that is not a plain SwiGLU"
         return None
-    if ffn.backend_override is not None:
-        return "quantised experts (they bring their own kernels)"
     if type(ffn.experts) is not Experts:
-        return "paged experts (they are loaded on demand)"
+        from moekit.infer.expert_cache import SlotCache
+
+        if isinstance(ffn.experts, SlotCache):
+            return "paged experts (they are loaded on demand)"
+        return "quantised experts (they bring their own kernels)"
     if len(ffn.experts.adapters) or ffn.experts.w_gate is None:
         return "experts with adapters or without SwiGLU"
     if type(ffn.router) is not TopKRouter or ffn.router.adapter is not None:
