@@ -106,7 +106,9 @@ def _build(key: tuple, example: tuple[Tensor, ...]) -> _Kernel:
         # key pins every shape, dtype and stride the compiled code assumes.
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        graph = make_fx(fn)(*example)
+        # Traced on fake tensors: a real trace would compute the expanded float weight once
+        # (three times the float32 bytes of an output head over a large vocabulary).
+        graph = make_fx(fn, tracing_mode="fake")(*example)
         static: _Kernel = torch._inductor.compile(graph, list(example), options=_OPTIONS)
         return static
     # A fresh code object per key: each shape gets its own compiled entry instead of sharing
