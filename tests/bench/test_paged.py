@@ -52,3 +52,27 @@ def test_bench_generate_takes_the_offload_flags(tiny_model_dir, capsys):
     with pytest.raises(SystemExit):  # argparse refuses it
         main(["bench", "generate", str(tiny_model_dir), "--max-memory", "6XB"])
     assert "is not a memory size" in capsys.readouterr().err
+
+
+def test_a_random_quantised_directory_runs_on_token_ids_with_sampling(tmp_path, capsys):
+    """`quantize --preset` writes no tokenizer: the bench feeds ids, samples when asked, and
+    reports the peak memory; the plan counts the int4 experts as stored."""
+    import json
+
+    from moekit.cli import main
+    from moekit.quant.build import meta_model as qmeta_model
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--preset", "tiny", "--bits", "4", "--out", str(out)]) == 0
+    assert not any(ModelDir(out).tokenizer_files())
+    plan = plan_budget(qmeta_model(ModelDir(out).config()), 2**40)
+    float_plan = plan_budget(meta_model(ModelDir(out).config()), 2**40)
+    assert max(plan.expert.values()) < max(float_plan.expert.values()) / 4
+    budget = str(plan.resident + 3 * sum(plan.expert.values()))
+    argv = ["bench", "generate", str(out), "--max-memory", budget, "--prompt-tokens", "4",
+            "--new-tokens", "4", "--repeats", "1", "--sample", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sampled"] is True and data["offload"]["slots_per_layer"] == 3
+    assert data["peak_rss_bytes"] >= data["baseline_rss_bytes"] > 0

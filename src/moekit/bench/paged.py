@@ -8,6 +8,7 @@ memory, which is what the budget is there to avoid.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -37,6 +38,7 @@ class PagedGenerateBench:
 
     model: str
     max_memory: int
+    sampled: bool
     batch_size: int
     prompt_tokens: int
     new_tokens: int
@@ -57,6 +59,7 @@ class PagedGenerateBench:
         return {
             "model": self.model,
             "max_memory": self.max_memory,
+            "sampled": self.sampled,
             "batch_size": self.batch_size,
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
@@ -81,13 +84,17 @@ def bench_generate_paged(
     new_tokens: int = 64,
     repeats: int = 3,
     seed: int = 0,
+    sample: bool = False,
 ) -> PagedGenerateBench:
     """Time our greedy generation of `new_tokens` after random prompts of `prompt_tokens`
     tokens (`batch_size` at once) with `model_dir`'s routed experts paged as `offload` says
     (budget, cache policy, prefetch), the best of `repeats`. Prefill is the time to the first
     new token, decoding the rest. The decode hit rate is the cache's hits and misses of a
     whole generation less those of a 1-token one (the prompt) from the same cache state.
-    Beside it: the prediction of `moekit info --speed --max-memory`."""
+    Beside it: the prediction of `moekit info --speed --max-memory`. `sample`: sample the
+    new tokens (temperature 1, a new seed each generation) instead of choosing greedily: greedy
+    decoding of random weights tends to repeat a token, and with it its experts, which flatters
+    the cache; sampled tokens route as varied text would."""
     directory = ModelDir(model_dir)
     baseline = _status_bytes("VmRSS")
     generator = _paged_generator(directory, offload)
@@ -102,8 +109,13 @@ def bench_generate_paged(
         row.tolist() for row in torch.randint(2, cfg.vocab_size, (batch_size, prompt_tokens))
     ]
 
-    def greedy(n: int) -> None:
-        params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    calls = itertools.count(seed)
+
+    def greedy(n: int) -> None:  # or sampled, each call with its own seed
+        temperature = 1.0 if sample else 0.0
+        params = SamplingParams(
+            temperature=temperature, max_new_tokens=n, ignore_eos=True, seed=next(calls)
+        )
         generator.generate(prompts, params)
 
     greedy(1)  # warm-up
@@ -131,6 +143,7 @@ def bench_generate_paged(
     return PagedGenerateBench(
         model=str(model_dir),
         max_memory=offload.max_memory,
+        sampled=sample,
         batch_size=batch_size,
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,

@@ -122,6 +122,12 @@ def _add_generate(benches: Any) -> None:
     p.add_argument("--repeats", type=int, default=3)
     add_offload_arguments(p)  # with --max-memory: run_generate_paged
     p.add_argument(
+        "--sample",
+        action="store_true",
+        help="with --max-memory: sample the new tokens (temperature 1) instead of greedy "
+        "decoding, which on random weights repeats a token and its experts",
+    )
+    p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,

@@ -123,13 +123,15 @@ def run_generate_paged(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
+        sample=args.sample,
     )
     if args.json:
         print_json(r.to_dict())
         return 0
     o, p = r.offload, r.prediction
     print(
-        f"greedy generation, {r.model}, batch {r.batch_size}, {r.prompt_tokens} prompt + "
+        f"{'sampled' if r.sampled else 'greedy'} generation, {r.model}, batch "
+        f"{r.batch_size}, {r.prompt_tokens} prompt + "
         f"{r.new_tokens} new tokens, experts paged under {nbytes(r.max_memory)}: "
         f"{nbytes(o['resident_bytes'])} always in memory, {o['slots_per_layer']} of "
         f"{o['experts_per_layer']} experts per layer cached ({o['policy']}, prefetch "
