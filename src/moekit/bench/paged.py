@@ -9,6 +9,7 @@ memory, which is what the budget is there to avoid.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -94,7 +95,8 @@ def bench_generate_paged(
     Beside it: the prediction of `moekit info --speed --max-memory`. `sample`: sample the
     new tokens (temperature 1, a new seed each generation) instead of choosing greedily: greedy
     decoding of random weights tends to repeat a token, and with it its experts, which flatters
-    the cache; sampled tokens route as varied text would."""
+    the cache; sampled tokens vary as text does (a random router may still concentrate them
+    on a few experts)."""
     directory = ModelDir(model_dir)
     baseline = _status_bytes("VmRSS")
     generator = _paged_generator(directory, offload)
@@ -109,15 +111,7 @@ def bench_generate_paged(
         row.tolist() for row in torch.randint(2, cfg.vocab_size, (batch_size, prompt_tokens))
     ]
 
-    calls = itertools.count(seed)
-
-    def greedy(n: int) -> None:  # or sampled, each call with its own seed
-        temperature = 1.0 if sample else 0.0
-        params = SamplingParams(
-            temperature=temperature, max_new_tokens=n, ignore_eos=True, seed=next(calls)
-        )
-        generator.generate(prompts, params)
-
+    greedy = _generation(generator, prompts, sample=sample, seed=seed)
     greedy(1)  # warm-up
     t = {name: min(ts) for name, ts in round_robin(
         {"one": lambda: greedy(1), "all": lambda: greedy(new_tokens)}, repeats
@@ -156,6 +150,23 @@ def bench_generate_paged(
         baseline_rss=baseline,
         peak_rss=_status_bytes("VmHWM"),
     )
+
+
+def _generation(
+    generator: Generator, prompts: list[list[int]], *, sample: bool, seed: int
+) -> Callable[[int], None]:
+    """`run(n)`: generate `n` tokens after `prompts`, greedily or sampled (temperature 1,
+    each call with its own seed)."""
+    calls = itertools.count(seed)
+
+    def run(n: int) -> None:
+        params = SamplingParams(
+            temperature=1.0 if sample else 0.0, max_new_tokens=n, ignore_eos=True,
+            seed=next(calls),
+        )  # fmt: skip
+        generator.generate(prompts, params)
+
+    return run
 
 
 def _paged_generator(directory: ModelDir, offload: OffloadConfig) -> Generator:
