@@ -30,6 +30,12 @@ COMMANDS = (
 )
 
 
+# Commands that stream weights tensor by tensor keep glibc's own allocator: the tuned one
+# (moekit.runtime.tune_cpu_allocator) keeps every freed block, which for a stream of large
+# tensors of changing sizes adds up (quantising OLMoE-1B-7B: 8.1 GB peak against 3.6 GB).
+STREAMING_COMMANDS = ("quantize", "convert")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moekit.version import __version__
 
@@ -55,9 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem), 130 on Ctrl-C, and what a command reports otherwise."""
     from moekit.runtime import tune_cpu_allocator
 
-    tune_cpu_allocator()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command not in STREAMING_COMMANDS:
+        tune_cpu_allocator()
     if extra:
         # Dotted overrides after options ("BASE --out D train.lr=1e-4") are left over by
         # argparse once a positional list has been matched; they belong to that list.

@@ -32,6 +32,9 @@ from moekit.quant.formats import QWEIGHT, dequantize, stored_parts
 from moekit.version import __version__
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
+# A shard is assembled in memory before it is written: quantising keeps them small, so the
+# memory a quantisation needs stays near one transformer block's float weights.
+QUANTIZED_SHARD_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,9 @@ def _write(
 ) -> QuantizeResult:
     """Quantise `tensors` (float, named as in the model) into `out`'s weight files."""
     before = after = count = 0
-    with ShardWriter(out.path, metadata={"moekit_version": __version__}) as writer:
+    with ShardWriter(
+        out.path, max_shard_bytes=QUANTIZED_SHARD_BYTES, metadata={"moekit_version": __version__}
+    ) as writer:
         for done, (name, tensor) in enumerate(tensors, start=1):
             before += _nbytes(tensor)
             count += found.prefix(name) is not None
