@@ -243,3 +243,19 @@ def test_decode_steps_give_the_loaded_models_logits(tiny_model_dir):
         for tokens in (torch.tensor([[7]]), torch.tensor([[1], [50], [300], [511]])):
             want = full(tokens, causal_routing=True).logits
             assert torch.equal(paged.eval()(tokens, causal_routing=True).logits, want)
+
+
+def test_a_quantised_weight_file_that_changes_while_paging_is_named_with_the_tensor(
+    tiny_model_dir, tmp_path
+):
+    from moekit import quantize
+
+    qdir = tmp_path / "int4"
+    quantize(tiny_model_dir, qdir, bits=4)
+    gen = Generator.from_dir(qdir, device="cpu", offload=OffloadConfig(max_memory=_budget(qdir, 1)))
+    gen.generate("Hello", SamplingParams(max_new_tokens=2, temperature=0.0))
+    weights = qdir / ModelDir.WEIGHTS
+    os.truncate(weights, weights.stat().st_size // 2)
+    pattern = r"model\.safetensors .*tensor 'layers\.\d\.ffn\.experts\.w_(gate|up|down)\.qweight'"
+    with pytest.raises(ValueError, match=pattern):
+        gen.generate("A long prompt about many things", SamplingParams(max_new_tokens=8))
