@@ -59,3 +59,12 @@ def test_quantize_names_its_source_once(tmp_path, capsys, argv, message):
     argv = [str(tmp_path) if a == "MODEL" else a for a in argv]
     assert main(["quantize", *argv, "--bits", "8", "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_generating_from_a_directory_without_a_tokenizer_says_what_to_use(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--preset", "debug", "--bits", "8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "Hello"]) == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer file" in err and "moekit bench generate" in err

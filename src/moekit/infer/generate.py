@@ -128,13 +128,20 @@ class Generator:
         from moekit.model_dir import load_model
         from moekit.runtime import resolve_device
 
+        try:  # before the weights: a missing tokenizer should not cost loading them
+            tokenizer = Tokenizer.load(model_dir)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{e}: a model directory written by `moekit quantize --preset` (random weights) "
+                "has none; measure it with `moekit bench generate`, which feeds token ids"
+            ) from None
         if offload is not None:
             from moekit.infer.offload import load_paged_model
 
             model = load_paged_model(model_dir, offload, device=resolve_device(device), dtype=dtype)
         else:
             model = load_model(model_dir, device=resolve_device(device), dtype=dtype)
-        return cls(model, Tokenizer.load(model_dir), compile=compile)
+        return cls(model, tokenizer, compile=compile)
 
     @property
     def max_seq_len(self) -> int:
