@@ -206,11 +206,24 @@ class ModelDir:
 
         The model is built on the meta device and each stored tensor is read straight into
         its parameter: loading never holds a second copy of the weights."""
-        from moekit.model import cast_model, check_memory
-        from moekit.quant.build import meta_model  # quantised configs too
         from moekit.runtime import resolve_device
 
         device = resolve_device(device)
+        model, stored = self.meta_model(dtype=dtype)
+        self.check_memory(model, device)
+        model.to_empty(device=device)
+        read_into(model.state_dict(), stored)
+        return model
+
+    def meta_model(
+        self, *, dtype: torch.dtype | None = None
+    ) -> tuple[Transformer, dict[str, StoredTensor]]:
+        """The model config.json describes, on the meta device (quantised modules where the
+        config says; parameters cast to `dtype` when given), and the stored tensors, whose
+        names and shapes have been checked against it (a ValueError names the mismatch)."""
+        from moekit.model import cast_model
+        from moekit.quant.build import meta_model  # quantised configs too
+
         cfg = self.config()
         stored = stored_tensors(self.path)
         try:
@@ -224,13 +237,16 @@ class ModelDir:
         check_fit(expected, {k: t.shape for k, t in stored.items()}, where)
         if dtype is not None:
             cast_model(model, dtype)  # on the meta device: sets each parameter's dtype
+        return model, stored
+
+    def check_memory(self, model: torch.nn.Module, device: torch.device) -> None:
+        """`moekit.model.check_memory`, its error naming this directory's config."""
+        from moekit.model import check_memory
+
         try:
             check_memory(model, device)
         except ValueError as e:
             raise ValueError(f"{self.config_path}: {e}") from None
-        model.to_empty(device=device)
-        read_into(model.state_dict(), stored)
-        return model
 
     def save_model(self, model: torch.nn.Module, cfg: ModelConfig) -> None:
         """Write `model`'s weights and `cfg` as config.json."""

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from moekit.cli.common import (
+    add_compile_argument,
     add_device_argument,
     add_offload_arguments,
     add_sampling_arguments,
@@ -27,13 +28,7 @@ def add_parser(sub: Any) -> None:
     add_sampling_arguments(p, default_temperature=0.7)
     add_device_argument(p)
     add_offload_arguments(p)
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="decode through torch.compile: faster tokens after a one-off compilation of "
-        "seconds to a minute (see docs/inference.md)",
-    )
+    add_compile_argument(p)
     p.set_defaults(run=run, json=False)
 
 

@@ -74,6 +74,16 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=f"where the model runs: {DEVICES_HELP}")
 
 
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="decode through torch.compile: faster tokens after a one-off compilation of "
+        "seconds to a minute (see docs/inference.md)",
+    )
+
+
 def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
     """--max-memory and the expert-cache flags (see moekit.infer.offload)."""
 

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from moekit.cli.common import (
+    add_compile_argument,
     add_device_argument,
     add_offload_arguments,
     add_sampling_arguments,
@@ -28,13 +29,7 @@ def add_parser(sub: Any) -> None:
     add_sampling_arguments(p, default_temperature=0.8)
     add_device_argument(p)
     add_offload_arguments(p)
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="decode through torch.compile: faster tokens after a one-off compilation of "
-        "seconds to a minute (see docs/inference.md)",
-    )
+    add_compile_argument(p)
     p.add_argument("--routing", action="store_true", help="with --json: each token's experts")
     p.add_argument(
         "--json", action="store_true", help="print {text, token_ids, ...} instead of streaming"

@@ -131,25 +131,13 @@ def load_paged_model(
     `offload.max_memory` (see `OffloadConfig`); every other weight is read into memory. The
     checks of `ModelDir.load_model` apply (names and shapes from the headers, memory); a budget
     below the minimum is a ValueError that says the minimum."""
-
     from moekit.infer.expert_cache import ExpertFiles, Pager
-    from moekit.model import cast_model, check_memory
-    from moekit.model_dir import ModelDir, check_fit, read_into, stored_tensors
-    from moekit.quant.build import meta_model
+    from moekit.model_dir import ModelDir, read_into
     from moekit.runtime import resolve_device
 
     directory = ModelDir(model_dir)
     target = resolve_device(device)
-    cfg = directory.config()
-    stored = stored_tensors(directory.path)
-    try:
-        model = meta_model(cfg)
-    except ValueError as e:
-        raise ValueError(f"{directory.config_path}: {e}") from None
-    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
-    check_fit(expected, {k: t.shape for k, t in stored.items()}, str(directory.path))
-    if dtype is not None:
-        cast_model(model, dtype)
+    model, stored = directory.meta_model(dtype=dtype)
     plan = plan_budget(model, offload.max_memory)
     pager = Pager(ExpertFiles(stored), policy=offload.policy, prefetch=offload.prefetch)
     layers = model.moe_layers()
@@ -160,10 +148,7 @@ def load_paged_model(
         pager.routers[i] = layer.router
     order = sorted(layers)
     pager.following = dict(itertools.pairwise(order))
-    try:
-        check_memory(model, target)
-    except ValueError as e:
-        raise ValueError(f"{directory.config_path}: {e}") from None
+    directory.check_memory(model, target)
     model.to_empty(device=target)
     paged_prefixes = tuple(f"layers.{i}.ffn.experts." for i in layers)
     state = model.state_dict()
