@@ -203,14 +203,29 @@ class Transformer(nn.Module):
         """
         device = self.embed.weight.device
         gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        nn.init.normal_(self.embed.weight, mean=0.0, std=std, generator=gen)
-        for block in self.blocks():
-            block.init_weights(std, out_std, gen)
-        self.norm.init_weights()
+        for _, piece in self.pieces():
+            self.init_piece(piece, gen)
+
+    def pieces(self) -> list[tuple[str, nn.Module]]:
+        """The model's top-level parts in state-dict (and initialisation) order, each with
+        its name prefix: the embedding, every block, the final norm, the output head."""
+        pieces: list[tuple[str, nn.Module]] = [("embed", self.embed)]
+        pieces += [(f"layers.{i}", block) for i, block in enumerate(self.blocks())]
+        pieces.append(("norm", self.norm))
         if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std, generator=gen)
+            pieces.append(("lm_head", self.lm_head))
+        return pieces
+
+    def init_piece(self, piece: nn.Module, gen: torch.Generator | None) -> None:
+        """Initialise one of `pieces()` as `init_weights` describes."""
+        std = self.cfg.init_std
+        if isinstance(piece, Block):
+            piece.init_weights(std, std / math.sqrt(2 * self.cfg.num_layers), gen)
+        elif isinstance(piece, RMSNorm):
+            piece.init_weights()
+        else:
+            assert isinstance(piece, nn.Embedding | nn.Linear)
+            nn.init.normal_(piece.weight, mean=0.0, std=std, generator=gen)
 
 
 @torch.no_grad()
@@ -222,23 +237,10 @@ def random_tensors(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, Tenso
     seed=seed)`'s: the same generator draws them in the same order."""
     model = meta_model(cfg)
     gen = torch.Generator().manual_seed(seed)
-    std = cfg.init_std
-    out_std = std / math.sqrt(2 * cfg.num_layers)
-    pieces: list[tuple[str, nn.Module]] = [("embed", model.embed)]
-    pieces += [(f"layers.{i}", block) for i, block in enumerate(model.blocks())]
-    pieces.append(("norm", model.norm))
-    if model.lm_head is not None:
-        pieces.append(("lm_head", model.lm_head))
     names = set(model.state_dict())
-    for prefix, piece in pieces:
+    for prefix, piece in model.pieces():
         piece.to_empty(device="cpu")
-        if isinstance(piece, Block):
-            piece.init_weights(std, out_std, gen)
-        elif isinstance(piece, RMSNorm):
-            piece.init_weights()
-        else:
-            assert isinstance(piece, nn.Embedding | nn.Linear)
-            nn.init.normal_(piece.weight, mean=0.0, std=std, generator=gen)
+        model.init_piece(piece, gen)
         for name, t in piece.state_dict().items():
             names.discard(f"{prefix}.{name}")
             yield f"{prefix}.{name}", t
