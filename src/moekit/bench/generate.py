@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from moekit.infer.generate import Generator
 from moekit.infer.sampling import SamplingParams
 from moekit.interop.mixtral import to_hf_model
 from moekit.speed import SpeedPrediction, measure_bandwidth, predict_decode
+
+if TYPE_CHECKING:
+    from moekit.data.tokenizer import Tokenizer
 
 Greedy = Callable[[int], list[list[int]]]  # new tokens -> the generated ids of each prompt
 
@@ -263,12 +266,18 @@ def _generator(model_dir: str | Path | None, preset: str, seed: int) -> Generato
     """`model_dir`'s generator, or one of a randomly initialised `preset`."""
     if model_dir is not None:
         return Generator.from_dir(model_dir)
-    from moekit.data.tokenizer import Tokenizer
     from moekit.model import build_model
     from moekit.presets import get_preset
 
-    tokenizer = Tokenizer.train(["a b c"], 300)  # only its pad/eos ids are used
-    return Generator(build_model(get_preset(preset), seed=seed), tokenizer)
+    return Generator(build_model(get_preset(preset), seed=seed), ids_tokenizer())
+
+
+def ids_tokenizer() -> Tokenizer:
+    """A tokenizer for benches that feed token ids to a model without one: only its pad and
+    end-of-text ids are used."""
+    from moekit.data.tokenizer import Tokenizer
+
+    return Tokenizer.train(["a b c"], 300)
 
 
 def _ours(generator: Generator, prompts: torch.Tensor) -> Greedy:

@@ -86,9 +86,14 @@ def resident_bytes() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        import resource
+        return peak_resident_bytes()
 
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory since it started (loading included)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ from typing import Any, cast
 
 import torch
 
+from moekit.bench.generate import ids_tokenizer
+from moekit.bench.hostile import peak_resident_bytes, resident_bytes
 from moekit.bench.timing import round_robin
 from moekit.infer.generate import Generator
 from moekit.infer.offload import BudgetPlan, OffloadConfig, offload_report, pager_of
@@ -49,8 +51,8 @@ class PagedGenerateBench:
     expected_hit_rate: float
     prediction: SpeedPrediction
     offload: dict[str, Any]
-    baseline_rss: int | None = None  # resident bytes before loading (the runtime)
-    peak_rss: int | None = None  # the process's peak resident bytes, loading included
+    baseline_rss: int  # resident bytes before loading (the runtime)
+    peak_rss: int  # the process's peak resident bytes, loading included
 
     @property
     def measured_over_predicted(self) -> float:
@@ -98,7 +100,7 @@ def bench_generate_paged(
     the cache; sampled tokens vary as text does (a random router may still concentrate them
     on a few experts)."""
     directory = ModelDir(model_dir)
-    baseline = _status_bytes("VmRSS")
+    baseline = resident_bytes()
     generator = _paged_generator(directory, offload)
     cfg, model = generator.model.cfg, generator.model
     if prompt_tokens + new_tokens > cfg.max_seq_len:
@@ -148,7 +150,7 @@ def bench_generate_paged(
         prediction=prediction,
         offload=report,
         baseline_rss=baseline,
-        peak_rss=_status_bytes("VmHWM"),
+        peak_rss=peak_resident_bytes(),
     )
 
 
@@ -174,22 +176,9 @@ def _paged_generator(directory: ModelDir, offload: OffloadConfig) -> Generator:
     writes none) gets one that only supplies the special ids: the bench feeds token ids."""
     if any(directory.tokenizer_files()):
         return Generator.from_dir(directory.path, offload=offload)
-    from moekit.data.tokenizer import Tokenizer
     from moekit.infer.offload import load_paged_model
 
-    return Generator(load_paged_model(directory.path, offload), Tokenizer.train(["a b c"], 300))
-
-
-def _status_bytes(field: str) -> int | None:
-    """A memory figure of this process from /proc/self/status (None off Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return Generator(load_paged_model(directory.path, offload), ids_tokenizer())
 
 
 def _counted(model: Any, run: Any) -> tuple[int, int]:

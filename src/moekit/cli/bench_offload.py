@@ -152,8 +152,7 @@ def run_generate_paged(args: argparse.Namespace) -> int:
         f"  prediction: {p.bytes.per_token / 2**20:.1f} MiB read per token at "
         f"{p.bandwidth / 1e9:.1f} GB/s{miss}"
     )
-    if r.peak_rss is not None and r.baseline_rss is not None:
-        print(f"  peak resident {nbytes(r.peak_rss)} (before loading {nbytes(r.baseline_rss)})")
+    print(f"  peak resident {nbytes(r.peak_rss)} (before loading {nbytes(r.baseline_rss)})")
     accuracy = o["prefetch_accuracy"]
     print(
         f"  one whole generation: hit rate {o['hit_rate']:.1%}, read {nbytes(o['bytes_read'])}, "
