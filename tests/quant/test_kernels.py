@@ -66,3 +66,19 @@ def test_a_product_that_needs_its_gradient_takes_the_eager_path():
     torch.testing.assert_close(x.grad, w.dequantize().sum(0).expand(2, 64), **TOL)
     with torch.no_grad():
         assert kernels.fits(x, w.shape, w.group)
+
+
+def test_under_a_dispatch_mode_the_eager_path_runs_and_the_kernel_is_not_given_up(caplog):
+    from moekit.bench.generate import count_calls
+
+    torch.manual_seed(2)
+    w = QuantWeight.from_float(torch.randn(24, 64), 4, 32)  # a shape no other test compiles
+    w.kernel = "compiled"
+    x = torch.randn(12, 64)
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        # An operator counter sees the eager product's operators (dequantise, then matmul).
+        assert count_calls(lambda: w.matmul(x)) > 1
+        torch.testing.assert_close(w.matmul(x), x @ w.dequantize().T, **TOL)
+    assert not [r for r in caplog.records if "compiling the int4 kernel" in r.getMessage()]
+    assert ("many", 24, 64, 32, torch.float32) in kernels._compiled  # compiled after the mode
+    assert not kernels._failed.keys() & {("many", 24, 64, 32, torch.float32)}

@@ -24,7 +24,8 @@ disk by inductor, so later processes load it instead of compiling again.
 Inductor's C++ is built with floating-point contraction and reassociation allowed
 (fused multiply-adds and a reordered sum), which changes results only by float32 rounding.
 When compiling fails (no C++ compiler, an unsupported platform), `compiled_matmul` returns
-None after logging the reason once on the `moekit` logger, and the caller uses its eager path.
+None after logging the reason once on the `moekit` logger, and the caller uses its eager path;
+so it does, without logging, under a Python dispatch mode (where compiled code cannot run).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.nn.static_kernel import compile_static, unavailable
+
 log = logging.getLogger("moekit")
 
 FEW_ROWS = 8  # the fused kernel's regime: 1..FEW_ROWS rows
 # Inductor options for these kernels only: fused multiply-adds and a reassociated sum.
-_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
+OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
     "cpp.enable_floating_point_contract_flag": "fast",
     "cpp.enable_unsafe_math_opt_flag": True,
 }
@@ -55,15 +58,7 @@ _lock = threading.Lock()
 
 
 def _fused(x_MK: Tensor, q_NW: Tensor, scale_Ng: Tensor, min_Ng: Tensor) -> Tensor:
-    M = x_MK.shape[0]
-    N, g = scale_Ng.shape
-    shifts = torch.arange(8, dtype=torch.int32, device=x_MK.device) * 4
-    nib = ((q_NW.view(1, N, g, -1, 1) >> shifts) & 15).to(x_MK.dtype)  # (1, N, g, G/8, 8)
-    w = (
-        min_Ng.view(1, N, g, 1, 1).to(x_MK.dtype)
-        + scale_Ng.view(1, N, g, 1, 1).to(x_MK.dtype) * nib
-    )
-    return (x_MK.view(M, 1, g, -1, 8) * w).sum((-1, -2, -3), dtype=torch.float32).to(x_MK.dtype)
+    return int4_product(x_MK, q_NW, scale_Ng, min_Ng)
 
 
 def _dequant_mm(x_MK: Tensor, q_NW: Tensor, scale_Ng: Tensor, min_Ng: Tensor) -> Tensor:
@@ -101,20 +96,16 @@ def _build(key: tuple, example: tuple[Tensor, ...]) -> _Kernel:
     kind = key[0]
     fn = _fused if kind != "many" else _dequant_mm
     if kind == "1":
-        # One row, the decode case: traced once and compiled without dynamo's guards, whose
-        # per-call cost (about 4x this path's) would rival the product itself. The caller's
-        # key pins every shape, dtype and stride the compiled code assumes.
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        # Traced on fake tensors: a real trace would compute the expanded float weight once
-        # (three times the float32 bytes of an output head over a large vocabulary).
-        graph = make_fx(fn, tracing_mode="fake")(*example)
-        static: _Kernel = torch._inductor.compile(graph, list(example), options=_OPTIONS)
-        return static
+        # One row, the decode case: compiled without dynamo's guards, whose per-call cost
+        # (about 4x this path's) would rival the product itself. The caller's key pins every
+        # shape, dtype and stride the compiled code assumes. (Traced on fake tensors: a real
+        # trace would expand the float weight once, three times the float32 bytes of an
+        # output head over a large vocabulary.)
+        return compile_static(fn, example, OPTIONS)
     # A fresh code object per key: each shape gets its own compiled entry instead of sharing
     # one (and its recompile limit) with every other shape.
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, f"{fn.__name__}_{kind}")
-    compiled: _Kernel = torch.compile(own, dynamic=False, fullgraph=True, options=_OPTIONS)
+    compiled: _Kernel = torch.compile(own, dynamic=False, fullgraph=True, options=OPTIONS)
     return compiled
 
 
@@ -130,6 +121,11 @@ def compiled_matmul(
     if torch.compiler.is_compiling():  # inside a compiled caller: let it trace the math
         math: _Kernel = _fused if kind != "many" else _dequant_mm
         return math(x_MK, packed_NKh.view(torch.int32), scale_Ng, min_Ng)
+    if unavailable():
+        # Under a Python dispatch mode (an operator counter, a fake-tensor trace) the compiled
+        # code cannot run (dynamo declines the frame): the eager path is what the mode sees.
+        # Not a failure: the kernel is used again once the mode is gone.
+        return None
     n, kh = packed_NKh.shape
     key = (kind, n, kh * 2, group, x_MK.dtype)
     if key in _failed:
@@ -154,3 +150,36 @@ def compiled_matmul(
             _failed[key],
         )
         return None
+
+
+# ---- the same arithmetic inside larger compiled functions ----------------------------------
+# The one-token experts kernel (moekit.moe.decode_kernel) and the compiled decode step
+# (moekit.infer.compiled) read packed weights inside their own generated loops.
+
+
+def int4_product(
+    x: Tensor, words: Tensor, scale: Tensor, lo: Tensor, experts: Tensor | None = None
+) -> Tensor:
+    """`x @ w^T` for the int4 weight stored as `words` (the packed bytes viewed as int32,
+    [..., N, K/8]), `scale` and `lo` (the minimums, [..., N, K/G]), written for a compiler to
+    fuse: (..., N) for x (..., K). With `experts` (T, K) the weights are stacked over experts
+    and each token and choice reads expert experts[t, k]: x (T, 1, Kin) or (T, K, Kin) ->
+    (T, K, N); the index sits inside the reduction, so only the chosen experts' bytes are
+    read, and no float weight is written."""
+    if experts is not None:
+        words, scale, lo = words[experts], scale[experts], lo[experts]
+    *lead, n, g = scale.shape
+    shifts = torch.arange(8, dtype=torch.int32, device=words.device) * 4
+    nib = ((words.view(*lead, n, g, -1, 1) >> shifts) & 15).to(x.dtype)
+    w_g8 = lo.to(x.dtype)[..., None, None] + scale.to(x.dtype)[..., None, None] * nib
+    x_g8 = x.view(*x.shape[:-1], 1, g, -1, 8)
+    return (x_g8 * w_g8).sum((-1, -2, -3), dtype=torch.float32).to(x.dtype)
+
+
+def int8_product(x: Tensor, q: Tensor, scale: Tensor, experts: Tensor | None = None) -> Tensor:
+    """`int4_product` for an int8 weight `q` [..., N, K] with a scale per output channel
+    [..., N] (applied after the product)."""
+    if experts is not None:
+        q, scale = q[experts], scale[experts]
+    out = (x[..., None, :] * q.to(x.dtype)).sum(-1, dtype=torch.float32).to(x.dtype)
+    return out * scale.to(x.dtype)
