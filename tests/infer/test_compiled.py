@@ -158,15 +158,53 @@ def test_a_hook_added_after_the_first_request_turns_the_compiled_step_off(tokeni
     assert not gen._decoder.active and len(seen) == len(want)  # prefill + each decode step
 
 
-def test_quantised_experts_decode_eagerly_with_compile_on(tokenizer):
-    from moekit.quant.build import quantize_model
+# Sizes that int4 groups of 32 divide (every projection's input dimension).
+QCFG = dict(
+    CFG, dim=64, ffn_hidden=64,
+    moe=dict(CFG["moe"], expert_hidden=32),
+)  # fmt: skip
 
-    model = quantize_model(_model(), QuantizationConfig(bits=8))
-    assert "quantised experts" in str(decode_support(model))
-    want = Generator(model, tokenizer).generate([[3, 4, 5]], GREEDY)[0].token_ids
+
+def _quantised(bits, parts):
+    from moekit.quant.build import quantize_model
+    from moekit.quant.weight import QuantWeight
+
+    model = build_model(ModelConfig.from_dict(QCFG), seed=2).eval()
+    model = quantize_model(model, QuantizationConfig(bits=bits, parts=parts))
+    for m in model.modules():
+        if isinstance(m, QuantWeight):
+            m.kernel = "dequant"  # the eager oracle: dequantise, then the float product
+    return model
+
+
+@pytest.mark.parametrize("bits,parts", [(8, "experts"), (4, "experts"), (8, "all"), (4, "all")])
+def test_the_step_as_written_reads_quantised_weights_as_the_eager_model(tokenizer, bits, parts):
+    model = _quantised(bits, parts)
+    assert decode_support(model) is None
     gen = Generator(model, tokenizer, compile=True)
-    assert gen.generate([[3, 4, 5]], GREEDY)[0].token_ids == want
-    assert gen._decoder is not None and not gen._decoder.active
+    gen._decoder = CompiledDecoder(model, compiler=lambda fn: fn)  # the step, uncompiled
+    prompts = [[5, 9, 17, 33, 2, 80], [40, 41, 42]]
+    want = Generator(model, tokenizer).generate(prompts, GREEDY)
+    got = gen.generate(prompts, GREEDY)
+    assert gen._decoder.active
+    for w, g in zip(want, got, strict=True):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in g.tokens]),
+            torch.tensor([t.logprob for t in w.tokens]),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+@pytest.mark.slow  # compiles a graph (tens of seconds on a small CPU)
+def test_compiled_decoding_of_an_int4_model_gives_the_eager_tokens(tokenizer):
+    model = _quantised(4, "all")
+    prompts = [[5, 9, 17, 33], [40, 41]]
+    want = [c.token_ids for c in Generator(model, tokenizer).generate(prompts, GREEDY)]
+    compiled = Generator(model, tokenizer, compile=True)
+    assert [c.token_ids for c in compiled.generate(prompts, GREEDY)] == want
+    assert compiled._decoder is not None and compiled._decoder.active
 
 
 def test_paged_experts_decode_eagerly_with_compile_on(tiny_model_dir):

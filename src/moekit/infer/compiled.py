@@ -10,14 +10,18 @@ has the same shapes every time. So the step here is written for static shapes:
 - each row writes its new key and value at its own position (an indexed store, no slicing
   by a Python integer), and the cache's positions and mask advance inside the graph;
 - an MoE layer multiplies each token by its chosen experts' weights, indexed inside the
-  reduction (only the chosen experts are read), with no Python loop over experts.
+  reduction (only the chosen experts are read), with no Python loop over experts;
+- quantised weights (int8 and int4 experts, and with `--only all` every other projection)
+  are read packed: the expert index, the unpacking and the scaling sit inside the same
+  reduction, so the step reads only the chosen experts' packed bytes and never writes a
+  float weight (the arithmetic of `moekit.quant.kernels`).
 
 It is used only where it is exact and safe: inference without adapters, hooks, routing
-records, quantised or paged experts (those bring their own compute); grouped-query attention
-(with or without q/k norms), SwiGLU feed-forwards and token-choice routers. `decode_support`
-says why a model is not supported; a compilation that fails is reported once on the `moekit`
-logger and the step falls back to the eager model. On CUDA the step asks for CUDA graphs
-("reduce-overhead").
+records or paged experts (those load on demand between the router and the experts);
+grouped-query attention (with or without q/k norms), SwiGLU feed-forwards and token-choice
+routers. `decode_support` says why a model is not supported; a compilation that fails is
+reported once on the `moekit` logger and the step falls back to the eager model. On CUDA the
+step asks for CUDA graphs ("reduce-overhead").
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from moekit.model import Block, Transformer
 from moekit.moe.experts import Experts
@@ -39,14 +43,18 @@ from moekit.nn.fuse import plain
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.mlp import MLP
 from moekit.nn.rope import apply_rope, rope_tables
+from moekit.quant import kernels
+from moekit.quant.experts import QuantExperts
+from moekit.quant.weight import QuantLinear, QuantWeight
 
 log = logging.getLogger("moekit")
 
 MIN_BUCKET = 64  # the shortest cache a compiled step is built for
 
 # Per block, the fused weights the graph reads: (qkv weight, qkv bias, gate+up of the
-# dense MLP or of the experts, gate+up of the shared experts).
-BlockWeights = tuple[Tensor, Tensor | None, Tensor, Tensor | None]
+# dense MLP or of the experts, gate+up of the shared experts); None where those projections
+# are quantised (the graph reads their packed weights).
+BlockWeights = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
 
 
 def cache_length(needed: int, max_seq_len: int) -> int:
@@ -59,18 +67,44 @@ def cache_length(needed: int, max_seq_len: int) -> int:
     return max(needed, min(length, max_seq_len))
 
 
+def _quant_support(w: QuantWeight) -> str | None:
+    if w.bits == 4 and (w.group is None or w.group % 8):
+        return "int4 weights whose group size is not a multiple of 8"
+    return None
+
+
+def _linear_support(*modules: nn.Module | None) -> str | None:
+    """None when the graph can compute every projection in `modules` (bare `nn.Linear`s or
+    quantised linears, without hooks), else why not."""
+    for m in modules:
+        if isinstance(m, QuantLinear) and not (m._forward_hooks or m._forward_pre_hooks):
+            reason = _quant_support(m)
+            if reason is not None:
+                return reason
+        elif not plain(m):
+            return "projections with adapters or hooks"
+    return None
+
+
 def _ffn_support(ffn: MLP | MoELayer) -> str | None:
     if isinstance(ffn, MLP):
-        if ffn.w_gate is None or not plain(ffn.w_gate, ffn.w_up, ffn.w_down):
-            return "a dense MLP that is not a plain SwiGLU"
-        return None
-    if type(ffn.experts) is not Experts:
+        if ffn.w_gate is None:
+            return "a dense MLP that is not SwiGLU"
+        return _linear_support(ffn.w_gate, ffn.w_up, ffn.w_down)
+    ex = ffn.experts
+    if type(ex) is QuantExperts:
+        if ex.w_gate is None:
+            return "quantised experts without SwiGLU"
+        reason = _quant_support(ex.w_up)
+        if reason is not None:
+            return f"quantised experts: {reason}"
+    elif type(ex) is not Experts:
         from moekit.infer.expert_cache import SlotCache
 
-        if isinstance(ffn.experts, SlotCache):
+        if isinstance(ex, SlotCache):
             return "paged experts (they are loaded on demand)"
-        return "quantised experts (they bring their own kernels)"
-    if len(ffn.experts.adapters) or ffn.experts.w_gate is None:
+        return f"experts of type {type(ex).__name__}"
+    elif len(ex.adapters) or ex.w_gate is None:
         return "experts with adapters or without SwiGLU"
     if type(ffn.router) is not TopKRouter or ffn.router.adapter is not None:
         return "a router other than plain token choice"
@@ -85,14 +119,15 @@ def decode_support(model: Transformer) -> str | None:
     """None when `model` can decode through the compiled step, else the reason it cannot."""
     if model.training:
         return "the model is in training mode"
-    if not plain(model.lm_head) and model.lm_head is not None:
-        return "the LM head has adapters or hooks"
+    if model.lm_head is not None and _linear_support(model.lm_head) is not None:
+        return f"the LM head: {_linear_support(model.lm_head)}"
     for i, block in enumerate(model.blocks()):
         attn = block.attn
         if not isinstance(attn, Attention):
             return "multi-head latent attention"
-        if not plain(attn.wq, attn.wk, attn.wv, attn.wo):
-            return f"layer {i}'s attention projections have adapters or hooks"
+        reason = _linear_support(attn.wq, attn.wk, attn.wv, attn.wo)
+        if reason is not None:
+            return f"layer {i}'s attention: {reason}"
         reason = _ffn_support(block.ffn)
         if reason is not None:
             return f"layer {i}: {reason}"
@@ -100,30 +135,56 @@ def decode_support(model: Transformer) -> str | None:
 
 
 def _block_weights(block: Block) -> BlockWeights:
-    """The fused weights of one block (made once and reused; see moekit.nn.fuse)."""
+    """The fused weights of one block (made once and reused; see moekit.nn.fuse); None for
+    projections that are quantised (the graph reads their packed weights instead)."""
     attn = block.attn
     assert isinstance(attn, Attention)
     lins = (attn.wq, attn.wk, attn.wv)
-    qkv = attn._qkv.get([lin.weight for lin in lins])
-    bias = None
-    if attn.wq.bias is not None:
-        bias = attn._qkv_bias.get([lin.bias for lin in lins if lin.bias is not None])
+    qkv = bias = None
+    if all(type(lin) is nn.Linear for lin in lins):
+        qkv = attn._qkv.get([lin.weight for lin in lins])
+        if attn.wq.bias is not None:
+            bias = attn._qkv_bias.get([lin.bias for lin in lins if lin.bias is not None])
     ffn = block.ffn
     if isinstance(ffn, MLP):
-        assert ffn.w_gate is not None
-        return qkv, bias, ffn._gate_up.get([ffn.w_gate.weight, ffn.w_up.weight]), None
-    gate_up = ffn.experts.fused_gate_up()
-    assert gate_up is not None
-    shared = None
-    if ffn.shared is not None:
-        assert ffn.shared.w_gate is not None
-        shared = ffn.shared._gate_up.get([ffn.shared.w_gate.weight, ffn.shared.w_up.weight])
+        return qkv, bias, _fused_gate_up(ffn), None
+    gate_up = ffn.experts.fused_gate_up() if type(ffn.experts) is Experts else None
+    shared = _fused_gate_up(ffn.shared) if ffn.shared is not None else None
     return qkv, bias, gate_up, shared
 
 
-def _swiglu(x: Tensor, gate_up: Tensor, w_down: Tensor) -> Tensor:
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w_down)
+def _fused_gate_up(mlp: MLP) -> Tensor | None:
+    if type(mlp.w_gate) is not nn.Linear or type(mlp.w_up) is not nn.Linear:
+        return None
+    return mlp._gate_up.get([mlp.w_gate.weight, mlp.w_up.weight])
+
+
+def _quant_product(x: Tensor, w: QuantWeight, experts: Tensor | None = None) -> Tensor:
+    """`x @ w^T` from the packed weights, in the graph (`kernels.int4_product`, and its int8
+    sibling): (..., N) for x (..., K); with `experts`, stacked weights indexed per token and
+    choice inside the reduction."""
+    parts = w.kernel_parts()
+    if w.bits == 4:
+        return kernels.int4_product(x, parts[0], parts[1], parts[2], experts)
+    return kernels.int8_product(x, parts[0], parts[1], experts)
+
+
+def _linear(x: Tensor, lin: nn.Module) -> Tensor:
+    """A bare or a quantised linear layer on x."""
+    if isinstance(lin, QuantLinear):
+        out = _quant_product(x, lin)
+        return out if lin.bias is None else out + lin.bias.to(out.dtype)
+    assert isinstance(lin, nn.Linear)
+    return F.linear(x, lin.weight, lin.bias)
+
+
+def _swiglu(x: Tensor, mlp: MLP, gate_up: Tensor | None) -> Tensor:
+    if gate_up is not None:
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    else:
+        assert mlp.w_gate is not None
+        gate, up = _linear(x, mlp.w_gate), _linear(x, mlp.w_up)
+    return _linear(F.silu(gate) * up, mlp.w_down)
 
 
 def _attend(q_BHd: Tensor, k_BGLd: Tensor, v_BGLd: Tensor, mask_BL: Tensor) -> Tensor:
@@ -140,21 +201,33 @@ def _attend(q_BHd: Tensor, k_BGLd: Tensor, v_BGLd: Tensor, mask_BL: Tensor) -> T
 
 
 def _moe(
-    layer: MoELayer, x_TD: Tensor, gate_up_E2FD: Tensor, shared: Tensor | None, top_k: int | None
+    layer: MoELayer,
+    x_TD: Tensor,
+    gate_up_E2FD: Tensor | None,
+    shared: Tensor | None,
+    top_k: int | None,
 ) -> Tensor:
     """The MoE layer on a few tokens, each token multiplied by its chosen experts' weights:
     the expert index is read inside the reduction, so only those experts' rows are read."""
     decision = layer.router(x_TD, causal=True, top_k=top_k)
     experts_TK = decision.experts
-    w_up = gate_up_E2FD[experts_TK]  # (T, K, 2F, D), indexed in the reduction below
-    gate, up = (x_TD[:, None, None, :] * w_up).sum(-1).chunk(2, dim=-1)  # (T, K, F)
-    h_TKF = F.silu(gate) * up
-    w_down = layer.experts.w_down[experts_TK]  # (T, K, D, F)
-    y_TKD = (h_TKF[:, :, None, :] * w_down).sum(-1)
+    ex = layer.experts
+    if isinstance(ex, QuantExperts):
+        assert ex.w_gate is not None
+        x_T1D = x_TD[:, None, :]
+        gate = _quant_product(x_T1D, ex.w_gate, experts_TK)  # (T, K, F)
+        up = _quant_product(x_T1D, ex.w_up, experts_TK)
+        y_TKD = _quant_product(F.silu(gate) * up, ex.w_down, experts_TK)
+    else:
+        assert gate_up_E2FD is not None
+        w_up = gate_up_E2FD[experts_TK]  # (T, K, 2F, D), indexed in the reduction below
+        gate, up = (x_TD[:, None, None, :] * w_up).sum(-1).chunk(2, dim=-1)  # (T, K, F)
+        h_TKF = F.silu(gate) * up
+        w_down = ex.w_down[experts_TK]  # (T, K, D, F)
+        y_TKD = (h_TKF[:, :, None, :] * w_down).sum(-1)
     out_TD = (y_TKD * decision.weights.to(y_TKD.dtype)[:, :, None]).sum(1)
     if layer.shared is not None:
-        assert shared is not None
-        shared_TD = _swiglu(x_TD, shared, layer.shared.w_down.weight)
+        shared_TD = _swiglu(x_TD, layer.shared, shared)
         if layer.shared_gate is not None:
             shared_TD = shared_TD * torch.sigmoid(layer.shared_gate(x_TD))
         out_TD = out_TD + shared_TD
@@ -176,7 +249,10 @@ def _attention(
     position, attend."""
     B = x.shape[0]
     H, Hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    qkv = F.linear(x, w[0], w[1])
+    if w[0] is not None:
+        qkv = F.linear(x, w[0], w[1])
+    else:
+        qkv = torch.cat([_linear(x, attn.wq), _linear(x, attn.wk), _linear(x, attn.wv)], -1)
     if attn.q_norm is None or attn.k_norm is None:
         qkv = qkv.view(B, 1, H + 2 * Hkv, hd)
         q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split([H, Hkv], dim=2)
@@ -193,7 +269,7 @@ def _attention(
     k_cache[rows, :, end_B] = k[:, 0].to(k_cache.dtype)  # (B, Hkv, hd) at (row, :, end)
     v_cache[rows, :, end_B] = v[:, 0].to(v_cache.dtype)
     out = _attend(q[:, 0], k_cache, v_cache, mask)
-    return F.linear(out.reshape(B, 1, -1), attn.wo.weight)
+    return _linear(out.reshape(B, 1, -1), attn.wo)
 
 
 def decode_step(
@@ -232,11 +308,12 @@ def decode_step(
         if isinstance(block.ffn, MoELayer):
             x = x + _moe(block.ffn, h.view(-1, cfg.dim), w[2], w[3], top_k).view_as(x)
         else:
-            x = x + _swiglu(h, w[2], block.ffn.w_down.weight)
+            x = x + _swiglu(h, block.ffn, w[2])
     end_B += live_B.to(end_B.dtype)
     x = model.norm(x)
-    head = model.lm_head.weight if model.lm_head is not None else model.embed.weight
-    return F.linear(x[:, -1], head).float()
+    if model.lm_head is not None:
+        return _linear(x[:, -1], model.lm_head).float()
+    return F.linear(x[:, -1], model.embed.weight).float()
 
 
 class CompiledDecoder:

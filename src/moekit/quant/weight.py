@@ -100,6 +100,14 @@ class QuantWeight(nn.Module):
             return {n: getattr(self, n) for n in names}
         return {n: getattr(self, n)[e] for n in names}
 
+    def kernel_parts(self) -> tuple[Tensor, ...]:
+        """The stored tensors as `kernels.int4_product` / `int8_product` take them: int4
+        (packed bytes viewed as int32 words, scale, min); int8 (qweight, scale)."""
+        if self.bits == 8:
+            return self.qweight, self.scale
+        assert self.min is not None
+        return self.qweight.view(torch.int32), self.scale, self.min
+
     def dequantize(self, e: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight (of expert `e` when stacked): [N, K], or [E, N, K] for e=None."""
         return formats.dequantize(self.parts(e), self.bits, self.group, dtype)
