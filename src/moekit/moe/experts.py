@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.moe.decode_kernel import swiglu_experts
 from moekit.nn.fuse import Fused
 
 ExpertFn = Callable[[Tensor, Tensor, Tensor, Tensor, "Experts"], Tensor]
@@ -81,6 +82,9 @@ class Experts(nn.Module):
     """
 
     w_gate: nn.Parameter | None
+    # Whether one decoded token runs its experts as one compiled kernel (moekit.moe.
+    # decode_kernel; on the CPU, SwiGLU experts). Off: the per-expert eager loop.
+    one_token_kernel: bool = True
 
     def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu"):
         super().__init__()
@@ -182,6 +186,16 @@ class Experts(nn.Module):
             return F.linear(F.silu(gate) * up, w_down[e])
 
         return one
+
+    def token_kernel(self) -> Callable[[Tensor, Tensor, Tensor], Tensor | None] | None:
+        """For one decoded token: `fn(x_1D, experts_1K, weights_1K)`, its experts' weighted sum
+        as one compiled kernel (None from `fn`: run eagerly); None for GELU experts or with
+        `one_token_kernel` off."""
+        if self.w_gate is None or not self.one_token_kernel:
+            return None
+        self.fused_gate_up()  # the layout the eager loop uses too: one kernel, not two
+        gate, up, down = (self.w_gate,), (self.w_up,), (self.w_down,)
+        return lambda x, e, w: swiglu_experts(x, e, w, gate, up, down)
 
     def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert `e` on rows `x_ND` (the single-expert building block the loops use)."""
@@ -368,6 +382,8 @@ class DecodingStore(Protocol):
 
     def decode_fn(self) -> Callable[[Tensor, int], Tensor]: ...
 
+    def token_kernel(self) -> Callable[[Tensor, Tensor, Tensor], Tensor | None] | None: ...
+
 
 def decode_experts(
     x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, ex: DecodingStore
@@ -378,6 +394,10 @@ def decode_experts(
     decode (`can_decode`: no adapters) and that autograd is off.
     """
     T, K = experts_TK.shape
+    if T == 1 and (kernel := ex.token_kernel()) is not None:
+        y_1D = kernel(x_TD, experts_TK, weights_TK)
+        if y_1D is not None:
+            return y_1D
     one = ex.decode_fn()
     rows = experts_TK.tolist()
     w_TK = weights_TK.to(x_TD.dtype)

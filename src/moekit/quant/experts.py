@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.moe.decode_kernel import ExpertsKernel
 from moekit.moe.experts import ExpertBackend, Experts, decode_experts
+from moekit.quant import kernels
 from moekit.quant.weight import QuantWeight
 
 PROJECTIONS = ("w_gate", "w_up", "w_down")
@@ -25,6 +27,7 @@ class QuantExperts(nn.Module):
     """E feed-forward experts whose stacked weights are quantised (see `QuantWeight`)."""
 
     w_gate: QuantWeight | None
+    one_token_kernel: bool = True  # as `Experts.one_token_kernel`
 
     def __init__(
         self,
@@ -100,6 +103,17 @@ class QuantExperts(nn.Module):
         """`fn(x_ND, e)`: expert e on a few rows, from its packed weights."""
         return self.expert_forward
 
+    def token_kernel(self) -> Callable[[Tensor, Tensor, Tensor], Tensor | None] | None:
+        """For one decoded token: its experts' weighted sum as one compiled kernel reading the
+        packed weights (`Experts.token_kernel`); None for GELU experts or with
+        `one_token_kernel` off."""
+        if self.w_gate is None or not self.one_token_kernel:
+            return None
+        kernel = _TOKEN_KERNELS[self.bits]
+        gate, up = self.w_gate.kernel_parts(), self.w_up.kernel_parts()
+        down = self.w_down.kernel_parts()
+        return lambda x, e, w: kernel(x, e, w, gate, up, down)
+
     def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert `e` on rows `x_ND` (gate, up and down products from the packed weights)."""
         gate = self.w_gate.matmul(x_ND, e) if self.w_gate is not None else None
@@ -132,6 +146,11 @@ def quantized_experts(
         return x_SD.new_zeros(0, ex.dim)
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
+
+_TOKEN_KERNELS = {
+    4: ExpertsKernel(kernels.int4_product, "the one-token int4 experts kernel", kernels.OPTIONS),
+    8: ExpertsKernel(kernels.int8_product, "the one-token int8 experts kernel", kernels.OPTIONS),
+}
 
 BACKEND = ExpertBackend(
     "quantized",

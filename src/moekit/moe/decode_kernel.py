@@ -1,0 +1,83 @@
+"""One token through its chosen SwiGLU experts as one compiled kernel (the decode case).
+
+Shape legend: K chosen experts, E experts (or cache slots), F expert hidden dim, D model dim.
+
+Eagerly, a token's K experts cost a gate-and-up product, an activation and a down product
+each, then a weighted sum: 4K + 2 PyTorch calls whose fixed cost dwarfs their arithmetic at
+fine-grained shapes (64 experts of hidden 128: 8 experts' weights are 1.5 MiB). Here the
+expert index is read inside generated loops (`moekit.nn.static_kernel`, compiled once per
+shape), so only the chosen experts' weights are read and the step is one call. A slot of -1
+(fewer experts than the router's maximum for this token) contributes nothing.
+
+`swiglu_experts` takes float weights; quantised stores pass their own `product`
+(`moekit.quant.kernels.indexed_product`). Inference only: the caller runs without autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moekit.nn.static_kernel import StaticKernels, layout
+
+# product(x (K or 1, Din), weight parts..., experts (1, K)) -> (1, K, Dout)
+Product = Callable[..., Tensor]
+
+
+def float_product(x_PK: Tensor, w_ENK: Tensor, experts_1K: Tensor) -> Tensor:
+    """`x @ w[e]^T` for each chosen expert e: x (1, 1, Din) or (1, K, Din) -> (1, K, N)."""
+    return (x_PK[:, :, None, :] * w_ENK[experts_1K]).sum(-1)
+
+
+def _swiglu_sum(
+    x_1D: Tensor,
+    experts_1K: Tensor,
+    weights_1K: Tensor,
+    gate: tuple[Tensor, ...],
+    up: tuple[Tensor, ...],
+    down: tuple[Tensor, ...],
+    product: Product,
+) -> Tensor:
+    chosen_1K = experts_1K.clamp(min=0)
+    w_1K = torch.where(experts_1K >= 0, weights_1K.to(x_1D.dtype), 0.0)
+    x_11D = x_1D[:, None, :]
+    h_1KF = F.silu(product(x_11D, *gate, chosen_1K)) * product(x_11D, *up, chosen_1K)
+    y_1KD = product(h_1KF, *down, chosen_1K)
+    return (w_1K[:, :, None] * y_1KD).sum(1)
+
+
+class ExpertsKernel:
+    """`__call__(x_1D, experts_1K, weights_1K, gate, up, down)`: the routed experts' weighted
+    sum for one token, (1, D), or None when it should run eagerly (see
+    `moekit.nn.static_kernel`). `gate`, `up`, `down`: each projection's stacked tensors, as
+    `product` takes them."""
+
+    def __init__(self, product: Product, what: str, options: dict[str, Any] | None = None):
+        self.product = product
+
+        def fn(x: Tensor, e: Tensor, w: Tensor, *parts: Tensor) -> Tensor:
+            n = len(parts) // 3
+            return _swiglu_sum(x, e, w, parts[:n], parts[n : 2 * n], parts[2 * n :], product)
+
+        self.kernels = StaticKernels(fn, what, options)
+
+    def __call__(
+        self,
+        x_1D: Tensor,
+        experts_1K: Tensor,
+        weights_1K: Tensor,
+        gate: tuple[Tensor, ...],
+        up: tuple[Tensor, ...],
+        down: tuple[Tensor, ...],
+    ) -> Tensor | None:
+        if x_1D.device.type != "cpu" or x_1D.shape[0] != 1:
+            return None
+        args = (x_1D.contiguous(), experts_1K, weights_1K, *gate, *up, *down)
+        return self.kernels.run(layout(*args), *args)
+
+
+swiglu_experts = ExpertsKernel(float_product, "the one-token experts kernel")

@@ -1,0 +1,101 @@
+"""The one-token experts kernel (moekit.moe.decode_kernel) against the per-expert eager loop,
+for float and quantised experts, and its eager fallbacks. Tiny shapes: each compiles once."""
+
+import logging
+
+import pytest
+import torch
+
+from moekit.moe.experts import Experts, decode_experts
+from moekit.quant.experts import QuantExperts
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32 rounding: the kernel sums in another order
+
+
+def _experts(num_experts=8, dim=64, hidden=32, seed=0):
+    torch.manual_seed(seed)
+    ex = Experts(num_experts, dim, hidden)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0.0, 0.1)
+    return ex
+
+
+def _both(store, x, experts, weights):
+    """The kernel's result and the eager loop's, on the same store."""
+    with torch.inference_mode():
+        store.one_token_kernel = True
+        got = decode_experts(x, experts, weights, store)
+        store.one_token_kernel = False
+        want = decode_experts(x, experts, weights, store)
+    store.one_token_kernel = True
+    return got, want
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_one_token_through_the_kernel_equals_the_eager_loop(bits):
+    ex = _experts()
+    store = ex if bits is None else QuantExperts.like(ex, bits, 32 if bits == 4 else None)
+    x = torch.randn(1, 64)
+    weights = torch.rand(1, 3).softmax(-1)
+    for chosen in ([[5, 0, 7]], [[2, -1, 6]]):  # -1: an empty slot adds nothing
+        got, want = _both(store, x, torch.tensor(chosen), weights)
+        torch.testing.assert_close(got, want, **TOL)
+    assert not any(k.failed for k in _kernels_of(store))  # it really compiled and ran (no fallback)
+
+
+def _kernels_of(store):
+    from moekit.moe.decode_kernel import swiglu_experts
+    from moekit.quant.experts import _TOKEN_KERNELS
+
+    if isinstance(store, QuantExperts):
+        return [_TOKEN_KERNELS[store.bits].kernels]
+    return [swiglu_experts.kernels]
+
+
+def test_the_kernel_is_compiled_once_per_shape_and_reused():
+    from moekit.moe.decode_kernel import swiglu_experts
+
+    ex = _experts(num_experts=6, dim=32, hidden=16, seed=1)  # a shape no other test uses
+    x, w = torch.randn(1, 32), torch.rand(1, 2)
+    before = len(swiglu_experts.kernels.compiled)
+    for chosen in ([[0, 1]], [[4, 5]], [[3, 3]]):
+        got, want = _both(ex, x, torch.tensor(chosen), w)
+        torch.testing.assert_close(got, want, **TOL)
+    assert len(swiglu_experts.kernels.compiled) == before + 1
+
+
+def test_several_tokens_and_gelu_experts_take_the_eager_loop():
+    ex = _experts()
+    assert ex.token_kernel() is not None
+    assert Experts(4, 16, 8, activation="gelu").token_kernel() is None
+    x, w = torch.randn(3, 64), torch.rand(3, 2)
+    got, want = _both(ex, x, torch.tensor([[0, 1], [2, 3], [1, 4]]), w)
+    assert torch.equal(got, want)  # both the eager loop: identical
+
+
+def test_under_a_dispatch_mode_it_runs_eagerly_and_is_not_given_up(caplog):
+    from moekit.bench.generate import count_calls
+
+    ex = _experts(num_experts=5, dim=32, hidden=8, seed=2)
+    x, e, w = torch.randn(1, 32), torch.tensor([[1, 3]]), torch.rand(1, 2)
+    with caplog.at_level(logging.WARNING, logger="moekit"), torch.inference_mode():
+        # An operator counter sees the eager loop's operators.
+        assert count_calls(lambda: decode_experts(x, e, w, ex)) > 4
+    assert not [r for r in caplog.records if "compiling" in r.getMessage()]
+    got, want = _both(ex, x, e, w)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_a_failed_compilation_logs_once_and_falls_back(caplog):
+    ex = _experts(num_experts=3, dim=16, hidden=8, seed=3)  # a shape no other test compiles
+    x, e, w = torch.randn(1, 16), torch.tensor([[0, 2]]), torch.rand(1, 2)
+    with (
+        caplog.at_level(logging.WARNING, logger="moekit"),
+        torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}),
+    ):
+        for _ in range(3):
+            got, want = _both(ex, x, e, w)
+            torch.testing.assert_close(got, want, **TOL)
+    failures = [r for r in caplog.records if "one-token experts kernel" in r.getMessage()]
+    assert len(failures) == 1
