@@ -68,6 +68,11 @@ class QuantizationConfig(ConfigBase):
             allowed = ", ".join(map(str, QUANT_GROUP_SIZES))
             raise fail(owner, "group_size", self.group_size, f"must be one of {allowed}")
 
+    def describe(self) -> str:
+        """In words, e.g. "int4 (groups of 32), experts"."""
+        group = f" (groups of {self.group_size})" if self.group_size else ""
+        return f"int{self.bits}{group}, {self.parts}"
+
 
 @dataclass(kw_only=True)
 class AttentionConfig(ConfigBase):

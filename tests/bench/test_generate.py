@@ -23,6 +23,7 @@ KEYS = [
     "hf_calls_per_step",
     "bound",
     "decode_fraction_of_bound",
+    "quantization",
     "compiled",
     "ours_warmup_s",
     "eager_decode_tokens_per_s",
@@ -57,6 +58,37 @@ def test_bench_generate_against_transformers(tiny_model_dir):
     # Compiled by default: the eager path ran beside it and makes more calls per step.
     assert result.compiled is True and result.eager_decode_tokens_per_s > 0
     assert 0 < result.ours_calls_per_step < result.eager_calls_per_step
+
+
+def test_a_quantised_directory_is_measured_alone_against_its_stored_bytes(tmp_path, capsys):
+    """transformers cannot compute from packed weights: ours runs alone (token ids, as
+    `quantize --preset` writes no tokenizer) and the bound counts the int4 experts as stored."""
+    import dataclasses
+    import json
+
+    from moekit.cli import main
+    from moekit.model_dir import ModelDir
+    from moekit.speed import step_bytes
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--preset", "tiny", "--bits", "4", "--out", str(out)]) == 0
+    argv = ["bench", "generate", str(out), "--prompt-tokens", "4", "--new-tokens", "4",
+            "--repeats", "1", "--no-compile", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["quantization"] == "int4 (groups of 32), experts"
+    assert data["hf_decode_tokens_per_s"] is None and data["decode_ours_over_hf"] is None
+    assert data["hf_calls_per_step"] is None and data["same_tokens"] is None
+    assert data["ours_decode_tokens_per_s"] > 0 and data["compiled"] is False
+    cfg = ModelDir(out).config()
+    stored = step_bytes(cfg, context=4 + 4 // 2).total
+    assert data["bound"]["bytes_per_step"] == stored
+    assert stored < step_bytes(dataclasses.replace(cfg, quantization=None), context=6).total
+    # The table names the weights and says why transformers did not run.
+    assert main(argv[:-1]) == 0
+    text = capsys.readouterr().out
+    assert "int4 (groups of 32), experts" in text and "transformers: not run" in text
 
 
 def test_count_calls_counts_each_operator():

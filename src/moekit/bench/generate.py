@@ -5,6 +5,11 @@ best of the repeats kept.
 Both sides decode greedily with a KV cache, never stopping early. Prefill throughput is the
 prompt tokens over the time to produce the first new token; decode throughput is the further
 new tokens over the remaining time. The generated tokens are compared as a sanity check.
+
+A quantised model (`moekit quantize`) has no transformers side: transformers cannot compute
+from moekit's packed weights, and holding them expanded to float32 is what quantising
+avoids. Ours is then measured alone (compiled steps beside eager ones when compiling) against
+the bandwidth bound of its stored bytes.
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ class PhaseSpeed:
     for prefill, new tokens for decoding."""
 
     ours_tokens_per_s: float
-    hf_tokens_per_s: float
+    hf_tokens_per_s: float | None  # None: no transformers side (a quantised model)
 
     @property
-    def ours_over_hf(self) -> float:
+    def ours_over_hf(self) -> float | None:
         """> 1: ours is faster."""
+        if self.hf_tokens_per_s is None:
+            return None
         return self.ours_tokens_per_s / self.hf_tokens_per_s
 
 
@@ -51,7 +58,8 @@ class PhaseSpeed:
 class GenerateBench:
     """What `bench_generate` measured: the setting, both sides' speed at prefill and at
     decoding, whether both generated the same tokens, and the transformers experts
-    implementation that ran."""
+    implementation that ran. Without a transformers side (a quantised model) its fields
+    are None and `same_tokens` compares our compiled steps with our eager ones."""
 
     model: str
     batch_size: int
@@ -59,11 +67,12 @@ class GenerateBench:
     new_tokens: int
     prefill: PhaseSpeed
     decode: PhaseSpeed
-    same_tokens: bool
-    hf_experts_implementation: str
+    same_tokens: bool | None  # None: nothing to compare with (quantised and eager)
+    hf_experts_implementation: str | None
     ours_calls_per_step: int
-    hf_calls_per_step: int
+    hf_calls_per_step: int | None
     bound: SpeedPrediction
+    quantization: str | None = None  # the model's quantisation in words; None: float
     compiled: bool = False  # our decode steps ran through torch.compile
     ours_warmup_s: float = 0.0  # our first generation (with compile: the compilation)
     # With compile: our eager path in the same run (tokens/s at decoding, calls per step).
@@ -93,6 +102,7 @@ class GenerateBench:
             "hf_calls_per_step": self.hf_calls_per_step,
             "bound": self.bound.to_dict(),
             "decode_fraction_of_bound": self.fraction_of_bound,
+            "quantization": self.quantization,
             "compiled": self.compiled,
             "ours_warmup_s": self.ours_warmup_s,
             "eager_decode_tokens_per_s": self.eager_decode_tokens_per_s,
@@ -123,7 +133,7 @@ def bench_generate(
     """
     import torch._inductor.config
 
-    with torch._inductor.config.patch({"cpp.enable_kernel_profile": compile}):
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
         return _bench(
             model_dir, preset, batch_size, prompt_tokens, new_tokens, repeats, seed, compile
         )
@@ -147,58 +157,80 @@ def _bench(
             f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceeds the model's "
             f"max_seq_len {cfg.max_seq_len}"
         )
-    hf = to_hf_model(generator.model, cfg)
+    # transformers cannot hold moekit's packed weights: a quantised model is ours alone.
+    hf = to_hf_model(generator.model, cfg) if cfg.quantization is None else None
     torch.manual_seed(seed)
     low = 2  # skip the special tokens
     prompts = torch.randint(low, cfg.vocab_size, (batch_size, prompt_tokens))
-    ours, theirs = _ours(generator, prompts), _theirs(hf, prompts, generator.tokenizer.pad_id)
+    ours = _ours(generator, prompts)
+    theirs = _theirs(hf, prompts, generator.tokenizer.pad_id) if hf is not None else None
     start = time.perf_counter()
     ours_tokens = ours(new_tokens)
     warmup = time.perf_counter() - start
     compiled = generator._decoder is not None and generator._decoder.active
-    same_tokens = ours_tokens == theirs(new_tokens)
-    # The first new token costs the prefill; the rest of the time is decoding. With compile,
-    # our eager path on the same model runs beside it (the step the compiled one replaces).
-    sides = {"ours": ours, "hf": theirs}
+    # With compile, our eager path on the same model runs beside it (the step the compiled
+    # one replaces).
+    sides = {"ours": ours}
+    if theirs is not None:
+        sides["hf"] = theirs
     if compiled:
         sides["eager"] = _ours(Generator(generator.model, generator.tokenizer), prompts)
-    fns = {
-        f"{side}_{n}": functools.partial(fn, n)
-        for side, fn in sides.items()
-        for n in (1, new_tokens)
-    }
-    # The best sample of each: on a machine shared with other work, the least disturbed.
-    t = {name: min(ts) for name, ts in round_robin(fns, repeats).items()}
-    decode_s = {side: max(t[f"{side}_{new_tokens}"] - t[f"{side}_1"], 1e-9) for side in sides}
-    # A compiled step runs generated code that a dispatch mode does not see (and under one
-    # it would not run compiled): count its PyTorch calls and kernels with the profiler.
-    counter = profiled_calls if compiled else count_calls
-    calls = (calls_per_step(ours, counter), calls_per_step(theirs))
+    same_tokens = None
+    if "hf" in sides or compiled:
+        same_tokens = ours_tokens == sides["hf" if "hf" in sides else "eager"](new_tokens)
+    # The bound's bandwidth: the higher of a measurement before and one after the timed runs
+    # (on a shared machine one measurement swings by 2x; the faster is the stricter bound).
+    bandwidth = measure_bandwidth()
+    prompt_total, decode_total = batch_size * prompt_tokens, batch_size * (new_tokens - 1)
+    prefill, decode = _speeds(sides, new_tokens, repeats, prompt_total, decode_total)
+    # Compiled code (the decode step, and the eager path's one-token kernels) is invisible to
+    # a dispatch mode, and does not run under one: every side's PyTorch calls and kernels
+    # are counted with the profiler.
+    calls = {side: calls_per_step(fn, profiled_calls) for side, fn in sides.items()}
     bound = predict_decode(
         cfg,
-        measure_bandwidth(),
+        max(bandwidth, measure_bandwidth()),
         batch=batch_size,
         context=prompt_tokens + new_tokens // 2,
         bytes_per_weight=next(generator.model.parameters()).element_size(),
     )
-    prompt_total, decode_total = batch_size * prompt_tokens, batch_size * (new_tokens - 1)
     return GenerateBench(
         model=str(model_dir) if model_dir else f"{preset} (random weights)",
         batch_size=batch_size,
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
-        prefill=PhaseSpeed(prompt_total / t["ours_1"], prompt_total / t["hf_1"]),
-        decode=PhaseSpeed(decode_total / decode_s["ours"], decode_total / decode_s["hf"]),
+        prefill=PhaseSpeed(prefill["ours"], prefill.get("hf")),
+        decode=PhaseSpeed(decode["ours"], decode.get("hf")),
         same_tokens=same_tokens,
-        hf_experts_implementation=hf.config._experts_implementation,
-        ours_calls_per_step=calls[0],
-        hf_calls_per_step=calls[1],
+        hf_experts_implementation=hf.config._experts_implementation if hf is not None else None,
+        ours_calls_per_step=calls["ours"],
+        hf_calls_per_step=calls.get("hf"),
         bound=bound,
+        quantization=cfg.quantization.describe() if cfg.quantization is not None else None,
         compiled=compiled,
         ours_warmup_s=warmup,
-        eager_decode_tokens_per_s=decode_total / decode_s["eager"] if compiled else None,
-        eager_calls_per_step=calls_per_step(sides["eager"]) if compiled else None,
+        eager_decode_tokens_per_s=decode.get("eager"),
+        eager_calls_per_step=calls.get("eager"),
     )
+
+
+def _speeds(
+    sides: dict[str, Greedy], new_tokens: int, repeats: int, prompt_total: int, decode_total: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Prefill and decode tokens/s of each side, timed round-robin: the first new token costs
+    the prefill, the rest of the time is decoding. The best sample of each is kept: on a
+    machine shared with other work, the least disturbed."""
+    fns = {
+        f"{side}_{n}": functools.partial(fn, n)
+        for side, fn in sides.items()
+        for n in (1, new_tokens)
+    }
+    t = {name: min(ts) for name, ts in round_robin(fns, repeats).items()}
+    prefill = {side: prompt_total / t[f"{side}_1"] for side in sides}
+    decode = {
+        side: decode_total / max(t[f"{side}_{new_tokens}"] - t[f"{side}_1"], 1e-9) for side in sides
+    }
+    return prefill, decode
 
 
 def count_calls(fn: Callable[[], object]) -> int:
@@ -263,9 +295,14 @@ def calls_per_step(
 
 
 def _generator(model_dir: str | Path | None, preset: str, seed: int) -> Generator:
-    """`model_dir`'s generator, or one of a randomly initialised `preset`."""
+    """`model_dir`'s generator (token ids only for a directory without a tokenizer, as
+    `moekit quantize --preset` writes), or one of a randomly initialised `preset`."""
     if model_dir is not None:
-        return Generator.from_dir(model_dir)
+        from moekit.model_dir import ModelDir, load_model
+
+        if any(ModelDir(model_dir).tokenizer_files()):
+            return Generator.from_dir(model_dir)
+        return Generator(load_model(model_dir, device="cpu"), ids_tokenizer())
     from moekit.model import build_model
     from moekit.presets import get_preset
 

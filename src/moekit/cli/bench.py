@@ -154,16 +154,25 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result.to_dict())
         return 0
+    weights = "float32" if result.quantization is None else result.quantization
     print(
         f"greedy generation, {result.model}, batch {result.batch_size}, "
-        f"{result.prompt_tokens} prompt + {result.new_tokens} new tokens, float32:"
+        f"{result.prompt_tokens} prompt + {result.new_tokens} new tokens, {weights}:"
     )
     for phase, speed in (("prefill", result.prefill), ("decode", result.decode)):
         ours, hf, ratio = speed.ours_tokens_per_s, speed.hf_tokens_per_s, speed.ours_over_hf
-        print(
-            f"  {phase:8s} ours {ours:9,.1f} tok/s   transformers {hf:9,.1f} tok/s   {ratio:.2f}x"
+        theirs = (
+            f"   transformers {hf:9,.1f} tok/s   {ratio:.2f}x"
+            if hf is not None and ratio is not None
+            else ""
         )
-    print(f"  same tokens as transformers: {result.same_tokens}")
+        print(f"  {phase:8s} ours {ours:9,.1f} tok/s{theirs}")
+    if result.hf_calls_per_step is not None:
+        print(f"  same tokens as transformers: {result.same_tokens}")
+    else:
+        print("  transformers: not run (it cannot compute from moekit's packed weights)")
+        if result.same_tokens is not None:
+            print(f"  same tokens as our eager steps: {result.same_tokens}")
     how = "compiled" if result.compiled else "eager"
     print(f"  our decode steps: {how} (first generation, untimed: {result.ours_warmup_s:.1f} s)")
     if result.eager_decode_tokens_per_s is not None:
@@ -172,10 +181,12 @@ def run_generate(args: argparse.Namespace) -> int:
             f"  decode, our eager steps in the same run: {result.eager_decode_tokens_per_s:,.1f} "
             f"tok/s ({result.eager_calls_per_step:,} calls per step); compiled {gain:.2f}x"
         )
-    print(
-        f"  PyTorch calls per decode step: ours {result.ours_calls_per_step:,}   "
-        f"transformers {result.hf_calls_per_step:,}"
+    theirs = (
+        f"   transformers {result.hf_calls_per_step:,}"
+        if result.hf_calls_per_step is not None
+        else ""
     )
+    print(f"  PyTorch calls per decode step: ours {result.ours_calls_per_step:,}{theirs}")
     bound = result.bound
     print(
         f"  bandwidth bound: {bound.bytes.per_token / 2**20:.1f} MiB read per token at "
