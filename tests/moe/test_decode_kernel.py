@@ -99,3 +99,10 @@ def test_a_failed_compilation_logs_once_and_falls_back(caplog):
             torch.testing.assert_close(got, want, **TOL)
     failures = [r for r in caplog.records if "one-token experts kernel" in r.getMessage()]
     assert len(failures) == 1
+
+
+def test_a_kernel_chosen_for_quantised_experts_is_the_one_that_runs():
+    q = QuantExperts.like(_experts(), 4, 32)
+    assert q.token_kernel() is not None  # "auto"
+    q.w_down.kernel = "dequant"  # as `set_kernel(model, "dequant")` asks
+    assert q.token_kernel() is None

@@ -105,9 +105,13 @@ class QuantExperts(nn.Module):
 
     def token_kernel(self) -> Callable[[Tensor, Tensor, Tensor], Tensor | None] | None:
         """For one decoded token: its experts' weighted sum as one compiled kernel reading the
-        packed weights (`Experts.token_kernel`); None for GELU experts or with
-        `one_token_kernel` off."""
+        packed weights (`Experts.token_kernel`); None for GELU experts, with
+        `one_token_kernel` off, or when a projection's kernel was set to "dequant" or "torch"
+        (`set_kernel`: then that kernel runs, as asked)."""
         if self.w_gate is None or not self.one_token_kernel:
+            return None
+        weights = (self.w_gate, self.w_up, self.w_down)
+        if any(w.kernel not in ("auto", "compiled") for w in weights):
             return None
         kernel = _TOKEN_KERNELS[self.bits]
         gate, up = self.w_gate.kernel_parts(), self.w_up.kernel_parts()
