@@ -80,20 +80,29 @@ class MemoryUse:
         }
 
 
+_seen = [0]  # the largest `resident_bytes` reading so far
+
+
 def resident_bytes() -> int:
     """This process's resident memory now (Linux /proc; elsewhere its peak so far)."""
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return peak_resident_bytes()
+    _seen[0] = max(_seen[0], now)
+    return now
 
 
 def peak_resident_bytes() -> int:
-    """This process's peak resident memory since it started (loading included)."""
+    """This process's peak resident memory since it started (loading included): the kernel's
+    high-water mark, and never below a reading `resident_bytes` gave (the kernel updates the
+    two from per-thread counters at different times, so the mark can lag a reading by a few
+    pages)."""
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    mark = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    return max(mark, _seen[0])
 
 
 @contextlib.contextmanager
