@@ -41,6 +41,17 @@ def _model(seed=0):
     return model
 
 
+def _same_tokens_and_logprobs(got, want, tol):
+    for w, g in zip(want, got, strict=True):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in g.tokens]),
+            torch.tensor([t.logprob for t in w.tokens]),
+            rtol=tol,
+            atol=tol,
+        )
+
+
 def test_the_cache_length_is_bucketed_and_capped():
     assert cache_length(10, 512) == 64
     assert cache_length(65, 512) == 128
@@ -58,14 +69,7 @@ def test_compiled_decoding_gives_the_eager_tokens_and_logprobs(tokenizer):
     want = eager.generate(prompts, GREEDY)
     got = compiled.generate(prompts, GREEDY)
     assert compiled._decoder is not None and compiled._decoder.active  # it really ran compiled
-    for w, g in zip(want, got, strict=True):
-        assert g.token_ids == w.token_ids
-        torch.testing.assert_close(
-            torch.tensor([t.logprob for t in g.tokens]),
-            torch.tensor([t.logprob for t in w.tokens]),
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    _same_tokens_and_logprobs(got, want, tol=1e-4)
     # Rows that stop early (a stop token) leave the batch while the others go on.
     stop = SamplingParams(
         temperature=0.0, max_new_tokens=12, ignore_eos=True, stop_token_ids=[want[1].token_ids[3]]
@@ -98,14 +102,7 @@ def test_the_step_as_written_gives_the_eager_tokens_and_logprobs(tokenizer, qk_n
     want = Generator(model, tokenizer).generate(prompts, GREEDY)
     got = gen.generate(prompts, GREEDY)
     assert gen._decoder.active
-    for w, g in zip(want, got, strict=True):
-        assert g.token_ids == w.token_ids
-        torch.testing.assert_close(
-            torch.tensor([t.logprob for t in g.tokens]),
-            torch.tensor([t.logprob for t in w.tokens]),
-            rtol=1e-5,
-            atol=1e-5,
-        )
+    _same_tokens_and_logprobs(got, want, tol=1e-5)
 
 
 def _broken_backend(gm, example_inputs):
@@ -187,14 +184,7 @@ def test_the_step_as_written_reads_quantised_weights_as_the_eager_model(tokenize
     want = Generator(model, tokenizer).generate(prompts, GREEDY)
     got = gen.generate(prompts, GREEDY)
     assert gen._decoder.active
-    for w, g in zip(want, got, strict=True):
-        assert g.token_ids == w.token_ids
-        torch.testing.assert_close(
-            torch.tensor([t.logprob for t in g.tokens]),
-            torch.tensor([t.logprob for t in w.tokens]),
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    _same_tokens_and_logprobs(got, want, tol=1e-4)
 
 
 @pytest.mark.slow  # compiles a graph (tens of seconds on a small CPU)
