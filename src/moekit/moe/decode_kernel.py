@@ -9,8 +9,9 @@ expert index is read inside generated loops (`moekit.nn.static_kernel`, compiled
 shape), so only the chosen experts' weights are read and the step is one call. A slot of -1
 (fewer experts than the router's maximum for this token) contributes nothing.
 
-`swiglu_experts` takes float weights; quantised stores pass their own `product`
-(`moekit.quant.kernels.indexed_product`). Inference only: the caller runs without autograd.
+`swiglu_experts` takes float weights; quantised stores build an `ExpertsKernel` over their own
+`product` (`moekit.quant.kernels.int4_product`, `int8_product`). Inference only: the caller
+runs without autograd.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ Product = Callable[..., Tensor]
 
 
 def float_product(x_PK: Tensor, w_ENK: Tensor, experts_1K: Tensor) -> Tensor:
-    """`x @ w[e]^T` for each chosen expert e: x (1, 1, Din) or (1, K, Din) -> (1, K, N)."""
-    return (x_PK[:, :, None, :] * w_ENK[experts_1K]).sum(-1)
+    """`x @ w[e]^T` for each chosen expert e: x (1, 1, Din) or (1, K, Din) -> (1, K, N),
+    summed in float32 (as a matmul accumulates half-precision inputs)."""
+    x_PK1D = x_PK[:, :, None, :]
+    return (x_PK1D * w_ENK[experts_1K]).sum(-1, dtype=torch.float32).to(x_PK.dtype)
 
 
 def _swiglu_sum(
@@ -57,8 +60,6 @@ class ExpertsKernel:
     `product` takes them."""
 
     def __init__(self, product: Product, what: str, options: dict[str, Any] | None = None):
-        self.product = product
-
         def fn(x: Tensor, e: Tensor, w: Tensor, *parts: Tensor) -> Tensor:
             n = len(parts) // 3
             return _swiglu_sum(x, e, w, parts[:n], parts[n : 2 * n], parts[2 * n :], product)
