@@ -25,32 +25,35 @@ from torch import Tensor
 
 from moekit.nn.static_kernel import StaticKernels, layout
 
-# product(x (K or 1, Din), weight parts..., experts (1, K)) -> (1, K, Dout)
+# product(x (T, 1 or K, Din), weight parts..., experts (T, K)) -> (T, K, Dout)
 Product = Callable[..., Tensor]
 
 
-def float_product(x_PK: Tensor, w_ENK: Tensor, experts_1K: Tensor) -> Tensor:
-    """`x @ w[e]^T` for each chosen expert e: x (1, 1, Din) or (1, K, Din) -> (1, K, N),
-    summed in float32 (as a matmul accumulates half-precision inputs)."""
+def float_product(x_PK: Tensor, w_ENK: Tensor, experts_TK: Tensor) -> Tensor:
+    """`x @ w[e]^T` for each token's chosen experts e: x (T, 1, Din) or (T, K, Din) ->
+    (T, K, N), summed in float32 (as a matmul accumulates half-precision inputs)."""
     x_PK1D = x_PK[:, :, None, :]
-    return (x_PK1D * w_ENK[experts_1K]).sum(-1, dtype=torch.float32).to(x_PK.dtype)
+    return (x_PK1D * w_ENK[experts_TK]).sum(-1, dtype=torch.float32).to(x_PK.dtype)
 
 
-def _swiglu_sum(
-    x_1D: Tensor,
-    experts_1K: Tensor,
-    weights_1K: Tensor,
+def swiglu_sum(
+    x_TD: Tensor,
+    experts_TK: Tensor,
+    weights_TK: Tensor,
     gate: tuple[Tensor, ...],
     up: tuple[Tensor, ...],
     down: tuple[Tensor, ...],
     product: Product,
 ) -> Tensor:
-    chosen_1K = experts_1K.clamp(min=0)
-    w_1K = torch.where(experts_1K >= 0, weights_1K.to(x_1D.dtype), 0.0)
-    x_11D = x_1D[:, None, :]
-    h_1KF = F.silu(product(x_11D, *gate, chosen_1K)) * product(x_11D, *up, chosen_1K)
-    y_1KD = product(h_1KF, *down, chosen_1K)
-    return (w_1K[:, :, None] * y_1KD).sum(1)
+    """Each token's chosen SwiGLU experts, weighted and summed: (T, D), written for a
+    compiler (this kernel, and the compiled decode step, moekit.infer.compiled). `gate`, `up`,
+    `down`: each projection's stacked tensors as `product` takes them."""
+    chosen_TK = experts_TK.clamp(min=0)
+    w_TK = torch.where(experts_TK >= 0, weights_TK.to(x_TD.dtype), 0.0)
+    x_T1D = x_TD[:, None, :]
+    h_TKF = F.silu(product(x_T1D, *gate, chosen_TK)) * product(x_T1D, *up, chosen_TK)
+    y_TKD = product(h_TKF, *down, chosen_TK)
+    return (w_TK[:, :, None] * y_TKD).sum(1)
 
 
 class ExpertsKernel:
@@ -62,7 +65,7 @@ class ExpertsKernel:
     def __init__(self, product: Product, what: str, options: dict[str, Any] | None = None):
         def fn(x: Tensor, e: Tensor, w: Tensor, *parts: Tensor) -> Tensor:
             n = len(parts) // 3
-            return _swiglu_sum(x, e, w, parts[:n], parts[n : 2 * n], parts[2 * n :], product)
+            return swiglu_sum(x, e, w, parts[:n], parts[n : 2 * n], parts[2 * n :], product)
 
         self.kernels = StaticKernels(fn, what, options)
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.moe.decode_kernel import swiglu_experts
+from moekit.moe.decode_kernel import Product, float_product, swiglu_experts
 from moekit.nn.fuse import Fused
 
 ExpertFn = Callable[[Tensor, Tensor, Tensor, Tensor, "Experts"], Tensor]
@@ -193,9 +193,16 @@ class Experts(nn.Module):
         `one_token_kernel` off."""
         if self.w_gate is None or not self.one_token_kernel:
             return None
-        self.fused_gate_up()  # the layout the eager loop uses too: one kernel, not two
-        gate, up, down = (self.w_gate,), (self.w_up,), (self.w_down,)
+        _, gate, up, down = self.token_math()
         return lambda x, e, w: swiglu_experts(x, e, w, gate, up, down)
+
+    def token_math(self) -> tuple[Product, tuple[Tensor], tuple[Tensor], tuple[Tensor]]:
+        """What `moekit.moe.decode_kernel.swiglu_sum` takes for these SwiGLU experts: the
+        product and each projection's stacked weights (gate and up as the eager loop lays
+        them out, views of one fused tensor, so that both paths compile one kernel)."""
+        assert self.w_gate is not None
+        self.fused_gate_up()
+        return float_product, (self.w_gate,), (self.w_up,), (self.w_down,)
 
     def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert `e` on rows `x_ND` (the single-expert building block the loops use)."""

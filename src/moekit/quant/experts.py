@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.moe.decode_kernel import ExpertsKernel
+from moekit.moe.decode_kernel import ExpertsKernel, Product
 from moekit.moe.experts import ExpertBackend, Experts, decode_experts
 from moekit.quant import kernels
 from moekit.quant.weight import QuantWeight
@@ -114,9 +114,18 @@ class QuantExperts(nn.Module):
         if any(w.kernel not in ("auto", "compiled") for w in weights):
             return None
         kernel = _TOKEN_KERNELS[self.bits]
-        gate, up = self.w_gate.kernel_parts(), self.w_up.kernel_parts()
-        down = self.w_down.kernel_parts()
+        _, gate, up, down = self.token_math()
         return lambda x, e, w: kernel(x, e, w, gate, up, down)
+
+    def token_math(
+        self,
+    ) -> tuple[Product, tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """What `moekit.moe.decode_kernel.swiglu_sum` takes for these SwiGLU experts: the
+        packed-weight product of this bit width and each projection's stored tensors."""
+        assert self.w_gate is not None
+        product = kernels.int4_product if self.bits == 4 else kernels.int8_product
+        parts = (self.w_gate.kernel_parts(), self.w_up.kernel_parts())
+        return product, *parts, self.w_down.kernel_parts()
 
     def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert `e` on rows `x_ND` (gate, up and down products from the packed weights)."""
