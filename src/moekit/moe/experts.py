@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.moe.decode_kernel import Product, float_product, swiglu_experts
-from moekit.nn.fuse import Fused
+from moekit.nn.fuse import UNFUSED, Fused
 
 ExpertFn = Callable[[Tensor, Tensor, Tensor, Tensor, "Experts"], Tensor]
 
@@ -158,8 +158,9 @@ class Experts(nn.Module):
         return select_backend(name, copies, num_experts, device)
 
     def can_decode(self) -> bool:
-        """Whether `decode` may be used (no adapters: they need the backends' batched calls)."""
-        return not len(self.adapters)
+        """Whether `decode` may be used (no adapters: they need the backends' batched calls;
+        weights that may be fused in memory: see `moekit.nn.fuse.keep_unfused`)."""
+        return not len(self.adapters) and not getattr(self, UNFUSED, False)
 
     def compute(
         self, backend: ExpertBackend, x_SD: Tensor, expert_S: Tensor, counts_E: Tensor,

@@ -6,6 +6,7 @@ K expert slots per token, S' kept copies (written `_C` in names below: copies).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -70,6 +71,9 @@ class MoEStats(NamedTuple):
 class MoELayer(nn.Module):
     shared: MLP | None
     shared_gate: nn.Linear | None
+    # Maps one batch's copy counts per expert to the counts the load-balancing loss takes its
+    # fractions from; data parallelism (moekit.parallel) sums them over every process.
+    reduce_counts: Callable[[Tensor], Tensor] | None = None
 
     def __init__(self, dim: int, cfg: MoEConfig, activation: str = "swiglu") -> None:
         super().__init__()
@@ -179,7 +183,7 @@ class MoELayer(nn.Module):
         # The router losses only matter for training: without autograd (evaluation, decoding)
         # they are reported as 0 and cost nothing.
         if torch.is_grad_enabled():
-            aux = losses.load_balancing_loss(probs_TE, experts_TK)
+            aux = losses.load_balancing_loss(probs_TE, experts_TK, self.reduce_counts)
             z = losses.z_loss(logits_TE)
         else:
             aux = z = route.logits.new_zeros(())

@@ -8,16 +8,22 @@ and the trainer applies `update_selection_bias` after the optimizer step, outsid
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 
-def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
+def load_balancing_loss(
+    probs_TE: Tensor, experts_TK: Tensor, reduce_counts: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Switch/GShard load-balancing loss: `E * sum_e f_e * P_e`.
 
     `f_e` is the fraction of routed copies that went to expert e (empty slots, expert -1, are
     not copies) and `P_e` the mean router probability of e over tokens. Equals 1 when both are
-    uniform; the gradient flows through `P_e` only.
+    uniform; the gradient flows through `P_e` only. `reduce_counts` maps this batch's copy
+    counts per expert to the counts `f_e` is taken from (data parallelism: the sum over every
+    process's batch, so the fractions are global).
     """
     E = probs_TE.shape[-1]
     valid = experts_TK >= 0
@@ -25,6 +31,8 @@ def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
     counts_E.index_add_(
         0, experts_TK[valid], torch.ones_like(experts_TK[valid], dtype=probs_TE.dtype)
     )
+    if reduce_counts is not None:
+        counts_E = reduce_counts(counts_E)
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
     P_E = probs_TE.mean(dim=0)
     return E * (f_E.detach() * P_E).sum()

@@ -64,9 +64,25 @@ class Fused:
         return self.tensor
 
 
+# Set on modules whose parameters' storage is managed by something else (FSDP2 gathers them
+# into buffers of its own before each forward): fusing would point them at a copy.
+UNFUSED = "_moekit_unfused"
+
+
+def keep_unfused(module: nn.Module) -> None:
+    """Never fuse the weights of `module` or of any module inside it."""
+    for m in module.modules():
+        setattr(m, UNFUSED, True)
+
+
 def plain(*modules: nn.Module | None) -> bool:
     """Whether every module is a bare `nn.Linear` without hooks (an adapter attached to one
-    through a hook must see its own call, so such a projection is never fused)."""
+    through a hook must see its own call, so such a projection is never fused) whose weights
+    may be fused (`keep_unfused`)."""
     return all(
-        type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks for m in modules
+        type(m) is nn.Linear
+        and not m._forward_hooks
+        and not m._forward_pre_hooks
+        and not getattr(m, UNFUSED, False)
+        for m in modules
     )

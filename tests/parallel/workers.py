@@ -1,0 +1,150 @@
+"""Functions run in each process of the multi-process tests (imported by the spawned
+processes, so kept free of pytest)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moekit.config import ModelConfig
+from moekit.model import build_model
+
+
+def tiny_config(num_experts: int = 8, **moe: object) -> ModelConfig:
+    return ModelConfig.from_dict(
+        dict(vocab_size=96, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden=64,
+             max_seq_len=32, moe=dict(num_experts=num_experts, top_k=2, expert_hidden=16, **moe))
+    )  # fmt: skip
+
+
+def join(rank: int, world: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+
+
+def _loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    out = model(rows[:, :-1])
+    return F.cross_entropy(out.logits.flatten(0, 1), rows[:, 1:].flatten()) + out.aux_loss
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor's whole value
+
+
+def same_steps(rank: int, world: int, port: int, ep: int, moe: dict[str, object]) -> None:
+    """A few AdamW steps of a model split over `world` processes (expert parallel size `ep`,
+    FSDP2 over the rest) against the same steps of the whole model in this process on the
+    whole batch: the loss, every gradient, every updated weight and the routers' biases
+    agree (each process compares its own shard of the experts)."""
+    import torch.distributed as dist
+
+    from moekit.parallel.apply import parallelize
+    from moekit.parallel.balance import global_counts
+    from moekit.parallel.mesh import init_parallel
+
+    join(rank, world, port)
+    parallel = init_parallel(ep)
+    cfg = tiny_config(**moe)  # type: ignore[arg-type]
+    rows_per_rank = 2
+    data = torch.randint(0, cfg.vocab_size, (world * rows_per_rank, 17),
+                         generator=torch.Generator().manual_seed(1))  # fmt: skip
+    mine = data[rank * rows_per_rank : (rank + 1) * rows_per_rank]
+    whole, split = build_model(cfg, seed=0), parallelize(build_model(cfg, seed=0), parallel)
+    opt_whole = torch.optim.AdamW(whole.parameters(), lr=1e-2)
+    opt_split = torch.optim.AdamW(split.parameters(), lr=1e-2)
+    L = cfg.moe.num_experts // ep if cfg.moe else 0
+
+    def mine_of(name: str, t: torch.Tensor) -> torch.Tensor:
+        if ".experts." in name and ep > 1:  # this process's experts
+            return t[parallel.ep_rank * L : (parallel.ep_rank + 1) * L]
+        return t
+
+    for step in range(3):
+        loss_whole, loss_split = _loss(whole, data), _loss(split, mine)
+        loss_whole.backward()
+        loss_split.backward()
+        mean = loss_split.detach().clone()
+        dist.all_reduce(mean)
+        torch.testing.assert_close(
+            mean / world, loss_whole.detach(), atol=1e-5, rtol=1e-5, msg=f"step {step}"
+        )
+        reference = dict(whole.named_parameters())
+        for name, p in split.named_parameters():
+            assert p.grad is not None, name
+            expected = mine_of(name, reference[name].grad)  # type: ignore[arg-type]
+            torch.testing.assert_close(_full(p.grad), expected, atol=2e-5, rtol=1e-4, msg=name)
+        opt_whole.step()
+        opt_split.step()
+        opt_whole.zero_grad()
+        opt_split.zero_grad()
+        # The aux-loss-free bias step, from counts of the global batch on every process.
+        with torch.no_grad():
+            whole_out, split_out = whole(data[:, :-1]), split(mine[:, :-1])
+        whole.update_router_biases({i: s.tokens_per_expert for i, s in whole_out.moe_stats.items()})
+        counts = global_counts(
+            {i: s.tokens_per_expert for i, s in split_out.moe_stats.items()}, parallel
+        )
+        split.update_router_biases(counts)
+    reference = dict(whole.named_parameters())
+    for name, p in split.named_parameters():
+        torch.testing.assert_close(
+            _full(p.data), mine_of(name, reference[name].data), atol=2e-5, rtol=1e-4, msg=name
+        )
+    for (name, b), (_, expected) in zip(split.named_buffers(), whole.named_buffers(), strict=True):
+        if "selection_bias" in name:
+            torch.testing.assert_close(b, expected, msg=name)
+    dist.destroy_process_group()
+
+
+# Planted routing: the experts each process's copies go to (8 experts over 2 processes:
+# 0-3 live on process 0, 4-7 on process 1). Process 0 sends nothing to itself; expert 1, 2
+# and 4 receive nothing.
+PLANTED = {0: [5, 5, 5, 7, 7], 1: [0, 0, 3, 6, 6, 6, 6]}
+
+
+def planted_routing(rank: int, world: int, port: int) -> None:
+    """Each process's copies, sent to the experts of `PLANTED`, come back in their own rows
+    with the output of their own expert, and the gradients flow back the same way: checked
+    against the whole layer's reference backend computed in this process."""
+    import torch.distributed as dist
+
+    from moekit.moe.experts import Experts, eager_experts
+    from moekit.parallel.expert import EXPERT_PARALLEL, shard_experts
+    from moekit.parallel.mesh import init_parallel
+
+    join(rank, world, port)
+    parallel = init_parallel(ep=world)
+    model = build_model(tiny_config(num_experts=8), seed=0)
+    whole = model.moe_layers()[0].experts
+    reference = Experts(8, whole.dim, whole.hidden)
+    reference.load_state_dict(whole.state_dict())
+    shard_experts(model, parallel)
+    split = model.moe_layers()[0].experts
+
+    def inputs(r: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(10 + r)
+        expert_S = torch.tensor(PLANTED[r])
+        x_SD = torch.randn(len(expert_S), whole.dim, generator=g, requires_grad=True)
+        scale_S = torch.rand(len(expert_S), generator=g)
+        out_grad = torch.randn(len(expert_S), whole.dim, generator=g)
+        return x_SD, expert_S, torch.bincount(expert_S, minlength=8), scale_S, out_grad
+
+    x_SD, expert_S, counts_E, scale_S, out_grad = inputs(rank)
+    y_SD = split.compute(EXPERT_PARALLEL, x_SD, expert_S, counts_E, scale_S)
+    (y_SD * out_grad).sum().backward()
+    for r in range(world):  # the whole layer sees both processes' copies
+        xr, er, cr, sr, gr = inputs(r)
+        yr = eager_experts(xr, er, cr, sr, reference)
+        (yr * gr).sum().backward()
+        if r == rank:
+            torch.testing.assert_close(y_SD, yr)
+            torch.testing.assert_close(x_SD.grad, xr.grad)
+    rows = slice(parallel.ep_rank * 4, (parallel.ep_rank + 1) * 4)
+    for name, p in split.named_parameters():
+        torch.testing.assert_close(p.grad, getattr(reference, name).grad[rows], msg=name)
+    dist.destroy_process_group()
