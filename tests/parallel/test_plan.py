@@ -57,18 +57,29 @@ def test_replicated_memory_is_params_times_bytes(debug):
 
 
 def test_fsdp_shards_everything_and_gathers_two_units(debug):
-    plan = plan_parallel(debug, gpus=2)
-    s = split(plan, 2)
-    shard = math.ceil(OTHER / 2) + EXPERTS // 2
     root = 2 * V * D + D  # embeddings, LM head and final norm: one unit
-    block = ATTENTION + 2 * D + E * D + E // 2 * EXPERT  # its own half of the experts
-    assert block > root
-    assert s.weights == (shard + 2 * block) * 2
-    assert s.gradients == (shard + block) * 2
+    block = ATTENTION + 2 * D + E * D  # a block's non-expert parameters
+    # 4 devices, EP=2, DP=2: a block gathers its own half of the experts from its DP peer.
+    s = split(plan_parallel(debug, gpus=4), 2)
+    shard = math.ceil(OTHER / 4) + EXPERTS // 4
+    gathered = block + E // 2 * EXPERT
+    assert gathered > root
+    assert s.weights == (shard + 2 * gathered) * 2  # the running block and the prefetched one
+    assert s.gradients == (shard + gathered) * 2
     assert s.optimizer == shard * 12
-    # Two all-gathers and one reduce-scatter of the non-expert part over 2 devices; the
-    # experts are not sharded further (DP=1).
+    # Two all-gathers and one reduce-scatter: non-expert parameters over 4, experts over 2.
+    assert s.collective_bytes == round(OTHER * 6 * 3 / 4 + EXPERTS / 2 * 6 * 1 / 2)
+    # 2 devices, EP=2, DP=1: the experts are not sharded further, so never gathered.
+    s = split(plan_parallel(debug, gpus=2), 2)
+    shard = math.ceil(OTHER / 2) + EXPERTS // 2
+    assert root > block
+    assert s.weights == (shard + root + block) * 2
+    assert s.gradients == (shard + root) * 2
     assert s.collective_bytes == round(OTHER * 6 * 1 / 2)
+    # 1 device: nothing is sharded, FSDP holds what DDP holds.
+    one = plan_parallel(debug, gpus=1).splits[0]
+    assert one == plan_parallel(debug, gpus=1, sharding="ddp").splits[0]
+    assert one.weights == TOTAL * 2 and one.collective_bytes == 0
 
 
 def test_all_to_all_bytes_by_hand(debug):
@@ -101,6 +112,10 @@ def test_activations_by_hand(debug):
     default = plan_parallel(debug, gpus=1)
     assert default.tokens_per_step == default.seq_len == 256
     assert plan_parallel(debug, gpus=1, seq_len=64).tokens_per_step == 64
+    assert (
+        "longer than the model's max_seq_len=256"
+        in plan_parallel(debug, gpus=1, seq_len=512).notes[0]
+    )
 
 
 @pytest.mark.parametrize("sharding", ["fsdp", "ddp"])

@@ -12,7 +12,8 @@ figure is an estimate from the shapes in a `ModelConfig`, under these assumption
   EP, are sharded over the DP group. At rest a device keeps 1/N of every parameter. While a
   unit runs (a block, or the embeddings with the LM head) its parameters are gathered whole:
   FSDP2 prefetches the next unit, so the two largest units count in full in "weights", and one
-  unit's whole gradients count in "gradients" before they are reduce-scattered.
+  unit's whole gradients count in "gradients" before they are reduce-scattered. A part
+  sharded over a group of one device (the experts when DP = 1) is used in place.
   Sharding "ddp": every device holds the non-expert parameters whole and its E / EP experts
   per MoE layer, with their gradients and optimizer state.
 - Precision. Parameters and gradients in `param_dtype` / `grad_dtype` (bf16 by default, or
@@ -191,6 +192,8 @@ def plan_parallel(
     ]  # fmt: skip
     best, reason = _recommend(splits, memory)
     notes = []
+    if seq > cfg.max_seq_len:
+        notes.append(f"seq_len={seq} is longer than the model's max_seq_len={cfg.max_seq_len}")
     if param_dtype == "fp32" and master_weights:
         notes.append("fp32 parameters need no master copy: the optimizer keeps the moments only")
     return ParallelPlan(
@@ -337,7 +340,11 @@ def _estimate(
     held = other + shapes.expert_params // ep  # parameters a device uses, before FSDP sharding
     if sharding == "fsdp":
         shard = _ceil_div(other, gpus) + _ceil_div(shapes.expert_params, gpus)
-        gathered = sorted((o + e // ep for o, e in shapes.units), reverse=True)
+        # A part sharded over a group of one device is used in place, never gathered.
+        gathered = sorted(
+            ((o if gpus > 1 else 0) + (e // ep if dp > 1 else 0) for o, e in shapes.units),
+            reverse=True,
+        )
         weights = (shard + sum(gathered[:2])) * precision.param
         gradients = (shard + gathered[0]) * precision.grad
         optimizer = shard * precision.optimizer
