@@ -190,7 +190,9 @@ def plan_parallel(
                   sharding=sharding, checkpointing=activation_checkpointing)
         for e in sizes
     ]  # fmt: skip
-    best, reason = _recommend(splits, memory)
+    best, reason = _recommend(
+        splits, memory, sharding=sharding, checkpointing=activation_checkpointing
+    )
     notes = []
     if seq > cfg.max_seq_len:
         notes.append(f"seq_len={seq} is longer than the model's max_seq_len={cfg.max_seq_len}")
@@ -397,8 +399,11 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _gib(n: int) -> str:
-    """Memory the way devices are sold: GiB."""
-    return f"{n / 2**30:.1f} GiB"
+    """Memory the way devices are sold: GiB (MiB, KiB below one)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _gb(n: int) -> str:
@@ -406,16 +411,25 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def _recommend(splits: list[SplitEstimate], memory: int) -> tuple[int, str]:
+def _recommend(
+    splits: list[SplitEstimate], memory: int, *, sharding: str, checkpointing: bool
+) -> tuple[int, str]:
     """The index of the split to use and why, in words."""
     fitting = [i for i, s in enumerate(splits) if s.fits]
     if not fitting:
         best = min(range(len(splits)), key=lambda i: (splits[i].total, splits[i].comm_bytes))
         s = splits[best]
+        remedies = ["shard with fsdp"] if sharding == "ddp" else []
+        if not checkpointing:
+            remedies.append("turn on activation checkpointing")
+        if s.activations * 4 >= s.total:
+            remedies.append("process fewer tokens per step")
+        remedies.append("use more or larger devices")
         return best, (
             f"no split fits in {_gib(memory)} per device; DP={s.dp} x EP={s.ep} needs "
-            f"the least, {_gib(s.total)}: turn on activation checkpointing, process "
-            "fewer tokens per step, or use more devices"
+            f"the least, {_gib(s.total)}: {', '.join(remedies[:-1])}"
+            + (" or " if len(remedies) > 1 else "")
+            + remedies[-1]
         )
     best = min(fitting, key=lambda i: (splits[i].comm_bytes, splits[i].total))
     s = splits[best]
