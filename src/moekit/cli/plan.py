@@ -54,8 +54,13 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="recompute each block in the backward pass: keep only its input",
     )
-    p.add_argument("--param-dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--grad-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument(
+        "--param-dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="parameters (and activations) in this dtype (default bf16)",
+    )
+    p.add_argument("--grad-dtype", choices=("bf16", "fp32"), default="bf16", help="default bf16")
     p.add_argument(
         "--no-master-weights",
         dest="master_weights",
@@ -97,14 +102,18 @@ def print_plan(name: str, plan: ParallelPlan) -> None:
         f"{plan.param_dtype}, gradients {plan.grad_dtype}; {optimizer}; activation "
         f"checkpointing {'on' if plan.activation_checkpointing else 'off'}"
     )
+    # One unit per kind of column, the largest that keeps the biggest figure above 1.
+    mem_unit, mem_scale = _unit(max(s.total for s in plan.splits), BINARY)
+    net_unit, net_scale = _unit(max(s.comm_bytes for s in plan.splits), DECIMAL)
     columns = ["DP", "EP", "experts", "weights", "grads", "optimizer", "activations", "total",
                "fits", "all-to-all", "collectives"]  # fmt: skip
     t = table(
-        f"{name} on {plan.gpus} devices of {_gib(plan.gpu_memory)} GiB",
+        f"{name} on {plan.gpus} devices of {plan.gpu_memory / 2**30:,.1f} GiB",
         columns,
         right=set(columns) - {"fits"},
-        caption="memory per device in GiB; all-to-all and collectives: GB each device sends "
-        "per step; experts: routed experts per MoE layer per device; * recommended",
+        caption=f"memory per device in {mem_unit}; all-to-all and collectives: {net_unit} each "
+        "device sends per step; experts: routed experts per MoE layer per device; "
+        "* recommended",
     )
     for i, s in enumerate(plan.splits):
         memory = (s.weights, s.gradients, s.optimizer, s.activations, s.total)
@@ -112,10 +121,9 @@ def print_plan(name: str, plan: ParallelPlan) -> None:
             str(s.dp),
             str(s.ep),
             str(s.experts_per_device),
-            *map(_gib, memory),
+            *(f"{n / mem_scale:,.1f}" for n in memory),
             ("yes" if s.fits else "no") + (" *" if i == plan.recommended else ""),
-            f"{s.all_to_all_bytes / 1e9:,.1f}",
-            f"{s.collective_bytes / 1e9:,.1f}",
+            *(f"{n / net_scale:,.1f}" for n in (s.all_to_all_bytes, s.collective_bytes)),
             style="bold" if i == plan.recommended else None,
         )
     out = console(wide=True)
@@ -127,5 +135,9 @@ def print_plan(name: str, plan: ParallelPlan) -> None:
     out.print(f"These are {plan.assumptions}. What they assume: docs/scaling.md.")
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.1f}"
+BINARY = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+DECIMAL = (("GB", 10**9), ("MB", 10**6), ("kB", 10**3))
+
+
+def _unit(largest: int, units: tuple[tuple[str, int], ...]) -> tuple[str, int]:
+    return next((u for u in units if largest >= u[1]), units[-1])

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moekit.config import ModelConfig
-from moekit.files import parse_size
+from moekit.files import format_bytes, parse_size
 from moekit.params import attention_params, count_params, mlp_params
 from moekit.validate import check_choice
 
@@ -162,14 +162,17 @@ def plan_parallel(
     activation_checkpointing: bool = False,
     ep: int | None = None,
 ) -> ParallelPlan:
-    """Memory per device and bytes sent per training step for every DP x EP split of `gpus`
-    devices (EP divides both `gpus` and the number of routed experts; only EP = 1 for a
-    model without MoE layers; only `ep` when given), and the split to use: of those that fit
-    in `gpu_memory` (bytes, or a size such as "80GiB"), the one that sends the fewest bytes
-    (all-to-all plus parameter collectives), else the one that needs the least memory.
-    `tokens_per_step`: tokens one device processes per forward and backward pass (default:
-    one sequence of `seq_len`, itself by default the model's max_seq_len capped at 4096).
-    The module docstring states what the estimate assumes and leaves out."""
+    """Memory per device and bytes sent per training step for every data-parallel x
+    expert-parallel split of `gpus` devices, estimated from the config alone, and the split
+    to use: of those that fit in `gpu_memory`, the one that sends the fewest bytes
+    (all-to-all plus parameter collectives), else the one that needs the least memory. What
+    the estimate assumes and leaves out: docs/scaling.md.
+
+    `gpu_memory`: bytes, or a size such as "80GiB". `tokens_per_step`: the tokens one device
+    processes per forward and backward pass (default: one sequence of `seq_len`, itself by
+    default the model's max_seq_len capped at 4096). The expert-parallel sizes are the
+    divisors of both `gpus` and the number of routed experts (only 1 for a model without MoE
+    layers; only `ep` when given). Bad input is a ValueError naming the argument."""
     memory = parse_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
     seq = seq_len if seq_len is not None else min(cfg.max_seq_len, DEFAULT_SEQ_LEN_CAP)
     tokens = tokens_per_step if tokens_per_step is not None else seq
@@ -406,11 +409,6 @@ def _gib(n: int) -> str:
     return f"{n} B"
 
 
-def _gb(n: int) -> str:
-    """Traffic the way links are rated: GB (10^9 bytes)."""
-    return f"{n / 1e9:.1f} GB"
-
-
 def _recommend(
     splits: list[SplitEstimate], memory: int, *, sharding: str, checkpointing: bool
 ) -> tuple[int, str]:
@@ -436,8 +434,8 @@ def _recommend(
     why = (
         f"DP={s.dp} x EP={s.ep} fits ({_gib(s.total)} of {_gib(memory)} per "
         f"device) and sends the fewest bytes per step of the {len(fitting)} split(s) that fit: "
-        f"{_gb(s.comm_bytes)} (all-to-all {_gb(s.all_to_all_bytes)}, "
-        f"parameter collectives {_gb(s.collective_bytes)})"
+        f"{format_bytes(s.comm_bytes)} (all-to-all {format_bytes(s.all_to_all_bytes)}, "
+        f"parameter collectives {format_bytes(s.collective_bytes)})"
     )
     if len(splits) > 1:
         why += (
