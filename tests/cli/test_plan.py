@@ -1,8 +1,10 @@
 """`moekit plan`: the split table, its JSON, the config forms it reads, and its errors."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from moekit.cli import main
 from moekit.parallel.plan import plan_parallel
@@ -80,3 +82,14 @@ def test_plan_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_worked_plan_in_the_docs_is_the_real_output(capsys):
+    # docs/scaling.md pastes two runs of `moekit plan`; they must stay what the command prints.
+    doc = (Path(__file__).parents[2] / "docs" / "scaling.md").read_text()
+    blocks = re.findall(r"```\n\$ moekit (plan [^\n]*)\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) == 2
+    for command, pasted in blocks:
+        assert main(command.split()) == 0
+        printed = "\n".join(line.rstrip() for line in capsys.readouterr().out.splitlines())
+        assert printed + "\n" == pasted, command

@@ -166,6 +166,14 @@ def test_only_the_divisors_of_both_counts_are_splits(debug):
         (8, 1, 0, 0)
     ]
     assert plan.expert_params == 0 and plan.moe_layers == 0
+    # One expert per layer: EP=1 only, but the model has MoE layers.
+    one = ModelConfig.from_dict(
+        {**debug.to_dict(), "moe": {**debug.moe.to_dict(), "num_experts": 1, "top_k": 1}}
+    )
+    with pytest.raises(ValueError, match="ep=2 is invalid: it must divide both the 4 devices"):
+        plan_parallel(one, gpus=4, ep=2)
+    # A million devices: the sizes come from the experts' divisors, at once.
+    assert [s.ep for s in plan_parallel(debug, gpus=2**20).splits] == [1, 2, 4, 8]
 
 
 @pytest.mark.parametrize(
@@ -208,6 +216,7 @@ def test_the_plan_is_json(debug):
     assert row["total"] == row["weights"] + row["gradients"] + row["optimizer"] + row["activations"]
     assert row["comm_bytes"] == row["all_to_all_bytes"] + row["collective_bytes"]
     assert data["recommended"] == plan.best.to_dict()
+    assert data["splits"][data["recommended_index"]] == data["recommended"]
 
 
 def test_deepseek_v3_on_256_devices():

@@ -103,8 +103,9 @@ class SplitEstimate:
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    """Every DP x EP split of `gpus` devices with its estimate, and the one `recommended`
-    (index `recommended` into `splits`) with the `reason` in words."""
+    """Every DP x EP split of `gpus` devices with its estimate, and the one to use
+    (`recommended`, an index into `splits`; `best`, that split) with the `reason` in words.
+    In `to_dict()`, "recommended" is the split itself and "recommended_index" its index."""
 
     gpus: int
     gpu_memory: int
@@ -131,6 +132,7 @@ class ParallelPlan:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["splits"] = [s.to_dict() for s in self.splits]
+        data["recommended_index"] = self.recommended
         data["recommended"] = self.best.to_dict()
         return data
 
@@ -236,12 +238,12 @@ def _check_inputs(*, gpus: int, gpu_memory: int, tokens_per_step: int, seq_len: 
 def _ep_sizes(cfg: ModelConfig, gpus: int, moe_layers: int, ep: int | None) -> list[int]:
     """The expert-parallel sizes to estimate: divisors of both `gpus` and the expert count."""
     experts = cfg.moe.num_experts if cfg.moe is not None and moe_layers else 1
-    sizes = [e for e in range(1, gpus + 1) if gpus % e == 0 and experts % e == 0]
+    sizes = [e for e in range(1, experts + 1) if experts % e == 0 and gpus % e == 0]
     if ep is None:
         return sizes
     if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
         raise ValueError(f"ep={ep!r} is invalid: must be an integer >= 1")
-    if ep > 1 and experts == 1:
+    if ep > 1 and not moe_layers:
         raise ValueError(f"ep={ep} is invalid: the model has no MoE layers, so ep must be 1")
     if gpus % ep or experts % ep:
         raise ValueError(
