@@ -1,4 +1,5 @@
-"""Files: atomic writes, JSON and JSON-lines, fsync. The leaf every other module may use.
+"""Files: atomic writes, JSON and JSON-lines, fsync, and byte sizes for people (format_bytes,
+parse_size). The leaf every other module may use.
 
 Every write goes to a temporary name in the same directory, is fsynced, then renamed: a crash
 mid-write leaves the previous file (or none) in place, never a half-written one. A write that
@@ -84,6 +85,30 @@ def format_bytes(n: int) -> str:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     raise AssertionError("unreachable")
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}  # fmt: skip
+SIZE_FORMS = (
+    "a number of bytes, or a number with a unit: B, KB, MB, GB, TB (powers of 1000) or "
+    "KiB, MiB, GiB, TiB (also K, M, G, T; powers of 1024), e.g. 6GiB, 500MB or 1.5G"
+)
+
+
+def parse_size(text: str) -> int:
+    """The bytes a size such as "6GiB", "500MB", "1.5G" or "1000000" means; anything else is
+    a ValueError naming the accepted forms."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
+    if m is None or m[2].lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a memory size; use {SIZE_FORMS}")
+    size = int(float(m[1]) * _UNITS[m[2].lower()])
+    if size <= 0:
+        raise ValueError(f"{text!r} is not a memory size above zero; use {SIZE_FORMS}")
+    return size
 
 
 def free_bytes(path: Path) -> int | None:

@@ -26,6 +26,7 @@ COMMANDS = (
     "generate",
     "serve",
     "chat",
+    "plan",
     "bench",
 )
 

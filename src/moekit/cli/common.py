@@ -88,7 +88,7 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
     """--max-memory and the expert-cache flags (see moekit.infer.offload)."""
 
     def size(text: str) -> int:
-        from moekit.infer.offload import parse_size
+        from moekit.files import parse_size
 
         try:
             return parse_size(text)

@@ -174,7 +174,8 @@ def run_speed(args: argparse.Namespace) -> int:
     target = args.target[0]
     plan = None
     if args.max_memory is not None:
-        from moekit.infer.offload import parse_size, plan_budget
+        from moekit.files import parse_size
+        from moekit.infer.offload import plan_budget
         from moekit.quant.build import meta_model  # counts quantised experts as stored
 
         budget = parse_size(args.max_memory)

@@ -10,12 +10,12 @@ MoE layer, the cache's hit rate, the bytes read and the time stalled on reads.
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.files import format_bytes
+from moekit.files import parse_size as parse_size  # re-exported for budgets written as text
 from moekit.validate import check_choice
 
 if TYPE_CHECKING:
@@ -23,29 +23,6 @@ if TYPE_CHECKING:
 
     from moekit.infer.expert_cache import LayerMetrics, Pager, SlotCache
     from moekit.model import Transformer
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-    "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}  # fmt: skip
-SIZE_FORMS = (
-    "a number of bytes, or a number with a unit: B, KB, MB, GB, TB (powers of 1000) or "
-    "KiB, MiB, GiB, TiB (also K, M, G, T; powers of 1024), e.g. 6GiB, 500MB or 1.5G"
-)
-
-
-def parse_size(text: str) -> int:
-    """The bytes a size such as "6GiB", "500MB", "1.5G" or "1000000" means; anything else is
-    a ValueError naming the accepted forms."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
-    if m is None or m[2].lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not a memory size; use {SIZE_FORMS}")
-    size = int(float(m[1]) * _UNITS[m[2].lower()])
-    if size <= 0:
-        raise ValueError(f"{text!r} is not a memory size above zero; use {SIZE_FORMS}")
-    return size
 
 
 @dataclass(frozen=True, kw_only=True)
