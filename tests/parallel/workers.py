@@ -148,3 +148,78 @@ def planted_routing(rank: int, world: int, port: int) -> None:
     for name, p in split.named_parameters():
         torch.testing.assert_close(p.grad, getattr(reference, name).grad[rows], msg=name)
     dist.destroy_process_group()
+
+
+def _batch(step: int, rows: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (rows, 17), generator=torch.Generator().manual_seed(100 + step))
+
+
+def _train(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int, world: int
+) -> None:
+    for step in steps:
+        rows = _batch(step, 4, 96)
+        mine = rows[rank * (4 // world) : (rank + 1) * (4 // world)]
+        _loss(model, mine).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def reshard(
+    rank: int, world: int, port: int, ep: int, root: str, load: str | None, save: str
+) -> None:
+    """Load the checkpoint `load` (if any) saved under another split, check the weights
+    against the ones saved with it, train one more step, and save a checkpoint and the
+    gathered weights under `save`."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    from moekit.parallel.apply import parallelize
+    from moekit.parallel.checkpoint import full_state_dict, load_sharded, save_sharded
+    from moekit.parallel.mesh import init_parallel
+
+    join(rank, world, port)
+    parallel = init_parallel(ep)
+    cfg = tiny_config(z_loss_weight=1e-3)
+    model = parallelize(build_model(cfg, seed=7 + world), parallel)  # other weights than saved
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    base = __import__("pathlib").Path(root)
+    if load is None:
+        _train(model, opt, range(2), rank, world)
+    else:
+        load_sharded(base / load / "dcp", model, opt, parallel)
+        full = full_state_dict(model, parallel)
+        if full is not None:
+            saved = load_file(str(base / load / "weights.safetensors"))
+            assert full.keys() == saved.keys()
+            for name, t in full.items():
+                torch.testing.assert_close(t, saved[name], rtol=0, atol=0, msg=name)
+        _train(model, opt, range(2, 3), rank, world)
+    save_sharded(base / save / "dcp", model, opt, parallel)
+    full = full_state_dict(model, parallel)
+    if full is not None:
+        save_file(
+            {k: v.contiguous() for k, v in full.items()}, str(base / save / "weights.safetensors")
+        )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def one_process_load(root: str, load: str) -> dict[str, torch.Tensor]:
+    """Load the checkpoint `load` into one process's whole model (no process group)."""
+    from pathlib import Path
+
+    from moekit.parallel.checkpoint import load_sharded
+
+    model = build_model(tiny_config(z_loss_weight=1e-3), seed=99)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    load_sharded(Path(root) / load / "dcp", model, opt, None)
+    return model.state_dict()
+
+
+def straight_steps(seed: int, steps: range) -> dict[str, torch.Tensor]:
+    """The whole model trained `steps` in one process from `build_model(seed=seed)`."""
+    model = build_model(tiny_config(z_loss_weight=1e-3), seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, steps, 0, 1)
+    return model.state_dict()

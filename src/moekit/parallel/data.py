@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import Shard
 
 from moekit.model import Transformer
 from moekit.nn.fuse import keep_unfused
@@ -43,9 +44,13 @@ def apply_fsdp(
     experts = expert_parameters(model) if parallel.ep > 1 else set()
     for layer in model.moe_layers().values() if parallel.ep > 1 else ():
         if parallel.dp > 1:
+            # Sharded along their rows (dim 1), not over experts (dim 0, already split by
+            # expert parallelism): a shard is then a plain block of the full (E, F, D) tensor
+            # on the (dp, ep) mesh, which distributed checkpoints can reshard.
             fully_shard(
                 layer.experts, mesh=parallel.mesh["dp"],
                 reshard_after_forward=reshard_after_forward,
+                shard_placement_fn=lambda _: Shard(1),
             )  # fmt: skip
             layer.experts.set_gradient_divide_factor(float(parallel.world))  # type: ignore[operator]
             layer.experts.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
