@@ -28,13 +28,44 @@ def add_parser(sub: Any) -> None:
         json_help="print the final figures as JSON",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train in this many processes on this machine (launched with torchrun; data "
+        "parallel with FSDP2, and expert parallel with --ep)",
+    )
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        help="expert-parallel size: each MoE layer's experts split over this many processes "
+        "(sets train.ep; it must divide --nproc and the number of experts)",
+    )
     p.set_defaults(run=run)
 
 
+def _relaunch_args(args: argparse.Namespace) -> list[str]:
+    """This command's arguments again, for each of the processes torchrun starts."""
+    out = ["train", *args.overrides, "--out", str(args.out)]
+    for flag in ("config", "preset", "ep"):
+        if getattr(args, flag) is not None:
+            out += [f"--{flag}", str(getattr(args, flag))]
+    out += [f"--{flag}" for flag in ("resume", "quiet", "json") if getattr(args, flag)]
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from moekit.training.config import resolve_run_config, resume_run_config
+    from moekit.training.distributed import launch, launched_world
     from moekit.training.trainer import train
 
+    if args.nproc > 1 and launched_world() == 1:
+        return launch(args.nproc, _relaunch_args(args))
+    if args.ep is not None:
+        args.overrides = [*args.overrides, f"train.ep={args.ep}"]
     run_dir = Path(args.out)
     with run_dir_hints():
         if args.resume and not (args.config or args.preset):
@@ -47,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
             )
         with training_errors("train", resume_hint=f"moekit train --out {run_dir} --resume"):
             result = train(cfg, run_dir, resume=args.resume, verbose=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # the main process prints the result
     if args.json:
         print_json(
             {

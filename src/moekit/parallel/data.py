@@ -76,3 +76,16 @@ def _divide_by(n: int) -> Callable[[Tensor], Tensor]:
         return grad / n
 
     return hook
+
+
+def my_rows(batch: Tensor, parallel: Parallel) -> Tensor:
+    """This process's rows of a global batch (the same on every process): an equal, contiguous
+    share, in rank order, so that the processes together see the whole batch once."""
+    rows = batch.shape[0]
+    if rows % parallel.world:
+        raise ValueError(
+            f"a batch of {rows} rows does not split evenly over {parallel.world} processes: "
+            "make train.batch_size a multiple of the number of processes"
+        )
+    share = rows // parallel.world
+    return batch[parallel.rank * share : (parallel.rank + 1) * share]

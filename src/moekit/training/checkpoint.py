@@ -10,6 +10,11 @@ RUN_DIR/train_state/
     state.json            step, scheduler, data position, Python RNG, run counters
 ```
 
+A run on several processes (moekit.parallel) writes `dcp/` instead of model.safetensors and
+optimizer.pt: a Distributed Checkpoint of the model and optimizer, every process writing its
+own shards (`moekit.parallel.checkpoint`). It resumes on any number of processes and any
+expert-parallel size, one process included.
+
 A checkpoint is written into a temporary directory and renamed into place, and `latest` is
 replaced atomically afterwards: a crash at any moment leaves the previous checkpoint loadable.
 """
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from moekit.files import DiskFullError, atomic_write_text, disk_full, fsync_dir
 from moekit.model_dir import (
@@ -36,6 +42,10 @@ from moekit.model_dir import (
     save_weights,
     stored_tensors,
 )
+from moekit.parallel.checkpoint import load_sharded, save_sharded
+from moekit.parallel.mesh import Parallel
+
+SHARDED = "dcp"  # a checkpoint's Distributed Checkpoint directory
 
 
 @dataclass
@@ -46,24 +56,43 @@ class Checkpoint:
     step: int
     state: dict[str, Any]
 
+    @property
+    def sharded(self) -> bool:
+        """Whether several processes wrote it (a Distributed Checkpoint in `dcp/`)."""
+        return (self.path / SHARDED).is_dir()
+
     def restore(
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        parallel: Parallel | None = None,
     ) -> None:
-        device = next(model.parameters()).device
-        load_state_checked(model, load_weights(self.path, device), str(self.path))
+        """Put the checkpoint back into the live objects (with `parallel`: a model split by
+        `moekit.parallel.parallelize`, every process calling this)."""
+        if self.sharded:
+            load_sharded(self.path / SHARDED, model, optimizer, parallel)
+        elif parallel is not None:
+            raise ValueError(
+                f"checkpoint {self.path} was written by one process: resume it on one process "
+                "(a run on several processes writes checkpoints that resume on any number)"
+            )
+        else:
+            device = next(model.parameters()).device
+            load_state_checked(model, load_weights(self.path, device), str(self.path))
         try:
             # Loaded on the CPU: the optimizer moves each state to its parameter's device
             # itself (and keeps AdamW's step counters on the CPU, where they belong).
-            opt_state = torch.load(
-                self.path / "optimizer.pt", weights_only=True, map_location="cpu"
+            opt_state = (
+                None
+                if self.sharded
+                else torch.load(self.path / "optimizer.pt", weights_only=True, map_location="cpu")
             )
             rng = torch.load(self.path / "rng.pt", weights_only=True)
         except Exception as e:
             raise ValueError(f"checkpoint {self.path} is unreadable ({e})") from e
-        optimizer.load_state_dict(opt_state)
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(self.state["scheduler"])
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -81,12 +110,16 @@ def save_checkpoint(
     extra: dict[str, Any],
     *,
     keep_last: int,
+    parallel: Parallel | None = None,
 ) -> Path:
     """Write the checkpoint of `step` (with `extra`: data position, counters) and keep only
-    the newest `keep_last`. Returns its directory.
+    the newest `keep_last`. Returns its directory. With `parallel` every process calls this
+    and writes its shards; the main process writes the rest.
 
     A full disk is a DiskFullError naming the checkpoint; what was written of it is removed,
     and the earlier checkpoints are left as they were."""
+    if parallel is not None:
+        return _save_sharded(run_dir, step, model, optimizer, scheduler, extra, keep_last, parallel)
     directory = ModelDir(run_dir)
     root = directory.train_state
     root.mkdir(parents=True, exist_ok=True)
@@ -105,12 +138,48 @@ def save_checkpoint(
             raise
         what = f"the checkpoint of step {step} ({final})"
         raise DiskFullError(final, needed, full.free, what) from err
-    atomic_write_text(root / "latest", final.name + "\n")
+    _publish(directory, final, keep_last)
+    return final
+
+
+def _publish(directory: ModelDir, final: Path, keep_last: int) -> None:
+    """Point `latest` at the checkpoint just written and drop the ones no longer kept."""
+    atomic_write_text(directory.train_state / "latest", final.name + "\n")
     # Keep the newest `keep_last` up to this step; newer ones are orphans of a crashed run.
     older = [p for p in directory.checkpoints() if p.name <= final.name]
     newer = [p for p in directory.checkpoints() if p.name > final.name]
     for stale in [*older[:-keep_last], *newer]:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _save_sharded(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extra: dict[str, Any],
+    keep_last: int,
+    parallel: Parallel,
+) -> Path:
+    """`save_checkpoint` on several processes: the shards into `tmp/dcp` by every process,
+    then the main process writes the rest and renames `tmp` into place as `_write` does."""
+    directory = ModelDir(run_dir)
+    root = directory.train_state
+    final = directory.checkpoint_dir(step)
+    tmp = root / f".{final.name}.tmp"
+    if parallel.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in [*root.glob(".step-*.tmp"), *root.glob(".step-*.old")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier(group=parallel.world_group)
+    save_sharded(tmp / SHARDED, model, optimizer, parallel)
+    dist.barrier(group=parallel.world_group)
+    if parallel.is_main:
+        _write(tmp, final, step, None, None, scheduler, extra)
+        _publish(directory, final, keep_last)
+    dist.barrier(group=parallel.world_group)
     return final
 
 
@@ -118,16 +187,17 @@ def _write(
     tmp: Path,
     final: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     extra: dict[str, Any],
 ) -> None:
     """Write the checkpoint into `tmp`, fsync it and rename it to `final`."""
     root = tmp.parent
-    tmp.mkdir()
-    save_weights(model.state_dict(), tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if model is not None and optimizer is not None:  # else: shards already in tmp/dcp
+        tmp.mkdir()
+        save_weights(model.state_dict(), tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -140,9 +210,10 @@ def _write(
         **extra,
     }
     atomic_write_text(tmp / "state.json", json.dumps(state) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
     # Saving the same step again: move the old copy aside rather than deleting it first,
     # so some complete copy of this step exists at every moment.
     old = root / f".{final.name}.old"
@@ -221,14 +292,20 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint in `path` cannot be restored, from a cheap look at its files, or
     None when they look whole: the weights' safetensors headers must parse and agree with
     the files' sizes, and optimizer.pt and rng.pt must load (memory-mapped: their tensor data
-    is not read)."""
-    try:
-        stored_tensors(path)
-    except UnreadableWeightsError as e:
-        return f"{e.path.name} is truncated or corrupt ({e.reason})"
-    except (ValueError, FileNotFoundError) as e:
-        return str(e)
-    for name in ("optimizer.pt", "rng.pt"):
+    is not read); a sharded checkpoint's `dcp/` must hold its metadata."""
+    if (path / SHARDED).is_dir():
+        if not (path / SHARDED / ".metadata").is_file():
+            return f"{SHARDED}/.metadata is missing (the distributed checkpoint is incomplete)"
+        names: tuple[str, ...] = ("rng.pt",)
+    else:
+        names = ("optimizer.pt", "rng.pt")
+        try:
+            stored_tensors(path)
+        except UnreadableWeightsError as e:
+            return f"{e.path.name} is truncated or corrupt ({e.reason})"
+        except (ValueError, FileNotFoundError) as e:
+            return str(e)
+    for name in names:
         file = path / name
         if not file.is_file():
             return f"{name} is missing"

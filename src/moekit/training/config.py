@@ -53,6 +53,9 @@ class TrainConfig(ConfigBase):
     samples: list[str] = field(default_factory=lambda: ["def ", "The ", "12 + 7 = ", '{"name": '])
     sample_tokens: int = 48
     init_from: str | None = None  # a model directory whose weights start the run
+    # Expert-parallel size on several processes (`moekit train --nproc P --ep N`): each MoE
+    # layer's experts split over N processes; the rest of the processes are data parallel.
+    ep: int = 1
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -70,6 +73,7 @@ class TrainConfig(ConfigBase):
             save_every=self.save_every,
             keep_last=self.keep_last,
             max_nonfinite=self.max_nonfinite,
+            ep=self.ep,
         )
         check_non_negative(
             owner,

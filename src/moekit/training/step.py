@@ -10,11 +10,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.data.loader import IGNORE_INDEX, iter_eval_batches
 from moekit.model import Transformer
+from moekit.moe.layer import MoEStats
+from moekit.parallel.data import my_rows
+from moekit.parallel.grads import clip_grad_norm
+from moekit.parallel.mesh import Parallel
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
@@ -47,6 +52,7 @@ def optimizer_step(
     on_stats: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
     balance_routers: bool = True,
     pad_id: int | None = None,
+    parallel: Parallel | None = None,
 ) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches of (inputs, targets).
 
@@ -60,12 +66,22 @@ def optimizer_step(
     counts summed over the micro-batches. `on_stats(layer, counts, dropped, entropy)` sees
     every MoE layer's statistics of every micro-batch. The result's `tokens` counts the input
     tokens that were not padding.
+
+    With `parallel` (a model split by `moekit.parallel.parallelize`), each process takes its
+    own rows of every micro-batch (`my_rows`: the batches are the global ones, the same on
+    every process) and the step is the one the whole batch would take on one process: the
+    loss weighs each process's targets by their share of the global count, the routing
+    counts (bias update, statistics) and the gradient norm are global, and the result's
+    figures are those of the global batch.
     """
     model.train()
     device = next(model.parameters()).device
     batches = [(inputs.to(device), targets.to(device)) for inputs, targets in batches]
+    if parallel is not None:
+        batches = [(my_rows(i, parallel), my_rows(t, parallel)) for i, t in batches]
     targets_per_batch = [int((t != IGNORE_INDEX).sum()) for _, t in batches]
-    all_targets = max(sum(targets_per_batch), 1)
+    all_targets = max(_total(sum(targets_per_batch), parallel), 1)
+    world = parallel.world if parallel is not None else 1
     counts: dict[int, Tensor] = {}
     loss_sum = aux_sum = 0.0
     tokens = 0
@@ -76,19 +92,20 @@ def optimizer_step(
             out = model(inputs, token_mask=mask)
         loss = lm_loss(out.logits, targets) if n else out.logits.sum() * 0.0
         share = n / all_targets
-        (loss * share + out.aux_loss / grad_accum).backward()
+        # Data parallelism averages the processes' gradients: `world` undoes the average.
+        (loss * share * world + out.aux_loss / grad_accum).backward()
         loss_sum += float(loss.detach()) * share
-        aux_sum += float(out.aux_loss.detach())
-        for layer, stats in out.moe_stats.items():
-            counts[layer] = (
-                counts[layer] + stats.tokens_per_expert
-                if layer in counts
-                else stats.tokens_per_expert
-            )
+        aux_sum += float(out.aux_loss.detach()) / world
+        for layer, (routed, dropped, entropy) in _layer_stats(out.moe_stats, parallel).items():
+            counts[layer] = counts[layer] + routed if layer in counts else routed
             if on_stats is not None:
-                on_stats(layer, stats.tokens_per_expert, stats.dropped, stats.entropy)
+                on_stats(layer, routed, dropped, entropy)
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if parallel is None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    else:
+        grad_norm = clip_grad_norm(model.parameters(), max_norm, parallel)
+        loss_sum, aux_sum, tokens = _sums((loss_sum, aux_sum, tokens), parallel)
     lr = optimizer.param_groups[0]["lr"]
     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
     if finite:
@@ -104,6 +121,42 @@ def optimizer_step(
         "lr": lr,
         "finite": finite,
     }
+
+
+def _total(n: int, parallel: Parallel | None) -> int:
+    if parallel is None:
+        return n
+    return int(_sums((n,), parallel)[0])
+
+
+def _sums(values: tuple[float, ...], parallel: Parallel) -> tuple[Any, ...]:
+    """Each value summed over the processes (ints stay ints)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=parallel.world_group)
+    return tuple(type(v)(x) for v, x in zip(values, t.tolist(), strict=True))
+
+
+def _layer_stats(
+    stats: dict[int, MoEStats], parallel: Parallel | None
+) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
+    """Per MoE layer: routed copies per expert, dropped copies and mean routing entropy, of
+    the global batch with `parallel` (one all-reduce for every layer)."""
+    out = {i: (s.tokens_per_expert, s.dropped, s.entropy) for i, s in stats.items()}
+    if parallel is None or not out:
+        return out
+    layers = sorted(out)
+    flat = torch.cat(
+        [torch.cat([out[i][0].double(), out[i][1].double().view(1), out[i][2].double().view(1)])
+         for i in layers]
+    )  # fmt: skip
+    dist.all_reduce(flat, group=parallel.world_group)
+    result, at = {}, 0
+    for i in layers:
+        n = out[i][0].numel()
+        routed, dropped, entropy = flat[at : at + n], flat[at + n], flat[at + n + 1]
+        result[i] = (routed.long(), dropped.long(), (entropy / parallel.world).float())
+        at += n + 2
+    return result
 
 
 @torch.no_grad()

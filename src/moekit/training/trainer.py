@@ -34,9 +34,11 @@ from moekit.data.loader import PackedLoader
 from moekit.files import DiskFullError, atomic_write_text, disk_full
 from moekit.model import Transformer, build_model
 from moekit.model_dir import ModelDir
+from moekit.parallel.apply import parallelize
 from moekit.runtime import resolve_device
 from moekit.training.checkpoint import Checkpoint, save_checkpoint
 from moekit.training.config import RunConfig
+from moekit.training.distributed import NoMetrics, main_first, save_model_dir, start_parallel
 from moekit.training.errors import (
     NonFiniteLossError,
     RunDiskFullError,
@@ -106,10 +108,15 @@ class Trainer:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
-        self.observer: TrainingObserver = Observers(console_observer(verbose), observer)
-        checkpoint = check_run_dir(self.run_dir, cfg, resume=resume, say=self.observer.message)
         tc = cfg.train
         self.device = resolve_device(tc.device)
+        # On several processes (moekit.training.distributed): only the main one reports.
+        self.parallel = start_parallel(cfg, self.device)
+        self.is_main = self.parallel is None or self.parallel.is_main
+        self.observer: TrainingObserver = Observers(
+            console_observer(verbose and self.is_main), observer if self.is_main else None
+        )
+        checkpoint = check_run_dir(self.run_dir, cfg, resume=resume, say=self.observer.message)
         self.amp_dtype = autocast_dtype(self.device, tc.precision)
 
         random.seed(tc.seed)
@@ -117,11 +124,19 @@ class Trainer:
         self.method: TrainingMethod = training_method(
             cfg, self.run_dir, resume=checkpoint is not None
         )
-        self.tokenizer, self.data = self.method.prepare_data(self.observer.message)
+        with main_first(self.parallel):  # the tokenizer cache is shared
+            self.tokenizer, self.data = self.method.prepare_data(self.observer.message)
         self.sample_prompts = self.method.sample_prompts()
         self._order_validation_rows()
         self.model: Transformer = build_model(cfg.model, device=self.device, seed=tc.seed)
         self.method.prepare_model(self.model, self.data)
+        if self.parallel is not None:
+            parallelize(self.model, self.parallel)
+            self.observer.message(
+                f"{self.parallel.world} processes: experts split over {self.parallel.ep}, "
+                f"{self.parallel.dp} data-parallel replicas of them (FSDP2), "
+                f"{tc.batch_size // self.parallel.world} rows per process per batch"
+            )
         line = self.method.summary_line()
         if line is not None:
             self.observer.message(line)
@@ -141,10 +156,11 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         # Set up and checked: from here on the run directory is ours.
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(ModelDir(self.run_dir).tokenizer_path)
-        atomic_write_text(self.run_dir / RUN_CONFIG_NAME, cfg.to_json())
-        self.method.write_files()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(ModelDir(self.run_dir).tokenizer_path)
+            atomic_write_text(self.run_dir / RUN_CONFIG_NAME, cfg.to_json())
+            self.method.write_files()
         self._signal: int | None = None
 
     # ---- set-up ------------------------------------------------------------------------
@@ -164,7 +180,7 @@ class Trainer:
     def _restore(self, checkpoint: Checkpoint) -> None:
         tc = self.cfg.train
         check_same_data(checkpoint, self.data.stats)
-        checkpoint.restore(self.model, self.optimizer, self.scheduler)
+        checkpoint.restore(self.model, self.optimizer, self.scheduler, self.parallel)
         self.loader.load_state_dict(checkpoint.state["loader"])
         self.step = self._saved_step = self._resumed_from = checkpoint.step
         self.tokens = int(checkpoint.state["tokens"])
@@ -189,7 +205,9 @@ class Trainer:
         )
         # A fresh run starts a fresh log; a continued one drops what came after its checkpoint.
         resume_step = self.step if (self.step or self._resumed_from is not None) else None
-        self.metrics = MetricsLog(self.run_dir, resume_step=resume_step)
+        self.metrics: MetricsLog | NoMetrics = (
+            MetricsLog(self.run_dir, resume_step=resume_step) if self.is_main else NoMetrics()
+        )
         self.observer.started(RunStarted(self.step, loop.end, tc.max_steps, self.tokens))
         try:
             with self._signals(), contextlib.closing(self.metrics):
@@ -237,6 +255,7 @@ class Trainer:
             on_stats=loop.routing.add,
             balance_routers=self.method.balance_routers,
             pad_id=self.method.pad_id,
+            parallel=self.parallel,
         )
         with warnings.catch_warnings():
             # A skipped step still advances the schedule: it counts as a step of the run.
@@ -341,7 +360,10 @@ class Trainer:
         if self._saved_step == self.step:
             return
         try:
-            self.method.save(self.model)
+            if self.parallel is None:
+                self.method.save(self.model)
+            else:
+                save_model_dir(self.model, self.cfg.model, self.run_dir, self.parallel)
             path = save_checkpoint(
                 self.run_dir,
                 self.step,
@@ -356,6 +378,7 @@ class Trainer:
                     "data_fingerprint": self.data.stats.get("fingerprint"),
                 },
                 keep_last=self.cfg.train.keep_last,
+                parallel=self.parallel,
             )
         except DiskFullError as e:
             raise RunDiskFullError(e, self.run_dir, self.step, self._saved_step) from e
@@ -427,5 +450,11 @@ def train(
     if report and result.step >= cfg.train.max_steps and trainer.steps_this_run:
         from moekit.training.report import write_training_report
 
-        write_training_report(trainer, result)
+        if trainer.parallel is not None and trainer.is_main:
+            # The report runs the model (samples, routing): the whole one, as saved.
+            trainer.model = ModelDir(trainer.run_dir).load_model(device=trainer.device)
+        if trainer.is_main:
+            write_training_report(trainer, result)
+    if trainer.parallel is not None:
+        torch.distributed.barrier(group=trainer.parallel.world_group)
     return result
