@@ -223,3 +223,24 @@ def straight_steps(seed: int, steps: range) -> dict[str, torch.Tensor]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _train(model, opt, steps, 0, 1)
     return model.state_dict()
+
+
+def train_run(
+    rank: int, world: int, port: int, out: str, overrides: list[str], stop_after: int | None,
+    resume: bool,
+) -> None:  # fmt: skip
+    """`moekit.train` of the tiny test run in each process (`stop_after`, `resume` as there)."""
+    join(rank, world, port)
+    train_here(out, overrides, resume=resume, stop_after=stop_after)
+
+
+def train_here(
+    out: str, overrides: list[str], *, resume: bool, stop_after: int | None = None
+) -> None:
+    """`moekit.train` of the tiny test run in this process."""
+    from moekit.training.config import resolve_run_config
+    from moekit.training.trainer import train
+    from tests.conftest import TINY_RUN
+
+    cfg = resolve_run_config(preset="debug", overrides=[*TINY_RUN, *overrides])
+    train(cfg, out, resume=resume, verbose=False, report=False, stop_after=stop_after)

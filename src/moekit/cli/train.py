@@ -47,8 +47,8 @@ def add_parser(sub: Any) -> None:
 
 def _relaunch_args(args: argparse.Namespace) -> list[str]:
     """This command's arguments again, for each of the processes torchrun starts."""
-    out = ["train", *args.overrides, "--out", str(args.out)]
-    for flag in ("config", "preset", "ep"):
+    out = ["train", *args.overrides, "--out", str(args.out)]  # --ep is in the overrides now
+    for flag in ("config", "preset"):
         if getattr(args, flag) is not None:
             out += [f"--{flag}", str(getattr(args, flag))]
     out += [f"--{flag}" for flag in ("resume", "quiet", "json") if getattr(args, flag)]
@@ -59,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from moekit.training.config import resolve_run_config, resume_run_config
-    from moekit.training.distributed import launch, launched_world
+    from moekit.training.distributed import check_split, launch, launched_world
     from moekit.training.trainer import train
 
-    if args.nproc > 1 and launched_world() == 1:
-        return launch(args.nproc, _relaunch_args(args))
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     if args.ep is not None:
         args.overrides = [*args.overrides, f"train.ep={args.ep}"]
     run_dir = Path(args.out)
@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
                 preset=args.preset,
                 overrides=args.overrides,
             )
+        if args.nproc > 1 and launched_world() == 1:
+            check_split(cfg, args.nproc)  # before starting any process
+            return launch(args.nproc, _relaunch_args(args))
         with training_errors("train", resume_hint=f"moekit train --out {run_dir} --resume"):
             result = train(cfg, run_dir, resume=args.resume, verbose=not args.quiet)
     if os.environ.get("RANK", "0") != "0":

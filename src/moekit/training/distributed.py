@@ -38,14 +38,25 @@ def launched_world() -> int:
 def start_parallel(cfg: RunConfig, device: torch.device) -> Parallel | None:
     """Join the run this process was launched into and lay it out with `train.ep`; None when
     it runs alone. Refuses, before anything is set up, a split the run cannot take."""
-    tc, world = cfg.train, launched_world()
+    world = launched_world()
+    check_split(cfg, world)
+    if world == 1:
+        return None
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return init_parallel(cfg.train.ep, device=device)
+
+
+def check_split(cfg: RunConfig, world: int) -> None:
+    """Refuse a run on `world` processes that `cfg` cannot take, naming what to change."""
+    tc = cfg.train
     if world == 1:
         if tc.ep > 1:
             raise ValueError(
                 f"train.ep={tc.ep} splits the experts over {tc.ep} processes, but this run has "
                 f"one: start it with `moekit train --nproc {tc.ep} ...` or under torchrun"
             )
-        return None
+        return
     experts = cfg.model.moe.num_experts if cfg.model.moe is not None else None
     if experts is None and tc.ep > 1:
         raise ValueError(f"train.ep={tc.ep}: the model has no routed experts to split")
@@ -61,9 +72,6 @@ def start_parallel(cfg: RunConfig, device: torch.device) -> Parallel | None:
             "fine-tuning runs on one process; several processes train from a model config "
             "(pre-training or continued pre-training with train.init_from)"
         )
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return init_parallel(tc.ep, device=device)
 
 
 @contextlib.contextmanager
