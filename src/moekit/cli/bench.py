@@ -341,13 +341,49 @@ def _add_train(benches: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5, help="timed steps per candidate")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="time the step on this many processes (data parallel, FSDP2) against one process "
+        "(instead of against transformers)",
+    )
+    p.add_argument("--ep", type=int, default=1, help="with --nproc: expert-parallel size")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_train)
+
+
+def _run_train_parallel(args: argparse.Namespace) -> int:
+    from moekit.bench.train_parallel import bench_train_parallel
+
+    r = bench_train_parallel(
+        preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len,
+        nproc=args.nproc, ep=args.ep, repeats=args.repeats,
+    )  # fmt: skip
+    if args.json:
+        print_json(r.to_dict())
+        return 0
+    print(
+        f"training step, preset {r.preset}, batch {r.batch_size} x {r.seq_len} tokens, float32, "
+        f"{r.nproc} processes (expert parallel over {r.ep}, {r.threads_per_process} threads each):"
+    )
+    before, after = r.tokens_per_s_one
+    print(f"  one process        {before:10,.0f} tokens/s (before)  {after:,.0f} (after)")
+    print(f"  {r.nproc} processes        {r.tokens_per_s:10,.0f} tokens/s   {r.speedup:.2f}x one")
+    if r.ep > 1:
+        print(
+            f"  all-to-all: {100 * r.all_to_all_share:.1f}% of the step "
+            f"({r.all_to_all_calls_per_step:.0f} exchanges per step)"
+        )
+    print(f"  first-step loss: one {r.first_loss_one:.6f}, split {r.first_loss:.6f}")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
     from moekit.bench.train import bench_train
 
+    if args.nproc > 1:
+        return _run_train_parallel(args)
     result = bench_train(
         preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats
     )

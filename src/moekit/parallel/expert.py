@@ -26,6 +26,10 @@ with no copies to send: the exchanges are collective.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -49,9 +53,55 @@ EXPERT_PARALLEL = ExpertBackend(
 )  # fmt: skip
 
 
+@dataclass
+class ExchangeTimer:
+    """Wall time spent in the all-to-all exchanges (forward and backward), for benchmarks."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+
+def _all_to_all(
+    x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup,
+    timer: ExchangeTimer | None,
+) -> Tensor:  # fmt: skip
+    t0 = time.perf_counter()
+    out = funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), out_splits, in_splits, group))
+    if timer is not None:
+        timer.seconds += time.perf_counter() - t0
+        timer.calls += 1
+    return out
+
+
+class _Exchange(torch.autograd.Function):
+    """`all_to_all_single` with variable splits whose backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, out_splits: list[int], in_splits: list[int],
+        group: dist.ProcessGroup, timer: ExchangeTimer | None,
+    ) -> Tensor:  # fmt: skip
+        ctx.splits, ctx.group, ctx.timer = (out_splits, in_splits), group, timer
+        return _all_to_all(x, out_splits, in_splits, group, timer)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        out_splits, in_splits = ctx.splits
+        return (
+            _all_to_all(grad, in_splits, out_splits, ctx.group, ctx.timer),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
 class ExpertParallelExperts(Experts):
     """The experts `first .. first + num_experts - 1` of a layer of `num_global` experts,
-    computed for the whole expert-parallel `group` (see the module docstring)."""
+    computed for the whole expert-parallel `group` (see the module docstring). `timer`, when
+    set, accumulates the time spent in the exchanges."""
+
+    timer: ExchangeTimer | None = None
 
     def __init__(
         self,
@@ -110,8 +160,8 @@ class ExpertParallelExperts(Experts):
         return y_SD * scale_S.to(y_SD.dtype).unsqueeze(1)
 
     def _exchange(self, x: Tensor, out_splits: list[int], in_splits: list[int]) -> Tensor:
-        out = funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, self.group)
-        return funcol.wait_tensor(out)
+        out: Tensor = _Exchange.apply(x, out_splits, in_splits, self.group, self.timer)
+        return out
 
     def extra_repr(self) -> str:
         return (
