@@ -244,3 +244,28 @@ def train_here(
 
     cfg = resolve_run_config(preset="debug", overrides=[*TINY_RUN, *overrides])
     train(cfg, out, resume=resume, verbose=False, report=False, stop_after=stop_after)
+
+
+def split_generation(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    """Greedy and sampled generation with the experts split over the processes; the main
+    process writes what it generated (tokens and log-probabilities) to `out`."""
+    import json
+    from pathlib import Path
+
+    from moekit.infer.generate import Generator
+    from moekit.infer.sampling import SamplingParams
+    from moekit.parallel.inference import split_generator
+    from moekit.parallel.mesh import init_parallel
+
+    join(rank, world, port)
+    generator = split_generator(Generator.from_dir(model_dir), init_parallel(ep=world))
+    prompts = ["The cat", "def f(x):\n    return"]
+    result = {}
+    for name, params in {
+        "greedy": SamplingParams(temperature=0, max_new_tokens=12),
+        "sampled": SamplingParams(temperature=1.0, top_k=20, max_new_tokens=12, seed=5),
+    }.items():
+        done = generator.generate(prompts, params)
+        result[name] = [[(t.id, t.logprob) for t in c.tokens] for c in done]
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
