@@ -47,3 +47,22 @@ def test_checkpoints_reshard_from_2_to_4_to_1_processes(tmp_path):
     straight = workers.straight_steps(seed=7 + 2, steps=range(3))
     for name, t in saved_by_four.items():
         torch.testing.assert_close(straight[name], t, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_a_process_that_dies_makes_the_others_fail_not_hang(tmp_path):
+    import multiprocessing
+
+    from tests.parallel.launch import free_port
+
+    ctx = multiprocessing.get_context("spawn")
+    out, port = tmp_path / "survivor.txt", free_port()
+    procs = [ctx.Process(target=workers.one_dies, args=(r, 2, port, str(out))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    procs[0].join(timeout=120)
+    alive = procs[0].is_alive()
+    for p in procs:
+        p.kill()
+    assert not alive, "the surviving process hung"
+    assert procs[1].exitcode == 3
+    assert out.read_text(), "the survivor ended without an error"

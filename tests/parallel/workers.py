@@ -269,3 +269,26 @@ def split_generation(rank: int, world: int, port: int, model_dir: str, out: str)
         result[name] = [[(t.id, t.logprob) for t in c.tokens] for c in done]
     if rank == 0:
         Path(out).write_text(json.dumps(result))
+
+
+def one_dies(rank: int, world: int, port: int, out: str) -> None:
+    """Training steps until process 1 dies (exits without a word) at its third step; the
+    others must fail with an error instead of waiting for it, and write the error to `out`."""
+    import time
+    from pathlib import Path
+
+    from moekit.parallel.apply import parallelize
+    from moekit.parallel.mesh import init_parallel
+
+    join(rank, world, port)
+    parallel = init_parallel(ep=world)
+    model = parallelize(build_model(tiny_config(), seed=0), parallel)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    t0 = time.monotonic()
+    try:
+        for step in range(1000):
+            if rank == 1 and step == 2:
+                os._exit(3)
+            _train(model, opt, range(step, step + 1), rank, world)
+    except Exception as e:  # what the survivor sees
+        Path(out).write_text(f"{time.monotonic() - t0:.1f}s {type(e).__name__}: {e}")

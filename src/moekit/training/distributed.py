@@ -54,7 +54,8 @@ def check_split(cfg: RunConfig, world: int) -> None:
         if tc.ep > 1:
             raise ValueError(
                 f"train.ep={tc.ep} splits the experts over {tc.ep} processes, but this run has "
-                f"one: start it with `moekit train --nproc {tc.ep} ...` or under torchrun"
+                f"one: start it with `moekit train --nproc {tc.ep} ...` or under torchrun, or "
+                "set train.ep=1 to run it on one process"
             )
         return
     experts = cfg.model.moe.num_experts if cfg.model.moe is not None else None
