@@ -52,3 +52,45 @@ def test_generate_ep_without_its_processes_is_refused(tiny_model_dir, capsys):
 
     assert main(["generate", str(tiny_model_dir), "hi", "--ep", "2"]) == 2
     assert "torchrun --nproc-per-node 2 -m moekit generate" in capsys.readouterr().err
+
+
+def test_serve_ep_under_torchrun_answers_as_one_process(tiny_model_dir):
+    import signal
+    import time
+
+    import httpx
+
+    from tests.parallel.launch import free_port
+
+    port = free_port()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "moekit", "serve", str(tiny_model_dir), "--port", str(port), "--ep", "2",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+        while True:
+            try:
+                httpx.get(f"{url}/v1/models", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, server.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        body = {"model": tiny_model_dir.name, "prompt": "The cat", "max_tokens": 8, "temperature": 0,
+                "logprobs": 1}  # fmt: skip
+        answers = [httpx.post(f"{url}/v1/completions", json=body, timeout=60) for _ in range(2)]
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    expected = Generator.from_dir(tiny_model_dir).generate(
+        "The cat", SamplingParams(temperature=0, max_new_tokens=8)
+    )[0]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == expected.text
+    assert server.returncode is not None  # every process ended

@@ -247,18 +247,24 @@ def train_here(
 
 
 def split_generation(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
-    """Greedy and sampled generation with the experts split over the processes; the main
-    process writes what it generated (tokens and log-probabilities) to `out`."""
+    """Greedy and sampled generation with the experts split over the processes (the main
+    process generates, the others serve their experts); it writes what it generated (tokens
+    and log-probabilities) to `out`."""
     import json
     from pathlib import Path
 
     from moekit.infer.generate import Generator
     from moekit.infer.sampling import SamplingParams
-    from moekit.parallel.inference import split_generator
+    from moekit.parallel.inference import release_experts, serve_experts, split_model
     from moekit.parallel.mesh import init_parallel
 
     join(rank, world, port)
-    generator = split_generator(Generator.from_dir(model_dir), init_parallel(ep=world))
+    generator = Generator.from_dir(model_dir)
+    parallel = init_parallel(ep=world)
+    split_model(generator.model, parallel)
+    if rank != 0:
+        assert serve_experts(generator.model, parallel) > 0
+        return
     prompts = ["The cat", "def f(x):\n    return"]
     result = {}
     for name, params in {
@@ -267,8 +273,8 @@ def split_generation(rank: int, world: int, port: int, model_dir: str, out: str)
     }.items():
         done = generator.generate(prompts, params)
         result[name] = [[(t.id, t.logprob) for t in c.tokens] for c in done]
-    if rank == 0:
-        Path(out).write_text(json.dumps(result))
+    release_experts(parallel)
+    Path(out).write_text(json.dumps(result))
 
 
 def one_dies(rank: int, world: int, port: int, out: str) -> None:

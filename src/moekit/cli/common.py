@@ -223,3 +223,29 @@ def run_dir_hints() -> Iterator[None]:
     except ResumeMismatchError as e:
         hint = "; drop that override" if e.setting is not None else ""
         raise ValueError(f"--resume: {e.problem}{hint}") from None
+
+
+def add_ep_argument(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        help="under torchrun: split each MoE layer's experts over the N processes it started "
+        f"(`torchrun --nproc-per-node N -m moekit {command} ... --ep N`); the main process "
+        "runs the model, the others serve their experts",
+    )
+
+
+def check_ep(args: argparse.Namespace, command: str) -> None:
+    """Refuse an `--ep` this launch cannot take, before anything loads."""
+    from moekit.training.distributed import launched_world
+
+    world = launched_world()
+    if world == 1 or args.ep != world:
+        raise ValueError(
+            f"--ep {args.ep} splits the experts over {args.ep} processes: start them with "
+            f"`torchrun --nproc-per-node {args.ep} -m moekit {command} ... --ep {args.ep}`"
+            + (f" (this is one of {world})" if world > 1 else "")
+        )
+    if getattr(args, "max_memory", None) is not None:
+        raise ValueError("--ep and --max-memory do not combine: each process holds its experts")

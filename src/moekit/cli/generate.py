@@ -9,8 +9,10 @@ from typing import Any
 from moekit.cli.common import (
     add_compile_argument,
     add_device_argument,
+    add_ep_argument,
     add_offload_arguments,
     add_sampling_arguments,
+    check_ep,
     doc,
     offload_config,
     sampling_params,
@@ -30,13 +32,7 @@ def add_parser(sub: Any) -> None:
     add_device_argument(p)
     add_offload_arguments(p)
     add_compile_argument(p)
-    p.add_argument(
-        "--ep",
-        type=int,
-        default=None,
-        help="under torchrun: split each MoE layer's experts over the N processes it started "
-        "(N = --nproc-per-node x --nnodes); the main process prints",
-    )
+    add_ep_argument(p, "generate")
     p.add_argument("--routing", action="store_true", help="with --json: each token's experts")
     p.add_argument(
         "--json", action="store_true", help="print {text, token_ids, ...} instead of streaming"
@@ -48,19 +44,28 @@ def run(args: argparse.Namespace) -> int:
     from moekit.infer.generate import Generator
 
     if args.ep is not None:
-        _check_ep(args)  # before loading anything
+        check_ep(args, "generate")  # before loading anything
     generator = Generator.from_dir(
         args.model_dir, device=args.device, offload=offload_config(args), compile=args.compile
     )
-    if args.ep is not None:
-        from moekit.parallel.inference import split_generator
-        from moekit.parallel.mesh import init_parallel
+    if args.ep is None:
+        return _generate(generator, args)
+    from moekit.parallel.inference import release_experts, serve_experts, split_model
+    from moekit.parallel.mesh import init_parallel
 
-        split_generator(generator, init_parallel(args.ep, device=generator.device))
-    params = sampling_params(args, return_routing=args.routing)
-    if args.ep is not None and not _is_main():
-        generator.generate(args.prompt, params)  # in step with the main process
+    parallel = init_parallel(args.ep, device=generator.device)
+    split_model(generator.model, parallel)
+    if not parallel.is_main:
+        serve_experts(generator.model, parallel)  # until the main process is done
         return 0
+    try:
+        return _generate(generator, args)
+    finally:
+        release_experts(parallel)
+
+
+def _generate(generator: Any, args: argparse.Namespace) -> int:
+    params = sampling_params(args, return_routing=args.routing)
     if args.json:
         completion = generator.generate(args.prompt, params)[0]
         data: dict[str, Any] = {
@@ -86,24 +91,3 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return dist.get_rank() == 0
-
-
-def _check_ep(args: argparse.Namespace) -> None:
-    """Refuse an `--ep` this launch cannot take."""
-    from moekit.training.distributed import launched_world
-
-    world = launched_world()
-    if world == 1 or args.ep != world:
-        raise ValueError(
-            f"--ep {args.ep} splits the experts over {args.ep} processes: start them with "
-            f"`torchrun --nproc-per-node {args.ep} -m moekit generate ... --ep {args.ep}`"
-            + (f" (this is one of {world})" if world > 1 else "")
-        )
-    if args.max_memory is not None:
-        raise ValueError("--ep and --max-memory do not combine: each process holds its experts")

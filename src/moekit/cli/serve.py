@@ -7,7 +7,14 @@ import os
 import sys
 from typing import Any
 
-from moekit.cli.common import add_device_argument, add_offload_arguments, doc, offload_config
+from moekit.cli.common import (
+    add_device_argument,
+    add_ep_argument,
+    add_offload_arguments,
+    check_ep,
+    doc,
+    offload_config,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -33,6 +40,7 @@ def add_parser(sub: Any) -> None:
     )
     add_device_argument(p)
     add_offload_arguments(p)
+    add_ep_argument(p, "serve")
     p.add_argument(
         "--header-timeout",
         type=float,
@@ -112,6 +120,27 @@ def split_list(values: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ep is None:
+        return _serve(args, None)
+    from moekit.parallel.inference import release_experts, serve_experts, split_model
+    from moekit.parallel.mesh import init_parallel
+    from moekit.runtime import resolve_device
+
+    check_ep(args, "serve")
+    parallel = init_parallel(args.ep, device=resolve_device(args.device))
+    if not parallel.is_main:  # serve this process's experts to the main one
+        from moekit.model_dir import ModelDir
+
+        model = ModelDir(args.model_dir).load_model(device=resolve_device(args.device))
+        serve_experts(split_model(model.eval(), parallel), parallel)
+        return 0
+    try:
+        return _serve(args, parallel)
+    finally:
+        release_experts(parallel)
+
+
+def _serve(args: argparse.Namespace, parallel: Any) -> int:
     from moekit.serve import PortInUseError, serve
     from moekit.serve.config import ConnectionLimits, SettingError
 
@@ -150,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
             allowed_origins=split_list(args.allowed_origins),
             prefill_chunk=args.prefill_chunk,
             shutdown_grace=args.shutdown_grace,
+            parallel=parallel,
         )
     except PortInUseError as e:
         raise ValueError(f"{e} (--port)") from None

@@ -10,7 +10,7 @@ route causally, as they must when tokens arrive one at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,10 +108,6 @@ class Generator:
         # The compiled decode step (moekit.infer.compiled), built on first use.
         self.compile = compile
         self._decoder: CompiledDecoder | None = None
-        # Every step's next-token logits pass through this when set: a model split over
-        # processes (moekit.parallel.inference) makes them the main process's on every one,
-        # so that all of them choose the same tokens and stay in step.
-        self.logits_hook: Callable[[Tensor], Tensor] | None = None
 
     @classmethod
     def from_dir(
@@ -214,7 +210,7 @@ class Generator:
         finish: list[str | None] = [None] * B
         pending: list[GeneratedToken | None] = [None] * B
 
-        logits = self._same(self._forward(tokens, cache, valid, params).logits[:, -1].float())
+        logits = self._forward(tokens, cache, valid, params).logits[:, -1].float()
         while True:
             # Batched over rows, once per step: the log-probabilities, and greedy choices.
             logprobs = torch.log_softmax(logits, -1)
@@ -258,11 +254,8 @@ class Generator:
                 logits = compiled
                 continue
             out = self._forward(step, cache, step_valid, params)
-            logits = self._same(out.logits[:, -1].float())
+            logits = out.logits[:, -1].float()
             yield from self._release_routed(out, pending, finish, done, trackers)
-
-    def _same(self, logits: Tensor) -> Tensor:
-        return logits if self.logits_hook is None else self.logits_hook(logits)
 
     def _release_routed(
         self,

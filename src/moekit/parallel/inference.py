@@ -1,38 +1,73 @@
-"""Inference with a model split over processes: each MoE layer's experts sharded over all of
-them (expert parallelism), everything else replicated.
+"""Inference with a model's experts split over processes (expert parallelism): the main
+process runs the model (generation, the server's engine) and every process serves its share
+of each MoE layer's experts.
 
-Every process runs the same generation on the same prompts, so every MoE layer's exchanges
-happen in step; each process computes the copies routed to its own experts, for every
-process. The next-token logits of the main process are broadcast to the others at each step
-(`Generator.logits_hook`), so that all of them choose the same tokens (with the same seeds)
-and stop together, whatever the last bits of their own sums.
+Each of the N processes holds E / N experts of every MoE layer. The main process (rank 0)
+runs everything as on one process; whenever it runs the model, the others join each MoE
+layer's exchanges in step (`serve_experts`): they send no token copies of their own, receive
+the main process's copies for their experts, compute them and send the outputs back. So
+only the main process needs the attention, the KV caches and the requests; the others hold
+experts. A forward pre-hook on the main process's model announces each forward pass to the
+others (a one-element broadcast), and `release_experts` tells them to stop.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import nn
 
-from moekit.infer.generate import Generator
-from moekit.parallel.expert import shard_experts
+from moekit.model import Transformer
+from moekit.parallel.expert import EXPERT_PARALLEL, ExpertParallelExperts, shard_experts
 from moekit.parallel.mesh import Parallel
 
+_FORWARD, _STOP = 1, 0
 
-def split_generator(generator: Generator, parallel: Parallel) -> Generator:
-    """Shard `generator`'s model's experts over every process of `parallel` (its
-    expert-parallel size must be the number of processes) and keep the processes in step;
-    in place, returns the generator. Every process must then make the same calls."""
+
+def split_model(model: Transformer, parallel: Parallel) -> Transformer:
+    """Keep this process's share of `model`'s experts (its expert-parallel size must be the
+    number of processes) and, on the main process, announce each forward pass to the others;
+    in place, returns the model. The others then call `serve_experts`."""
     if parallel.dp != 1:
         raise ValueError(
             f"inference splits the experts over every process: the expert-parallel size "
             f"({parallel.ep}) must equal the number of processes ({parallel.world})"
         )
-    shard_experts(generator.model, parallel)
-    group = parallel.world_group
+    shard_experts(model, parallel)
+    if parallel.is_main:
+        group = parallel.world_group
 
-    def main_logits(logits: Tensor) -> Tensor:
-        dist.broadcast(logits, src=0, group=group)
-        return logits
+        def announce(module: nn.Module, args: object) -> None:
+            dist.broadcast(torch.tensor([_FORWARD]), src=0, group=group)
 
-    generator.logits_hook = main_logits
-    return generator
+        model.register_forward_pre_hook(announce)
+    return model
+
+
+@torch.inference_mode()
+def serve_experts(model: Transformer, parallel: Parallel) -> int:
+    """On a process other than the main one: take part in every forward pass the main process
+    runs (each MoE layer's exchanges, in layer order) until it calls `release_experts`.
+    Returns the number of forward passes served."""
+    layers = [layer.experts for layer in model.moe_layers().values()]
+    if not all(isinstance(ex, ExpertParallelExperts) for ex in layers):
+        raise ValueError("serve_experts needs a model split by split_model")
+    device = next(model.parameters()).device
+    signal = torch.zeros(1, dtype=torch.long)
+    served = 0
+    while True:
+        dist.broadcast(signal, src=0, group=parallel.world_group)
+        if int(signal) == _STOP:
+            return served
+        for ex in layers:
+            assert isinstance(ex, ExpertParallelExperts)
+            none = torch.zeros(0, ex.dim, device=device, dtype=ex.w_up.dtype)
+            ids = torch.zeros(0, dtype=torch.long, device=device)
+            counts = torch.zeros(ex.num_global, dtype=torch.long, device=device)
+            ex.compute(EXPERT_PARALLEL, none, ids, counts, none.new_zeros(0))
+        served += 1
+
+
+def release_experts(parallel: Parallel) -> None:
+    """On the main process: tell the others that no more forward passes come."""
+    dist.broadcast(torch.tensor([_STOP]), src=0, group=parallel.world_group)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -24,6 +25,9 @@ from moekit.serve.errors import add_error_handlers
 from moekit.serve.guard import Guard
 from moekit.serve.metrics import Metrics
 from moekit.serve.routes import ServerState, router
+
+if TYPE_CHECKING:
+    from moekit.parallel.mesh import Parallel
 
 __all__ = ["ServerConfig", "build", "create_app"]
 
@@ -65,13 +69,16 @@ def build(
     allowed_origins: str | Sequence[str] = (),
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     offload: OffloadConfig | None = None,
+    parallel: Parallel | None = None,
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
     the model's max_seq_len, at most 4096). The model runs on `device` ("auto": CUDA when
     present, else the CPU). `allowed_hosts` and `allowed_origins` open the server to other
     host names and to web pages (see ServerConfig). `prefill_chunk`: prompt tokens prefilled
-    between two decode steps of the running requests (0: whole prompts at once). The settings
+    between two decode steps of the running requests (0: whole prompts at once). With
+    `parallel` (the main process of a torchrun), the model's experts are split over its
+    processes, which serve them (`moekit.parallel.inference`). The settings
     and the model's chat template are checked before the model loads: a ValueError (a
     SettingError naming the setting, or naming the template's file) for one that cannot work."""
     config = ServerConfig(
@@ -89,6 +96,10 @@ def build(
     template = ChatTemplate.load(model_dir)
     check_template(template, str(Path(model_dir) / TEMPLATE_FILE))
     generator = Generator.from_dir(model_dir, device=device, offload=offload)
+    if parallel is not None:  # the experts split over processes (moekit.parallel.inference)
+        from moekit.parallel.inference import split_model
+
+        split_model(generator.model, parallel)
     engine = Engine(
         generator,
         max_batch=max_batch,

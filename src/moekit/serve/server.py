@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from moekit.infer.offload import OffloadConfig
+    from moekit.parallel.mesh import Parallel
     from moekit.serve.engine import Engine
 
 HTTP_EXIT_WAIT_S = 10  # for the HTTP server to send the last answers once the engine stopped
@@ -86,6 +87,7 @@ def serve(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S,
     offload: OffloadConfig | None = None,
+    parallel: Parallel | None = None,
 ) -> None:
     """Serve a model directory over HTTP until interrupted (an OpenAI-compatible API at
     http://HOST:PORT/v1 and a playground page at http://HOST:PORT/). `max_context` bounds
@@ -98,7 +100,8 @@ def serve(
     tokens prefilled between two decode steps (0: whole prompts at once, stalling the running
     streams). SIGTERM drains: new requests get a 503 while the queued and running ones
     finish, for at most `shutdown_grace` seconds; a second SIGTERM or Ctrl-C stops at once.
-    `offload` pages the experts under a memory budget (moekit.infer.offload). Raises
+    `offload` pages the experts under a memory budget (moekit.infer.offload); `parallel`
+    (the main process of a torchrun) splits the experts over its processes. Raises
     PortInUseError when the port is taken, a ValueError for a setting that cannot work."""
     # long function: one keyword per server setting, each passed through to build()
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
@@ -127,6 +130,7 @@ def serve(
             allowed_origins=allowed_origins,
             prefill_chunk=prefill_chunk,
             offload=offload,
+            parallel=parallel,
         )
     except BaseException:
         sock.close()
