@@ -20,7 +20,9 @@ def test_split_training_matches_one_process(world, ep):
 
 
 def test_aux_loss_free_bias_balances_on_global_counts():
-    moe = {"score_func": "sigmoid", "bias_update_rate": 0.05, "aux_loss_weight": 0.0}
+    # DeepSeek-V3-like: sigmoid scores, a selection bias, a shared expert.
+    moe = {"score_func": "sigmoid", "bias_update_rate": 0.05, "aux_loss_weight": 0.0,
+           "num_shared_experts": 1}  # fmt: skip
     run_world(workers.same_steps, 2, 2, moe)
 
 

@@ -56,6 +56,11 @@ def test_resume_is_exact_and_resumes_on_another_world_size(tmp_path):
     run_world(workers.train_run, 2, str(paused), ep, 4, False)
     # The paused run's checkpoint, copied, resumes on one process (resharded from two).
     shutil.copytree(paused, alone)
+    # A save cut short (its shards without the metadata) is passed over for the one before.
+    states = paused / "train_state"
+    shutil.copytree(states / "step-00000004", states / "step-00000005")
+    (states / "step-00000005" / "dcp" / ".metadata").unlink()
+    (states / "latest").write_text("step-00000005\n")
     run_world(workers.train_run, 2, str(paused), ep, None, True)
     for name, t in _weights(straight).items():  # same processes: exactly the same run
         assert torch.equal(_weights(paused)[name], t), name
