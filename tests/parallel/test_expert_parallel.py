@@ -10,13 +10,13 @@ from tests.parallel.launch import run_world
 
 
 @pytest.mark.parametrize(
-    ("world", "ep"),
-    [(2, 1), (2, 2), (4, 2)],
-    ids=["dp2", "ep2", "dp2xep2"],
+    ("world", "ep", "data_parallel"),
+    [(2, 1, "fsdp"), (2, 2, "fsdp"), (4, 2, "fsdp"), (4, 2, "ddp")],
+    ids=["dp2", "ep2", "dp2xep2", "dp2xep2-ddp"],
 )
-def test_split_training_matches_one_process(world, ep):
+def test_split_training_matches_one_process(world, ep, data_parallel):
     # Softmax top-k with the load-balancing and z losses: the aux loss takes global fractions.
-    run_world(workers.same_steps, world, ep, {"z_loss_weight": 1e-3})
+    run_world(workers.same_steps, world, ep, {"z_loss_weight": 1e-3}, data_parallel)
 
 
 def test_aux_loss_free_bias_balances_on_global_counts():

@@ -25,12 +25,14 @@ def _weights(run_dir):
     return load_file(str(run_dir / "model.safetensors"))
 
 
-def test_nproc_ep_trains_the_run_one_process_trains(tmp_path, capsys):
+@pytest.mark.parametrize("data_parallel", ["fsdp", "ddp"])
+def test_nproc_ep_trains_the_run_one_process_trains(tmp_path, data_parallel):
     # `--nproc 2 --ep 2` launches torchrun; the run logs the same losses, gradient norms and
     # routing statistics as one process, and writes the ordinary model directory.
     args = ["train", "--preset", "debug", *TINY_RUN, *STEPS, "--quiet"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    assert main([*args, "--out", str(tmp_path / "two"), "--nproc", "2", "--ep", "2"]) == 0
+    split = ["--nproc", "2", "--ep", "2", f"train.data_parallel={data_parallel}"]
+    assert main([*args, "--out", str(tmp_path / "two"), *split]) == 0
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [r["kind"] for r in one] == [r["kind"] for r in two]
     for a, b in zip(one, two, strict=True):

@@ -36,7 +36,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor's whole value
 
 
-def same_steps(rank: int, world: int, port: int, ep: int, moe: dict[str, object]) -> None:
+def same_steps(
+    rank: int, world: int, port: int, ep: int, moe: dict[str, object], data_parallel: str = "fsdp"
+) -> None:
     """A few AdamW steps of a model split over `world` processes (expert parallel size `ep`,
     FSDP2 over the rest) against the same steps of the whole model in this process on the
     whole batch: the loss, every gradient, every updated weight and the routers' biases
@@ -54,7 +56,8 @@ def same_steps(rank: int, world: int, port: int, ep: int, moe: dict[str, object]
     data = torch.randint(0, cfg.vocab_size, (world * rows_per_rank, 17),
                          generator=torch.Generator().manual_seed(1))  # fmt: skip
     mine = data[rank * rows_per_rank : (rank + 1) * rows_per_rank]
-    whole, split = build_model(cfg, seed=0), parallelize(build_model(cfg, seed=0), parallel)
+    whole = build_model(cfg, seed=0)
+    split = parallelize(build_model(cfg, seed=0), parallel, data_parallel=data_parallel)
     opt_whole = torch.optim.AdamW(whole.parameters(), lr=1e-2)
     opt_split = torch.optim.AdamW(split.parameters(), lr=1e-2)
     L = cfg.moe.num_experts // ep if cfg.moe else 0

@@ -9,7 +9,8 @@ loads into any other W' and P' (resharding), and into a single process.
 For that, every tensor is described by its global shape: the weights outside the experts are
 FSDP2's DTensors already (sharded over the world); an expert shard, held as a plain (E/P, F,
 D) block (sharded again by FSDP2 along its rows when replicated), is described as a DTensor of
-the full (E, F, D) tensor on the ("dp", "ep") mesh, placements (Shard(1), Shard(0)). The
+the full (E, F, D) tensor on the ("dp", "ep") mesh, placements (Shard(1), Shard(0))
+(with DDP, (Replicate(), Shard(0)): each replica holds its block whole). The
 optimizer's state (AdamW's moments) is described the same way as its parameter.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 from moekit.parallel.expert import ExpertParallelExperts
 from moekit.parallel.mesh import Parallel
@@ -39,16 +40,21 @@ def _expert_names(model: nn.Module) -> set[str]:
 
 
 def _global(t: Tensor, parallel: Parallel) -> DTensor:
-    """An expert shard (or its optimizer state) as the DTensor of the full tensor."""
-    local = t.to_local() if isinstance(t, DTensor) else t
-    E = local.shape[0] * parallel.ep
-    # FSDP2 shards dim 1 in chunks of ceil(size / dp); the full row count is the sum.
-    rows = torch.tensor([local.shape[1]])
-    torch.distributed.all_reduce(rows, group=parallel.dp_group)
-    shape = torch.Size([E, int(rows), *local.shape[2:]])
+    """An expert shard (or its optimizer state) as the DTensor of the full tensor: sharded
+    along its rows over the replicas by FSDP2 (a DTensor), or whole on each (DDP)."""
+    E = t.shape[0] * parallel.ep
+    if isinstance(t, DTensor):
+        local = t.to_local()
+        # FSDP2 shards dim 1 in chunks of ceil(size / dp); the full row count is the sum.
+        rows = torch.tensor([local.shape[1]])
+        torch.distributed.all_reduce(rows, group=parallel.dp_group)
+        shape = torch.Size([E, int(rows), *local.shape[2:]])
+        placements: list[Placement] = [Shard(1), Shard(0)]
+    else:
+        local, shape, placements = t, torch.Size([E, *t.shape[1:]]), [Replicate(), Shard(0)]
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(
-        local, parallel.mesh, [Shard(1), Shard(0)], run_check=False, shape=shape, stride=stride
+        local, parallel.mesh, placements, run_check=False, shape=shape, stride=stride
     )
 
 

@@ -1,5 +1,5 @@
-"""Data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`), composed with expert
-parallelism.
+"""Data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`), or with DDP (PyTorch's
+composable `replicate`) where FSDP2 does not run, composed with expert parallelism.
 
 Each process computes the loss of its own share of the global batch (a mean over its
 tokens), so the gradient of the global mean loss is the mean of the processes' gradients:
@@ -13,6 +13,10 @@ tokens), so the gradient of the global mean loss is the mean of the processes' g
   sum over replicas divided by W: FSDP2 shards the experts over their replicas with
   gradient divide factor W; with a single replica (W = P) the gradient is divided by W as it
   is accumulated.
+
+With DDP (`apply_ddp`) the weights outside the experts are replicated whole on every process
+and their gradients averaged over the world in buckets; an expert shard's gradient is summed
+over its replicas as it is computed and divided by W.
 """
 
 from __future__ import annotations
@@ -89,3 +93,26 @@ def my_rows(batch: Tensor, parallel: Parallel) -> Tensor:
         )
     share = rows // parallel.world
     return batch[parallel.rank * share : (parallel.rank + 1) * share]
+
+
+def apply_ddp(model: Transformer, parallel: Parallel) -> None:
+    """Data parallelism without sharding (DDP, as PyTorch's composable `replicate`), in place:
+    every weight outside the experts whole on every process, gradients averaged over the
+    world; at ep > 1 the expert shards are left to DDP's care and their gradients summed over
+    their replicas (one all-reduce per expert tensor per backward) and divided by the world."""
+    import torch.distributed as dist
+    from torch.distributed._composable.replicate import replicate
+
+    keep_unfused(model)
+    experts = [layer.experts for layer in model.moe_layers().values()] if parallel.ep > 1 else []
+
+    def replicas_mean(grad: Tensor) -> Tensor:
+        if parallel.dp > 1:
+            grad = grad.clone()
+            dist.all_reduce(grad, group=parallel.dp_group)
+        return grad / parallel.world
+
+    for module in experts:
+        for p in module.parameters():
+            p.register_hook(replicas_mean)
+    replicate(model, ignored_modules=experts, process_group=parallel.world_group)

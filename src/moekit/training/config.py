@@ -56,6 +56,9 @@ class TrainConfig(ConfigBase):
     # Expert-parallel size on several processes (`moekit train --nproc P --ep N`): each MoE
     # layer's experts split over N processes; the rest of the processes are data parallel.
     ep: int = 1
+    # Data parallelism on several processes: "fsdp" (FSDP2: weights, gradients and optimizer
+    # state sharded) or "ddp" (replicated; for where FSDP2 does not run).
+    data_parallel: str = "fsdp"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -88,6 +91,8 @@ class TrainConfig(ConfigBase):
                 raise fail(owner, name, getattr(self, name), "must be in [0, 1)")
         if self.min_lr_ratio > 1:
             raise fail(owner, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if self.data_parallel not in ("fsdp", "ddp"):
+            raise fail(owner, "data_parallel", self.data_parallel, "must be 'fsdp' or 'ddp'")
         if self.precision not in PRECISIONS:
             raise fail(owner, "precision", self.precision, f"must be one of {PRECISIONS}")
         if not isinstance(self.samples, list) or any(

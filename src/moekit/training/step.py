@@ -104,7 +104,7 @@ def optimizer_step(
     if parallel is None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     else:
-        grad_norm = clip_grad_norm(model.parameters(), max_norm, parallel)
+        grad_norm = clip_grad_norm(model, max_norm, parallel)
         loss_sum, aux_sum, tokens = _sums((loss_sum, aux_sum, tokens), parallel)
     lr = optimizer.param_groups[0]["lr"]
     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)

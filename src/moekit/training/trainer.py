@@ -131,10 +131,11 @@ class Trainer:
         self.model: Transformer = build_model(cfg.model, device=self.device, seed=tc.seed)
         self.method.prepare_model(self.model, self.data)
         if self.parallel is not None:
-            parallelize(self.model, self.parallel)
+            parallelize(self.model, self.parallel, data_parallel=tc.data_parallel)
             self.observer.message(
                 f"{self.parallel.world} processes: experts split over {self.parallel.ep}, "
-                f"{self.parallel.dp} data-parallel replicas of them (FSDP2), "
+                f"{self.parallel.dp} data-parallel replicas of them "
+                f"({'FSDP2' if tc.data_parallel == 'fsdp' else 'DDP'}), "
                 f"{tc.batch_size // self.parallel.world} rows per process per batch"
             )
         line = self.method.summary_line()
