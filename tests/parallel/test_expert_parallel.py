@@ -33,12 +33,12 @@ def test_copies_come_back_to_their_tokens():
 def test_checkpoints_reshard_from_2_to_4_to_1_processes(tmp_path):
     from safetensors.torch import load_file
 
-    # Saved by 2 processes (ep 2) after two steps; loaded by 4 (dp 2 x ep 2) with identical
-    # weights, one more step, saved; loaded by one process with identical weights.
+    # Saved by 2 processes (ep 2, FSDP2) after two steps; loaded by 4 (dp 2 x ep 2, DDP) with
+    # identical weights, one more step, saved; loaded by one process with identical weights.
     for name in ("two", "four"):
         (tmp_path / name).mkdir()
     run_world(workers.reshard, 2, 2, str(tmp_path), None, "two")
-    run_world(workers.reshard, 4, 2, str(tmp_path), "two", "four")
+    run_world(workers.reshard, 4, 2, str(tmp_path), "two", "four", "ddp")
     saved_by_four = load_file(str(tmp_path / "four" / "weights.safetensors"))
     one = workers.one_process_load(str(tmp_path), "four")
     for name, t in saved_by_four.items():

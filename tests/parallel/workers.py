@@ -169,8 +169,9 @@ def _train(
 
 
 def reshard(
-    rank: int, world: int, port: int, ep: int, root: str, load: str | None, save: str
-) -> None:
+    rank: int, world: int, port: int, ep: int, root: str, load: str | None, save: str,
+    data_parallel: str = "fsdp",
+) -> None:  # fmt: skip
     """Load the checkpoint `load` (if any) saved under another split, check the weights
     against the ones saved with it, train one more step, and save a checkpoint and the
     gathered weights under `save`."""
@@ -184,7 +185,9 @@ def reshard(
     join(rank, world, port)
     parallel = init_parallel(ep)
     cfg = tiny_config(z_loss_weight=1e-3)
-    model = parallelize(build_model(cfg, seed=7 + world), parallel)  # other weights than saved
+    model = parallelize(  # other weights than the saved ones
+        build_model(cfg, seed=7 + world), parallel, data_parallel=data_parallel
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     base = __import__("pathlib").Path(root)
     if load is None:
