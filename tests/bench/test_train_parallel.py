@@ -29,3 +29,5 @@ def test_bench_train_refuses_a_split_the_preset_cannot_take(capsys):
     args = ["bench", "train", "--preset", "debug", "--batch-size", "4", "--nproc", "2"]
     assert main([*args, "--ep", "3"]) == 2
     assert "must divide the number of processes" in capsys.readouterr().err
+    assert main(["bench", "train", "--preset", "debug", "--ep", "2"]) == 2  # no --nproc
+    assert "give --nproc too" in capsys.readouterr().err

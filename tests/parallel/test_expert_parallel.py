@@ -68,3 +68,7 @@ def test_a_process_that_dies_makes_the_others_fail_not_hang(tmp_path):
     assert not alive, "the surviving process hung"
     assert procs[1].exitcode == 3
     assert out.read_text(), "the survivor ended without an error"
+
+
+def test_a_process_whose_rows_are_all_padding_keeps_in_step():
+    run_world(workers.padding_only, 2)

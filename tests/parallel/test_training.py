@@ -83,4 +83,15 @@ def test_a_split_the_run_cannot_take_is_refused(tmp_path, capsys):
     assert main([*base, "--nproc", "2", "--ep", "2", "model.moe.num_experts=3"]) == 2
     assert "must divide the number of routed experts (3)" in capsys.readouterr().err
     assert main([*base, "--nproc", "0"]) == 2
+    uneven = ["--nproc", "4", "--ep", "2", "model.moe.expert_hidden=33"]
+    assert main([*base, *uneven]) == 2
+    assert "model.moe.expert_hidden=33 must be a multiple of 2" in capsys.readouterr().err
     assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+    run_world(workers.signalled, 2, str(tmp_path))
+    steps = {(tmp_path / f"rank{r}").read_text() for r in (0, 1)}
+    assert len(steps) == 1, steps  # the same step on both
+    step = int(steps.pop())
+    assert (tmp_path / "run" / "train_state" / f"step-{step:08d}" / "dcp" / ".metadata").is_file()

@@ -271,6 +271,18 @@ def split_generation(rank: int, world: int, port: int, model_dir: str, out: str)
     if rank != 0:
         assert serve_experts(generator.model, parallel) > 0
         return
+
+    # A forward pass that fails on the main process part way (here in the second block's
+    # attention, after the first MoE layer's exchange) leaves the others ready for the next.
+    def fail(*args: object) -> None:
+        raise RuntimeError("injected")
+
+    hook = generator.model.blocks()[1].attn.register_forward_pre_hook(fail)
+    try:
+        generator.generate("The cat", SamplingParams(temperature=0, max_new_tokens=2))
+    except RuntimeError as e:
+        assert "injected" in str(e)
+    hook.remove()
     prompts = ["The cat", "def f(x):\n    return"]
     result = {}
     for name, params in {
@@ -304,3 +316,43 @@ def one_dies(rank: int, world: int, port: int, out: str) -> None:
             _train(model, opt, range(step, step + 1), rank, world)
     except Exception as e:  # what the survivor sees
         Path(out).write_text(f"{time.monotonic() - t0:.1f}s {type(e).__name__}: {e}")
+
+
+def signalled(rank: int, world: int, port: int, out: str) -> None:
+    """A long run in which only process 1 receives SIGTERM: every process must save the same
+    step and stop with TrainingInterruptedError (writing the step to out/rank{N})."""
+    import signal
+    import threading
+    from pathlib import Path
+
+    from moekit.training.errors import TrainingInterruptedError
+
+    join(rank, world, port)
+    if rank == 1:
+        threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        train_here(str(Path(out) / "run"), ["train.ep=2", "train.max_steps=100000"], resume=False)
+    except TrainingInterruptedError as e:
+        Path(out, f"rank{rank}").write_text(str(e.step))
+
+
+def padding_only(rank: int, world: int, port: int) -> None:
+    """One process's rows are all padding: the step still completes on every process."""
+    import torch.distributed as dist
+
+    from moekit.parallel.apply import parallelize
+    from moekit.parallel.mesh import init_parallel
+    from moekit.training.step import optimizer_step
+
+    join(rank, world, port)
+    parallel = init_parallel(ep=world)
+    model = parallelize(build_model(tiny_config(), seed=0), parallel)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rows = torch.randint(1, 96, (4, 17), generator=torch.Generator().manual_seed(3))
+    rows[2:] = 0  # process 1's rows
+    out = optimizer_step(
+        model, opt, [(rows[:, :-1], rows[:, 1:])], grad_accum=1, grad_clip=1.0, pad_id=0,
+        parallel=parallel,
+    )  # fmt: skip
+    assert out["finite"] and out["tokens"] == int((rows[:, :-1] != 0).sum())
+    dist.destroy_process_group()

@@ -384,6 +384,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.nproc > 1:
         return _run_train_parallel(args)
+    if args.ep != 1:
+        raise ValueError("--ep splits the experts over processes: give --nproc too")
     result = bench_train(
         preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats
     )

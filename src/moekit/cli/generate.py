@@ -50,10 +50,15 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.ep is None:
         return _generate(generator, args)
-    from moekit.parallel.inference import release_experts, serve_experts, split_model
+    from moekit.parallel.inference import (
+        INFERENCE_TIMEOUT,
+        release_experts,
+        serve_experts,
+        split_model,
+    )
     from moekit.parallel.mesh import init_parallel
 
-    parallel = init_parallel(args.ep, device=generator.device)
+    parallel = init_parallel(args.ep, device=generator.device, timeout=INFERENCE_TIMEOUT)
     split_model(generator.model, parallel)
     if not parallel.is_main:
         serve_experts(generator.model, parallel)  # until the main process is done

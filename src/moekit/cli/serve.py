@@ -122,12 +122,17 @@ def split_list(values: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.ep is None:
         return _serve(args, None)
-    from moekit.parallel.inference import release_experts, serve_experts, split_model
+    from moekit.parallel.inference import (
+        INFERENCE_TIMEOUT,
+        release_experts,
+        serve_experts,
+        split_model,
+    )
     from moekit.parallel.mesh import init_parallel
     from moekit.runtime import resolve_device
 
     check_ep(args, "serve")
-    parallel = init_parallel(args.ep, device=resolve_device(args.device))
+    parallel = init_parallel(args.ep, device=resolve_device(args.device), timeout=INFERENCE_TIMEOUT)
     if not parallel.is_main:  # serve this process's experts to the main one
         from moekit.model_dir import ModelDir
 

@@ -178,6 +178,8 @@ class MoELayer(nn.Module):
         probs_TE = self.router.probs(logits_TE)
         if not len(probs_TE):
             zero = route.logits.new_zeros(()) + 0.0 * route.logits.sum()
+            if self.reduce_counts is not None and torch.is_grad_enabled():
+                self.reduce_counts(routed_E.float())  # in step with the other processes
             return MoEStats(routed_E, dropped, zero, zero, zero.detach())
         entropy = losses.router_entropy(probs_TE.detach())
         # The router losses only matter for training: without autograd (evaluation, decoding)

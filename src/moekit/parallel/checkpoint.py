@@ -87,15 +87,17 @@ def sharded_state(
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter its optimizer state (a step with zero gradients at learning rate
-    0, which leaves the weights and the moments as they are: AdamW's moments stay zero)."""
+    """Give every parameter without optimizer state its state (a step with zero gradients at
+    learning rate 0 over those parameters only, which leaves their weights as they are and
+    their moments zero; the parameters that have state are left out of it)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if all(p in optimizer.state for p in params):
+    fresh = {p for p in params if p not in optimizer.state}
+    if not fresh:
         return
     lrs = [g["lr"] for g in optimizer.param_groups]
     grads = [p.grad for p in params]
     for p in params:
-        p.grad = torch.zeros_like(p)
+        p.grad = torch.zeros_like(p) if p in fresh else None
     for g in optimizer.param_groups:
         g["lr"] = 0.0
     optimizer.step()
@@ -103,7 +105,8 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         g["lr"] = lr
     for p, grad in zip(params, grads, strict=True):
         p.grad = grad
-    for st in optimizer.state.values():  # the step above does not count
+    for p in fresh:  # the step above does not count
+        st = optimizer.state[p]
         if "step" in st:
             st["step"] = torch.zeros_like(st["step"]) if isinstance(st["step"], Tensor) else 0
 

@@ -27,6 +27,7 @@ with no copies to send: the exchanges are collective.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,9 @@ class ExpertParallelExperts(Experts):
     set, accumulates the time spent in the exchanges."""
 
     timer: ExchangeTimer | None = None
+    # Called before the exchanges of each `compute` (inference: the main process tells the
+    # processes serving experts that an exchange follows; moekit.parallel.inference).
+    before_exchange: Callable[[], None] | None = None
 
     def __init__(
         self,
@@ -133,6 +137,8 @@ class ExpertParallelExperts(Experts):
         scale_S: Tensor,
     ) -> Tensor:  # fmt: skip
         P, L = self.group_size, self.num_experts
+        if self.before_exchange is not None:
+            self.before_exchange()
         # 1. How many copies each process sends to each of this process's experts.
         recv_PL = torch.empty(P, L, dtype=torch.long)
         dist.all_to_all_single(recv_PL, counts_E.detach().cpu().view(P, L), group=self.group)

@@ -7,27 +7,36 @@ runs everything as on one process; whenever it runs the model, the others join e
 layer's exchanges in step (`serve_experts`): they send no token copies of their own, receive
 the main process's copies for their experts, compute them and send the outputs back. So
 only the main process needs the attention, the KV caches and the requests; the others hold
-experts. A forward pre-hook on the main process's model announces each forward pass to the
-others (a one-element broadcast), and `release_experts` tells them to stop.
+experts. The main process announces each MoE layer's exchange just before it (a
+one-element broadcast naming the layer), so a forward pass that fails on the main process
+part way (a prompt too long, a full cache) leaves the others waiting for the next
+announcement, not inside an exchange; `release_experts` tells them to stop. Run them in a
+process group with a long timeout (`INFERENCE_TIMEOUT`): a server may sit idle for hours.
 """
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from moekit.model import Transformer
 from moekit.parallel.expert import EXPERT_PARALLEL, ExpertParallelExperts, shard_experts
 from moekit.parallel.mesh import Parallel
 
-_FORWARD, _STOP = 1, 0
+_STOP = 0  # announcements: 0 stops, i + 1 runs MoE layer i's exchange
+
+# The processes serving experts wait for the next announcement as long as this (a server can
+# be idle for hours; a main process that dies closes its connections and ends them at once).
+INFERENCE_TIMEOUT = datetime.timedelta(days=365)
 
 
 def split_model(model: Transformer, parallel: Parallel) -> Transformer:
     """Keep this process's share of `model`'s experts (its expert-parallel size must be the
-    number of processes) and, on the main process, announce each forward pass to the others;
-    in place, returns the model. The others then call `serve_experts`."""
+    number of processes) and, on the main process, announce each MoE layer's exchange to the
+    others; in place, returns the model. The others then call `serve_experts`."""
     if parallel.dp != 1:
         raise ValueError(
             f"inference splits the experts over every process: the expert-parallel size "
@@ -36,19 +45,24 @@ def split_model(model: Transformer, parallel: Parallel) -> Transformer:
     shard_experts(model, parallel)
     if parallel.is_main:
         group = parallel.world_group
-
-        def announce(module: nn.Module, args: object) -> None:
-            dist.broadcast(torch.tensor([_FORWARD]), src=0, group=group)
-
-        model.register_forward_pre_hook(announce)
+        for i, layer in enumerate(model.moe_layers().values()):
+            assert isinstance(layer.experts, ExpertParallelExperts)
+            layer.experts.before_exchange = _announcer(i + 1, group)
     return model
+
+
+def _announcer(signal: int, group: dist.ProcessGroup) -> Callable[[], None]:
+    def announce() -> None:
+        dist.broadcast(torch.tensor([signal]), src=0, group=group)
+
+    return announce
 
 
 @torch.inference_mode()
 def serve_experts(model: Transformer, parallel: Parallel) -> int:
-    """On a process other than the main one: take part in every forward pass the main process
-    runs (each MoE layer's exchanges, in layer order) until it calls `release_experts`.
-    Returns the number of forward passes served."""
+    """On a process other than the main one: take part in every MoE layer exchange the main
+    process announces until it calls `release_experts`. Returns the number of exchanges
+    served."""
     layers = [layer.experts for layer in model.moe_layers().values()]
     if not all(isinstance(ex, ExpertParallelExperts) for ex in layers):
         raise ValueError("serve_experts needs a model split by split_model")
@@ -59,12 +73,12 @@ def serve_experts(model: Transformer, parallel: Parallel) -> int:
         dist.broadcast(signal, src=0, group=parallel.world_group)
         if int(signal) == _STOP:
             return served
-        for ex in layers:
-            assert isinstance(ex, ExpertParallelExperts)
-            none = torch.zeros(0, ex.dim, device=device, dtype=ex.w_up.dtype)
-            ids = torch.zeros(0, dtype=torch.long, device=device)
-            counts = torch.zeros(ex.num_global, dtype=torch.long, device=device)
-            ex.compute(EXPERT_PARALLEL, none, ids, counts, none.new_zeros(0))
+        ex = layers[int(signal) - 1]
+        assert isinstance(ex, ExpertParallelExperts)
+        none = torch.zeros(0, ex.dim, device=device, dtype=ex.w_up.dtype)
+        ids = torch.zeros(0, dtype=torch.long, device=device)
+        counts = torch.zeros(ex.num_global, dtype=torch.long, device=device)
+        ex.compute(EXPERT_PARALLEL, none, ids, counts, none.new_zeros(0))
         served += 1
 
 

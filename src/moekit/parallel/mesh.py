@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-# How long a collective waits for the other processes before failing (a rank that died
-# makes the rest fail with a timeout error instead of waiting forever).
-DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+# How long a collective waits for the other processes before failing. A process that dies
+# closes its connections, which ends the others' collectives at once; this bounds the wait
+# for one that hangs, and also what the main process may do alone while the others wait
+# (preparing data, writing the report): generous.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,9 @@ def init_parallel(
                 "not launched as one of several processes (missing "
                 f"{', '.join(missing)}): start with `torchrun --nproc-per-node N -m moekit ...`"
             )
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # On CUDA, NCCL for tensors on the GPU and gloo for the small CPU tensors some
+        # collectives exchange (copy counts, flags, norms).
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     check_sizes(world, ep)

@@ -68,6 +68,16 @@ def check_split(cfg: RunConfig, world: int) -> None:
             f"make it a multiple of {world} (each process takes batch_size / {world} rows of "
             "every batch)"
         )
+    dp = world // tc.ep
+    if cfg.model.moe is not None and tc.ep > 1 and dp > 1 and tc.data_parallel == "fsdp":
+        sizes = {"model.moe.expert_hidden": cfg.model.moe.expert_hidden, "model.dim": cfg.model.dim}
+        for name, size in sizes.items():
+            if size % dp:
+                raise ValueError(
+                    f"FSDP2 shards each expert's rows over the {dp} replicas of the experts, so "
+                    f"{name}={size} must be a multiple of {dp}; or use "
+                    "train.data_parallel=ddp (replicated experts)"
+                )
     if cfg.finetune is not None:
         raise ValueError(
             "fine-tuning runs on one process; several processes train from a model config "

@@ -237,9 +237,21 @@ class Trainer:
         if self.step % tc.save_every == 0 or self.step == loop.end:
             self.save()
         self.observer.stepped(StepDone(self.step, record["loss"], self.tokens))
-        if self._signal is not None:
+        signal_ = self._agreed_signal()
+        if signal_ is not None:
             self.save()
-            raise TrainingInterruptedError(self._signal, self.step, self.run_dir)
+            raise TrainingInterruptedError(signal_, self.step, self.run_dir)
+
+    def _agreed_signal(self) -> int | None:
+        """The stop signal this step ends on: on several processes, one that any of them
+        received (they may receive it at different steps; all must save together)."""
+        if self.parallel is None:
+            return self._signal
+        flag = torch.tensor([self._signal or 0])
+        torch.distributed.all_reduce(
+            flag, op=torch.distributed.ReduceOp.MAX, group=self.parallel.world_group
+        )
+        return int(flag) or None
 
     def _train_step(self, loop: _Loop) -> dict[str, Any]:
         """One optimizer step and the schedule's, counted; stops the run after
