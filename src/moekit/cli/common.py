@@ -249,3 +249,9 @@ def check_ep(args: argparse.Namespace, command: str) -> None:
         )
     if getattr(args, "max_memory", None) is not None:
         raise ValueError("--ep and --max-memory do not combine: each process holds its experts")
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():  # one GPU per process, as torchrun numbers them
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
