@@ -121,12 +121,8 @@ def save_checkpoint(
     if parallel is not None:
         return _save_sharded(run_dir, step, model, optimizer, scheduler, extra, keep_last, parallel)
     directory = ModelDir(run_dir)
-    root = directory.train_state
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.glob(".step-*.tmp"), *root.glob(".step-*.old")]:  # from a crash
-        shutil.rmtree(stale, ignore_errors=True)
-    final = directory.checkpoint_dir(step)
-    tmp = root / f".{final.name}.tmp"
+    final, tmp = directory.checkpoint_dir(step), _tmp_dir(directory, step)
+    _clear_leftovers(directory)
     try:
         _write(tmp, final, step, model, optimizer, scheduler, extra)
     except BaseException as err:
@@ -140,6 +136,19 @@ def save_checkpoint(
         raise DiskFullError(final, needed, full.free, what) from err
     _publish(directory, final, keep_last)
     return final
+
+
+def _tmp_dir(directory: ModelDir, step: int) -> Path:
+    """Where the checkpoint of `step` is written before it is renamed into place."""
+    return directory.train_state / f".{directory.checkpoint_dir(step).name}.tmp"
+
+
+def _clear_leftovers(directory: ModelDir) -> None:
+    """Create train_state/ and remove what a crash left in it (half-written checkpoints)."""
+    root = directory.train_state
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in [*root.glob(".step-*.tmp"), *root.glob(".step-*.old")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _publish(directory: ModelDir, final: Path, keep_last: int) -> None:
@@ -165,13 +174,9 @@ def _save_sharded(
     """`save_checkpoint` on several processes: the shards into `tmp/dcp` by every process,
     then the main process writes the rest and renames `tmp` into place as `_write` does."""
     directory = ModelDir(run_dir)
-    root = directory.train_state
-    final = directory.checkpoint_dir(step)
-    tmp = root / f".{final.name}.tmp"
+    final, tmp = directory.checkpoint_dir(step), _tmp_dir(directory, step)
     if parallel.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in [*root.glob(".step-*.tmp"), *root.glob(".step-*.old")]:
-            shutil.rmtree(stale, ignore_errors=True)
+        _clear_leftovers(directory)
         tmp.mkdir()
     dist.barrier(group=parallel.world_group)
     save_sharded(tmp / SHARDED, model, optimizer, parallel)
