@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -130,8 +129,7 @@ def bench_train_parallel(
     """Tokens/s of one optimizer step on one process and on `nproc` processes (expert
     parallel over `ep`) on the same `batch_size` x `seq_len` random batch; see the module
     docstring. Returns a ParallelTrainBench."""
-    import torch.multiprocessing as mp
-
+    from moekit.parallel.launch import run_processes
     from moekit.parallel.mesh import check_sizes
 
     cfg = get_preset(preset)
@@ -141,20 +139,10 @@ def bench_train_parallel(
     batch = _batch(cfg.vocab_size, batch_size, seq_len, seed)
     before, loss_one = _one_process(preset, batch, repeats, seed)
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    with tempfile.TemporaryDirectory() as out, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        ctx = mp.start_processes(
-            _worker, args=(nproc, port, ep, preset, batch, repeats, seed, threads, out),
-            nprocs=nproc, join=False, start_method="spawn",
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"the {nproc} processes did not finish in {timeout:.0f} s")
+    with tempfile.TemporaryDirectory() as out:
+        run_processes(
+            _worker, nproc, ep, preset, batch, repeats, seed, threads, out, timeout=timeout
+        )
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(nproc)]
     after, _ = _one_process(preset, batch, repeats, seed)
     # A step ends when its slowest process does.
