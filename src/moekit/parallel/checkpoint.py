@@ -16,7 +16,6 @@ optimizer's state (AdamW's moments) is described the same way as its parameter.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +57,6 @@ def _global(t: Tensor, parallel: Parallel) -> DTensor:
     )
 
 
-def _params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    yield from model.named_parameters()
-
-
 def sharded_state(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel: Parallel | None
 ) -> dict[str, Any]:
@@ -77,7 +72,7 @@ def sharded_state(
     if optimizer is not None:
         _init_optimizer_state(optimizer)
         state["optim"] = {}
-        for name, p in _params(model):
+        for name, p in model.named_parameters():
             entries = optimizer.state.get(p, {})
             state["optim"][name] = {
                 k: _global(v, parallel) if name in experts and v.dim() else v  # type: ignore[arg-type]
