@@ -68,7 +68,18 @@ CONFIG = (
     Field("num_experts_per_tok", "moe.top_k"),
     Field("moe_intermediate_size", "moe.expert_hidden"),
     Field("n_shared_experts", "moe.num_shared_experts", default=0, cast=int),
-    Field("first_k_dense_replace", "moe.first_dense_layers", default=0, cast=int),
+    Field(
+        "first_k_dense_replace",
+        "moe.first_dense_layers",
+        default=0,
+        cast=int,
+        get=lambda cfg: cfg.leading_dense_layers,
+    ),
+    Check(
+        "DeepSeek-V3's dense layers are the first ones (first_k_dense_replace)",
+        lambda cfg: cfg.leading_dense_layers is not None,
+        ("moe.first_dense_layers", "moe.dense_layers"),
+    ),
     Field("norm_topk_prob", "moe.norm_topk_prob", default=True, cast=bool),
     Field("routed_scaling_factor", "moe.routed_scaling_factor", default=1.0, cast=float),
     Field("n_group", "moe.num_groups", default=1, cast=lambda v: v or 1),
@@ -77,7 +88,6 @@ CONFIG = (
     Fixed(
         {"moe.router": "topk", "moe.score_func": "sigmoid"}, "DeepSeek-V3 routes by sigmoid top-k"
     ),
-    Fixed({"moe.layer_step": 1}, "DeepSeek-V3 has MoE on every layer after the dense ones"),
     Fixed({"moe.shared_expert_gate": False}, "DeepSeek-V3's shared experts have no gate"),
     OnImport({"moe.group_score": "top2_sum"}, "groups are scored by their best two experts"),
     Check(
