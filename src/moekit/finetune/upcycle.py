@@ -67,14 +67,7 @@ def upcycle(
         layer_step=layer_step,
         dense_layers=dense_layers,
     )
-    cfg = ModelConfig.from_dict({**dense.to_dict(), "moe": moe.to_dict()})
-    if not cfg.moe_layers:
-        placement = (
-            f"dense_layers={dense_layers}"
-            if dense_layers is not None
-            else f"first_dense_layers={first_dense_layers}, layer_step={layer_step}"
-        )
-        raise ValueError(f"{placement} leaves no MoE layer in a model of {cfg.num_layers} layers")
+    cfg = _with_moe(dense, moe)
     state = load_weights(src)
     gen = torch.Generator().manual_seed(seed)
     moe_layers = set(cfg.moe_layers)
@@ -104,4 +97,17 @@ def upcycle(
     target.save_config(cfg)
     for path in ModelDir(src).tokenizer_files():
         shutil.copyfile(path, out / path.name)
+    return cfg
+
+
+def _with_moe(dense: ModelConfig, moe: MoEConfig) -> ModelConfig:
+    """The dense config with `moe`; a ValueError when its placement leaves no MoE layer."""
+    cfg = ModelConfig.from_dict({**dense.to_dict(), "moe": moe.to_dict()})
+    if not cfg.moe_layers:
+        placement = (
+            f"dense_layers={moe.dense_layers}"
+            if moe.dense_layers is not None
+            else f"first_dense_layers={moe.first_dense_layers}, layer_step={moe.layer_step}"
+        )
+        raise ValueError(f"{placement} leaves no MoE layer in a model of {cfg.num_layers} layers")
     return cfg
