@@ -95,6 +95,7 @@ class ModelDir:
     TOKENIZER = "tokenizer.json"
     TOKENIZER_CONFIG = "tokenizer_config.json"
     CHAT_TEMPLATE = "chat_template.json"
+    GENERATION_CONFIG = "generation_config.json"  # a model's EOS ids and sampling defaults
     RUN_CONFIG = "run.json"
     METRICS = "metrics.jsonl"
     TENSORBOARD = "tensorboard"
@@ -106,7 +107,7 @@ class ModelDir:
     ADAPTER_WEIGHTS = "adapter.safetensors"
     ADAPTER_CONFIG = "adapter_config.json"
     # The files that travel with a model wherever it is copied (convert, upcycle).
-    TOKENIZER_FILES = (TOKENIZER, TOKENIZER_CONFIG, CHAT_TEMPLATE)
+    TOKENIZER_FILES = (TOKENIZER, TOKENIZER_CONFIG, CHAT_TEMPLATE, GENERATION_CONFIG)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)

@@ -195,3 +195,33 @@ def test_export_states_bos_and_eos_settings_and_the_usual_file_mode(tmp_path):
     assert reference("the fox")["input_ids"] == Tokenizer.load(tmp_path / "ours").encode("the fox")
     for file in (tmp_path / "exported").iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask(), file.name
+
+
+def test_generation_config_and_chat_template_travel_both_ways(tmp_path):
+    """A checkpoint's generation_config.json (EOS ids, sampling defaults) and Jinja chat
+    template come along on import, are used by moekit, and go out again on export."""
+    from moekit.infer.generate import Generator
+    from moekit.infer.jinja_chat import JinjaChatTemplate, load_chat_template
+
+    vocab = deepseek_tokenizer(tmp_path / "hf")
+    config_file = tmp_path / "hf" / "tokenizer_config.json"
+    template = "{% for m in messages %}{{ bos_token }}{{ m['content'] }}{% endfor %}"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "chat_template": template}))  # fmt: skip
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(_tiny_mixtral(vocab)).save_pretrained(tmp_path / "hf")
+    generation = {"eos_token_id": [1, 5], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(generation))
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    generator = Generator.from_dir(tmp_path / "ours", device="cpu")
+    assert generator.eos_ids == {1, 5}
+    assert generator.defaults.sampling() == {"temperature": 0.6, "top_p": 0.9}
+    chat = load_chat_template(tmp_path / "ours")
+    assert isinstance(chat, JinjaChatTemplate)
+    assert chat.format([{"role": "user", "content": "hi"}]) == "<｜begin▁of▁sentence｜>hi"
+
+    export_hf(tmp_path / "ours", tmp_path / "exported")
+    written = json.loads((tmp_path / "exported" / "generation_config.json").read_text())
+    assert written["eos_token_id"] == [1, 5] and written["temperature"] == 0.6
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert reference.chat_template == template

@@ -33,15 +33,18 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.infer.chat import ChatSession, ChatTemplate
+    from moekit.infer.chat import ChatSession
     from moekit.infer.generate import ContextLengthError, Generator
+    from moekit.infer.jinja_chat import load_chat_template
 
+    template = load_chat_template(args.model_dir)
+    generator = Generator.from_dir(
+        args.model_dir, device=args.device, offload=offload_config(args), compile=args.compile
+    )
     session = ChatSession(
-        Generator.from_dir(
-            args.model_dir, device=args.device, offload=offload_config(args), compile=args.compile
-        ),
-        sampling_params(args),
-        template=ChatTemplate.load(args.model_dir),
+        generator,
+        sampling_params(args, generator.defaults.sampling()),
+        template=template,
         system=args.system,
     )
     print("moekit chat: /reset clears the conversation, /quit or Ctrl-D leaves.", file=sys.stderr)

@@ -127,15 +127,24 @@ def offload_config(args: argparse.Namespace) -> Any:
     )
 
 
+# Sampling flags left out take the model's own default (its generation_config.json), else these.
+_SAMPLING_FALLBACKS = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser, *, default_temperature: float) -> None:
+    model = "default: the model's generation_config.json, else"
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
-        "--temperature", type=float, default=default_temperature, help="0 means greedy decoding"
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"0 means greedy decoding ({model} {default_temperature})",
     )
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 means off")
+    p.add_argument("--top-p", type=float, default=None, help=f"({model} 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help=f"0 means off ({model} 0)")
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=None, help=f"({model} 1.0)")
+    p.set_defaults(fallback_temperature=default_temperature)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument(
@@ -143,17 +152,23 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, default_temperature: f
     )
 
 
-def sampling_params(args: argparse.Namespace, **extra: Any) -> Any:
-    """SamplingParams from `add_sampling_arguments`' flags (and `extra` fields)."""
+def sampling_params(
+    args: argparse.Namespace, model_defaults: dict[str, Any] | None = None, **extra: Any
+) -> Any:
+    """SamplingParams from `add_sampling_arguments`' flags (and `extra` fields); a flag left
+    out takes `model_defaults` (GenerationDefaults.sampling()), else moekit's default."""
     from moekit.infer.sampling import SamplingParams
 
+    fallbacks = {**_SAMPLING_FALLBACKS, "temperature": args.fallback_temperature}
+    chosen = {
+        name: value if (value := getattr(args, name)) is not None
+        else (model_defaults or {}).get(name, fallback)
+        for name, fallback in fallbacks.items()
+    }  # fmt: skip
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
         min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
+        **chosen,
         seed=args.seed,
         stop=list(args.stop or []) + list(extra.pop("stop", [])),
         experts_per_token=args.experts_per_token,

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(generator: Any, args: argparse.Namespace) -> int:
-    params = sampling_params(args, return_routing=args.routing)
+    params = sampling_params(args, generator.defaults.sampling(), return_routing=args.routing)
     if args.json:
         completion = generator.generate(args.prompt, params)[0]
         data: dict[str, Any] = {

@@ -21,7 +21,7 @@ import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from moekit.model_dir import ModelDir
 
@@ -40,9 +40,11 @@ class ChatTemplate:
     )
     generation_prompt: str = "<|assistant|>\n"
     stop: tuple[str, ...] = ("<|user|>", "<|system|>", "<|assistant|>")
+    # The formatted text holds no special tokens: a prompt gets the tokenizer's own (its BOS).
+    includes_special_tokens: ClassVar[bool] = False
 
     def format(
-        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
     ) -> str:
         """The prompt text for `messages` (each {"role": ..., "content": ...})."""
         parts = []
@@ -87,6 +89,29 @@ class ChatTemplate:
             raise ValueError(f"{path} is not a valid chat template ({e})") from e
 
 
+class PromptTemplate(Protocol):
+    """What a chat needs of a template: moekit's `ChatTemplate` or a Jinja one
+    (moekit.infer.jinja_chat)."""
+
+    @property
+    def stop(self) -> tuple[str, ...]: ...
+
+    @property
+    def includes_special_tokens(self) -> bool: ...
+
+    def format(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str: ...
+
+
+def prompt_ids(template: PromptTemplate, tokenizer: Any, text: str) -> list[int]:
+    """The token ids of a prompt `template` formatted: as it is when the template wrote the
+    special tokens itself, else after the tokenizer's own prompt prefix."""
+    if template.includes_special_tokens:
+        return list(tokenizer.encode(text))
+    return list(tokenizer.encode_prompt(text))
+
+
 class ChatSession:
     """A conversation with a model: each `send` adds the user's message, streams the reply
     and remembers both. When the conversation outgrows the model's context, the oldest
@@ -97,11 +122,11 @@ class ChatSession:
         generator: Generator,
         params: SamplingParams,
         *,
-        template: ChatTemplate | None = None,
+        template: PromptTemplate | None = None,
         system: str | None = None,
     ) -> None:
         self.generator = generator
-        self.template = template or ChatTemplate()
+        self.template: PromptTemplate = template or ChatTemplate()
         self.params = params
         self.system = system
         self.history: list[dict[str, str]] = []
@@ -125,7 +150,9 @@ class ChatSession:
         first = 1 if self.system else 0
         while True:
             try:
-                pieces = self.generator.stream(self.template.format(self.history), params)
+                text = self.template.format(self.history)
+                ids = prompt_ids(self.template, self.generator.tokenizer, text)
+                pieces = self.generator.stream(ids, params)
                 reply = ""
                 for chunk in pieces:
                     reply += chunk.text

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moekit.infer.compiled import CompiledDecoder, cache_length, decode_support
+from moekit.infer.defaults import GenerationDefaults
 from moekit.infer.detokenize import TextTracker
 from moekit.infer.offload import OffloadConfig
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
@@ -100,9 +101,19 @@ def routing_of(out: ModelOutput, row: int, position: int, seq_len: int) -> Routi
 class Generator:
     """Generates from a model and its tokenizer. Build one with `Generator.from_dir(path)`."""
 
-    def __init__(self, model: Transformer, tokenizer: Any, *, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Any,
+        *,
+        compile: bool = False,
+        defaults: GenerationDefaults | None = None,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        # The model's own generation settings (generation_config.json): more end-of-sequence
+        # ids, sampling defaults for callers that set none.
+        self.defaults = defaults or GenerationDefaults()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         # The compiled decode step (moekit.infer.compiled), built on first use.
@@ -141,7 +152,16 @@ class Generator:
             model = load_paged_model(model_dir, offload, device=resolve_device(device), dtype=dtype)
         else:
             model = load_model(model_dir, device=resolve_device(device), dtype=dtype)
-        return cls(model, tokenizer, compile=compile)
+        return cls(model, tokenizer, compile=compile, defaults=GenerationDefaults.load(model_dir))
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """The ids that end a sequence: the tokenizer's end-of-text token and those the
+        model's generation_config.json lists."""
+        ids = set(self.defaults.eos_token_ids)
+        if self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        return ids
 
     @property
     def max_seq_len(self) -> int:
@@ -201,8 +221,8 @@ class Generator:
             cache_len = cache_length(cache_len, self.max_seq_len)
         cache = KVCache(self.model.cfg, B, cache_len, device=self.device, dtype=self.dtype)
         stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer.eos_id is not None:
-            stop_ids.add(self.tokenizer.eos_id)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_ids
         gens = [make_generator(params.seed, self.device) for _ in range(B)]
         penalty = params.repetition_penalty != 1.0  # only then the seen tokens are kept
         seen = [torch.tensor(q if penalty else [], device=self.device).long() for q in ids]

@@ -10,6 +10,7 @@ naming the field or tensor, never a silent mismatch.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import ModelConfig
-from moekit.files import write_json
+from moekit.files import read_json, write_json
 from moekit.interop import deepseek_v3, mixtral, olmoe, qwen_moe
 from moekit.interop.architecture import Architecture
 from moekit.interop.checkpoint import (
@@ -153,6 +154,7 @@ def import_hf(
                 for stored_name, value in stored:
                     writer.add(stored_name, value)
     import_tokenizer(arch.tokenizer, ckpt.directory, out, ckpt.config)
+    _import_generation_config(ckpt.directory, out)
     if q is not None:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "quantization": q.to_dict()})
     out.save_config(cfg)  # last: a directory with a config is a complete model
@@ -200,10 +202,31 @@ def export_hf(
     special = special_ids(src)
     hf.update(special)
     write_json(out / HF_CONFIG, hf)
-    generation = {k: v for k, v in special.items() if v is not None}
-    write_json(out / HF_GENERATION_CONFIG, generation)
+    write_json(out / HF_GENERATION_CONFIG, _generation_config(src, special))
     export_tokenizer(arch.tokenizer, src, out)
     return arch.name
+
+
+def _import_generation_config(src: Path, out: ModelDir) -> None:
+    """Keep the checkpoint's generation_config.json (its EOS ids and sampling defaults), after
+    checking that moekit reads it."""
+    from moekit.infer.defaults import GenerationDefaults
+
+    path = src / HF_GENERATION_CONFIG
+    if path.is_file():
+        GenerationDefaults.load(src)  # a ValueError naming the file and field
+        shutil.copyfile(path, out / ModelDir.GENERATION_CONFIG)
+
+
+def _generation_config(src: ModelDir, special: dict[str, int | None]) -> dict[str, Any]:
+    """generation_config.json of an export: the model's own (kept from an import), with the
+    tokenizer's special ids where it states none."""
+    path = src / ModelDir.GENERATION_CONFIG
+    generation: dict[str, Any] = read_json(path) if path.is_file() else {}
+    for key, value in special.items():
+        if value is not None:
+            generation.setdefault(key, value)
+    return generation
 
 
 def _import_one(m: TensorMap, tensors: LazyTensors) -> list[Tensor]:

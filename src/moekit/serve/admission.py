@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from moekit.infer.chat import ChatTemplate
+from moekit.infer.chat import ChatTemplate, PromptTemplate
 from moekit.infer.generate import ContextLengthError
 from moekit.infer.sampling import SamplingParams
 from moekit.infer.token_bound import TokenBound
@@ -71,10 +71,10 @@ class Admission:
     """The checks and the submission for one engine, under one server config."""
 
     def __init__(
-        self, engine: Engine, config: ServerConfig, template: ChatTemplate | None = None
+        self, engine: Engine, config: ServerConfig, template: PromptTemplate | None = None
     ) -> None:
         self.engine, self.config = engine, config
-        self.template = template or ChatTemplate()
+        self.template: PromptTemplate = template or ChatTemplate()
         self.tokenizer, self.cfg = engine.tokenizer, engine.cfg
         self.limit = config.max_tokens_limit or engine.max_context  # on max_tokens
         self.bound = TokenBound(self.tokenizer)
@@ -146,7 +146,13 @@ class Admission:
             prompt = self.template.format(messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        return self.encode(prompt, "messages")
+        if not self.template.includes_special_tokens:
+            return self.encode(prompt, "messages")
+        self._check_length(prompt, "messages")
+        ids = self.tokenizer.encode_batch([prompt])[0]  # the template wrote the special tokens
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="messages")
+        return ids
 
     def sampling(
         self,
@@ -170,14 +176,18 @@ class Admission:
         vocab = self.cfg.vocab_size
         if any(not 0 <= t < vocab for t in req.stop_token_ids):
             raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        # Fields the request leaves out take the model's own defaults (generation_config.json).
+        model = self.engine.generator.defaults.sampling()
+        chosen = {
+            name: model[name] if name in model and name not in req.model_fields_set
+            else getattr(req, name)
+            for name in ("temperature", "top_p", "top_k", "repetition_penalty")
+        }  # fmt: skip
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                top_k=req.top_k,
                 min_p=req.min_p,
-                repetition_penalty=req.repetition_penalty,
+                **chosen,
                 seed=req.seed,
                 stop=req.stop,
                 stop_token_ids=req.stop_token_ids,

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from moekit.infer.chat import TEMPLATE_FILE, ChatTemplate, check_template
+from moekit.infer.chat import TEMPLATE_FILE, ChatTemplate, PromptTemplate, check_template
 from moekit.infer.detokenize import TokenBytes
 from moekit.infer.generate import Generator
+from moekit.infer.jinja_chat import load_chat_template
 from moekit.infer.offload import OffloadConfig
 from moekit.serve.admission import Admission
 from moekit.serve.config import ServerConfig, SettingError, check_count, listed
@@ -33,12 +34,12 @@ __all__ = ["ServerConfig", "build", "create_app"]
 
 
 def create_app(
-    engine: Engine, config: ServerConfig, template: ChatTemplate | None = None
+    engine: Engine, config: ServerConfig, template: PromptTemplate | None = None
 ) -> FastAPI:
     """The FastAPI application serving `engine`'s model under `config.model_name`, formatting
     chats with `template` (default: moekit's plain template; a ValueError when it cannot
     render a conversation). Start the engine to serve."""
-    if template is not None:
+    if isinstance(template, ChatTemplate):
         check_template(template, "the chat template")
     app = FastAPI(title="moekit", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics()
@@ -93,8 +94,9 @@ def build(
     check_count("max_context", max_context, none_ok=True)
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
         raise SettingError("prefill_chunk", prefill_chunk, "must be an integer >= 0 (0: off)")
-    template = ChatTemplate.load(model_dir)
-    check_template(template, str(Path(model_dir) / TEMPLATE_FILE))
+    template = load_chat_template(model_dir)
+    if isinstance(template, ChatTemplate):
+        check_template(template, str(Path(model_dir) / TEMPLATE_FILE))
     generator = Generator.from_dir(model_dir, device=device, offload=offload)
     if parallel is not None:  # the experts split over processes (moekit.parallel.inference)
         from moekit.parallel.inference import split_model

@@ -477,8 +477,8 @@ class Engine:
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         ids = set(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer.eos_id is not None:
-            ids.add(self.tokenizer.eos_id)
+        if not params.ignore_eos:
+            ids |= self.generator.eos_ids
         return ids
 
     def _close(self, i: int, reason: str, error: str | None = None) -> None:
