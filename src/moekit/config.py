@@ -39,6 +39,7 @@ QK_NORMS = ("none", "head", "full")
 QUANT_BITS = (8, 4)
 QUANT_PARTS = ("experts", "all")
 QUANT_GROUP_SIZES = (32, 64, 128, 256)
+ROPE_SCALINGS = ("yarn",)
 
 
 @dataclass(kw_only=True)
@@ -72,6 +73,71 @@ class QuantizationConfig(ConfigBase):
         """In words, e.g. "int4 (groups of 32), experts"."""
         group = f" (groups of {self.group_size})" if self.group_size else ""
         return f"int{self.bits}{group}, {self.parts}"
+
+
+@dataclass(kw_only=True)
+class RopeScalingConfig(ConfigBase):
+    """RoPE scaled to a longer context than the model was pretrained on (`kind="yarn"`: YaRN,
+    as DeepSeek-V2/V3 and long-context Qwen checkpoints use it).
+
+    YaRN keeps the fast-rotating dimensions as they are, divides the frequencies of the slow
+    ones by `factor`, and blends the two over a ramp between the dimensions that turn
+    `beta_fast` and `beta_slow` times over `original_max_seq_len` positions (the ramp's ends
+    rounded outwards when `truncate`). The cos/sin tables are multiplied by `attention_factor`,
+    by default `m(mscale) / m(mscale_all_dim)` with `m(s) = 0.1 * s * ln(factor) + 1` when both
+    are set, else `m(1)`. Multi-head latent attention (DeepSeek) also multiplies its softmax
+    scale by `m(mscale_all_dim)**2` when `mscale_all_dim` is set.
+    """
+
+    kind: str = "yarn"
+    factor: float
+    original_max_seq_len: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None  # None: from factor, mscale and mscale_all_dim
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "RopeScalingConfig"
+        check_field_types(self)
+        check_choice(owner, "kind", self.kind, ROPE_SCALINGS)
+        check_positive(owner, original_max_seq_len=self.original_max_seq_len)
+        if self.factor < 1:
+            raise fail(owner, "factor", self.factor, "must be >= 1 (the context is stretched)")
+        check_positive(owner, beta_fast=self.beta_fast, beta_slow=self.beta_slow)
+        if self.beta_fast < self.beta_slow:
+            raise fail(
+                owner, "beta_fast", self.beta_fast, f"must be >= beta_slow ({self.beta_slow})"
+            )
+        for name in ("mscale", "mscale_all_dim"):
+            if getattr(self, name) is not None:
+                check_non_negative(owner, **{name: getattr(self, name)})
+        if self.attention_factor is not None:
+            check_positive(owner, attention_factor=self.attention_factor)
+
+    def magnitude(self, mscale: float) -> float:
+        """YaRN's magnitude correction `0.1 * mscale * ln(factor) + 1` (1 when not stretched)."""
+        if self.factor <= 1:
+            return 1.0
+        return 0.1 * mscale * math.log(self.factor) + 1.0
+
+    def cos_sin_factor(self) -> float:
+        """What the cos and sin tables are multiplied by."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return self.magnitude(self.mscale) / self.magnitude(self.mscale_all_dim)
+        return self.magnitude(1.0)
+
+    def softmax_factor(self) -> float:
+        """What multi-head latent attention multiplies its softmax scale by."""
+        return self.magnitude(self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+    def describe(self) -> str:
+        """In words, e.g. "YaRN x40 (pretrained on 4096 positions)"."""
+        return f"YaRN x{self.factor:g} (pretrained on {self.original_max_seq_len} positions)"
 
 
 @dataclass(kw_only=True)
@@ -330,6 +396,7 @@ class ModelConfig(ConfigBase):
         "attention": AttentionConfig,
         "moe": MoEConfig,
         "quantization": QuantizationConfig,
+        "rope_scaling": RopeScalingConfig,
     }
 
     vocab_size: int
@@ -340,6 +407,7 @@ class ModelConfig(ConfigBase):
     ffn_hidden: int | None = None  # dense MLP hidden size; None: a SwiGLU-sized 8/3 * dim
     activation: str = "swiglu"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig | None = None  # None: RoPE as pretrained, unscaled
     norm_eps: float = 1e-6
     max_seq_len: int = 2048
     tie_embeddings: bool = False
@@ -356,6 +424,10 @@ class ModelConfig(ConfigBase):
             self.attention = AttentionConfig.from_dict(self.attention)
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScalingConfig.from_dict(self.rope_scaling)
+        if not isinstance(self.rope_scaling, RopeScalingConfig | None):
+            raise fail(owner, "rope_scaling", self.rope_scaling, "must be an object or null")
         check_field_types(self)
         check_positive(
             owner,
@@ -424,8 +496,9 @@ class ModelConfig(ConfigBase):
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        if data["quantization"] is None:  # a float model's config.json is as it always was
-            del data["quantization"]
+        for name in ("quantization", "rope_scaling"):  # config.json as it always was without them
+            if data[name] is None:
+                del data[name]
         return {"format_version": FORMAT_VERSION, "moekit_version": __version__, **data}
 
     @classmethod

@@ -254,10 +254,10 @@ def test_sliding_windows_as_wide_as_the_context_are_full_attention(tmp_path, tok
 def test_unsupported_fields_are_named(tmp_path, tokenizer):
     make_hf("mixtral", tmp_path / "hf", tokenizer)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        UnsupportedError, match=r"rope_parameters\.rope_type='yarn' is not supported"
+        UnsupportedError, match=r"rope_parameters\.rope_type='dynamic' is not supported"
     ):
         import_hf(tmp_path / "hf", tmp_path / "out")
     config["architectures"], config["model_type"] = ["GPT2LMHeadModel"], "gpt2"

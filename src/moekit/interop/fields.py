@@ -239,36 +239,87 @@ class Check(Entry):
 # ---- settings spread over several fields ------------------------------------------------------
 
 
+# YaRN's settings: Hugging Face name -> RopeScalingConfig field.
+_YARN_FIELDS = {
+    "factor": "factor",
+    "original_max_position_embeddings": "original_max_seq_len",
+    "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow",
+    "mscale": "mscale",
+    "mscale_all_dim": "mscale_all_dim",
+    "attention_factor": "attention_factor",
+    "truncate": "truncate",
+}
+_YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+
+
 class RoPE(Entry):
-    """The RoPE base, from a config written by transformers 4 (`rope_theta`, `rope_scaling`) or 5
-    (`rope_parameters`); scaled RoPE variants are refused. Export writes both spellings."""
+    """The RoPE base and its scaling, from a config written by transformers 4 (`rope_theta`,
+    `rope_scaling`) or 5 (`rope_parameters`; `rope_scaling` wins when both are present, as in
+    transformers). YaRN is carried (`ModelConfig.rope_scaling`); other scaled variants
+    (linear, dynamic, llama3, longrope) are refused by name. Export writes `rope_theta` and
+    `rope_parameters`, and a scaled model's settings under `rope_scaling` too, for
+    transformers 4."""
 
     def hf_names(self) -> tuple[str, ...]:
         return ("rope_theta", "rope_parameters", "rope_scaling")
 
     def ours_paths(self) -> tuple[str, ...]:
-        return ("rope_theta",)
+        return ("rope_theta", "rope_scaling")
 
     def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
-        params = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or {}
-        kind = (
-            params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        )
-        if kind != "default":
-            where = "rope_parameters.rope_type" if params.get("rope_type") else "rope_scaling.type"
-            raise unsupported(
-                where,
-                kind,
-                "moekit implements unscaled RoPE only (YaRN, linear and dynamic scaling are not "
-                "available)",
-            )
+        where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        params = hf.get(where) or {}
+        kind_key = "type" if "rope_type" not in params and "type" in params else "rope_type"
+        kind = params.get(kind_key) or "default"
         theta: Any = params.get("rope_theta") or hf_value(hf, "rope_theta", default=10000.0)
         ours["rope_theta"] = float(theta)
+        if kind == "default":
+            ours["rope_scaling"] = None
+        elif kind == "yarn":
+            ours["rope_scaling"] = _read_yarn(hf, params, where)
+        else:
+            raise unsupported(
+                f"{where}.{kind_key}",
+                kind,
+                "moekit implements unscaled RoPE and YaRN only (linear, dynamic, llama3 and "
+                "longrope scaling are not available)",
+            )
 
     def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
         hf["rope_theta"] = cfg.rope_theta
-        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        scaling = cfg.rope_scaling
+        if scaling is not None:
+            params["rope_type"] = "yarn"
+            for name, ours in _YARN_FIELDS.items():
+                value = getattr(scaling, ours)
+                if value is not None:
+                    params[name] = value
+            hf["rope_scaling"] = dict(params)
+        hf["rope_parameters"] = params
+
+
+def _read_yarn(hf: HFConfig, params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The moekit `rope_scaling` of YaRN settings `params` (found under `where`). As in
+    transformers: the pretrained context defaults to max_position_embeddings (a top-level
+    `original_max_position_embeddings` wins), and a null beta is its default."""
+    unknown = sorted(set(params) - {*_YARN_FIELDS, "rope_type", "type", "rope_theta"})
+    if unknown:
+        raise unsupported(
+            f"{where}.{unknown[0]}", params[unknown[0]], "moekit's YaRN does not carry it"
+        )
+    if params.get("factor") is None:
+        raise unsupported(f"{where}.factor", None, "YaRN needs its scaling factor")
+    out = {ours: params.get(name) for name, ours in _YARN_FIELDS.items()}
+    for ours, default in _YARN_DEFAULTS.items():  # named alike on both sides
+        if out[ours] is None:
+            out[ours] = default
+    original = hf.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings"
+    )
+    out["original_max_seq_len"] = original or hf_value(hf, "max_position_embeddings")
+    return out
 
 
 @dataclass(frozen=True)
