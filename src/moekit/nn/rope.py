@@ -43,10 +43,9 @@ def _yarn_inv_freq(base_freq: Tensor, dim: int, theta: float, yarn: tuple) -> Te
     if low == high:
         high += 0.001  # a ramp of width zero would divide by zero
     ramp = torch.arange(dim // 2, dtype=torch.float32, device=base_freq.device)
-    ramp = ((ramp - low) / (high - low)).clamp(0, 1)  # 0: keep (fast), 1: interpolate (slow)
-    kept = 1.0 / base_freq
-    stretched = 1.0 / (factor * base_freq)
-    return stretched * ramp + kept * (1 - ramp)
+    ramp = ((ramp - low) / (high - low)).clamp(0, 1)  # 0: fast (kept), 1: slow (stretched)
+    kept_share = 1 - ramp  # in this order, the float32 rounding of transformers' tables
+    return 1.0 / (factor * base_freq) * (1 - kept_share) + 1.0 / base_freq * kept_share
 
 
 @functools.lru_cache(maxsize=32)
