@@ -136,8 +136,8 @@ class RopeScalingConfig(ConfigBase):
         return self.magnitude(self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
 
     def describe(self) -> str:
-        """In words, e.g. "YaRN x40 (pretrained on 4096 positions)"."""
-        return f"YaRN x{self.factor:g} (pretrained on {self.original_max_seq_len} positions)"
+        """In words, e.g. "YaRN x40 from 4096 positions" (the context it was pretrained on)."""
+        return f"YaRN x{self.factor:g} from {self.original_max_seq_len} positions"
 
 
 @dataclass(kw_only=True)
