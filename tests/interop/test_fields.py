@@ -86,13 +86,18 @@ def test_yarn_in_both_spellings():
     top = arch.config_from_hf({**both, "original_max_position_embeddings": 32})
     assert top.rope_scaling.original_max_seq_len == 32
     written = arch.config_to_hf(cfg)
-    assert written["rope_scaling"] == written["rope_parameters"]
+    assert written["rope_scaling"] == {
+        k: v for k, v in written["rope_parameters"].items() if k != "rope_theta"
+    }
     assert written["rope_parameters"] == {
         "rope_type": "yarn", "rope_theta": 7.0, "factor": 2.0,
         "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
         "truncate": True,
     }  # fmt: skip
     assert "rope_scaling" not in arch.config_to_hf(arch.config_from_hf(hf))  # unscaled
+    implied = arch.config_from_hf({**hf, "rope_parameters": {**yarn, "factor": None},
+                                   "original_max_position_embeddings": 16})  # fmt: skip
+    assert implied.rope_scaling.factor == 64 / 16  # max_position_embeddings / pretrained
 
 
 def test_deepseek_v2_routing_methods():
@@ -133,8 +138,6 @@ REFUSED = [  # (architecture, changes to its config, the message naming the sett
      r"rope_parameters\.rope_type='dynamic' is not supported"),
     ("MixtralForCausalLM", {"rope_scaling": {"type": "linear", "factor": 2.0}},
      r"config\.json: rope_scaling\.type='linear' is not supported"),
-    ("MixtralForCausalLM", {"rope_parameters": {"rope_type": "yarn"}},
-     r"rope_parameters\.factor=None is not supported: YaRN needs its scaling factor"),
     ("Qwen3MoeForCausalLM",
      {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}},
      r"rope_parameters\.partial_rotary_factor=0\.5 is not supported"),

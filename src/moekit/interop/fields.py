@@ -296,21 +296,21 @@ class RoPE(Entry):
                 value = getattr(scaling, ours)
                 if value is not None:
                     params[name] = value
-            hf["rope_scaling"] = dict(params)
+            # transformers 4 reads the base from rope_theta, and warns of it here.
+            hf["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
         hf["rope_parameters"] = params
 
 
 def _read_yarn(hf: HFConfig, params: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The moekit `rope_scaling` of YaRN settings `params` (found under `where`). As in
     transformers: the pretrained context defaults to max_position_embeddings (a top-level
-    `original_max_position_embeddings` wins), and a null beta is its default."""
+    `original_max_position_embeddings` wins), a null beta is its default, and a null factor
+    is the ratio of max_position_embeddings to the pretrained context."""
     unknown = sorted(set(params) - {*_YARN_FIELDS, "rope_type", "type", "rope_theta"})
     if unknown:
         raise unsupported(
             f"{where}.{unknown[0]}", params[unknown[0]], "moekit's YaRN does not carry it"
         )
-    if params.get("factor") is None:
-        raise unsupported(f"{where}.factor", None, "YaRN needs its scaling factor")
     out = {ours: params.get(name) for name, ours in _YARN_FIELDS.items()}
     for ours, default in _YARN_DEFAULTS.items():  # named alike on both sides
         if out[ours] is None:
@@ -318,7 +318,10 @@ def _read_yarn(hf: HFConfig, params: Mapping[str, Any], where: str) -> dict[str,
     original = hf.get("original_max_position_embeddings") or params.get(
         "original_max_position_embeddings"
     )
-    out["original_max_seq_len"] = original or hf_value(hf, "max_position_embeddings")
+    context = hf_value(hf, "max_position_embeddings")
+    out["original_max_seq_len"] = original = original or context
+    if out["factor"] is None:
+        out["factor"] = context / original
     return out
 
 
