@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from moekit.files import atomic_write_text
+from moekit.rope_scaling import RopeScalingConfig
 from moekit.validate import (
     ConfigBase,
     check_choice,
@@ -39,7 +40,6 @@ QK_NORMS = ("none", "head", "full")
 QUANT_BITS = (8, 4)
 QUANT_PARTS = ("experts", "all")
 QUANT_GROUP_SIZES = (32, 64, 128, 256)
-ROPE_SCALINGS = ("yarn",)
 
 
 @dataclass(kw_only=True)
@@ -73,71 +73,6 @@ class QuantizationConfig(ConfigBase):
         """In words, e.g. "int4 (groups of 32), experts"."""
         group = f" (groups of {self.group_size})" if self.group_size else ""
         return f"int{self.bits}{group}, {self.parts}"
-
-
-@dataclass(kw_only=True)
-class RopeScalingConfig(ConfigBase):
-    """RoPE scaled to a longer context than the model was pretrained on (`kind="yarn"`: YaRN,
-    as DeepSeek-V2/V3 and long-context Qwen checkpoints use it).
-
-    YaRN keeps the fast-rotating dimensions as they are, divides the frequencies of the slow
-    ones by `factor`, and blends the two over a ramp between the dimensions that turn
-    `beta_fast` and `beta_slow` times over `original_max_seq_len` positions (the ramp's ends
-    rounded outwards when `truncate`). The cos/sin tables are multiplied by `attention_factor`,
-    by default `m(mscale) / m(mscale_all_dim)` with `m(s) = 0.1 * s * ln(factor) + 1` when both
-    are set, else `m(1)`. Multi-head latent attention (DeepSeek) also multiplies its softmax
-    scale by `m(mscale_all_dim)**2` when `mscale_all_dim` is set.
-    """
-
-    kind: str = "yarn"
-    factor: float
-    original_max_seq_len: int
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    attention_factor: float | None = None  # None: from factor, mscale and mscale_all_dim
-    truncate: bool = True
-
-    def __post_init__(self) -> None:
-        owner = "RopeScalingConfig"
-        check_field_types(self)
-        check_choice(owner, "kind", self.kind, ROPE_SCALINGS)
-        check_positive(owner, original_max_seq_len=self.original_max_seq_len)
-        if self.factor < 1:
-            raise fail(owner, "factor", self.factor, "must be >= 1 (the context is stretched)")
-        check_positive(owner, beta_fast=self.beta_fast, beta_slow=self.beta_slow)
-        if self.beta_fast < self.beta_slow:
-            raise fail(
-                owner, "beta_fast", self.beta_fast, f"must be >= beta_slow ({self.beta_slow})"
-            )
-        for name in ("mscale", "mscale_all_dim"):
-            if getattr(self, name) is not None:
-                check_non_negative(owner, **{name: getattr(self, name)})
-        if self.attention_factor is not None:
-            check_positive(owner, attention_factor=self.attention_factor)
-
-    def magnitude(self, mscale: float) -> float:
-        """YaRN's magnitude correction `0.1 * mscale * ln(factor) + 1` (1 when not stretched)."""
-        if self.factor <= 1:
-            return 1.0
-        return 0.1 * mscale * math.log(self.factor) + 1.0
-
-    def cos_sin_factor(self) -> float:
-        """What the cos and sin tables are multiplied by."""
-        if self.attention_factor is not None:
-            return self.attention_factor
-        if self.mscale and self.mscale_all_dim:
-            return self.magnitude(self.mscale) / self.magnitude(self.mscale_all_dim)
-        return self.magnitude(1.0)
-
-    def softmax_factor(self) -> float:
-        """What multi-head latent attention multiplies its softmax scale by."""
-        return self.magnitude(self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
-
-    def describe(self) -> str:
-        """In words, e.g. "YaRN x40 from 4096 positions" (the context it was pretrained on)."""
-        return f"YaRN x{self.factor:g} from {self.original_max_seq_len} positions"
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,7 @@ import copy
 import pytest
 
 from moekit import build_model, get_preset
-from moekit.config import ModelConfig
+from moekit.config import ModelConfig, RopeScalingConfig
 from moekit.interop.fields import (
     REQUIRED,
     Field,
@@ -100,6 +100,23 @@ def test_yarn_in_both_spellings():
     assert implied.rope_scaling.factor == 64 / 16  # max_position_embeddings / pretrained
 
 
+def test_linear_and_llama3_scaling():
+    arch, hf = ARCHS["MixtralForCausalLM"], HF["MixtralForCausalLM"]
+    cfg = arch.config_from_hf({**hf, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert cfg.rope_scaling.to_dict() == RopeScalingConfig(kind="linear", factor=2.0).to_dict()
+    assert arch.config_to_hf(cfg)["rope_parameters"] == {
+        "rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0,
+    }  # fmt: skip
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    cfg = arch.config_from_hf({**hf, "rope_parameters": llama3})
+    s = cfg.rope_scaling
+    assert (s.kind, s.factor, s.original_max_seq_len) == ("llama3", 8.0, 16)
+    assert (s.low_freq_factor, s.high_freq_factor) == (1.0, 4.0)
+    assert arch.config_to_hf(cfg)["rope_parameters"] == {**llama3, "rope_theta": 500000.0}
+    assert arch.config_from_hf(arch.config_to_hf(cfg)) == cfg
+
+
 def test_deepseek_v2_routing_methods():
     arch, hf = ARCHS["DeepseekV2ForCausalLM"], HF["DeepseekV2ForCausalLM"]
     cfg = arch.config_from_hf(hf)
@@ -130,14 +147,14 @@ def test_qwen_layer_placement():
 
 
 REFUSED = [  # (architecture, changes to its config, the message naming the setting)
-    ("MixtralForCausalLM", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
-     r"config\.json: rope_parameters\.rope_type='llama3' is not supported"),
     ("MixtralForCausalLM", {"rope_parameters": {"rope_type": "longrope", "factor": 8.0}},
-     r"rope_parameters\.rope_type='longrope' is not supported"),
-    ("MixtralForCausalLM", {"rope_parameters": {"rope_type": "dynamic", "factor": 8.0}},
-     r"rope_parameters\.rope_type='dynamic' is not supported"),
-    ("MixtralForCausalLM", {"rope_scaling": {"type": "linear", "factor": 2.0}},
-     r"config\.json: rope_scaling\.type='linear' is not supported"),
+     r"config\.json: rope_parameters\.rope_type='longrope' is not supported"),
+    ("MixtralForCausalLM", {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     r"config\.json: rope_scaling\.type='dynamic' is not supported"),
+    ("MixtralForCausalLM", {"rope_scaling": {"type": "linear"}},
+     r"rope_scaling\.factor=None is not supported: linear scaling needs its factor"),
+    ("MixtralForCausalLM", {"rope_scaling": {"type": "linear", "factor": 2.0, "mscale": 1.0}},
+     r"rope_scaling\.mscale=1\.0 is not supported: moekit's linear scaling does not carry it"),
     ("Qwen3MoeForCausalLM",
      {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}},
      r"rope_parameters\.partial_rotary_factor=0\.5 is not supported"),

@@ -239,25 +239,33 @@ class Check(Entry):
 # ---- settings spread over several fields ------------------------------------------------------
 
 
-# YaRN's settings: Hugging Face name -> RopeScalingConfig field.
-_YARN_FIELDS = {
-    "factor": "factor",
-    "original_max_position_embeddings": "original_max_seq_len",
-    "beta_fast": "beta_fast",
-    "beta_slow": "beta_slow",
-    "mscale": "mscale",
-    "mscale_all_dim": "mscale_all_dim",
-    "attention_factor": "attention_factor",
-    "truncate": "truncate",
+# The settings of each scaled RoPE moekit carries: Hugging Face name -> RopeScalingConfig field.
+_SCALING_FIELDS = {
+    "yarn": {
+        "factor": "factor",
+        "original_max_position_embeddings": "original_max_seq_len",
+        "beta_fast": "beta_fast",
+        "beta_slow": "beta_slow",
+        "mscale": "mscale",
+        "mscale_all_dim": "mscale_all_dim",
+        "attention_factor": "attention_factor",
+        "truncate": "truncate",
+    },
+    "linear": {"factor": "factor"},
+    "llama3": {
+        "factor": "factor",
+        "original_max_position_embeddings": "original_max_seq_len",
+        "low_freq_factor": "low_freq_factor",
+        "high_freq_factor": "high_freq_factor",
+    },
 }
-_YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
 
 
 class RoPE(Entry):
     """The RoPE base and its scaling, from a config written by transformers 4 (`rope_theta`,
     `rope_scaling`) or 5 (`rope_parameters`; `rope_scaling` wins when both are present, as in
-    transformers). YaRN is carried (`ModelConfig.rope_scaling`); other scaled variants
-    (linear, dynamic, llama3, longrope) are refused by name. Export writes `rope_theta` and
+    transformers). YaRN, linear and Llama 3 scaling are carried (`ModelConfig.rope_scaling`);
+    dynamic and longrope scaling are refused by name. Export writes `rope_theta` and
     `rope_parameters`, and a scaled model's settings under `rope_scaling` too, for
     transformers 4."""
 
@@ -276,14 +284,14 @@ class RoPE(Entry):
         ours["rope_theta"] = float(theta)
         if kind == "default":
             ours["rope_scaling"] = None
-        elif kind == "yarn":
-            ours["rope_scaling"] = _read_yarn(hf, params, where)
+        elif kind in _SCALING_FIELDS:
+            ours["rope_scaling"] = _read_scaling(hf, params, where, kind)
         else:
             raise unsupported(
                 f"{where}.{kind_key}",
                 kind,
-                "moekit implements unscaled RoPE and YaRN only (linear, dynamic, llama3 and "
-                "longrope scaling are not available)",
+                "moekit implements unscaled RoPE and YaRN, linear and llama3 scaling (dynamic "
+                "and longrope scaling are not available)",
             )
 
     def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
@@ -291,8 +299,8 @@ class RoPE(Entry):
         params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
         scaling = cfg.rope_scaling
         if scaling is not None:
-            params["rope_type"] = "yarn"
-            for name, ours in _YARN_FIELDS.items():
+            params["rope_type"] = scaling.kind
+            for name, ours in _SCALING_FIELDS[scaling.kind].items():
                 value = getattr(scaling, ours)
                 if value is not None:
                     params[name] = value
@@ -301,27 +309,30 @@ class RoPE(Entry):
         hf["rope_parameters"] = params
 
 
-def _read_yarn(hf: HFConfig, params: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The moekit `rope_scaling` of YaRN settings `params` (found under `where`). As in
-    transformers: the pretrained context defaults to max_position_embeddings (a top-level
-    `original_max_position_embeddings` wins), a null beta is its default, and a null factor
-    is the ratio of max_position_embeddings to the pretrained context."""
-    unknown = sorted(set(params) - {*_YARN_FIELDS, "rope_type", "type", "rope_theta"})
+def _read_scaling(hf: HFConfig, params: Mapping[str, Any], where: str, kind: str) -> dict[str, Any]:
+    """The moekit `rope_scaling` of the settings `params` of scaled RoPE `kind` (found under
+    `where`). As in transformers: the pretrained context defaults to max_position_embeddings
+    (a top-level `original_max_position_embeddings` wins), a null setting is its default,
+    and YaRN's null factor is the ratio of max_position_embeddings to the pretrained context."""
+    names = _SCALING_FIELDS[kind]
+    unknown = sorted(set(params) - {*names, "rope_type", "type", "rope_theta"})
     if unknown:
         raise unsupported(
-            f"{where}.{unknown[0]}", params[unknown[0]], "moekit's YaRN does not carry it"
+            f"{where}.{unknown[0]}",
+            params[unknown[0]],
+            f"moekit's {kind} scaling does not carry it",
         )
-    out = {ours: params.get(name) for name, ours in _YARN_FIELDS.items()}
-    for ours, default in _YARN_DEFAULTS.items():  # named alike on both sides
-        if out[ours] is None:
-            out[ours] = default
-    original = hf.get("original_max_position_embeddings") or params.get(
-        "original_max_position_embeddings"
-    )
-    context = hf_value(hf, "max_position_embeddings")
-    out["original_max_seq_len"] = original = original or context
-    if out["factor"] is None:
-        out["factor"] = context / original
+    out = {"kind": kind} | {
+        ours: params[name] for name, ours in names.items() if params.get(name) is not None
+    }
+    if "original_max_seq_len" in names.values():
+        context = hf_value(hf, "max_position_embeddings")
+        original = hf.get("original_max_position_embeddings") or out.get("original_max_seq_len")
+        out["original_max_seq_len"] = original = original or context
+        if kind == "yarn" and "factor" not in out:
+            out["factor"] = context / original
+    if "factor" not in out:
+        raise unsupported(f"{where}.factor", None, f"{kind} scaling needs its factor")
     return out
 
 
