@@ -158,6 +158,35 @@ def test_moe_layer_placement():
     assert get_preset("deepseek-v3").moe_layers == list(range(3, 61))
     assert model(moe=moe(first_dense_layers=1, layer_step=1), num_layers=3).moe_layers == [1, 2]
     assert model(moe=None).moe_layers == []
+    # Any set of dense layers, listed.
+    middle = model(moe=moe(dense_layers=[1, 3]), num_layers=5)
+    assert middle.moe_layers == [0, 2, 4] and middle.dense_layer_indices == [1, 3]
+    assert middle.leading_dense_layers is None
+    assert model(moe=moe(dense_layers=[1, 0]), num_layers=3).leading_dense_layers == 2
+    assert ModelConfig.from_json(middle.to_json()).moe_layers == [0, 2, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(dense_layers=[1, 1]), "names a layer twice"),
+        (dict(dense_layers=[-1]), r"must be a list of layer indices \(>= 0\)"),
+        (dict(dense_layers=[True]), "must be a list of layer indices"),
+        (
+            dict(dense_layers=[1], first_dense_layers=1),
+            "replaces first_dense_layers and layer_step",
+        ),
+        (dict(dense_layers=[1], layer_step=2), "replaces first_dense_layers and layer_step"),
+    ],
+)
+def test_dense_layers_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        moe(**kwargs)
+
+
+def test_dense_layers_beyond_the_model_are_named():
+    with pytest.raises(ValueError, match=r"moe.dense_layers=\[5\] is invalid: names layer"):
+        model(moe=moe(dense_layers=[5]), num_layers=3)
 
 
 def test_capacity():

@@ -84,6 +84,10 @@ def test_first_dense_layers_and_interleaving():
     assert sorted(model.moe_layers()) == [1, 2]
     model = make(dict(MOE, layer_step=2), num_layers=4)
     assert sorted(model.moe_layers()) == [1, 3]
+    model = make(dict(MOE, dense_layers=[1]), num_layers=3)
+    assert sorted(model.moe_layers()) == [0, 2]
+    out = model(torch.randint(0, 64, (1, 5)))
+    assert sorted(out.moe_stats) == [0, 2]
 
 
 def test_training_reduces_loss():

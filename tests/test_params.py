@@ -62,6 +62,7 @@ def tiny_variants():
                        v_head_dim=8),
         moe=dict(moe, layer_step=2),
     )  # fmt: skip
+    yield "dense-in-the-middle", dict(base, moe=dict(moe, dense_layers=[1]))
     yield "expert-choice", dict(base, moe=dict(moe, router="expert_choice", capacity_factor=1.5))
 
 

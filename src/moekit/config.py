@@ -156,10 +156,14 @@ class MoEConfig(ConfigBase):
     output independent of the tokens after it. Capacity applies in training only: in causal
     routing mode (generation, serving, evaluation) token choice is dropless.
 
-    Layer placement: layers `0 .. first_dense_layers-1` are dense; after them every
-    `layer_step`-th layer is an MoE layer (layer i is MoE when
-    `(i - first_dense_layers + 1) % layer_step == 0`): `layer_step=2` interleaves dense and
-    MoE layers as Llama 4 Maverick does, `first_dense_layers=3` is DeepSeek-V3.
+    Layer placement: `dense_layers` lists the layers that keep a dense MLP (any set, e.g.
+    `[1]` for a dense layer in the middle, as Qwen's `mlp_only_layers` allows); every other
+    layer is an MoE layer. Two shorthands cover the common patterns when `dense_layers` is not
+    given: layers `0 .. first_dense_layers-1` are dense, and after them every `layer_step`-th
+    layer is an MoE layer (layer i is MoE when `(i - first_dense_layers + 1) % layer_step ==
+    0`): `layer_step=2` interleaves dense and MoE layers as Llama 4 Maverick does,
+    `first_dense_layers=3` is DeepSeek-V3. `dense_layers` replaces the shorthands, which must
+    then keep their defaults.
     """
 
     num_experts: int
@@ -185,6 +189,7 @@ class MoEConfig(ConfigBase):
     expert_choice_causal: bool = False
     first_dense_layers: int = 0
     layer_step: int = 1
+    dense_layers: list[int] | None = None  # None: placed by first_dense_layers and layer_step
     backend: str = "auto"  # expert computation backend, see moekit.moe.experts.BACKENDS
 
     def __post_init__(self) -> None:
@@ -236,6 +241,25 @@ class MoEConfig(ConfigBase):
         self._check_groups()
         if self.shared_expert_gate and not self.num_shared_experts:
             raise fail(owner, "shared_expert_gate", True, "needs num_shared_experts >= 1")
+        self._check_dense_layers()
+
+    def _check_dense_layers(self) -> None:
+        """An explicit list of dense layers: distinct layer indices, and no shorthand beside."""
+        owner, layers = "MoEConfig", self.dense_layers
+        if layers is None:
+            return
+        if not isinstance(layers, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+        ):
+            raise fail(owner, "dense_layers", layers, "must be a list of layer indices (>= 0)")
+        if len(set(layers)) != len(layers):
+            raise fail(owner, "dense_layers", layers, "names a layer twice")
+        if self.first_dense_layers or self.layer_step != 1:
+            raise fail(
+                owner, "dense_layers", layers,
+                "replaces first_dense_layers and layer_step, which must keep their defaults "
+                "(0 and 1) beside it",
+            )  # fmt: skip
 
     def _check_expert_choice(self) -> None:
         """Expert choice needs a capacity factor and is balanced without biases or scaling."""
@@ -306,6 +330,8 @@ class MoEConfig(ConfigBase):
         return self.num_shared_experts * (self.shared_expert_hidden or self.expert_hidden)
 
     def is_moe_layer(self, layer: int) -> bool:
+        if self.dense_layers is not None:
+            return layer not in self.dense_layers
         if layer < self.first_dense_layers:
             return False
         return (layer - self.first_dense_layers + 1) % self.layer_step == 0
@@ -398,6 +424,13 @@ class ModelConfig(ConfigBase):
         if self.ffn_hidden is None:
             self.ffn_hidden = 256 * math.ceil(8 * self.dim / 3 / 256)
         check_positive(owner, ffn_hidden=self.ffn_hidden)
+        if self.moe is not None and self.moe.dense_layers is not None:
+            beyond = [i for i in self.moe.dense_layers if i >= self.num_layers]
+            if beyond:
+                raise fail(
+                    owner, "moe.dense_layers", self.moe.dense_layers,
+                    f"names layer(s) {beyond} of a model with num_layers={self.num_layers}",
+                )  # fmt: skip
         if self.attention.kind == "mla" and self.num_kv_heads != self.num_heads:
             raise fail(
                 owner, "num_kv_heads", self.num_kv_heads,
@@ -427,6 +460,18 @@ class ModelConfig(ConfigBase):
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    @property
+    def dense_layer_indices(self) -> list[int]:
+        """The layers with a dense MLP (every layer of a dense model)."""
+        return [i for i in range(self.num_layers) if not self.is_moe_layer(i)]
+
+    @property
+    def leading_dense_layers(self) -> int | None:
+        """n when the dense layers are exactly the first n (0: none), else None: the layout
+        architectures with a `first_k_dense_replace` setting can state."""
+        dense = self.dense_layer_indices
+        return len(dense) if dense == list(range(len(dense))) else None
 
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

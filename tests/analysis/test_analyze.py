@@ -237,3 +237,29 @@ def test_analysis_of_a_trained_model_end_to_end(tmp_path, _private_cache):
     for layer, spec in layers.items():
         chance = spec["baseline_mean"] + 3 * spec["baseline_std"]
         assert spec["nmi"] > chance, (layer, spec["nmi"], chance)
+
+
+def test_a_dense_layer_in_the_middle_is_skipped_by_name(tiny_model_dir, tmp_path):
+    """Layers 0 and 2 are MoE, layer 1 dense (`moe.dense_layers`): the analysis reports the
+    MoE layers by their own indices and refuses the dense one."""
+    import shutil
+
+    from moekit import build_model
+    from moekit.config import ModelConfig
+    from moekit.model_dir import save_model
+
+    model_dir = tmp_path / "middle"
+    model_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, model_dir / name)
+    cfg = ModelConfig.from_dict(
+        dict(vocab_size=512, dim=64, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden=128,
+             max_seq_len=128, moe=dict(num_experts=8, top_k=2, expert_hidden=64,
+                                       dense_layers=[1]))
+    )  # fmt: skip
+    save_model(build_model(cfg, seed=0), cfg, model_dir)
+    result = analyze(model_dir, tmp_path / "out", max_tokens=200, seq_len=32, progress=False)
+    assert result.model.moe_layers == [0, 2]
+    assert sorted(result.load.layers) == [0, 2]
+    with pytest.raises(ValueError, match="layer=1 is not an MoE layer"):
+        analyze(model_dir, tmp_path / "out2", layer=1, progress=False)

@@ -93,6 +93,10 @@ def test_layer_placement_keeps_dense_layers(tmp_path, dense_dir):
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     with pytest.raises(ValueError, match="leaves no MoE layer"):
         upcycle(dense_dir, tmp_path / "none", num_experts=4, first_dense_layers=2)
+    cfg = upcycle(dense_dir, tmp_path / "listed", num_experts=4, top_k=2, dense_layers=[0])
+    assert cfg.moe_layers == [1] and cfg.moe.dense_layers == [0]
+    with pytest.raises(ValueError, match=r"dense_layers=\[0, 1\] leaves no MoE layer"):
+        upcycle(dense_dir, tmp_path / "none", num_experts=4, dense_layers=[0, 1])
 
 
 def test_an_existing_model_is_never_overwritten(tmp_path, dense_dir):

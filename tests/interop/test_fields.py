@@ -144,6 +144,18 @@ def test_qwen_layer_placement():
     assert (cfg.moe.first_dense_layers, cfg.moe.layer_step) == (0, 2)
     written = arch.config_to_hf(cfg)
     assert (written["mlp_only_layers"], written["decoder_sparse_step"]) == ([], 2)
+    # Any set of dense layers: a dense layer in the middle, or a list beside a step.
+    cfg = arch.config_from_hf({**hf, "num_hidden_layers": 4, "mlp_only_layers": [1]})
+    assert cfg.moe.dense_layers == [1] and cfg.moe_layers == [0, 2, 3]
+    written = arch.config_to_hf(cfg)
+    assert (written["mlp_only_layers"], written["decoder_sparse_step"]) == ([1], 1)
+    both = {**hf, "num_hidden_layers": 6, "mlp_only_layers": [3], "decoder_sparse_step": 2}
+    cfg = arch.config_from_hf(both)
+    assert cfg.moe_layers == [1, 5]  # Qwen: (i + 1) % step == 0 and i not listed
+    assert arch.config_to_hf(cfg)["mlp_only_layers"] == [0, 2, 3, 4]
+    # The shorthands are exported as the list when they are not a plain step.
+    cfg = arch.config_from_hf({**hf, "mlp_only_layers": [0]})
+    assert arch.config_to_hf(cfg)["mlp_only_layers"] == [0]
 
 
 REFUSED = [  # (architecture, changes to its config, the message naming the setting)
@@ -173,10 +185,8 @@ REFUSED = [  # (architecture, changes to its config, the message naming the sett
      r"sliding_window=16 is not supported: it is narrower than max_position_embeddings=64"),
     ("Qwen2MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 16},
      r"sliding_window=16 is not supported"),
-    ("Qwen2MoeForCausalLM", {"mlp_only_layers": [1]},
-     r"mlp_only_layers=\[1\] is not supported: moekit places dense layers first"),
-    ("Qwen2MoeForCausalLM", {"decoder_sparse_step": 2},
-     r"decoder_sparse_step=2 is not supported: it cannot be combined with mlp_only_layers"),
+    ("Qwen2MoeForCausalLM", {"mlp_only_layers": [7]},
+     r"mlp_only_layers=\[7\] is not supported: it must list layer indices below"),
     ("Qwen3MoeForCausalLM", {"attention_bias": True},
      r"attention_bias=True is not supported: it gives o_proj a bias too"),
     ("OlmoeForCausalLM", {"attention_bias": True}, r"attention_bias=True is not supported"),
@@ -222,6 +232,7 @@ OTHER_VALUES = {
     "moe.router": ("expert_choice", "topk"), "moe.score_func": ("sigmoid", "softmax"),
     "moe.norm_topk_prob": (False, True), "moe.num_shared_experts": (2, 0),
     "moe.first_dense_layers": (1, 0), "moe.layer_step": (2, 1), "moe.capacity_factor": (1.5, None),
+    "moe.dense_layers": ([1], None),
     "moe.num_groups": (2, 1), "moe.routed_scaling_factor": (2.0, 1.0),
     "moe.selection_bias": (True, False), "moe.bias_update_rate": (0.001, 0.0),
     "moe.shared_expert_gate": (True, False), "attention.kind": ("mla", "gqa"),

@@ -64,6 +64,12 @@ TINY = {  # name: (transformers config class, its fields besides COMMON)
                                          intermediate_size=128, moe_intermediate_size=48,
                                          num_experts=8, num_experts_per_tok=3,
                                          norm_topk_prob=True)),
+    # A dense layer in the middle (mlp_only_layers=[1]).
+    "qwen3_moe-dense-middle": ("Qwen3MoeConfig", dict(num_key_value_heads=2,
+                                                      intermediate_size=128,
+                                                      moe_intermediate_size=48, num_experts=4,
+                                                      num_experts_per_tok=2,
+                                                      mlp_only_layers=[1])),
     "olmoe": ("OlmoeConfig", dict(num_key_value_heads=4, intermediate_size=48, num_experts=4,
                                   num_experts_per_tok=2)),
     "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, intermediate_size=128,

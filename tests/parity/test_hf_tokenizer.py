@@ -128,3 +128,70 @@ def test_an_imported_and_reexported_checkpoint_keeps_its_bos(tmp_path):
         assert json.loads((tmp_path / "exported" / name).read_text())["bos_token_id"] == 1
     exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert exported("the fox")["input_ids"] == ours.encode_prompt("the fox")
+
+
+def _tiny_mixtral(vocab, **extra):
+    return transformers.MixtralConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, **extra,
+    )  # fmt: skip
+
+
+def test_a_checkpoint_without_end_of_text_converts_both_ways(tmp_path):
+    """transformers allows eos_token_id=None; the imported directory is one moekit reads,
+    generates from (stopping on length) and exports again."""
+    from moekit.infer.generate import Generator
+    from moekit.infer.sampling import SamplingParams
+
+    vocab = deepseek_tokenizer(tmp_path / "hf")
+    config_file = tmp_path / "hf" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    del config["eos_token"], config["pad_token"]
+    config_file.write_text(json.dumps(config))
+    torch.manual_seed(0)
+    hf_config = _tiny_mixtral(vocab, eos_token_id=None, pad_token_id=None, bos_token_id=0)
+    transformers.MixtralForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    tok = Tokenizer.load(tmp_path / "ours")
+    assert tok.eos_id is None and tok.eos_token is None
+    with pytest.raises(ValueError, match=r"no end-of-text token.*packing documents"):
+        tok.require_eos("packing documents")
+
+    generator = Generator.from_dir(tmp_path / "ours", device="cpu")
+    out = generator.generate(["the fox"], SamplingParams(max_new_tokens=5))
+    assert out[0].finish_reason == "length" and len(out[0].token_ids) == 5
+
+    export_hf(tmp_path / "ours", tmp_path / "exported")
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert exported["eos_token_id"] is None and exported["bos_token_id"] == 0
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert reference.eos_token is None
+    assert reference("the fox")["input_ids"] == tok.encode_prompt("the fox")
+
+
+def test_export_states_bos_and_eos_settings_and_the_usual_file_mode(tmp_path):
+    """A moekit-trained tokenizer has no BOS: the export says so (`add_bos_token: false`)
+    rather than leaving consumers to guess, and every file has the usual mode."""
+    import stat
+
+    from moekit.files import umask
+
+    vocab = trained_tokenizer(tmp_path / "ours")
+    from moekit.config import AttentionConfig, ModelConfig, MoEConfig
+    from moekit.model import build_model
+    from moekit.model_dir import ModelDir
+
+    ours = ModelConfig(
+        vocab_size=vocab, dim=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_hidden=48,
+        max_seq_len=64, attention=AttentionConfig(),
+        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=48),
+    )  # fmt: skip
+    ModelDir(tmp_path / "ours").save_model(build_model(ours), ours)
+    export_hf(tmp_path / "ours", tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is False and config["add_eos_token"] is False
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert reference("the fox")["input_ids"] == Tokenizer.load(tmp_path / "ours").encode("the fox")
+    for file in (tmp_path / "exported").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask(), file.name

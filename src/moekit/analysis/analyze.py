@@ -257,9 +257,8 @@ def _load(
     seen = sample.ids.unique().tolist()
     texts = {i: tokenizer.decode([i]) for i in seen}
     size = max(seen) + 1
-    specials = [tokenizer.eos_id, tokenizer.pad_id]
-    if tokenizer.bos_id is not None:
-        specials.append(tokenizer.bos_id)
+    specials = [tokenizer.pad_id]
+    specials += [i for i in (tokenizer.eos_id, tokenizer.bos_id) if i is not None]
     table = class_table([texts.get(i, "") for i in range(size)], specials)
     is_code = torch.tensor([name == CODE_DOMAIN for name in sample.domain_names], dtype=torch.long)
     classes = table[is_code[sample.domains], sample.ids]

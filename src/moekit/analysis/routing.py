@@ -100,7 +100,9 @@ def sample_tokens(docs: Sequence[Document], tokenizer: Tokenizer, max_tokens: in
         for doc in by_domain[name]:
             if len(stream) >= max_tokens:
                 break
-            stream += [*tokenizer.encode(doc.text), tokenizer.eos_id]
+            stream += tokenizer.encode(doc.text)
+            if tokenizer.eos_id is not None:  # documents separated as in training
+                stream.append(tokenizer.eos_id)
         streams.append(stream[:max_tokens])
     quota = _share_budget([len(s) for s in streams], max_tokens)
     keep = [d for d, q in enumerate(quota) if q > 0]

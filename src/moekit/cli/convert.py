@@ -1,5 +1,5 @@
-"""`moekit convert`: Hugging Face checkpoints to moekit model directories and back, and LoRA
-adapters to PEFT's format."""
+"""`moekit convert`: Hugging Face checkpoints and GGUF files to moekit model directories and
+back, and LoRA adapters to PEFT's format."""
 
 from __future__ import annotations
 
@@ -14,13 +14,30 @@ from moekit.cli.format import print_json
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert Hugging Face checkpoints to moekit model directories and back",
+        help="convert Hugging Face checkpoints and GGUF files to moekit model directories and back",
         description=doc("moekit.interop.hf", "import_hf")
         + " "
-        + doc("moekit.interop.hf", "export_hf"),
+        + doc("moekit.interop.hf", "export_hf")
+        + " "
+        + doc("moekit.interop.gguf", "export_gguf"),
     )
     p.add_argument("--from-hf", metavar="HF_DIR", help="import this Hugging Face checkpoint")
     p.add_argument("--to-hf", metavar="MODEL_DIR", help="export this moekit model directory")
+    p.add_argument(
+        "--to-gguf", metavar="MODEL_DIR", help="write this moekit model directory as a GGUF file"
+    )
+    p.add_argument("--from-gguf", metavar="FILE", help="import this GGUF file")
+    p.add_argument(
+        "--type",
+        choices=["f32", "f16", "q8_0", "q4_0"],
+        default="f16",
+        help="with --to-gguf: the tensor type (default f16; routers and norms stay float32)",
+    )
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list every supported architecture with what is and is not carried",
+    )
     p.add_argument(
         "--to-peft",
         metavar="ADAPTER_DIR",
@@ -37,7 +54,7 @@ def add_parser(sub: Any) -> None:
         default="",
         help="with --to-peft: the exported base's path or hub name, recorded for PEFT",
     )
-    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--out", help="the directory (or, with --to-gguf, the file) to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="convert the weights (default: keep them as stored)")  # fmt: skip
     p.add_argument("--quantize", type=int, choices=[8, 4], default=None,
@@ -49,12 +66,20 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if sum(map(bool, (args.from_hf, args.to_hf, args.to_peft))) != 1:
+    modes = (args.from_hf, args.to_hf, args.to_peft, args.to_gguf, args.from_gguf, args.list)
+    if sum(map(bool, modes)) != 1:
         raise ValueError(
-            "give exactly one of --from-hf HF_DIR, --to-hf MODEL_DIR or --to-peft ADAPTER_DIR"
+            "give exactly one of --from-hf HF_DIR, --to-hf MODEL_DIR, --to-gguf MODEL_DIR, "
+            "--from-gguf FILE, --to-peft ADAPTER_DIR or --list"
         )
+    if args.list:
+        return _list(args)
+    if not args.out:
+        raise ValueError("--out is required: the directory (or GGUF file) to write")
     if args.to_peft:
         return _to_peft(args)
+    if args.to_gguf or args.from_gguf:
+        return _gguf(args)
     from moekit.interop.checkpoint import HFCheckpoint
     from moekit.interop.hf import architecture_of, export_hf, import_hf
     from moekit.params import count_params
@@ -114,4 +139,46 @@ def _to_peft(args: argparse.Namespace) -> int:
             f"wrote a PEFT LoRA adapter to {args.out}: {figures['target_modules']} modules, "
             f"{figures['target_parameters']} router or stacked-expert parameters"
         )
+    return 0
+
+
+def _gguf(args: argparse.Namespace) -> int:
+    from moekit.interop.gguf import export_gguf, import_gguf
+
+    if args.quantize is not None:
+        raise ValueError("--quantize applies to --from-hf only (GGUF files choose --type)")
+    if args.to_gguf:
+        done = export_gguf(args.to_gguf, args.out, type=args.type)
+        verb = "wrote"
+    else:
+        done = import_gguf(args.from_gguf, args.out, dtype=args.dtype)
+        verb = "imported"
+    figures = {
+        "direction": "to-gguf" if args.to_gguf else "from-gguf",
+        "architecture": done.architecture,
+        "out": str(done.path),
+        "type": done.type,
+        "tensors": done.tensors,
+    }
+    if args.json:
+        print_json(figures)
+    else:
+        print(f"{verb} {done.architecture} ({done.type}, {done.tensors} tensors): {done.path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from moekit.interop.catalog import catalog
+
+    entries = catalog()
+    if args.json:
+        print_json([e.to_dict() for e in entries])
+        return 0
+    for e in entries:
+        gguf = f", GGUF as {e.gguf}" if e.gguf else ", no GGUF"
+        print(f"{e.name} ({e.model_type}{gguf})")
+        for line in e.carried:
+            print(f"  carried: {line}")
+        for line in e.limits:
+            print(f"  limit:   {line}")
     return 0

@@ -24,6 +24,13 @@ def add_parser(sub: Any) -> None:
         "--first-dense-layers", type=int, default=0, help="layers that stay dense at the start"
     )
     p.add_argument("--layer-step", type=int, default=1, help="every k-th layer after is MoE")
+    p.add_argument(
+        "--dense-layers",
+        type=_layer_list,
+        default=None,
+        metavar="I,J,...",
+        help="the layers that stay dense, any set (instead of the two options above)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
@@ -44,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         first_dense_layers=args.first_dense_layers,
         layer_step=args.layer_step,
+        dense_layers=args.dense_layers,
     )
     pc = count_params(cfg)
     if args.json:
@@ -56,3 +64,8 @@ def run(args: argparse.Namespace) -> int:
         f"{human(pc.total)} parameters, {human(pc.active)} active"
     )
     return 0
+
+
+def _layer_list(text: str) -> list[int]:
+    """ "1,3" -> [1, 3] (argparse reports the ValueError as an invalid value)."""
+    return [int(part) for part in text.split(",") if part.strip()]

@@ -102,7 +102,7 @@ def prepare_data(
             f"the given tokenizer has {tokenizer.vocab_size} tokens, more than "
             f"vocab_size={vocab_size}: the model could not embed all of its ids"
         )
-    eos = tokenizer.eos_id
+    eos = tokenizer.require_eos("packing documents into training rows")
     train_ids = tokenizer.encode_batch([d.text for d in train_docs])
     val_ids = tokenizer.encode_batch([d.text for d in val_docs])
 

@@ -72,27 +72,31 @@ class Tokenizer:
         self,
         backend: tokenizers.Tokenizer,
         *,
-        eos: str = EOS,
+        eos: str | None = EOS,
         pad: str | None = PAD,
         split_special_tokens: bool = True,
         bos: str | None = None,
     ) -> None:
-        """Wrap `backend`, which must have the `eos` and `pad` special tokens (`pad=None`: pad
-        with `eos`). With `split_special_tokens`, text like "<|endoftext|>" in a document is
-        plain text and never turns into a real document boundary. `bos` names the
-        beginning-of-sequence token, if the tokenizer has one (what `bos_id` reports; which
-        tokens a prompt starts with is the backend's post-processor's business)."""
+        """Wrap `backend`, which must have the `eos` and `pad` special tokens it is given
+        (`pad=None`: pad with `eos`). `eos=None` is a tokenizer without an end-of-text token
+        (legal in Hugging Face checkpoints): generation then stops on length or stop strings,
+        and packing documents for training is refused. With neither, padding uses id 0, which
+        only ever fills masked positions. With `split_special_tokens`, text like
+        "<|endoftext|>" in a document is plain text and never turns into a real document
+        boundary. `bos` names the beginning-of-sequence token, if the tokenizer has one (what
+        `bos_id` reports; which tokens a prompt starts with is the backend's post-processor's
+        business)."""
         pad = pad or eos
-        eos_id, pad_id = backend.token_to_id(eos), backend.token_to_id(pad)
-        if eos_id is None or pad_id is None:
-            missing = [t for t, i in ((eos, eos_id), (pad, pad_id)) if i is None]
+        named = [(t, backend.token_to_id(t)) for t in (eos, pad) if t is not None]
+        missing = [t for t, i in named if i is None]
+        if missing:
             raise ValueError(f"tokenizer lacks the special token(s) {', '.join(missing)}")
         backend.encode_special_tokens = split_special_tokens
         self.backend = backend
         self.eos_token, self.pad_token = eos, pad
         self.bos_token = bos if bos is not None and backend.token_to_id(bos) is not None else None
-        self._eos_id: int = eos_id
-        self._pad_id: int = pad_id
+        self._eos_id: int | None = None if eos is None else backend.token_to_id(eos)
+        self._pad_id: int = 0 if pad is None else backend.token_to_id(pad) or 0
         self._prompt_prefix = _prefix_of(backend)
 
     @classmethod
@@ -165,15 +169,16 @@ class Tokenizer:
 
         atomic_write(file, write)
         if file.name == TOKENIZER_FILE:
-            config = {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "eos_token": self.eos_token,
-                "pad_token": self.pad_token,
-                "split_special_tokens": bool(self.backend.encode_special_tokens),
-                "clean_up_tokenization_spaces": False,
-            }
-            if self.bos_token is not None:
-                config["bos_token"] = self.bos_token
+            config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+            for key, value in (
+                ("eos_token", self.eos_token),
+                ("pad_token", self.pad_token),
+                ("bos_token", self.bos_token),
+            ):
+                if value is not None:
+                    config[key] = value
+            config["split_special_tokens"] = bool(self.backend.encode_special_tokens)
+            config["clean_up_tokenization_spaces"] = False
             atomic_write_text(file.parent / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return file
 
@@ -212,7 +217,18 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
-    def eos_id(self) -> int:
+    def eos_id(self) -> int | None:
+        """The end-of-text token's id; None for a tokenizer without one."""
+        return self._eos_id
+
+    def require_eos(self, purpose: str) -> int:
+        """`eos_id`, or a ValueError saying that `purpose` needs an end-of-text token."""
+        if self._eos_id is None:
+            raise ValueError(
+                f"this tokenizer has no end-of-text token (tokenizer_config.json names no "
+                f"eos_token), and {purpose} needs one: name one there, e.g. "
+                '"eos_token": "</s>"'
+            )
         return self._eos_id
 
     @property
@@ -255,11 +271,8 @@ def read_special_tokens(config_file: Path) -> dict[str, Any]:
             value = value.get("content")
         return value if isinstance(value, str) else None
 
-    eos = token(config.get("eos_token"))
-    if eos is None:
-        raise ValueError(f"{str(config_file)!r} names no eos_token")
     return {
-        "eos": eos,
+        "eos": token(config.get("eos_token")),
         "pad": token(config.get("pad_token")),
         "bos": token(config.get("bos_token")),
         "split_special_tokens": bool(config.get("split_special_tokens", False)),

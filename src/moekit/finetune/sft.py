@@ -100,7 +100,7 @@ def encode_example(
             tokens = tokenizer.encode(text)
             ids += tokens
             mask += [target] * len(tokens)
-    ids.append(tokenizer.eos_id)
+    ids.append(tokenizer.require_eos("marking where an example ends"))
     mask.append(True)
     return ids[: seq_len + 1], mask[: seq_len + 1]
 

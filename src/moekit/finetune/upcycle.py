@@ -35,11 +35,12 @@ def upcycle(
     z_loss_weight: float = 0.001,
     first_dense_layers: int = 0,
     layer_step: int = 1,
+    dense_layers: list[int] | None = None,
 ) -> ModelConfig:
     """Write the upcycled MoE of the dense model directory `dense_dir` into `out_dir`; returns
     its config. The router is initialised like a freshly built model's. The MoE routes by
-    softmax top-k; `first_dense_layers` and `layer_step` place its MoE layers as
-    `MoEConfig` does (the other layers keep their dense MLP)."""
+    softmax top-k; `first_dense_layers` and `layer_step`, or a list of `dense_layers`, place
+    its MoE layers as `MoEConfig` does (the other layers keep their dense MLP)."""
     src, out = Path(dense_dir), Path(out_dir)
     ModelDir(out).refuse_overwrite("upcycling")
     dense = ModelDir(src).config()
@@ -64,13 +65,9 @@ def upcycle(
         z_loss_weight=z_loss_weight,
         first_dense_layers=first_dense_layers,
         layer_step=layer_step,
+        dense_layers=dense_layers,
     )
-    cfg = ModelConfig.from_dict({**dense.to_dict(), "moe": moe.to_dict()})
-    if not cfg.moe_layers:
-        raise ValueError(
-            f"first_dense_layers={first_dense_layers} leaves no MoE layer in a model of "
-            f"{cfg.num_layers} layers"
-        )
+    cfg = _with_moe(dense, moe)
     state = load_weights(src)
     gen = torch.Generator().manual_seed(seed)
     moe_layers = set(cfg.moe_layers)
@@ -100,4 +97,17 @@ def upcycle(
     target.save_config(cfg)
     for path in ModelDir(src).tokenizer_files():
         shutil.copyfile(path, out / path.name)
+    return cfg
+
+
+def _with_moe(dense: ModelConfig, moe: MoEConfig) -> ModelConfig:
+    """The dense config with `moe`; a ValueError when its placement leaves no MoE layer."""
+    cfg = ModelConfig.from_dict({**dense.to_dict(), "moe": moe.to_dict()})
+    if not cfg.moe_layers:
+        placement = (
+            f"dense_layers={moe.dense_layers}"
+            if moe.dense_layers is not None
+            else f"first_dense_layers={moe.first_dense_layers}, layer_step={moe.layer_step}"
+        )
+        raise ValueError(f"{placement} leaves no MoE layer in a model of {cfg.num_layers} layers")
     return cfg

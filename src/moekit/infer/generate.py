@@ -201,7 +201,7 @@ class Generator:
             cache_len = cache_length(cache_len, self.max_seq_len)
         cache = KVCache(self.model.cfg, B, cache_len, device=self.device, dtype=self.dtype)
         stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
+        if not params.ignore_eos and self.tokenizer.eos_id is not None:
             stop_ids.add(self.tokenizer.eos_id)
         gens = [make_generator(params.seed, self.device) for _ in range(B)]
         penalty = params.repetition_penalty != 1.0  # only then the seen tokens are kept

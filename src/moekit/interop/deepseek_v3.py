@@ -70,9 +70,19 @@ def mla_config(label: str) -> tuple[Entry, ...]:
         Field("n_routed_experts", "moe.num_experts"),
         Field("num_experts_per_tok", "moe.top_k"),
         Field("moe_intermediate_size", "moe.expert_hidden"),
-        Field("first_k_dense_replace", "moe.first_dense_layers", default=0, cast=int),
+        Field(
+            "first_k_dense_replace",
+            "moe.first_dense_layers",
+            default=0,
+            cast=int,
+            get=lambda cfg: cfg.leading_dense_layers,
+        ),
+        Check(
+            f"{label}'s dense layers are the first ones (first_k_dense_replace)",
+            lambda cfg: cfg.leading_dense_layers is not None,
+            ("moe.first_dense_layers", "moe.dense_layers"),
+        ),
         Field("routed_scaling_factor", "moe.routed_scaling_factor", default=1.0, cast=float),
-        Fixed({"moe.layer_step": 1}, f"{label} has MoE on every layer after the dense ones"),
         Fixed({"moe.shared_expert_gate": False}, f"{label}'s shared experts have no gate"),
         Check(
             f"{label}'s shared experts are as wide as the routed ones (shared_expert_hidden "

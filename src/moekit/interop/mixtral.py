@@ -42,7 +42,8 @@ CONFIG = (
     ),
     Fixed({"moe.num_shared_experts": 0}, "Mixtral has no shared experts"),
     Fixed(
-        {"moe.first_dense_layers": 0, "moe.layer_step": 1}, "every Mixtral layer is an MoE layer"
+        {"moe.first_dense_layers": 0, "moe.layer_step": 1, "moe.dense_layers": None},
+        "every Mixtral layer is an MoE layer",
     ),
     dropless("Mixtral"),
     plain_routing("Mixtral"),

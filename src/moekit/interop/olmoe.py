@@ -35,7 +35,12 @@ CONFIG = (
         {"moe.router": "topk", "moe.score_func": "softmax"}, "OLMoE routes by softmax top-k only"
     ),
     Fixed(
-        {"moe.num_shared_experts": 0, "moe.first_dense_layers": 0, "moe.layer_step": 1},
+        {
+            "moe.num_shared_experts": 0,
+            "moe.first_dense_layers": 0,
+            "moe.layer_step": 1,
+            "moe.dense_layers": None,
+        },
         "OLMoE has no shared experts and every layer is MoE",
     ),
     dropless("OLMoE"),

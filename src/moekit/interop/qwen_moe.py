@@ -3,7 +3,8 @@
 Qwen2-MoE: q/k/v biases, one shared expert scaled by a learned sigmoid gate, softmax top-k
 (renormalised or not). Qwen3-MoE: RMSNorm on each query and key head, no shared expert. Both
 store experts one by one as `mlp.experts.{e}.gate_proj / up_proj / down_proj` (stacked and
-fused in memory) and place MoE layers with `mlp_only_layers` and `decoder_sparse_step`.
+fused in memory) and place MoE layers with `mlp_only_layers` (any set of dense layers) and
+`decoder_sparse_step`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from moekit.interop.architecture import Architecture
 from moekit.interop.fields import (
     DECODER_FIELDS,
     NO_ATTENTION_BIAS,
-    Check,
     Const,
     Entry,
     Field,
@@ -24,6 +24,7 @@ from moekit.interop.fields import (
     HFConfig,
     SlidingWindow,
     dropless,
+    hf_value,
     plain_routing,
     swiglu,
     unsupported,
@@ -32,34 +33,41 @@ from moekit.interop.tensors import DECODER, GQA, LAYER, Weights, mlp, per_expert
 
 
 class Placement(Entry):
-    """moekit's leading dense layers and layer step as Qwen's `mlp_only_layers` (which must be
-    the first layers) and `decoder_sparse_step`."""
+    """Which layers are MoE, as Qwen's `mlp_only_layers` (any set of dense layers) and
+    `decoder_sparse_step` (layer i is MoE when `(i + 1) % step == 0`, unless listed there).
+    Import states the set in the plainest moekit form (`first_dense_layers`, `layer_step`, or
+    an explicit `dense_layers`); export writes a layer step alone when that is the layout, else
+    the dense layers as `mlp_only_layers`."""
 
     def hf_names(self) -> tuple[str, ...]:
         return ("mlp_only_layers", "decoder_sparse_step")
 
     def ours_paths(self) -> tuple[str, ...]:
-        return ("moe.first_dense_layers", "moe.layer_step")
+        return ("moe.first_dense_layers", "moe.layer_step", "moe.dense_layers")
 
     def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
-        dense = sorted(hf.get("mlp_only_layers") or [])
+        layers = int(hf_value(hf, "num_hidden_layers"))
+        listed = hf.get("mlp_only_layers") or []
         step = int(hf.get("decoder_sparse_step") or 1)
-        if dense != list(range(len(dense))):
+        if not all(isinstance(i, int) and 0 <= i < layers for i in listed):
             raise unsupported(
-                "mlp_only_layers",
-                dense,
-                "moekit places dense layers first (mlp_only_layers must be 0..n-1)",
+                "mlp_only_layers", listed, f"it must list layer indices below {layers}"
             )
-        if dense and step != 1:
-            raise unsupported(
-                "decoder_sparse_step", step, "it cannot be combined with mlp_only_layers"
-            )
-        ours["moe.first_dense_layers"], ours["moe.layer_step"] = len(dense), step
+        dense = [i for i in range(layers) if i in listed or (i + 1) % step]
+        ours["moe.first_dense_layers"], ours["moe.layer_step"] = 0, 1
+        ours["moe.dense_layers"] = None
+        if not listed:
+            ours["moe.layer_step"] = step
+        elif dense == list(range(len(dense))):
+            ours["moe.first_dense_layers"] = len(dense)
+        else:
+            ours["moe.dense_layers"] = dense
 
     def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
         assert cfg.moe is not None
-        hf["mlp_only_layers"] = list(range(cfg.moe.first_dense_layers))
-        hf["decoder_sparse_step"] = cfg.moe.layer_step
+        plain_step = not cfg.moe.first_dense_layers and cfg.moe.dense_layers is None
+        hf["mlp_only_layers"] = [] if plain_step else cfg.dense_layer_indices
+        hf["decoder_sparse_step"] = cfg.moe.layer_step if plain_step else 1
 
 
 def _window_enabled(hf: HFConfig) -> bool:
@@ -84,11 +92,6 @@ def _common(label: str) -> tuple[Entry, ...]:
         Field("router_aux_loss_coef", "moe.aux_loss_weight", default=0.001, cast=float),
         Const("output_router_logits", False),
         Placement(),
-        Check(
-            f"{label} cannot combine leading dense layers with a layer step",
-            lambda cfg: not (cfg.moe and cfg.moe.first_dense_layers and cfg.moe.layer_step != 1),
-            ("moe.first_dense_layers", "moe.layer_step"),
-        ),
         Fixed(
             {"moe.router": "topk", "moe.score_func": "softmax"},
             f"{label} routes by softmax top-k only",

@@ -60,10 +60,32 @@ def import_tokenizer(
 
 def export_tokenizer(fmt: TokenizerFormat, src: ModelDir, out: Path) -> None:
     """Copy the tokenizer files of the model directory `src` to the Hugging Face directory
-    `out` under their Hugging Face names."""
+    `out` under their Hugging Face names. tokenizer_config.json states `add_bos_token` and
+    `add_eos_token` when it does not already (what the tokenizer's post-processor puts
+    around a text), so consumers never guess."""
     for theirs, ours in fmt.files.items():
-        if (src / ours).is_file():
+        if not (src / ours).is_file():
+            continue
+        if theirs == HF_TOKENIZER_CONFIG and src.tokenizer_path.is_file():
+            config = read_json(src / ours)
+            for key, value in added_specials(src).items():
+                config.setdefault(key, value)
+            write_json(out / theirs, config)
+        else:
             shutil.copyfile(src / ours, out / theirs)
+
+
+def added_specials(model_dir: ModelDir) -> dict[str, bool]:
+    """Whether the tokenizer of `model_dir` puts its BOS in front of a prompt and an EOS after
+    it (`add_bos_token`, `add_eos_token`, as transformers and llama.cpp name them)."""
+    from moekit.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(model_dir.path)
+    probe = tok.backend.encode("a", add_special_tokens=True).ids
+    return {
+        "add_bos_token": tok.bos_id is not None and tok.bos_id in tok.prompt_prefix,
+        "add_eos_token": tok.eos_id is not None and bool(probe) and probe[-1] == tok.eos_id,
+    }
 
 
 def special_ids(model_dir: ModelDir) -> dict[str, int | None]:

@@ -477,7 +477,7 @@ class Engine:
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
+        if not params.ignore_eos and self.tokenizer.eos_id is not None:
             ids.add(self.tokenizer.eos_id)
         return ids
 

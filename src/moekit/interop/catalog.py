@@ -1,0 +1,60 @@
+"""What each supported architecture carries, read from its own tables (`moekit convert
+--list`): the config.json fields it converts, what it fixes or refuses, and the GGUF
+architecture llama.cpp runs it as."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from moekit.interop.fields import Check, Field, Fixed, Only
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One architecture: its Hugging Face class and model type, the GGUF architecture (None:
+    not written to GGUF), the settings carried and the limits (fixed or refused settings)."""
+
+    name: str
+    model_type: str
+    gguf: str | None
+    carried: list[str]
+    limits: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def catalog() -> list[CatalogEntry]:
+    """Every architecture `moekit convert` supports, in the order export tries them."""
+    from moekit.interop.gguf_arch import GGUF_ARCHITECTURES
+    from moekit.interop.hf import ARCHITECTURES
+
+    gguf_of = {g.hf.name: g for g in GGUF_ARCHITECTURES}
+    out = []
+    for arch in ARCHITECTURES:
+        carried, limits = [], []
+        for entry in arch.config:
+            if isinstance(entry, Field):
+                carried.append(entry.hf)
+            elif isinstance(entry, Fixed | Check):
+                limits.append(entry.why)
+            elif isinstance(entry, Only):
+                limits.append(f"{entry.hf}: {entry.why}")
+            else:
+                carried += [n for n in entry.hf_names() if n not in carried]
+        g = gguf_of.get(arch.name)
+        if g is not None:
+            state = "renormalised" if g.norm_topk_prob else "not renormalised"
+            limits.append(f"GGUF ({g.name}): the chosen experts' weights are {state}")
+            limits.append(f"GGUF ({g.name}): no dense layers")
+        out.append(
+            CatalogEntry(
+                arch.name,
+                arch.model_type,
+                g.name if g else None,
+                [", ".join(sorted(set(carried)))],
+                list(dict.fromkeys(limits)),
+            )
+        )
+    return out

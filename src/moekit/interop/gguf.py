@@ -1,0 +1,306 @@
+"""GGUF files in and out: `export_gguf` writes a moekit model directory as a GGUF file that
+llama.cpp (and Ollama) run, `import_gguf` reads one back into a model directory.
+
+Both use the `gguf` package, the format's own Python library (its writer and reader, its
+tensor-name table and its quantisation code). The architectures, their metadata and tensor
+names are in moekit.interop.gguf_arch, the tokenizer in moekit.interop.gguf_tokenizer.
+
+Export streams: the tensor descriptions are written first, then each tensor is computed,
+converted and written in turn, so at most one tensor is held beyond the memory-mapped source.
+The file is written under a temporary name and renamed into place when complete, so a refused
+or failed conversion leaves nothing at the output path.
+
+Types (`--type`): "f32" writes every tensor in float32; "f16" writes matrices in float16;
+"q8_0" and "q4_0" quantise matrices whose rows split into 32-value blocks (q4_0 keeps the
+token embedding and the output head in q8_0, as llama.cpp's quantiser does for quality).
+Routers, norms and vectors always stay float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moekit.config import ModelConfig
+from moekit.files import atomic_path
+from moekit.interop.fields import UnsupportedError
+from moekit.interop.gguf_arch import GgufArch, choose_gguf_architecture, gguf_architecture
+from moekit.interop.gguf_tokenizer import tokenizer_metadata, write_tokenizer
+from moekit.interop.quantize import DequantizedTensors
+from moekit.interop.tensors import TensorMap, bind
+from moekit.model_dir import ModelDir, ShardWriter
+from moekit.version import __version__
+
+TYPES = ("f32", "f16", "q8_0", "q4_0")
+_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # llama.cpp's llama_ftype
+_BLOCK = 32  # values per q8_0 / q4_0 block
+
+
+@dataclass(frozen=True)
+class GgufResult:
+    """What a GGUF conversion did: the llama.cpp architecture, the file or directory written,
+    the tensor type chosen and the tensors written."""
+
+    architecture: str
+    path: Path
+    type: str
+    tensors: int
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+def export_gguf(model_dir: str | Path, out_file: str | Path, *, type: str = "f16") -> GgufResult:
+    """Write the moekit model directory `model_dir` as the GGUF file `out_file` in `type`
+    ("f32", "f16", "q8_0", "q4_0"). UnsupportedError (before anything is written) naming what
+    llama.cpp cannot compute exactly: the architecture, the setting, what is supported."""
+    import gguf
+
+    if type not in TYPES:
+        raise ValueError(f"type={type!r} is invalid: choose one of {', '.join(TYPES)}")
+    src = ModelDir(model_dir)
+    cfg = src.config()
+    arch = choose_gguf_architecture(cfg)
+    hf = {"architectures": [arch.hf.name], **arch.hf.config_to_hf(cfg)}
+    meta = _metadata(arch, hf, type) | tokenizer_metadata(src, cfg.vocab_size)
+    weights = _source_weights(src, cfg)
+    maps = bind(arch.weights, cfg, hf, f"GGUF {arch.name}")
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch.name)
+        for key, value in meta.items():
+            _add(writer, key, value)
+        plan = [(name, shape, _qtype(name, shape, type)) for name, shape in _names(maps)]
+        for name, shape, qtype in plan:
+            _describe(writer, name, shape, qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        done = {name: qtype for name, _, qtype in plan}
+        for m in maps:
+            values = m.to_theirs([weights.get(n) for n in m.ours])
+            for name, value in zip(m.theirs, values, strict=True):
+                writer.write_tensor_data(_encode(value, done[name]))
+        writer.close()
+    return GgufResult(arch.name, out, type, len(plan))
+
+
+def _source_weights(src: ModelDir, cfg: ModelConfig) -> Any:
+    from moekit.interop.checkpoint import LazyTensors
+
+    weights = LazyTensors.of_files(src.weight_files(), f"{src}: the weights")
+    if cfg.quantization is not None:  # written from the dequantised weights
+        weights = DequantizedTensors(weights, cfg.quantization)
+    return weights
+
+
+def _metadata(arch: GgufArch, hf: dict[str, Any], type: str) -> dict[str, Any]:
+    """general.* and the architecture's hyperparameters, from the Hugging Face fields `hf`."""
+    meta: dict[str, Any] = {
+        "general.name": "moekit model",
+        "general.file_type": _FILE_TYPE[type],
+        "general.quantization_version": 2,
+        "general.source.moekit_version": __version__,
+    }
+    for key, field in arch.all_keys().items():
+        value = hf.get(field)
+        if value is not None:
+            meta[key] = value
+    return meta
+
+
+def _add(writer: Any, key: str, value: Any) -> None:
+    """One metadata entry with the GGUF type its Python value implies (ints as uint32, floats
+    as float32, as llama.cpp's converter writes them)."""
+    import gguf
+
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, list) and value and isinstance(value[0], int):
+        writer.add_array(key, value)
+    elif isinstance(value, list):
+        writer.add_key_value(
+            key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING
+        )
+    else:
+        raise TypeError(f"GGUF metadata {key}: cannot write {value!r}")
+
+
+def _names(maps: list[TensorMap]) -> list[tuple[str, tuple[int, ...]]]:
+    """Every GGUF tensor with its shape (each GGUF tensor here is one moekit tensor)."""
+    out = []
+    for m in maps:
+        if len(m.theirs) != len(m.ours):
+            raise AssertionError(f"GGUF tables map tensors one to one: {m.ours} -> {m.theirs}")
+        out += [(name, tuple(shape)) for name, shape in zip(m.theirs, m.shapes, strict=True)]
+    return out
+
+
+def _qtype(name: str, shape: tuple[int, ...], type: str) -> Any:
+    """The GGML type tensor `name` is written in."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    keep_float32 = len(shape) < 2 or ".ffn_gate_inp" in name  # vectors, norms, routers
+    if type == "f32" or keep_float32:
+        return q.F32
+    if type == "f16":
+        return q.F16
+    if shape[-1] % _BLOCK:
+        return q.F16  # rows that do not split into blocks
+    head = name.startswith(("token_embd.", "output."))
+    return q.Q8_0 if type == "q8_0" or head else q.Q4_0
+
+
+def _describe(writer: Any, name: str, shape: tuple[int, ...], qtype: Any) -> None:
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    if qtype in (q.F32, q.F16):
+        dtype = np.dtype(np.float32 if qtype == q.F32 else np.float16)
+        writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+        return
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+    writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype)
+
+
+def _encode(value: Tensor, qtype: Any) -> np.ndarray:
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    array = value.detach().to(torch.float32).contiguous().numpy()
+    if qtype == q.F32:
+        return array
+    if qtype == q.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, qtype)
+
+
+# ---- import ------------------------------------------------------------------------------------
+
+
+def import_gguf(
+    gguf_file: str | Path, out_dir: str | Path, *, dtype: str | None = None
+) -> GgufResult:
+    """Convert the GGUF file `gguf_file` into a moekit model directory `out_dir` (float32, or
+    `dtype`): quantised tensors are dequantised with the `gguf` package's own code. Refused
+    by name: an architecture or tensor type moekit does not read, a tokenizer it cannot
+    rebuild, tensors the model has no place for."""
+    import gguf
+
+    from moekit.interop.hf import DTYPES
+
+    path = Path(gguf_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {str(path)!r}")
+    target = torch.float32 if dtype is None else DTYPES.get(dtype)
+    if target is None:
+        raise ValueError(f"dtype={dtype!r} is invalid: choose one of {', '.join(DTYPES)}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # the reader raises ValueError, struct.error, IndexError...
+        raise ValueError(f"{path} is not a readable GGUF file: {err}") from err
+    meta = {
+        name: _plain(f.contents())
+        for name, f in reader.fields.items()
+        if not name.startswith("GGUF.")
+    }
+    arch = gguf_architecture(str(meta.get("general.architecture")))
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise UnsupportedError(f"{path}: the file has no token embedding (token_embd.weight)")
+    vocab = int(tensors["token_embd.weight"].shape[-1])  # GGUF lists dimensions innermost first
+    cfg = arch.hf.config_from_hf(_hf_config(arch, meta, set(tensors), vocab))
+    maps = bind(arch.weights, cfg, {}, f"GGUF {arch.name}")
+    used = {name for m in maps for name in m.theirs}
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise UnsupportedError(
+            f"{path}: {len(extra)} tensor(s) have no place in the moekit model "
+            f"(e.g. {', '.join(extra[:4])}); refusing to drop them silently"
+        )
+    out = ModelDir(out_dir)
+    out.refuse_overwrite("a conversion")
+    with ShardWriter(out.path, metadata={"moekit_version": __version__}) as writer:
+        for m in maps:
+            theirs = [_decode(tensors, name, path) for name in m.theirs]
+            for name, value, shape in zip(m.ours, m.to_ours(theirs), m.shapes, strict=True):
+                if tuple(value.shape) != tuple(shape):
+                    raise UnsupportedError(
+                        f"{path}: tensor {m.theirs[0]} has shape {tuple(value.shape)}, but the "
+                        f"metadata makes {name} {tuple(shape)}"
+                    )
+                keep = torch.float32 if ".router." in name else target
+                writer.add(name, value.to(keep))
+    if "tokenizer.ggml.tokens" in meta:
+        write_tokenizer(meta, out.path)
+    out.save_config(cfg)  # last: a directory with a config is a complete model
+    return GgufResult(arch.name, out.path, str(target).removeprefix("torch."), len(used))
+
+
+def _hf_config(
+    arch: GgufArch, meta: dict[str, Any], names: set[str], vocab_size: int
+) -> dict[str, Any]:
+    """The Hugging Face config the GGUF metadata describes (so the architecture's own config
+    table reads it, refusing what it refuses). Floats are stored as float32 in GGUF: each is
+    read as the shortest decimal that float32 value stands for (1e-06, not 9.99999997e-07)."""
+    hf: dict[str, Any] = {"architectures": [arch.hf.name], "model_type": arch.hf.model_type}
+    for key, field in arch.all_keys().items():
+        if key in meta:
+            value = meta[key]
+            hf[field] = float(str(np.float32(value))) if isinstance(value, float) else value
+    if "vocab_size" not in hf:
+        hf["vocab_size"] = vocab_size
+    hf["tie_word_embeddings"] = "output.weight" not in names
+    hf.update(arch.implied)
+    hf.update(arch.from_tensors(names))
+    for key in ("bos_token_id", "eos_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None:
+            hf[key] = value
+    return hf
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value with numpy scalars as Python ones (configs check their types)."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _decode(tensors: dict[str, Any], name: str, path: Path) -> Tensor:
+    """Tensor `name` of the file as a float32 torch tensor in PyTorch's dimension order."""
+    import gguf
+
+    t = tensors.get(name)
+    if t is None:
+        raise UnsupportedError(f"{path}: the model needs tensor {name!r}, which the file lacks")
+    q = gguf.GGMLQuantizationType
+    try:
+        if t.tensor_type in (q.F32, q.F16, q.BF16):
+            array = (
+                np.asarray(t.data, dtype=np.float32)
+                if t.tensor_type != q.BF16
+                else (gguf.quants.dequantize(t.data, t.tensor_type))
+            )
+        else:
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as err:
+        raise UnsupportedError(
+            f"{path}: tensor {name!r} is stored as {t.tensor_type.name}, which moekit cannot "
+            f"dequantise ({err})"
+        ) from err
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
+    return torch.from_numpy(np.ascontiguousarray(array).reshape(shape).copy())

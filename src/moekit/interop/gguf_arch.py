@@ -1,0 +1,247 @@
+"""GGUF architectures: how a moekit model is laid out in a GGUF file that llama.cpp runs.
+
+Each `GgufArch` pairs a llama.cpp architecture ("llama", "qwen2moe", ...) with the Hugging Face
+architecture of the same family (moekit.interop.hf): the model's hyperparameters travel as
+that architecture's config.json fields, renamed to GGUF metadata keys, so import and export
+reuse its config table (and refuse what it refuses). Tensor names come from the `gguf`
+package's own naming table (`gguf.TENSOR_NAMES`, the one llama.cpp's converter writes), in a
+weight table like the Hugging Face ones (moekit.interop.tensors), so `bind` maps exactly the
+tensors a model has.
+
+What llama.cpp computes differently from the Hugging Face architecture is stated here and
+refused by name: its graphs fix whether the chosen experts' weights are renormalised (llama and
+qwen3moe do, qwen2moe and olmoe do not), and its "llama" graph rotates interleaved pairs, so
+the query and key rows are permuted on the way out (`Interleaved`) and back on the way in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from moekit.config import ModelConfig
+from moekit.interop import mixtral, olmoe, qwen_moe
+from moekit.interop.architecture import Architecture
+from moekit.interop.fields import UnsupportedError
+from moekit.interop.tensors import Binding, Spec, TensorMap, Weights, at_layer
+
+# ---- tensor names ------------------------------------------------------------------------------
+
+
+def tensor(kind: str, suffix: str = "weight") -> str:
+    """The GGUF name of tensor `kind` (a `gguf.MODEL_TENSOR` member name), with `{i}` for the
+    layer, e.g. tensor("ATTN_Q") == "blk.{i}.attn_q.weight"."""
+    import gguf
+
+    return gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kind]].replace("{bid}", "{i}") + f".{suffix}"
+
+
+def _interleave(w: Tensor, heads: int) -> Tensor:
+    """Rows of each head from rotate-half order (x0..x_{n/2-1}, x_{n/2}..) to interleaved pairs
+    (x0, x_{n/2}, x1, ...): the layout llama.cpp's "llama" graph rotates."""
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    )
+
+
+def _deinterleave(w: Tensor, heads: int) -> Tensor:
+    return (
+        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    )
+
+
+@dataclass(frozen=True)
+class Interleaved(Spec):
+    """A query or key projection (or its bias) stored with each head's rows interleaved, as
+    llama.cpp's converter writes them for the "llama" architecture; `kv` says which head
+    count applies (the key/value heads for keys)."""
+
+    theirs: str
+    kv: bool
+
+    def bind(self, ours: tuple[str, ...], layer: int | None, ctx: Binding) -> TensorMap:
+        heads = ctx.cfg.kv_heads if self.kv else ctx.cfg.num_heads
+        return TensorMap(
+            ours,
+            (at_layer(self.theirs, layer),),
+            lambda ts: [_deinterleave(ts[0], heads).contiguous()],
+            lambda ts: [_interleave(ts[0], heads).contiguous()],
+        )
+
+
+def _common() -> Weights:
+    """Embeddings, norms, attention and routed experts, the same in every architecture here."""
+    table: Weights = {
+        "embed.weight": tensor("TOKEN_EMBD"),
+        "norm.weight": tensor("OUTPUT_NORM"),
+        "lm_head.weight": tensor("OUTPUT"),
+        "layers.{i}.attn_norm.weight": tensor("ATTN_NORM"),
+        "layers.{i}.ffn_norm.weight": tensor("FFN_NORM"),
+        "layers.{i}.attn.wo.weight": tensor("ATTN_OUT"),
+        "layers.{i}.attn.q_norm.weight": tensor("ATTN_Q_NORM"),
+        "layers.{i}.attn.k_norm.weight": tensor("ATTN_K_NORM"),
+        "layers.{i}.ffn.router.weight": tensor("FFN_GATE_INP"),
+        # Stacked [E, F, D] and [E, D, F], as llama.cpp's converter stacks the experts.
+        "layers.{i}.ffn.experts.w_gate": tensor("FFN_GATE_EXP"),
+        "layers.{i}.ffn.experts.w_up": tensor("FFN_UP_EXP"),
+        "layers.{i}.ffn.experts.w_down": tensor("FFN_DOWN_EXP"),
+    }
+    for p, kind in (("q", "ATTN_Q"), ("k", "ATTN_K"), ("v", "ATTN_V")):
+        table[f"layers.{{i}}.attn.w{p}.weight"] = tensor(kind)
+        table[f"layers.{{i}}.attn.w{p}.bias"] = tensor(kind, "bias")
+    return table
+
+
+def _llama_weights() -> Weights:
+    table = _common()
+    for p, kind, kv in (("q", "ATTN_Q", False), ("k", "ATTN_K", True)):
+        table[f"layers.{{i}}.attn.w{p}.weight"] = Interleaved(tensor(kind), kv)
+        table[f"layers.{{i}}.attn.w{p}.bias"] = Interleaved(tensor(kind, "bias"), kv)
+    return table
+
+
+def _shared_expert_weights() -> Weights:
+    return {
+        **_common(),
+        "layers.{i}.ffn.shared.w_gate.weight": tensor("FFN_GATE_SHEXP"),
+        "layers.{i}.ffn.shared.w_up.weight": tensor("FFN_UP_SHEXP"),
+        "layers.{i}.ffn.shared.w_down.weight": tensor("FFN_DOWN_SHEXP"),
+        "layers.{i}.ffn.shared_gate.weight": tensor("FFN_GATE_INP_SHEXP"),
+    }
+
+
+# ---- metadata ----------------------------------------------------------------------------------
+
+# GGUF metadata key (with `{arch}`) -> the config.json field it carries, for every architecture.
+COMMON_KEYS: dict[str, str] = {
+    "{arch}.context_length": "max_position_embeddings",
+    "{arch}.embedding_length": "hidden_size",
+    "{arch}.block_count": "num_hidden_layers",
+    "{arch}.feed_forward_length": "intermediate_size",
+    "{arch}.attention.head_count": "num_attention_heads",
+    "{arch}.attention.head_count_kv": "num_key_value_heads",
+    "{arch}.rope.freq_base": "rope_theta",
+    "{arch}.attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "{arch}.expert_used_count": "num_experts_per_tok",
+}
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """One llama.cpp architecture: `name` as GGUF's general.architecture says it, the Hugging
+    Face architecture `hf` whose config fields carry the hyperparameters, the metadata `keys`
+    beyond `COMMON_KEYS` (GGUF key -> config field), the weight table, and what llama.cpp's
+    graph fixes: `norm_topk_prob` (whether the chosen weights are renormalised)."""
+
+    name: str
+    hf: Architecture
+    keys: dict[str, str]
+    weights: Weights
+    norm_topk_prob: bool
+    # config.json fields the file does not state (llama.cpp's graph fixes them), on import.
+    implied: dict[str, Any] = field(default_factory=dict)
+    # config.json fields read from which tensors the file holds, on import.
+    from_tensors: Callable[[set[str]], dict[str, Any]] = lambda names: {}
+
+    def all_keys(self) -> dict[str, str]:
+        return {k.replace("{arch}", self.name): v for k, v in {**COMMON_KEYS, **self.keys}.items()}
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        """What keeps llama.cpp's graph for this architecture from computing `cfg` exactly."""
+        found = self.hf.problems(cfg)
+        if found or cfg.moe is None:
+            return found
+        if cfg.moe.norm_topk_prob != self.norm_topk_prob:
+            state = "renormalises" if self.norm_topk_prob else "does not renormalise"
+            found.append(
+                f"llama.cpp's {self.name} graph {state} the chosen experts' weights "
+                f"(norm_topk_prob must be {str(self.norm_topk_prob).lower()})"
+            )
+        if cfg.dense_layer_indices:
+            found.append(f"llama.cpp's {self.name} graph has no dense layers")
+        return found
+
+
+def _qwen2_from_tensors(names: set[str]) -> dict[str, Any]:
+    return {"qkv_bias": "blk.0.attn_q.bias" in names}
+
+
+GGUF_ARCHITECTURES: tuple[GgufArch, ...] = (
+    GgufArch(
+        name="llama",
+        hf=mixtral.ARCH,
+        keys={
+            "{arch}.expert_count": "num_local_experts",
+            "{arch}.vocab_size": "vocab_size",
+            "{arch}.rope.dimension_count": "head_dim",
+            "{arch}.attention.key_length": "head_dim",
+            "{arch}.attention.value_length": "head_dim",
+        },
+        weights=_llama_weights(),
+        norm_topk_prob=True,
+    ),
+    GgufArch(
+        name="qwen3moe",
+        hf=qwen_moe.QWEN3_MOE,
+        keys={
+            "{arch}.expert_count": "num_experts",
+            "{arch}.expert_feed_forward_length": "moe_intermediate_size",
+            "{arch}.attention.key_length": "head_dim",
+            "{arch}.attention.value_length": "head_dim",
+        },
+        weights=_common(),
+        norm_topk_prob=True,
+        implied={"norm_topk_prob": True},
+    ),
+    GgufArch(
+        name="olmoe",
+        hf=olmoe.ARCH,
+        keys={"{arch}.expert_count": "num_experts"},
+        weights=_common(),
+        norm_topk_prob=False,
+        implied={"norm_topk_prob": False},
+    ),
+    GgufArch(
+        name="qwen2moe",
+        hf=qwen_moe.QWEN2_MOE,
+        keys={
+            "{arch}.expert_count": "num_experts",
+            "{arch}.expert_feed_forward_length": "moe_intermediate_size",
+            "{arch}.expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+            "{arch}.attention.key_length": "head_dim",
+            "{arch}.attention.value_length": "head_dim",
+        },
+        weights=_shared_expert_weights(),
+        norm_topk_prob=False,
+        implied={"norm_topk_prob": False},
+        from_tensors=_qwen2_from_tensors,
+    ),
+)
+
+
+def gguf_architecture(name: str) -> GgufArch:
+    """The architecture GGUF's general.architecture names; UnsupportedError listing those
+    moekit reads otherwise."""
+    for arch in GGUF_ARCHITECTURES:
+        if arch.name == name:
+            return arch
+    known = ", ".join(a.name for a in GGUF_ARCHITECTURES)
+    raise UnsupportedError(
+        f"GGUF architecture {name!r} is not supported: moekit reads and writes {known}"
+    )
+
+
+def choose_gguf_architecture(cfg: ModelConfig) -> GgufArch:
+    """The first architecture llama.cpp computes `cfg` exactly with; UnsupportedError listing
+    what each lacks when none does."""
+    reasons = {}
+    for arch in GGUF_ARCHITECTURES:
+        found = arch.problems(cfg)
+        if not found:
+            return arch
+        reasons[arch.name] = "; ".join(found)
+    detail = "\n".join(f"  {name}: {why}" for name, why in reasons.items())
+    raise UnsupportedError(f"no GGUF architecture llama.cpp runs represents this model:\n{detail}")

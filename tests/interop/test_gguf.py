@@ -1,0 +1,220 @@
+"""GGUF files in and out, on tiny random models of each family llama.cpp runs.
+
+Each model is built by transformers, imported into moekit with a moekit-trained tokenizer, and
+written as GGUF with the `gguf` package. The file is checked against the package's own
+tables (the names llama.cpp's converter gives the same transformers checkpoint), read back
+(float32: the same logits exactly; quantised types: within stated tolerances) and refused by
+name where llama.cpp would compute something else.
+"""
+
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from moekit.data.tokenizer import Tokenizer  # noqa: E402
+from moekit.interop.fields import UnsupportedError  # noqa: E402
+from moekit.interop.gguf import export_gguf, import_gguf  # noqa: E402
+from moekit.interop.hf import export_hf, import_hf  # noqa: E402
+from moekit.model_dir import load_model  # noqa: E402
+
+TEXT = "def add(a, b):\n    return a + b\n" * 20 + "The quick brown fox jumps over the dog. " * 20
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=False)  # fmt: skip
+FAMILIES = {  # name: (transformers config class, fields, the GGUF architecture)
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, intermediate_size=64,
+                                      num_local_experts=4, num_experts_per_tok=2), "llama"),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2, intermediate_size=96,
+                                         moe_intermediate_size=32, num_experts=4,
+                                         shared_expert_intermediate_size=64,
+                                         num_experts_per_tok=2, norm_topk_prob=False),
+                  "qwen2moe"),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=32,
+                                         intermediate_size=96, moe_intermediate_size=32,
+                                         num_experts=8, num_experts_per_tok=2,
+                                         norm_topk_prob=True), "qwen3moe"),
+    "olmoe": ("OlmoeConfig", dict(num_key_value_heads=4, intermediate_size=32, num_experts=4,
+                                  num_experts_per_tok=2), "olmoe"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train([TEXT], 300)
+
+
+def make_model(name, root, tokenizer, vocab=None, **overrides):
+    """A moekit model directory imported from a tiny random transformers model `name`."""
+    cls, fields, _ = FAMILIES[name]
+    config = getattr(transformers, cls)(
+        vocab_size=vocab or tokenizer.vocab_size, **{**COMMON, **fields, **overrides}
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
+    tokenizer.save(root / "hf")
+    import_hf(root / "hf", root / "moekit")
+    return root / "moekit"
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory, tokenizer):
+    name = request.param
+    root = tmp_path_factory.mktemp(f"gguf-{name}")
+    model_dir = make_model(name, root, tokenizer)
+    result = export_gguf(model_dir, root / "model-f32.gguf", type="f32")
+    return name, root, model_dir, result
+
+
+def logits(model_dir, tokens):
+    with torch.no_grad():
+        return load_model(model_dir).eval()(tokens).logits
+
+
+TOKENS = torch.randint(2, 250, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+def test_float32_round_trip_is_exact(family):
+    name, root, model_dir, result = family
+    assert result.architecture == FAMILIES[name][2]
+    back = import_gguf(root / "model-f32.gguf", root / "back-f32")
+    assert back.architecture == result.architecture and back.tensors == result.tensors
+    assert torch.equal(logits(back.path, TOKENS), logits(model_dir, TOKENS))
+    # The architecture is the same; training-only settings (the balance loss weight, jitter,
+    # initialisation scale) are not in a GGUF file and come back at their defaults.
+    assert inference_fields(back.path) == inference_fields(model_dir)
+
+
+def inference_fields(model_dir):
+    data = load_model(model_dir).cfg.to_dict()
+    data.pop("init_std")
+    for key in ("aux_loss_weight", "router_jitter", "z_loss_weight"):
+        data["moe"].pop(key)
+    return data
+
+
+def test_names_and_metadata_are_llama_cpps(family, tmp_path):
+    """Every tensor carries the name llama.cpp's converter gives the same transformers
+    checkpoint, found through the gguf package's own name map (per-expert tensors stacked
+    under the merged name, as the converter stacks them), and the hyperparameters sit under
+    the keys llama.cpp reads."""
+    name, root, model_dir, _ = family
+    arch = FAMILIES[name][2]
+    reader = gguf.GGUFReader(root / "model-f32.gguf")
+    written = {t.name for t in reader.tensors}
+    export_hf(model_dir, tmp_path / "hf")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        hf_names = set(f.keys())
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], COMMON["num_hidden_layers"])
+    expected = set()
+    for hf_name in hf_names:
+        merged = re.sub(r"\.experts\.\d+\.", ".experts.", hf_name)  # the converter's stacking
+        mapped = tmap.get_name(merged, try_suffixes=(".weight", ".bias"))
+        assert mapped is not None, hf_name
+        expected.add(mapped)
+    assert written == expected
+
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    cfg = load_model(model_dir).cfg
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.block_count"] == cfg.num_layers
+    assert fields[f"{arch}.embedding_length"] == cfg.dim
+    assert fields[f"{arch}.attention.head_count_kv"] == cfg.kv_heads
+    assert fields[f"{arch}.expert_count"] == cfg.moe.num_experts
+    assert fields[f"{arch}.expert_used_count"] == cfg.moe.top_k
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.eos_token_id"] == 0 and not fields["tokenizer.ggml.add_bos_token"]
+    assert len(fields["tokenizer.ggml.tokens"]) == cfg.vocab_size
+
+
+def test_the_tokenizer_comes_back(family):
+    _, root, model_dir, _ = family
+    back = root / "back-f32"
+    if not back.exists():
+        import_gguf(root / "model-f32.gguf", back)
+    ours, theirs = Tokenizer.load(model_dir), Tokenizer.load(back)
+    for text in (TEXT[:200], "  Ünïcödé, emoji 🦙 and\ttabs", ""):
+        assert theirs.encode(text) == ours.encode(text)
+        assert theirs.decode(theirs.encode(text)) == text
+    assert (theirs.eos_id, theirs.bos_id, theirs.vocab_size) == (0, None, ours.vocab_size)
+
+
+# What each type costs after a round trip on these tiny random models: the relative error of
+# every weight (measured: f16 0.02%, q8_0 0.53-0.54%, q4_0 8.8%) and of the logits, mean
+# absolute error over mean absolute logit (f16 0.06%, q8_0 1.6%: random experts make routing
+# flip easily). q4_0 is checked on the weights only: on random weights its logits move
+# 20%, which says more about random models than about the format.
+WEIGHT_ERROR = {"f16": 0.001, "q8_0": 0.01, "q4_0": 0.15}
+LOGIT_ERROR = {"f16": 0.002, "q8_0": 0.04}
+
+
+@pytest.mark.parametrize("type", ["f16", "q8_0", "q4_0"])
+def test_quantised_types_stay_close(tmp_path, tokenizer, type):
+    from moekit.model_dir import load_weights
+
+    model_dir = make_model("qwen3_moe", tmp_path, tokenizer)
+    result = export_gguf(model_dir, tmp_path / f"m-{type}.gguf", type=type)
+    reader = gguf.GGUFReader(result.path)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.ffn_gate_inp.weight"] == "F32"  # routers stay float32
+    assert kinds["blk.0.attn_norm.weight"] == "F32"
+    assert kinds["blk.0.ffn_gate_exps.weight"] == type.upper()
+    assert kinds["output.weight"] == ("Q8_0" if type == "q4_0" else type.upper())
+    back = import_gguf(result.path, tmp_path / "back")
+    ours, theirs = load_weights(model_dir), load_weights(back.path)
+    for name, weight in ours.items():
+        error = ((theirs[name] - weight).norm() / weight.norm()).item()
+        assert error <= WEIGHT_ERROR[type], name
+    if type in LOGIT_ERROR:
+        expected, got = logits(model_dir, TOKENS), logits(back.path, TOKENS)
+        error = (got - expected).abs().mean() / expected.abs().mean()
+        assert error <= LOGIT_ERROR[type]
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+def test_tokenizer_shorter_than_the_embedding_is_padded(tmp_path, tokenizer):
+    model_dir = make_model("mixtral", tmp_path, tokenizer, vocab=tokenizer.vocab_size + 6)
+    export_gguf(model_dir, tmp_path / "m.gguf", type="f32")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == tokenizer.vocab_size + 6 and tokens[-1] == f"[PAD{len(tokens) - 1}]"
+    back = import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    assert Tokenizer.load(back.path).vocab_size == tokenizer.vocab_size
+
+
+# ---- refusals ------------------------------------------------------------------------------------
+
+
+def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, tokenizer):
+    renormalised = make_model("qwen2_moe", tmp_path / "a", tokenizer, norm_topk_prob=True)
+    with pytest.raises(UnsupportedError, match=r"qwen2moe: llama.cpp's qwen2moe graph does not "
+                                               r"renormalise"):  # fmt: skip
+        export_gguf(renormalised, tmp_path / "out.gguf")
+    dense = make_model("qwen3_moe", tmp_path / "b", tokenizer, mlp_only_layers=[1])
+    with pytest.raises(UnsupportedError, match="qwen3moe graph has no dense layers"):
+        export_gguf(dense, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.gguf")]
+
+
+def test_unreadable_and_foreign_files_are_refused(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 10)
+    with pytest.raises(ValueError, match="is not a readable GGUF file"):
+        import_gguf(bad, tmp_path / "out")
+    writer = gguf.GGUFWriter(tmp_path / "gemma.gguf", "gemma")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedError, match=r"GGUF architecture 'gemma' is not supported: "
+                                               r"moekit reads and writes llama"):  # fmt: skip
+        import_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
