@@ -293,6 +293,21 @@ def test_attention_bias_is_refused_by_name(tmp_path, tokenizer, name):
 
 
 @pytest.mark.parametrize(
+    "name, config_kw, message",
+    [("deepseek_v2", dict(norm_topk_prob=True), r"norm_topk_prob=True is not supported"),
+     ("deepseek_v2_lite", dict(mlp_bias=True), r"mlp_bias=True is not supported"),
+     ("deepseek_v2", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0)),
+      r"rope_parameters\.rope_type='dynamic' is not supported")],
+)  # fmt: skip
+def test_deepseek_v2_settings_moekit_cannot_carry_are_refused(tmp_path, tokenizer, name,
+                                                              config_kw, message):  # fmt: skip
+    make_hf(name, tmp_path / "hf", tokenizer, config_kw=config_kw)
+    with pytest.raises(UnsupportedError, match=message):
+        import_hf(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
     "name, window",
     [("mixtral", {}), ("qwen2_moe", dict(use_sliding_window=True, max_window_layers=3)),
      ("qwen3_moe", dict(use_sliding_window=True))],
