@@ -232,3 +232,43 @@ def test_unreadable_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(UnsupportedError, match=r"qwen3moe\.rope\.scaling\.type='yarn' is not "
                                                r"supported: moekit reads no RoPE scaling"):  # fmt: skip
         import_gguf(tmp_path / "yarn.gguf", tmp_path / "out")
+
+
+def test_the_command_line(tmp_path, tokenizer):
+    """`moekit convert --to-gguf / --from-gguf / --list` in a subprocess, with a refusal that
+    is one line naming the problem."""
+    import json
+    import subprocess
+    import sys
+
+    model_dir = make_model("olmoe", tmp_path, tokenizer)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "moekit.cli", "convert", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = tmp_path / "m.gguf"
+    proc = run("--to-gguf", str(model_dir), "--out", str(out), "--type", "q8_0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads(proc.stdout)
+    assert (done["architecture"], done["type"], done["out"]) == ("olmoe", "q8_0", str(out))
+    proc = run("--from-gguf", str(out), "--out", str(tmp_path / "back"))
+    assert proc.returncode == 0, proc.stderr
+    assert "imported olmoe" in proc.stdout and (tmp_path / "back" / "config.json").exists()
+    proc = run("--from-gguf", str(out), "--out", str(tmp_path / "back"))  # never overwrites
+    assert proc.returncode != 0 and "already holds a model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("--list", "--json")
+    listed = {e["name"]: e for e in json.loads(proc.stdout)}
+    assert listed["OlmoeForCausalLM"]["gguf"] == "olmoe"
+    assert listed["DeepseekV3ForCausalLM"]["gguf"] is None
+    assert "num_experts" in listed["OlmoeForCausalLM"]["carried"][0]
+    proc = run("--to-gguf", str(model_dir))
+    assert proc.returncode != 0 and "--out is required" in proc.stderr
+
+
+def test_a_quantised_model_is_written_from_its_dequantised_weights(tmp_path, tokenizer):
+    from moekit.interop.quantize import quantize
+
+    model_dir = make_model("mixtral", tmp_path, tokenizer)
+    quantize(model_dir, tmp_path / "int8", bits=8)
+    export_gguf(tmp_path / "int8", tmp_path / "m.gguf", type="f32")
+    back = import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    assert torch.allclose(logits(back.path, TOKENS), logits(tmp_path / "int8", TOKENS), atol=1e-5)

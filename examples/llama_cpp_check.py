@@ -1,0 +1,122 @@
+"""Check moekit's GGUF files in llama.cpp itself: greedy text equal to `moekit generate`.
+
+    python examples/llama_cpp_check.py LLAMA_CPP_BIN_DIR [MODEL_DIR ...] [--types f32 q8_0]
+
+For each family llama.cpp runs (Mixtral as llama, Qwen2-MoE, Qwen3-MoE, OLMoE) a tiny random
+model is built with transformers and imported (plus every MODEL_DIR given, e.g. the trained
+demo model); each is written as GGUF in every type asked for, run by `llama-simple` (greedy),
+and its continuation compared with moekit's greedy continuation of the same prompt from the
+same weights (for quantised types: from the GGUF file read back, i.e. the same quantised
+weights). Not part of the test suite: it needs a llama.cpp build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moekit.data.tokenizer import Tokenizer
+from moekit.infer.generate import Generator
+from moekit.infer.sampling import SamplingParams
+from moekit.interop.gguf import export_gguf, import_gguf
+from moekit.interop.hf import import_hf
+
+TEXT = "def add(a, b):\n    return a + b\n" * 20 + "The quick brown fox jumps over the dog. " * 20
+PROMPT = "The quick brown"
+TINY = {
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, intermediate_size=64,
+                                      num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2, intermediate_size=96,
+                                         moe_intermediate_size=32, num_experts=4,
+                                         shared_expert_intermediate_size=64,
+                                         num_experts_per_tok=2, norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=32,
+                                         intermediate_size=96, moe_intermediate_size=32,
+                                         num_experts=8, num_experts_per_tok=2,
+                                         norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", dict(num_key_value_heads=4, intermediate_size=32, num_experts=4,
+                                  num_experts_per_tok=2)),
+}  # fmt: skip
+
+
+def tiny_model(name: str, root: Path) -> Path:
+    import transformers
+
+    tok = Tokenizer.train([TEXT], 300)
+    cls, fields = TINY[name]
+    config = getattr(transformers, cls)(
+        vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False, **fields,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
+    tok.save(root / "hf")
+    import_hf(root / "hf", root / "moekit")
+    return root / "moekit"
+
+
+def _byte_of() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (the printable bytes stand for
+    themselves, the others are shifted past 255)."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    shifted = [b for b in range(256) if b not in keep]
+    table = {chr(b): b for b in keep}
+    table |= {chr(256 + n): b for n, b in enumerate(shifted)}
+    return table
+
+
+def ours(model_dir: Path, tokens: int) -> bytes:
+    """The bytes of moekit's greedy continuation (random models emit partial characters)."""
+    generator = Generator.from_dir(model_dir, device="cpu")
+    params = SamplingParams(temperature=0, max_new_tokens=tokens)  # llama-simple stops at EOS
+    ids = generator.generate([PROMPT], params)[0].token_ids
+    byte_of, backend = _byte_of(), generator.tokenizer.backend
+    eos = generator.tokenizer.eos_id
+    pieces = [bytes(byte_of[c] for c in backend.id_to_token(i)) for i in ids if i != eos]
+    # llama-simple prints each piece as a C string: a NUL byte prints nothing.
+    return b"".join(pieces).replace(b"\x00", b"")
+
+
+def theirs(bin_dir: Path, gguf_file: Path, tokens: int) -> bytes:
+    run = subprocess.run(
+        [str(bin_dir / "llama-simple"), "-m", str(gguf_file), "-n", str(tokens), PROMPT],
+        capture_output=True, timeout=300, check=True,
+    )  # fmt: skip
+    return run.stdout.removeprefix(PROMPT.encode()).removesuffix(b"\n")  # it ends the line
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bin_dir", type=Path)
+    parser.add_argument("model_dirs", nargs="*", type=Path)
+    parser.add_argument("--types", nargs="+", default=["f32", "q8_0"])
+    parser.add_argument("--tokens", type=int, default=24)
+    args = parser.parse_args()
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        models = {name: tiny_model(name, root / name) for name in TINY}
+        models |= {str(d): d for d in args.model_dirs}
+        for label, model_dir in models.items():
+            for kind in args.types:
+                gguf_file = root / f"{Path(label).name}-{kind}.gguf"
+                result = export_gguf(model_dir, gguf_file, type=kind)
+                same_weights = model_dir
+                if kind != "f32":  # the quantised weights themselves, read back
+                    same_weights = import_gguf(gguf_file, root / f"{gguf_file.stem}-back").path
+                a, b = ours(same_weights, args.tokens), theirs(args.bin_dir, gguf_file, args.tokens)
+                agree = next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                same = a == b
+                failures += kind == "f32" and not same
+                verdict = "same" if same else f"first {agree} of {len(a)} bytes agree"
+                print(f"{Path(label).name:>10} {result.architecture:>9} {kind:>5}: {verdict}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
