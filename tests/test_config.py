@@ -1,8 +1,15 @@
 import json
+import math
 
 import pytest
 
-from moekit.config import FORMAT_VERSION, AttentionConfig, ModelConfig, MoEConfig
+from moekit.config import (
+    FORMAT_VERSION,
+    AttentionConfig,
+    ModelConfig,
+    MoEConfig,
+    RopeScalingConfig,
+)
 from moekit.presets import PRESETS, get_preset, list_presets
 
 
@@ -49,11 +56,48 @@ def model(**kw):
         (lambda: AttentionConfig(kind="sparse"), r"AttentionConfig\.kind='sparse' is invalid"),
         (lambda: AttentionConfig(kind="mla"), r"AttentionConfig\.kv_lora_rank=0 is invalid"),
         (lambda: AttentionConfig(kv_lora_rank=16), r"kv_lora_rank=16 is invalid: is only used with kind='mla'"),
+        (lambda: yarn(kind="dynamic"), r"RopeScalingConfig\.kind='dynamic' is invalid: must be one of 'yarn', 'linear', 'llama3'"),
+        (lambda: yarn(kind="linear"), r"original_max_seq_len=64 is invalid: is not used with kind='linear'"),
+        (lambda: yarn(low_freq_factor=1.0), r"low_freq_factor=1\.0 is invalid: is not used with kind='yarn'"),
+        (lambda: yarn(kind="llama3", high_freq_factor=4.0), r"low_freq_factor=None is invalid: is needed by kind='llama3'"),
+        (lambda: yarn(kind="llama3", low_freq_factor=4.0, high_freq_factor=4.0), r"high_freq_factor=4\.0 is invalid: must be > low_freq_factor"),
+        (lambda: yarn(original_max_seq_len=None), r"original_max_seq_len=None is invalid: is needed by kind='yarn'"),
+        (lambda: yarn(factor=0.5), r"RopeScalingConfig\.factor=0\.5 is invalid: must be >= 1"),
+        (lambda: yarn(original_max_seq_len=0), r"original_max_seq_len=0 is invalid"),
+        (lambda: yarn(beta_fast=0.5), r"beta_fast=0\.5 is invalid: must be >= beta_slow \(1\.0\)"),
+        (lambda: yarn(mscale=-1.0), r"RopeScalingConfig\.mscale=-1\.0 is invalid: must be >= 0"),
+        (lambda: yarn(attention_factor=0.0), r"attention_factor=0\.0 is invalid"),
+        (lambda: yarn(truncate="no"), r"truncate='no' is invalid: must be true or false"),
+        (lambda: model(rope_scaling=dict(factor=4.0)), r"original_max_seq_len=None is invalid: is needed by kind='yarn'"),
+        (lambda: model(rope_scaling=dict(kind="linear")), r"RopeScalingConfig: missing required field\(s\) factor"),
+        (lambda: model(rope_scaling="yarn"), r"ModelConfig\.rope_scaling='yarn' is invalid"),
     ],
 )  # fmt: skip
 def test_validation_names_field_value_and_rule(make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make()
+
+
+def yarn(**kw):
+    return RopeScalingConfig(**{"factor": 4.0, "original_max_seq_len": 64, **kw})
+
+
+def test_rope_scaling_factors_and_json():
+    """YaRN's magnitude correction m(s) = 0.1 s ln(factor) + 1 sets the cos/sin factor (m(1),
+    or m(mscale) / m(mscale_all_dim)) and MLA's softmax factor (m(mscale_all_dim) squared); a
+    config without scaling writes no rope_scaling field."""
+    m = lambda s: 0.1 * s * math.log(40.0) + 1  # noqa: E731
+    assert yarn(factor=40.0).cos_sin_factor() == pytest.approx(m(1))
+    assert yarn(factor=40.0).softmax_factor() == 1.0
+    both = yarn(factor=40.0, mscale=1.0, mscale_all_dim=0.707)
+    assert both.cos_sin_factor() == pytest.approx(m(1.0) / m(0.707))
+    assert both.softmax_factor() == pytest.approx(m(0.707) ** 2)
+    assert yarn(attention_factor=0.5, mscale=1.0, mscale_all_dim=2.0).cos_sin_factor() == 0.5
+    assert yarn(factor=1.0).cos_sin_factor() == 1.0
+    cfg = model(rope_scaling=dict(factor=40.0, original_max_seq_len=16, mscale=1.0))
+    assert isinstance(cfg.rope_scaling, RopeScalingConfig)
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    assert "rope_scaling" not in json.loads(model().to_json())
 
 
 def test_bool_is_not_a_size():

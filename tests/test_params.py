@@ -22,7 +22,8 @@ PUBLISHED = [p for p in PRESETS.values() if p.published_total is not None]
 def test_published_counts_within_three_percent(preset):
     pc = count_params(preset.build())
     assert pc.total == pytest.approx(preset.published_total, rel=0.03)
-    assert pc.active == pytest.approx(preset.published_active, rel=0.03)
+    if preset.published_active is not None:  # None: the release counts it differently
+        assert pc.active == pytest.approx(preset.published_active, rel=0.03)
 
 
 def tiny_variants():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from moekit.files import atomic_write_text
+from moekit.rope_scaling import RopeScalingConfig
 from moekit.validate import (
     ConfigBase,
     check_choice,
@@ -356,6 +357,7 @@ class ModelConfig(ConfigBase):
         "attention": AttentionConfig,
         "moe": MoEConfig,
         "quantization": QuantizationConfig,
+        "rope_scaling": RopeScalingConfig,
     }
 
     vocab_size: int
@@ -366,6 +368,7 @@ class ModelConfig(ConfigBase):
     ffn_hidden: int | None = None  # dense MLP hidden size; None: a SwiGLU-sized 8/3 * dim
     activation: str = "swiglu"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig | None = None  # None: RoPE as pretrained, unscaled
     norm_eps: float = 1e-6
     max_seq_len: int = 2048
     tie_embeddings: bool = False
@@ -382,6 +385,10 @@ class ModelConfig(ConfigBase):
             self.attention = AttentionConfig.from_dict(self.attention)
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScalingConfig.from_dict(self.rope_scaling)
+        if not isinstance(self.rope_scaling, RopeScalingConfig | None):
+            raise fail(owner, "rope_scaling", self.rope_scaling, "must be an object or null")
         check_field_types(self)
         check_positive(
             owner,
@@ -469,8 +476,9 @@ class ModelConfig(ConfigBase):
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        if data["quantization"] is None:  # a float model's config.json is as it always was
-            del data["quantization"]
+        for name in ("quantization", "rope_scaling"):  # config.json as it always was without them
+            if data[name] is None:
+                del data[name]
         return {"format_version": FORMAT_VERSION, "moekit_version": __version__, **data}
 
     @classmethod

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moekit.config import ModelConfig
+from moekit.config import ModelConfig, RopeScalingConfig
 from moekit.model_dir import FinetuneSummary, ModelDir, stored_tensors
 from moekit.params import ModelSummary, count_params, summary
 from moekit.presets import PRESETS, get_preset
@@ -84,9 +84,18 @@ class ModelInfo:
     summary: ModelSummary
     finetune: FinetuneSummary | None = None
     stored: StoredBytes | None = None
+    rope_theta: float | None = None
+    rope_scaling: RopeScalingConfig | None = None
+
+    @property
+    def rope(self) -> str:
+        """RoPE's scaling in words: "none" or e.g. "YaRN x40 from 4096 positions"."""
+        return "none" if self.rope_scaling is None else self.rope_scaling.describe()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, **self.summary.to_dict()}
+        out["rope_theta"] = self.rope_theta
+        out["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict()
         if self.stored is not None:
             out["stored_bytes"] = {
                 "total": self.stored.total,
@@ -132,7 +141,9 @@ def model_info(target: str, *, context: int = 2048) -> ModelInfo:
     stored = None
     if is_dir and len(ModelDir(target).model_files()) > 1:  # config.json and weights
         stored = stored_bytes(target, cfg)
-    return ModelInfo(target, summary(cfg, context=context), tuned, stored)
+    return ModelInfo(
+        target, summary(cfg, context=context), tuned, stored, cfg.rope_theta, cfg.rope_scaling
+    )
 
 
 # The figures `ratios` compares, and how to read each from a summary.

@@ -158,7 +158,10 @@ class Transformer(nn.Module):
             stats=routing_stats,
         )
         x = self.embed(tokens)
-        cos, sin = per_head(*rope_tables(positions, self.rope_dim, self.cfg.rope_theta, x.dtype))
+        cfg = self.cfg
+        cos, sin = per_head(
+            *rope_tables(positions, self.rope_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
+        )
         stats: dict[int, MoEStats] = {}
         aux = x.new_zeros((), dtype=torch.float32)
         grad = torch.is_grad_enabled()  # without autograd the router losses are all 0

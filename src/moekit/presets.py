@@ -126,6 +126,9 @@ _PRESETS: list[Preset] = [
         config=dict(
             vocab_size=129280, dim=7168, num_layers=61, num_heads=128, ffn_hidden=18432,
             rope_theta=10000.0, max_seq_len=163840,
+            rope_scaling=dict(
+                factor=40.0, original_max_seq_len=4096, mscale=1.0, mscale_all_dim=1.0
+            ),
             attention=dict(
                 kind="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                 qk_rope_head_dim=64, v_head_dim=128,
@@ -139,6 +142,34 @@ _PRESETS: list[Preset] = [
         ),
         published_total=671e9, published_active=37e9,
         source="DeepSeek-V3 technical report (671B total, 37B activated; excludes the MTP module)",
+    ),
+    Preset(
+        name="deepseek-v2-lite",
+        description=(
+            "DeepSeek-V2-Lite: multi-head latent attention (full-rank queries), 64 routed "
+            "experts top-6 + 2 shared, softmax router, 1 dense layer, YaRN to 160k positions"
+        ),
+        config=dict(
+            vocab_size=102400, dim=2048, num_layers=27, num_heads=16, ffn_hidden=10944,
+            rope_theta=10000.0, max_seq_len=163840,
+            rope_scaling=dict(
+                factor=40.0, original_max_seq_len=4096, mscale=0.707, mscale_all_dim=0.707
+            ),
+            attention=dict(
+                kind="mla", kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                v_head_dim=128,
+            ),
+            moe=dict(
+                num_experts=64, top_k=6, expert_hidden=1408, num_shared_experts=2,
+                norm_topk_prob=False, group_score="max", aux_loss_weight=0.001,
+                first_dense_layers=1,
+            ),
+        ),
+        # The report's 2.4B activated leaves out the 0.2B embedding table (2.66B with it), so
+        # only the total is checked.
+        published_total=15.7e9,
+        source="DeepSeek-V2 technical report (V2-Lite: 15.7B total, 2.4B activated per token "
+        "without the embeddings)",
     ),
     Preset(
         name="llama4-scout",

@@ -30,6 +30,16 @@ def test_info_table_names_every_figure():
         assert needle in out
 
 
+def test_info_shows_the_rope_scaling():
+    out = run("info", "deepseek-v2-lite").stdout
+    assert "10000, YaRN x40 from 4096 positions" in out
+    data = json.loads(run("info", "deepseek-v3", "--json").stdout)
+    assert data["rope_theta"] == 10000.0
+    assert data["rope_scaling"]["factor"] == 40.0
+    assert data["rope_scaling"]["original_max_seq_len"] == 4096
+    assert json.loads(run("info", "debug", "--json").stdout)["rope_scaling"] is None
+
+
 def test_info_compares_models_side_by_side(capsys, tmp_path, monkeypatch):
     dense = ModelConfig.from_dict({**get_preset("demo").to_dict(), "moe": None})
     (tmp_path / "dense").mkdir()

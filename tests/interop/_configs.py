@@ -38,6 +38,18 @@ HF = {
         first_k_dense_replace=1, norm_topk_prob=False, routed_scaling_factor=2.5, n_group=4,
         topk_group=2, topk_method="noaux_tc", rope_interleave=True, attention_bias=False,
     ),
+    # transformers 4's spelling of YaRN (rope_scaling with "type"); group-limited routing.
+    "DeepseekV2ForCausalLM": dict(
+        COMMON, model_type="deepseek_v2", num_hidden_layers=3, num_key_value_heads=4,
+        rope_theta=10000.0, intermediate_size=48, q_lora_rank=24, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+        first_k_dense_replace=1, norm_topk_prob=False, routed_scaling_factor=2.0, n_group=4,
+        topk_group=2, topk_method="group_limited_greedy", aux_loss_alpha=0.003,
+        attention_bias=False, mlp_bias=False,
+        rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    ),
 }  # fmt: skip
 for _name, _hf in HF.items():
     _hf["architectures"] = [_name]
@@ -48,6 +60,11 @@ VARIANTS = {
     **{name: (name, {}) for name in HF},
     "qwen2-biases-untied": ("Qwen2MoeForCausalLM", dict(qkv_bias=True, tie_word_embeddings=False)),
     "deepseek-rotate-half": ("DeepseekV3ForCausalLM", dict(q_lora_rank=None, rope_interleave=False)),
+    "deepseek-v2-lite": ("DeepseekV2ForCausalLM", dict(q_lora_rank=None, topk_method="greedy",
+                                                       rope_scaling=None)),
+    "qwen3-yarn": ("Qwen3MoeForCausalLM", dict(rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+        "original_max_position_embeddings": 16, "truncate": False, "attention_factor": 0.9})),
 }  # fmt: skip
 
 

@@ -141,9 +141,9 @@ def test_an_unsupported_setting_writes_nothing(tmp_path):
     make_model(tmp_path / "ours", "MixtralForCausalLM")
     export_hf(tmp_path / "ours", tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "longrope", "factor": 4.0, "rope_theta": 10000.0}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedError, match=r"rope_parameters\.rope_type='yarn'"):
+    with pytest.raises(UnsupportedError, match=r"rope_parameters\.rope_type='longrope'"):
         import_hf(tmp_path / "hf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

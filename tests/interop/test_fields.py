@@ -6,7 +6,7 @@ import copy
 import pytest
 
 from moekit import build_model, get_preset
-from moekit.config import ModelConfig
+from moekit.config import ModelConfig, RopeScalingConfig
 from moekit.interop.fields import (
     REQUIRED,
     Field,
@@ -67,6 +67,75 @@ def test_other_spellings_and_defaults():
     assert cfg.norm_eps == 1e-6
 
 
+def test_yarn_in_both_spellings():
+    """transformers 4 states YaRN in rope_scaling (with "type"), 5 in rope_parameters; when both
+    are present rope_scaling wins, as in transformers. The pretrained context defaults to
+    max_position_embeddings, and a top-level original_max_position_embeddings wins over the
+    dict's. Export writes the same settings under both names."""
+    arch, hf = ARCHS["Qwen3MoeForCausalLM"], HF["Qwen3MoeForCausalLM"]
+    yarn = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0, "beta_fast": None}
+    cfg = arch.config_from_hf({**hf, "rope_parameters": yarn})
+    s = cfg.rope_scaling
+    assert cfg.rope_theta == 5000.0 and s.kind == "yarn" and s.factor == 4.0
+    assert (s.original_max_seq_len, s.beta_fast, s.beta_slow, s.truncate) == (64, 32.0, 1.0, True)
+    old = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}
+    both = {**hf, "rope_parameters": yarn, "rope_scaling": old, "rope_theta": 7.0}
+    cfg = arch.config_from_hf(both)
+    assert (cfg.rope_theta, cfg.rope_scaling.factor) == (7.0, 2.0)
+    assert cfg.rope_scaling.original_max_seq_len == 16
+    top = arch.config_from_hf({**both, "original_max_position_embeddings": 32})
+    assert top.rope_scaling.original_max_seq_len == 32
+    written = arch.config_to_hf(cfg)
+    assert written["rope_scaling"] == {
+        k: v for k, v in written["rope_parameters"].items() if k != "rope_theta"
+    }
+    assert written["rope_parameters"] == {
+        "rope_type": "yarn", "rope_theta": 7.0, "factor": 2.0,
+        "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": True,
+    }  # fmt: skip
+    assert "rope_scaling" not in arch.config_to_hf(arch.config_from_hf(hf))  # unscaled
+    implied = arch.config_from_hf({**hf, "rope_parameters": {**yarn, "factor": None},
+                                   "original_max_position_embeddings": 16})  # fmt: skip
+    assert implied.rope_scaling.factor == 64 / 16  # max_position_embeddings / pretrained
+
+
+def test_linear_and_llama3_scaling():
+    arch, hf = ARCHS["MixtralForCausalLM"], HF["MixtralForCausalLM"]
+    cfg = arch.config_from_hf({**hf, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert cfg.rope_scaling.to_dict() == RopeScalingConfig(kind="linear", factor=2.0).to_dict()
+    assert arch.config_to_hf(cfg)["rope_parameters"] == {
+        "rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0,
+    }  # fmt: skip
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    cfg = arch.config_from_hf({**hf, "rope_parameters": llama3})
+    s = cfg.rope_scaling
+    assert (s.kind, s.factor, s.original_max_seq_len) == ("llama3", 8.0, 16)
+    assert (s.low_freq_factor, s.high_freq_factor) == (1.0, 4.0)
+    assert arch.config_to_hf(cfg)["rope_parameters"] == {**llama3, "rope_theta": 500000.0}
+    assert arch.config_from_hf(arch.config_to_hf(cfg)) == cfg
+
+
+def test_deepseek_v2_routing_methods():
+    arch, hf = ARCHS["DeepseekV2ForCausalLM"], HF["DeepseekV2ForCausalLM"]
+    cfg = arch.config_from_hf(hf)
+    moe = cfg.moe
+    assert (moe.num_groups, moe.topk_groups, moe.group_score) == (4, 2, "max")
+    assert (moe.score_func, moe.norm_topk_prob, moe.selection_bias) == ("softmax", False, False)
+    greedy = arch.config_from_hf({**hf, "topk_method": "greedy"})  # the groups are not used
+    assert (greedy.moe.num_groups, greedy.moe.topk_groups) == (1, 1)
+    assert arch.config_to_hf(greedy)["topk_method"] == "greedy"
+    assert arch.config_to_hf(cfg)["topk_method"] == "group_limited_greedy"
+    assert "DeepSeek-V2 scores expert groups by their best expert (group_score='max')" in (
+        arch.problems(_with(cfg, "moe.group_score", "top2_sum"))
+    )
+    # A sigmoid-routed model is DeepSeek-V3's, a softmax-routed MLA model DeepSeek-V2's.
+    assert ARCHS["DeepseekV3ForCausalLM"].problems(cfg) != []
+    assert arch.problems(ARCHS["DeepseekV3ForCausalLM"].config_from_hf(
+        HF["DeepseekV3ForCausalLM"])) != []  # fmt: skip
+
+
 def test_qwen_layer_placement():
     arch, hf = ARCHS["Qwen2MoeForCausalLM"], HF["Qwen2MoeForCausalLM"]
     cfg = arch.config_from_hf({**hf, "mlp_only_layers": [1, 0]})
@@ -90,10 +159,26 @@ def test_qwen_layer_placement():
 
 
 REFUSED = [  # (architecture, changes to its config, the message naming the setting)
-    ("MixtralForCausalLM", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
-     r"config\.json: rope_parameters\.rope_type='yarn' is not supported"),
-    ("MixtralForCausalLM", {"rope_scaling": {"type": "linear", "factor": 2.0}},
-     r"config\.json: rope_scaling\.type='linear' is not supported"),
+    ("MixtralForCausalLM", {"rope_parameters": {"rope_type": "longrope", "factor": 8.0}},
+     r"config\.json: rope_parameters\.rope_type='longrope' is not supported"),
+    ("MixtralForCausalLM", {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     r"config\.json: rope_scaling\.type='dynamic' is not supported"),
+    ("MixtralForCausalLM", {"rope_scaling": {"type": "linear"}},
+     r"rope_scaling\.factor=None is not supported: linear scaling needs its factor"),
+    ("MixtralForCausalLM", {"rope_scaling": {"type": "linear", "factor": 2.0, "mscale": 1.0}},
+     r"rope_scaling\.mscale=1\.0 is not supported: moekit's linear scaling does not carry it"),
+    ("Qwen3MoeForCausalLM",
+     {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}},
+     r"rope_parameters\.partial_rotary_factor=0\.5 is not supported"),
+    ("DeepseekV2ForCausalLM", {"topk_method": "noaux_tc"},
+     r"topk_method='noaux_tc' is not supported: DeepSeek-V2 routes by 'greedy' or"),
+    ("DeepseekV2ForCausalLM", {"n_group": None},
+     r"n_group=None is not supported: group_limited_greedy needs it"),
+    ("DeepseekV2ForCausalLM", {"norm_topk_prob": True}, r"norm_topk_prob=True is not supported"),
+    ("DeepseekV2ForCausalLM", {"mlp_bias": True}, r"mlp_bias=True is not supported"),
+    ("DeepseekV2ForCausalLM", {"attention_bias": True}, r"attention_bias=True is not supported"),
+    ("DeepseekV2ForCausalLM", {"n_shared_experts": 0},
+     r"n_shared_experts=0 is not supported: transformers' DeepSeek-V2 always has shared"),
     ("MixtralForCausalLM", {"hidden_act": "gelu"},
      r"config\.json: hidden_act='gelu' is not supported: experts and MLPs are SwiGLU"),
     ("MixtralForCausalLM", {"sliding_window": 16},

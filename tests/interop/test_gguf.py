@@ -197,6 +197,10 @@ def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, tokeni
     dense = make_model("qwen3_moe", tmp_path / "b", tokenizer, mlp_only_layers=[1])
     with pytest.raises(UnsupportedError, match="qwen3moe graph has no dense layers"):
         export_gguf(dense, tmp_path / "out.gguf")
+    yarn = dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=32)
+    scaled = make_model("qwen3_moe", tmp_path / "c", tokenizer, rope_parameters=yarn)
+    with pytest.raises(UnsupportedError, match=r"moekit writes no RoPE scaling to GGUF \(YaRN x4"):
+        export_gguf(scaled, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.gguf")]
 
@@ -218,6 +222,16 @@ def test_unreadable_and_foreign_files_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+    writer = gguf.GGUFWriter(tmp_path / "yarn.gguf", "qwen3moe")
+    writer.add_string("qwen3moe.rope.scaling.type", "yarn")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedError, match=r"qwen3moe\.rope\.scaling\.type='yarn' is not "
+                                               r"supported: moekit reads no RoPE scaling"):  # fmt: skip
+        import_gguf(tmp_path / "yarn.gguf", tmp_path / "out")
 
 
 def test_the_command_line(tmp_path, tokenizer):

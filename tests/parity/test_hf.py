@@ -26,6 +26,32 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
               max_position_embeddings=128, initializer_range=0.15, tie_word_embeddings=False)  # fmt: skip
 
 
+# YaRN as DeepSeek-V2 (mscale = mscale_all_dim), DeepSeek-V3 (factor 40) and Qwen3 state it,
+# stretched 8x, 8x and 4x from a short pretrained context.
+YARN_V2 = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=8.0,
+    original_max_position_embeddings=16,
+    beta_fast=32,
+    beta_slow=1,
+    mscale=0.707,
+    mscale_all_dim=0.707,
+)
+YARN_V3 = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=40.0,
+    beta_fast=32,
+    beta_slow=1,
+    original_max_position_embeddings=16,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
+YARN_QWEN = dict(
+    rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=32
+)
+
 TINY = {  # name: (transformers config class, its fields besides COMMON)
     "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, intermediate_size=96,
                                       num_local_experts=4, num_experts_per_tok=2)),
@@ -65,6 +91,38 @@ TINY = {  # name: (transformers config class, its fields besides COMMON)
                                                          topk_group=1, num_experts_per_tok=2,
                                                          first_k_dense_replace=1,
                                                          rope_interleave=False)),
+    # Softmax routing in groups scored by their best expert; YaRN whose mscale and
+    # mscale_all_dim cancel in the cos/sin tables but sharpen the softmax.
+    "deepseek_v2": ("DeepseekV2Config", dict(num_key_value_heads=4, intermediate_size=128,
+                                             moe_intermediate_size=32, n_shared_experts=1,
+                                             n_routed_experts=8, routed_scaling_factor=2.0,
+                                             kv_lora_rank=16, q_lora_rank=24,
+                                             qk_rope_head_dim=8, v_head_dim=16,
+                                             qk_nope_head_dim=16, n_group=4, topk_group=2,
+                                             topk_method="group_limited_greedy",
+                                             num_experts_per_tok=2, first_k_dense_replace=1,
+                                             rope_parameters=YARN_V2)),
+    # V2-Lite: full-rank queries, greedy routing over all experts, two shared experts.
+    "deepseek_v2_lite": ("DeepseekV2Config", dict(num_key_value_heads=4, intermediate_size=128,
+                                                  moe_intermediate_size=32, n_shared_experts=2,
+                                                  n_routed_experts=8, kv_lora_rank=16,
+                                                  q_lora_rank=None, qk_rope_head_dim=8,
+                                                  v_head_dim=16, qk_nope_head_dim=16,
+                                                  topk_method="greedy", num_experts_per_tok=3,
+                                                  first_k_dense_replace=1)),
+    "deepseek_v3-yarn": ("DeepseekV3Config", dict(num_key_value_heads=4, intermediate_size=128,
+                                                  moe_intermediate_size=32, n_shared_experts=1,
+                                                  n_routed_experts=8, routed_scaling_factor=2.5,
+                                                  kv_lora_rank=16, q_lora_rank=24,
+                                                  qk_rope_head_dim=8, v_head_dim=16,
+                                                  qk_nope_head_dim=16, n_group=4, topk_group=2,
+                                                  num_experts_per_tok=2,
+                                                  first_k_dense_replace=1, norm_topk_prob=True,
+                                                  rope_parameters=YARN_V3)),
+    "qwen3_moe-yarn": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=32,
+                                              intermediate_size=128, moe_intermediate_size=48,
+                                              num_experts=8, num_experts_per_tok=3,
+                                              norm_topk_prob=True, rope_parameters=YARN_QWEN)),
 }  # fmt: skip
 
 
@@ -235,6 +293,21 @@ def test_attention_bias_is_refused_by_name(tmp_path, tokenizer, name):
 
 
 @pytest.mark.parametrize(
+    "name, config_kw, message",
+    [("deepseek_v2", dict(norm_topk_prob=True), r"norm_topk_prob=True is not supported"),
+     ("deepseek_v2_lite", dict(mlp_bias=True), r"mlp_bias=True is not supported"),
+     ("deepseek_v2", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0)),
+      r"rope_parameters\.rope_type='dynamic' is not supported")],
+)  # fmt: skip
+def test_deepseek_v2_settings_moekit_cannot_carry_are_refused(tmp_path, tokenizer, name,
+                                                              config_kw, message):  # fmt: skip
+    make_hf(name, tmp_path / "hf", tokenizer, config_kw=config_kw)
+    with pytest.raises(UnsupportedError, match=message):
+        import_hf(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
     "name, window",
     [("mixtral", {}), ("qwen2_moe", dict(use_sliding_window=True, max_window_layers=3)),
      ("qwen3_moe", dict(use_sliding_window=True))],
@@ -260,10 +333,10 @@ def test_sliding_windows_as_wide_as_the_context_are_full_attention(tmp_path, tok
 def test_unsupported_fields_are_named(tmp_path, tokenizer):
     make_hf("mixtral", tmp_path / "hf", tokenizer)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        UnsupportedError, match=r"rope_parameters\.rope_type='yarn' is not supported"
+        UnsupportedError, match=r"rope_parameters\.rope_type='dynamic' is not supported"
     ):
         import_hf(tmp_path / "hf", tmp_path / "out")
     config["architectures"], config["model_type"] = ["GPT2LMHeadModel"], "gpt2"

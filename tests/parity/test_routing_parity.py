@@ -34,6 +34,17 @@ MODELS = {  # the architecture export_hf picks: the moekit config
         moe=dict(num_experts=6, top_k=2, expert_hidden=32, num_shared_experts=1,
                  shared_expert_gate=True, first_dense_layers=1),
     ),
+    # Multi-head latent attention routed by softmax in groups scored by their best expert,
+    # with YaRN.
+    "DeepseekV2ForCausalLM": dict(
+        BASE, num_kv_heads=4,
+        rope_scaling=dict(factor=4.0, original_max_seq_len=32, mscale=1.0, mscale_all_dim=1.0),
+        attention=dict(kind="mla", kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                       v_head_dim=16),
+        moe=dict(num_experts=8, top_k=2, expert_hidden=32, num_shared_experts=1,
+                 norm_topk_prob=False, num_groups=4, topk_groups=2, group_score="max",
+                 routed_scaling_factor=2.0, first_dense_layers=1),
+    ),
 }  # fmt: skip
 
 

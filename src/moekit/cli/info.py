@@ -104,6 +104,7 @@ def print_comparison(infos: list[ModelInfo]) -> None:
         "experts, top-k",
         *(f"{s.num_experts}, {s.top_k}" if s.num_experts else "dense" for s in summaries),
     )
+    t.add_row("RoPE base, scaling", *(f"{i.rope_theta:g}, {i.rope}" for i in infos))
     for dtype in first.weight_memory_bytes:
         row(f"weights in {dtype}", partial(_memory, "weight_memory_bytes", dtype), nbytes)
     for dtype in first.kv_cache_bytes_per_1k_tokens:
@@ -137,6 +138,7 @@ def print_info(info: ModelInfo) -> None:
     t.add_row("layers (MoE)", f"{s.num_layers} ({s.moe_layers})")
     if s.num_experts:
         t.add_row("experts, top-k", f"{s.num_experts}, {s.top_k}")
+    t.add_row("RoPE base, scaling", f"{info.rope_theta:g}, {info.rope}")
     for dtype, n in s.weight_memory_bytes.items():
         t.add_row(f"weights in {dtype}", nbytes(n))
     for dtype, n in s.kv_cache_bytes_per_1k_tokens.items():

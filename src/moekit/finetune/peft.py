@@ -20,8 +20,8 @@ The transformers names are those of the architecture's in-memory weight table
 PEFT's parameter LoRA has no dropout; the exported config says lora_dropout 0 (dropout only
 acts in training). Adapters on dense MLP layers (a model with `first_dense_layers`) are
 refused: PEFT maps gate_proj/up_proj/down_proj targets of these architectures onto the
-experts. DeepSeek-V3 is not exported: its attention stores the rotary rows in another order
-and its projections differ from moekit's.
+experts. DeepSeek-V2 and V3 are not exported: their attention stores the rotary rows in
+another order and their projections differ from moekit's.
 """
 
 from __future__ import annotations

@@ -351,7 +351,7 @@ class CompiledDecoder:
             m = self.model
             positions = torch.arange(length, device=m.embed.weight.device)
             self._tables = rope_tables(
-                positions, m.rope_dim, m.cfg.rope_theta, m.embed.weight.dtype
+                positions, m.rope_dim, m.cfg.rope_theta, m.embed.weight.dtype, m.cfg.rope_scaling
             )
         return self._tables[0][:length], self._tables[1][:length]
 

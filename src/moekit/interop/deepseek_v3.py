@@ -25,6 +25,7 @@ from moekit.interop.fields import (
     DECODER_FIELDS,
     Check,
     Const,
+    Entry,
     Field,
     Fixed,
     OnImport,
@@ -46,49 +47,68 @@ from moekit.interop.tensors import (
     stacked_experts,
 )
 
+
+def mla_config(label: str) -> tuple[Entry, ...]:
+    """What DeepSeek-V2 and V3 state the same way: the decoder, multi-head latent attention,
+    the expert sizes and the dense first layers. `label` names the architecture in reasons."""
+    return (
+        *DECODER_FIELDS,
+        Only("attention_bias", (None, False), "MLA projections have no biases", write_value=False),
+        Only(
+            "num_key_value_heads",
+            lambda v, hf: v in (None, hf.get("num_attention_heads")),
+            "it must equal num_attention_heads with multi-head latent attention",
+        ),
+        Only("moe_layer_freq", (None, 1), "MoE is on every layer after the dense ones"),
+        Field("intermediate_size", "ffn_hidden", get=lambda cfg: cfg.dense_hidden),
+        Fixed({"attention.kind": "mla"}, f"{label} uses multi-head latent attention"),
+        Field("q_lora_rank", "attention.q_lora_rank", default=None),
+        Field("kv_lora_rank", "attention.kv_lora_rank"),
+        Field("qk_nope_head_dim", "attention.qk_nope_head_dim"),
+        Field("qk_rope_head_dim", "attention.qk_rope_head_dim"),
+        Field("v_head_dim", "attention.v_head_dim"),
+        Field("n_routed_experts", "moe.num_experts"),
+        Field("num_experts_per_tok", "moe.top_k"),
+        Field("moe_intermediate_size", "moe.expert_hidden"),
+        Field(
+            "first_k_dense_replace",
+            "moe.first_dense_layers",
+            default=0,
+            cast=int,
+            get=lambda cfg: cfg.leading_dense_layers,
+        ),
+        Check(
+            f"{label}'s dense layers are the first ones (first_k_dense_replace)",
+            lambda cfg: cfg.leading_dense_layers is not None,
+            ("moe.first_dense_layers", "moe.dense_layers"),
+        ),
+        Field("routed_scaling_factor", "moe.routed_scaling_factor", default=1.0, cast=float),
+        Fixed({"moe.shared_expert_gate": False}, f"{label}'s shared experts have no gate"),
+        Check(
+            f"{label}'s shared experts are as wide as the routed ones (shared_expert_hidden "
+            "must be null or expert_hidden)",
+            lambda cfg: (
+                cfg.moe is None or cfg.moe.shared_expert_hidden in (None, cfg.moe.expert_hidden)
+            ),
+            ("moe.shared_expert_hidden",),
+        ),
+        dropless(label),
+        swiglu(label),
+    )
+
+
 CONFIG = (
-    *DECODER_FIELDS,
-    Only("attention_bias", (None, False), "MLA projections have no biases", write_value=False),
+    *mla_config("DeepSeek-V3"),
     Only("rope_interleave", (None, True, False), "it must be a boolean", write_value=True),
-    Only(
-        "num_key_value_heads",
-        lambda v, hf: v in (None, hf.get("num_attention_heads")),
-        "it must equal num_attention_heads with multi-head latent attention",
-    ),
-    Only("moe_layer_freq", (None, 1), "MoE is on every layer after the dense ones"),
     Only("topk_method", ("noaux_tc", None), "DeepSeek-V3's noaux_tc only", write_value="noaux_tc"),
-    Field("intermediate_size", "ffn_hidden", get=lambda cfg: cfg.dense_hidden),
-    Fixed({"attention.kind": "mla"}, "DeepSeek-V3 uses multi-head latent attention"),
-    Field("q_lora_rank", "attention.q_lora_rank", default=None),
-    Field("kv_lora_rank", "attention.kv_lora_rank"),
-    Field("qk_nope_head_dim", "attention.qk_nope_head_dim"),
-    Field("qk_rope_head_dim", "attention.qk_rope_head_dim"),
-    Field("v_head_dim", "attention.v_head_dim"),
-    Field("n_routed_experts", "moe.num_experts"),
-    Field("num_experts_per_tok", "moe.top_k"),
-    Field("moe_intermediate_size", "moe.expert_hidden"),
     Field("n_shared_experts", "moe.num_shared_experts", default=0, cast=int),
-    Field(
-        "first_k_dense_replace",
-        "moe.first_dense_layers",
-        default=0,
-        cast=int,
-        get=lambda cfg: cfg.leading_dense_layers,
-    ),
-    Check(
-        "DeepSeek-V3's dense layers are the first ones (first_k_dense_replace)",
-        lambda cfg: cfg.leading_dense_layers is not None,
-        ("moe.first_dense_layers", "moe.dense_layers"),
-    ),
     Field("norm_topk_prob", "moe.norm_topk_prob", default=True, cast=bool),
-    Field("routed_scaling_factor", "moe.routed_scaling_factor", default=1.0, cast=float),
     Field("n_group", "moe.num_groups", default=1, cast=lambda v: v or 1),
     Field("topk_group", "moe.topk_groups", default=1, cast=lambda v: v or 1),
     Const("num_nextn_predict_layers", 0),
     Fixed(
         {"moe.router": "topk", "moe.score_func": "sigmoid"}, "DeepSeek-V3 routes by sigmoid top-k"
     ),
-    Fixed({"moe.shared_expert_gate": False}, "DeepSeek-V3's shared experts have no gate"),
     OnImport({"moe.group_score": "top2_sum"}, "groups are scored by their best two experts"),
     Check(
         "DeepSeek-V3 scores expert groups by their best two experts",
@@ -100,8 +120,6 @@ CONFIG = (
         "the checkpoint's routers carry a correction bias (e_score_correction_bias) and balance "
         "with it rather than with a large auxiliary loss",
     ),
-    dropless("DeepSeek-V3"),
-    swiglu("DeepSeek-V3"),
 )
 
 
@@ -121,14 +139,16 @@ class RopeRows(Spec):
     "q": qk_nope_head_dim then qk_rope_head_dim rows per head) or the compressed keys' ("kv":
     kv_lora_rank latent rows then the shared RoPE rows). Reordered between the interleaved and
     rotate-half layouts when the checkpoint's `rope_interleave` is true (transformers tests
-    the flag's truth, so an explicit null means rotate-half), copied otherwise."""
+    the flag's truth, so an explicit null means rotate-half), copied otherwise. `flagged`
+    false: always interleaved (DeepSeek-V2, which has no such flag)."""
 
     theirs: str
     part: str
+    flagged: bool = True
 
     def bind(self, ours: tuple[str, ...], layer: int | None, ctx: Binding) -> TensorMap:
         theirs = at_layer(self.theirs, layer)
-        if not ctx.hf.get("rope_interleave", True):
+        if self.flagged and not ctx.hf.get("rope_interleave", True):
             return TensorMap(ours, (theirs,))
         a = ctx.cfg.attention
         rope = a.qk_rope_head_dim
@@ -144,22 +164,24 @@ class RopeRows(Spec):
 
 
 _ATTN = f"{LAYER}.self_attn"
-_MLA: Weights = {
-    "layers.{i}.attn.wq.weight": RopeRows(f"{_ATTN}.q_proj.weight", "q"),  # full-rank queries
-    "layers.{i}.attn.wq_a.weight": f"{_ATTN}.q_a_proj.weight",  # ... or low-rank ones
-    "layers.{i}.attn.q_norm.weight": f"{_ATTN}.q_a_layernorm.weight",
-    "layers.{i}.attn.wq_b.weight": RopeRows(f"{_ATTN}.q_b_proj.weight", "q"),
-    "layers.{i}.attn.wkv_a.weight": RopeRows(f"{_ATTN}.kv_a_proj_with_mqa.weight", "kv"),
-    "layers.{i}.attn.kv_norm.weight": f"{_ATTN}.kv_a_layernorm.weight",
-    "layers.{i}.attn.wkv_b.weight": f"{_ATTN}.kv_b_proj.weight",
-    "layers.{i}.attn.wo.weight": f"{_ATTN}.o_proj.weight",
-}
 
 
-def _weights(experts: Weights) -> Weights:
+def mla_weights(experts: Weights, *, flagged: bool = True) -> Weights:
+    """DeepSeek's weight table: MLA (RoPE rows interleaved, or by `rope_interleave` when
+    `flagged`), dense first layers, a router (with its optional correction bias), `experts`
+    and shared experts."""
     return {
         **DECODER,
-        **_MLA,
+        "layers.{i}.attn.wq.weight": RopeRows(f"{_ATTN}.q_proj.weight", "q", flagged),
+        "layers.{i}.attn.wq_a.weight": f"{_ATTN}.q_a_proj.weight",  # ... or low-rank queries
+        "layers.{i}.attn.q_norm.weight": f"{_ATTN}.q_a_layernorm.weight",
+        "layers.{i}.attn.wq_b.weight": RopeRows(f"{_ATTN}.q_b_proj.weight", "q", flagged),
+        "layers.{i}.attn.wkv_a.weight": RopeRows(
+            f"{_ATTN}.kv_a_proj_with_mqa.weight", "kv", flagged
+        ),
+        "layers.{i}.attn.kv_norm.weight": f"{_ATTN}.kv_a_layernorm.weight",
+        "layers.{i}.attn.wkv_b.weight": f"{_ATTN}.kv_b_proj.weight",
+        "layers.{i}.attn.wo.weight": f"{_ATTN}.o_proj.weight",
         **mlp("layers.{i}.ffn", f"{LAYER}.mlp"),  # the dense layers
         "layers.{i}.ffn.router.weight": f"{LAYER}.mlp.gate.weight",
         # A checkpoint without the bias routes as with a zero one.
@@ -169,6 +191,10 @@ def _weights(experts: Weights) -> Weights:
         **experts,
         **mlp("layers.{i}.ffn.shared", f"{LAYER}.mlp.shared_experts"),
     }
+
+
+PER_EXPERT = per_expert(f"{LAYER}.mlp.experts.{{e}}")
+STACKED = stacked_experts(f"{LAYER}.mlp.experts")
 
 
 def _multi_token_prediction(key: str, cfg: ModelConfig) -> bool:
@@ -182,7 +208,7 @@ ARCH = Architecture(
     model_type="deepseek_v3",
     label="DeepSeek-V3",
     config=CONFIG,
-    weights=_weights(per_expert(f"{LAYER}.mlp.experts.{{e}}")),
-    live_weights=_weights(stacked_experts(f"{LAYER}.mlp.experts")),
+    weights=mla_weights(PER_EXPERT),
+    live_weights=mla_weights(STACKED),
     ignore=_multi_token_prediction,
 )

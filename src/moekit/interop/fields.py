@@ -239,36 +239,101 @@ class Check(Entry):
 # ---- settings spread over several fields ------------------------------------------------------
 
 
+# The settings of each scaled RoPE moekit carries: Hugging Face name -> RopeScalingConfig field.
+_SCALING_FIELDS = {
+    "yarn": {
+        "factor": "factor",
+        "original_max_position_embeddings": "original_max_seq_len",
+        "beta_fast": "beta_fast",
+        "beta_slow": "beta_slow",
+        "mscale": "mscale",
+        "mscale_all_dim": "mscale_all_dim",
+        "attention_factor": "attention_factor",
+        "truncate": "truncate",
+    },
+    "linear": {"factor": "factor"},
+    "llama3": {
+        "factor": "factor",
+        "original_max_position_embeddings": "original_max_seq_len",
+        "low_freq_factor": "low_freq_factor",
+        "high_freq_factor": "high_freq_factor",
+    },
+}
+
+
 class RoPE(Entry):
-    """The RoPE base, from a config written by transformers 4 (`rope_theta`, `rope_scaling`) or 5
-    (`rope_parameters`); scaled RoPE variants are refused. Export writes both spellings."""
+    """The RoPE base and its scaling, from a config written by transformers 4 (`rope_theta`,
+    `rope_scaling`) or 5 (`rope_parameters`; `rope_scaling` wins when both are present, as in
+    transformers). YaRN, linear and Llama 3 scaling are carried (`ModelConfig.rope_scaling`);
+    dynamic and longrope scaling are refused by name. Export writes `rope_theta` and
+    `rope_parameters`, and a scaled model's settings under `rope_scaling` too, for
+    transformers 4."""
 
     def hf_names(self) -> tuple[str, ...]:
         return ("rope_theta", "rope_parameters", "rope_scaling")
 
     def ours_paths(self) -> tuple[str, ...]:
-        return ("rope_theta",)
+        return ("rope_theta", "rope_scaling")
 
     def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
-        params = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or {}
-        kind = (
-            params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        )
-        if kind != "default":
-            where = "rope_parameters.rope_type" if params.get("rope_type") else "rope_scaling.type"
-            raise unsupported(
-                where,
-                kind,
-                "moekit implements unscaled RoPE only (YaRN, linear and dynamic scaling are not "
-                "available)",
-            )
+        where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        params = hf.get(where) or {}
+        kind_key = "type" if "rope_type" not in params and "type" in params else "rope_type"
+        kind = params.get(kind_key) or "default"
         theta: Any = params.get("rope_theta") or hf_value(hf, "rope_theta", default=10000.0)
         ours["rope_theta"] = float(theta)
+        if kind == "default":
+            ours["rope_scaling"] = None
+        elif kind in _SCALING_FIELDS:
+            ours["rope_scaling"] = _read_scaling(hf, params, where, kind)
+        else:
+            raise unsupported(
+                f"{where}.{kind_key}",
+                kind,
+                "moekit implements unscaled RoPE and YaRN, linear and llama3 scaling (dynamic "
+                "and longrope scaling are not available)",
+            )
 
     def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
         hf["rope_theta"] = cfg.rope_theta
-        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        scaling = cfg.rope_scaling
+        if scaling is not None:
+            params["rope_type"] = scaling.kind
+            for name, ours in _SCALING_FIELDS[scaling.kind].items():
+                value = getattr(scaling, ours)
+                if value is not None:
+                    params[name] = value
+            # transformers 4 reads the base from rope_theta, and warns of it here.
+            hf["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+        hf["rope_parameters"] = params
+
+
+def _read_scaling(hf: HFConfig, params: Mapping[str, Any], where: str, kind: str) -> dict[str, Any]:
+    """The moekit `rope_scaling` of the settings `params` of scaled RoPE `kind` (found under
+    `where`). As in transformers: the pretrained context defaults to max_position_embeddings
+    (a top-level `original_max_position_embeddings` wins), a null setting is its default,
+    and YaRN's null factor is the ratio of max_position_embeddings to the pretrained context."""
+    names = _SCALING_FIELDS[kind]
+    unknown = sorted(set(params) - {*names, "rope_type", "type", "rope_theta"})
+    if unknown:
+        raise unsupported(
+            f"{where}.{unknown[0]}",
+            params[unknown[0]],
+            f"moekit's {kind} scaling does not carry it",
+        )
+    out = {"kind": kind} | {
+        ours: params[name] for name, ours in names.items() if params.get(name) is not None
+    }
+    if "original_max_seq_len" in names.values():
+        context = hf_value(hf, "max_position_embeddings")
+        original = hf.get("original_max_position_embeddings") or out.get("original_max_seq_len")
+        out["original_max_seq_len"] = original = original or context
+        if kind == "yarn" and "factor" not in out:
+            out["factor"] = context / original
+    if "factor" not in out:
+        raise unsupported(f"{where}.factor", None, f"{kind} scaling needs its factor")
+    return out
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,12 @@ def _hf_config(
     table reads it, refusing what it refuses). Floats are stored as float32 in GGUF: each is
     read as the shortest decimal that float32 value stands for (1e-06, not 9.99999997e-07)."""
     hf: dict[str, Any] = {"architectures": [arch.hf.name], "model_type": arch.hf.model_type}
+    scaling = meta.get(f"{arch.name}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise UnsupportedError(
+            f"GGUF metadata {arch.name}.rope.scaling.type={scaling!r} is not supported: moekit "
+            "reads no RoPE scaling from GGUF files (only the RoPE base)"
+        )
     for key, field in arch.all_keys().items():
         if key in meta:
             value = meta[key]

@@ -162,6 +162,11 @@ class GgufArch:
             )
         if cfg.dense_layer_indices:
             found.append(f"llama.cpp's {self.name} graph has no dense layers")
+        if cfg.rope_scaling is not None:  # the file states only the RoPE base
+            found.append(
+                f"moekit writes no RoPE scaling to GGUF ({cfg.rope_scaling.describe()}; "
+                "rope_scaling must be null)"
+            )
         return found
 
 

@@ -21,7 +21,10 @@ def hf_config(arch: Architecture, cfg: ModelConfig) -> Any:
 
     arch.check(cfg)
     fields = arch.config_to_hf(cfg)
-    fields.pop("rope_theta")  # stated in rope_parameters, which transformers 5 reads
+    # Stated in rope_parameters, which transformers 5 reads (the transformers 4 spellings
+    # would win over it).
+    fields.pop("rope_theta")
+    fields.pop("rope_scaling", None)
     return AutoConfig.for_model(arch.model_type, **fields)
 
 

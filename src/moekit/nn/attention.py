@@ -6,6 +6,8 @@ Both go through `torch.nn.functional.scaled_dot_product_attention`. Shapes are c
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,11 +29,13 @@ def _attend(
     attn_mask: Tensor | None,
     cache: KVCache | None,
     layer: int,
+    scale: float | None = None,
 ) -> Tensor:
     """(B, S, H, hd) queries against (B, S, Hkv, hd) keys/values -> (B, S, H, hd_v).
 
     With a cache, the new keys/values are appended to the layer's cached ones first, and
     `attn_mask` (from `KVCache.begin`) says which cached positions each query may see.
+    `scale` multiplies the scores before the softmax (None: 1/sqrt(hd)).
     """
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if cache is not None:
@@ -39,9 +43,11 @@ def _attend(
     gqa = q.shape[1] != k.shape[1]
     if attn_mask is None:
         causal = cache is None or cache.causal_prefill
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa, scale=scale)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, enable_gqa=gqa, scale=scale
+        )
     return out.transpose(1, 2)
 
 
@@ -183,6 +189,10 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_rank, MLA_LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(self.kv_rank, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
+        # YaRN stretches the context; DeepSeek sharpens the softmax to match (see
+        # RopeScalingConfig.softmax_factor). Without scaling: SDPA's own 1/sqrt(head dim).
+        scaling = cfg.rope_scaling
+        self.scale = None if scaling is None else scaling.softmax_factor() / math.sqrt(qk)
 
     def forward(
         self,
@@ -209,7 +219,7 @@ class MLAttention(nn.Module):
         k_rope = apply_rope(k_rope.view(B, S, 1, self.rope), cos, sin).expand(B, S, H, self.rope)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        out = _attend(q, k, v, attn_mask, cache, layer)  # (B, S, H, v_dim)
+        out = _attend(q, k, v, attn_mask, cache, layer, self.scale)  # (B, S, H, v_dim)
         return self.wo(out.reshape(B, S, -1))
 
     def init_weights(
