@@ -34,7 +34,7 @@ HF = {
         COMMON, model_type="deepseek_v3", num_hidden_layers=3, num_key_value_heads=4,
         rope_theta=10000.0, intermediate_size=48, q_lora_rank=24, kv_lora_rank=16,
         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-        num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+        num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
         first_k_dense_replace=1, norm_topk_prob=False, routed_scaling_factor=2.5, n_group=4,
         topk_group=2, topk_method="noaux_tc", rope_interleave=True, attention_bias=False,
     ),

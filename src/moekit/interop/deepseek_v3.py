@@ -101,7 +101,7 @@ CONFIG = (
     *mla_config("DeepSeek-V3"),
     Only("rope_interleave", (None, True, False), "it must be a boolean", write_value=True),
     Only("topk_method", ("noaux_tc", None), "DeepSeek-V3's noaux_tc only", write_value="noaux_tc"),
-    Field("n_shared_experts", "moe.num_shared_experts", default=0, cast=int),
+    Field("n_shared_experts", "moe.num_shared_experts", default=1, cast=int),  # transformers'
     Field("norm_topk_prob", "moe.norm_topk_prob", default=True, cast=bool),
     Field("n_group", "moe.num_groups", default=1, cast=lambda v: v or 1),
     Field("topk_group", "moe.topk_groups", default=1, cast=lambda v: v or 1),
