@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moekit.interop.fields import Check, Field, Fixed, Only
+from moekit.interop.fields import Check, Const, Field, Fixed, Only
 
 
 @dataclass(frozen=True)
@@ -35,19 +35,16 @@ def catalog() -> list[CatalogEntry]:
     for arch in ARCHITECTURES:
         carried, limits = [], []
         for entry in arch.config:
+            limits += entry.limits()
             if isinstance(entry, Field):
                 carried.append(entry.hf)
-            elif isinstance(entry, Fixed | Check):
-                limits.append(entry.why)
-            elif isinstance(entry, Only):
-                limits.append(f"{entry.hf}: {entry.why}")
-            else:
+            elif not isinstance(entry, Fixed | Check | Only | Const):
                 carried += [n for n in entry.hf_names() if n not in carried]
         g = gguf_of.get(arch.name)
         if g is not None:
             state = "renormalised" if g.norm_topk_prob else "not renormalised"
             limits.append(f"GGUF ({g.name}): the chosen experts' weights are {state}")
-            limits.append(f"GGUF ({g.name}): no dense layers")
+            limits.append(f"GGUF ({g.name}): no dense layers, no RoPE scaling")
         out.append(
             CatalogEntry(
                 arch.name,

@@ -45,6 +45,9 @@ class GroupRouting(Entry):
     def ours_paths(self) -> tuple[str, ...]:
         return ("moe.num_groups", "moe.topk_groups", "moe.group_score")
 
+    def limits(self) -> list[str]:
+        return ["topk_method: 'greedy' or 'group_limited_greedy' (groups scored by their best)"]
+
     def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
         method = hf.get("topk_method") or "greedy"
         if method not in METHODS:

@@ -105,6 +105,10 @@ class Entry:
     def problems(self, cfg: ModelConfig) -> list[str]:
         return []
 
+    def limits(self) -> list[str]:
+        """What the rule fixes or refuses, in words (`moekit convert --list`)."""
+        return []
+
 
 @dataclass(frozen=True)
 class Field(Entry):
@@ -158,6 +162,9 @@ class Fixed(Entry):
         differs = any(ours_value(cfg, path) != value for path, value in self.values.items())
         return [self.why] if differs else []
 
+    def limits(self) -> list[str]:
+        return [self.why]
+
 
 @dataclass(frozen=True)
 class OnImport(Entry):
@@ -200,6 +207,9 @@ class Only(Entry):
     def writes_hf(self) -> bool:
         return self.write_value is not _UNSET
 
+    def limits(self) -> list[str]:
+        return [f"{self.hf}: {self.why}"]
+
     def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
         if self.write_value is not _UNSET:
             hf[self.hf] = self.write_value
@@ -234,6 +244,9 @@ class Check(Entry):
 
     def problems(self, cfg: ModelConfig) -> list[str]:
         return [] if self.ok(cfg) else [self.why]
+
+    def limits(self) -> list[str]:
+        return [self.why]
 
 
 # ---- settings spread over several fields ------------------------------------------------------
@@ -274,6 +287,9 @@ class RoPE(Entry):
 
     def ours_paths(self) -> tuple[str, ...]:
         return ("rope_theta", "rope_scaling")
+
+    def limits(self) -> list[str]:
+        return ["RoPE scaling: yarn, linear and llama3 carried; dynamic and longrope refused"]
 
     def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
         where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
@@ -365,6 +381,9 @@ class SlidingWindow(Entry):
 
     def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
         hf["sliding_window"] = None
+
+    def limits(self) -> list[str]:
+        return ["sliding_window: only a window at least as wide as the context (full attention)"]
 
 
 class HeadDim(Entry):
