@@ -41,6 +41,22 @@ TINY = {
                                          norm_topk_prob=True)),
     "olmoe": ("OlmoeConfig", dict(num_key_value_heads=4, intermediate_size=32, num_experts=4,
                                   num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, intermediate_size=96,
+                                             moe_intermediate_size=32, n_shared_experts=1,
+                                             n_routed_experts=8, routed_scaling_factor=2.5,
+                                             kv_lora_rank=16, q_lora_rank=24,
+                                             qk_rope_head_dim=8, v_head_dim=16,
+                                             qk_nope_head_dim=16, n_group=4, topk_group=2,
+                                             num_experts_per_tok=2, first_k_dense_replace=1,
+                                             norm_topk_prob=True)),
+    "deepseek_v2": ("DeepseekV2Config", dict(num_key_value_heads=4, intermediate_size=96,
+                                             moe_intermediate_size=32, n_shared_experts=2,
+                                             n_routed_experts=8, routed_scaling_factor=1.5,
+                                             kv_lora_rank=16, q_lora_rank=None,
+                                             qk_rope_head_dim=8, v_head_dim=16,
+                                             qk_nope_head_dim=16, topk_method="greedy",
+                                             num_experts_per_tok=2, first_k_dense_replace=1,
+                                             norm_topk_prob=False)),
 }  # fmt: skip
 
 
@@ -96,11 +112,13 @@ def main() -> int:
     parser.add_argument("model_dirs", nargs="*", type=Path)
     parser.add_argument("--types", nargs="+", default=["f32", "q8_0"])
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--families", nargs="*", help="only these tiny families (default: all)")
     args = parser.parse_args()
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        models = {name: tiny_model(name, root / name) for name in TINY}
+        only = [n for n in TINY if not args.families or n in args.families]
+        models = {name: tiny_model(name, root / name) for name in only}
         models |= {str(d): d for d in args.model_dirs}
         for label, model_dir in models.items():
             for kind in args.types:

@@ -38,6 +38,24 @@ FAMILIES = {  # name: (transformers config class, fields, the GGUF architecture)
                                          norm_topk_prob=True), "qwen3moe"),
     "olmoe": ("OlmoeConfig", dict(num_key_value_heads=4, intermediate_size=32, num_experts=4,
                                   num_experts_per_tok=2), "olmoe"),
+    # Multi-head latent attention, a leading dense layer, shared experts; V3 with expert groups
+    # and a selection bias, V2 with softmax routing and full-rank queries.
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, intermediate_size=96,
+                                             moe_intermediate_size=32, n_shared_experts=1,
+                                             n_routed_experts=8, routed_scaling_factor=2.5,
+                                             kv_lora_rank=16, q_lora_rank=24,
+                                             qk_rope_head_dim=8, v_head_dim=16,
+                                             qk_nope_head_dim=16, n_group=4, topk_group=2,
+                                             num_experts_per_tok=2, first_k_dense_replace=1,
+                                             norm_topk_prob=True), "deepseek2"),
+    "deepseek_v2": ("DeepseekV2Config", dict(num_key_value_heads=4, intermediate_size=96,
+                                             moe_intermediate_size=32, n_shared_experts=2,
+                                             n_routed_experts=8, routed_scaling_factor=1.5,
+                                             kv_lora_rank=16, q_lora_rank=None,
+                                             qk_rope_head_dim=8, v_head_dim=16,
+                                             qk_nope_head_dim=16, topk_method="greedy",
+                                             num_experts_per_tok=2, first_k_dense_replace=1,
+                                             norm_topk_prob=False), "deepseek2"),
 }  # fmt: skip
 
 
@@ -112,10 +130,10 @@ def test_names_and_metadata_are_llama_cpps(family, tmp_path):
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], COMMON["num_hidden_layers"])
     expected = set()
     for hf_name in hf_names:
-        merged = re.sub(r"\.experts\.\d+\.", ".experts.", hf_name)  # the converter's stacking
-        mapped = tmap.get_name(merged, try_suffixes=(".weight", ".bias"))
-        assert mapped is not None, hf_name
-        expected.add(mapped)
+        for renamed in converter_names(hf_name):
+            mapped = tmap.get_name(renamed, try_suffixes=(".weight", ".bias"))
+            assert mapped is not None, hf_name
+            expected.add(mapped)
     assert written == expected
 
     fields = {k: f.contents() for k, f in reader.fields.items()}
@@ -123,12 +141,24 @@ def test_names_and_metadata_are_llama_cpps(family, tmp_path):
     assert fields["general.architecture"] == arch
     assert fields[f"{arch}.block_count"] == cfg.num_layers
     assert fields[f"{arch}.embedding_length"] == cfg.dim
-    assert fields[f"{arch}.attention.head_count_kv"] == cfg.kv_heads
+    latent = arch == "deepseek2"  # every head reads one shared latent
+    assert fields[f"{arch}.attention.head_count_kv"] == (1 if latent else cfg.kv_heads)
     assert fields[f"{arch}.expert_count"] == cfg.moe.num_experts
     assert fields[f"{arch}.expert_used_count"] == cfg.moe.top_k
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.eos_token_id"] == 0 and not fields["tokenizer.ggml.add_bos_token"]
     assert len(fields["tokenizer.ggml.tokens"]) == cfg.vocab_size
+
+
+def converter_names(hf_name):
+    """The names llama.cpp's converter gives a transformers tensor before its name map: experts
+    stacked under one name, DeepSeek's key/value up-projection split in two, its correction
+    bias named as a bias."""
+    name = re.sub(r"\.experts\.\d+\.", ".experts.", hf_name)
+    name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+    if "kv_b_proj" in name:
+        return [name.replace("kv_b_proj", "k_b_proj"), name.replace("kv_b_proj", "v_b_proj")]
+    return [name]
 
 
 def test_the_tokenizer_comes_back(family):
@@ -191,7 +221,7 @@ def test_tokenizer_shorter_than_the_embedding_is_padded(tmp_path, tokenizer):
 
 def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, tokenizer):
     renormalised = make_model("qwen2_moe", tmp_path / "a", tokenizer, norm_topk_prob=True)
-    with pytest.raises(UnsupportedError, match=r"qwen2moe: llama.cpp's qwen2moe graph does not "
+    with pytest.raises(UnsupportedError, match=r"qwen2moe \(Qwen2-MoE\): llama.cpp's qwen2moe graph does not "
                                                r"renormalise"):  # fmt: skip
         export_gguf(renormalised, tmp_path / "out.gguf")
     dense = make_model("qwen3_moe", tmp_path / "b", tokenizer, mlp_only_layers=[1])
@@ -258,7 +288,7 @@ def test_the_command_line(tmp_path, tokenizer):
     proc = run("--list", "--json")
     listed = {e["name"]: e for e in json.loads(proc.stdout)}
     assert listed["OlmoeForCausalLM"]["gguf"] == "olmoe"
-    assert listed["DeepseekV3ForCausalLM"]["gguf"] is None
+    assert listed["DeepseekV3ForCausalLM"]["gguf"] == "deepseek2"
     assert "num_experts" in listed["OlmoeForCausalLM"]["carried"][0]
     proc = run("--to-gguf", str(model_dir))
     assert proc.returncode != 0 and "--out is required" in proc.stderr

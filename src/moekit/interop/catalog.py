@@ -27,10 +27,10 @@ class CatalogEntry:
 
 def catalog() -> list[CatalogEntry]:
     """Every architecture `moekit convert` supports, in the order export tries them."""
-    from moekit.interop.gguf_arch import GGUF_ARCHITECTURES
+    from moekit.interop.gguf import gguf_architectures
     from moekit.interop.hf import ARCHITECTURES
 
-    gguf_of = {g.hf.name: g for g in GGUF_ARCHITECTURES}
+    gguf_of = {g.hf.name: g for g in gguf_architectures()}
     out = []
     for arch in ARCHITECTURES:
         carried, limits = [], []
@@ -42,9 +42,11 @@ def catalog() -> list[CatalogEntry]:
                 carried += [n for n in entry.hf_names() if n not in carried]
         g = gguf_of.get(arch.name)
         if g is not None:
-            state = "renormalised" if g.norm_topk_prob else "not renormalised"
-            limits.append(f"GGUF ({g.name}): the chosen experts' weights are {state}")
-            limits.append(f"GGUF ({g.name}): no dense layers, no RoPE scaling")
+            if g.norm_topk_prob is not None:
+                state = "renormalised" if g.norm_topk_prob else "not renormalised"
+                limits.append(f"GGUF ({g.name}): the chosen experts' weights are {state}")
+            dense = "leading dense layers only" if g.leading_dense else "no dense layers"
+            limits.append(f"GGUF ({g.name}): {dense}, no RoPE scaling")
         out.append(
             CatalogEntry(
                 arch.name,

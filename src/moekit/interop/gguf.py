@@ -29,7 +29,8 @@ from torch import Tensor
 from moekit.config import ModelConfig
 from moekit.files import atomic_path
 from moekit.interop.fields import UnsupportedError
-from moekit.interop.gguf_arch import GgufArch, choose_gguf_architecture, gguf_architecture
+from moekit.interop.gguf_arch import GGUF_ARCHITECTURES, GgufArch
+from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3
 from moekit.interop.gguf_tokenizer import tokenizer_metadata, write_tokenizer
 from moekit.interop.quantize import DequantizedTensors
 from moekit.interop.tensors import TensorMap, bind
@@ -52,6 +53,39 @@ class GgufResult:
     tensors: int
 
 
+# ---- architectures -------------------------------------------------------------------------------
+
+
+def gguf_architectures() -> tuple[GgufArch, ...]:
+    """Every GGUF architecture moekit reads and writes, in the order export tries them."""
+    return (*GGUF_ARCHITECTURES, DEEPSEEK2_V2, DEEPSEEK2_V3)
+
+
+def gguf_architecture(name: str, meta: dict[str, Any]) -> GgufArch:
+    """The architecture of a file whose general.architecture is `name` (and metadata `meta`);
+    UnsupportedError listing those moekit reads otherwise."""
+    for arch in gguf_architectures():
+        if arch.name == name and arch.accepts(meta):
+            return arch
+    known = ", ".join(dict.fromkeys(a.name for a in gguf_architectures()))
+    raise UnsupportedError(
+        f"GGUF architecture {name!r} is not supported: moekit reads and writes {known}"
+    )
+
+
+def choose_gguf_architecture(cfg: ModelConfig) -> GgufArch:
+    """The first architecture llama.cpp computes `cfg` exactly with; UnsupportedError listing
+    what each lacks when none does."""
+    reasons = {}
+    for arch in gguf_architectures():
+        found = arch.problems(cfg)
+        if not found:
+            return arch
+        reasons[f"{arch.name} ({arch.hf.label})"] = "; ".join(found)
+    detail = "\n".join(f"  {name}: {why}" for name, why in reasons.items())
+    raise UnsupportedError(f"no GGUF architecture llama.cpp runs represents this model:\n{detail}")
+
+
 # ---- export ------------------------------------------------------------------------------------
 
 
@@ -67,7 +101,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, type: str = "f16
     cfg = src.config()
     arch = choose_gguf_architecture(cfg)
     hf = {"architectures": [arch.hf.name], **arch.hf.config_to_hf(cfg)}
-    meta = _metadata(arch, hf, type) | tokenizer_metadata(src, cfg.vocab_size)
+    meta = _metadata(arch, cfg, hf, type) | tokenizer_metadata(src, cfg.vocab_size)
     weights = _source_weights(src, cfg)
     maps = bind(arch.weights, cfg, hf, f"GGUF {arch.name}")
     out = Path(out_file)
@@ -100,7 +134,7 @@ def _source_weights(src: ModelDir, cfg: ModelConfig) -> Any:
     return weights
 
 
-def _metadata(arch: GgufArch, hf: dict[str, Any], type: str) -> dict[str, Any]:
+def _metadata(arch: GgufArch, cfg: ModelConfig, hf: dict[str, Any], type: str) -> dict[str, Any]:
     """general.* and the architecture's hyperparameters, from the Hugging Face fields `hf`."""
     meta: dict[str, Any] = {
         "general.name": "moekit model",
@@ -112,6 +146,8 @@ def _metadata(arch: GgufArch, hf: dict[str, Any], type: str) -> dict[str, Any]:
         value = hf.get(field)
         if value is not None:
             meta[key] = value
+    for key, value in arch.meta_of(cfg).items():
+        meta[key.replace("{arch}", arch.name)] = value
     return meta
 
 
@@ -139,12 +175,16 @@ def _add(writer: Any, key: str, value: Any) -> None:
 
 
 def _names(maps: list[TensorMap]) -> list[tuple[str, tuple[int, ...]]]:
-    """Every GGUF tensor with its shape (each GGUF tensor here is one moekit tensor)."""
+    """Every GGUF tensor with its shape: a one-to-one map keeps the moekit shape, any other
+    is worked out on the meta device (no memory, no arithmetic)."""
     out = []
     for m in maps:
-        if len(m.theirs) != len(m.ours):
-            raise AssertionError(f"GGUF tables map tensors one to one: {m.ours} -> {m.theirs}")
-        out += [(name, tuple(shape)) for name, shape in zip(m.theirs, m.shapes, strict=True)]
+        if len(m.theirs) == len(m.ours):
+            shapes = [tuple(shape) for shape in m.shapes]
+        else:
+            made = m.to_theirs([torch.empty(shape, device="meta") for shape in m.shapes])
+            shapes = [tuple(t.shape) for t in made]
+        out += list(zip(m.theirs, shapes, strict=True))
     return out
 
 
@@ -217,7 +257,7 @@ def import_gguf(
         for name, f in reader.fields.items()
         if not name.startswith("GGUF.")
     }
-    arch = gguf_architecture(str(meta.get("general.architecture")))
+    arch = gguf_architecture(str(meta.get("general.architecture")), meta)
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise UnsupportedError(f"{path}: the file has no token embedding (token_embd.weight)")
@@ -272,6 +312,7 @@ def _hf_config(
     hf["tie_word_embeddings"] = "output.weight" not in names
     hf.update(arch.implied)
     hf.update(arch.from_tensors(names))
+    hf.update(arch.hf_of(meta))
     for key in ("bos_token_id", "eos_token_id"):
         value = meta.get(f"tokenizer.ggml.{key}")
         if value is not None:

@@ -25,7 +25,6 @@ from torch import Tensor
 from moekit.config import ModelConfig
 from moekit.interop import mixtral, olmoe, qwen_moe
 from moekit.interop.architecture import Architecture
-from moekit.interop.fields import UnsupportedError
 from moekit.interop.tensors import Binding, Spec, TensorMap, Weights, at_layer
 
 # ---- tensor names ------------------------------------------------------------------------------
@@ -129,22 +128,39 @@ COMMON_KEYS: dict[str, str] = {
 }
 
 
+def _nothing(_: Any) -> dict[str, Any]:
+    return {}
+
+
+def _no_problems(_: ModelConfig) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class GgufArch:
     """One llama.cpp architecture: `name` as GGUF's general.architecture says it, the Hugging
     Face architecture `hf` whose config fields carry the hyperparameters, the metadata `keys`
     beyond `COMMON_KEYS` (GGUF key -> config field), the weight table, and what llama.cpp's
-    graph fixes: `norm_topk_prob` (whether the chosen weights are renormalised)."""
+    graph fixes: `norm_topk_prob` (whether the chosen weights are renormalised; None: the
+    file states it), `leading_dense` (dense layers allowed, first ones only)."""
 
     name: str
     hf: Architecture
     keys: dict[str, str]
     weights: Weights
-    norm_topk_prob: bool
+    norm_topk_prob: bool | None
     # config.json fields the file does not state (llama.cpp's graph fixes them), on import.
     implied: dict[str, Any] = field(default_factory=dict)
     # config.json fields read from which tensors the file holds, on import.
-    from_tensors: Callable[[set[str]], dict[str, Any]] = lambda names: {}
+    from_tensors: Callable[[set[str]], dict[str, Any]] = _nothing
+    leading_dense: bool = False
+    # Metadata computed from the config (keys with `{arch}`), on export; and config.json
+    # fields computed from the metadata (keys with the architecture's name), on import.
+    meta_of: Callable[[ModelConfig], dict[str, Any]] = _nothing
+    hf_of: Callable[[dict[str, Any]], dict[str, Any]] = _nothing
+    # Whether a file of this `name` is this architecture (several share one name).
+    accepts: Callable[[dict[str, Any]], bool] = lambda meta: True
+    more_problems: Callable[[ModelConfig], list[str]] = _no_problems
 
     def all_keys(self) -> dict[str, str]:
         return {k.replace("{arch}", self.name): v for k, v in {**COMMON_KEYS, **self.keys}.items()}
@@ -154,14 +170,16 @@ class GgufArch:
         found = self.hf.problems(cfg)
         if found or cfg.moe is None:
             return found
-        if cfg.moe.norm_topk_prob != self.norm_topk_prob:
-            state = "renormalises" if self.norm_topk_prob else "does not renormalise"
+        norm = self.norm_topk_prob
+        if norm is not None and cfg.moe.norm_topk_prob != norm:
+            state = "renormalises" if norm else "does not renormalise"
             found.append(
                 f"llama.cpp's {self.name} graph {state} the chosen experts' weights "
-                f"(norm_topk_prob must be {str(self.norm_topk_prob).lower()})"
+                f"(norm_topk_prob must be {str(norm).lower()})"
             )
-        if cfg.dense_layer_indices:
+        if cfg.dense_layer_indices and not self.leading_dense:
             found.append(f"llama.cpp's {self.name} graph has no dense layers")
+        found += self.more_problems(cfg)
         if cfg.rope_scaling is not None:  # the file states only the RoPE base
             found.append(
                 f"moekit writes no RoPE scaling to GGUF ({cfg.rope_scaling.describe()}; "
@@ -225,28 +243,3 @@ GGUF_ARCHITECTURES: tuple[GgufArch, ...] = (
         from_tensors=_qwen2_from_tensors,
     ),
 )
-
-
-def gguf_architecture(name: str) -> GgufArch:
-    """The architecture GGUF's general.architecture names; UnsupportedError listing those
-    moekit reads otherwise."""
-    for arch in GGUF_ARCHITECTURES:
-        if arch.name == name:
-            return arch
-    known = ", ".join(a.name for a in GGUF_ARCHITECTURES)
-    raise UnsupportedError(
-        f"GGUF architecture {name!r} is not supported: moekit reads and writes {known}"
-    )
-
-
-def choose_gguf_architecture(cfg: ModelConfig) -> GgufArch:
-    """The first architecture llama.cpp computes `cfg` exactly with; UnsupportedError listing
-    what each lacks when none does."""
-    reasons = {}
-    for arch in GGUF_ARCHITECTURES:
-        found = arch.problems(cfg)
-        if not found:
-            return arch
-        reasons[arch.name] = "; ".join(found)
-    detail = "\n".join(f"  {name}: {why}" for name, why in reasons.items())
-    raise UnsupportedError(f"no GGUF architecture llama.cpp runs represents this model:\n{detail}")
