@@ -7,7 +7,9 @@ model is built with transformers and imported (plus every MODEL_DIR given, e.g. 
 demo model); each is written as GGUF in every type asked for, run by `llama-simple` (greedy),
 and its continuation compared with moekit's greedy continuation of the same prompt from the
 same weights (for quantised types: from the GGUF file read back, i.e. the same quantised
-weights). Not part of the test suite: it needs a llama.cpp build.
+weights). With `llama-tokenize` in the same directory, tokenizers with each pre-tokenizer
+moekit names in GGUF files (gpt-2, qwen2, llama-bpe) are also checked to encode texts to the
+same ids in llama.cpp as in moekit. Not part of the test suite: it needs a llama.cpp build.
 """
 
 from __future__ import annotations
@@ -60,10 +62,58 @@ TINY = {
 }  # fmt: skip
 
 
-def tiny_model(name: str, root: Path) -> Path:
+def split_tokenizer(pre: str) -> Tokenizer:
+    """A byte-level tokenizer trained with llama.cpp's pre-tokenizer `pre`."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from moekit.interop.gguf_tokenizer import pre_tokenizer_of
+
+    if pre == "gpt-2":
+        return Tokenizer.train([TEXT], 300)
+    backend = Backend(models.BPE())
+    normalizer, backend.pre_tokenizer = pre_tokenizer_of(pre)
+    if normalizer is not None:
+        backend.normalizer = normalizer
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    backend.train_from_iterator([TEXT, "I'll pay 12345 dollars.\n\nWe'VE 3.14 cafés"], trainer)
+    return Tokenizer(backend)
+
+
+TOKENIZER_TEXTS = ["I'll pay 12345 dollars.\n\n  We'VE 3.14 cafés", "a\r\nb\tc   d   e",
+                   "def add(a, b):\n    return a + b\n", "Ünïcödé 🦙 x1234y"]  # fmt: skip
+
+
+def check_tokenizers(bin_dir: Path, root: Path) -> int:
+    """Encode texts with llama-tokenize from GGUF files of each pre-tokenizer; the failures."""
+    failures = 0
+    for pre in ("gpt-2", "qwen2", "llama-bpe"):
+        model_dir = tiny_model("qwen3_moe", root / f"tok-{pre}", split_tokenizer(pre))
+        gguf_file = root / f"tok-{pre}.gguf"
+        export_gguf(model_dir, gguf_file, type="f32")
+        ours = Tokenizer.load(model_dir)
+        same = 0
+        for text in TOKENIZER_TEXTS:
+            (root / "prompt.txt").write_text(text)
+            run = subprocess.run(
+                [str(bin_dir / "llama-tokenize"), "-m", str(gguf_file), "-f",
+                 str(root / "prompt.txt"), "--ids", "--log-disable", "--no-bos"],
+                capture_output=True, text=True, timeout=120, check=True,
+            )  # fmt: skip
+            same += eval(run.stdout.strip().splitlines()[-1]) == ours.encode(text)
+        failures += same != len(TOKENIZER_TEXTS)
+        print(f"tokenizer {pre:>9}: {same} of {len(TOKENIZER_TEXTS)} texts encode the same")
+    return failures
+
+
+def tiny_model(name: str, root: Path, tok: Tokenizer | None = None) -> Path:
     import transformers
 
-    tok = Tokenizer.train([TEXT], 300)
+    tok = tok or Tokenizer.train([TEXT], 300)
     cls, fields = TINY[name]
     config = getattr(transformers, cls)(
         vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -133,6 +183,8 @@ def main() -> int:
                 failures += kind == "f32" and not same
                 verdict = "same" if same else f"first {agree} of {len(a)} bytes agree"
                 print(f"{Path(label).name:>10} {result.architecture:>9} {kind:>5}: {verdict}")
+        if (args.bin_dir / "llama-tokenize").is_file():
+            failures += check_tokenizers(args.bin_dir, root)
     return 1 if failures else 0
 
 

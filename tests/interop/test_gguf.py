@@ -7,6 +7,7 @@ tables (the names llama.cpp's converter gives the same transformers checkpoint),
 name where llama.cpp would compute something else.
 """
 
+import json
 import re
 
 import pytest
@@ -302,3 +303,58 @@ def test_a_quantised_model_is_written_from_its_dequantised_weights(tmp_path, tok
     export_gguf(tmp_path / "int8", tmp_path / "m.gguf", type="f32")
     back = import_gguf(tmp_path / "m.gguf", tmp_path / "back")
     assert torch.allclose(logits(back.path, TOKENS), logits(tmp_path / "int8", TOKENS), atol=1e-5)
+
+
+def split_tokenizer(name):
+    """A tokenizer trained with the pre-tokenizer llama.cpp calls `name` (qwen2, llama-bpe),
+    laid out as those families' tokenizer.json files are."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, trainers
+
+    from moekit.interop.gguf_tokenizer import pre_tokenizer_of
+
+    backend = Backend(models.BPE())
+    normalizer, backend.pre_tokenizer = pre_tokenizer_of(name)
+    if normalizer is not None:
+        backend.normalizer = normalizer
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers_alphabet(),
+                                  show_progress=False)  # fmt: skip
+    backend.train_from_iterator([TEXT, "I'll pay 12345 dollars.\n\nWe'VE 3.14 cafés"], trainer)
+    return Tokenizer(backend)
+
+
+def pre_tokenizers_alphabet():
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel.alphabet()
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
+def test_split_pre_tokenizers_are_named_and_rebuilt(tmp_path, pre):
+    """Byte-level tokenizers with Qwen's or Llama 3's split are written under llama.cpp's name
+    for it, and read back into a pipeline that encodes every text the same way."""
+    tok = split_tokenizer(pre)
+    model_dir = make_model("qwen3_moe", tmp_path, tok)
+    export_gguf(model_dir, tmp_path / "m.gguf", type="f32")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
+    assert fields["tokenizer.ggml.pre"] == pre
+    back = Tokenizer.load(import_gguf(tmp_path / "m.gguf", tmp_path / "back").path)
+    ours = Tokenizer.load(model_dir)
+    for text in ("I'll pay 12345 dollars.\n\n  We'VE 3.14 cafés", "a\r\nb\tc   d", TEXT[:300]):
+        assert back.encode(text) == ours.encode(text), text
+    pieces = back.backend.pre_tokenizer.pre_tokenize_str("12345")  # digits: 1 or up to 3
+    assert len(pieces) == (5 if pre == "qwen2" else 2)
+
+
+def test_other_pre_tokenizers_are_refused_by_name(tmp_path, tokenizer):
+    from tokenizers import pre_tokenizers
+
+    model_dir = make_model("olmoe", tmp_path, tokenizer)
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = json.loads(pre_tokenizers.Whitespace().__getstate__())
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UnsupportedError, match=r"Whitespace.*none moekit names in GGUF files"):
+        export_gguf(model_dir, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -5,9 +5,10 @@ by id, the merges in rank order ("a b"), a type per token (normal, control for s
 user-defined for other added ones), the special token ids and a pre-tokenizer name that
 llama.cpp implements in its own code. moekit's tokenizers (and any byte-level BPE whose
 pre-tokenizer is GPT-2's: the ByteLevel split with its standard regex and no normaliser) are
-"gpt-2" there. llama.cpp's own converter names the pre-tokenizer by hashing a fixed text's
-token ids, so it recognises only vocabularies it has registered; writing the GGUF here states
-the pre-tokenizer directly. A tokenizer of another kind (SentencePiece, another split regex)
+"gpt-2" there; byte-level tokenizers with Qwen2's or Llama 3's split are "qwen2" and
+"llama-bpe" (`SPLITS`). llama.cpp's own converter names the pre-tokenizer by hashing a fixed
+text's token ids, so it recognises only vocabularies it has registered; writing the GGUF here
+states the pre-tokenizer directly. A tokenizer of another kind (SentencePiece, another split)
 is refused by name rather than written with a pre-tokenizer that would split text
 differently.
 """
@@ -26,6 +27,56 @@ from moekit.model_dir import ModelDir
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 GPT2_PRE = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 
+# The split expressions of the byte-level pre-tokenizers moekit names in GGUF files, as the
+# published tokenizer.json files of each family spell them (a `Split` before a ByteLevel
+# that maps bytes only), with the normaliser that goes with them. llama.cpp implements each
+# under the name on the left.
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_REST = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLITS: dict[str, tuple[str, str | None]] = {
+    # Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE: digits one by one, NFC-normalised text.
+    "qwen2": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" + _REST, "NFC"),
+    # Llama 3 and 4: digits in groups of up to three.
+    "llama-bpe": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|" + _REST, None),
+}
+
+
+def pre_tokenizer_name(spec: dict[str, Any], where: str) -> str:
+    """llama.cpp's name for the pre-tokenizer of tokenizer.json `spec`; UnsupportedError
+    naming it when it is none moekit knows (it would split text differently there)."""
+    pre, normalizer = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    if not normalizer and all(pre.get(k) == v for k, v in GPT2_PRE.items()):
+        return "gpt-2"
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if steps and len(steps) == 2:
+        split, byte_level = steps
+        pattern = (split.get("pattern") or {}).get("Regex")
+        plain_split = split.get("type") == "Split" and split.get("behavior") == "Isolated"
+        plain_split = plain_split and not split.get("invert")
+        bytes_only = byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex")
+        norm = (normalizer or {}).get("type")
+        for name, (expected, expected_norm) in SPLITS.items():
+            if plain_split and bytes_only and pattern == expected and norm == expected_norm:
+                return name
+    raise UnsupportedError(
+        f"{where}: pre_tokenizer {json.dumps(pre)} (normalizer {json.dumps(normalizer)}) is "
+        f"none moekit names in GGUF files: GPT-2's byte-level split (moekit's own), "
+        f"{', '.join(SPLITS)}"
+    )
+
+
+def pre_tokenizer_of(name: str) -> tuple[Any, Any]:
+    """The `tokenizers` (normaliser, pre-tokenizer) of llama.cpp's pre-tokenizer `name`."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    if name in ("gpt-2", "default"):
+        return None, pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pattern, norm = SPLITS[name]
+    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    normalizer = normalizers.NFC() if norm == "NFC" else None
+    return normalizer, pre_tokenizers.Sequence([split, byte_level])
+
 
 def tokenizer_metadata(model_dir: ModelDir, vocab_size: int) -> dict[str, Any]:
     """The `tokenizer.*` GGUF metadata of a model directory's tokenizer (empty without one);
@@ -42,13 +93,7 @@ def tokenizer_metadata(model_dir: ModelDir, vocab_size: int) -> dict[str, Any]:
             f"{' with byte fallback' if model.get('byte_fallback') else ''} is not written to "
             "GGUF; moekit writes byte-level BPE tokenizers (GGUF's gpt2 model)"
         )
-    pre = spec.get("pre_tokenizer") or {}
-    if spec.get("normalizer") or any(pre.get(k) != v for k, v in GPT2_PRE.items()):
-        raise UnsupportedError(
-            f"{model_dir.tokenizer_path}: pre_tokenizer {json.dumps(pre)} (normalizer "
-            f"{json.dumps(spec.get('normalizer'))}) is not GPT-2's byte-level split, the one "
-            "pre-tokenizer moekit names in GGUF files"
-        )
+    pre = pre_tokenizer_name(spec, str(model_dir.tokenizer_path))
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     for token_id, t in added.items():
@@ -73,7 +118,7 @@ def tokenizer_metadata(model_dir: ModelDir, vocab_size: int) -> dict[str, Any]:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     meta: dict[str, Any] = {
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.pre": pre,
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": merges,
@@ -109,14 +154,14 @@ def _specials(model_dir: ModelDir) -> dict[str, Any]:
 def write_tokenizer(meta: dict[str, Any], out: Path) -> None:
     """Write tokenizer.json and tokenizer_config.json into `out` from a GGUF file's
     `tokenizer.*` metadata; UnsupportedError naming a tokenizer model moekit cannot rebuild."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in ("gpt-2", "default"):
+    if kind != "gpt2" or pre not in ("gpt-2", "default", *SPLITS):
         raise UnsupportedError(
             f"GGUF tokenizer.ggml.model={kind!r} with tokenizer.ggml.pre={pre!r} is not "
-            "supported: moekit rebuilds byte-level BPE tokenizers with GPT-2's pre-tokenizer "
-            "(model 'gpt2', pre 'gpt-2')"
+            "supported: moekit rebuilds byte-level BPE tokenizers (model 'gpt2') with the "
+            f"pre-tokenizers gpt-2, {', '.join(SPLITS)}"
         )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
@@ -129,7 +174,9 @@ def write_tokenizer(meta: dict[str, Any], out: Path) -> None:
         used -= 1
     vocab = {t: i for i, t in enumerate(tokens[:used])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    normalizer, backend.pre_tokenizer = pre_tokenizer_of(pre)
+    if normalizer is not None:
+        backend.normalizer = normalizer
     backend.decoder = decoders.ByteLevel()
     # Added tokens are in the vocabulary already, so marking them keeps their ids.
     for i in special:
