@@ -60,6 +60,14 @@ TINY = {
                                              num_experts_per_tok=2, first_k_dense_replace=1,
                                              norm_topk_prob=False)),
 }  # fmt: skip
+# RoPE scaling: YaRN (with DeepSeek's magnitude correction) and linear.
+_YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)
+TINY["qwen3_moe-yarn"] = (TINY["qwen3_moe"][0],
+                          {**TINY["qwen3_moe"][1], "rope_parameters": {**_YARN, "rope_theta": 1e6}})
+TINY["deepseek_v3-yarn"] = (TINY["deepseek_v3"][0], {**TINY["deepseek_v3"][1], "rope_parameters": {
+    **_YARN, "rope_theta": 1e4, "mscale": 0.707, "mscale_all_dim": 0.707}})
+TINY["mixtral-linear"] = (TINY["mixtral"][0], {**TINY["mixtral"][1], "rope_parameters": {
+    "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})  # fmt: skip
 
 
 def split_tokenizer(pre: str) -> Tokenizer:
@@ -123,6 +131,8 @@ def tiny_model(name: str, root: Path, tok: Tokenizer | None = None) -> Path:
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
     tok.save(root / "hf")
     import_hf(root / "hf", root / "moekit")
+    # transformers' default special ids (e.g. DeepSeek's eos 1) mean nothing to this tokenizer.
+    (root / "moekit" / "generation_config.json").unlink(missing_ok=True)
     return root / "moekit"
 
 

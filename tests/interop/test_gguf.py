@@ -228,9 +228,16 @@ def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, tokeni
     dense = make_model("qwen3_moe", tmp_path / "b", tokenizer, mlp_only_layers=[1])
     with pytest.raises(UnsupportedError, match="qwen3moe graph has no dense layers"):
         export_gguf(dense, tmp_path / "out.gguf")
-    yarn = dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=32)
+    yarn = dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=32,
+                beta_fast=16.0, truncate=False)  # fmt: skip
     scaled = make_model("qwen3_moe", tmp_path / "c", tokenizer, rope_parameters=yarn)
-    with pytest.raises(UnsupportedError, match=r"moekit writes no RoPE scaling to GGUF \(YaRN x4"):
+    with pytest.raises(UnsupportedError, match=r"\(truncate must be true\); llama.cpp uses "
+                                               r"YaRN's beta_fast 32"):  # fmt: skip
+        export_gguf(scaled, tmp_path / "out.gguf")
+    llama3 = dict(rope_type="llama3", rope_theta=1e6, factor=4.0, low_freq_factor=1.0,
+                  high_freq_factor=4.0, original_max_position_embeddings=32)  # fmt: skip
+    scaled = make_model("qwen3_moe", tmp_path / "d", tokenizer, rope_parameters=llama3)
+    with pytest.raises(UnsupportedError, match=r"only YaRN and linear RoPE scaling to GGUF"):
         export_gguf(scaled, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.gguf")]
@@ -254,14 +261,14 @@ def test_unreadable_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
     writer = gguf.GGUFWriter(tmp_path / "yarn.gguf", "qwen3moe")
-    writer.add_string("qwen3moe.rope.scaling.type", "yarn")
+    writer.add_string("qwen3moe.rope.scaling.type", "longrope")
     writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedError, match=r"qwen3moe\.rope\.scaling\.type='yarn' is not "
-                                               r"supported: moekit reads no RoPE scaling"):  # fmt: skip
+    with pytest.raises(UnsupportedError, match=r"qwen3moe\.rope\.scaling\.type='longrope' is "
+                                               r"not supported: moekit reads yarn and linear"):  # fmt: skip
         import_gguf(tmp_path / "yarn.gguf", tmp_path / "out")
 
 
@@ -358,3 +365,34 @@ def test_other_pre_tokenizers_are_refused_by_name(tmp_path, tokenizer):
     with pytest.raises(UnsupportedError, match=r"Whitespace.*none moekit names in GGUF files"):
         export_gguf(model_dir, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+SCALED = [  # (family, its RoPE scaling, the GGUF keys that state it)
+    ("qwen3_moe", dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                       original_max_position_embeddings=32), {"rope.scaling.type": "yarn"}),
+    ("qwen3_moe", dict(rope_type="yarn", rope_theta=1e6, factor=4.0, attention_factor=1.0,
+                       original_max_position_embeddings=32), {"rope.scaling.attn_factor": None}),
+    ("mixtral", dict(rope_type="linear", rope_theta=1e6, factor=2.0),
+     {"rope.scaling.type": "linear"}),
+    ("deepseek_v3", dict(rope_type="yarn", rope_theta=1e4, factor=4.0, mscale=0.707,
+                         mscale_all_dim=0.707, original_max_position_embeddings=32),
+     {"rope.scaling.yarn_log_multiplier": None}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "scaling", "keys"), SCALED, ids=lambda v: str(v)[:20])
+def test_rope_scaling_round_trips(tmp_path, tokenizer, name, scaling, keys):
+    """YaRN (with its default or an explicit attention factor, and DeepSeek's magnitude
+    correction) and linear scaling are stated in the file and read back: the same logits at
+    positions past the pretrained context."""
+    model_dir = make_model(name, tmp_path, tokenizer, rope_parameters=scaling)
+    result = export_gguf(model_dir, tmp_path / "m.gguf", type="f32")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(result.path).fields.items()}
+    for key, value in keys.items():
+        assert f"{result.architecture}.{key}" in fields
+        if value is not None:
+            assert fields[f"{result.architecture}.{key}"] == value
+    back = import_gguf(result.path, tmp_path / "back")
+    assert load_model(back.path).cfg.rope_scaling == load_model(model_dir).cfg.rope_scaling
+    long = torch.randint(2, 250, (1, 100), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(logits(back.path, long), logits(model_dir, long), rtol=0, atol=1e-6)

@@ -31,6 +31,7 @@ from moekit.files import atomic_path
 from moekit.interop.fields import UnsupportedError
 from moekit.interop.gguf_arch import GGUF_ARCHITECTURES, GgufArch
 from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3
+from moekit.interop.gguf_rope import rope_meta, rope_scaling_of
 from moekit.interop.gguf_tokenizer import tokenizer_metadata, write_tokenizer
 from moekit.interop.quantize import DequantizedTensors
 from moekit.interop.tensors import TensorMap, bind
@@ -146,7 +147,8 @@ def _metadata(arch: GgufArch, cfg: ModelConfig, hf: dict[str, Any], type: str) -
         value = hf.get(field)
         if value is not None:
             meta[key] = value
-    for key, value in arch.meta_of(cfg).items():
+    computed = arch.meta_of(cfg) | rope_meta(cfg, deepseek=arch.name == "deepseek2")
+    for key, value in computed.items():
         meta[key.replace("{arch}", arch.name)] = value
     return meta
 
@@ -297,12 +299,12 @@ def _hf_config(
     table reads it, refusing what it refuses). Floats are stored as float32 in GGUF: each is
     read as the shortest decimal that float32 value stands for (1e-06, not 9.99999997e-07)."""
     hf: dict[str, Any] = {"architectures": [arch.hf.name], "model_type": arch.hf.model_type}
-    scaling = meta.get(f"{arch.name}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise UnsupportedError(
-            f"GGUF metadata {arch.name}.rope.scaling.type={scaling!r} is not supported: moekit "
-            "reads no RoPE scaling from GGUF files (only the RoPE base)"
-        )
+    try:
+        scaling = rope_scaling_of(meta, arch.name)
+    except ValueError as e:
+        raise UnsupportedError(str(e)) from None
+    if scaling is not None:
+        hf["rope_scaling"] = scaling
     for key, field in arch.all_keys().items():
         if key in meta:
             value = meta[key]

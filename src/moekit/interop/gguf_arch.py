@@ -25,6 +25,7 @@ from torch import Tensor
 from moekit.config import ModelConfig
 from moekit.interop import mixtral, olmoe, qwen_moe
 from moekit.interop.architecture import Architecture
+from moekit.interop.gguf_rope import rope_problems
 from moekit.interop.tensors import Binding, Spec, TensorMap, Weights, at_layer
 
 # ---- tensor names ------------------------------------------------------------------------------
@@ -180,11 +181,7 @@ class GgufArch:
         if cfg.dense_layer_indices and not self.leading_dense:
             found.append(f"llama.cpp's {self.name} graph has no dense layers")
         found += self.more_problems(cfg)
-        if cfg.rope_scaling is not None:  # the file states only the RoPE base
-            found.append(
-                f"moekit writes no RoPE scaling to GGUF ({cfg.rope_scaling.describe()}; "
-                "rope_scaling must be null)"
-            )
+        found += rope_problems(cfg, deepseek=self.name == "deepseek2")
         return found
 
 

@@ -1,0 +1,97 @@
+"""RoPE scaling in GGUF files, as llama.cpp reads and computes it.
+
+Written: `{arch}.rope.scaling.type` ("yarn" or "linear"), `rope.scaling.factor`, and for YaRN
+`rope.scaling.original_context_length`, `rope.scaling.attn_factor` (when the cos/sin factor is
+not YaRN's default) and, for deepseek2, `rope.scaling.yarn_log_multiplier` (0.1 x
+`mscale_all_dim`). llama.cpp computes YaRN's ramp as transformers does with `truncate`, with its
+own fixed `beta_fast` 32 and `beta_slow` 1 for these architectures, and multiplies the
+rotation by `attn_factor * (0.1 ln(factor) + 1)`. Its deepseek2 graph puts the magnitude
+correction into the softmax scale assuming `mscale == mscale_all_dim`, which DeepSeek's own
+checkpoints state. What it would compute differently is refused by name; Llama 3 scaling
+(which llama.cpp stores as a per-dimension `rope_freqs` tensor) is not written yet.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from moekit.config import ModelConfig
+
+
+def _magnitude(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_problems(cfg: ModelConfig, deepseek: bool) -> list[str]:
+    """What keeps llama.cpp from computing `cfg`'s RoPE scaling exactly (empty: nothing)."""
+    s = cfg.rope_scaling
+    if s is None or s.kind == "linear":
+        return []
+    if s.kind != "yarn":
+        return [f"moekit writes only YaRN and linear RoPE scaling to GGUF ({s.describe()})"]
+    found = []
+    if not s.truncate:
+        found.append("llama.cpp rounds YaRN's ramp ends outwards (truncate must be true)")
+    if (s.beta_fast, s.beta_slow) != (32.0, 1.0):
+        found.append(
+            f"llama.cpp uses YaRN's beta_fast 32 and beta_slow 1 here (not {s.beta_fast:g} and "
+            f"{s.beta_slow:g})"
+        )
+    if deepseek and (s.mscale_all_dim is None or s.mscale != s.mscale_all_dim):
+        found.append(
+            "llama.cpp's deepseek2 graph assumes YaRN's mscale equals mscale_all_dim (both "
+            f"set), as DeepSeek's checkpoints state (not {s.mscale} and {s.mscale_all_dim})"
+        )
+    if deepseek and s.attention_factor is not None:
+        found.append("llama.cpp's deepseek2 graph has no explicit YaRN attention_factor")
+    return found
+
+
+def rope_meta(cfg: ModelConfig, deepseek: bool) -> dict[str, Any]:
+    """The `{arch}.rope.scaling.*` metadata of `cfg` (check `rope_problems` first)."""
+    s = cfg.rope_scaling
+    if s is None:
+        return {}
+    meta: dict[str, Any] = {
+        "{arch}.rope.scaling.type": s.kind,
+        "{arch}.rope.scaling.factor": s.factor,
+    }
+    if s.kind == "yarn":
+        meta["{arch}.rope.scaling.original_context_length"] = s.original_max_seq_len
+        if deepseek:
+            meta["{arch}.rope.scaling.yarn_log_multiplier"] = 0.1 * (s.mscale_all_dim or 0.0)
+        else:
+            ratio = s.cos_sin_factor() / _magnitude(s.factor)
+            if not math.isclose(ratio, 1.0, rel_tol=1e-7):
+                meta["{arch}.rope.scaling.attn_factor"] = ratio
+    return meta
+
+
+def rope_scaling_of(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    """The Hugging Face `rope_scaling` a file's metadata states (None: unscaled); a
+    ValueError naming a scaling type moekit does not read."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = float(str(meta.get(f"{arch}.rope.scaling.factor", 1.0)))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind != "yarn":
+        raise ValueError(
+            f"GGUF metadata {arch}.rope.scaling.type={kind!r} is not supported: moekit reads "
+            "yarn and linear RoPE scaling"
+        )
+    scaling: dict[str, Any] = {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": meta[f"{arch}.rope.scaling.original_context_length"],
+    }
+    log_mul = meta.get(f"{arch}.rope.scaling.yarn_log_multiplier")
+    if log_mul:
+        m = round(log_mul / 0.1, 6)
+        scaling["mscale"] = scaling["mscale_all_dim"] = m
+    attn = meta.get(f"{arch}.rope.scaling.attn_factor")
+    if attn is not None:
+        scaling["attention_factor"] = round(attn * _magnitude(factor), 7)
+    return scaling
