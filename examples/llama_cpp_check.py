@@ -59,6 +59,11 @@ TINY = {
                                              qk_nope_head_dim=16, topk_method="greedy",
                                              num_experts_per_tok=2, first_k_dense_replace=1,
                                              norm_topk_prob=False)),
+    "dots1": ("Dots1Config", dict(num_key_value_heads=4, head_dim=32, intermediate_size=96,
+                                  moe_intermediate_size=32, n_shared_experts=1,
+                                  n_routed_experts=8, routed_scaling_factor=2.0, n_group=4,
+                                  topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                                  norm_topk_prob=True)),
 }  # fmt: skip
 # RoPE scaling: YaRN (with DeepSeek's magnitude correction) and linear.
 _YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)

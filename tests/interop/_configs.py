@@ -50,6 +50,13 @@ HF = {
         rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
     ),
+    "Dots1ForCausalLM": dict(
+        COMMON, model_type="dots1", num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
+        rope_theta=10000.0, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1,
+        norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4, topk_group=2,
+        attention_bias=False, sliding_window=None,
+    ),
 }  # fmt: skip
 for _name, _hf in HF.items():
     _hf["architectures"] = [_name]

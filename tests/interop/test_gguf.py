@@ -57,6 +57,11 @@ FAMILIES = {  # name: (transformers config class, fields, the GGUF architecture)
                                              qk_nope_head_dim=16, topk_method="greedy",
                                              num_experts_per_tok=2, first_k_dense_replace=1,
                                              norm_topk_prob=False), "deepseek2"),
+    "dots1": ("Dots1Config", dict(num_key_value_heads=4, head_dim=32, intermediate_size=96,
+                                  moe_intermediate_size=32, n_shared_experts=1,
+                                  n_routed_experts=8, routed_scaling_factor=2.0, n_group=4,
+                                  topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                                  norm_topk_prob=True), "dots1"),
 }  # fmt: skip
 
 
@@ -234,6 +239,9 @@ def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, tokeni
     with pytest.raises(UnsupportedError, match=r"\(truncate must be true\); llama.cpp uses "
                                                r"YaRN's beta_fast 32"):  # fmt: skip
         export_gguf(scaled, tmp_path / "out.gguf")
+    grouped = make_model("dots1", tmp_path / "e", tokenizer, num_key_value_heads=2)
+    with pytest.raises(UnsupportedError, match=r"dots1 graph gives keys and values as many heads"):
+        export_gguf(grouped, tmp_path / "out.gguf")
     llama3 = dict(rope_type="llama3", rope_theta=1e6, factor=4.0, low_freq_factor=1.0,
                   high_freq_factor=4.0, original_max_position_embeddings=32)  # fmt: skip
     scaled = make_model("qwen3_moe", tmp_path / "d", tokenizer, rope_parameters=llama3)

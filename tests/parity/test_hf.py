@@ -80,6 +80,12 @@ TINY = {  # name: (transformers config class, its fields besides COMMON)
                                              qk_nope_head_dim=16, n_group=4, topk_group=2,
                                              num_experts_per_tok=2, first_k_dense_replace=1,
                                              norm_topk_prob=True)),
+    # dots.llm1: Qwen3's attention with DeepSeek-V3's routing (groups, correction bias).
+    "dots1": ("Dots1Config", dict(num_key_value_heads=2, head_dim=32, intermediate_size=128,
+                                  moe_intermediate_size=32, n_shared_experts=1,
+                                  n_routed_experts=8, routed_scaling_factor=2.0, n_group=4,
+                                  topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                                  norm_topk_prob=True)),
     # rope_interleave=false: transformers rotates halves, as moekit does (and full-rank queries).
     "deepseek_v3-rotate-half": ("DeepseekV3Config", dict(num_key_value_heads=4,
                                                          intermediate_size=128,

@@ -30,7 +30,7 @@ from moekit.config import ModelConfig
 from moekit.files import atomic_path
 from moekit.interop.fields import UnsupportedError
 from moekit.interop.gguf_arch import GGUF_ARCHITECTURES, GgufArch
-from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3
+from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1
 from moekit.interop.gguf_rope import rope_meta, rope_scaling_of
 from moekit.interop.gguf_tokenizer import tokenizer_metadata, write_tokenizer
 from moekit.interop.quantize import DequantizedTensors
@@ -59,7 +59,7 @@ class GgufResult:
 
 def gguf_architectures() -> tuple[GgufArch, ...]:
     """Every GGUF architecture moekit reads and writes, in the order export tries them."""
-    return (*GGUF_ARCHITECTURES, DEEPSEEK2_V2, DEEPSEEK2_V3)
+    return (*GGUF_ARCHITECTURES, DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1)
 
 
 def gguf_architecture(name: str, meta: dict[str, Any]) -> GgufArch:

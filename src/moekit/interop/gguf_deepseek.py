@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import ModelConfig
-from moekit.interop import deepseek_v2, deepseek_v3
+from moekit.interop import deepseek_v2, deepseek_v3, dots1
 from moekit.interop.deepseek_v3 import RopeRows
 from moekit.interop.gguf_arch import GgufArch, tensor
 from moekit.interop.tensors import Binding, Spec, TensorMap, Weights, at_layer
@@ -184,4 +184,69 @@ DEEPSEEK2_V3 = GgufArch(
     hf_of=_hf,
     accepts=_gating(SIGMOID),
     more_problems=_problems,
+)
+
+
+# ---- dots.llm1: Qwen3's attention with DeepSeek-V3's routing -------------------------------------
+
+
+def _dots1_weights() -> Weights:
+    """Grouped-query attention with per-head q/k norms, and DeepSeek's feed-forward layers."""
+    table = {k: v for k, v in _weights().items() if ".attn." not in k}
+    for p, kind in (("q", "ATTN_Q"), ("k", "ATTN_K"), ("v", "ATTN_V"), ("o", "ATTN_OUT")):
+        table[f"layers.{{i}}.attn.w{p}.weight"] = tensor(kind)
+    table["layers.{i}.attn.q_norm.weight"] = tensor("ATTN_Q_NORM")
+    table["layers.{i}.attn.k_norm.weight"] = tensor("ATTN_K_NORM")
+    return table
+
+
+def _dots1_meta(cfg: ModelConfig) -> dict[str, Any]:
+    moe = cfg.moe
+    assert moe is not None
+    return {
+        "{arch}.leading_dense_block_count": cfg.leading_dense_layers or 0,
+        "{arch}.expert_shared_count": moe.num_shared_experts,
+        "{arch}.expert_weights_scale": float(moe.routed_scaling_factor),
+        "{arch}.expert_weights_norm": moe.norm_topk_prob,
+        "{arch}.expert_gating_func": SIGMOID,
+        "{arch}.expert_group_count": moe.num_groups,
+        "{arch}.expert_group_used_count": moe.topk_groups,
+    }
+
+
+def _dots1_hf(meta: dict[str, Any]) -> dict[str, Any]:
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"dots1.{key}", default)
+
+    return {
+        "first_k_dense_replace": get("leading_dense_block_count", 0),
+        "n_shared_experts": get("expert_shared_count", 0),
+        "routed_scaling_factor": get("expert_weights_scale", 1.0),
+        "norm_topk_prob": bool(get("expert_weights_norm", False)),
+        "n_group": get("expert_group_count", 1),
+        "topk_group": get("expert_group_used_count", 1),
+    }
+
+
+DOTS1 = GgufArch(
+    name="dots1",
+    hf=dots1.ARCH,
+    keys={
+        **_KEYS,
+        "{arch}.attention.key_length": "head_dim",
+        "{arch}.attention.value_length": "head_dim",
+    },
+    weights=_dots1_weights(),
+    norm_topk_prob=None,
+    leading_dense=True,
+    meta_of=_dots1_meta,
+    hf_of=_dots1_hf,
+    more_problems=lambda cfg: (
+        []
+        if cfg.kv_heads == cfg.num_heads
+        else [
+            "llama.cpp's dots1 graph gives keys and values as many heads as queries "
+            f"(num_kv_heads must be {cfg.num_heads}, not {cfg.kv_heads})"
+        ]
+    ),
 )
