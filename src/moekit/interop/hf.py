@@ -19,7 +19,7 @@ from torch import Tensor
 
 from moekit.config import ModelConfig
 from moekit.files import write_json
-from moekit.interop import deepseek_v3, mixtral, olmoe, qwen_moe
+from moekit.interop import deepseek_v3, gpt_oss, mixtral, olmoe, qwen_moe
 from moekit.interop.architecture import Architecture
 from moekit.interop.checkpoint import (
     HF_CONFIG,
@@ -60,6 +60,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     olmoe.ARCH,
     qwen_moe.QWEN2_MOE,
     deepseek_v3.ARCH,
+    gpt_oss.ARCH,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -195,6 +195,8 @@ def _local_experts(layer: MoELayer, parallel: Parallel, local_backend: str) -> E
         )
     if len(full.adapters):
         raise ValueError("expert parallelism does not shard expert adapters (LoRA) yet")
+    if full.plain_math() is not None:
+        raise ValueError(f"expert parallelism does not support {full.plain_math()} yet")
     local = ExpertParallelExperts(
         full.num_experts, full.dim, full.hidden, full.activation,
         group=parallel.ep_group, local_backend=local_backend,

@@ -55,6 +55,8 @@ class QuantExperts(nn.Module):
             raise ValueError(
                 "experts with low-rank adapters cannot be quantised; merge the adapter first"
             )
+        if ex.plain_math() is not None:
+            raise ValueError(f"{ex.plain_math()} cannot be quantised")
         device = ex.w_up.device
         q = cls(ex.num_experts, ex.dim, ex.hidden, ex.activation, bits, group, device)
         if device.type != "meta":
