@@ -98,3 +98,15 @@ def test_options_are_validated():
                   capacity_factor=1.0, router_bias=True)  # fmt: skip
     cfg = config()
     assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_sink_attention_in_query_blocks_equals_one_block(monkeypatch):
+    """Long prompts are attended in blocks of queries (bounded memory): the same numbers."""
+    from moekit.nn import attention
+
+    m = model(config(window=5))
+    tokens = torch.randint(0, 64, (2, 23), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = m(tokens).logits
+        monkeypatch.setattr(attention, "SINK_QUERY_BLOCK", 4)
+        torch.testing.assert_close(m(tokens).logits, whole, rtol=1e-6, atol=1e-6)

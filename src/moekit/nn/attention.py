@@ -49,25 +49,36 @@ def _attend(
     return out.transpose(1, 2)
 
 
+# Queries per block of `_attend_with_sinks`: its scores are (B, H, block, L) float32, so a
+# long prompt never holds all (S, L) of them at once.
+SINK_QUERY_BLOCK = 512
+
+
 def _attend_with_sinks(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool, sinks: Tensor
 ) -> Tensor:
     """Softmax attention of (B, H, S, hd) queries over (B, Hkv, L, hd) keys and values where
     each head's softmax has one more logit, `sinks[h]`, belonging to no key: its share of the
     probability is dropped, so a head can attend to nothing. `attn_mask` (True: allowed), else
-    causal (the last S of L positions) or, with `causal` False, every key. -> (B, H, S, hd_v)."""
+    causal (the last S of L positions) or, with `causal` False, every key. -> (B, H, S, hd_v).
+    Computed in blocks of `SINK_QUERY_BLOCK` queries."""
     B, H, S, _ = q.shape
     L = k.shape[2]
     if k.shape[1] != H:
         k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
-    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, S, L)
     if attn_mask is None and causal:
         attn_mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    sink = sinks.float().view(1, H, 1, 1).expand(B, H, S, 1)
-    probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :L]
-    return probs.to(v.dtype) @ v
+    sink = sinks.float().view(1, H, 1, 1)
+    outs = []
+    for start in range(0, S, SINK_QUERY_BLOCK):
+        rows = slice(start, start + SINK_QUERY_BLOCK)
+        q_blk = q[:, :, rows]
+        scores = (q_blk @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, s, L)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask[..., rows, :], float("-inf"))
+        with_sink = torch.cat([scores, sink.expand(B, H, q_blk.shape[2], 1)], dim=-1)
+        outs.append(with_sink.softmax(dim=-1)[..., :L].to(v.dtype) @ v)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class Attention(nn.Module):
