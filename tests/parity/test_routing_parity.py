@@ -34,6 +34,12 @@ MODELS = {  # the architecture export_hf picks: the moekit config
         moe=dict(num_experts=6, top_k=2, expert_hidden=32, num_shared_experts=1,
                  shared_expert_gate=True, first_dense_layers=1),
     ),
+    "GptOssForCausalLM": dict(
+        BASE, activation="clamped_swiglu",
+        attention=dict(head_dim=16, qkv_bias=True, o_bias=True, sinks=True, sliding_window=16,
+                       sliding_layers=[0, 2]),
+        moe=dict(num_experts=4, top_k=2, expert_hidden=64, router_bias=True, expert_bias=True),
+    ),
 }  # fmt: skip
 
 

@@ -1,12 +1,12 @@
 """Routing as the transformers library does it: the routing trace of a Hugging Face checkpoint
 run by transformers itself, in the same `RoutingTrace` format moekit's own trace fills.
 
-Each MoE block of a transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3)
-calls its router module `model.layers.N.mlp.gate`, which returns the router logits, the chosen
-experts' weights and the chosen experts. A forward hook on each of those records what the
-library itself chose, so nothing about the routing is computed a second time here except the
-selection margin (from the recorded logits, as `moekit.analysis.routing.selection_margin`).
-transformers is imported inside the functions.
+Each MoE block of a transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3;
+gpt-oss) calls its router module `model.layers.N.mlp.gate` (`mlp.router`), which returns the
+router logits, the chosen experts' weights and the chosen experts. A forward hook on each of
+those records what the library itself chose, so nothing about the routing is computed a second
+time here except the selection margin (from the recorded logits, as
+`moekit.analysis.routing.selection_margin`). transformers is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from moekit.config import ModelConfig
 
 # The router module of MoE layer N in every supported architecture.
-_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate$")
+_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(?:gate|router)$")
 
 
 def load_hf_model(directory: str | Path, device: str | torch.device, *, quiet: bool = False) -> Any:
