@@ -119,6 +119,7 @@ class Transformer(nn.Module):
         positions: (S,) or (B, S) position ids; default 0..S-1 (with a cache: the count of
             real tokens before each).
         attn_mask: boolean (B, 1, S, S) mask, True where attention is allowed; default causal.
+            Sliding-window layers (`AttentionConfig.sliding_window`) narrow it to their window.
         cache: a `moekit.infer.KVCache`; the tokens are appended to it and attend to it.
         valid: with a cache, (B, S) bool marking real tokens (False: left padding).
         token_mask: (B, S) bool, the tokens that take part in routing (False: padding, which

@@ -107,13 +107,16 @@ class Experts(nn.Module):
         self.activation = self.act_fn.kind
         E, D, F_ = num_experts, dim, hidden
         gated = self.act_fn.gated
-        self.w_gate = nn.Parameter(torch.empty(E, F_, D)) if gated else None
+        self.register_parameter("w_gate", nn.Parameter(torch.empty(E, F_, D)) if gated else None)
         self.w_up = nn.Parameter(torch.empty(E, F_, D))
         self.w_down = nn.Parameter(torch.empty(E, D, F_))
         # Biases (gpt-oss): b_gate/b_up (E, F), b_down (E, D), added after each projection.
-        self.b_gate = nn.Parameter(torch.empty(E, F_)) if bias and gated else None
-        self.b_up = nn.Parameter(torch.empty(E, F_)) if bias else None
-        self.b_down = nn.Parameter(torch.empty(E, D)) if bias else None
+        for name, shape, present in (
+            ("b_gate", (E, F_), bias and gated),
+            ("b_up", (E, F_), bias),
+            ("b_down", (E, D), bias),
+        ):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)) if present else None)
         self.adapters = nn.ModuleDict()
         self._gate_up = Fused(dim=1)
 

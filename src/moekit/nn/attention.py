@@ -98,7 +98,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(D, Hkv * hd, bias=a.qkv_bias)
         self.wv = nn.Linear(D, Hkv * hd, bias=a.qkv_bias)
         self.wo = nn.Linear(H * hd, D, bias=a.o_bias)
-        self.sinks = nn.Parameter(torch.empty(H)) if a.sinks else None
+        self.register_parameter("sinks", nn.Parameter(torch.empty(H)) if a.sinks else None)
         self.qk_norm = a.qk_norm
         if a.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
