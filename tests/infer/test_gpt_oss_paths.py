@@ -1,6 +1,6 @@
 """gpt-oss's options (sinks, sliding windows, biased clamped-SwiGLU experts, a router bias)
-through generation, and the paths that do not compute them refusing by name: the compiled
-decode step (falls back to eager), quantised and paged experts (errors)."""
+through generation and paged experts, and the paths that do not compute them refusing by
+name: the compiled decode step (falls back to eager), quantised experts (an error)."""
 
 import copy
 
@@ -12,8 +12,9 @@ from moekit.config import ModelConfig, QuantizationConfig
 from moekit.data.tokenizer import Tokenizer
 from moekit.infer.compiled import decode_support
 from moekit.infer.generate import Generator
-from moekit.infer.offload import OffloadConfig, load_paged_model
+from moekit.infer.offload import OffloadConfig, offload_report, plan_budget
 from moekit.infer.sampling import SamplingParams
+from moekit.model import meta_model
 from moekit.model_dir import save_model
 from moekit.quant.build import quantize_model
 
@@ -80,10 +81,28 @@ def test_greedy_generation_is_the_full_forwards_argmax_with_compile_on():
         assert out.token_ids == tokens[len(prompt) :]
 
 
-def test_quantised_and_paged_experts_refuse_biased_clamped_experts(tmp_path):
-    with pytest.raises(ValueError, match=r"experts cannot be quantised"):
+def test_quantised_experts_refuse_biased_clamped_experts():
+    with pytest.raises(ValueError, match=r"clamped SwiGLU.*cannot be quantised|biases.*cannot"):
         quantize_model(_model(), QuantizationConfig(bits=8))
-    model = _model({"activation": "swiglu"})
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_paged_biased_experts_give_the_resident_models_logits_and_tokens(tmp_path, slots):
+    """Each expert's biases are paged with its weights (fewer slots than experts: the experts
+    a prompt needs are computed in rounds)."""
+    model = _model()
     save_model(model, model.cfg, tmp_path / "m")
-    with pytest.raises(ValueError, match=r"paged experts .* experts with biases"):
-        load_paged_model(tmp_path / "m", OffloadConfig(max_memory=1 << 30))
+    Tokenizer.train(["a b c d e f g h"], 300).save(tmp_path / "m")
+    plan = plan_budget(meta_model(model.cfg), 1 << 40)
+    budget = plan.resident + slots * sum(plan.expert.values())
+    paged = Generator.from_dir(tmp_path / "m", offload=OffloadConfig(max_memory=budget))
+    full = Generator.from_dir(tmp_path / "m")
+    assert offload_report(paged.model)["slots_per_layer"] == slots  # type: ignore[index]
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = full.model(tokens, causal_routing=True).logits
+        torch.testing.assert_close(paged.model(tokens, causal_routing=True).logits, want)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    prompts = [[5, 9, 17, 33, 2, 41, 7], [12, 60, 3]]
+    want_ids = [c.token_ids for c in full.generate(prompts, params)]
+    assert [c.token_ids for c in paged.generate(prompts, params)] == want_ids

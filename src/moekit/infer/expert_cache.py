@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.moe.experts import ExpertBackend, Experts, compute_dtype, decode_experts
+from moekit.nn.mlp import Activation
 from moekit.quant.experts import QuantExperts
 from moekit.quant.weight import QuantWeight
 from moekit.weights import StoredTensor, UnreadableWeightsError, open_weights, read_tensor
@@ -317,14 +318,16 @@ class PagedExperts(SlotCache, Experts):
     `slots` of them in memory at a time (the stacked weights hold the slots)."""
 
     def __init__(
-        self, layer: int, total: int, slots: int, dim: int, hidden: int, activation: str,
-        pager: Pager,
+        self, layer: int, total: int, slots: int, dim: int, hidden: int,
+        activation: str | Activation, pager: Pager, *, bias: bool = False,
     ) -> None:  # fmt: skip
-        Experts.__init__(self, slots, dim, hidden, activation)
+        Experts.__init__(self, slots, dim, hidden, activation, bias=bias)
         self._init_cache(layer, total, pager)
 
     def slot_tensors(self) -> list[tuple[str, Tensor]]:
-        return [(n, w) for n in PROJECTIONS if (w := getattr(self, n)) is not None]
+        # An expert's biases (gpt-oss) are paged with its weights.
+        names = (*PROJECTIONS, "b_gate", "b_up", "b_down")
+        return [(n, w) for n in names if (w := getattr(self, n)) is not None]
 
 
 class PagedQuantExperts(SlotCache, QuantExperts):

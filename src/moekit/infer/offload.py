@@ -142,16 +142,13 @@ def _paged_store(layer: int, experts: Any, slots: int, pager: Pager) -> SlotCach
     from moekit.quant.experts import QuantExperts
 
     ex = experts
-    reason = None if isinstance(ex, QuantExperts) else ex.plain_math()
-    if reason is not None:
-        raise ValueError(
-            f"layer {layer}: paged experts (max_memory) compute silu(gate) * up or gelu(up) "
-            f"without biases; this model has {reason}: load it whole instead"
-        )
     with torch.device("meta"):
         if isinstance(ex, QuantExperts):
             return PagedQuantExperts(layer, ex.num_experts, slots, ex, pager)
-        paged = PagedExperts(layer, ex.num_experts, slots, ex.dim, ex.hidden, ex.activation, pager)
+        paged = PagedExperts(
+            layer, ex.num_experts, slots, ex.dim, ex.hidden, ex.act_fn, pager,
+            bias=ex.b_up is not None,
+        )  # fmt: skip
     return paged.to(ex.w_up.dtype)
 
 
