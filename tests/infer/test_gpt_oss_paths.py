@@ -1,6 +1,6 @@
 """gpt-oss's options (sinks, sliding windows, biased clamped-SwiGLU experts, a router bias)
-through generation and paged experts, and the paths that do not compute them refusing by
-name: the compiled decode step (falls back to eager), quantised experts (an error)."""
+through generation, paged and quantised experts; the compiled decode step, which does not
+compute them, names why and falls back to eager."""
 
 import copy
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moekit import build_model
-from moekit.config import ModelConfig, QuantizationConfig
+from moekit.config import ModelConfig
 from moekit.data.tokenizer import Tokenizer
 from moekit.infer.compiled import decode_support
 from moekit.infer.generate import Generator
@@ -16,7 +16,6 @@ from moekit.infer.offload import OffloadConfig, offload_report, plan_budget
 from moekit.infer.sampling import SamplingParams
 from moekit.model import meta_model
 from moekit.model_dir import save_model
-from moekit.quant.build import quantize_model
 
 CFG = dict(
     vocab_size=300, dim=32, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=64,
@@ -81,9 +80,42 @@ def test_greedy_generation_is_the_full_forwards_argmax_with_compile_on():
         assert out.token_ids == tokens[len(prompt) :]
 
 
-def test_quantised_experts_refuse_biased_clamped_experts():
-    with pytest.raises(ValueError, match=r"clamped SwiGLU.*cannot be quantised|biases.*cannot"):
-        quantize_model(_model(), QuantizationConfig(bits=8))
+@pytest.mark.parametrize(("bits", "slots"), [(8, 2), (4, 1)])
+def test_quantised_biased_experts_load_page_and_match_their_dequantised_weights(
+    tmp_path, bits, slots
+):
+    """Quantised experts keep their biases in float and compute the clamped SwiGLU: the
+    quantised model equals the float model holding the dequantised weights, loads from its
+    directory, and pages (biases with their expert) with the same outputs."""
+    from moekit import quantize
+    from moekit.quant.build import meta_model as qmeta_model
+
+    model = _model({"moe.expert_hidden": 32})  # int4 groups of 32 divide every input
+    save_model(model, model.cfg, tmp_path / "m")
+    Tokenizer.train(["a b c d e f g h"], 300).save(tmp_path / "m")
+    quantize(tmp_path / "m", tmp_path / "q", bits=bits)
+    full = Generator.from_dir(tmp_path / "q")
+    oracle = copy.deepcopy(full.model)
+    for layer in oracle.moe_layers().values():
+        assert layer.experts.b_down is not None and layer.experts.activation == "clamped_swiglu"
+        layer.experts = layer.experts.dequantized()
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = full.model(tokens, causal_routing=True).logits
+        torch.testing.assert_close(oracle(tokens, causal_routing=True).logits, want)
+        plan = plan_budget(qmeta_model(full.model.cfg), 1 << 40)
+        budget = plan.resident + slots * sum(plan.expert.values())
+        paged = Generator.from_dir(tmp_path / "q", offload=OffloadConfig(max_memory=budget))
+        torch.testing.assert_close(paged.model(tokens, causal_routing=True).logits, want)
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    prompts = [[5, 9, 17, 33, 2, 41, 7], [12, 60, 3]]
+    want_ids = [c.token_ids for c in full.generate(prompts, params)]
+    assert [c.token_ids for c in paged.generate(prompts, params)] == want_ids
+    from moekit.infer.compiled import _ffn_support
+
+    assert _ffn_support(full.model.blocks()[0].ffn) == (
+        "quantised experts with biases (moe.expert_bias)"
+    )
 
 
 @pytest.mark.parametrize("slots", [1, 3])

@@ -134,3 +134,21 @@ def test_a_model_trained_in_moekit_exports_to_transformers(tmp_path, tokenizer):
     with torch.no_grad():
         diff = (hf(tokens).logits - model(tokens).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_import_quantises_the_experts_and_keeps_their_biases(tmp_path, tokenizer):  # noqa: F811
+    """`import_hf(quantize=8)`: packed experts, float biases, outputs close to transformers'."""
+    from safetensors import safe_open
+
+    hf = make_hf("gpt_oss", tmp_path / "hf", tokenizer)
+    cfg = import_hf(tmp_path / "hf", tmp_path / "int8", quantize=8)
+    assert cfg.quantization is not None and cfg.quantization.bits == 8
+    with safe_open(str(tmp_path / "int8" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "layers.0.ffn.experts.w_up.qweight" in names
+    assert "layers.0.ffn.experts.b_up" in names and "layers.0.ffn.experts.w_up" not in names
+    ours = load_model(tmp_path / "int8").eval()
+    tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        diff = (ours(tokens).logits - hf(tokens).logits).abs().max().item()
+    assert 0 < diff < 0.1  # int8 experts: close (logits up to ~5), not equal; 1.5 without b_down

@@ -100,6 +100,8 @@ def _ffn_support(ffn: MLP | MoELayer) -> str | None:
     if type(ex) is QuantExperts:
         if ex.w_gate is None:
             return "quantised experts without SwiGLU"
+        if ex.plain_math() is not None:
+            return f"quantised {ex.plain_math()}"
         reason = _quant_support(ex.w_up)
         if reason is not None:
             return f"quantised experts: {reason}"

@@ -338,15 +338,20 @@ class PagedQuantExperts(SlotCache, QuantExperts):
         self, layer: int, total: int, slots: int, like: QuantExperts, pager: Pager
     ) -> None:
         QuantExperts.__init__(
-            self, slots, like.dim, like.hidden, like.activation, like.bits, like.group
-        )
+            self, slots, like.dim, like.hidden, like.act_fn, like.bits, like.group,
+            bias=like.b_up is not None,
+        )  # fmt: skip
         self._init_cache(layer, total, pager)
 
     def _weights(self) -> list[tuple[str, QuantWeight]]:
         return [(n, w) for n in PROJECTIONS if (w := getattr(self, n)) is not None]
 
     def slot_tensors(self) -> list[tuple[str, Tensor]]:
-        return [(f"{n}.{p}", t) for n, w in self._weights() for p, t in w.parts().items()]
+        packed = [(f"{n}.{p}", t) for n, w in self._weights() for p, t in w.parts().items()]
+        biases = [
+            (n, b) for n in ("b_gate", "b_up", "b_down") if (b := getattr(self, n)) is not None
+        ]
+        return packed + biases  # an expert's float biases (gpt-oss) are paged with it
 
     def _loaded(self, s: int) -> None:
         for _, w in self._weights():

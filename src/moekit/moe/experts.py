@@ -68,6 +68,16 @@ def register_backend(
     return wrap
 
 
+def beyond_plain(activation: str, bias: bool) -> str | None:
+    """What experts of `activation`, with biases or not, have beyond `silu(gate) * up` or
+    `gelu(up)` without biases, in words; None for nothing."""
+    if bias:
+        return "experts with biases (moe.expert_bias)"
+    if activation == "clamped_swiglu":
+        return "clamped SwiGLU experts (activation='clamped_swiglu')"
+    return None
+
+
 class ExpertAdapter(Protocol):
     """A low-rank update of one stacked projection (see moekit.finetune.lora), computed per
     expert in the same three ways the backends compute the projection itself."""
@@ -122,12 +132,8 @@ class Experts(nn.Module):
 
     def plain_math(self) -> str | None:
         """None for experts computed as `silu(gate) * up` or `gelu(up)` without biases (what
-        the quantised, paged and compiled paths implement), else what they have beyond it."""
-        if self.b_up is not None:
-            return "experts with biases (moe.expert_bias)"
-        if self.activation == "clamped_swiglu":
-            return "clamped SwiGLU experts (activation='clamped_swiglu')"
-        return None
+        the compiled decode paths implement), else what they have beyond it."""
+        return beyond_plain(self.activation, self.b_up is not None)
 
     def _bias(self, name: str) -> Tensor | None:
         b: Tensor | None = getattr(self, "b" + name[1:])  # w_up -> b_up

@@ -50,12 +50,6 @@ def targets(model: nn.Module, parts: str) -> Targets:
         if isinstance(module, Router):
             skip.append(name + ".")
         if isinstance(module, Experts):
-            reason = module.plain_math()
-            if reason is not None:
-                raise ValueError(
-                    f"{name}: quantised experts compute silu(gate) * up or gelu(up) without "
-                    f"biases; this model has {reason}, so its experts cannot be quantised"
-                )
             experts.append(name)
         elif parts == "all" and isinstance(module, nn.Linear):
             gate = module.out_features == 1  # MoELayer.shared_gate: a scalar per token
