@@ -30,9 +30,19 @@ def dequantize(blocks: Tensor, scales: Tensor, name: str = "weight") -> Tensor:
             f"{name}: MXFP4 blocks of shape {tuple(blocks.shape)} do not match scales of shape "
             f"{tuple(scales.shape)} (expected blocks = scales + ({BLOCK // 2},))"
         )
+    *lead, rows, groups, _ = blocks.shape
+    out = torch.empty(*lead, rows, groups * BLOCK, dtype=torch.float32, device=blocks.device)
     table = torch.tensor(FP4, dtype=torch.float32, device=blocks.device)
-    values = torch.stack([table[(blocks & 0x0F).long()], table[(blocks >> 4).long()]], dim=-1)
-    values = values.flatten(-2)  # (..., O, I/32, 32): low nibble, high nibble, ...
-    exponent = scales.to(torch.int32) - 127
-    out = torch.ldexp(values, exponent.unsqueeze(-1).to(torch.float32))
-    return out.flatten(-2)  # (..., O, I)
+    # One leading index (an expert) at a time: the intermediates of a whole gpt-oss weight
+    # would take several times its float size.
+    flat_out = out.view(-1, rows, groups * BLOCK)
+    flat_blocks, flat_scales = (
+        blocks.reshape(-1, rows, groups, 16),
+        scales.reshape(-1, rows, groups),
+    )
+    for i in range(flat_out.shape[0]):
+        b, exponent = flat_blocks[i], flat_scales[i].to(torch.int32) - 127
+        values = torch.stack([table[(b & 0x0F).int()], table[(b >> 4).int()]], dim=-1)
+        values = values.flatten(-2)  # (O, I/32, 32): low nibble, high nibble, ...
+        flat_out[i] = torch.ldexp(values, exponent.unsqueeze(-1).float()).flatten(-2)
+    return out  # (..., O, I)
