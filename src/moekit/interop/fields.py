@@ -461,10 +461,10 @@ def plain_routing(label: str) -> Fixed:
 
 
 # transformers gives all four of q/k/v/o_proj a bias with `attention_bias: true` (Qwen3-MoE,
-# OLMoE); moekit's `qkv_bias` covers q/k/v only, as Qwen2-MoE's `qkv_bias` does.
+# OLMoE); these tables do not carry it (gpt-oss's does, as `qkv_bias` and `o_bias`).
 NO_ATTENTION_BIAS = Only(
     "attention_bias",
     (None, False),
-    "it gives o_proj a bias too, and moekit's attention has biases on q/k/v only",
+    "it gives q/k/v and o_proj biases, which moekit carries for gpt-oss only",
     write_value=False,
 )
