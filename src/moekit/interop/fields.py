@@ -465,6 +465,6 @@ def plain_routing(label: str) -> Fixed:
 NO_ATTENTION_BIAS = Only(
     "attention_bias",
     (None, False),
-    "it gives q/k/v and o_proj biases, which moekit carries for gpt-oss only",
+    "it gives o_proj a bias too, which moekit carries for gpt-oss only",
     write_value=False,
 )
