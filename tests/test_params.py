@@ -64,6 +64,12 @@ def tiny_variants():
     )  # fmt: skip
     yield "dense-in-the-middle", dict(base, moe=dict(moe, dense_layers=[1]))
     yield "expert-choice", dict(base, moe=dict(moe, router="expert_choice", capacity_factor=1.5))
+    yield "gpt-oss-biases-sinks", dict(
+        base, activation="clamped_swiglu", num_kv_heads=2,
+        attention=dict(qkv_bias=True, o_bias=True, sinks=True, sliding_window=8),
+        moe=dict(moe, router_bias=True, expert_bias=True, first_dense_layers=1),
+    )  # fmt: skip
+    yield "gelu-expert-bias", dict(base, activation="gelu", moe=dict(moe, expert_bias=True))
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,8 @@ ROUTERS = ("topk", "switch", "expert_choice")
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 CAPACITY_PRIORITIES = ("weight", "position")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "clamped_swiglu")
+GATED_ACTIVATIONS = ("swiglu", "clamped_swiglu")  # with a gate projection
 ATTENTION_KINDS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full")
 QUANT_BITS = (8, 4)
@@ -90,6 +91,15 @@ class AttentionConfig(ConfigBase):
     head_dim: int | None = None  # gqa: None means dim // num_heads
     qk_norm: str = "none"  # "head": RMSNorm per head (Qwen3); "full": over all heads (OLMoE)
     qkv_bias: bool = False
+    o_bias: bool = False  # a bias on the output projection (gpt-oss)
+    # A learned logit per query head added to each softmax's denominator, so a head can put
+    # weight on "no key at all" (attention sinks, gpt-oss). gqa only.
+    sinks: bool = False
+    # Sliding-window attention: a query sees itself and the `sliding_window - 1` keys before
+    # it, on the layers `sliding_layers` lists (None: every layer); the others see the whole
+    # context. None: no window.
+    sliding_window: int | None = None
+    sliding_layers: list[int] | None = None
     # Multi-head latent attention (kind="mla") only.
     q_lora_rank: int | None = None  # None: a full-rank query projection
     kv_lora_rank: int = 0
@@ -132,6 +142,33 @@ class AttentionConfig(ConfigBase):
                     raise fail(owner, name, getattr(self, name), "is only used with kind='mla'")
             if self.q_lora_rank is not None:
                 raise fail(owner, "q_lora_rank", self.q_lora_rank, "is only used with kind='mla'")
+        self._check_window()
+
+    def _check_window(self) -> None:
+        owner = "AttentionConfig"
+        if self.kind == "mla":
+            for name in ("o_bias", "sinks"):
+                if getattr(self, name):
+                    raise fail(owner, name, True, "is only used with kind='gqa'")
+        if self.sliding_window is not None:
+            check_positive(owner, sliding_window=self.sliding_window)
+        layers = self.sliding_layers
+        if layers is None:
+            return
+        if self.sliding_window is None:
+            raise fail(owner, "sliding_layers", layers, "needs sliding_window")
+        if not isinstance(layers, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+        ):
+            raise fail(owner, "sliding_layers", layers, "must be a list of layer indices >= 0")
+        if len(set(layers)) != len(layers):
+            raise fail(owner, "sliding_layers", layers, "lists a layer twice")
+
+    def is_sliding_layer(self, layer: int) -> bool:
+        """Whether layer `layer` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.sliding_layers is None or layer in self.sliding_layers
 
 
 @dataclass(kw_only=True)
@@ -185,6 +222,8 @@ class MoEConfig(ConfigBase):
     topk_groups: int = 1  # ... and each token picks from its best `topk_groups` groups only
     group_score: str = "top2_sum"  # how a group is scored: its best score, or its best two summed
     routed_scaling_factor: float = 1.0
+    router_bias: bool = False  # a learned bias on the router logits (choice and weights; gpt-oss)
+    expert_bias: bool = False  # biases on each expert's projections (gpt-oss)
     router_jitter: float = 0.0  # multiplicative input noise in [1-eps, 1+eps] while training
     expert_choice_causal: bool = False
     first_dense_layers: int = 0
@@ -226,6 +265,8 @@ class MoEConfig(ConfigBase):
                 f"must be <= num_experts ({self.num_experts}): a token cannot pick more experts "
                 "than there are",
             )  # fmt: skip
+        if self.router_bias and self.router == "expert_choice":
+            raise fail(owner, "router_bias", True, "is only used with token choice routers")
         if self.router_jitter >= 1:
             raise fail(owner, "router_jitter", self.router_jitter, "must be in [0, 1)")
         if self.capacity_factor is not None:
@@ -367,6 +408,10 @@ class ModelConfig(ConfigBase):
     num_kv_heads: int | None = None  # None: num_heads (multi-head attention)
     ffn_hidden: int | None = None  # dense MLP hidden size; None: a SwiGLU-sized 8/3 * dim
     activation: str = "swiglu"
+    # activation="clamped_swiglu" (gpt-oss): gate clamped above and up clamped on both sides at
+    # `swiglu_limit`, then (up + 1) * gate * sigmoid(swiglu_alpha * gate).
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     rope_theta: float = 10000.0
     rope_scaling: RopeScalingConfig | None = None  # None: RoPE as pretrained, unscaled
     norm_eps: float = 1e-6
@@ -402,6 +447,7 @@ class ModelConfig(ConfigBase):
             init_std=self.init_std,
         )
         check_choice(owner, "activation", self.activation, ACTIVATIONS)
+        self._check_activation()
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         check_positive(owner, num_kv_heads=self.num_kv_heads)
@@ -436,6 +482,23 @@ class ModelConfig(ConfigBase):
                 owner, "num_kv_heads", self.num_kv_heads,
                 "must equal num_heads with multi-head latent attention",
             )  # fmt: skip
+        outside = [i for i in self.attention.sliding_layers or [] if i >= self.num_layers]
+        if outside:
+            raise fail(
+                "AttentionConfig", "sliding_layers", self.attention.sliding_layers,
+                f"lists layer(s) {outside} of a model with {self.num_layers} layers",
+            )  # fmt: skip
+
+    def _check_activation(self) -> None:
+        owner = "ModelConfig"
+        check_positive(owner, swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit)
+        if self.activation != "clamped_swiglu":
+            for name, default in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
+                if getattr(self, name) != default:
+                    raise fail(
+                        owner, name, getattr(self, name),
+                        "is only used with activation='clamped_swiglu'",
+                    )  # fmt: skip
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -456,6 +519,11 @@ class ModelConfig(ConfigBase):
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and self.moe.is_moe_layer(layer)
+
+    @property
+    def gated(self) -> bool:
+        """Whether feed-forwards have a gate projection (the SwiGLU activations)."""
+        return self.activation in GATED_ACTIVATIONS
 
     @property
     def moe_layers(self) -> list[int]:

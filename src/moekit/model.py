@@ -20,7 +20,7 @@ from moekit.files import format_bytes
 from moekit.moe.layer import DEFAULT_ROUTE, MoELayer, MoEStats, RouteOptions
 from moekit.nn.attention import build_attention
 from moekit.nn.kv_cache import KVCache
-from moekit.nn.mlp import MLP
+from moekit.nn.mlp import MLP, Activation
 from moekit.nn.norm import RMSNorm
 from moekit.nn.rope import per_head, rope_tables
 
@@ -46,9 +46,9 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
             assert cfg.moe is not None
-            self.ffn = MoELayer(cfg.dim, cfg.moe, cfg.activation)
+            self.ffn = MoELayer(cfg.dim, cfg.moe, Activation.of(cfg))
         else:
-            self.ffn = MLP(cfg.dim, cfg.dense_hidden, cfg.activation)
+            self.ffn = MLP(cfg.dim, cfg.dense_hidden, Activation.of(cfg))
 
     def init_weights(self, std: float, out_std: float, gen: torch.Generator | None) -> None:
         """Initialise the block as `Transformer.init_weights` describes."""
@@ -119,6 +119,7 @@ class Transformer(nn.Module):
         positions: (S,) or (B, S) position ids; default 0..S-1 (with a cache: the count of
             real tokens before each).
         attn_mask: boolean (B, 1, S, S) mask, True where attention is allowed; default causal.
+            Sliding-window layers (`AttentionConfig.sliding_window`) narrow it to their window.
         cache: a `moekit.infer.KVCache`; the tokens are appended to it and attend to it.
         valid: with a cache, (B, S) bool marking real tokens (False: left padding).
         token_mask: (B, S) bool, the tokens that take part in routing (False: padding, which
@@ -162,11 +163,14 @@ class Transformer(nn.Module):
         cos, sin = per_head(
             *rope_tables(positions, self.rope_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
         )
+        window_mask = self._window_mask(S, attn_mask, cache, tokens.device)
         stats: dict[int, MoEStats] = {}
         aux = x.new_zeros((), dtype=torch.float32)
         grad = torch.is_grad_enabled()  # without autograd the router losses are all 0
         for i, block in enumerate(self.blocks()):
-            x, layer_stats = block(x, cos, sin, attn_mask, cache, i, route)
+            sliding = window_mask is not None and self.cfg.attention.is_sliding_layer(i)
+            mask = window_mask if sliding else attn_mask
+            x, layer_stats = block(x, cos, sin, mask, cache, i, route)
             if layer_stats is not None:
                 assert isinstance(block.ffn, MoELayer)
                 stats[i] = layer_stats
@@ -177,6 +181,24 @@ class Transformer(nn.Module):
         x = self.norm(x[:, -1:] if last_logits else x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         return ModelOutput(logits, aux, stats)
+
+    def _window_mask(
+        self, length: int, attn_mask: Tensor | None, cache: KVCache | None, device: torch.device
+    ) -> Tensor | None:
+        """The mask of the sliding-window layers (`AttentionConfig.sliding_window`): `attn_mask`
+        (default causal) that also hides keys `window` or more positions before the query;
+        None when there is no window or it hides nothing here."""
+        window = self.cfg.attention.sliding_window
+        if window is None:
+            return None
+        if cache is not None:
+            return cache.window_mask(window)
+        if length <= window:
+            return None
+        query = torch.arange(length, device=device)[:, None]
+        keys = torch.arange(length, device=device)[None, :]
+        band = (keys <= query) & (keys > query - window)  # (S, S)
+        return band if attn_mask is None else attn_mask & band
 
     def blocks(self) -> list[Block]:
         """The transformer blocks, in order."""

@@ -72,6 +72,10 @@ def attention_params(cfg: ModelConfig) -> int:
     n = d * h * hd + 2 * d * hkv * hd + h * hd * d
     if a.qkv_bias:
         n += h * hd + 2 * hkv * hd
+    if a.o_bias:
+        n += d
+    if a.sinks:
+        n += h  # one sink logit per query head
     if a.qk_norm == "head":
         n += 2 * hd
     elif a.qk_norm == "full":
@@ -80,7 +84,7 @@ def attention_params(cfg: ModelConfig) -> int:
 
 
 def mlp_params(cfg: ModelConfig, hidden: int) -> int:
-    return (3 if cfg.activation == "swiglu" else 2) * cfg.dim * hidden
+    return (3 if cfg.gated else 2) * cfg.dim * hidden
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
@@ -98,13 +102,15 @@ def count_params(cfg: ModelConfig) -> ParamCount:
             pc.add("dense_mlp", mlp_params(cfg, cfg.dense_hidden))
             continue
         per_expert = mlp_params(cfg, moe.expert_hidden)
+        if moe.expert_bias:  # b_gate and b_up (F each), b_down (D)
+            per_expert += (2 if cfg.gated else 1) * moe.expert_hidden + d
         if moe.router == "expert_choice":
             assert moe.capacity_factor is not None  # validated by MoEConfig
             active_experts = round(moe.capacity_factor * per_expert)
         else:
             active_experts = moe.top_k * per_expert
         pc.add("routed_experts", moe.num_experts * per_expert, active_experts)
-        pc.add("router", moe.num_experts * d)
+        pc.add("router", moe.num_experts * (d + 1 if moe.router_bias else d))
         if moe.num_shared_experts:
             pc.add(
                 "shared_experts",

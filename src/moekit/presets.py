@@ -204,6 +204,30 @@ _PRESETS: list[Preset] = [
         source="huggingface.co/meta-llama/Llama-4-Maverick-17B-128E (400B total, 17B active)",
     ),
     Preset(
+        name="gpt-oss-20b",
+        description=(
+            "OpenAI gpt-oss-20b (shape; its YaRN RoPE scaling is not set here): 32 biased experts "
+            "top-4 with clamped SwiGLU, attention sinks, sliding window 128 every other layer"
+        ),
+        config=dict(
+            vocab_size=201088, dim=2880, num_layers=24, num_heads=64, num_kv_heads=8,
+            ffn_hidden=2880, rope_theta=150000.0, norm_eps=1e-5, max_seq_len=131072,
+            activation="clamped_swiglu",
+            attention=dict(
+                head_dim=64, qkv_bias=True, o_bias=True, sinks=True, sliding_window=128,
+                sliding_layers=list(range(0, 24, 2)),
+            ),
+            moe=dict(
+                num_experts=32, top_k=4, expert_hidden=2880, router_bias=True,
+                expert_bias=True, aux_loss_weight=0.001,
+            ),
+        ),
+        # The card's 3.61B active leaves out the 0.58B input embedding, which moekit counts.
+        published_total=20.91e9, published_active=3.61e9 + 201088 * 2880,
+        source="OpenAI gpt-oss-120b & gpt-oss-20b model card (20.91B total, 3.61B active "
+        "without the embedding table)",
+    ),
+    Preset(
         name="olmoe-1b-7b",
         description="AllenAI OLMoE-1B-7B: 64 experts, top-8, q/k norm over all heads",
         config=dict(

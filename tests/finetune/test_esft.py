@@ -59,3 +59,35 @@ def test_esft_with_attention_trains_attention_too(tmp_path, tiny_model_dir, sft_
     assert not torch.equal(tuned["layers.0.attn.wq.weight"], base["layers.0.attn.wq.weight"])
     assert torch.equal(tuned["embed.weight"], base["embed.weight"])
     assert torch.equal(tuned["layers.0.ffn.router.weight"], base["layers.0.ffn.router.weight"])
+
+
+def test_esft_trains_the_biases_of_the_selected_experts_only():
+    """Experts with biases (gpt-oss): a chosen expert's biases train with its weights; the
+    others' stay exactly as they were."""
+    import torch
+
+    from moekit import build_model
+    from moekit.config import ModelConfig
+    from moekit.finetune.esft import ExpertFreeze, trainable_params
+
+    cfg = ModelConfig.from_dict(
+        dict(vocab_size=64, dim=32, num_layers=2, num_heads=4,
+             moe=dict(num_experts=4, top_k=2, expert_hidden=16, expert_bias=True))
+    )  # fmt: skip
+    model = build_model(cfg)
+    freeze = ExpertFreeze(model, {1: [2]}, attention=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
+    freeze.attach(optimizer)
+    ex = model.moe_layers()[1].experts
+    before = {n: p.detach().clone() for n, p in ex.named_parameters()}
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    model(tokens).logits.square().mean().backward()
+    optimizer.step()
+    for name in ("b_gate", "b_up", "b_down", "w_up"):
+        after = getattr(ex, name).detach()
+        assert not torch.equal(after[2], before[name][2]), name
+        for e in (0, 1, 3):
+            assert torch.equal(after[e], before[name][e]), (name, e)
+    per_expert = 3 * 32 * 16 + 2 * 16 + 32
+    assert trainable_params(model, {1: [2]}, attention=False) == per_expert

@@ -57,12 +57,19 @@ HF = {
         norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4, topk_group=2,
         attention_bias=False, sliding_window=None,
     ),
+    "GptOssForCausalLM": dict(
+        COMMON, model_type="gpt_oss", num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0}, intermediate_size=32,
+        num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+        swiglu_alpha=1.5, swiglu_limit=5.0, attention_bias=False, sliding_window=16,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+    ),
 }  # fmt: skip
 for _name, _hf in HF.items():
     _hf["architectures"] = [_name]
 
 # Variants that exercise other weight layouts: q/k/v biases, untied embeddings, full-rank
-# DeepSeek queries in the rotate-half layout.
+# DeepSeek queries in the rotate-half layout, gpt-oss's attention biases and default layers.
 VARIANTS = {
     **{name: (name, {}) for name in HF},
     "qwen2-biases-untied": ("Qwen2MoeForCausalLM", dict(qkv_bias=True, tie_word_embeddings=False)),
@@ -72,6 +79,8 @@ VARIANTS = {
     "qwen3-yarn": ("Qwen3MoeForCausalLM", dict(rope_parameters={
         "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
         "original_max_position_embeddings": 16, "truncate": False, "attention_factor": 0.9})),
+    "gpt-oss-biases-untied": ("GptOssForCausalLM", dict(attention_bias=True, layer_types=None,
+                                                        tie_word_embeddings=False)),
 }  # fmt: skip
 
 

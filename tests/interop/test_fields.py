@@ -13,6 +13,7 @@ from moekit.interop.fields import (
     Fixed,
     SameAs,
     UnsupportedError,
+    Without,
     check_table,
     ours_value,
 )
@@ -237,7 +238,8 @@ OTHER_VALUES = {
     "moe.selection_bias": (True, False), "moe.bias_update_rate": (0.001, 0.0),
     "moe.shared_expert_gate": (True, False), "attention.kind": ("mla", "gqa"),
     "attention.qk_norm": ("full", "none"), "attention.qkv_bias": (True, False),
-    "activation": ("gelu", "swiglu"),
+    "activation": ("gelu", "swiglu"), "moe.router_bias": (False, True),
+    "moe.expert_bias": (False, True), "attention.sinks": (False, True),
 }  # fmt: skip
 
 
@@ -248,6 +250,30 @@ def test_each_fixed_property_refuses_a_model_without_it(arch, entry):
     for path in entry.values:
         other = next(v for v in OTHER_VALUES[path] if v != ours_value(cfg, path))
         assert entry.why in arch.problems(_with(cfg, path, other)), path
+
+
+# Each option of a `Without` entry turned on (gpt-oss's options, on the other architectures).
+TURNED_ON = {
+    "activation": "clamped_swiglu", "moe.expert_bias": True, "moe.router_bias": True,
+    "attention.o_bias": True, "attention.sinks": True, "attention.sliding_window": 8,
+    "attention.sliding_layers": [0],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "arch", [a for a in ARCHITECTURES if any(isinstance(e, Without) for e in a.config)],
+    ids=lambda a: a.name,
+)  # fmt: skip
+def test_options_an_architecture_lacks_are_refused_one_by_one(arch):
+    cfg = arch.config_from_hf(HF[arch.name])
+    (entry,) = [e for e in arch.config if isinstance(e, Without)]
+    assert set(entry.values) == set(TURNED_ON)
+    for path, value in TURNED_ON.items():
+        problems = arch.problems(_with(cfg, path, value))
+        assert any(path in p and p.startswith(f"{arch.label} has no") for p in problems), path
+    assert "GptOssForCausalLM" not in [
+        a.name for a in ARCHITECTURES if a.problems(cfg) == []
+    ]  # the plainest architecture first: gpt-oss is never chosen for a plain model
 
 
 def _with(cfg, path, value):

@@ -62,7 +62,11 @@ def test_every_tensor_has_one_place_and_comes_back_exactly(variant, live):
             assert torch.equal(tensor, state[name]), name
 
 
-@pytest.mark.parametrize("name", [a.name for a in ARCHITECTURES])
+# gpt-oss checkpoints store the experts as transformers holds them (see the test below).
+STACKED_IN_MEMORY = [a.name for a in ARCHITECTURES if a.name != "GptOssForCausalLM"]
+
+
+@pytest.mark.parametrize("name", STACKED_IN_MEMORY)
 def test_the_in_memory_layout_is_the_checkpoint_with_experts_stacked_and_fused(name):
     arch, cfg, hf, state = setup(name)
     checkpoint = convert(arch.tensor_maps(cfg, hf), state)
@@ -81,6 +85,26 @@ def test_the_in_memory_layout_is_the_checkpoint_with_experts_stacked_and_fused(n
     same = {k for k in checkpoint if ".experts." not in k and "block_sparse_moe" not in k}
     assert same <= set(live)
     assert all(torch.equal(checkpoint[k], live[k]) for k in same)
+
+
+@pytest.mark.parametrize("variant", ["GptOssForCausalLM", "gpt-oss-biases-untied"])
+def test_gpt_oss_interleaves_gate_and_up_and_transposes_the_experts(variant):
+    arch, cfg, hf, state = setup(variant)
+    checkpoint = convert(arch.tensor_maps(cfg, hf), state)
+    live = convert(arch.tensor_maps(cfg, hf, live=True), state)
+    assert checkpoint.keys() == live.keys()
+    assert all(torch.equal(checkpoint[k], live[k]) for k in checkpoint)
+    ours, theirs = "layers.1.ffn.experts", "model.layers.1.mlp.experts"
+    gate_up, bias = checkpoint[f"{theirs}.gate_up_proj"], checkpoint[f"{theirs}.gate_up_proj_bias"]
+    E, F, D = state[f"{ours}.w_gate"].shape
+    assert gate_up.shape == (E, D, 2 * F) and bias.shape == (E, 2 * F)
+    assert torch.equal(gate_up[..., 0::2], state[f"{ours}.w_gate"].transpose(1, 2))
+    assert torch.equal(gate_up[..., 1::2], state[f"{ours}.w_up"].transpose(1, 2))
+    assert torch.equal(bias[:, 0::2], state[f"{ours}.b_gate"])
+    assert torch.equal(bias[:, 1::2], state[f"{ours}.b_up"])
+    assert torch.equal(checkpoint[f"{theirs}.down_proj"], state[f"{ours}.w_down"].transpose(1, 2))
+    assert torch.equal(checkpoint[f"{theirs}.down_proj_bias"], state[f"{ours}.b_down"])
+    assert torch.equal(checkpoint["model.layers.0.self_attn.sinks"], state["layers.0.attn.sinks"])
 
 
 def _stack_experts(checkpoint, layer, proj):

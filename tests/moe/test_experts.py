@@ -111,3 +111,38 @@ def test_auto_selection():
     assert select_backend("eager", 2, 8, cpu).name == "eager"
     with pytest.raises(ValueError, match="unknown expert backend 'fast'; available: auto, eager"):
         select_backend("fast", 2, 8, cpu)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("activation", ["clamped_swiglu", "swiglu", "gelu"])
+def test_biased_experts_match_eager(name, activation):
+    """Expert biases (gpt-oss) and the clamped SwiGLU, with a limit low enough to clamp many
+    values: every backend agrees with eager, gradients of the biases included."""
+    from moekit.nn.mlp import Activation
+
+    torch.manual_seed(0)
+    _, x, experts, weights = setup(dtype=torch.float64)
+    act = Activation(activation, alpha=1.702, limit=0.8)
+    biased = Experts(6, 16, 24, act, bias=True).to(torch.float64)
+    with torch.no_grad():
+        for p in biased.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    ref_out, ref_grads = run("eager", biased, x, experts, weights)
+    assert (ref_grads["b_down"][3] == 0).all() and ref_grads["b_up"][0].abs().sum() > 0
+    out, grads = run(name, biased, x, experts, weights)
+    tol = dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, ref_out, **tol)
+    for key in ref_grads:
+        torch.testing.assert_close(grads[key], ref_grads[key], **tol, msg=key)
+
+
+def test_clamped_swiglu_is_gpt_oss_formula():
+    from moekit.nn.mlp import Activation
+
+    gate = torch.tensor([-9.0, -1.0, 0.5, 8.0])
+    up = torch.tensor([-8.0, 2.0, 0.0, 9.0])
+    got = Activation("clamped_swiglu")(gate, up)
+    g = gate.clamp(max=7.0)
+    expected = (up.clamp(-7.0, 7.0) + 1) * g * torch.sigmoid(1.702 * g)
+    torch.testing.assert_close(got, expected)
+    assert got[3] == pytest.approx(8.0 * 7.0 * torch.sigmoid(torch.tensor(1.702 * 7.0)).item())

@@ -26,6 +26,11 @@ def test_aux_loss_free_bias_balances_on_global_counts():
     run_world(workers.same_steps, 2, 2, moe)
 
 
+def test_biased_experts_and_router_split_like_one_process():
+    # gpt-oss-like: a router logit bias and biases on every expert projection.
+    run_world(workers.same_steps, 2, 2, {"router_bias": True, "expert_bias": True})
+
+
 def test_copies_come_back_to_their_tokens():
     run_world(workers.planted_routing, 2)
 

@@ -129,6 +129,22 @@ TINY = {  # name: (transformers config class, its fields besides COMMON)
                                               intermediate_size=128, moe_intermediate_size=48,
                                               num_experts=8, num_experts_per_tok=3,
                                               norm_topk_prob=True, rope_parameters=YARN_QWEN)),
+    # Layers 0 and 2 slide over 8 tokens (the tests run 16-30), layer 1 sees everything; a
+    # low swiglu_limit makes the clamp bite.
+    "gpt_oss": ("GptOssConfig", dict(num_key_value_heads=2, head_dim=16, intermediate_size=48,
+                                     num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=8, swiglu_limit=1.5, swiglu_alpha=1.6,
+                                     rope_parameters={"rope_type": "default",
+                                                      "rope_theta": 150000.0})),
+    # gpt-oss's published RoPE: YaRN without truncation.
+    "gpt_oss-yarn": ("GptOssConfig", dict(num_key_value_heads=2, head_dim=16, intermediate_size=48,
+                                     num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=8, swiglu_limit=1.5, swiglu_alpha=1.6,
+                                     rope_parameters={"rope_type": "yarn", "factor": 32.0,
+                                                      "beta_fast": 32.0, "beta_slow": 1.0,
+                                                      "truncate": False,
+                                                      "original_max_position_embeddings": 16,
+                                                      "rope_theta": 150000.0})),
 }  # fmt: skip
 
 
@@ -160,6 +176,10 @@ def make_hf(name, directory, tokenizer, config_kw=None, **save_kw):
                 module.e_score_correction_bias.copy_(
                     torch.randn_like(module.e_score_correction_bias) * 0.1
                 )
+        if config.model_type == "gpt_oss":  # its biases start at 0: make them matter
+            for param_name, param in model.named_parameters():
+                if param_name.endswith("bias"):
+                    param.copy_(torch.randn_like(param) * 0.3)
     model.save_pretrained(directory, **save_kw)
     tokenizer.save(directory)
     return model

@@ -45,6 +45,12 @@ MODELS = {  # the architecture export_hf picks: the moekit config
                  norm_topk_prob=False, num_groups=4, topk_groups=2, group_score="max",
                  routed_scaling_factor=2.0, first_dense_layers=1),
     ),
+    "GptOssForCausalLM": dict(
+        BASE, activation="clamped_swiglu",
+        attention=dict(head_dim=16, qkv_bias=True, o_bias=True, sinks=True, sliding_window=16,
+                       sliding_layers=[0, 2]),
+        moe=dict(num_experts=4, top_k=2, expert_hidden=64, router_bias=True, expert_bias=True),
+    ),
 }  # fmt: skip
 
 

@@ -2,9 +2,10 @@
 run by transformers itself, in the same `RoutingTrace` format moekit's own trace fills.
 
 Each MoE block of a transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2,
-DeepSeek-V3) calls its router module `model.layers.N.mlp.gate`, which returns the router
-logits, the chosen experts' weights and the chosen experts. A forward hook on each of those
-records what the library itself chose, so nothing about the routing is computed a second
+DeepSeek-V3, dots.llm1; gpt-oss) calls its router module `model.layers.N.mlp.gate`
+(`mlp.router`), which returns the router logits, the chosen experts' weights and the chosen
+experts. A forward hook on each of those records what the library itself chose, so nothing
+about the routing is computed a second
 time here except the selection margin (from the recorded logits, as
 `moekit.analysis.routing.selection_margin`). transformers is imported inside the functions.
 """
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from moekit.config import ModelConfig
 
 # The router module of MoE layer N in every supported architecture.
-_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate$")
+_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(?:gate|router)$")
 
 
 def load_hf_model(directory: str | Path, device: str | torch.device, *, quiet: bool = False) -> Any:

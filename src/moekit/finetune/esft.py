@@ -17,6 +17,7 @@ from torch import Tensor
 
 from moekit.data.loader import TokenizedData, iter_eval_batches
 from moekit.model import Transformer
+from moekit.moe.experts import Experts
 
 SAMPLE_BATCHES = 32  # training batches measured to choose the experts
 
@@ -84,11 +85,16 @@ def trainable_params(
     count = 0
     for layer, experts in selection.items():
         ex = layers[layer].experts
-        per_expert = sum(w[0].numel() for w in (ex.w_gate, ex.w_up, ex.w_down) if w is not None)
+        per_expert = sum(w[0].numel() for w in _stacked(ex) if w is not None)
         count += len(experts) * per_expert
     if attention:
         count += sum(p.numel() for b in model.blocks() for p in b.attn.parameters())
     return count
+
+
+def _stacked(ex: Experts) -> tuple[Tensor | None, ...]:
+    """Every stacked [E, ...] parameter of `ex`: the weights, and the biases where it has them."""
+    return (ex.w_gate, ex.w_up, ex.w_down, ex.b_gate, ex.b_up, ex.b_down)
 
 
 class ExpertFreeze:
@@ -105,11 +111,11 @@ class ExpertFreeze:
             ex = layers[layer].experts
             keep = torch.zeros(ex.num_experts, dtype=torch.bool)
             keep[experts] = True
-            for w in (ex.w_gate, ex.w_up, ex.w_down):
+            for w in _stacked(ex):
                 if w is None:
                     continue
                 w.requires_grad_(True)
-                mask = keep.to(w.device).view(-1, 1, 1).to(w.dtype)
+                mask = keep.to(w.device).view(-1, *[1] * (w.dim() - 1)).to(w.dtype)
                 w.register_hook(lambda g, mask=mask: g * mask)
                 frozen = ~keep.to(w.device)
                 self._saved.append((w, frozen, w.detach()[frozen].clone()))

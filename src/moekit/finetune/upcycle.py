@@ -76,7 +76,7 @@ def upcycle(
     }
     for i in sorted(moe_layers):
         prefix = f"layers.{i}.ffn"
-        names = ["w_up", "w_down"] + (["w_gate"] if cfg.activation == "swiglu" else [])
+        names = ["w_up", "w_down"] + (["w_gate"] if cfg.gated else [])
         weights = {n: state[f"{prefix}.{n}.weight"] for n in names}
         stacks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for e in range(num_experts):

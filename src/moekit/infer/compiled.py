@@ -21,10 +21,11 @@ has the same shapes every time. So the step here is written for static shapes:
 
 It is used only where it is exact and safe: inference without adapters, hooks, routing
 records or paged experts (those load on demand between the router and the experts);
-grouped-query attention (with or without q/k norms), SwiGLU feed-forwards and token-choice
-routers. `decode_support` says why a model is not supported; a compilation that fails is
-reported once on the `moekit` logger and the step falls back to the eager model. On CUDA the
-step asks for CUDA graphs ("reduce-overhead").
+grouped-query attention (with or without q/k norms; no sinks or sliding window), SwiGLU
+feed-forwards without biases and token-choice routers without a logit bias. `decode_support`
+says why a model is not supported; a compilation that fails is reported once on the `moekit`
+logger and the step falls back to the eager model. On CUDA the step asks for CUDA graphs
+("reduce-overhead").
 """
 
 from __future__ import annotations
@@ -92,13 +93,15 @@ def _linear_support(*modules: nn.Module | None) -> str | None:
 
 def _ffn_support(ffn: MLP | MoELayer) -> str | None:
     if isinstance(ffn, MLP):
-        if ffn.w_gate is None:
+        if ffn.activation != "swiglu":
             return "a dense MLP that is not SwiGLU"
         return _linear_support(ffn.w_gate, ffn.w_up, ffn.w_down)
     ex = ffn.experts
     if type(ex) is QuantExperts:
         if ex.w_gate is None:
             return "quantised experts without SwiGLU"
+        if ex.plain_math() is not None:
+            return f"quantised {ex.plain_math()}"
         reason = _quant_support(ex.w_up)
         if reason is not None:
             return f"quantised experts: {reason}"
@@ -110,8 +113,11 @@ def _ffn_support(ffn: MLP | MoELayer) -> str | None:
         return f"experts of type {type(ex).__name__}"
     elif len(ex.adapters) or ex.w_gate is None:
         return "experts with adapters or without SwiGLU"
-    if type(ffn.router) is not TopKRouter or ffn.router.adapter is not None:
-        return "a router other than plain token choice"
+    elif ex.plain_math() is not None:
+        return ex.plain_math()
+    router = ffn.router
+    if type(router) is not TopKRouter or router.adapter is not None or router.bias is not None:
+        return "a router other than plain token choice (no adapter, no logit bias)"
     if ffn.shared is not None and _ffn_support(ffn.shared) is not None:
         return "shared experts that are not a plain SwiGLU"
     if ffn.shared_gate is not None and not plain(ffn.shared_gate):
@@ -132,6 +138,10 @@ def decode_support(model: Transformer) -> str | None:
         reason = _linear_support(attn.wq, attn.wk, attn.wv, attn.wo)
         if reason is not None:
             return f"layer {i}'s attention: {reason}"
+        if attn.sinks is not None:
+            return "attention sinks"
+        if model.cfg.attention.is_sliding_layer(i):
+            return "sliding-window attention"
         reason = _ffn_support(block.ffn)
         if reason is not None:
             return f"layer {i}: {reason}"

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.moe.experts import ExpertBackend, Experts, compute_dtype, decode_experts
+from moekit.nn.mlp import Activation
 from moekit.quant.experts import QuantExperts
 from moekit.quant.weight import QuantWeight
 from moekit.weights import StoredTensor, UnreadableWeightsError, open_weights, read_tensor
@@ -317,14 +318,16 @@ class PagedExperts(SlotCache, Experts):
     `slots` of them in memory at a time (the stacked weights hold the slots)."""
 
     def __init__(
-        self, layer: int, total: int, slots: int, dim: int, hidden: int, activation: str,
-        pager: Pager,
+        self, layer: int, total: int, slots: int, dim: int, hidden: int,
+        activation: str | Activation, pager: Pager, *, bias: bool = False,
     ) -> None:  # fmt: skip
-        Experts.__init__(self, slots, dim, hidden, activation)
+        Experts.__init__(self, slots, dim, hidden, activation, bias=bias)
         self._init_cache(layer, total, pager)
 
     def slot_tensors(self) -> list[tuple[str, Tensor]]:
-        return [(n, w) for n in PROJECTIONS if (w := getattr(self, n)) is not None]
+        # An expert's biases (gpt-oss) are paged with its weights.
+        names = (*PROJECTIONS, "b_gate", "b_up", "b_down")
+        return [(n, w) for n in names if (w := getattr(self, n)) is not None]
 
 
 class PagedQuantExperts(SlotCache, QuantExperts):
@@ -335,15 +338,20 @@ class PagedQuantExperts(SlotCache, QuantExperts):
         self, layer: int, total: int, slots: int, like: QuantExperts, pager: Pager
     ) -> None:
         QuantExperts.__init__(
-            self, slots, like.dim, like.hidden, like.activation, like.bits, like.group
-        )
+            self, slots, like.dim, like.hidden, like.act_fn, like.bits, like.group,
+            bias=like.b_up is not None,
+        )  # fmt: skip
         self._init_cache(layer, total, pager)
 
     def _weights(self) -> list[tuple[str, QuantWeight]]:
         return [(n, w) for n in PROJECTIONS if (w := getattr(self, n)) is not None]
 
     def slot_tensors(self) -> list[tuple[str, Tensor]]:
-        return [(f"{n}.{p}", t) for n, w in self._weights() for p, t in w.parts().items()]
+        packed = [(f"{n}.{p}", t) for n, w in self._weights() for p, t in w.parts().items()]
+        biases = [
+            (n, b) for n in ("b_gate", "b_up", "b_down") if (b := getattr(self, n)) is not None
+        ]
+        return packed + biases  # an expert's float biases (gpt-oss) are paged with it
 
     def _loaded(self, s: int) -> None:
         for _, w in self._weights():

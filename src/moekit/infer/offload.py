@@ -145,7 +145,10 @@ def _paged_store(layer: int, experts: Any, slots: int, pager: Pager) -> SlotCach
     with torch.device("meta"):
         if isinstance(ex, QuantExperts):
             return PagedQuantExperts(layer, ex.num_experts, slots, ex, pager)
-        paged = PagedExperts(layer, ex.num_experts, slots, ex.dim, ex.hidden, ex.activation, pager)
+        paged = PagedExperts(
+            layer, ex.num_experts, slots, ex.dim, ex.hidden, ex.act_fn, pager,
+            bias=ex.b_up is not None,
+        )  # fmt: skip
     return paged.to(ex.w_up.dtype)
 
 

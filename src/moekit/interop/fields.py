@@ -486,8 +486,43 @@ DECODER_FIELDS: ConfigTable = (
 )
 
 
-def swiglu(label: str) -> Fixed:
-    return Fixed({"activation": "swiglu"}, f"{label} experts are SwiGLU")
+@dataclass(frozen=True)
+class Without(Entry):
+    """moekit options an architecture does not have, each at the value meaning "off" and
+    described in words: import sets them so; export names every one a config turns on."""
+
+    label: str
+    values: Mapping[str, tuple[Any, str]]  # dotted path -> (its "off" value, what it is)
+
+    def ours_paths(self) -> tuple[str, ...]:
+        return tuple(self.values)
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        ours.update({path: value for path, (value, _) in self.values.items()})
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        return [
+            f"{self.label} has no {what} ({path} must be {value!r})"
+            for path, (value, what) in self.values.items()
+            if ours_value(cfg, path) != value
+        ]
+
+
+def swiglu(label: str) -> Without:
+    """SwiGLU experts and plain attention: none of the options gpt-oss adds (its clamped
+    SwiGLU, expert and router biases, attention sinks, an output bias, sliding windows)."""
+    return Without(
+        label,
+        {
+            "activation": ("swiglu", "activation other than SwiGLU"),
+            "moe.expert_bias": (False, "expert biases"),
+            "moe.router_bias": (False, "router logit bias"),
+            "attention.o_bias": (False, "attention output bias"),
+            "attention.sinks": (False, "attention sinks"),
+            "attention.sliding_window": (None, "sliding-window attention"),
+            "attention.sliding_layers": (None, "sliding-window layers"),
+        },
+    )
 
 
 def dropless(label: str) -> Fixed:
@@ -510,10 +545,10 @@ def plain_routing(label: str) -> Fixed:
 
 
 # transformers gives all four of q/k/v/o_proj a bias with `attention_bias: true` (Qwen3-MoE,
-# OLMoE); moekit's `qkv_bias` covers q/k/v only, as Qwen2-MoE's `qkv_bias` does.
+# OLMoE); these tables do not carry it (gpt-oss's does, as `qkv_bias` and `o_bias`).
 NO_ATTENTION_BIAS = Only(
     "attention_bias",
     (None, False),
-    "it gives o_proj a bias too, and moekit's attention has biases on q/k/v only",
+    "it gives o_proj a bias too, which moekit carries for gpt-oss only",
     write_value=False,
 )

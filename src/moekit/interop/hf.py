@@ -20,7 +20,7 @@ from torch import Tensor
 
 from moekit.config import ModelConfig
 from moekit.files import read_json, write_json
-from moekit.interop import deepseek_v2, deepseek_v3, dots1, mixtral, olmoe, qwen_moe
+from moekit.interop import deepseek_v2, deepseek_v3, dots1, gpt_oss, mixtral, olmoe, qwen_moe
 from moekit.interop.architecture import Architecture
 from moekit.interop.checkpoint import (
     HF_CONFIG,
@@ -63,6 +63,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     deepseek_v2.ARCH,
     deepseek_v3.ARCH,
     dots1.ARCH,
+    gpt_oss.ARCH,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

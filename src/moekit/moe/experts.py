@@ -3,7 +3,9 @@
 Shape legend: S kept token copies, D model dim, F expert hidden dim, E experts.
 
 Weights are stacked over experts: `w_gate_EFD`, `w_up_EFD` (SwiGLU: silu(x W_gate^T) *
-(x W_up^T); GELU: gelu(x W_up^T) with no gate) and `w_down_EDF`. A backend is called as
+(x W_up^T); GELU: gelu(x W_up^T) with no gate; gpt-oss's clamped SwiGLU, see
+`moekit.nn.mlp.Activation`) and `w_down_EDF`, optionally with biases `b_gate_EF`, `b_up_EF`,
+`b_down_ED` added after each projection (`MoEConfig.expert_bias`). A backend is called as
 `fn(x_SD, expert_S, counts_E, scale_S, experts)` and returns `scale_S * expert(x_SD)` row by
 row, in the same row order: each copy's expert output already multiplied by its routing
 weight. Backends that set `needs_sorted` receive rows grouped by expert in expert order (see
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 
 from moekit.moe.decode_kernel import Product, float_product, swiglu_experts
 from moekit.nn.fuse import UNFUSED, Fused
+from moekit.nn.mlp import Activation
 
 ExpertFn = Callable[[Tensor, Tensor, Tensor, Tensor, "Experts"], Tensor]
 
@@ -65,6 +68,16 @@ def register_backend(
     return wrap
 
 
+def beyond_plain(activation: str, bias: bool) -> str | None:
+    """What experts of `activation`, with biases or not, have beyond `silu(gate) * up` or
+    `gelu(up)` without biases, in words; None for nothing."""
+    if bias:
+        return "experts with biases (moe.expert_bias)"
+    if activation == "clamped_swiglu":
+        return "clamped SwiGLU experts (activation='clamped_swiglu')"
+    return None
+
+
 class ExpertAdapter(Protocol):
     """A low-rank update of one stacked projection (see moekit.finetune.lora), computed per
     expert in the same three ways the backends compute the projection itself."""
@@ -82,23 +95,49 @@ class Experts(nn.Module):
     """
 
     w_gate: nn.Parameter | None
+    b_gate: nn.Parameter | None
+    b_up: nn.Parameter | None
+    b_down: nn.Parameter | None
     # Whether one decoded token runs its experts as one compiled kernel (moekit.moe.
     # decode_kernel; on the CPU, SwiGLU experts). Off: the per-expert eager loop.
     one_token_kernel: bool = True
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu"):
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        activation: str | Activation = "swiglu",
+        *,
+        bias: bool = False,
+    ):
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
-        self.activation = activation
+        self.act_fn = Activation.coerce(activation)
+        self.activation = self.act_fn.kind
         E, D, F_ = num_experts, dim, hidden
-        if activation == "swiglu":
-            self.w_gate = nn.Parameter(torch.empty(E, F_, D))
-        else:
-            self.register_parameter("w_gate", None)
+        gated = self.act_fn.gated
+        self.register_parameter("w_gate", nn.Parameter(torch.empty(E, F_, D)) if gated else None)
         self.w_up = nn.Parameter(torch.empty(E, F_, D))
         self.w_down = nn.Parameter(torch.empty(E, D, F_))
+        # Biases (gpt-oss): b_gate/b_up (E, F), b_down (E, D), added after each projection.
+        for name, shape, present in (
+            ("b_gate", (E, F_), bias and gated),
+            ("b_up", (E, F_), bias),
+            ("b_down", (E, D), bias),
+        ):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)) if present else None)
         self.adapters = nn.ModuleDict()
         self._gate_up = Fused(dim=1)
+
+    def plain_math(self) -> str | None:
+        """None for experts computed as `silu(gate) * up` or `gelu(up)` without biases (what
+        the compiled decode paths implement), else what they have beyond it."""
+        return beyond_plain(self.activation, self.b_up is not None)
+
+    def _bias(self, name: str) -> Tensor | None:
+        b: Tensor | None = getattr(self, "b" + name[1:])  # w_up -> b_up
+        return b
 
     def fused_gate_up(self) -> Tensor | None:
         """(E, 2F, D): each expert's gate rows then its up rows, one tensor that `w_gate` and
@@ -125,26 +164,32 @@ class Experts(nn.Module):
     def linear_one(self, name: str, x_NI: Tensor, e: int, w_OI: Tensor | None = None) -> Tensor:
         """Expert e's projection `name` of rows `x_NI` (`w_OI`: that expert's weight view)."""
         w = getattr(self, name)[e] if w_OI is None else w_OI
-        out = F.linear(x_NI, w)
+        b = self._bias(name)
+        out = F.linear(x_NI, w, None if b is None else b[e])
         adapter = self._adapter(name)
         return out if adapter is None else out + adapter.one(x_NI, e)
 
     def linear_grouped(self, name: str, x_SI: Tensor, counts_E: Tensor) -> Tensor:
         """Projection `name` of expert-sorted rows, one grouped GEMM (plus its adapter's)."""
         out = grouped_linear(x_SI, getattr(self, name), counts_E)
+        b_EO = self._bias(name)
+        if b_EO is not None:
+            rows_S = torch.repeat_interleave(counts_E.to(torch.long), output_size=x_SI.shape[0])
+            out = out + b_EO.to(out.dtype)[rows_S.to(out.device)]
         adapter = self._adapter(name)
         return out if adapter is None else out + adapter.grouped(x_SI, counts_E)
 
     def linear_gathered(self, name: str, x_S1I: Tensor, expert_S: Tensor) -> Tensor:
         """Projection `name` of each row by its own expert's gathered weight: (S, 1, O)."""
         out = torch.bmm(x_S1I, getattr(self, name)[expert_S].transpose(1, 2))
+        b_EO = self._bias(name)
+        if b_EO is not None:
+            out = out + b_EO[expert_S].unsqueeze(1).to(out.dtype)
         adapter = self._adapter(name)
         return out if adapter is None else out + adapter.gathered(x_S1I, expert_S)
 
     def act(self, gate: Tensor | None, up: Tensor) -> Tensor:
-        if gate is None:
-            return F.gelu(up)
-        return F.silu(gate) * up
+        return self.act_fn(gate, up)
 
     # ---- what the MoE layer calls (the expert-store contract) ----------------------------
     # Stores that hold their weights another way (quantised: moekit.quant.experts; paged from
@@ -178,7 +223,7 @@ class Experts(nn.Module):
         """For one decode step: `fn(x_ND, e)`, expert e on a few rows without autograd (gate
         and up as one matmul over their weights fused in memory)."""
         gate_up = self.fused_gate_up()
-        if gate_up is None:
+        if gate_up is None or self.plain_math() is not None:
             return self.expert_forward
         w_down, hidden = self.w_down, self.hidden
 
@@ -192,7 +237,7 @@ class Experts(nn.Module):
         """For one decoded token: `fn(x_1D, experts_1K, weights_1K)`, its experts' weighted sum
         as one compiled kernel (None from `fn`: run eagerly); None for GELU experts or with
         `one_token_kernel` off."""
-        if self.w_gate is None or not self.one_token_kernel:
+        if self.w_gate is None or not self.one_token_kernel or self.plain_math() is not None:
             return None
         _, gate, up, down = self.token_math()
         return lambda x, e, w: swiglu_experts(x, e, w, gate, up, down)
@@ -217,11 +262,14 @@ class Experts(nn.Module):
             if w is not None:
                 nn.init.normal_(w, mean=0.0, std=std, generator=generator)
         nn.init.normal_(self.w_down, mean=0.0, std=out_std, generator=generator)
+        for b in (self.b_gate, self.b_up, self.b_down):
+            if b is not None:
+                nn.init.zeros_(b)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
-            f"activation={self.activation}"
+            f"activation={self.activation}, bias={self.b_up is not None}"
         )
 
 
@@ -254,7 +302,7 @@ def _scaled_down(
     # Scaling the (S, F) hidden rows before the down projection equals scaling the (S, D)
     # outputs after it; scale whichever side is smaller (fine-grained experts: F < D).
     scale = scale_S.to(h_SF.dtype).unsqueeze(1)
-    if ex.hidden <= ex.dim:
+    if ex.hidden <= ex.dim and ex.b_down is None:  # a bias is added after the product
         return down(h_SF * scale)
     return down(h_SF) * scale
 
@@ -379,8 +427,10 @@ def gather_experts(
     x_S1D = x_SD.unsqueeze(1)
     up = ex.linear_gathered("w_up", x_S1D, expert_S)
     gate = ex.linear_gathered("w_gate", x_S1D, expert_S) if ex.w_gate is not None else None
-    h = ex.act(gate, up) * scale_S.to(up.dtype).view(-1, 1, 1)
-    return ex.linear_gathered("w_down", h, expert_S).squeeze(1)
+    scale_S11 = scale_S.to(up.dtype).view(-1, 1, 1)
+    if ex.b_down is not None:  # the bias is added after the product: scale the output
+        return (ex.linear_gathered("w_down", ex.act(gate, up), expert_S) * scale_S11).squeeze(1)
+    return ex.linear_gathered("w_down", ex.act(gate, up) * scale_S11, expert_S).squeeze(1)
 
 
 class DecodingStore(Protocol):

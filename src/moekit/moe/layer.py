@@ -17,7 +17,7 @@ from moekit.config import MoEConfig
 from moekit.moe import dispatch, losses
 from moekit.moe.experts import Experts, select_backend
 from moekit.moe.router import RouterOutput, build_router
-from moekit.nn.mlp import MLP
+from moekit.nn.mlp import MLP, Activation
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,13 @@ class MoELayer(nn.Module):
     # fractions from; data parallelism (moekit.parallel) sums them over every process.
     reduce_counts: Callable[[Tensor], Tensor] | None = None
 
-    def __init__(self, dim: int, cfg: MoEConfig, activation: str = "swiglu") -> None:
+    def __init__(self, dim: int, cfg: MoEConfig, activation: str | Activation = "swiglu") -> None:
         super().__init__()
         self.cfg = cfg
         self.router = build_router(dim, cfg)
-        self.experts = Experts(cfg.num_experts, dim, cfg.expert_hidden, activation)
+        self.experts = Experts(
+            cfg.num_experts, dim, cfg.expert_hidden, activation, bias=cfg.expert_bias
+        )
         self.shared = (
             MLP(dim, cfg.shared_hidden_total, activation) if cfg.num_shared_experts else None
         )

@@ -35,15 +35,23 @@ class RouterOutput(NamedTuple):
 
 
 class Router(nn.Module):
-    """Base router: a bias-free float32 linear map D -> E plus the score function."""
+    """Base router: a float32 linear map D -> E (bias-free unless `router_bias`) plus the score
+    function."""
 
     selection_bias: Tensor | None
+    bias: nn.Parameter | None
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim, dtype=torch.float32))
+        # A learned bias on the logits (`router_bias`, gpt-oss): part of the scores, so it
+        # moves both the choice and the weights (unlike the selection bias).
+        if cfg.router_bias:
+            self.bias = nn.Parameter(torch.empty(cfg.num_experts, dtype=torch.float32))
+        else:
+            self.register_parameter("bias", None)
         # A selection-only bias for aux-loss-free balancing; None for routers without one.
         self.register_buffer("selection_bias", None)
         # A low-rank update of the router weight (LoRA on the router), when fine-tuning.
@@ -59,7 +67,8 @@ class Router(nn.Module):
         return self._logits(x_TD.float())
 
     def _logits(self, x_TD: Tensor) -> Tensor:
-        logits_TE = F.linear(x_TD, self.weight.float())
+        bias = None if self.bias is None else self.bias.float()
+        logits_TE = F.linear(x_TD, self.weight.float(), bias)
         if self.adapter is not None and not self.adapter.merged:
             logits_TE = logits_TE + self.adapter(x_TD)
         return logits_TE
@@ -107,6 +116,8 @@ class Router(nn.Module):
 
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=std, generator=generator)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
         if self.selection_bias is not None:
             self.selection_bias.zero_()
 

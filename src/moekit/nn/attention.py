@@ -30,19 +30,23 @@ def _attend(
     cache: KVCache | None,
     layer: int,
     scale: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """(B, S, H, hd) queries against (B, S, Hkv, hd) keys/values -> (B, S, H, hd_v).
 
     With a cache, the new keys/values are appended to the layer's cached ones first, and
     `attn_mask` (from `KVCache.begin`) says which cached positions each query may see.
-    `scale` multiplies the scores before the softmax (None: 1/sqrt(hd)).
+    `scale` multiplies the scores before the softmax (None: 1/sqrt(hd)); `sinks` (H,): each
+    head's sink logit (see `_attend_with_sinks`).
     """
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if cache is not None:
         k, v = cache.write(layer, k, v)
     gqa = q.shape[1] != k.shape[1]
-    if attn_mask is None:
-        causal = cache is None or cache.causal_prefill
+    causal = cache is None or cache.causal_prefill
+    if sinks is not None:
+        out = _attend_with_sinks(q, k, v, attn_mask, causal, sinks, scale)
+    elif attn_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa, scale=scale)
     else:
         out = F.scaled_dot_product_attention(
@@ -51,11 +55,52 @@ def _attend(
     return out.transpose(1, 2)
 
 
+# Queries per block of `_attend_with_sinks`: its scores are (B, H, block, L) float32, so a
+# long prompt never holds all (S, L) of them at once.
+SINK_QUERY_BLOCK = 512
+
+
+def _attend_with_sinks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    causal: bool,
+    sinks: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """Softmax attention of (B, H, S, hd) queries over (B, Hkv, L, hd) keys and values where
+    each head's softmax has one more logit, `sinks[h]`, belonging to no key: its share of the
+    probability is dropped, so a head can attend to nothing. `attn_mask` (True: allowed), else
+    causal (the last S of L positions) or, with `causal` False, every key. -> (B, H, S, hd_v).
+    Computed in blocks of `SINK_QUERY_BLOCK` queries."""
+    B, H, S, _ = q.shape
+    L = k.shape[2]
+    if k.shape[1] != H:
+        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+    if attn_mask is None and causal:
+        attn_mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)
+    sink = sinks.float().view(1, H, 1, 1)
+    outs = []
+    for start in range(0, S, SINK_QUERY_BLOCK):
+        rows = slice(start, start + SINK_QUERY_BLOCK)
+        q_blk = q[:, :, rows]
+        factor = q.shape[-1] ** -0.5 if scale is None else scale
+        scores = (q_blk @ k.transpose(-2, -1)).float() * factor  # (B, H, s, L)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask[..., rows, :], float("-inf"))
+        with_sink = torch.cat([scores, sink.expand(B, H, q_blk.shape[2], 1)], dim=-1)
+        outs.append(with_sink.softmax(dim=-1)[..., :L].to(v.dtype) @ v)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE, optional q/k RMSNorm and optional q/k/v biases."""
+    """Grouped-query attention with RoPE, optional q/k RMSNorm, optional q/k/v and output
+    biases, and optional attention sinks (one learned logit per head)."""
 
     q_norm: RMSNorm | None
     k_norm: RMSNorm | None
+    sinks: nn.Parameter | None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -65,7 +110,8 @@ class Attention(nn.Module):
         self.wq = nn.Linear(D, H * hd, bias=a.qkv_bias)
         self.wk = nn.Linear(D, Hkv * hd, bias=a.qkv_bias)
         self.wv = nn.Linear(D, Hkv * hd, bias=a.qkv_bias)
-        self.wo = nn.Linear(H * hd, D, bias=False)
+        self.wo = nn.Linear(H * hd, D, bias=a.o_bias)
+        self.register_parameter("sinks", nn.Parameter(torch.empty(H)) if a.sinks else None)
         self.qk_norm = a.qk_norm
         if a.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
@@ -120,7 +166,7 @@ class Attention(nn.Module):
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = _attend(q, k, v, attn_mask, cache, layer)  # (B, S, H, hd)
+        out = _attend(q, k, v, attn_mask, cache, layer, sinks=self.sinks)  # (B, S, H, hd)
         return self.wo(out.reshape(B, S, -1))
 
     def _infer(
@@ -139,7 +185,8 @@ class Attention(nn.Module):
         qkv = self.project_fused(x).view(B, S, H + 2 * Hkv, self.head_dim)
         qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)
         q, k = qk.split([H, Hkv], dim=2)
-        out = _attend(q, k, qkv[:, :, H + Hkv :], attn_mask, cache, layer)  # (B, S, H, hd)
+        v = qkv[:, :, H + Hkv :]
+        out = _attend(q, k, v, attn_mask, cache, layer, sinks=self.sinks)  # (B, S, H, hd)
         return self.wo(out.reshape(B, S, -1))
 
     def init_weights(
@@ -150,6 +197,10 @@ class Attention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         nn.init.normal_(self.wo.weight, mean=0.0, std=out_std, generator=generator)
+        if self.wo.bias is not None:
+            nn.init.zeros_(self.wo.bias)
+        if self.sinks is not None:  # a sink of 0 weighs as much as a key scoring 0
+            nn.init.zeros_(self.sinks)
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.init_weights()
@@ -219,7 +270,7 @@ class MLAttention(nn.Module):
         k_rope = apply_rope(k_rope.view(B, S, 1, self.rope), cos, sin).expand(B, S, H, self.rope)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        out = _attend(q, k, v, attn_mask, cache, layer, self.scale)  # (B, S, H, v_dim)
+        out = _attend(q, k, v, attn_mask, cache, layer, scale=self.scale)  # (B, S, H, v_dim)
         return self.wo(out.reshape(B, S, -1))
 
     def init_weights(

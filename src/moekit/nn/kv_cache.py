@@ -93,6 +93,20 @@ class KVCache:
         allowed = (causal & self.valid[:, None, :span]) | (keys[None, None, :] == idx[:, :, None])
         return positions, allowed.unsqueeze(1)
 
+    def window_mask(self, window: int) -> Tensor | None:
+        """For sliding-window layers, after `begin`: the (B, 1, n, L) mask that also hides every
+        key `window` or more positions before the query, or None when the window hides nothing
+        (then `begin`'s mask holds). A row's real tokens sit at consecutive cache positions
+        (padding only before them), so cache distance is token distance."""
+        assert self._write_idx is not None, "call begin() first"
+        idx, span = self._write_idx, self._span
+        if span <= window:
+            return None
+        keys = torch.arange(span, device=idx.device)[None, None, :]
+        query = idx[:, :, None]  # (B, n, 1)
+        allowed = ((keys <= query) & self.valid[:, None, :span]) | (keys == query)
+        return (allowed & (keys > query - window)).unsqueeze(1)
+
     def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         """Store one layer's new keys/values; returns that layer's (B, H, L, d) keys/values."""
         assert self._write_idx is not None, "call begin() first"

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from moekit.model import Transformer
 from moekit.moe.experts import ExpertBackend, Experts
 from moekit.moe.layer import MoELayer
+from moekit.nn.mlp import Activation
 from moekit.parallel.mesh import Parallel, check_sizes
 
 
@@ -112,14 +113,15 @@ class ExpertParallelExperts(Experts):
         num_global: int,
         dim: int,
         hidden: int,
-        activation: str,
+        activation: str | Activation,
         *,
         group: dist.ProcessGroup,
         local_backend: str = "auto",
+        bias: bool = False,
     ) -> None:
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         check_sizes(size, size, num_global)
-        super().__init__(num_global // size, dim, hidden, activation)
+        super().__init__(num_global // size, dim, hidden, activation, bias=bias)
         self.num_global, self.group, self.group_size = num_global, group, size
         self.first = rank * self.num_experts
         self.local_backend = local_backend
@@ -196,8 +198,8 @@ def _local_experts(layer: MoELayer, parallel: Parallel, local_backend: str) -> E
     if len(full.adapters):
         raise ValueError("expert parallelism does not shard expert adapters (LoRA) yet")
     local = ExpertParallelExperts(
-        full.num_experts, full.dim, full.hidden, full.activation,
-        group=parallel.ep_group, local_backend=local_backend,
+        full.num_experts, full.dim, full.hidden, full.act_fn,
+        group=parallel.ep_group, local_backend=local_backend, bias=full.b_up is not None,
     )  # fmt: skip
     rows = slice(local.first, local.first + local.num_experts)
     for name, param in full.named_parameters(recurse=False):

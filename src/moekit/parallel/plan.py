@@ -306,7 +306,7 @@ def _copies(cfg: ModelConfig) -> float:
 def _hidden_elements(cfg: ModelConfig, hidden: int) -> int:
     """Elements an MLP of `hidden` keeps per token beyond its input: gate, up and their
     product for SwiGLU; the pre-activation and the activation otherwise."""
-    return (3 if cfg.activation == "swiglu" else 2) * hidden
+    return (3 if cfg.gated else 2) * hidden
 
 
 def _block_elements(cfg: ModelConfig) -> int:

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.moe.decode_kernel import ExpertsKernel, Product
-from moekit.moe.experts import ExpertBackend, Experts, decode_experts
+from moekit.moe.experts import ExpertBackend, Experts, beyond_plain, decode_experts
+from moekit.nn.mlp import Activation
 from moekit.quant import kernels
 from moekit.quant.weight import QuantWeight
 
@@ -24,9 +24,13 @@ PROJECTIONS = ("w_gate", "w_up", "w_down")
 
 
 class QuantExperts(nn.Module):
-    """E feed-forward experts whose stacked weights are quantised (see `QuantWeight`)."""
+    """E feed-forward experts whose stacked weights are quantised (see `QuantWeight`); their
+    biases (`b_gate`, `b_up` (E, F), `b_down` (E, D), gpt-oss) stay float."""
 
     w_gate: QuantWeight | None
+    b_gate: nn.Parameter | None
+    b_up: nn.Parameter | None
+    b_down: nn.Parameter | None
     one_token_kernel: bool = True  # as `Experts.one_token_kernel`
 
     def __init__(
@@ -34,48 +38,73 @@ class QuantExperts(nn.Module):
         num_experts: int,
         dim: int,
         hidden: int,
-        activation: str,
+        activation: str | Activation,
         bits: int,
         group: int | None,
         device: torch.device | None = None,
+        *,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
-        self.activation, self.bits, self.group = activation, bits, group
+        self.act_fn = Activation.coerce(activation)
+        self.activation, self.bits, self.group = self.act_fn.kind, bits, group
         E, D, F_ = num_experts, dim, hidden
-        gate = activation == "swiglu"
+        gate = self.act_fn.gated
         self.w_gate = QuantWeight((E, F_, D), bits, group, device) if gate else None
         self.w_up = QuantWeight((E, F_, D), bits, group, device)
         self.w_down = QuantWeight((E, D, F_), bits, group, device)
+        for name, shape, present in (
+            ("b_gate", (E, F_), bias and gate),
+            ("b_up", (E, F_), bias),
+            ("b_down", (E, D), bias),
+        ):
+            b = nn.Parameter(torch.zeros(shape, device=device)) if present else None
+            self.register_parameter(name, b)
+
+    def plain_math(self) -> str | None:
+        """As `Experts.plain_math`: what the one-token kernel does not compute."""
+        return beyond_plain(self.activation, self.b_up is not None)
 
     @classmethod
     def like(cls, ex: Experts, bits: int, group: int | None) -> QuantExperts:
-        """Quantised experts of `ex`'s shapes; its weights quantised unless on the meta device."""
+        """Quantised experts of `ex`'s shapes; its weights quantised (its biases copied)
+        unless on the meta device."""
         if len(ex.adapters):
             raise ValueError(
                 "experts with low-rank adapters cannot be quantised; merge the adapter first"
             )
         device = ex.w_up.device
-        q = cls(ex.num_experts, ex.dim, ex.hidden, ex.activation, bits, group, device)
+        bias = ex.b_up is not None
+        q = cls(ex.num_experts, ex.dim, ex.hidden, ex.act_fn, bits, group, device, bias=bias)
         if device.type != "meta":
             for name in PROJECTIONS:
                 w = getattr(ex, name)
                 if w is not None:
                     setattr(q, name, QuantWeight.from_float(w, bits, group))
+            q.load_state_dict(_biases(ex), strict=False)
         return q
 
     def dequantized(self) -> Experts:
         """Float experts holding this module's weights dequantised (the test oracle)."""
-        ex = Experts(self.num_experts, self.dim, self.hidden, self.activation)
+        bias = self.b_up is not None
+        ex = Experts(self.num_experts, self.dim, self.hidden, self.act_fn, bias=bias)
         with torch.no_grad():
             for name in PROJECTIONS:
                 w = getattr(self, name)
                 if w is not None:
                     getattr(ex, name).copy_(w.dequantize())
+        ex.load_state_dict(_biases(self), strict=False)
         return ex.to(self.w_up.parts()["qweight"].device)
 
     def act(self, gate: Tensor | None, up: Tensor) -> Tensor:
-        return F.gelu(up) if gate is None else F.silu(gate) * up
+        return self.act_fn(gate, up)
+
+    def project(self, name: str, x_NI: Tensor, e: int) -> Tensor:
+        """Expert e's projection `name` of rows `x_NI`, from the packed weight, plus its bias."""
+        out = getattr(self, name).matmul(x_NI, e)
+        b: Tensor | None = getattr(self, "b" + name[1:])  # w_up -> b_up
+        return out if b is None else out + b[e].to(out.dtype)
 
     # ---- the expert-store contract (see moekit.moe.experts.Experts) ---------------------
 
@@ -108,7 +137,7 @@ class QuantExperts(nn.Module):
         packed weights (`Experts.token_kernel`); None for GELU experts, with
         `one_token_kernel` off, or when a projection's kernel was set to "dequant" or "torch"
         (`set_kernel`: then that kernel runs, as asked)."""
-        if self.w_gate is None or not self.one_token_kernel:
+        if self.w_gate is None or not self.one_token_kernel or self.plain_math() is not None:
             return None
         weights = (self.w_gate, self.w_up, self.w_down)
         if any(w.kernel not in ("auto", "compiled") for w in weights):
@@ -129,8 +158,8 @@ class QuantExperts(nn.Module):
 
     def expert_forward(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert `e` on rows `x_ND` (gate, up and down products from the packed weights)."""
-        gate = self.w_gate.matmul(x_ND, e) if self.w_gate is not None else None
-        return self.w_down.matmul(self.act(gate, self.w_up.matmul(x_ND, e)), e)
+        gate = self.project("w_gate", x_ND, e) if self.w_gate is not None else None
+        return self.project("w_down", self.act(gate, self.project("w_up", x_ND, e)), e)
 
     def extra_repr(self) -> str:
         return (
@@ -150,14 +179,26 @@ def quantized_experts(
         if not n:
             continue
         x = x_SD[start : start + n]
-        gate = ex.w_gate.matmul(x, e) if ex.w_gate is not None else None
-        h_NF = ex.act(gate, ex.w_up.matmul(x, e))
-        h_NF = h_NF * scale_S[start : start + n].to(h_NF.dtype).unsqueeze(1)
-        outs.append(ex.w_down.matmul(h_NF, e))
+        gate = ex.project("w_gate", x, e) if ex.w_gate is not None else None
+        h_NF = ex.act(gate, ex.project("w_up", x, e))
+        scale_N1 = scale_S[start : start + n].to(h_NF.dtype).unsqueeze(1)
+        if ex.b_down is None:
+            outs.append(ex.w_down.matmul(h_NF * scale_N1, e))
+        else:  # the bias is added after the product: scale the output
+            outs.append(ex.project("w_down", h_NF, e) * scale_N1)
         start += n
     if not outs:
         return x_SD.new_zeros(0, ex.dim)
     return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _biases(ex: nn.Module) -> dict[str, Tensor]:
+    """The expert biases of `ex` by name (none for experts without them)."""
+    return {
+        n: b.detach()
+        for n in ("b_gate", "b_up", "b_down")
+        if (b := getattr(ex, n, None)) is not None
+    }
 
 
 _TOKEN_KERNELS = {
