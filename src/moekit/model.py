@@ -138,16 +138,7 @@ class Transformer(nn.Module):
             prefill's arithmetic).
         """
         S = tokens.shape[1]
-        if cache is None and self.cfg.max_seq_len < S:
-            raise ValueError(
-                f"sequence of {S} tokens is longer than the model's max_seq_len "
-                f"({self.cfg.max_seq_len})"
-            )
-        if cache is not None:
-            cache_positions, attn_mask = cache.begin(S, valid)
-            positions = cache_positions if positions is None else positions
-        if positions is None:
-            positions = torch.arange(S, device=tokens.device)
+        positions, attn_mask = self._positions(tokens, positions, attn_mask, cache, valid)
         if isinstance(top_k, Tensor):
             top_k = top_k.to(tokens.device).repeat_interleave(S)  # one count per token
         mask = token_mask.reshape(-1).to(tokens.device) if token_mask is not None else None
@@ -181,6 +172,29 @@ class Transformer(nn.Module):
         x = self.norm(x[:, -1:] if last_logits else x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         return ModelOutput(logits, aux, stats)
+
+    def _positions(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None,
+        attn_mask: Tensor | None,
+        cache: KVCache | None,
+        valid: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The position ids and attention mask of a forward over `tokens` (see `forward`): a
+        cache supplies both; a sequence longer than the model's context is a ValueError."""
+        S = tokens.shape[1]
+        if cache is None and self.cfg.max_seq_len < S:
+            raise ValueError(
+                f"sequence of {S} tokens is longer than the model's max_seq_len "
+                f"({self.cfg.max_seq_len})"
+            )
+        if cache is not None:
+            cache_positions, attn_mask = cache.begin(S, valid)
+            positions = cache_positions if positions is None else positions
+        if positions is None:
+            positions = torch.arange(S, device=tokens.device)
+        return positions, attn_mask
 
     def _window_mask(
         self, length: int, attn_mask: Tensor | None, cache: KVCache | None, device: torch.device

@@ -206,12 +206,13 @@ _PRESETS: list[Preset] = [
     Preset(
         name="gpt-oss-20b",
         description=(
-            "OpenAI gpt-oss-20b (shape; its YaRN RoPE scaling is not set here): 32 biased experts "
-            "top-4 with clamped SwiGLU, attention sinks, sliding window 128 every other layer"
+            "OpenAI gpt-oss-20b: 32 biased experts top-4 with clamped SwiGLU, attention sinks, "
+            "sliding window 128 every other layer, YaRN x32 from 4096 positions"
         ),
         config=dict(
             vocab_size=201088, dim=2880, num_layers=24, num_heads=64, num_kv_heads=8,
             ffn_hidden=2880, rope_theta=150000.0, norm_eps=1e-5, max_seq_len=131072,
+            rope_scaling=dict(factor=32.0, original_max_seq_len=4096, truncate=False),
             activation="clamped_swiglu",
             attention=dict(
                 head_dim=64, qkv_bias=True, o_bias=True, sinks=True, sliding_window=128,

@@ -1,9 +1,6 @@
-"""gpt-oss-20b's published config.json through the config table: refused by name for its YaRN
-RoPE; with unscaled RoPE, the shape of the `gpt-oss-20b` preset."""
+"""gpt-oss-20b's published config.json through the config table: the `gpt-oss-20b` preset,
+its YaRN RoPE (without truncation) included."""
 
-import pytest
-
-from moekit.interop.fields import UnsupportedError
 from moekit.interop.hf import architecture_of
 from moekit.params import count_params
 from moekit.presets import get_preset
@@ -30,12 +27,9 @@ PUBLISHED = {
 }  # fmt: skip
 
 
-def test_the_published_config_is_refused_for_yarn_only():
+def test_the_published_config_is_the_preset():
     arch = architecture_of(PUBLISHED)
-    with pytest.raises(UnsupportedError, match=r"rope_scaling\.type='yarn' is not supported"):
-        arch.config_from_hf(PUBLISHED)
-    unscaled = {k: v for k, v in PUBLISHED.items() if k != "rope_scaling"}
-    cfg = arch.config_from_hf(unscaled)
+    cfg = arch.config_from_hf(PUBLISHED)
     preset = get_preset("gpt-oss-20b")
     for field in (
         "attention",
@@ -48,6 +42,7 @@ def test_the_published_config_is_refused_for_yarn_only():
         "num_kv_heads",
         "vocab_size",
         "rope_theta",
+        "rope_scaling",
         "max_seq_len",
     ):
         assert getattr(cfg, field) == getattr(preset, field), field  # fmt: skip
