@@ -404,3 +404,22 @@ def test_rope_scaling_round_trips(tmp_path, tokenizer, name, scaling, keys):
     assert load_model(back.path).cfg.rope_scaling == load_model(model_dir).cfg.rope_scaling
     long = torch.randint(2, 250, (1, 100), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(logits(back.path, long), logits(model_dir, long), rtol=0, atol=1e-6)
+
+
+def test_the_chat_template_travels(tmp_path, tokenizer):
+    """tokenizer_config.json's Jinja chat template is written as tokenizer.chat_template and
+    comes back as the template chat and serve render."""
+    from moekit.infer.jinja_chat import JinjaChatTemplate, load_chat_template
+
+    model_dir = make_model("qwen3_moe", tmp_path, tokenizer)
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    config_file = model_dir / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "chat_template": template}))  # fmt: skip
+    export_gguf(model_dir, tmp_path / "m.gguf", type="f16")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
+    assert fields["tokenizer.chat_template"] == template
+    back = import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    chat = load_chat_template(back.path)
+    assert isinstance(chat, JinjaChatTemplate) and chat.source == template
+    assert chat.format([{"role": "user", "content": "hi"}]) == "<|user|>hi"
