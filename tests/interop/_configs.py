@@ -50,6 +50,17 @@ HF = {
         rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
     ),
+    # MoE every other layer, NoPE layers by interval, llama3 RoPE scaling.
+    "Llama4ForCausalLM": dict(
+        COMMON, model_type="llama4_text", num_hidden_layers=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=16, intermediate_size_mlp=40, num_local_experts=4,
+        num_experts_per_tok=2, router_aux_loss_coef=0.02, interleave_moe_layer_step=2,
+        no_rope_layer_interval=2, attention_chunk_size=8, attn_temperature_tuning=True,
+        floor_scale=16, attn_scale=0.2, use_qk_norm=False, attention_bias=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16},
+    ),
 }  # fmt: skip
 for _name, _hf in HF.items():
     _hf["architectures"] = [_name]
@@ -65,6 +76,8 @@ VARIANTS = {
     "qwen3-yarn": ("Qwen3MoeForCausalLM", dict(rope_parameters={
         "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
         "original_max_position_embeddings": 16, "truncate": False, "attention_factor": 0.9})),
+    "llama4-listed": ("Llama4ForCausalLM", dict(moe_layers=[0, 3], no_rope_layers=[1, 1, 0, 1],
+                                                use_qk_norm=True, tie_word_embeddings=False)),
 }  # fmt: skip
 
 

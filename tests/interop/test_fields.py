@@ -237,7 +237,7 @@ OTHER_VALUES = {
     "moe.selection_bias": (True, False), "moe.bias_update_rate": (0.001, 0.0),
     "moe.shared_expert_gate": (True, False), "attention.kind": ("mla", "gqa"),
     "attention.qk_norm": ("full", "none"), "attention.qkv_bias": (True, False),
-    "activation": ("gelu", "swiglu"),
+    "activation": ("gelu", "swiglu"), "moe.scale_expert_input": (True, False),
 }  # fmt: skip
 
 

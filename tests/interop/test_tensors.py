@@ -62,7 +62,11 @@ def test_every_tensor_has_one_place_and_comes_back_exactly(variant, live):
             assert torch.equal(tensor, state[name]), name
 
 
-@pytest.mark.parametrize("name", [a.name for a in ARCHITECTURES])
+# Llama 4's checkpoints already hold the experts as transformers does (tested below).
+PER_EXPERT = [a.name for a in ARCHITECTURES if a.weights is not a.live_weights]
+
+
+@pytest.mark.parametrize("name", PER_EXPERT)
 def test_the_in_memory_layout_is_the_checkpoint_with_experts_stacked_and_fused(name):
     arch, cfg, hf, state = setup(name)
     checkpoint = convert(arch.tensor_maps(cfg, hf), state)
@@ -81,6 +85,26 @@ def test_the_in_memory_layout_is_the_checkpoint_with_experts_stacked_and_fused(n
     same = {k for k in checkpoint if ".experts." not in k and "block_sparse_moe" not in k}
     assert same <= set(live)
     assert all(torch.equal(checkpoint[k], live[k]) for k in same)
+
+
+def test_llama4_stores_experts_input_major_and_heads_in_rope_pairs():
+    arch, cfg, hf, state = setup("Llama4ForCausalLM")
+    checkpoint = convert(arch.tensor_maps(cfg, hf), state)
+    assert checkpoint.keys() == convert(arch.tensor_maps(cfg, hf, live=True), state).keys()
+    layer = cfg.moe_layers[0]
+    ours, theirs = f"layers.{layer}.ffn.experts", f"model.layers.{layer}.feed_forward.experts"
+    F = cfg.moe.expert_hidden
+    gate_up = checkpoint[f"{theirs}.gate_up_proj"]  # (E, D, 2F): gate then up
+    assert gate_up.shape == (cfg.moe.num_experts, cfg.dim, 2 * F)
+    assert torch.equal(gate_up[..., :F], state[f"{ours}.w_gate"].transpose(1, 2))
+    assert torch.equal(gate_up[..., F:], state[f"{ours}.w_up"].transpose(1, 2))
+    assert torch.equal(checkpoint[f"{theirs}.down_proj"], state[f"{ours}.w_down"].transpose(1, 2))
+    # Each head's rows: moekit's first half are the checkpoint's even rows (the pairs' first).
+    hd = cfg.head_dim
+    q = checkpoint["model.layers.0.self_attn.q_proj.weight"].view(-1, hd, cfg.dim)
+    ours_q = state["layers.0.attn.wq.weight"].view(-1, hd, cfg.dim)
+    assert torch.equal(ours_q[:, : hd // 2], q[:, 0::2])
+    assert torch.equal(ours_q[:, hd // 2 :], q[:, 1::2])
 
 
 def _stack_experts(checkpoint, layer, proj):

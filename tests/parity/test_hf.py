@@ -123,6 +123,15 @@ TINY = {  # name: (transformers config class, its fields besides COMMON)
                                               intermediate_size=128, moe_intermediate_size=48,
                                               num_experts=8, num_experts_per_tok=3,
                                               norm_topk_prob=True, rope_parameters=YARN_QWEN)),
+    # Interleaved MoE layers (1, 3) with dense ones of their own width, a NoPE layer (1) with
+    # temperature tuning, chunks of 5 positions on the RoPE layers, L2 q/k norms.
+    "llama4_text": ("Llama4TextConfig", dict(num_hidden_layers=4, num_key_value_heads=2,
+                                             intermediate_size=48, intermediate_size_mlp=96,
+                                             num_local_experts=4, num_experts_per_tok=2,
+                                             interleave_moe_layer_step=2,
+                                             no_rope_layers=[1, 0, 1, 1], attention_chunk_size=5,
+                                             attn_temperature_tuning=True, floor_scale=4,
+                                             attn_scale=0.5, use_qk_norm=True)),
 }  # fmt: skip
 
 

@@ -21,8 +21,9 @@ has the same shapes every time. So the step here is written for static shapes:
 
 It is used only where it is exact and safe: inference without adapters, hooks, routing
 records or paged experts (those load on demand between the router and the experts);
-grouped-query attention (with or without q/k norms), SwiGLU feed-forwards and token-choice
-routers. `decode_support` says why a model is not supported; a compilation that fails is
+grouped-query attention (with or without q/k norms, but not interleaved RoPE / NoPE layers),
+SwiGLU feed-forwards and token-choice routers weighting the experts' outputs. `decode_support`
+says why a model is not supported; a compilation that fails is
 reported once on the `moekit` logger and the step falls back to the eager model. On CUDA the
 step asks for CUDA graphs ("reduce-overhead").
 """
@@ -44,6 +45,7 @@ from moekit.moe.layer import MoELayer
 from moekit.moe.router import TopKRouter
 from moekit.nn.attention import Attention
 from moekit.nn.fuse import plain
+from moekit.nn.irope import IRoPEAttention
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.mlp import MLP
 from moekit.nn.rope import apply_rope, rope_tables
@@ -110,6 +112,8 @@ def _ffn_support(ffn: MLP | MoELayer) -> str | None:
         return f"experts of type {type(ex).__name__}"
     elif len(ex.adapters) or ex.w_gate is None:
         return "experts with adapters or without SwiGLU"
+    if ffn.cfg.scale_expert_input:
+        return "routing weights applied to the experts' inputs (scale_expert_input)"
     if type(ffn.router) is not TopKRouter or ffn.router.adapter is not None:
         return "a router other than plain token choice"
     if ffn.shared is not None and _ffn_support(ffn.shared) is not None:
@@ -129,6 +133,8 @@ def decode_support(model: Transformer) -> str | None:
         attn = block.attn
         if not isinstance(attn, Attention):
             return "multi-head latent attention"
+        if isinstance(attn, IRoPEAttention):
+            return "interleaved RoPE / NoPE attention (irope: chunked masks, query temperatures)"
         reason = _linear_support(attn.wq, attn.wk, attn.wv, attn.wo)
         if reason is not None:
             return f"layer {i}'s attention: {reason}"

@@ -490,9 +490,13 @@ def swiglu(label: str) -> Fixed:
     return Fixed({"activation": "swiglu"}, f"{label} experts are SwiGLU")
 
 
-def dropless(label: str) -> Fixed:
+def dropless(label: str, *, input_weighted: bool = False) -> Fixed:
+    """Dropless experts, whose routing weight scales their output (or, `input_weighted`,
+    their input: Llama 4)."""
+    where = "input (scale_expert_input must be true)" if input_weighted else "output"
     return Fixed(
-        {"moe.capacity_factor": None}, f"{label} is dropless (capacity_factor must be null)"
+        {"moe.capacity_factor": None, "moe.scale_expert_input": input_weighted},
+        f"{label} is dropless (capacity_factor must be null) and weights each expert's {where}",
     )
 
 

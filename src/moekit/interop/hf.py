@@ -20,7 +20,7 @@ from torch import Tensor
 
 from moekit.config import ModelConfig
 from moekit.files import read_json, write_json
-from moekit.interop import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen_moe
+from moekit.interop import deepseek_v2, deepseek_v3, llama4, mixtral, olmoe, qwen_moe
 from moekit.interop.architecture import Architecture
 from moekit.interop.checkpoint import (
     HF_CONFIG,
@@ -62,6 +62,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     qwen_moe.QWEN2_MOE,
     deepseek_v2.ARCH,
     deepseek_v3.ARCH,
+    llama4.ARCH,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
