@@ -309,3 +309,18 @@ def test_export_chooses_the_plainest_architecture_or_explains(tmp_path):
         match=r"no Hugging Face architecture represents this model exactly(.|\n)*Qwen2MoeForCausalLM: .*one shared expert with a sigmoid gate",
     ):
         export_hf(tmp_path / "tiny", tmp_path / "tiny-hf")
+
+
+@pytest.mark.parametrize("name", ["llama4-scout", "llama4-maverick"])
+def test_llama4_presets_are_llama4_checkpoints(name):
+    from moekit.interop.hf import choose_architecture
+    from moekit.presets import get_preset
+
+    cfg = get_preset(name)
+    assert choose_architecture(cfg).name == "Llama4ForCausalLM"
+    hf = architectures()["Llama4ForCausalLM"].config_to_hf(cfg)
+    assert hf["no_rope_layers"][:4] == [1, 1, 1, 0] and hf["attention_chunk_size"] == 8192
+    assert hf["interleave_moe_layer_step"] == (2 if name == "llama4-maverick" else 1)
+    back = architectures()["Llama4ForCausalLM"].config_from_hf(hf)
+    assert (back.irope, back.moe, back.rope_scaling) == (cfg.irope, cfg.moe, cfg.rope_scaling)
+    assert back.head_dim == cfg.head_dim and back.dense_hidden == cfg.dense_hidden
