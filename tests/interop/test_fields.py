@@ -324,3 +324,31 @@ def test_llama4_presets_are_llama4_checkpoints(name):
     back = architectures()["Llama4ForCausalLM"].config_from_hf(hf)
     assert (back.irope, back.moe, back.rope_scaling) == (cfg.irope, cfg.moe, cfg.rope_scaling)
     assert back.head_dim == cfg.head_dim and back.dense_hidden == cfg.dense_hidden
+
+
+def test_architectures_without_irope_refuse_it():
+    cfg = ModelConfig.from_dict(
+        {**architectures()["MixtralForCausalLM"].config_from_hf(HF["MixtralForCausalLM"])
+         .to_dict(), "irope": {"nope_layers": [1], "chunk_size": 8}}
+    )  # fmt: skip
+    for arch in ARCHITECTURES:
+        problems = arch.problems(cfg)
+        if arch.name.startswith("Llama4"):
+            assert not any("irope" in p for p in problems)
+        else:
+            assert (
+                "it has no interleaved RoPE / NoPE layers or chunked attention (irope)" in problems
+            )
+
+
+def test_llama4_multimodal_config_is_read_from_its_text_config():
+    text = {k: v for k, v in HF["Llama4ForCausalLM"].items() if k != "architectures"}
+    hf = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+          "text_config": text, "vision_config": {"hidden_size": 32}}  # fmt: skip
+    arch = architecture_of(hf)
+    assert arch.name == "Llama4ForConditionalGeneration"
+    causal = architectures()["Llama4ForCausalLM"]
+    assert arch.config_from_hf(hf) == causal.config_from_hf(HF["Llama4ForCausalLM"])
+    assert any("written as Llama4ForCausalLM" in p for p in arch.problems(arch.config_from_hf(hf)))
+    with pytest.raises(UnsupportedError, match="text_config=None is not supported"):
+        arch.config_from_hf({k: v for k, v in hf.items() if k != "text_config"})

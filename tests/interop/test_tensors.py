@@ -184,3 +184,14 @@ def test_per_expert_and_fused_specs():
     w = torch.randn(4, 32, 24)
     assert [t.shape for t in down.to_theirs([w])] == [(32, 24)] * 4
     assert torch.equal(down.to_ours(down.to_theirs([w]))[0], w)
+
+
+def test_llama4_multimodal_checkpoints_hold_the_text_model_under_language_model():
+    arch, cfg, hf, state = setup("Llama4ForCausalLM")
+    multimodal = ARCHS["Llama4ForConditionalGeneration"]
+    plain = convert(arch.tensor_maps(cfg, hf), state)
+    nested = convert(multimodal.tensor_maps(cfg, {"text_config": hf}), state)
+    assert nested.keys() == {f"language_model.{k}" for k in plain}
+    assert all(torch.equal(nested[f"language_model.{k}"], v) for k, v in plain.items())
+    assert multimodal.ignore("vision_model.patch_embedding.linear.weight", cfg)
+    assert not multimodal.ignore("language_model.model.norm.weight", cfg)

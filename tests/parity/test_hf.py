@@ -380,3 +380,30 @@ def test_convert_cli(tmp_path, tokenizer):
     assert (tmp_path / "back" / "config.json").exists()
     proc = run("--from-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "has no config.json" in proc.stderr
+
+
+def test_llama4_multimodal_checkpoints_import_their_text_model(tmp_path, tokenizer):
+    """Llama4ForConditionalGeneration: the language model (under text_config and
+    language_model.) is imported, the vision tower left behind; the logits are those of the
+    multimodal model's language model on text (its own forward fails on text alone in this
+    transformers), and the export is a Llama4ForCausalLM."""
+    text = tiny_config("llama4_text").to_dict()
+    vision = transformers.Llama4VisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+        projector_output_dim=64,
+    )  # fmt: skip
+    config = transformers.Llama4Config(text_config=text, vision_config=vision.to_dict())
+    torch.manual_seed(0)
+    hf = transformers.Llama4ForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    cfg = import_hf(tmp_path / "hf", tmp_path / "ours")
+    assert cfg.irope is not None and cfg.irope.chunk_size == 5
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (
+            load_model(tmp_path / "ours")(tokens).logits - hf.language_model(tokens).logits
+        ).abs()
+    assert diff.max().item() <= 1e-4
+    assert export_hf(tmp_path / "ours", tmp_path / "text") == "Llama4ForCausalLM"

@@ -437,11 +437,14 @@ def write_config(table: ConfigTable, cfg: ModelConfig) -> dict[str, Any]:
 def config_problems(table: ConfigTable, cfg: ModelConfig) -> list[str]:
     """What keeps `table`'s architecture, a Mixture-of-Experts one, from representing `cfg`
     exactly (empty: nothing)."""
+    extra = []
+    if cfg.irope is not None and not any("irope" in e.ours_paths() for e in table):
+        extra.append("it has no interleaved RoPE / NoPE layers or chunked attention (irope)")
     if cfg.moe is None:
         # The MoE rules cannot be judged without MoE settings; the rest still can.
         moe_free = [e for e in table if not any(p.startswith("moe.") for p in e.ours_paths())]
-        return [p for e in moe_free for p in e.problems(cfg)] + ["it is dense"]
-    return [p for e in table for p in e.problems(cfg)]
+        return [p for e in moe_free for p in e.problems(cfg)] + extra + ["it is dense"]
+    return [p for e in table for p in e.problems(cfg)] + extra
 
 
 def check_table(table: ConfigTable, owner: str) -> None:

@@ -63,6 +63,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     deepseek_v2.ARCH,
     deepseek_v3.ARCH,
     llama4.ARCH,
+    llama4.MULTIMODAL,  # import only: its text model is written as Llama4ForCausalLM
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -16,7 +16,7 @@ and `down_proj` (E, F, D), both input-major.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -291,4 +291,81 @@ ARCH = Architecture(
     config=CONFIG,
     weights=WEIGHTS,
     live_weights=WEIGHTS,  # transformers holds them as its checkpoints store them
+)
+
+
+# ---- the text model of Llama4ForConditionalGeneration ------------------------------------
+
+
+def _text_config(hf: HFConfig) -> HFConfig:
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise unsupported("text_config", text, "Llama 4's language model is configured there")
+    return text
+
+
+@dataclass(frozen=True)
+class InTextConfig(Entry):
+    """An entry of the text model's table, read from (and written to) `text_config`."""
+
+    inner: Entry
+
+    def hf_names(self) -> tuple[str, ...]:
+        if isinstance(self.inner, Fixed | Check | Const):
+            return ()
+        return tuple(f"text_config.{n}" for n in self.inner.hf_names())
+
+    def writes_hf(self) -> bool:
+        return self.inner.writes_hf()
+
+    def ours_paths(self) -> tuple[str, ...]:
+        return self.inner.ours_paths()
+
+    def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
+        self.inner.read(_text_config(hf), ours)
+
+    def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        self.inner.write(cfg, hf.setdefault("text_config", {}))
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        return self.inner.problems(cfg)
+
+    def limits(self) -> list[str]:
+        return self.inner.limits()
+
+
+def _in_language_model(table: Weights) -> Weights:
+    """`table` with every checkpoint name under `language_model.`."""
+    out: Weights = {}
+    for ours, theirs in table.items():
+        if isinstance(theirs, str):
+            out[ours] = f"language_model.{theirs}"
+        else:
+            assert isinstance(theirs, PairRows | InputMajorExperts)
+            out[ours] = replace(theirs, theirs=f"language_model.{theirs.theirs}")
+    return out
+
+
+def _vision(key: str, cfg: ModelConfig) -> bool:
+    return key.startswith(("vision_model.", "multi_modal_projector."))
+
+
+_MULTIMODAL_WEIGHTS = _in_language_model(WEIGHTS)
+
+MULTIMODAL = Architecture(
+    name="Llama4ForConditionalGeneration",
+    model_type="llama4",
+    label="Llama 4 (text model of the multimodal checkpoint)",
+    config=(
+        *(InTextConfig(e) for e in CONFIG),
+        Check(
+            "the text model of a multimodal Llama 4 checkpoint is imported alone, and written "
+            "as Llama4ForCausalLM (the vision tower is not carried)",
+            lambda cfg: False,
+            (),
+        ),
+    ),
+    weights=_MULTIMODAL_WEIGHTS,
+    live_weights=_MULTIMODAL_WEIGHTS,
+    ignore=_vision,
 )
