@@ -52,6 +52,9 @@ YARN_QWEN = dict(
     rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=32
 )
 
+LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+              high_freq_factor=4.0, original_max_position_embeddings=16)  # fmt: skip
+
 TINY = {  # name: (transformers config class, its fields besides COMMON)
     "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, intermediate_size=96,
                                       num_local_experts=4, num_experts_per_tok=2)),
@@ -124,14 +127,16 @@ TINY = {  # name: (transformers config class, its fields besides COMMON)
                                               num_experts=8, num_experts_per_tok=3,
                                               norm_topk_prob=True, rope_parameters=YARN_QWEN)),
     # Interleaved MoE layers (1, 3) with dense ones of their own width, a NoPE layer (1) with
-    # temperature tuning, chunks of 5 positions on the RoPE layers, L2 q/k norms.
+    # temperature tuning, chunks of 5 positions on the RoPE layers, L2 q/k norms, llama3 RoPE
+    # scaling.
     "llama4_text": ("Llama4TextConfig", dict(num_hidden_layers=4, num_key_value_heads=2,
                                              intermediate_size=48, intermediate_size_mlp=96,
                                              num_local_experts=4, num_experts_per_tok=2,
                                              interleave_moe_layer_step=2,
                                              no_rope_layers=[1, 0, 1, 1], attention_chunk_size=5,
                                              attn_temperature_tuning=True, floor_scale=4,
-                                             attn_scale=0.5, use_qk_norm=True)),
+                                             attn_scale=0.5, use_qk_norm=True,
+                                             rope_parameters=LLAMA3)),
 }  # fmt: skip
 
 
