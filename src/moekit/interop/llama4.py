@@ -34,6 +34,7 @@ from moekit.interop.fields import (
     Fixed,
     HeadDim,
     HFConfig,
+    Only,
     dropless,
     hf_value,
     plain_routing,
@@ -311,7 +312,7 @@ class InTextConfig(Entry):
     inner: Entry
 
     def hf_names(self) -> tuple[str, ...]:
-        if isinstance(self.inner, Fixed | Check | Const):
+        if isinstance(self.inner, Fixed | Check | Const | Only):  # nothing carried
             return ()
         return tuple(f"text_config.{n}" for n in self.inner.hf_names())
 
