@@ -97,3 +97,24 @@ def test_bad_settings_are_refused_by_name(change, message):
     base = dict(vocab_size=64, dim=32, num_layers=4, num_heads=4)
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dict({**base, **change})
+
+
+def test_generation_in_a_batch_gives_each_prompt_its_own_tokens(tiny_model_dir, caplog):
+    """Greedy generation of a left-padded batch equals each prompt alone, and asking for the
+    compiled step falls back to the eager one, saying why."""
+    import logging
+
+    from moekit.data.tokenizer import Tokenizer
+    from moekit.infer.generate import Generator
+    from moekit.infer.sampling import SamplingParams
+
+    cfg = ModelConfig.from_dict({**config().to_dict(), "vocab_size": 512, "max_seq_len": 64})
+    model = build_model(cfg, seed=3).eval()
+    gen = Generator(model, Tokenizer.load(tiny_model_dir), compile=True)
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    prompts = [[5, 17, 99, 3, 42, 7, 8], [11, 12, 13]]
+    with caplog.at_level(logging.INFO, logger="moekit"):
+        batch = gen.generate(prompts, params)
+    assert "interleaved RoPE / NoPE attention" in caplog.text
+    for prompt, got in zip(prompts, batch, strict=True):
+        assert gen.generate([prompt], params)[0].token_ids == got.token_ids
