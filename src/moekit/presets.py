@@ -190,6 +190,7 @@ _PRESETS: list[Preset] = [
             moe=dict(
                 num_experts=16, top_k=1, expert_hidden=8192, num_shared_experts=1,
                 score_func="sigmoid", norm_topk_prob=False, scale_expert_input=True,
+                aux_loss_weight=0.001,
             ),
         ),
         published_total=109e9, published_active=17e9,
@@ -210,7 +211,7 @@ _PRESETS: list[Preset] = [
             moe=dict(
                 num_experts=128, top_k=1, expert_hidden=8192, num_shared_experts=1,
                 score_func="sigmoid", norm_topk_prob=False, scale_expert_input=True,
-                layer_step=2,
+                layer_step=2, aux_loss_weight=0.001,
             ),
         ),
         published_total=400e9, published_active=17e9,
