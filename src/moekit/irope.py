@@ -51,6 +51,21 @@ class IRoPEConfig(ConfigBase):
         check_positive(owner, floor_scale=self.floor_scale)
         check_non_negative(owner, attn_scale=self.attn_scale)
 
+    def describe(self) -> str:
+        """In words, e.g. "NoPE layers 3, 7, 11 (3 of them); chunks of 8192; temperature
+        tuning; L2 q/k norms"."""
+        shown = ", ".join(map(str, self.nope_layers[:6])) + (
+            ", ..." if len(self.nope_layers) > 6 else ""
+        )
+        parts = [f"NoPE layers {shown or 'none'} ({len(self.nope_layers)} of them)"]
+        if self.chunk_size is not None:
+            parts.append(f"chunks of {self.chunk_size}")
+        if self.temperature_tuning:
+            parts.append("temperature tuning")
+        if self.qk_l2_norm:
+            parts.append("L2 q/k norms")
+        return "; ".join(parts)
+
     def uses_rope(self, layer: int) -> bool:
         return layer not in self.nope_layers
 

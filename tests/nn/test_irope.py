@@ -164,3 +164,12 @@ def test_generation_in_a_batch_gives_each_prompt_its_own_tokens(tiny_model_dir):
     batch = eager.generate(prompts, params)
     for prompt, got in zip(prompts, batch, strict=True):
         assert eager.generate([prompt], params)[0].token_ids == got.token_ids
+
+
+def test_the_settings_in_words():
+    from moekit.presets import get_preset
+
+    assert get_preset("llama4-scout").irope.describe() == (
+        "NoPE layers 3, 7, 11, 15, 19, 23, ... (12 of them); chunks of 8192; temperature "
+        "tuning; L2 q/k norms"
+    )
