@@ -55,7 +55,7 @@ from moekit.interop.tensors import (
 from moekit.irope import every_nth_nope
 
 
-def _layer_list(hf: HFConfig, name: str, layers: int) -> list[int] | None:
+def _layer_list(hf: HFConfig, name: str) -> list[int] | None:
     value = hf.get(name)
     if value is None:
         return None
@@ -80,7 +80,7 @@ class Placement(Entry):
     def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
         layers = int(hf_value(hf, "num_hidden_layers"))
         step = int(hf.get("interleave_moe_layer_step") or 1)
-        listed = _layer_list(hf, "moe_layers", layers)
+        listed = _layer_list(hf, "moe_layers")
         ours["moe.first_dense_layers"], ours["moe.layer_step"] = 0, 1
         ours["moe.dense_layers"] = None
         if listed is None:
@@ -127,7 +127,7 @@ class InterleavedRoPE(Entry):
 
     def read(self, hf: HFConfig, ours: dict[str, Any]) -> None:
         layers = int(hf_value(hf, "num_hidden_layers"))
-        flags = _layer_list(hf, "no_rope_layers", layers)
+        flags = _layer_list(hf, "no_rope_layers")
         if not flags:  # transformers: absent or empty means "every interval-th layer"
             interval = int(hf.get("no_rope_layer_interval") or 4)
             nope = every_nth_nope(layers, interval)
