@@ -60,7 +60,7 @@ def model(**kw):
         (lambda: yarn(kind="linear"), r"original_max_seq_len=64 is invalid: is not used with kind='linear'"),
         (lambda: yarn(low_freq_factor=1.0), r"low_freq_factor=1\.0 is invalid: is not used with kind='yarn'"),
         (lambda: yarn(kind="llama3", high_freq_factor=4.0), r"low_freq_factor=None is invalid: is needed by kind='llama3'"),
-        (lambda: yarn(kind="llama3", low_freq_factor=4.0, high_freq_factor=4.0), r"high_freq_factor=4\.0 is invalid: must be > low_freq_factor"),
+        (lambda: yarn(kind="llama3", low_freq_factor=4.0, high_freq_factor=2.0), r"high_freq_factor=2\.0 is invalid: must be >= low_freq_factor"),
         (lambda: yarn(original_max_seq_len=None), r"original_max_seq_len=None is invalid: is needed by kind='yarn'"),
         (lambda: yarn(factor=0.5), r"RopeScalingConfig\.factor=0\.5 is invalid: must be >= 1"),
         (lambda: yarn(original_max_seq_len=0), r"original_max_seq_len=0 is invalid"),

@@ -108,6 +108,16 @@ def test_active_by_hand():
     assert flops_per_token(cfg, 16) == 2 * matmul + 2 * 2 * (4 + 4) * 16
 
 
+def test_chunked_layers_attend_to_one_chunk_at_most():
+    """Llama 4: the RoPE layers see at most `chunk_size` keys; the NoPE layers all of them."""
+    base = dict(vocab_size=10, dim=8, num_layers=4, num_heads=2)
+    chunked = ModelConfig.from_dict({**base, "irope": dict(nope_layers=[3], chunk_size=4)})
+    per_key = 2 * 2 * (4 + 4)
+    assert attention_flops_per_token(chunked, 16) == per_key * (3 * 4 + 16)
+    assert attention_flops_per_token(chunked, 2) == per_key * 4 * 2
+    assert count_params(chunked).total == count_params(ModelConfig.from_dict(base)).total
+
+
 def test_expert_choice_counts_the_capacity_factor_as_active():
     cfg = ModelConfig.from_dict(
         dict(vocab_size=10, dim=8, num_layers=1, num_heads=2,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from moekit.files import atomic_write_text
+from moekit.irope import IRoPEConfig
 from moekit.rope_scaling import RopeScalingConfig
 from moekit.validate import (
     ConfigBase,
@@ -226,6 +227,8 @@ class MoEConfig(ConfigBase):
     expert_bias: bool = False  # biases on each expert's projections (gpt-oss)
     router_jitter: float = 0.0  # multiplicative input noise in [1-eps, 1+eps] while training
     expert_choice_causal: bool = False
+    # The routing weight multiplies each chosen expert's input instead of its output (Llama 4).
+    scale_expert_input: bool = False
     first_dense_layers: int = 0
     layer_step: int = 1
     dense_layers: list[int] | None = None  # None: placed by first_dense_layers and layer_step
@@ -399,6 +402,7 @@ class ModelConfig(ConfigBase):
         "moe": MoEConfig,
         "quantization": QuantizationConfig,
         "rope_scaling": RopeScalingConfig,
+        "irope": IRoPEConfig,
     }
 
     vocab_size: int
@@ -421,6 +425,7 @@ class ModelConfig(ConfigBase):
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig | None = None
     quantization: QuantizationConfig | None = None  # a quantised model (moekit.quant)
+    irope: IRoPEConfig | None = None  # None: RoPE on every layer, full causal attention
 
     def __post_init__(self) -> None:
         owner = "ModelConfig"
@@ -434,6 +439,8 @@ class ModelConfig(ConfigBase):
             self.rope_scaling = RopeScalingConfig.from_dict(self.rope_scaling)
         if not isinstance(self.rope_scaling, RopeScalingConfig | None):
             raise fail(owner, "rope_scaling", self.rope_scaling, "must be an object or null")
+        if isinstance(self.irope, dict):
+            self.irope = IRoPEConfig.from_dict(self.irope)
         check_field_types(self)
         check_positive(
             owner,
@@ -477,6 +484,8 @@ class ModelConfig(ConfigBase):
                     owner, "moe.dense_layers", self.moe.dense_layers,
                     f"names layer(s) {beyond} of a model with num_layers={self.num_layers}",
                 )  # fmt: skip
+        if self.irope is not None:
+            self._check_irope(self.irope)
         if self.attention.kind == "mla" and self.num_kv_heads != self.num_heads:
             raise fail(
                 owner, "num_kv_heads", self.num_kv_heads,
@@ -499,6 +508,22 @@ class ModelConfig(ConfigBase):
                         owner, name, getattr(self, name),
                         "is only used with activation='clamped_swiglu'",
                     )  # fmt: skip
+
+    def _check_irope(self, irope: IRoPEConfig) -> None:
+        owner = "ModelConfig"
+        beyond = [i for i in irope.nope_layers if i >= self.num_layers]
+        if beyond:
+            raise fail(
+                owner, "irope.nope_layers", irope.nope_layers,
+                f"names layer(s) {beyond} of a model with num_layers={self.num_layers}",
+            )  # fmt: skip
+        if self.attention.kind != "gqa":
+            raise fail(owner, "irope", "set", "needs attention.kind='gqa'")
+        if self.attention.qk_norm != "none":
+            raise fail(
+                owner, "attention.qk_norm", self.attention.qk_norm,
+                "must be 'none' with irope (which has its own, irope.qk_l2_norm)",
+            )  # fmt: skip
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -544,7 +569,7 @@ class ModelConfig(ConfigBase):
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        for name in ("quantization", "rope_scaling"):  # config.json as it always was without them
+        for name in ("quantization", "rope_scaling", "irope"):  # config.json as it was without
             if data[name] is None:
                 del data[name]
         return {"format_version": FORMAT_VERSION, "moekit_version": __version__, **data}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import ModelConfig, RopeScalingConfig
+from moekit.irope import IRoPEConfig
 from moekit.model_dir import FinetuneSummary, ModelDir, stored_tensors
 from moekit.params import ModelSummary, count_params, summary
 from moekit.presets import PRESETS, get_preset
@@ -86,6 +87,7 @@ class ModelInfo:
     stored: StoredBytes | None = None
     rope_theta: float | None = None
     rope_scaling: RopeScalingConfig | None = None
+    irope: IRoPEConfig | None = None
 
     @property
     def rope(self) -> str:
@@ -96,6 +98,7 @@ class ModelInfo:
         out: dict[str, Any] = {"name": self.name, **self.summary.to_dict()}
         out["rope_theta"] = self.rope_theta
         out["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict()
+        out["irope"] = None if self.irope is None else self.irope.to_dict()
         if self.stored is not None:
             out["stored_bytes"] = {
                 "total": self.stored.total,
@@ -142,7 +145,13 @@ def model_info(target: str, *, context: int = 2048) -> ModelInfo:
     if is_dir and len(ModelDir(target).model_files()) > 1:  # config.json and weights
         stored = stored_bytes(target, cfg)
     return ModelInfo(
-        target, summary(cfg, context=context), tuned, stored, cfg.rope_theta, cfg.rope_scaling
+        target,
+        summary(cfg, context=context),
+        tuned,
+        stored,
+        cfg.rope_theta,
+        cfg.rope_scaling,
+        cfg.irope,
     )
 
 

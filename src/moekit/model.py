@@ -19,6 +19,7 @@ from moekit.config import ModelConfig
 from moekit.files import format_bytes
 from moekit.moe.layer import DEFAULT_ROUTE, MoELayer, MoEStats, RouteOptions
 from moekit.nn.attention import build_attention
+from moekit.nn.irope import IRoPEAttention, IRoPEInputs, irope_inputs
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.mlp import MLP, Activation
 from moekit.nn.norm import RMSNorm
@@ -41,7 +42,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = build_attention(cfg)
+        self.attn = IRoPEAttention(cfg, layer) if cfg.irope is not None else build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
@@ -66,8 +67,13 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         route: RouteOptions = DEFAULT_ROUTE,
+        irope: IRoPEInputs | None = None,
     ) -> tuple[Tensor, MoEStats | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer)
+        h = self.attn_norm(x)
+        if isinstance(self.attn, IRoPEAttention):
+            x = x + self.attn(h, cos, sin, attn_mask, cache, layer, irope)
+        else:
+            x = x + self.attn(h, cos, sin, attn_mask, cache, layer)
         h, stats = self._ffn(self.ffn_norm(x), route)
         return x + h, stats
 
@@ -155,13 +161,15 @@ class Transformer(nn.Module):
             *rope_tables(positions, self.rope_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
         )
         window_mask = self._window_mask(S, attn_mask, cache, tokens.device)
+        # Interleaved RoPE / NoPE: the masks and query scales its layers share.
+        irope = None if cfg.irope is None else irope_inputs(cfg.irope, positions, attn_mask, cache)
         stats: dict[int, MoEStats] = {}
         aux = x.new_zeros((), dtype=torch.float32)
         grad = torch.is_grad_enabled()  # without autograd the router losses are all 0
         for i, block in enumerate(self.blocks()):
             sliding = window_mask is not None and self.cfg.attention.is_sliding_layer(i)
             mask = window_mask if sliding else attn_mask
-            x, layer_stats = block(x, cos, sin, mask, cache, i, route)
+            x, layer_stats = block(x, cos, sin, mask, cache, i, route, irope)
             if layer_stats is not None:
                 assert isinstance(block.ffn, MoELayer)
                 stats[i] = layer_stats

@@ -120,13 +120,19 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
 
 def attention_flops_per_token(cfg: ModelConfig, context: int) -> int:
-    """Forward FLOPs of attention scores and weighted values for one token over `context` keys."""
+    """Forward FLOPs of attention scores and weighted values for one token over `context` keys
+    (layers with chunked attention see at most a chunk of them)."""
     a = cfg.attention
     if a.kind == "mla":
         qk, vd = a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
     else:
         qk = vd = cfg.head_dim
-    return cfg.num_layers * 2 * cfg.num_heads * (qk + vd) * context
+    irope = cfg.irope
+    keys = [context] * cfg.num_layers
+    if irope is not None and irope.chunk_size is not None:
+        chunk = min(context, irope.chunk_size)
+        keys = [chunk if irope.chunked(i) else context for i in range(cfg.num_layers)]
+    return 2 * cfg.num_heads * (qk + vd) * sum(keys)
 
 
 def flops_per_token(cfg: ModelConfig, context: int = 2048) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.config import ModelConfig
+from moekit.irope import every_nth_nope
 
 
 @dataclass(frozen=True)
@@ -173,14 +174,23 @@ _PRESETS: list[Preset] = [
     ),
     Preset(
         name="llama4-scout",
-        description="Llama 4 Scout (text): 16 experts, top-1 sigmoid router + a shared expert",
+        description=(
+            "Llama 4 Scout (text): 16 experts, top-1 sigmoid router on the expert input + a "
+            "shared expert; NoPE every 4th layer, chunked attention, L2 q/k norms"
+        ),
         config=dict(
             vocab_size=202048, dim=5120, num_layers=48, num_heads=40, num_kv_heads=8,
             ffn_hidden=16384, rope_theta=500000.0, norm_eps=1e-5, max_seq_len=10485760,
+            rope_scaling=dict(kind="llama3", factor=16.0, original_max_seq_len=8192,
+                              low_freq_factor=1.0, high_freq_factor=1.0),
             attention=dict(head_dim=128),
+            irope=dict(nope_layers=every_nth_nope(48, 4), chunk_size=8192,
+                       temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
+                       qk_l2_norm=True),
             moe=dict(
                 num_experts=16, top_k=1, expert_hidden=8192, num_shared_experts=1,
-                score_func="sigmoid", norm_topk_prob=False,
+                score_func="sigmoid", norm_topk_prob=False, scale_expert_input=True,
+                aux_loss_weight=0.001,
             ),
         ),
         published_total=109e9, published_active=17e9,
@@ -189,15 +199,19 @@ _PRESETS: list[Preset] = [
     Preset(
         name="llama4-maverick",
         description=(
-            "Llama 4 Maverick (text): 128 experts top-1 + shared expert, MoE every other layer"
+            "Llama 4 Maverick (text): 128 experts top-1 on the expert input + shared expert, "
+            "MoE every other layer; NoPE every 4th layer, chunked attention"
         ),
         config=dict(
             vocab_size=202048, dim=5120, num_layers=48, num_heads=40, num_kv_heads=8,
             ffn_hidden=16384, rope_theta=500000.0, norm_eps=1e-5, max_seq_len=1048576,
             attention=dict(head_dim=128),
+            irope=dict(nope_layers=every_nth_nope(48, 4), chunk_size=8192,
+                       temperature_tuning=True, floor_scale=8192, attn_scale=0.1),
             moe=dict(
                 num_experts=128, top_k=1, expert_hidden=8192, num_shared_experts=1,
-                score_func="sigmoid", norm_topk_prob=False, layer_step=2,
+                score_func="sigmoid", norm_topk_prob=False, scale_expert_input=True,
+                layer_step=2, aux_loss_weight=0.001,
             ),
         ),
         published_total=400e9, published_active=17e9,

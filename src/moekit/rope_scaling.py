@@ -104,10 +104,11 @@ class RopeScalingConfig(ConfigBase):
                 raise fail(owner, name, None, "is needed by kind='llama3'")
         assert self.low_freq_factor is not None and self.high_freq_factor is not None
         check_positive(owner, low_freq_factor=self.low_freq_factor)
-        if self.high_freq_factor <= self.low_freq_factor:
+        # Equal factors (Llama 4 Scout): no blended band, a plain cut at one wavelength.
+        if self.high_freq_factor < self.low_freq_factor:
             raise fail(
                 owner, "high_freq_factor", self.high_freq_factor,
-                f"must be > low_freq_factor ({self.low_freq_factor})",
+                f"must be >= low_freq_factor ({self.low_freq_factor})",
             )  # fmt: skip
 
     def magnitude(self, mscale: float) -> float:

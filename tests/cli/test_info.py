@@ -40,6 +40,14 @@ def test_info_shows_the_rope_scaling():
     assert json.loads(run("info", "debug", "--json").stdout)["rope_scaling"] is None
 
 
+def test_info_shows_interleaved_rope_and_nope_layers():
+    out = run("info", "llama4-scout").stdout
+    assert "NoPE layers 3, 7, 11" in " ".join(out.split())  # the table may wrap the cell
+    data = json.loads(run("info", "llama4-maverick", "--json").stdout)
+    assert data["irope"]["chunk_size"] == 8192 and len(data["irope"]["nope_layers"]) == 12
+    assert json.loads(run("info", "debug", "--json").stdout)["irope"] is None
+
+
 def test_info_compares_models_side_by_side(capsys, tmp_path, monkeypatch):
     dense = ModelConfig.from_dict({**get_preset("demo").to_dict(), "moe": None})
     (tmp_path / "dense").mkdir()

@@ -64,6 +64,17 @@ HF = {
         swiglu_alpha=1.5, swiglu_limit=5.0, attention_bias=False, sliding_window=16,
         layer_types=["full_attention", "sliding_attention", "sliding_attention"],
     ),
+    # MoE every other layer, NoPE layers by interval, llama3 RoPE scaling.
+    "Llama4ForCausalLM": dict(
+        COMMON, model_type="llama4_text", num_hidden_layers=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=16, intermediate_size_mlp=40, num_local_experts=4,
+        num_experts_per_tok=2, router_aux_loss_coef=0.02, interleave_moe_layer_step=2,
+        no_rope_layer_interval=2, attention_chunk_size=8, attn_temperature_tuning=True,
+        floor_scale=16, attn_scale=0.2, use_qk_norm=False, attention_bias=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16},
+    ),
 }  # fmt: skip
 for _name, _hf in HF.items():
     _hf["architectures"] = [_name]
@@ -81,6 +92,8 @@ VARIANTS = {
         "original_max_position_embeddings": 16, "truncate": False, "attention_factor": 0.9})),
     "gpt-oss-biases-untied": ("GptOssForCausalLM", dict(attention_bias=True, layer_types=None,
                                                         tie_word_embeddings=False)),
+    "llama4-listed": ("Llama4ForCausalLM", dict(moe_layers=[0, 3], no_rope_layers=[1, 1, 0, 1],
+                                                use_qk_norm=True, tie_word_embeddings=False)),
 }  # fmt: skip
 
 

@@ -198,6 +198,15 @@ REFUSED = [  # (architecture, changes to its config, the message naming the sett
      r"num_key_value_heads=2 is not supported: it must equal num_attention_heads"),
     ("DeepseekV3ForCausalLM", {"moe_layer_freq": 2}, r"moe_layer_freq=2 is not supported"),
     ("DeepseekV3ForCausalLM", {"topk_method": "greedy"}, r"topk_method='greedy'"),
+    ("Llama4ForCausalLM", {"attention_bias": True}, r"attention_bias=True is not supported"),
+    ("Llama4ForCausalLM", {"no_rope_layers": [1, 0]},
+     r"no_rope_layers=\[1, 0\] is not supported: it must hold a 1 \(RoPE\) or 0 \(NoPE\) for "
+     r"each of the 4 layers"),
+    ("Llama4ForCausalLM", {"layer_types": ["full_attention"] * 4},
+     r"layer_types=.* is not supported: moekit chunks attention exactly on the RoPE layers"),
+    ("Llama4ForCausalLM", {"moe_layers": [9]},
+     r"moe_layers=\[9\] is not supported: it must list layer indices below 4"),
+    ("Llama4ForCausalLM", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
     ("MixtralForCausalLM", {"hidden_size": None}, r"config\.json has no 'hidden_size'"),
     ("MixtralForCausalLM", {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
      r"architectures=\['GPT2LMHeadModel'\] \(model_type='gpt2'\) is not supported; moekit "
@@ -240,6 +249,7 @@ OTHER_VALUES = {
     "attention.qk_norm": ("full", "none"), "attention.qkv_bias": (True, False),
     "activation": ("gelu", "swiglu"), "moe.router_bias": (False, True),
     "moe.expert_bias": (False, True), "attention.sinks": (False, True),
+    "moe.scale_expert_input": (True, False),
 }  # fmt: skip
 
 
@@ -335,3 +345,73 @@ def test_export_chooses_the_plainest_architecture_or_explains(tmp_path):
         match=r"no Hugging Face architecture represents this model exactly(.|\n)*Qwen2MoeForCausalLM: .*one shared expert with a sigmoid gate",
     ):
         export_hf(tmp_path / "tiny", tmp_path / "tiny-hf")
+
+
+@pytest.mark.parametrize("name", ["llama4-scout", "llama4-maverick"])
+def test_llama4_presets_are_llama4_checkpoints(name):
+    from moekit.interop.hf import choose_architecture
+    from moekit.presets import get_preset
+
+    cfg = get_preset(name)
+    assert choose_architecture(cfg).name == "Llama4ForCausalLM"
+    hf = architectures()["Llama4ForCausalLM"].config_to_hf(cfg)
+    assert hf["no_rope_layers"][:4] == [1, 1, 1, 0] and hf["attention_chunk_size"] == 8192
+    assert hf["interleave_moe_layer_step"] == (2 if name == "llama4-maverick" else 1)
+    back = architectures()["Llama4ForCausalLM"].config_from_hf(hf)
+    assert (back.irope, back.moe, back.rope_scaling) == (cfg.irope, cfg.moe, cfg.rope_scaling)
+    assert back.head_dim == cfg.head_dim and back.dense_hidden == cfg.dense_hidden
+
+
+def test_architectures_without_irope_refuse_it():
+    cfg = ModelConfig.from_dict(
+        {**architectures()["MixtralForCausalLM"].config_from_hf(HF["MixtralForCausalLM"])
+         .to_dict(), "irope": {"nope_layers": [1], "chunk_size": 8}}
+    )  # fmt: skip
+    for arch in ARCHITECTURES:
+        problems = arch.problems(cfg)
+        if arch.name.startswith("Llama4"):
+            assert not any("irope" in p for p in problems)
+        else:
+            assert (
+                "it has no interleaved RoPE / NoPE layers or chunked attention (irope)" in problems
+            )
+
+
+def test_llama4_multimodal_config_is_read_from_its_text_config():
+    text = {k: v for k, v in HF["Llama4ForCausalLM"].items() if k != "architectures"}
+    hf = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+          "text_config": text, "vision_config": {"hidden_size": 32}}  # fmt: skip
+    arch = architecture_of(hf)
+    assert arch.name == "Llama4ForConditionalGeneration"
+    causal = architectures()["Llama4ForCausalLM"]
+    assert arch.config_from_hf(hf) == causal.config_from_hf(HF["Llama4ForCausalLM"])
+    assert any("written as Llama4ForCausalLM" in p for p in arch.problems(arch.config_from_hf(hf)))
+    with pytest.raises(UnsupportedError, match="text_config=None is not supported"):
+        arch.config_from_hf({k: v for k, v in hf.items() if k != "text_config"})
+
+
+def test_scouts_published_config_is_the_preset():
+    """Llama 4 Scout's config.json (text_config as published, trimmed to what the text model
+    reads, plus a field moekit does not know) imports as the llama4-scout preset."""
+    text = {
+        "model_type": "llama4_text", "attention_bias": False, "attention_chunk_size": 8192,
+        "attention_dropout": 0.0, "bos_token_id": 200000, "eos_token_id": [200001, 200007],
+        "for_llm_compressor": False, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 5120, "initializer_range": 0.02, "interleave_moe_layer_step": 1,
+        "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+        "max_position_embeddings": 10485760, "no_rope_layers": [], "num_attention_heads": 40,
+        "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
+        "num_local_experts": 16, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+        "tie_word_embeddings": False, "use_qk_norm": True, "vocab_size": 202048,
+        "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1,
+    }  # fmt: skip
+    hf = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+          "text_config": text}  # fmt: skip
+    cfg = architecture_of(hf).config_from_hf(hf)
+    preset = get_preset("llama4-scout")
+    assert (cfg.irope, cfg.moe) == (preset.irope, preset.moe)
+    assert cfg.rope_scaling == preset.rope_scaling and cfg.dense_hidden == preset.dense_hidden
+    assert cfg.irope.nope_layers[:3] == [3, 7, 11]

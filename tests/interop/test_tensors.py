@@ -62,8 +62,12 @@ def test_every_tensor_has_one_place_and_comes_back_exactly(variant, live):
             assert torch.equal(tensor, state[name]), name
 
 
-# gpt-oss checkpoints store the experts as transformers holds them (see the test below).
-STACKED_IN_MEMORY = [a.name for a in ARCHITECTURES if a.name != "GptOssForCausalLM"]
+# gpt-oss's and Llama 4's checkpoints store the experts as transformers holds them (tested below).
+STACKED_IN_MEMORY = [
+    a.name
+    for a in ARCHITECTURES
+    if a.weights is not a.live_weights and a.name != "GptOssForCausalLM"
+]
 
 
 @pytest.mark.parametrize("name", STACKED_IN_MEMORY)
@@ -105,6 +109,26 @@ def test_gpt_oss_interleaves_gate_and_up_and_transposes_the_experts(variant):
     assert torch.equal(checkpoint[f"{theirs}.down_proj"], state[f"{ours}.w_down"].transpose(1, 2))
     assert torch.equal(checkpoint[f"{theirs}.down_proj_bias"], state[f"{ours}.b_down"])
     assert torch.equal(checkpoint["model.layers.0.self_attn.sinks"], state["layers.0.attn.sinks"])
+
+
+def test_llama4_stores_experts_input_major_and_heads_in_rope_pairs():
+    arch, cfg, hf, state = setup("Llama4ForCausalLM")
+    checkpoint = convert(arch.tensor_maps(cfg, hf), state)
+    assert checkpoint.keys() == convert(arch.tensor_maps(cfg, hf, live=True), state).keys()
+    layer = cfg.moe_layers[0]
+    ours, theirs = f"layers.{layer}.ffn.experts", f"model.layers.{layer}.feed_forward.experts"
+    F = cfg.moe.expert_hidden
+    gate_up = checkpoint[f"{theirs}.gate_up_proj"]  # (E, D, 2F): gate then up
+    assert gate_up.shape == (cfg.moe.num_experts, cfg.dim, 2 * F)
+    assert torch.equal(gate_up[..., :F], state[f"{ours}.w_gate"].transpose(1, 2))
+    assert torch.equal(gate_up[..., F:], state[f"{ours}.w_up"].transpose(1, 2))
+    assert torch.equal(checkpoint[f"{theirs}.down_proj"], state[f"{ours}.w_down"].transpose(1, 2))
+    # Each head's rows: moekit's first half are the checkpoint's even rows (the pairs' first).
+    hd = cfg.head_dim
+    q = checkpoint["model.layers.0.self_attn.q_proj.weight"].view(-1, hd, cfg.dim)
+    ours_q = state["layers.0.attn.wq.weight"].view(-1, hd, cfg.dim)
+    assert torch.equal(ours_q[:, : hd // 2], q[:, 0::2])
+    assert torch.equal(ours_q[:, hd // 2 :], q[:, 1::2])
 
 
 def _stack_experts(checkpoint, layer, proj):
@@ -184,3 +208,14 @@ def test_per_expert_and_fused_specs():
     w = torch.randn(4, 32, 24)
     assert [t.shape for t in down.to_theirs([w])] == [(32, 24)] * 4
     assert torch.equal(down.to_ours(down.to_theirs([w]))[0], w)
+
+
+def test_llama4_multimodal_checkpoints_hold_the_text_model_under_language_model():
+    arch, cfg, hf, state = setup("Llama4ForCausalLM")
+    multimodal = ARCHS["Llama4ForConditionalGeneration"]
+    plain = convert(arch.tensor_maps(cfg, hf), state)
+    nested = convert(multimodal.tensor_maps(cfg, {"text_config": hf}), state)
+    assert nested.keys() == {f"language_model.{k}" for k in plain}
+    assert all(torch.equal(nested[f"language_model.{k}"], v) for k, v in plain.items())
+    assert multimodal.ignore("vision_model.patch_embedding.linear.weight", cfg)
+    assert not multimodal.ignore("language_model.model.norm.weight", cfg)

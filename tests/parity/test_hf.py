@@ -52,6 +52,9 @@ YARN_QWEN = dict(
     rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=32
 )
 
+LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+              high_freq_factor=4.0, original_max_position_embeddings=16)  # fmt: skip
+
 TINY = {  # name: (transformers config class, its fields besides COMMON)
     "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, intermediate_size=96,
                                       num_local_experts=4, num_experts_per_tok=2)),
@@ -145,6 +148,17 @@ TINY = {  # name: (transformers config class, its fields besides COMMON)
                                                       "truncate": False,
                                                       "original_max_position_embeddings": 16,
                                                       "rope_theta": 150000.0})),
+    # Interleaved MoE layers (1, 3) with dense ones of their own width, a NoPE layer (1) with
+    # temperature tuning, chunks of 5 positions on the RoPE layers, L2 q/k norms, llama3 RoPE
+    # scaling.
+    "llama4_text": ("Llama4TextConfig", dict(num_hidden_layers=4, num_key_value_heads=2,
+                                             intermediate_size=48, intermediate_size_mlp=96,
+                                             num_local_experts=4, num_experts_per_tok=2,
+                                             interleave_moe_layer_step=2,
+                                             no_rope_layers=[1, 0, 1, 1], attention_chunk_size=5,
+                                             attn_temperature_tuning=True, floor_scale=4,
+                                             attn_scale=0.5, use_qk_norm=True,
+                                             rope_parameters=LLAMA3)),
 }  # fmt: skip
 
 
@@ -397,3 +411,30 @@ def test_convert_cli(tmp_path, tokenizer):
     assert (tmp_path / "back" / "config.json").exists()
     proc = run("--from-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "has no config.json" in proc.stderr
+
+
+def test_llama4_multimodal_checkpoints_import_their_text_model(tmp_path, tokenizer):
+    """Llama4ForConditionalGeneration: the language model (under text_config and
+    language_model.) is imported, the vision tower left behind; the logits are those of the
+    multimodal model's language model on text (its own forward fails on text alone in this
+    transformers), and the export is a Llama4ForCausalLM."""
+    text = tiny_config("llama4_text").to_dict()
+    vision = transformers.Llama4VisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+        projector_output_dim=64,
+    )  # fmt: skip
+    config = transformers.Llama4Config(text_config=text, vision_config=vision.to_dict())
+    torch.manual_seed(0)
+    hf = transformers.Llama4ForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    cfg = import_hf(tmp_path / "hf", tmp_path / "ours")
+    assert cfg.irope is not None and cfg.irope.chunk_size == 5
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (
+            load_model(tmp_path / "ours")(tokens).logits - hf.language_model(tokens).logits
+        ).abs()
+    assert diff.max().item() <= 1e-4
+    assert export_hf(tmp_path / "ours", tmp_path / "text") == "Llama4ForCausalLM"

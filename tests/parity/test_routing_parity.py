@@ -51,6 +51,15 @@ MODELS = {  # the architecture export_hf picks: the moekit config
                        sliding_layers=[0, 2]),
         moe=dict(num_experts=4, top_k=2, expert_hidden=64, router_bias=True, expert_bias=True),
     ),
+    # Sigmoid top-1 on the experts' inputs, MoE every other layer, a NoPE layer, chunks.
+    "Llama4ForCausalLM": dict(
+        BASE, num_layers=4, attention=dict(head_dim=16),
+        irope=dict(nope_layers=[3], chunk_size=16, temperature_tuning=True, floor_scale=8,
+                   qk_l2_norm=True),
+        moe=dict(num_experts=4, top_k=1, expert_hidden=32, num_shared_experts=1,
+                 score_func="sigmoid", norm_topk_prob=False, scale_expert_input=True,
+                 layer_step=2),
+    ),
 }  # fmt: skip
 
 

@@ -4,8 +4,9 @@ run by transformers itself, in the same `RoutingTrace` format moekit's own trace
 Each MoE block of a transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2,
 DeepSeek-V3, dots.llm1; gpt-oss) calls its router module `model.layers.N.mlp.gate`
 (`mlp.router`), which returns the router logits, the chosen experts' weights and the chosen
-experts. A forward hook on each of those records what the library itself chose, so nothing
-about the routing is computed a second
+experts (Llama 4's, `model.layers.N.feed_forward.router`, returns every expert's weight, zero
+but for the chosen, and the logits it chose the top-k of). A forward hook on each of those
+records what the library itself chose, so nothing about the routing is computed a second
 time here except the selection margin (from the recorded logits, as
 `moekit.analysis.routing.selection_margin`). transformers is imported inside the functions.
 """
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from moekit.config import ModelConfig
 
 # The router module of MoE layer N in every supported architecture.
-_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(?:gate|router)$")
+_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp\.(?:gate|router)|feed_forward\.router)$")
 
 
 def load_hf_model(directory: str | Path, device: str | torch.device, *, quiet: bool = False) -> Any:
@@ -102,6 +103,10 @@ def trace_hf_routing(
 
     def hook(layer: int) -> Callable[[Any, Any, Any], None]:
         def record(module: Any, args: Any, output: Any) -> None:
+            if isinstance(output, tuple) and len(output) == 2:  # Llama 4: (scores_TE, logits)
+                scores, logits = output
+                experts = torch.topk(logits, k, dim=-1).indices  # as the router itself chose
+                output = (logits, scores.gather(-1, experts), experts)
             if not (isinstance(output, tuple) and len(output) == 3):
                 raise ValueError(
                     f"the router {type(module).__name__} of layer {layer} does not return "

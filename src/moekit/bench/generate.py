@@ -1,6 +1,7 @@
 """`moekit bench generate`: prefill and decode speed of our generator against transformers'
-`generate` on the same weights (copied into a MixtralForCausalLM), timed round-robin, the
-best of the repeats kept.
+`generate` on the same weights (copied into transformers' model of the plainest architecture
+that represents the model exactly, e.g. MixtralForCausalLM), timed round-robin, the best of
+the repeats kept.
 
 Both sides decode greedily with a KV cache, never stopping early. Prefill throughput is the
 prompt tokens over the time to produce the first new token; decode throughput is the further
@@ -29,7 +30,8 @@ import torch
 from moekit.bench.timing import round_robin
 from moekit.infer.generate import Generator
 from moekit.infer.sampling import SamplingParams
-from moekit.interop.mixtral import to_hf_model
+from moekit.interop import live
+from moekit.interop.hf import choose_architecture
 from moekit.speed import SpeedPrediction, measure_bandwidth, predict_decode
 
 if TYPE_CHECKING:
@@ -158,7 +160,9 @@ def _bench(
             f"max_seq_len {cfg.max_seq_len}"
         )
     # transformers cannot hold moekit's packed weights: a quantised model is ours alone.
-    hf = to_hf_model(generator.model, cfg) if cfg.quantization is None else None
+    hf = None
+    if cfg.quantization is None:
+        hf = live.to_hf_model(choose_architecture(cfg), generator.model, cfg)
     torch.manual_seed(seed)
     low = 2  # skip the special tokens
     prompts = torch.randint(low, cfg.vocab_size, (batch_size, prompt_tokens))

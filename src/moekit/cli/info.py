@@ -105,6 +105,8 @@ def print_comparison(infos: list[ModelInfo]) -> None:
         *(f"{s.num_experts}, {s.top_k}" if s.num_experts else "dense" for s in summaries),
     )
     t.add_row("RoPE base, scaling", *(f"{i.rope_theta:g}, {i.rope}" for i in infos))
+    if any(i.irope is not None for i in infos):
+        t.add_row("NoPE layers, chunks", *(i.irope.describe() if i.irope else "-" for i in infos))
     for dtype in first.weight_memory_bytes:
         row(f"weights in {dtype}", partial(_memory, "weight_memory_bytes", dtype), nbytes)
     for dtype in first.kv_cache_bytes_per_1k_tokens:
@@ -139,6 +141,8 @@ def print_info(info: ModelInfo) -> None:
     if s.num_experts:
         t.add_row("experts, top-k", f"{s.num_experts}, {s.top_k}")
     t.add_row("RoPE base, scaling", f"{info.rope_theta:g}, {info.rope}")
+    if info.irope is not None:
+        t.add_row("NoPE layers, chunks", info.irope.describe())
     for dtype, n in s.weight_memory_bytes.items():
         t.add_row(f"weights in {dtype}", nbytes(n))
     for dtype, n in s.kv_cache_bytes_per_1k_tokens.items():

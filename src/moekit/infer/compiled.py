@@ -21,11 +21,11 @@ has the same shapes every time. So the step here is written for static shapes:
 
 It is used only where it is exact and safe: inference without adapters, hooks, routing
 records or paged experts (those load on demand between the router and the experts);
-grouped-query attention (with or without q/k norms; no sinks or sliding window), SwiGLU
-feed-forwards without biases and token-choice routers without a logit bias. `decode_support`
-says why a model is not supported; a compilation that fails is reported once on the `moekit`
-logger and the step falls back to the eager model. On CUDA the step asks for CUDA graphs
-("reduce-overhead").
+grouped-query attention (with or without q/k norms, or with interleaved RoPE / NoPE layers;
+no sinks or sliding window), SwiGLU feed-forwards without biases and token-choice routers
+without a logit bias. `decode_support` says why a model is not supported; a compilation that
+fails is reported once on the `moekit` logger and the step falls back to the eager model. On
+CUDA the step asks for CUDA graphs ("reduce-overhead").
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.irope import IRoPEConfig
 from moekit.model import Block, Transformer
 from moekit.moe.decode_kernel import swiglu_sum
 from moekit.moe.experts import Experts
@@ -45,6 +46,7 @@ from moekit.moe.layer import MoELayer
 from moekit.moe.router import TopKRouter
 from moekit.nn.attention import Attention
 from moekit.nn.fuse import plain
+from moekit.nn.irope import IRoPEAttention, l2_norm
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.mlp import MLP
 from moekit.nn.rope import apply_rope, rope_tables
@@ -102,6 +104,8 @@ def _ffn_support(ffn: MLP | MoELayer) -> str | None:
             return "quantised experts without SwiGLU"
         if ex.plain_math() is not None:
             return f"quantised {ex.plain_math()}"
+        if ffn.cfg.scale_expert_input:
+            return "quantised experts weighted on their inputs (scale_expert_input)"
         reason = _quant_support(ex.w_up)
         if reason is not None:
             return f"quantised experts: {reason}"
@@ -244,12 +248,15 @@ def _moe(
         # Float experts: gate and up as one reduction over their fused rows (as separate
         # reductions through `swiglu_sum` the demo model's step measured 1.6x slower).
         assert gate_up_E2FD is not None
+        w_TK1 = decision.weights.to(x_TD.dtype)[:, :, None]
+        on_input = layer.cfg.scale_expert_input  # the weight scales the expert's input
+        x_TKD = x_TD[:, None, :] * w_TK1 if on_input else x_TD[:, None, :]
         w_up = gate_up_E2FD[experts_TK]  # (T, K, 2F, D), indexed in the reduction below
-        gate, up = (x_TD[:, None, None, :] * w_up).sum(-1).chunk(2, dim=-1)  # (T, K, F)
+        gate, up = (x_TKD[:, :, None, :] * w_up).sum(-1).chunk(2, dim=-1)  # (T, K, F)
         h_TKF = F.silu(gate) * up
         w_down = ex.w_down[experts_TK]  # (T, K, D, F)
         y_TKD = (h_TKF[:, :, None, :] * w_down).sum(-1)
-        out_TD = (y_TKD * decision.weights.to(y_TKD.dtype)[:, :, None]).sum(1)
+        out_TD = (y_TKD if on_input else y_TKD * w_TK1).sum(1)
     if layer.shared is not None:
         shared_TD = _swiglu(x_TD, layer.shared, shared)
         if layer.shared_gate is not None:
@@ -268,16 +275,26 @@ def _attention(
     v_cache: Tensor,
     end_B: Tensor,
     mask: Tensor,
+    temperature_B: Tensor | None = None,
 ) -> Tensor:
     """One new token per row: project, normalise (q/k norms), rotate, store at the row's
-    position, attend."""
+    position, attend. An interleaved RoPE / NoPE layer rotates or not, normalises after the
+    rotation, and scales its queries by `temperature_B` (`_irope_step`)."""
     B = x.shape[0]
     H, Hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
     if w[0] is not None:
         qkv = _dense(x, w[0], w[1])
     else:
         qkv = torch.cat([_linear(x, attn.wq), _linear(x, attn.wk), _linear(x, attn.wv)], -1)
-    if attn.q_norm is None or attn.k_norm is None:
+    if isinstance(attn, IRoPEAttention):
+        q, k, v = qkv.view(B, 1, H + 2 * Hkv, hd).split([H, Hkv, Hkv], dim=2)
+        if attn.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if attn.l2:
+            q, k = l2_norm(q, attn.eps), l2_norm(k, attn.eps)
+        if attn.tuned and temperature_B is not None:
+            q = q * temperature_B[:, None, None, None].to(q.dtype)
+    elif attn.q_norm is None or attn.k_norm is None:
         qkv = qkv.view(B, 1, H + 2 * Hkv, hd)
         q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split([H, Hkv], dim=2)
         v = qkv[:, :, H + Hkv :]
@@ -294,6 +311,28 @@ def _attention(
     v_cache[rows, :, end_B] = v[:, 0].to(v_cache.dtype)
     out = _attend(q[:, 0], k_cache, v_cache, mask)
     return _linear(out.reshape(B, 1, -1), attn.wo)
+
+
+def _irope_step(
+    irope: IRoPEConfig | None, valid_BL: Tensor, seen_B: Tensor, end_B: Tensor, mask_BL: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """Interleaved RoPE / NoPE in one decode step, as `moekit.nn.irope.irope_inputs`: the
+    chunked layers' mask (keys in the new token's chunk of real positions) and the NoPE
+    layers' query temperatures (B,), from the rows' real positions `seen_B`."""
+    if irope is None:
+        return mask_BL, None
+    chunk_mask = mask_BL
+    if irope.chunk_size is not None:
+        C = irope.chunk_size
+        keys_L = torch.arange(valid_BL.shape[1], device=valid_BL.device)
+        key_pos_BL = valid_BL.long().cumsum(1) - 1
+        same = (key_pos_BL // C == (seen_B // C)[:, None]) | (keys_L == end_B[:, None])
+        chunk_mask = mask_BL & same
+    temperature_B = None
+    if irope.temperature_tuning:
+        steps = torch.floor((seen_B.float() + 1.0) / irope.floor_scale)
+        temperature_B = torch.log1p(steps) * irope.attn_scale + 1.0
+    return chunk_mask, temperature_B
 
 
 def decode_step(
@@ -320,6 +359,7 @@ def decode_step(
     valid_BL[rows, end_B] = live_B
     keys_L = torch.arange(L, device=valid_BL.device)
     mask = valid_BL | (keys_L == end_B[:, None])  # (B, L)
+    chunk_mask, temperature_B = _irope_step(cfg.irope, valid_BL, seen_B, end_B, mask)
     x = model.embed(tokens_B1)
     cos, sin = rope[0][seen_B][:, None, None, :], rope[1][seen_B][:, None, None, :]
     for i, block in enumerate(model.blocks()):
@@ -327,7 +367,8 @@ def decode_step(
         assert isinstance(attn, Attention)
         w = weights[i]
         h = block.attn_norm(x)
-        x = x + _attention(attn, w, h, cos, sin, ks[i], vs[i], end_B, mask)
+        m = chunk_mask if isinstance(attn, IRoPEAttention) and attn.chunked else mask
+        x = x + _attention(attn, w, h, cos, sin, ks[i], vs[i], end_B, m, temperature_B)
         h = block.ffn_norm(x)
         if isinstance(block.ffn, MoELayer):
             x = x + _moe(block.ffn, h.view(-1, cfg.dim), w[2], w[3], top_k).view_as(x)

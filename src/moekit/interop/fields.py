@@ -437,11 +437,14 @@ def write_config(table: ConfigTable, cfg: ModelConfig) -> dict[str, Any]:
 def config_problems(table: ConfigTable, cfg: ModelConfig) -> list[str]:
     """What keeps `table`'s architecture, a Mixture-of-Experts one, from representing `cfg`
     exactly (empty: nothing)."""
+    extra = []
+    if cfg.irope is not None and not any("irope" in e.ours_paths() for e in table):
+        extra.append("it has no interleaved RoPE / NoPE layers or chunked attention (irope)")
     if cfg.moe is None:
         # The MoE rules cannot be judged without MoE settings; the rest still can.
         moe_free = [e for e in table if not any(p.startswith("moe.") for p in e.ours_paths())]
-        return [p for e in moe_free for p in e.problems(cfg)] + ["it is dense"]
-    return [p for e in table for p in e.problems(cfg)]
+        return [p for e in moe_free for p in e.problems(cfg)] + extra + ["it is dense"]
+    return [p for e in table for p in e.problems(cfg)] + extra
 
 
 def check_table(table: ConfigTable, owner: str) -> None:
@@ -525,9 +528,13 @@ def swiglu(label: str) -> Without:
     )
 
 
-def dropless(label: str) -> Fixed:
+def dropless(label: str, *, input_weighted: bool = False) -> Fixed:
+    """Dropless experts, whose routing weight scales their output (or, `input_weighted`,
+    their input: Llama 4)."""
+    where = "input (scale_expert_input must be true)" if input_weighted else "output"
     return Fixed(
-        {"moe.capacity_factor": None}, f"{label} is dropless (capacity_factor must be null)"
+        {"moe.capacity_factor": None, "moe.scale_expert_input": input_weighted},
+        f"{label} is dropless (capacity_factor must be null) and weights each expert's {where}",
     )
 
 

@@ -20,7 +20,16 @@ from torch import Tensor
 
 from moekit.config import ModelConfig
 from moekit.files import read_json, write_json
-from moekit.interop import deepseek_v2, deepseek_v3, dots1, gpt_oss, mixtral, olmoe, qwen_moe
+from moekit.interop import (
+    deepseek_v2,
+    deepseek_v3,
+    dots1,
+    gpt_oss,
+    llama4,
+    mixtral,
+    olmoe,
+    qwen_moe,
+)
 from moekit.interop.architecture import Architecture
 from moekit.interop.checkpoint import (
     HF_CONFIG,
@@ -64,6 +73,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     deepseek_v3.ARCH,
     dots1.ARCH,
     gpt_oss.ARCH,
+    llama4.ARCH,
+    llama4.MULTIMODAL,  # import only: its text model is written as Llama4ForCausalLM
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

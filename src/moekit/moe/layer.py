@@ -127,9 +127,10 @@ class MoELayer(nn.Module):
             seq_len=S,
             sort=backend.needs_sorted,
         )
-        y_CD = self.experts.compute(
-            backend, dispatch.permute(x_TD, p), p.expert_S, p.tokens_per_expert, p.weight_S
-        )
+        x_CD, scale_C = dispatch.permute(x_TD, p), p.weight_S
+        if self.cfg.scale_expert_input:  # weighted inputs, unweighted outputs (Llama 4)
+            x_CD, scale_C = x_CD * scale_C.to(x_CD.dtype)[:, None], torch.ones_like(scale_C)
+        y_CD = self.experts.compute(backend, x_CD, p.expert_S, p.tokens_per_expert, scale_C)
         out_TD = self._with_shared(x_TD, dispatch.combine(y_CD, p, T))
         if not (route.stats or route.record):
             return out_TD.view(B, S, D), None
@@ -148,6 +149,7 @@ class MoELayer(nn.Module):
             and self.backend == "auto"
             and not torch.is_grad_enabled()
             and self.experts.can_decode()
+            and not self.cfg.scale_expert_input  # the decode kernels weight outputs
         )
 
     def _with_shared(self, x_TD: Tensor, out_TD: Tensor) -> Tensor:
