@@ -16,19 +16,14 @@ from typing import Any
 
 from torch import Tensor
 
-from moekit.config import (
-    QUANT_BITS,
-    QUANT_GROUP_SIZES,
-    QUANT_PARTS,
-    ModelConfig,
-    QuantizationConfig,
-)
+from moekit.config import ModelConfig
 from moekit.interop.checkpoint import LazyTensors
 from moekit.model import meta_model
 from moekit.model_dir import ModelDir, ShardWriter, check_fit, stored_tensors
 from moekit.quant.build import Targets, already_quantized, check_shapes, targets
 from moekit.quant.build import quantize_tensors as quantize_stream
 from moekit.quant.formats import QWEIGHT, dequantize, stored_parts
+from moekit.quant_config import QUANT_BITS, QUANT_GROUP_SIZES, QUANT_PARTS, QuantizationConfig
 from moekit.version import __version__
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
