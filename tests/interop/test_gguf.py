@@ -308,6 +308,10 @@ def test_the_command_line(tmp_path, tokenizer):
     assert "num_experts" in listed["OlmoeForCausalLM"]["carried"][0]
     proc = run("--to-gguf", str(model_dir))
     assert proc.returncode != 0 and "--out is required" in proc.stderr
+    (tmp_path / "gguf").mkdir()  # a directory: the file is named after the model
+    proc = run("--to-gguf", str(model_dir), "--out", str(tmp_path / "gguf"), "--type", "f32")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "gguf" / f"{model_dir.name}-f32.gguf").is_file()
 
 
 def test_a_quantised_model_is_written_from_its_dequantised_weights(tmp_path, tokenizer):

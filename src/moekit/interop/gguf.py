@@ -91,9 +91,10 @@ def choose_gguf_architecture(cfg: ModelConfig) -> GgufArch:
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, *, type: str = "f16") -> GgufResult:
-    """Write the moekit model directory `model_dir` as the GGUF file `out_file` in `type`
-    ("f32", "f16", "q8_0", "q4_0"). UnsupportedError (before anything is written) naming what
-    llama.cpp cannot compute exactly: the architecture, the setting, what is supported."""
+    """Write the moekit model directory `model_dir` as the GGUF file `out_file` (an existing
+    directory: the file NAME-TYPE.gguf in it) in `type` ("f32", "f16", "q8_0", "q4_0").
+    UnsupportedError (before anything is written) naming what llama.cpp cannot compute
+    exactly: the architecture, the setting, what is supported."""
     import gguf
 
     if type not in TYPES:
@@ -106,6 +107,8 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, type: str = "f16
     weights = _source_weights(src, cfg)
     maps = bind(arch.weights, cfg, hf, f"GGUF {arch.name}")
     out = Path(out_file)
+    if out.is_dir():  # a directory: the file is named after the model and the type
+        out = out / f"{src.path.resolve().name}-{type}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch.name)
