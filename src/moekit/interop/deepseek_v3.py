@@ -48,6 +48,64 @@ from moekit.interop.tensors import (
 )
 
 
+def leading_dense(label: str) -> tuple[Entry, ...]:
+    """Dense first layers as `first_k_dense_replace` (DeepSeek's and dots.llm1's placement)."""
+    return (
+        Field(
+            "first_k_dense_replace",
+            "moe.first_dense_layers",
+            default=0,
+            cast=int,
+            get=lambda cfg: cfg.leading_dense_layers,
+        ),
+        Check(
+            f"{label}'s dense layers are the first ones (first_k_dense_replace)",
+            lambda cfg: cfg.leading_dense_layers is not None,
+            ("moe.first_dense_layers", "moe.dense_layers"),
+        ),
+    )
+
+
+def plain_shared_experts(label: str) -> tuple[Entry, ...]:
+    """Shared experts without a gate, as wide as the routed ones."""
+    return (
+        Fixed({"moe.shared_expert_gate": False}, f"{label}'s shared experts have no gate"),
+        Check(
+            f"{label}'s shared experts are as wide as the routed ones (shared_expert_hidden "
+            "must be null or expert_hidden)",
+            lambda cfg: (
+                cfg.moe is None or cfg.moe.shared_expert_hidden in (None, cfg.moe.expert_hidden)
+            ),
+            ("moe.shared_expert_hidden",),
+        ),
+    )
+
+
+def sigmoid_group_routing(label: str) -> tuple[Entry, ...]:
+    """DeepSeek-V3's routing (also dots.llm1's): sigmoid top-k in expert groups scored by their
+    best two, and a selection-only correction bias."""
+    return (
+        Field("n_group", "moe.num_groups", default=1, cast=lambda v: v or 1),
+        Field("topk_group", "moe.topk_groups", default=1, cast=lambda v: v or 1),
+        Fixed(
+            {"moe.router": "topk", "moe.score_func": "sigmoid"}, f"{label} routes by sigmoid top-k"
+        ),
+        OnImport({"moe.group_score": "top2_sum"}, "groups are scored by their best two experts"),
+        Check(
+            f"{label} scores expert groups by their best two experts",
+            lambda cfg: (
+                cfg.moe is None or cfg.moe.num_groups == 1 or cfg.moe.group_score == "top2_sum"
+            ),
+            ("moe.num_groups", "moe.group_score"),
+        ),
+        OnImport(
+            {"moe.selection_bias": True, "moe.aux_loss_weight": 0.0001},
+            "the checkpoint's routers carry a correction bias (e_score_correction_bias) and "
+            "balance with it rather than with a large auxiliary loss",
+        ),
+    )
+
+
 def mla_config(label: str) -> tuple[Entry, ...]:
     """What DeepSeek-V2 and V3 state the same way: the decoder, multi-head latent attention,
     the expert sizes and the dense first layers. `label` names the architecture in reasons."""
@@ -70,28 +128,9 @@ def mla_config(label: str) -> tuple[Entry, ...]:
         Field("n_routed_experts", "moe.num_experts"),
         Field("num_experts_per_tok", "moe.top_k"),
         Field("moe_intermediate_size", "moe.expert_hidden"),
-        Field(
-            "first_k_dense_replace",
-            "moe.first_dense_layers",
-            default=0,
-            cast=int,
-            get=lambda cfg: cfg.leading_dense_layers,
-        ),
-        Check(
-            f"{label}'s dense layers are the first ones (first_k_dense_replace)",
-            lambda cfg: cfg.leading_dense_layers is not None,
-            ("moe.first_dense_layers", "moe.dense_layers"),
-        ),
+        *leading_dense(label),
         Field("routed_scaling_factor", "moe.routed_scaling_factor", default=1.0, cast=float),
-        Fixed({"moe.shared_expert_gate": False}, f"{label}'s shared experts have no gate"),
-        Check(
-            f"{label}'s shared experts are as wide as the routed ones (shared_expert_hidden "
-            "must be null or expert_hidden)",
-            lambda cfg: (
-                cfg.moe is None or cfg.moe.shared_expert_hidden in (None, cfg.moe.expert_hidden)
-            ),
-            ("moe.shared_expert_hidden",),
-        ),
+        *plain_shared_experts(label),
         dropless(label),
         swiglu(label),
     )
@@ -103,23 +142,8 @@ CONFIG = (
     Only("topk_method", ("noaux_tc", None), "DeepSeek-V3's noaux_tc only", write_value="noaux_tc"),
     Field("n_shared_experts", "moe.num_shared_experts", default=1, cast=int),  # transformers'
     Field("norm_topk_prob", "moe.norm_topk_prob", default=True, cast=bool),
-    Field("n_group", "moe.num_groups", default=1, cast=lambda v: v or 1),
-    Field("topk_group", "moe.topk_groups", default=1, cast=lambda v: v or 1),
     Const("num_nextn_predict_layers", 0),
-    Fixed(
-        {"moe.router": "topk", "moe.score_func": "sigmoid"}, "DeepSeek-V3 routes by sigmoid top-k"
-    ),
-    OnImport({"moe.group_score": "top2_sum"}, "groups are scored by their best two experts"),
-    Check(
-        "DeepSeek-V3 scores expert groups by their best two experts",
-        lambda cfg: cfg.moe is None or cfg.moe.num_groups == 1 or cfg.moe.group_score == "top2_sum",
-        ("moe.num_groups", "moe.group_score"),
-    ),
-    OnImport(
-        {"moe.selection_bias": True, "moe.aux_loss_weight": 0.0001},
-        "the checkpoint's routers carry a correction bias (e_score_correction_bias) and balance "
-        "with it rather than with a large auxiliary loss",
-    ),
+    *sigmoid_group_routing("DeepSeek-V3"),
 )
 
 

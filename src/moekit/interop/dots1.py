@@ -11,17 +11,21 @@ from __future__ import annotations
 from typing import Any
 
 from moekit.interop.architecture import Architecture
-from moekit.interop.deepseek_v3 import PER_EXPERT, STACKED
+from moekit.interop.deepseek_v3 import (
+    PER_EXPERT,
+    STACKED,
+    leading_dense,
+    plain_shared_experts,
+    sigmoid_group_routing,
+)
 from moekit.interop.fields import (
     DECODER_FIELDS,
     NO_ATTENTION_BIAS,
-    Check,
     Const,
     Field,
     Fixed,
     HeadDim,
     HFConfig,
-    OnImport,
     SlidingWindow,
     dropless,
     swiglu,
@@ -49,43 +53,12 @@ CONFIG = (
     Field("n_routed_experts", "moe.num_experts", aliases=("num_local_experts",)),
     Field("num_experts_per_tok", "moe.top_k"),
     Field("n_shared_experts", "moe.num_shared_experts", default=0, cast=int),
-    Field(
-        "first_k_dense_replace",
-        "moe.first_dense_layers",
-        default=0,
-        cast=int,
-        get=lambda cfg: cfg.leading_dense_layers,
-    ),
-    Check(
-        f"{LABEL}'s dense layers are the first ones (first_k_dense_replace)",
-        lambda cfg: cfg.leading_dense_layers is not None,
-        ("moe.first_dense_layers", "moe.dense_layers"),
-    ),
+    *leading_dense(LABEL),
     Field("norm_topk_prob", "moe.norm_topk_prob", default=False, cast=bool),
     Field("routed_scaling_factor", "moe.routed_scaling_factor", default=1.0, cast=float),
-    Field("n_group", "moe.num_groups", default=1, cast=lambda v: v or 1),
-    Field("topk_group", "moe.topk_groups", default=1, cast=lambda v: v or 1),
     Const("output_router_logits", False),
-    Fixed({"moe.router": "topk", "moe.score_func": "sigmoid"}, f"{LABEL} routes by sigmoid top-k"),
-    OnImport({"moe.group_score": "top2_sum"}, "groups are scored by their best two experts"),
-    Check(
-        f"{LABEL} scores expert groups by their best two experts",
-        lambda cfg: cfg.moe is None or cfg.moe.num_groups == 1 or cfg.moe.group_score == "top2_sum",
-        ("moe.num_groups", "moe.group_score"),
-    ),
-    OnImport(
-        {"moe.selection_bias": True, "moe.aux_loss_weight": 0.0001},
-        "the checkpoint's routers carry a correction bias (e_score_correction_bias)",
-    ),
-    Fixed({"moe.shared_expert_gate": False}, f"{LABEL}'s shared experts have no gate"),
-    Check(
-        f"{LABEL}'s shared experts are as wide as the routed ones (shared_expert_hidden must be "
-        "null or expert_hidden)",
-        lambda cfg: (
-            cfg.moe is None or cfg.moe.shared_expert_hidden in (None, cfg.moe.expert_hidden)
-        ),
-        ("moe.shared_expert_hidden",),
-    ),
+    *sigmoid_group_routing(LABEL),
+    *plain_shared_experts(LABEL),
     Fixed(
         {"attention.kind": "gqa", "attention.qk_norm": "head", "attention.qkv_bias": False},
         f"{LABEL} attention is grouped-query with a norm on each query and key head",
