@@ -28,43 +28,11 @@ from moekit.infer.sampling import SamplingParams
 from moekit.interop.gguf import export_gguf, import_gguf
 from moekit.interop.hf import import_hf
 
-TEXT = "def add(a, b):\n    return a + b\n" * 20 + "The quick brown fox jumps over the dog. " * 20
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
+from test_gguf import FAMILIES, TEXT, split_tokenizer  # noqa: E402  (the GGUF tests' models)
+
 PROMPT = "The quick brown"
-TINY = {
-    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, intermediate_size=64,
-                                      num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2, intermediate_size=96,
-                                         moe_intermediate_size=32, num_experts=4,
-                                         shared_expert_intermediate_size=64,
-                                         num_experts_per_tok=2, norm_topk_prob=False)),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=32,
-                                         intermediate_size=96, moe_intermediate_size=32,
-                                         num_experts=8, num_experts_per_tok=2,
-                                         norm_topk_prob=True)),
-    "olmoe": ("OlmoeConfig", dict(num_key_value_heads=4, intermediate_size=32, num_experts=4,
-                                  num_experts_per_tok=2)),
-    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, intermediate_size=96,
-                                             moe_intermediate_size=32, n_shared_experts=1,
-                                             n_routed_experts=8, routed_scaling_factor=2.5,
-                                             kv_lora_rank=16, q_lora_rank=24,
-                                             qk_rope_head_dim=8, v_head_dim=16,
-                                             qk_nope_head_dim=16, n_group=4, topk_group=2,
-                                             num_experts_per_tok=2, first_k_dense_replace=1,
-                                             norm_topk_prob=True)),
-    "deepseek_v2": ("DeepseekV2Config", dict(num_key_value_heads=4, intermediate_size=96,
-                                             moe_intermediate_size=32, n_shared_experts=2,
-                                             n_routed_experts=8, routed_scaling_factor=1.5,
-                                             kv_lora_rank=16, q_lora_rank=None,
-                                             qk_rope_head_dim=8, v_head_dim=16,
-                                             qk_nope_head_dim=16, topk_method="greedy",
-                                             num_experts_per_tok=2, first_k_dense_replace=1,
-                                             norm_topk_prob=False)),
-    "dots1": ("Dots1Config", dict(num_key_value_heads=4, head_dim=32, intermediate_size=96,
-                                  moe_intermediate_size=32, n_shared_experts=1,
-                                  n_routed_experts=8, routed_scaling_factor=2.0, n_group=4,
-                                  topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
-                                  norm_topk_prob=True)),
-}  # fmt: skip
+TINY = {name: (cls, fields) for name, (cls, fields, _) in FAMILIES.items()}
 # RoPE scaling: YaRN (with DeepSeek's magnitude correction) and linear.
 _YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)
 TINY["qwen3_moe-yarn"] = (TINY["qwen3_moe"][0],
@@ -75,28 +43,6 @@ TINY["mixtral-linear"] = (TINY["mixtral"][0], {**TINY["mixtral"][1], "rope_param
     "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})  # fmt: skip
 
 
-def split_tokenizer(pre: str) -> Tokenizer:
-    """A byte-level tokenizer trained with llama.cpp's pre-tokenizer `pre`."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from moekit.interop.gguf_tokenizer import pre_tokenizer_of
-
-    if pre == "gpt-2":
-        return Tokenizer.train([TEXT], 300)
-    backend = Backend(models.BPE())
-    normalizer, backend.pre_tokenizer = pre_tokenizer_of(pre)
-    if normalizer is not None:
-        backend.normalizer = normalizer
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    backend.train_from_iterator([TEXT, "I'll pay 12345 dollars.\n\nWe'VE 3.14 cafés"], trainer)
-    return Tokenizer(backend)
-
-
 TOKENIZER_TEXTS = ["I'll pay 12345 dollars.\n\n  We'VE 3.14 cafés", "a\r\nb\tc   d   e",
                    "def add(a, b):\n    return a + b\n", "Ünïcödé 🦙 x1234y"]  # fmt: skip
 
@@ -105,7 +51,8 @@ def check_tokenizers(bin_dir: Path, root: Path) -> int:
     """Encode texts with llama-tokenize from GGUF files of each pre-tokenizer; the failures."""
     failures = 0
     for pre in ("gpt-2", "qwen2", "llama-bpe"):
-        model_dir = tiny_model("qwen3_moe", root / f"tok-{pre}", split_tokenizer(pre))
+        tok = Tokenizer.train([TEXT], 300) if pre == "gpt-2" else split_tokenizer(pre)
+        model_dir = tiny_model("qwen3_moe", root / f"tok-{pre}", tok)
         gguf_file = root / f"tok-{pre}.gguf"
         export_gguf(model_dir, gguf_file, type="f32")
         ours = Tokenizer.load(model_dir)

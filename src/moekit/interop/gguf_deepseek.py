@@ -161,30 +161,25 @@ def _gating(kind: int) -> Any:
     return lambda meta: meta.get("deepseek2.expert_gating_func", SOFTMAX) == kind
 
 
-DEEPSEEK2_V2 = GgufArch(
-    name="deepseek2",
-    hf=deepseek_v2.ARCH,
-    keys=_KEYS,
-    weights=_weights(),
-    norm_topk_prob=None,
-    leading_dense=True,
-    meta_of=_meta,
-    hf_of=_hf,
-    accepts=_gating(SOFTMAX),
-    more_problems=_problems,
-)
-DEEPSEEK2_V3 = GgufArch(
-    name="deepseek2",
-    hf=deepseek_v3.ARCH,
-    keys=_KEYS,
-    weights=_weights(),
-    norm_topk_prob=None,
-    leading_dense=True,
-    meta_of=_meta,
-    hf_of=_hf,
-    accepts=_gating(SIGMOID),
-    more_problems=_problems,
-)
+def _deepseek2(hf: Any, gating: int) -> GgufArch:
+    """llama.cpp's deepseek2 for the Hugging Face architecture `hf`, told apart on import by
+    the gating function (`gating`: SOFTMAX for V2, SIGMOID for V3)."""
+    return GgufArch(
+        name="deepseek2",
+        hf=hf,
+        keys=_KEYS,
+        weights=_weights(),
+        norm_topk_prob=None,
+        leading_dense=True,
+        meta_of=_meta,
+        hf_of=_hf,
+        accepts=_gating(gating),
+        more_problems=_problems,
+    )
+
+
+DEEPSEEK2_V2 = _deepseek2(deepseek_v2.ARCH, SOFTMAX)
+DEEPSEEK2_V3 = _deepseek2(deepseek_v3.ARCH, SIGMOID)
 
 
 # ---- dots.llm1: Qwen3's attention with DeepSeek-V3's routing -------------------------------------
