@@ -251,30 +251,32 @@ def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, tokeni
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.gguf")]
 
 
-def test_unreadable_and_foreign_files_are_refused(tmp_path):
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"GGUF" + b"\x00" * 10)
-    with pytest.raises(ValueError, match="is not a readable GGUF file"):
-        import_gguf(bad, tmp_path / "out")
-    writer = gguf.GGUFWriter(tmp_path / "gemma.gguf", "gemma")
+def foreign_gguf(path, arch, strings=None):
+    """A GGUF file written by the gguf package alone: architecture `arch`, string metadata
+    `strings`, one small embedding."""
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in (strings or {}).items():
+        writer.add_string(key, value)
     writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_unreadable_and_foreign_files_are_refused(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 10)
+    with pytest.raises(ValueError, match="is not a readable GGUF file"):
+        import_gguf(bad, tmp_path / "out")
+    foreign_gguf(tmp_path / "gemma.gguf", "gemma")
     with pytest.raises(UnsupportedError, match=r"GGUF architecture 'gemma' is not supported: "
                                                r"moekit reads and writes llama"):  # fmt: skip
         import_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
-    writer = gguf.GGUFWriter(tmp_path / "yarn.gguf", "qwen3moe")
-    writer.add_string("qwen3moe.rope.scaling.type", "longrope")
-    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    foreign_gguf(tmp_path / "yarn.gguf", "qwen3moe", {"qwen3moe.rope.scaling.type": "longrope"})
     with pytest.raises(UnsupportedError, match=r"qwen3moe\.rope\.scaling\.type='longrope' is "
                                                r"not supported: moekit reads yarn and linear"):  # fmt: skip
         import_gguf(tmp_path / "yarn.gguf", tmp_path / "out")

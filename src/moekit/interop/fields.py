@@ -405,6 +405,34 @@ class HeadDim(Entry):
         hf["head_dim"] = cfg.head_dim
 
 
+# ---- layer placement -------------------------------------------------------------------------
+
+
+def placement(dense: list[int], layers: int, step: int) -> dict[str, Any]:
+    """moekit's placement fields for a model of `layers` layers whose dense layers are `dense`,
+    in the plainest form: `layer_step` when `dense` is what a step of `step` leaves dense (layer
+    i is MoE when `(i + 1) % step == 0`), `first_dense_layers` when they lead, else the list."""
+    fields: dict[str, Any] = {
+        "moe.first_dense_layers": 0,
+        "moe.layer_step": 1,
+        "moe.dense_layers": None,
+    }
+    if dense == [i for i in range(layers) if (i + 1) % step]:
+        fields["moe.layer_step"] = step
+    elif dense == list(range(len(dense))):
+        fields["moe.first_dense_layers"] = len(dense)
+    else:
+        fields["moe.dense_layers"] = dense
+    return fields
+
+
+def placed_by_step(cfg: ModelConfig) -> bool:
+    """Whether `cfg`'s MoE layers are placed by `layer_step` alone (no leading or listed dense
+    layers): what a checkpoint's own step setting can state."""
+    assert cfg.moe is not None
+    return not cfg.moe.first_dense_layers and cfg.moe.dense_layers is None
+
+
 # ---- a table, both ways ---------------------------------------------------------------------
 
 ConfigTable = tuple[Entry, ...]

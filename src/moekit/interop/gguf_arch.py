@@ -72,22 +72,38 @@ class Interleaved(Spec):
         )
 
 
-def _common() -> Weights:
-    """Embeddings, norms, attention and routed experts, the same in every architecture here."""
-    table: Weights = {
+def moe_weights() -> Weights:
+    """Embeddings, norms, the router and the routed experts: every architecture here."""
+    return {
         "embed.weight": tensor("TOKEN_EMBD"),
         "norm.weight": tensor("OUTPUT_NORM"),
         "lm_head.weight": tensor("OUTPUT"),
         "layers.{i}.attn_norm.weight": tensor("ATTN_NORM"),
         "layers.{i}.ffn_norm.weight": tensor("FFN_NORM"),
-        "layers.{i}.attn.wo.weight": tensor("ATTN_OUT"),
-        "layers.{i}.attn.q_norm.weight": tensor("ATTN_Q_NORM"),
-        "layers.{i}.attn.k_norm.weight": tensor("ATTN_K_NORM"),
         "layers.{i}.ffn.router.weight": tensor("FFN_GATE_INP"),
         # Stacked [E, F, D] and [E, D, F], as llama.cpp's converter stacks the experts.
         "layers.{i}.ffn.experts.w_gate": tensor("FFN_GATE_EXP"),
         "layers.{i}.ffn.experts.w_up": tensor("FFN_UP_EXP"),
         "layers.{i}.ffn.experts.w_down": tensor("FFN_DOWN_EXP"),
+    }
+
+
+def shared_expert_weights() -> Weights:
+    """Shared experts (one dense MLP every token passes through)."""
+    return {
+        "layers.{i}.ffn.shared.w_gate.weight": tensor("FFN_GATE_SHEXP"),
+        "layers.{i}.ffn.shared.w_up.weight": tensor("FFN_UP_SHEXP"),
+        "layers.{i}.ffn.shared.w_down.weight": tensor("FFN_DOWN_SHEXP"),
+    }
+
+
+def _common() -> Weights:
+    """`moe_weights` and grouped-query attention (q/k/v/o, biases, q/k norms)."""
+    table: Weights = {
+        **moe_weights(),
+        "layers.{i}.attn.wo.weight": tensor("ATTN_OUT"),
+        "layers.{i}.attn.q_norm.weight": tensor("ATTN_Q_NORM"),
+        "layers.{i}.attn.k_norm.weight": tensor("ATTN_K_NORM"),
     }
     for p, kind in (("q", "ATTN_Q"), ("k", "ATTN_K"), ("v", "ATTN_V")):
         table[f"layers.{{i}}.attn.w{p}.weight"] = tensor(kind)
@@ -106,9 +122,7 @@ def _llama_weights() -> Weights:
 def _shared_expert_weights() -> Weights:
     return {
         **_common(),
-        "layers.{i}.ffn.shared.w_gate.weight": tensor("FFN_GATE_SHEXP"),
-        "layers.{i}.ffn.shared.w_up.weight": tensor("FFN_UP_SHEXP"),
-        "layers.{i}.ffn.shared.w_down.weight": tensor("FFN_DOWN_SHEXP"),
+        **shared_expert_weights(),
         "layers.{i}.ffn.shared_gate.weight": tensor("FFN_GATE_INP_SHEXP"),
     }
 

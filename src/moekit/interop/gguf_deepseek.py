@@ -23,7 +23,7 @@ from torch import Tensor
 from moekit.config import ModelConfig
 from moekit.interop import deepseek_v2, deepseek_v3, dots1
 from moekit.interop.deepseek_v3 import RopeRows
-from moekit.interop.gguf_arch import GgufArch, tensor
+from moekit.interop.gguf_arch import GgufArch, moe_weights, shared_expert_weights, tensor
 from moekit.interop.tensors import Binding, Spec, TensorMap, Weights, at_layer
 
 SOFTMAX, SIGMOID = 1, 2  # llama.cpp's expert gating functions
@@ -53,11 +53,8 @@ class SplitKVB(Spec):
 
 def _weights() -> Weights:
     return {
-        "embed.weight": tensor("TOKEN_EMBD"),
-        "norm.weight": tensor("OUTPUT_NORM"),
-        "lm_head.weight": tensor("OUTPUT"),
-        "layers.{i}.attn_norm.weight": tensor("ATTN_NORM"),
-        "layers.{i}.ffn_norm.weight": tensor("FFN_NORM"),
+        **moe_weights(),
+        **shared_expert_weights(),
         "layers.{i}.attn.wq.weight": RopeRows(tensor("ATTN_Q"), "q", flagged=False),
         "layers.{i}.attn.wq_a.weight": tensor("ATTN_Q_A"),
         "layers.{i}.attn.q_norm.weight": tensor("ATTN_Q_A_NORM"),
@@ -69,14 +66,7 @@ def _weights() -> Weights:
         "layers.{i}.ffn.w_gate.weight": tensor("FFN_GATE"),  # the leading dense layers
         "layers.{i}.ffn.w_up.weight": tensor("FFN_UP"),
         "layers.{i}.ffn.w_down.weight": tensor("FFN_DOWN"),
-        "layers.{i}.ffn.router.weight": tensor("FFN_GATE_INP"),
         "layers.{i}.ffn.router.selection_bias": tensor("FFN_EXP_PROBS_B", "bias"),
-        "layers.{i}.ffn.experts.w_gate": tensor("FFN_GATE_EXP"),
-        "layers.{i}.ffn.experts.w_up": tensor("FFN_UP_EXP"),
-        "layers.{i}.ffn.experts.w_down": tensor("FFN_DOWN_EXP"),
-        "layers.{i}.ffn.shared.w_gate.weight": tensor("FFN_GATE_SHEXP"),
-        "layers.{i}.ffn.shared.w_up.weight": tensor("FFN_UP_SHEXP"),
-        "layers.{i}.ffn.shared.w_down.weight": tensor("FFN_DOWN_SHEXP"),
     }
 
 

@@ -37,6 +37,8 @@ from moekit.interop.fields import (
     Only,
     dropless,
     hf_value,
+    placed_by_step,
+    placement,
     plain_routing,
     swiglu,
     unsupported,
@@ -81,26 +83,17 @@ class Placement(Entry):
         layers = int(hf_value(hf, "num_hidden_layers"))
         step = int(hf.get("interleave_moe_layer_step") or 1)
         listed = _layer_list(hf, "moe_layers")
-        ours["moe.first_dense_layers"], ours["moe.layer_step"] = 0, 1
-        ours["moe.dense_layers"] = None
-        if listed is None:
-            ours["moe.layer_step"] = step
-            return
-        if not all(0 <= i < layers for i in listed):
+        if listed is not None and not all(0 <= i < layers for i in listed):
             raise unsupported("moe_layers", listed, f"it must list layer indices below {layers}")
-        dense = [i for i in range(layers) if i not in listed]
-        stepped = [i for i in range(layers) if (i + 1) % step]
-        if dense == stepped:
-            ours["moe.layer_step"] = step
-        elif dense == list(range(len(dense))):
-            ours["moe.first_dense_layers"] = len(dense)
+        if listed is None:
+            dense = [i for i in range(layers) if (i + 1) % step]
         else:
-            ours["moe.dense_layers"] = dense
+            dense = [i for i in range(layers) if i not in listed]
+        ours.update(placement(dense, layers, step))
 
     def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
         assert cfg.moe is not None
-        plain_step = not cfg.moe.first_dense_layers and cfg.moe.dense_layers is None
-        hf["interleave_moe_layer_step"] = cfg.moe.layer_step if plain_step else 1
+        hf["interleave_moe_layer_step"] = cfg.moe.layer_step if placed_by_step(cfg) else 1
         hf["moe_layers"] = cfg.moe_layers
 
 

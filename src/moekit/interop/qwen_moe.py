@@ -25,6 +25,8 @@ from moekit.interop.fields import (
     SlidingWindow,
     dropless,
     hf_value,
+    placed_by_step,
+    placement,
     plain_routing,
     swiglu,
     unsupported,
@@ -54,18 +56,11 @@ class Placement(Entry):
                 "mlp_only_layers", listed, f"it must list layer indices below {layers}"
             )
         dense = [i for i in range(layers) if i in listed or (i + 1) % step]
-        ours["moe.first_dense_layers"], ours["moe.layer_step"] = 0, 1
-        ours["moe.dense_layers"] = None
-        if not listed:
-            ours["moe.layer_step"] = step
-        elif dense == list(range(len(dense))):
-            ours["moe.first_dense_layers"] = len(dense)
-        else:
-            ours["moe.dense_layers"] = dense
+        ours.update(placement(dense, layers, step))
 
     def write(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        plain_step = placed_by_step(cfg)
         assert cfg.moe is not None
-        plain_step = not cfg.moe.first_dense_layers and cfg.moe.dense_layers is None
         hf["mlp_only_layers"] = [] if plain_step else cfg.dense_layer_indices
         hf["decoder_sparse_step"] = cfg.moe.layer_step if plain_step else 1
 
