@@ -141,7 +141,7 @@ def _specials(model_dir: ModelDir) -> dict[str, Any]:
     ):
         if value is not None:
             meta[key] = value
-    adds = added_specials(model_dir)
+    adds = added_specials(tok)
     meta["tokenizer.ggml.add_bos_token"] = adds["add_bos_token"]
     meta["tokenizer.ggml.add_eos_token"] = adds["add_eos_token"]
     config_file = model_dir / ModelDir.TOKENIZER_CONFIG

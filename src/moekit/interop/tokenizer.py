@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moekit.data.tokenizer import Tokenizer
 from moekit.files import read_json, write_json
 from moekit.model_dir import ModelDir
 
@@ -68,19 +69,16 @@ def export_tokenizer(fmt: TokenizerFormat, src: ModelDir, out: Path) -> None:
             continue
         if theirs == HF_TOKENIZER_CONFIG and src.tokenizer_path.is_file():
             config = read_json(src / ours)
-            for key, value in added_specials(src).items():
+            for key, value in added_specials(Tokenizer.load(src.path)).items():
                 config.setdefault(key, value)
             write_json(out / theirs, config)
         else:
             shutil.copyfile(src / ours, out / theirs)
 
 
-def added_specials(model_dir: ModelDir) -> dict[str, bool]:
-    """Whether the tokenizer of `model_dir` puts its BOS in front of a prompt and an EOS after
-    it (`add_bos_token`, `add_eos_token`, as transformers and llama.cpp name them)."""
-    from moekit.data.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(model_dir.path)
+def added_specials(tok: Tokenizer) -> dict[str, bool]:
+    """Whether the tokenizer `tok` puts its BOS in front of a prompt and an EOS after it
+    (`add_bos_token`, `add_eos_token`, as transformers and llama.cpp name them)."""
     probe = tok.backend.encode("a", add_special_tokens=True).ids
     return {
         "add_bos_token": tok.bos_id is not None and tok.bos_id in tok.prompt_prefix,
@@ -94,7 +92,5 @@ def special_ids(model_dir: ModelDir) -> dict[str, int | None]:
     architecture's default)."""
     if not model_dir.tokenizer_path.is_file():
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    from moekit.data.tokenizer import Tokenizer
-
     tok = Tokenizer.load(model_dir.path)
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
