@@ -262,7 +262,7 @@ def split_generation(rank: int, world: int, port: int, model_dir: str, out: str)
     from moekit.infer.generate import Generator
     from moekit.infer.sampling import SamplingParams
     from moekit.parallel.inference import release_experts, serve_experts, split_model
-    from moekit.parallel.mesh import init_parallel
+    from moekit.parallel.mesh import close_parallel, init_parallel
 
     join(rank, world, port)
     generator = Generator.from_dir(model_dir)
@@ -270,6 +270,7 @@ def split_generation(rank: int, world: int, port: int, model_dir: str, out: str)
     split_model(generator.model, parallel)
     if rank != 0:
         assert serve_experts(generator.model, parallel) > 0
+        close_parallel()
         return
 
     # A forward pass that fails on the main process part way (here in the second block's
@@ -292,6 +293,7 @@ def split_generation(rank: int, world: int, port: int, model_dir: str, out: str)
         done = generator.generate(prompts, params)
         result[name] = [[(t.id, t.logprob) for t in c.tokens] for c in done]
     release_experts(parallel)
+    close_parallel()
     Path(out).write_text(json.dumps(result))
 
 

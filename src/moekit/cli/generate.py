@@ -56,17 +56,20 @@ def run(args: argparse.Namespace) -> int:
         serve_experts,
         split_model,
     )
-    from moekit.parallel.mesh import init_parallel
+    from moekit.parallel.mesh import close_parallel, init_parallel
 
     parallel = init_parallel(args.ep, device=generator.device, timeout=INFERENCE_TIMEOUT)
-    split_model(generator.model, parallel)
-    if not parallel.is_main:
-        serve_experts(generator.model, parallel)  # until the main process is done
-        return 0
     try:
-        return _generate(generator, args)
+        split_model(generator.model, parallel)
+        if not parallel.is_main:
+            serve_experts(generator.model, parallel)  # until the main process is done
+            return 0
+        try:
+            return _generate(generator, args)
+        finally:
+            release_experts(parallel)
     finally:
-        release_experts(parallel)
+        close_parallel()
 
 
 def _generate(generator: Any, args: argparse.Namespace) -> int:

@@ -128,21 +128,24 @@ def run(args: argparse.Namespace) -> int:
         serve_experts,
         split_model,
     )
-    from moekit.parallel.mesh import init_parallel
+    from moekit.parallel.mesh import close_parallel, init_parallel
     from moekit.runtime import resolve_device
 
     check_ep(args, "serve")
     parallel = init_parallel(args.ep, device=resolve_device(args.device), timeout=INFERENCE_TIMEOUT)
-    if not parallel.is_main:  # serve this process's experts to the main one
-        from moekit.model_dir import ModelDir
-
-        model = ModelDir(args.model_dir).load_model(device=resolve_device(args.device))
-        serve_experts(split_model(model.eval(), parallel), parallel)
-        return 0
     try:
-        return _serve(args, parallel)
+        if not parallel.is_main:  # serve this process's experts to the main one
+            from moekit.model_dir import ModelDir
+
+            model = ModelDir(args.model_dir).load_model(device=resolve_device(args.device))
+            serve_experts(split_model(model.eval(), parallel), parallel)
+            return 0
+        try:
+            return _serve(args, parallel)
+        finally:
+            release_experts(parallel)
     finally:
-        release_experts(parallel)
+        close_parallel()
 
 
 def _serve(args: argparse.Namespace, parallel: Any) -> int:

@@ -119,3 +119,11 @@ def init_parallel(
     mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
     world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("world",))
     return Parallel(rank=rank, world=world, ep=ep, mesh=mesh, world_mesh=world_mesh)
+
+
+def close_parallel() -> None:
+    """Leave the run: destroy the process group (its backend's threads stop and its
+    connections close here, not in the interpreter's teardown, where a thread still running
+    aborts the process). Nothing to do when no group is initialised."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

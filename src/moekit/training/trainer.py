@@ -35,6 +35,7 @@ from moekit.files import DiskFullError, atomic_write_text, disk_full
 from moekit.model import Transformer, build_model
 from moekit.model_dir import ModelDir
 from moekit.parallel.apply import parallelize
+from moekit.parallel.mesh import close_parallel
 from moekit.runtime import resolve_device
 from moekit.training.checkpoint import Checkpoint, save_checkpoint
 from moekit.training.config import RunConfig
@@ -458,6 +459,7 @@ def train(
     to stderr (a bar on a terminal, a line per logged step elsewhere); `observer` receives the
     run's events too (moekit.training.events).
     """
+    joined = torch.distributed.is_initialized()  # a group the caller started stays theirs
     trainer = Trainer(cfg, out_dir, resume=resume, verbose=verbose, observer=observer)
     result = trainer.run(stop_after=stop_after)
     if report and result.step >= cfg.train.max_steps and trainer.steps_this_run:
@@ -470,4 +472,6 @@ def train(
             write_training_report(trainer, result)
     if trainer.parallel is not None:
         torch.distributed.barrier(group=trainer.parallel.world_group)
+        if not joined:
+            close_parallel()
     return result
