@@ -41,6 +41,35 @@ def add_parser(sub: Any) -> None:
     add_device_argument(p)
     add_offload_arguments(p)
     add_ep_argument(p, "serve")
+    _add_connection_arguments(p)
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        metavar="N",
+        help="prompt tokens prefilled between two decode steps of the running requests, so a "
+        "long prompt does not stall them (0: whole prompts at once; default 512)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, refuse new requests and let running ones finish for up to this "
+        "long, then abort the rest (default 30; a second SIGTERM or Ctrl-C stops at once)",
+    )
+    p.add_argument(
+        "--tool-call-format",
+        default=None,
+        metavar="FORMAT",
+        help="the format the model writes tool calls in: hermes, mistral, llama3_json or "
+        "deepseek_v3 (default: the one its chat template shows; hermes when it shows none)",
+    )
+    p.set_defaults(run=run, json=False)
+
+
+def _add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    """What a connection may do, and who may connect."""
     p.add_argument(
         "--header-timeout",
         type=float,
@@ -78,23 +107,6 @@ def add_parser(sub: Any) -> None:
         help="web pages allowed to call the API, as scheme://host[:port] (* for any), with "
         "CORS; repeatable",
     )
-    p.add_argument(
-        "--prefill-chunk",
-        type=int,
-        default=512,
-        metavar="N",
-        help="prompt tokens prefilled between two decode steps of the running requests, so a "
-        "long prompt does not stall them (0: whole prompts at once; default 512)",
-    )
-    p.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="on SIGTERM, refuse new requests and let running ones finish for up to this "
-        "long, then abort the rest (default 30; a second SIGTERM or Ctrl-C stops at once)",
-    )
-    p.set_defaults(run=run, json=False)
 
 
 # The library names a bad setting by its keyword; the command line adds the flag.
@@ -111,6 +123,7 @@ FLAGS = {
     "allowed_origins": "--allowed-origins",
     "prefill_chunk": "--prefill-chunk",
     "shutdown_grace": "--shutdown-grace",
+    "tool_call_format": "--tool-call-format",
 }
 
 
@@ -188,6 +201,7 @@ def _serve(args: argparse.Namespace, parallel: Any) -> int:
             prefill_chunk=args.prefill_chunk,
             shutdown_grace=args.shutdown_grace,
             parallel=parallel,
+            tool_call_format=args.tool_call_format,
         )
     except PortInUseError as e:
         raise ValueError(f"{e} (--port)") from None

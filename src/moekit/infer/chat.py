@@ -16,6 +16,7 @@ new turn. `ChatSession` holds a conversation (what `moekit chat` runs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,22 +40,35 @@ class ChatTemplate:
         default_factory=lambda: {role: f"<|{role}|>\n{{content}}\n" for role in ROLES}
     )
     generation_prompt: str = "<|assistant|>\n"
-    stop: tuple[str, ...] = ("<|user|>", "<|system|>", "<|assistant|>")
+    stop: tuple[str, ...] = ("<|user|>", "<|system|>", "<|assistant|>", "<|tool|>")
     # The formatted text holds no special tokens: a prompt gets the tokenizer's own (its BOS).
     includes_special_tokens: ClassVar[bool] = False
 
     def format(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """The prompt text for `messages` (each {"role": ..., "content": ...})."""
+        """The prompt text for `messages` (each {"role": ..., "content": ...}). With `tools`
+        (OpenAI function definitions), a system turn lists them and says how to call one:
+        `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; an assistant message's
+        `tool_calls` are written that way, and "tool" messages (the calls' results) take a
+        turn of their own."""
+        turns = {"tool": TOOL_TURN, **self.turn}
+        messages = _with_tools(messages, tools) if tools else messages
         parts = []
         for i, message in enumerate(messages):
             role, content = message.get("role"), message.get("content")
-            if role not in self.turn:
-                raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(self.turn)}")
+            if role not in turns:
+                raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(turns)}")
             if not isinstance(content, str):
                 raise ValueError(f"message {i}: content must be a string")
-            parts.append(self.turn[role].format(content=content))
+            calls = [_call_text(c) for c in message.get("tool_calls") or ()]
+            if calls:
+                content = "\n".join([content, *calls] if content else calls)
+            parts.append(turns[role].format(content=content))
         if add_generation_prompt:
             parts.append(self.generation_prompt)
         return "".join(parts)
@@ -89,6 +103,42 @@ class ChatTemplate:
             raise ValueError(f"{path} is not a valid chat template ({e})") from e
 
 
+TOOL_TURN = "<|tool|>\n{content}\n"
+TOOLS_PREAMBLE = (
+    "You may call these functions, described as JSON schemas, to help answer:\n<tools>\n"
+    "{tools}\n</tools>\nTo call one, answer with a JSON object of its name and arguments "
+    'inside <tool_call></tool_call> tags: <tool_call>{{"name": ..., "arguments": {{...}}}}'
+    "</tool_call>. Each result comes back in a tool turn."
+)
+
+
+def _with_tools(
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """The conversation with the tool definitions added to its system message (a system
+    message of their own when it has none)."""
+    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    preamble = TOOLS_PREAMBLE.format(tools=listed)
+    out = list(messages)
+    if out and out[0].get("role") == "system" and isinstance(out[0].get("content"), str):
+        out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{preamble}"}
+    else:
+        out.insert(0, {"role": "system", "content": preamble})
+    return out
+
+
+def _call_text(call: Mapping[str, Any]) -> str:
+    """An earlier call as the model writes it (OpenAI's {"function": {"name", "arguments"}}
+    or a bare {"name", "arguments"}; the arguments an object or its JSON text)."""
+    function = call.get("function", call)
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        with contextlib.suppress(json.JSONDecodeError):  # else written as it is
+            arguments = json.loads(arguments)
+    body = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
+    return f"<tool_call>\n{body}\n</tool_call>"
+
+
 class PromptTemplate(Protocol):
     """What a chat needs of a template: moekit's `ChatTemplate` or a Jinja one
     (moekit.infer.jinja_chat)."""
@@ -100,7 +150,11 @@ class PromptTemplate(Protocol):
     def includes_special_tokens(self) -> bool: ...
 
     def format(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str: ...
 
 

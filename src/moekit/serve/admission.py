@@ -24,6 +24,7 @@ from moekit.infer.chat import ChatTemplate, PromptTemplate
 from moekit.infer.generate import ContextLengthError
 from moekit.infer.sampling import SamplingParams
 from moekit.infer.token_bound import TokenBound
+from moekit.infer.tool_calls import detect_tool_parser, tool_parser
 from moekit.serve.config import ServerConfig
 from moekit.serve.engine import (
     Engine,
@@ -34,6 +35,13 @@ from moekit.serve.engine import (
 )
 from moekit.serve.protocol import APIError, ChatRequest
 from moekit.serve.streams import EventStream, Submitted
+from moekit.serve.tools import (
+    ToolPlan,
+    forced_schema,
+    plan_tools,
+    template_messages,
+    template_tools,
+)
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Job:
     logprobs: int | None = None
     echo_logprobs: bool = False
     prompt_only: bool = False
+    grammar: Any = None  # a compiled constraint the output follows (moekit.infer.constrain)
 
 
 def prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -75,6 +84,12 @@ class Admission:
     ) -> None:
         self.engine, self.config = engine, config
         self.template: PromptTemplate = template or ChatTemplate()
+        # The format the model writes tool calls in: the server's setting, else the one its
+        # chat template shows.
+        if config.tool_call_format is not None:
+            self.tool_parser = tool_parser(config.tool_call_format)
+        else:
+            self.tool_parser = detect_tool_parser(getattr(self.template, "source", None))
         self.tokenizer, self.cfg = engine.tokenizer, engine.cfg
         self.limit = config.max_tokens_limit or engine.max_context  # on max_tokens
         self.bound = TokenBound(self.tokenizer)
@@ -104,6 +119,24 @@ class Admission:
     async def encode_all(self, prompts: list[str | list[int]], param: str) -> list[list[int]]:
         """Every prompt's token ids, tokenized in a worker thread (see `encode`)."""
         return await asyncio.to_thread(lambda: [self.encode(p, param) for p in prompts])
+
+    def tool_plan(self, req: ChatRequest) -> ToolPlan:
+        """How the request's answer is made and read with its tools (a 400 when its tools,
+        tool_choice and messages do not fit together)."""
+        return plan_tools(req, self.tool_parser)
+
+    def forced_grammar(self, req: ChatRequest, plan: ToolPlan) -> Any:
+        """The compiled constraint a forced tool call's answer follows (None when no call is
+        forced); compiled here, in the request's thread, so a schema the constraint library
+        cannot take is a 400 before anything is queued."""
+        if plan.mode != "forced":
+            return None
+        from moekit.infer.constrain import ConstraintError, compile_constraint
+
+        try:
+            return compile_constraint(self.tokenizer, "json_schema", forced_schema(req, plan))
+        except ConstraintError as e:
+            raise APIError(400, f"the tool's parameters: {e}", param="tools") from None
 
     async def chat_ids(self, req: ChatRequest) -> list[int]:
         """The chat's messages formatted by the model's chat template, as token ids (formatted
@@ -138,12 +171,8 @@ class Admission:
             raise context_error(e, param) from None
 
     def _chat_ids(self, req: ChatRequest) -> list[int]:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in req.messages
-        ]
         try:
-            prompt = self.template.format(messages)
+            prompt = self.template.format(template_messages(req), tools=template_tools(req))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         if not self.template.includes_special_tokens:
@@ -256,7 +285,13 @@ class Admission:
         for job in jobs:
             stream = EventStream(loop)
             request = EngineRequest(
-                job.ids, job.params, stream.emit, job.logprobs, job.echo_logprobs, job.prompt_only
+                job.ids,
+                job.params,
+                stream.emit,
+                job.logprobs,
+                job.echo_logprobs,
+                job.prompt_only,
+                grammar=job.grammar,
             )
             out.append((request, stream))
         try:

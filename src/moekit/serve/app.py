@@ -71,6 +71,7 @@ def build(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     offload: OffloadConfig | None = None,
     parallel: Parallel | None = None,
+    tool_call_format: str | None = None,
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
@@ -79,7 +80,8 @@ def build(
     host names and to web pages (see ServerConfig). `prefill_chunk`: prompt tokens prefilled
     between two decode steps of the running requests (0: whole prompts at once). With
     `parallel` (the main process of a torchrun), the model's experts are split over its
-    processes, which serve them (`moekit.parallel.inference`). The settings
+    processes, which serve them (`moekit.parallel.inference`). `tool_call_format`: the format
+    the model writes tool calls in (None: the one its chat template shows). The settings
     and the model's chat template are checked before the model loads: a ValueError (a
     SettingError naming the setting, or naming the template's file) for one that cannot work."""
     config = ServerConfig(
@@ -88,6 +90,7 @@ def build(
         max_tokens_limit=max_tokens_limit,
         allowed_hosts=listed(allowed_hosts),
         allowed_origins=listed(allowed_origins),
+        tool_call_format=tool_call_format,
     )
     check_count("max_batch", max_batch)
     check_count("max_queue", max_queue)

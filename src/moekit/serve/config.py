@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from moekit.infer.tool_calls import TOOL_PARSERS
+
 MAX_BODY_BYTES = 1 << 20
 HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
@@ -44,7 +46,9 @@ class ServerConfig:
     `Retry-After` seconds sent with a 429, the host names the server answers to besides its
     own addresses and loopback names (`allowed_hosts`: "*" for any, "*.example.com" for a
     domain's hosts), and the web origins whose pages may call the API (`allowed_origins`,
-    "scheme://host[:port]" or "*": CORS is enabled for them)."""
+    "scheme://host[:port]" or "*": CORS is enabled for them), and the format the model writes
+    tool calls in (`tool_call_format`, see moekit.infer.tool_calls; None: the one its chat
+    template shows)."""
 
     model_name: str
     api_key: str | None = None
@@ -53,6 +57,7 @@ class ServerConfig:
     retry_after_s: int = 1
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    tool_call_format: str | None = None  # None: the one the chat template shows
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -65,6 +70,12 @@ class ServerConfig:
         self.allowed_origins = tuple(
             _origin(o) for o in _strings("allowed_origins", self.allowed_origins)
         )
+        if self.tool_call_format is not None and self.tool_call_format not in TOOL_PARSERS:
+            raise SettingError(
+                "tool_call_format",
+                self.tool_call_format,
+                f"must be one of {', '.join(TOOL_PARSERS)}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

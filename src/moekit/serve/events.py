@@ -82,6 +82,7 @@ class EngineRequest:
     logprobs: int | None = None
     echo_logprobs: bool = False
     prompt_only: bool = False
+    grammar: Any = None  # a compiled constraint the output follows (moekit.infer.constrain)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 

@@ -7,7 +7,7 @@ Requests are validated here into plain values the app can act on; anything wrong
 - An explicit `null` for an optional field means its default, as in the OpenAI API.
 - Unknown fields are accepted and ignored (vLLM does the same; clients and evaluation tools
   send extras), but known fields that would change the output and that moekit does not
-  implement (`logit_bias`, tools, structured output, penalties, `suffix`, `best_of`, ...)
+  implement (`logit_bias`, penalties, `suffix`, `best_of`, ...)
   are refused with a 400 naming the field rather than silently ignored.
 """
 
@@ -129,9 +129,7 @@ class _Common(_Body):
     # the value is harmless (the check returns True). Other unknown fields are ignored.
     refused: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "logit_bias": _empty,
-        "tools": _empty,
-        "functions": _empty,
-        "tool_choice": lambda v: v in (None, "none"),
+        "functions": _empty,  # the API's old name for tools
         "function_call": lambda v: v in (None, "none"),
         "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
         "modalities": lambda v: v in (None, ["text"]),
@@ -237,11 +235,39 @@ class CompletionRequest(_Common):
         return None
 
 
+class FunctionCall(_Body):
+    name: Text
+    arguments: Text  # a JSON object, as text
+
+
+class ToolCallIn(_Body):
+    """A call an earlier assistant message made (sent back in the conversation)."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Text | list[dict[str, Any]]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Text | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: Text | None = None  # tool messages: the call they answer
+    name: Text | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry 'tool_calls'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the 'tool_call_id' of the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -257,8 +283,35 @@ class ChatMessage(_Body):
         return "".join(parts)
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class FunctionDef(_Body):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(_Body):
+    name: Text
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDef] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False

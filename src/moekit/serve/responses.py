@@ -13,6 +13,7 @@ from moekit.infer.detokenize import TokenBytes, decode_with_offsets
 from moekit.serve.events import TokenEvent, TokenLogprob
 from moekit.serve.protocol import ChatRequest, CompletionRequest
 from moekit.serve.streams import Generation
+from moekit.serve.tools import ToolPlan
 
 _ids = itertools.count()
 
@@ -160,12 +161,25 @@ def completion_body(
     return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
+def chat_message(text: str, finish_reason: str, tools: ToolPlan) -> tuple[dict[str, Any], str]:
+    """A chat answer's message (its text, or its tool calls read from the text) and its
+    finish reason ("tool_calls" when it ended by calling)."""
+    content, calls = tools.read(text)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [c.to_openai() for c in calls]
+        if finish_reason == "stop":
+            finish_reason = "tool_calls"
+    return message, finish_reason
+
+
 def chat_body(
     head: dict[str, Any],
     gens: list[Generation],
     req: ChatRequest,
     prompt_tokens: int,
     token_bytes: TokenBytes,
+    tools: ToolPlan,
 ) -> dict[str, Any]:
     """The whole answer to a non-streaming chat request, choice i from `gens[i]`."""
     choices = []
@@ -174,11 +188,12 @@ def chat_body(
         if req.logprobs:
             entries = [chat_logprob(t.logprob, token_bytes) for t in gen.tokens if t.logprob]
             logprobs = {"content": entries}
+        message, finish_reason = chat_message(gen.done.text, gen.done.finish_reason, tools)
         choice: dict[str, Any] = {
             "index": index,
-            "message": {"role": "assistant", "content": gen.done.text},
+            "message": message,
             "logprobs": logprobs,
-            "finish_reason": gen.done.finish_reason,
+            "finish_reason": finish_reason,
         }
         if req.moekit.routing:
             choice["moekit"] = {"routing": routing_list(gen.tokens)}

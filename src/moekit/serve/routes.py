@@ -172,14 +172,16 @@ async def chat(request: Request) -> Any:
     req: ChatRequest = parse(ChatRequest, await read_json(request, s.config.max_body_bytes))
     admit.check_model(req.model)
     admit.check_size(req.n, req.n)
+    tools = admit.tool_plan(req)
+    grammar = await asyncio.to_thread(admit.forced_grammar, req, tools)
     ids = await admit.chat_ids(req)
     params = admit.chat_sampling(req, len(ids))
     top = (req.top_logprobs or 0) if req.logprobs else None
-    jobs = [Job(ids, with_seed(params, req.seed, i), top) for i in range(req.n)]
+    jobs = [Job(ids, with_seed(params, req.seed, i), top, grammar=grammar) for i in range(req.n)]
     streams = admit.submit(jobs, "messages")
     head = responses.head("chatcmpl", "chat.completion", s.config.model_name)
     if req.stream:
-        events = sse.chat_events(request, streams, head, req, len(ids), s.token_bytes)
+        events = sse.chat_events(request, streams, head, req, len(ids), s.token_bytes, tools)
         return sse.event_stream(events)
     gens = await collect_all(request, streams)
-    return responses.chat_body(head, gens, req, len(ids) * req.n, s.token_bytes)
+    return responses.chat_body(head, gens, req, len(ids) * req.n, s.token_bytes, tools)

@@ -24,6 +24,7 @@ from moekit.serve.responses import (
     usage,
 )
 from moekit.serve.streams import Submitted, merged
+from moekit.serve.tools import ToolPlan
 
 DONE = b"data: [DONE]\n\n"
 
@@ -97,9 +98,11 @@ async def chat_events(
     req: ChatRequest,
     prompt_len: int,
     token_bytes: TokenBytes,
+    tools: ToolPlan,
 ) -> AsyncIterator[bytes]:
     """A streamed chat answer: a first chunk with the role for every choice, then choice i's
-    deltas from `streams[i]`."""
+    deltas from `streams[i]`; tool calls, read under `tools`, come as `delta.tool_calls` in
+    a chunk of their own before the choice's last one."""
     head = {**head, "object": "chat.completion.chunk"}
 
     def chunk(
@@ -109,6 +112,7 @@ async def chat_events(
         return {**head, "choices": [choice]}
 
     completion_tokens = 0
+    readers = [tools.reader() for _ in streams]
     for i in range(len(streams)):
         yield event(chunk(i, {"role": "assistant", "content": ""}))
     async for i, ev in merged(request, streams):
@@ -116,12 +120,22 @@ async def chat_events(
             continue
         if isinstance(ev, DoneEvent):
             completion_tokens += ev.completion_tokens
-            yield _finish(ev, chunk(i, {}, None, ev.finish_reason))
+            reason = ev.finish_reason
+            if ended_badly(ev) is None:
+                text, calls = readers[i].finish()
+                if text:
+                    yield event(chunk(i, {"content": text}))
+                if calls:
+                    listed = [c.to_openai(index=j) for j, c in enumerate(calls)]
+                    yield event(chunk(i, {"tool_calls": listed}))
+                    reason = "tool_calls" if reason == "stop" else reason
+            yield _finish(ev, chunk(i, {}, None, reason))
             continue
         logprobs = None
         if req.logprobs and ev.logprob is not None:
             logprobs = {"content": [chat_logprob(ev.logprob, token_bytes)]}
-        yield event(_with_routing(chunk(i, {"content": ev.text}, logprobs), ev, req.moekit.routing))
+        delta = {"content": readers[i].feed(ev.text)}
+        yield event(_with_routing(chunk(i, delta, logprobs), ev, req.moekit.routing))
     if req.stream_options and req.stream_options.include_usage:
         prompt_tokens = prompt_len * len(streams)
         yield event({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
