@@ -6,19 +6,6 @@ from moekit.bench.quant import bench_quant, bench_quant_kernels
 from moekit.cli.commands import main
 
 
-@pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory):
-    from moekit import train
-    from moekit.training.config import resolve_run_config
-
-    from ..conftest import TINY_RUN
-
-    out = tmp_path_factory.mktemp("run") / "run"
-    cfg = resolve_run_config(preset="debug", overrides=[*TINY_RUN, "train.max_steps=2"])
-    train(cfg, out, verbose=False, report=False)
-    return out
-
-
 def test_bench_quant_measures_every_setting(trained_dir, capsys):
     result = bench_quant(trained_dir, val_batches=1, prompts=2, new_tokens=4, repeats=1)
     assert [r.name for r in result.rows] == ["float32", "int8", "int4 g32"]

@@ -4,6 +4,7 @@ processes, so kept free of pytest)."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -241,7 +242,12 @@ def train_run(
 
 
 def train_here(
-    out: str, overrides: list[str], *, resume: bool, stop_after: int | None = None
+    out: str,
+    overrides: list[str],
+    *,
+    resume: bool,
+    stop_after: int | None = None,
+    observer: Any = None,
 ) -> None:
     """`moekit.train` of the tiny test run in this process."""
     from moekit.training.config import resolve_run_config
@@ -249,7 +255,15 @@ def train_here(
     from tests.conftest import TINY_RUN
 
     cfg = resolve_run_config(preset="debug", overrides=[*TINY_RUN, *overrides])
-    train(cfg, out, resume=resume, verbose=False, report=False, stop_after=stop_after)
+    train(
+        cfg,
+        out,
+        resume=resume,
+        verbose=False,
+        report=False,
+        stop_after=stop_after,
+        observer=observer,
+    )
 
 
 def split_generation(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
@@ -328,12 +342,25 @@ def signalled(rank: int, world: int, port: int, out: str) -> None:
     from pathlib import Path
 
     from moekit.training.errors import TrainingInterruptedError
+    from moekit.training.events import StepDone, TrainingObserver
+
+    class SignalAfterStep3(TrainingObserver):
+        """SIGTERM to this process a moment after its third step: during training, whatever
+        the time setting up took (a machine under load takes longer)."""
+
+        def stepped(self, event: StepDone) -> None:
+            if event.step == 3:
+                threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
     join(rank, world, port)
-    if rank == 1:
-        threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    overrides = ["train.ep=2", "train.max_steps=100000"]
     try:
-        train_here(str(Path(out) / "run"), ["train.ep=2", "train.max_steps=100000"], resume=False)
+        train_here(
+            str(Path(out) / "run"),
+            overrides,
+            resume=False,
+            observer=SignalAfterStep3() if rank == 1 else None,
+        )
     except TrainingInterruptedError as e:
         Path(out, f"rank{rank}").write_text(str(e.step))
 

@@ -60,7 +60,7 @@ class QuantBench:
         return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
 
 
-def _val_rows(model_dir: ModelDir, seq_len: int) -> Tensor:
+def validation_rows(model_dir: ModelDir, seq_len: int) -> Tensor:
     """The validation rows in the fixed shuffled order training evaluates them in (seeded with
     the run's seed), so that a capped number of rows samples every document, not the first."""
     run = model_dir / ModelDir.RUN_CONFIG
@@ -98,7 +98,8 @@ def _greedy(model: Transformer, prompts: list[list[int]], new: int) -> list[list
     return [greedy_generate(model, p, new) for p in prompts]
 
 
-def _same_prefix(a: list[list[int]], b: list[list[int]]) -> float:
+def same_prefix(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of the tokens of `b` that `a` repeats before its first difference."""
     same = total = 0
     for x, y in zip(a, b, strict=True):
         n = 0
@@ -139,7 +140,7 @@ def bench_quant(
 
     ref = load_model(src.path).eval()
     seq_len = min(256, ref.cfg.max_seq_len - 1)
-    rows = _val_rows(src, seq_len)[: 8 * val_batches]
+    rows = validation_rows(src, seq_len)[: 8 * val_batches]
     if not len(rows):
         raise ValueError(f"{src}: its data has no validation rows to measure the loss on")
     settings = {
@@ -173,7 +174,7 @@ def bench_quant(
         with torch.no_grad():
             loss = eval_loss(model, rows, batch_size=8, max_batches=val_batches)
         top1 = _agreement(model, ref, rows[:8]) if model is not ref else 1.0
-        greedy = _same_prefix(_greedy(model, prompt_ids, new_tokens), greedy_ref)
+        greedy = same_prefix(_greedy(model, prompt_ids, new_tokens), greedy_ref)
         mine = {k.split("/")[1]: v for k, v in expert_s.items() if k.startswith(name + "/")}
         steps = {
             k.split("/")[1]: (v - decode_s[k.replace("/long", "/short")]) / DECODE_STEPS
