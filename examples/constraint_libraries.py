@@ -118,8 +118,10 @@ def big_tokenizer(vocab: int) -> Tokenizer:
     merges: list[Any] = model["merges"]
     pool = [t for t in tokens if len(t) > 1]
     rng = random.Random(0)
+    alphabet = pre_alphabet()
     while len(tokens) < vocab:
-        a, b = rng.choice(pool), rng.choice(pool + list(pre_alphabet()))
+        a = rng.choice(pool)
+        b = rng.choice(pool) if rng.random() < 0.5 else rng.choice(alphabet)
         if a + b in tokens or len(a + b) > 16:
             continue
         tokens[a + b] = len(tokens)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.infer.chat import ChatTemplate, PromptTemplate
+from moekit.infer.constrain import Grammar
 from moekit.infer.generate import ContextLengthError
 from moekit.infer.sampling import SamplingParams
 from moekit.infer.token_bound import TokenBound
@@ -47,6 +48,7 @@ class Job:
     logprobs: int | None = None
     echo_logprobs: bool = False
     prompt_only: bool = False
+    grammar: Grammar | None = None  # the output constraint (moekit.serve.structured)
 
 
 def prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -258,6 +260,7 @@ class Admission:
             request = EngineRequest(
                 job.ids, job.params, stream.emit, job.logprobs, job.echo_logprobs, job.prompt_only
             )
+            request.grammar = job.grammar
             out.append((request, stream))
         try:
             self.engine.submit(*(r for r, _ in out))
