@@ -27,7 +27,7 @@ import pytest
         (json.dumps({"model": "tiny", "prompt": "a", "seed": -1}).encode(), 400, "'seed'"),
         (json.dumps({"model": "tiny", "prompt": "a", "seed": 2**63 - 1, "n": 2}).encode(), 400, "seed + n - 1"),
         (json.dumps({"model": "tiny", "prompt": "a", "logit_bias": {"5": 10}}).encode(), 400, "'logit_bias'"),
-        (json.dumps({"model": "tiny", "prompt": "a", "response_format": {"type": "json_object"}}).encode(), 400, "'response_format'"),
+        (json.dumps({"model": "tiny", "prompt": "a", "response_format": {"type": "xml"}}).encode(), 400, "'response_format'"),
         (json.dumps({"model": "tiny", "prompt": "a", "max_tokens": True}).encode(), 400, "'max_tokens'"),
         (json.dumps({"model": "tiny", "prompt": "a", "n": True}).encode(), 400, "'n'"),
         (json.dumps({"model": "tiny", "prompt": [True, False]}).encode(), 400, "'prompt'"),

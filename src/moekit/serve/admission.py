@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.infer.chat import ChatTemplate, PromptTemplate
+from moekit.infer.constrain import ConstraintError, Grammar, compile_constraint
 from moekit.infer.generate import ContextLengthError
 from moekit.infer.sampling import SamplingParams
 from moekit.infer.token_bound import TokenBound
@@ -55,7 +56,7 @@ class Job:
     logprobs: int | None = None
     echo_logprobs: bool = False
     prompt_only: bool = False
-    grammar: Any = None  # a compiled constraint the output follows (moekit.infer.constrain)
+    grammar: Grammar | None = None  # the output constraint (moekit.serve.structured)
 
 
 def prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -125,16 +126,21 @@ class Admission:
         tool_choice and messages do not fit together)."""
         return plan_tools(req, self.tool_parser)
 
-    def forced_grammar(self, req: ChatRequest, plan: ToolPlan) -> Any:
+    def forced_grammar(self, req: ChatRequest, plan: ToolPlan) -> Grammar | None:
         """The compiled constraint a forced tool call's answer follows (None when no call is
         forced); compiled here, in the request's thread, so a schema the constraint library
         cannot take is a 400 before anything is queued."""
         if plan.mode != "forced":
             return None
-        from moekit.infer.constrain import ConstraintError, compile_constraint
-
+        gen = self.engine.generator
         try:
-            return compile_constraint(self.tokenizer, "json_schema", forced_schema(req, plan))
+            return compile_constraint(
+                gen.tokenizer,
+                "json_schema",
+                forced_schema(req, plan),
+                eos_ids=gen.eos_ids,
+                vocab_size=self.cfg.vocab_size,
+            )
         except ConstraintError as e:
             raise APIError(400, f"the tool's parameters: {e}", param="tools") from None
 

@@ -14,6 +14,10 @@ seed, a failed prefill) fails alone, and stopping the engine ends the waiting an
 requests with finish reason "abort". Draining (`drain`) refuses new requests but lets the
 waiting and running ones finish, within a grace period.
 
+A request with an output constraint (`EngineRequest.grammar`, see moekit.infer.constrain) has
+its slot's logits masked before each token is sampled, and ends with "stop" once its output is
+complete.
+
 The KV cache holds `max_context` positions per slot (by default the model's context, capped
 at 4096): an imported model with a 32k context would otherwise claim tens of GB up front.
 """
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.infer.constrain import Matcher
 from moekit.infer.detokenize import TextTracker
 from moekit.infer.generate import ContextLengthError, Generator, check_fits, routing_of
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
@@ -93,6 +98,11 @@ class _Slot:
     produced: int = 0
     pending: TokenEvent | None = None  # waiting for its routing
     finish: str | None = None
+    matcher: Matcher | None = None  # the request's output constraint, if any
+
+    def __post_init__(self) -> None:
+        if self.req.grammar is not None:
+            self.matcher = self.req.grammar.matcher()
 
 
 @dataclass
@@ -441,6 +451,8 @@ class Engine:
         """Sample slot i's next token; returns the token to feed, or None when the slot ended
         without one to feed."""
         params = s.req.params
+        if s.matcher is not None:  # logprobs then are of the constrained distribution
+            s.matcher.mask_(s.logits)
         token = next_token(s.logits, params, s.gen, s.seen)
         if token in self._stop_ids(params):
             # Counted and, with logprobs, reported: scoring tools read the logprob of the token
@@ -452,6 +464,8 @@ class Engine:
                 self._emit(s.req, TokenEvent(id=token, text="", logprob=lp))
             self._close(i, "stop")
             return None
+        if s.matcher is not None:
+            s.matcher.accept(token)
         s.seen = torch.cat([s.seen, s.seen.new_tensor([token])])
         s.produced += 1
         self.stats.generated_tokens += 1
@@ -462,7 +476,7 @@ class Engine:
             if s.req.logprobs is not None
             else None,
         )
-        if s.tracker.stopped:
+        if s.tracker.stopped or (s.matcher is not None and s.matcher.done):
             s.finish = "stop"
         elif s.produced >= params.max_new_tokens:
             s.finish = "length"

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from moekit.infer.constrain import Grammar
 from moekit.infer.generate import Routing
 from moekit.infer.sampling import SamplingParams
 
@@ -74,7 +75,9 @@ class EngineRequest:
     """What a client asked for. `logprobs`: None for none, else how many alternatives per
     token (0: only the chosen token's); `echo_logprobs`: send the prompt's logprobs too
     (a PromptEvent); `prompt_only`: generate nothing, only run (and score) the prompt, ending
-    with finish reason "length". `emit` receives the events, in the engine thread."""
+    with finish reason "length". `emit` receives the events, in the engine thread.
+    `grammar`: a compiled output constraint (moekit.infer.constrain) every sampled token
+    follows; the request ends with "stop" once its output is complete."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -82,9 +85,9 @@ class EngineRequest:
     logprobs: int | None = None
     echo_logprobs: bool = False
     prompt_only: bool = False
-    grammar: Any = None  # a compiled constraint the output follows (moekit.infer.constrain)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    grammar: Grammar | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -101,6 +104,7 @@ def token_logprob(tokenizer: Any, logp_V: Tensor, token: int, top: int) -> Token
         alternatives = [
             TopLogprob(int(t), tokenizer.decode([int(t)]), float(v))
             for v, t in zip(values.tolist(), ids.tolist(), strict=True)
+            if v != float("-inf")  # forbidden by an output constraint: not an alternative
         ]
     return TokenLogprob(token, tokenizer.decode([token]), float(logp_V[token]), alternatives)
 

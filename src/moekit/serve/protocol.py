@@ -124,6 +124,17 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+# The fields that constrain the output (moekit.serve.structured).
+_STRUCTURED = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+)
+
+
 class _Common(_Body):
     # Fields that change the output and that this server does not implement: refused unless
     # the value is harmless (the check returns True). Other unknown fields are ignored.
@@ -146,6 +157,8 @@ class _Common(_Body):
         "guided_grammar": _none,
         "structured_outputs": _none,
     }
+    # Structured output's fields are implemented: moekit.serve.structured reads them.
+    refused = {k: v for k, v in refused.items() if k not in _STRUCTURED}
 
     model: Text
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)

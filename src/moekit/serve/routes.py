@@ -34,6 +34,7 @@ from moekit.serve.engine import Engine
 from moekit.serve.metrics import CONTENT_TYPE, Metrics, prometheus_text
 from moekit.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
 from moekit.serve.streams import collect_all
+from moekit.serve.structured import grammar_for
 
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
 
@@ -142,6 +143,7 @@ async def completions(request: Request) -> Any:
         CompletionRequest, await read_json(request, s.config.max_body_bytes)
     )
     admit.check_model(req.model)
+    grammar = await grammar_for(req, s.engine)
     prompts = prompt_list(req.prompt)
     admit.check_size(len(prompts) * req.n, req.n)
     encoded = await admit.encode_all(prompts, "prompt")
@@ -154,6 +156,7 @@ async def completions(request: Request) -> Any:
         for i in range(req.n):
             seeded = with_seed(params, req.seed, i)
             jobs.append(Job(ids, seeded, req.logprobs, echo_logprobs, prompt_only=scoring))
+            jobs[-1].grammar = grammar
     streams = admit.submit(jobs, "prompt")
     head = responses.head("cmpl", "text_completion", s.config.model_name)
     # Decoding a long prompt back to text, token by token, is slow too: off the event loop.
@@ -173,11 +176,21 @@ async def chat(request: Request) -> Any:
     admit.check_model(req.model)
     admit.check_size(req.n, req.n)
     tools = admit.tool_plan(req)
-    grammar = await asyncio.to_thread(admit.forced_grammar, req, tools)
+    grammar = await grammar_for(req, s.engine)
+    forced = await asyncio.to_thread(admit.forced_grammar, req, tools)
+    if forced is not None and grammar is not None:
+        raise APIError(
+            400,
+            "a forced tool call (tool_choice) already constrains the answer; it cannot follow "
+            "a response format too",
+            param="tool_choice",
+        )
     ids = await admit.chat_ids(req)
     params = admit.chat_sampling(req, len(ids))
     top = (req.top_logprobs or 0) if req.logprobs else None
-    jobs = [Job(ids, with_seed(params, req.seed, i), top, grammar=grammar) for i in range(req.n)]
+    jobs = [Job(ids, with_seed(params, req.seed, i), top) for i in range(req.n)]
+    for job in jobs:  # each choice follows the constraint with a matcher of its own
+        job.grammar = forced or grammar
     streams = admit.submit(jobs, "messages")
     head = responses.head("chatcmpl", "chat.completion", s.config.model_name)
     if req.stream:
