@@ -40,8 +40,12 @@ WEATHER = {
         "description": "The weather in a city now",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "unit": {"enum": ["C", "F"]},
+            },
             "required": ["city"],
+            "additionalProperties": False,
         },
     },
 }
@@ -157,3 +161,117 @@ def test_bad_tool_requests_are_400s_and_the_server_keeps_serving(
         model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
     )
     assert answer.choices[0].finish_reason == "length"
+
+
+def _validates(arguments, schema):
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(json.loads(arguments), schema)
+
+
+def test_a_named_tool_choice_forces_a_valid_call(tools_server):
+    client, _ = tools_server
+    schema = WEATHER["function"]["parameters"]
+    answers = client.chat.completions.create(
+        model="tiny",
+        messages=CONVERSATION[:2],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "weather"}},
+        max_tokens=200,
+        temperature=1.0,
+        n=3,
+        seed=7,
+    )
+    for choice in answers.choices:
+        assert choice.finish_reason == "tool_calls", choice
+        assert choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name == "weather"
+        assert call.id.startswith("call_")
+        _validates(call.function.arguments, schema)
+
+
+def test_required_calls_name_the_tools_and_stream_as_deltas(tools_server):
+    client, _ = tools_server
+    clock = {
+        "type": "function",
+        "function": {
+            "name": "clock",
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+        },
+    }
+    request = dict(
+        model="tiny",
+        messages=CONVERSATION[:2],
+        tools=[WEATHER, clock],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=200,
+        temperature=1.0,
+        seed=3,
+    )
+    whole = client.chat.completions.create(**request)
+    (call,) = whole.choices[0].message.tool_calls  # parallel_tool_calls false: one call
+    assert call.function.name in ("weather", "clock")
+    schemas = {
+        "weather": WEATHER["function"]["parameters"],
+        "clock": clock["function"]["parameters"],
+    }
+    _validates(call.function.arguments, schemas[call.function.name])
+    # Streamed, the same seed gives the same call, as tool_calls deltas that reassemble.
+    calls, content, reasons = {}, "", []
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            reasons.append(choice.finish_reason)
+            for delta in choice.delta.tool_calls or ():
+                entry = calls.setdefault(delta.index, {"name": "", "arguments": "", "id": None})
+                entry["id"] = entry["id"] or delta.id
+                entry["name"] += delta.function.name or ""
+                entry["arguments"] += delta.function.arguments or ""
+    assert content == "" and reasons[-1] == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (call.function.name, call.function.arguments)
+    ]
+
+
+def test_auto_reads_the_calls_the_model_writes(tools_server):
+    """With tool_choice "auto" the server reads what the model wrote: here a regex (vLLM's
+    guided_regex) makes the tiny model write text and then a call in the hermes format."""
+    client, _ = tools_server
+    pattern = r'Checking\.\n<tool_call>\n\{"name": "weather", "arguments": \{"city": "(Rome|Oslo)"\}\}\n</tool_call>'
+    request = dict(
+        model="tiny",
+        messages=CONVERSATION[:2],
+        tools=[WEATHER],
+        max_tokens=100,
+        extra_body={"guided_regex": pattern},
+    )
+    answer = client.chat.completions.create(**request)
+    message = answer.choices[0].message
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert message.content == "Checking."
+    (call,) = message.tool_calls
+    assert call.function.name == "weather"
+    assert json.loads(call.function.arguments)["city"] in ("Rome", "Oslo")
+    text, calls = "", []
+    for chunk in client.chat.completions.create(**request, stream=True, temperature=0):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            calls += choice.delta.tool_calls or []
+    assert text == "Checking." and [c.function.name for c in calls] == ["weather"]
+    # tool_choice "none": the same output is text.
+    plain = client.chat.completions.create(**request, tool_choice="none")
+    assert plain.choices[0].message.tool_calls is None
+    assert "<tool_call>" in plain.choices[0].message.content
+
+
+def test_a_forced_call_and_a_response_format_together_are_refused(tools_server):
+    client, _ = tools_server
+    with pytest.raises(openai.BadRequestError, match="already constrains the answer"):
+        client.chat.completions.create(
+            model="tiny",
+            messages=CONVERSATION[:2],
+            tools=[WEATHER],
+            tool_choice="required",
+            response_format={"type": "json_object"},
+        )

@@ -225,11 +225,12 @@ class ToolCallStream:
         start = self.parser.start
         at = self.held.find(start)
         if at >= 0:
-            out, self.held, self.in_calls = self.held[:at], self.held[at:], True
-            return out, []
-        keep = _partial_suffix(self.held, start)
-        out = self.held[: len(self.held) - keep]
-        self.held = self.held[len(self.held) - keep :]
+            self.in_calls = True
+        else:
+            at = len(self.held) - _partial_suffix(self.held, start)
+        # Whitespace before a call is not the answer's text: it waits for what follows.
+        out = self.held[:at].rstrip()
+        self.held = self.held[len(out) :]
         return out, []
 
     def _feed_whole(self) -> tuple[str, list[ToolCall]]:
