@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,22 @@ def _call(obj: Any, arguments_key: str = "arguments") -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+def _decoded_calls(items: Iterable[tuple[str | None, str]]) -> list[ToolCall] | None:
+    """Calls from (name, JSON text) pairs: with a name, the text holds the arguments; without,
+    the whole {"name", "arguments"} object. None when one of them is malformed."""
+    calls = []
+    for name, body in items:
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        call = _call(data if name is None else {"name": name.strip(), "arguments": data})
+        if call is None:
+            return None
+        calls.append(call)
+    return calls or None
+
+
 class ToolCallParser:
     """One output format: `start`, the text that opens the calls, and `calls(block)`, the
     calls in the text from `start` on (None when it holds no well-formed call)."""
@@ -95,16 +111,7 @@ class HermesParser(ToolCallParser):
     _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
     def calls(self, block: str) -> list[ToolCall] | None:
-        calls = []
-        for body in self._block.findall(block):
-            try:
-                call = _call(json.loads(body))
-            except json.JSONDecodeError:
-                return None
-            if call is None:
-                return None
-            calls.append(call)
-        return calls or None
+        return _decoded_calls((None, body) for body in self._block.findall(block))
 
 
 class MistralParser(ToolCallParser):
@@ -163,16 +170,7 @@ class DeepSeekV3Parser(ToolCallParser):
     )
 
     def calls(self, block: str) -> list[ToolCall] | None:
-        calls = []
-        for name, body in self._call_re.findall(block):
-            try:
-                call = _call({"name": name.strip(), "arguments": json.loads(body)})
-            except json.JSONDecodeError:
-                return None
-            if call is None:
-                return None
-            calls.append(call)
-        return calls or None
+        return _decoded_calls(self._call_re.findall(block))
 
 
 _PARSERS: dict[str, type[ToolCallParser]] = {
