@@ -339,27 +339,36 @@ def signalled(rank: int, world: int, port: int, out: str) -> None:
     step and stop with TrainingInterruptedError (writing the step to out/rank{N})."""
     import signal
     import threading
+    import time
     from pathlib import Path
 
     from moekit.training.errors import TrainingInterruptedError
     from moekit.training.events import StepDone, TrainingObserver
 
-    class SignalAfterStep3(TrainingObserver):
-        """SIGTERM to this process a moment after its third step: during training, whatever
-        the time setting up took (a machine under load takes longer)."""
+    started = Path(out, "step3")
 
+    class MarkStep3(TrainingObserver):  # observers run on the main process only
         def stepped(self, event: StepDone) -> None:
             if event.step == 3:
-                threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+                started.touch()
+
+    def signal_once_training() -> None:
+        """SIGTERM to this process once the run has made three steps: during training,
+        whatever the time setting up took (a machine under load takes longer)."""
+        while not started.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     join(rank, world, port)
+    if rank == 1:
+        threading.Thread(target=signal_once_training, daemon=True).start()
     overrides = ["train.ep=2", "train.max_steps=100000"]
     try:
         train_here(
             str(Path(out) / "run"),
             overrides,
             resume=False,
-            observer=SignalAfterStep3() if rank == 1 else None,
+            observer=MarkStep3() if rank == 0 else None,
         )
     except TrainingInterruptedError as e:
         Path(out, f"rank{rank}").write_text(str(e.step))
