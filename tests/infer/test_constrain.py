@@ -150,3 +150,17 @@ def test_bad_constraints_name_the_problem(tok, kind, spec, message):
         compile_constraint(tok, kind, spec)
     if kind in ("json_schema", "regex", "choice", "grammar"):
         assert str(e.value).startswith(f"{kind}: ")
+
+
+def test_no_end_tokens_means_only_the_grammar_ends(tok):
+    """eos_ids=[] (a request that ignores end-of-text): end-of-text is never allowed, so an
+    output that could end or go on goes on."""
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    with_eos = compile_constraint(tok, "regex", "ab?").matcher()
+    without = compile_constraint(tok, "regex", "ab?", eos_ids=[]).matcher()
+    for m in (with_eos, without):
+        m.accept(a)
+        assert m.accepting and not m.done
+    assert with_eos.allowed()[tok.eos_id] and with_eos.allowed()[b]
+    allowed = without.mask_(torch.zeros(tok.vocab_size))
+    assert torch.isfinite(allowed).nonzero().flatten().tolist() == [b]

@@ -270,3 +270,15 @@ def test_text_format_is_no_constraint(client):
     )
     plain = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, seed=0)
     assert r.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_ignore_eos_runs_until_the_output_is_complete(client):
+    """With ignore_eos, end-of-text is not allowed where the output could stop early: it goes
+    on until the constraint is done."""
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="tiny", messages=HI, seed=seed, max_tokens=20,
+            extra_body={"guided_regex": "[a-z]{1,4}", "ignore_eos": True},
+        )  # fmt: skip
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop" and re.fullmatch("[a-z]{4}", choice.message.content)

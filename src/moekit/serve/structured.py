@@ -136,13 +136,15 @@ async def grammar_for(body: Any, engine: Any) -> Grammar | None:
         return None
     kind, spec, param = asked
     generator = engine.generator
+    # With ignore_eos, end-of-text is never allowed: only a complete output ends the request.
+    eos_ids = set() if getattr(body, "ignore_eos", False) else generator.eos_ids
 
     def compile_() -> Grammar:
         return compile_constraint(
             generator.tokenizer,
             kind,
             spec,
-            eos_ids=generator.eos_ids,
+            eos_ids=eos_ids,
             vocab_size=engine.cfg.vocab_size,
         )
 
