@@ -187,6 +187,9 @@ class LLGuidance:
     def accept(self, m: Any, t: int) -> bool:
         return bool(m.consume_token(t))
 
+    def complete(self, m: Any, eos: int) -> bool:
+        return bool(m.is_accepting())
+
 
 class XGrammar:
     name = "xgrammar"
@@ -209,6 +212,9 @@ class XGrammar:
 
     def accept(self, m: Any, t: int) -> bool:
         return bool(m.accept_token(t))
+
+    def complete(self, m: Any, eos: int) -> bool:
+        return bool(m.accept_token(eos))
 
 
 class OutlinesCore:
@@ -238,6 +244,9 @@ class OutlinesCore:
         except Exception:
             return False
         return True
+
+    def complete(self, g: Any, eos: int) -> bool:
+        return bool(g.is_finished()) or eos in g.get_tokens()
 
 
 def timed(f: Callable[[], Any]) -> tuple[Any, float]:
@@ -320,8 +329,8 @@ def engine_cost(tok: Tokenizer, tokens: int, repeats: int) -> tuple[float, float
 
 def accepts(lib: Any, tok: Tokenizer, schema: Any, instance: Any) -> bool:
     m = lib.compile(schema)
-    ids = [*tok.encode(json.dumps(instance)), tok.eos_id]  # all of it, and nothing more
-    return all(lib.accept(m, t) for t in ids)
+    ids = tok.encode(json.dumps(instance))
+    return all(lib.accept(m, t) for t in ids) and lib.complete(m, tok.eos_id)
 
 
 def coverage(lib: Any, tok: Tokenizer) -> dict[str, str]:

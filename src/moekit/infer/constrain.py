@@ -247,7 +247,8 @@ def _lltokenizer(
     n = max(tokenizer.vocab_size, vocab_size or 0)
     if eos_ids is None:
         eos_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    eos, forbid = tuple(sorted(set(eos_ids))), ()
+    eos: tuple[int, ...] = tuple(sorted(set(eos_ids)))
+    forbid: tuple[int, ...] = ()
     if not eos:
         eos = forbid = (tokenizer.pad_id if tokenizer.eos_id is None else tokenizer.eos_id,)
     key = (id(backend), eos, n)
