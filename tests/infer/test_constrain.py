@@ -164,3 +164,19 @@ def test_no_end_tokens_means_only_the_grammar_ends(tok):
     assert with_eos.allowed()[tok.eos_id] and with_eos.allowed()[b]
     allowed = without.mask_(torch.zeros(tok.vocab_size))
     assert torch.isfinite(allowed).nonzero().flatten().tolist() == [b]
+
+
+def test_pathological_constraints_are_refused_briefly(tok):
+    deep = {"type": "integer"}
+    for _ in range(3000):  # deeper than Python's recursion limit
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ConstraintError, match="json_schema: nested too deeply"):
+        compile_constraint(tok, "json_schema", deep)
+    deep = {"type": "integer"}
+    for _ in range(500):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ConstraintError, match="recursion limit"):
+        compile_constraint(tok, "json_schema", deep)
+    with pytest.raises(ConstraintError) as e:
+        compile_constraint(tok, "regex", "(" * 3000 + "a" + ")" * 3000)
+    assert len(str(e.value)) <= 400

@@ -45,6 +45,7 @@ from torch import Tensor
 
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 CACHE_SIZE = 64  # compiled grammars kept per process
+MAX_MESSAGE = 400  # characters of an error message (they may quote the constraint)
 # Compact JSON, and nothing but what the schema allows (llguidance's defaults are flexible
 # whitespace, which a weak model can fill with newlines until it runs out of tokens).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -145,7 +146,10 @@ def compile_constraint(
         if cached is not None:
             _grammars.move_to_end(key)
             return cached
-    template = _matcher(lltok, kind, _grammar_text(kind, spec))
+    try:
+        template = _matcher(lltok, kind, _grammar_text(kind, spec))
+    except RecursionError:
+        raise ConstraintError(f"{kind}: nested too deeply") from None
     grammar = Grammar(kind, template, lltok.vocab_size, forbid)
     with _lock:
         _grammars[key] = grammar
@@ -161,6 +165,8 @@ def _spec_key(kind: str, spec: Any) -> str:
         return json.dumps(spec, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ConstraintError(f"{kind}: not a JSON value ({e})") from None
+    except RecursionError:
+        raise ConstraintError(f"{kind}: nested too deeply") from None
 
 
 def _grammar_text(kind: str, spec: Any) -> str:
@@ -220,7 +226,8 @@ def _message(kind: str, error: str) -> str:
     error = re.sub(r"^at \d+\(\d+\): ", "", error.strip())  # a position in llguidance's text
     first = error.splitlines()[0] if error else "invalid"
     detail = " ".join(line.strip() for line in error.splitlines()[1:4])
-    return f"{kind}: {first}" + (f" ({detail})" if detail and kind != "json_schema" else "")
+    message = f"{kind}: {first}" + (f" ({detail})" if detail and kind != "json_schema" else "")
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
 
 
 def _type(value: Any) -> str:
