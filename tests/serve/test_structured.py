@@ -242,6 +242,11 @@ BAD = [
         "'structural_tag' is not supported",
     ),
     (
+        {"guided_json": {"type": "object"}, "guided_whitespace_pattern": " *"},
+        "guided_whitespace_pattern",
+        "not supported",
+    ),
+    (
         {"guided_regex": "[0-9]+", "response_format": {"type": "json_object"}},
         "guided_regex",
         "set only one",

@@ -49,6 +49,11 @@ def _bad(param: str, message: str) -> APIError:
 def requested(body: Any) -> tuple[str, Any, str] | None:
     """The constraint a validated request asks for, as (kind, spec, field), or None."""
     extra = body.model_extra or {}
+    if extra.get("guided_whitespace_pattern") is not None:
+        raise _bad(
+            "guided_whitespace_pattern",
+            "is not supported by this server (JSON is generated without whitespace)",
+        )
     given = [name for name in FIELDS if extra.get(name) is not None]
     if "response_format" in given and _is_text(extra["response_format"]):
         given.remove("response_format")
