@@ -7,7 +7,7 @@ Requests are validated here into plain values the app can act on; anything wrong
 - An explicit `null` for an optional field means its default, as in the OpenAI API.
 - Unknown fields are accepted and ignored (vLLM does the same; clients and evaluation tools
   send extras), but known fields that would change the output and that moekit does not
-  implement (`logit_bias`, tools, structured output, penalties, `suffix`, `best_of`, ...)
+  implement (`logit_bias`, tools, penalties, `suffix`, `best_of`, ...)
   are refused with a 400 naming the field rather than silently ignored.
 """
 
@@ -125,7 +125,7 @@ class StreamOptions(_Body):
 
 
 # The fields that constrain the output (moekit.serve.structured).
-_STRUCTURED = (
+STRUCTURED_FIELDS = (
     "response_format",
     "guided_json",
     "guided_regex",
@@ -160,7 +160,7 @@ class _Common(_Body):
         "structured_outputs": _none,
     }
     # Structured output's fields are implemented: moekit.serve.structured reads them.
-    refused = {k: v for k, v in refused.items() if k not in _STRUCTURED}
+    refused = {k: v for k, v in refused.items() if k not in STRUCTURED_FIELDS}
 
     model: Text
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)

@@ -19,16 +19,9 @@ import json
 from typing import Any
 
 from moekit.infer.constrain import ConstraintError, Grammar, compile_constraint
-from moekit.serve.protocol import APIError
+from moekit.serve.protocol import STRUCTURED_FIELDS, APIError
 
-FIELDS = (
-    "response_format",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "structured_outputs",
-)
+FIELDS = STRUCTURED_FIELDS
 _GUIDED = {
     "guided_json": "json_schema",
     "guided_regex": "regex",
