@@ -1,7 +1,8 @@
 """Compare constrained-decoding libraries on moekit's tokenizers: per-token mask time and
 JSON Schema coverage.
 
-    pip install llguidance xgrammar outlines-core   # xgrammar: `--no-deps apache-tvm-ffi` on CPU
+    pip install llguidance outlines-core
+    pip install --no-deps xgrammar 'apache-tvm-ffi>=0.1.11'   # without triton, on a CPU
     PYTHONPATH=src python examples/constraint_libraries.py [--vocab 150000] [--repeats 5]
 
 Two tokenizers: the 512-token one the tests use (trained on a slice of the builtin corpus),
