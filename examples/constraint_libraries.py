@@ -1,8 +1,9 @@
 """Compare constrained-decoding libraries on moekit's tokenizers: per-token mask time and
 JSON Schema coverage.
 
-    pip install llguidance xgrammar outlines-core   # xgrammar: `--no-deps apache-tvm-ffi` on CPU
-    PYTHONPATH=src python examples/constraint_libraries.py [--vocab 150000] [--tokens 400]
+    pip install llguidance outlines-core
+    pip install --no-deps xgrammar 'apache-tvm-ffi>=0.1.11'   # without triton, on a CPU
+    PYTHONPATH=src python examples/constraint_libraries.py [--vocab 150000] [--repeats 5]
 
 Two tokenizers: the 512-token one the tests use (trained on a slice of the builtin corpus),
 and a byte-level BPE of `--vocab` tokens: trained on the builtin corpus as far as it goes, then
@@ -13,7 +14,8 @@ For each library: the time to compile a JSON schema, and the time per generated 
 compute the set of allowed tokens (the bitmask) and to advance the state, over the tokens of
 a valid instance. Then, for each JSON Schema keyword, whether the library enforces it (refuses
 an instance that breaks only that keyword), ignores it (accepts that instance) or refuses the
-schema.
+schema. Last, moekit's serving engine with and without a JSON schema constraint: its whole
+cost per generated token.
 """
 
 from __future__ import annotations
@@ -186,6 +188,9 @@ class LLGuidance:
     def accept(self, m: Any, t: int) -> bool:
         return bool(m.consume_token(t))
 
+    def complete(self, m: Any, eos: int) -> bool:
+        return bool(m.is_accepting())
+
 
 class XGrammar:
     name = "xgrammar"
@@ -208,6 +213,9 @@ class XGrammar:
 
     def accept(self, m: Any, t: int) -> bool:
         return bool(m.accept_token(t))
+
+    def complete(self, m: Any, eos: int) -> bool:
+        return bool(m.accept_token(eos))
 
 
 class OutlinesCore:
@@ -238,6 +246,9 @@ class OutlinesCore:
             return False
         return True
 
+    def complete(self, g: Any, eos: int) -> bool:
+        return bool(g.is_finished()) or eos in g.get_tokens()
+
 
 def timed(f: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
@@ -261,24 +272,66 @@ def speed(lib: Any, tok: Tokenizer, repeats: int) -> dict[str, float]:
 
 def apply_cost(vocab: int) -> float:
     """The time to set the disallowed logits of one row to -inf from a packed bitmask (the same
-    for every library): what moekit does after the library computed the mask."""
+    for every library), as moekit.infer.constrain does it."""
     import numpy as np
 
-    logits = torch.randn(vocab)
     packed = np.random.default_rng(0).integers(0, 256, (vocab + 31) // 32 * 4, dtype=np.uint8)
     times = []
     for _ in range(200):
+        logits = torch.randn(vocab)
         t0 = time.perf_counter()
-        allowed = torch.from_numpy(np.unpackbits(packed, bitorder="little")[:vocab].astype(bool))
-        logits.masked_fill_(~allowed, float("-inf"))
+        allowed = np.unpackbits(packed, bitorder="little")[:vocab].view(np.bool_)
+        logits += torch.from_numpy(np.where(allowed, np.float32(0), np.float32(-np.inf)))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
 
 
+def engine_cost(tok: Tokenizer, tokens: int, repeats: int) -> tuple[float, float]:
+    """Milliseconds per generated token in moekit's serving engine, without and with a JSON
+    schema constraint (llguidance), on a random debug-size MoE with this vocabulary: the
+    constraint's whole cost per token (mask, apply, advance) against a small forward pass."""
+    import threading
+
+    from moekit import build_model
+    from moekit.config import ModelConfig
+    from moekit.infer.constrain import compile_constraint
+    from moekit.infer.generate import Generator
+    from moekit.infer.sampling import SamplingParams
+    from moekit.serve.engine import DoneEvent, Engine, EngineRequest
+
+    cfg = ModelConfig.from_dict(
+        dict(vocab_size=tok.vocab_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+             ffn_hidden=128, max_seq_len=tokens + 16,
+             moe=dict(num_experts=8, top_k=2, expert_hidden=64))
+    )  # fmt: skip
+    engine = Engine(Generator(build_model(cfg, seed=0).eval(), tok), max_batch=1)
+    engine.start()
+    # Records without end: the output is cut by max_new_tokens, never finished by the schema.
+    many = {"type": "array", "items": SCHEMA, "minItems": 1000}
+    grammar = compile_constraint(tok, "json_schema", many)
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, seed=0)
+
+    def run(constrained: bool) -> float:
+        done = threading.Event()
+        req = EngineRequest(tok.encode("Records:"), params, lambda e: isinstance(e, DoneEvent)
+                            and done.set(), grammar=grammar if constrained else None)  # fmt: skip
+        t0 = time.perf_counter()
+        engine.submit(req)
+        done.wait()
+        return (time.perf_counter() - t0) / tokens * 1e3
+
+    plain, masked = [], []
+    for _ in range(repeats):
+        plain.append(run(False))
+        masked.append(run(True))
+    engine.stop()
+    return statistics.median(plain), statistics.median(masked)
+
+
 def accepts(lib: Any, tok: Tokenizer, schema: Any, instance: Any) -> bool:
     m = lib.compile(schema)
-    ids = [*tok.encode(json.dumps(instance)), tok.eos_id]  # all of it, and nothing more
-    return all(lib.accept(m, t) for t in ids)
+    ids = tok.encode(json.dumps(instance))
+    return all(lib.accept(m, t) for t in ids) and lib.complete(m, tok.eos_id)
 
 
 def coverage(lib: Any, tok: Tokenizer) -> dict[str, str]:
@@ -297,6 +350,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=150_000)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--engine-tokens", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(1)
     libs = (LLGuidance, XGrammar, OutlinesCore)
@@ -316,6 +370,11 @@ def main() -> None:
             print(f"   {cls.name:14s} tokenizer setup {setup_s * 1e3:8.1f} ms  compile "
                   f"{r['compile_ms']:8.1f} ms  per token: median {r['token_us']:7.1f} us, "
                   f"p90 {r['token_us_p90']:.1f}, mean {r['token_us_mean']:.1f}")  # fmt: skip
+    print(f"\n== serving engine, {args.engine_tokens} tokens per request, debug-size MoE")
+    for label, tok in (("tiny (512)", tiny_tokenizer()), (f"{big.vocab_size}", big)):
+        plain, masked = engine_cost(tok, args.engine_tokens, args.repeats)
+        print(f"   vocabulary {label:10s}: {plain:.2f} ms/token unconstrained, {masked:.2f} "
+              f"ms/token with a JSON schema ({masked / plain:.2f}x)")  # fmt: skip
     tok = tiny_tokenizer()
     table = {cls.name: coverage(cls(tok), tok) for cls in libs}
     print("\n== JSON Schema keywords (enforced / ignored / refused)")

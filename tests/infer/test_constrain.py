@@ -150,3 +150,33 @@ def test_bad_constraints_name_the_problem(tok, kind, spec, message):
         compile_constraint(tok, kind, spec)
     if kind in ("json_schema", "regex", "choice", "grammar"):
         assert str(e.value).startswith(f"{kind}: ")
+
+
+def test_no_end_tokens_means_only_the_grammar_ends(tok):
+    """eos_ids=[] (a request that ignores end-of-text): end-of-text is never allowed, so an
+    output that could end or go on goes on."""
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    with_eos = compile_constraint(tok, "regex", "ab?").matcher()
+    without = compile_constraint(tok, "regex", "ab?", eos_ids=[]).matcher()
+    for m in (with_eos, without):
+        m.accept(a)
+        assert m.accepting and not m.done
+    assert with_eos.allowed()[tok.eos_id] and with_eos.allowed()[b]
+    allowed = without.mask_(torch.zeros(tok.vocab_size))
+    assert torch.isfinite(allowed).nonzero().flatten().tolist() == [b]
+
+
+def test_pathological_constraints_are_refused_briefly(tok):
+    deep = {"type": "integer"}
+    for _ in range(3000):  # deeper than Python's recursion limit
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ConstraintError, match="json_schema: nested too deeply"):
+        compile_constraint(tok, "json_schema", deep)
+    deep = {"type": "integer"}
+    for _ in range(500):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ConstraintError, match="recursion limit"):
+        compile_constraint(tok, "json_schema", deep)
+    with pytest.raises(ConstraintError) as e:
+        compile_constraint(tok, "regex", "(" * 3000 + "a" + ")" * 3000)
+    assert len(str(e.value)) <= 400

@@ -242,6 +242,11 @@ BAD = [
         "'structural_tag' is not supported",
     ),
     (
+        {"guided_json": {"type": "object"}, "guided_whitespace_pattern": " *"},
+        "guided_whitespace_pattern",
+        "not supported",
+    ),
+    (
         {"guided_regex": "[0-9]+", "response_format": {"type": "json_object"}},
         "guided_regex",
         "set only one",
@@ -270,3 +275,65 @@ def test_text_format_is_no_constraint(client):
     )
     plain = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, seed=0)
     assert r.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_ignore_eos_runs_until_the_output_is_complete(client):
+    """With ignore_eos, end-of-text is not allowed where the output could stop early: it goes
+    on until the constraint is done."""
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="tiny", messages=HI, seed=seed, max_tokens=20,
+            extra_body={"guided_regex": "[a-z]{1,4}", "ignore_eos": True},
+        )  # fmt: skip
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop" and re.fullmatch("[a-z]{4}", choice.message.content)
+
+
+def test_engine_requests_carry_their_own_grammar(tiny_model_dir):
+    """The engine on its own (what other features build on): requests decoded in one batch,
+    each with its compiled constraint or none; a completed output ends with "stop", and its
+    TokenEvents' text is the whole output."""
+    import threading
+
+    from moekit.infer.constrain import compile_constraint
+    from moekit.infer.generate import Generator
+    from moekit.infer.sampling import SamplingParams
+    from moekit.serve.engine import DoneEvent, Engine, EngineRequest, TokenEvent
+
+    generator = Generator.from_dir(tiny_model_dir)
+    tok = generator.tokenizer
+    engine = Engine(generator, max_batch=4)
+    grammars = [
+        compile_constraint(tok, "json_schema", SCHEMAS["enum"], eos_ids=generator.eos_ids),
+        compile_constraint(tok, "regex", "[0-9]{3}", eos_ids=generator.eos_ids),
+        compile_constraint(tok, "choice", ["alpha", "beta"], eos_ids=generator.eos_ids),
+        None,
+    ]
+    inboxes = [([], threading.Event()) for _ in grammars]
+
+    def emit(box):
+        return lambda e: (box[0].append(e), isinstance(e, DoneEvent) and box[1].set())
+
+    requests = [
+        EngineRequest(
+            tok.encode("Answer:"),
+            SamplingParams(max_new_tokens=60, seed=i, ignore_eos=g is None),
+            emit(box),
+            grammar=g,
+        )
+        for i, (g, box) in enumerate(zip(grammars, inboxes, strict=True))
+    ]
+    engine.start()
+    try:
+        engine.submit(*requests)
+        for _, done in inboxes:
+            assert done.wait(60)
+    finally:
+        engine.stop()
+    ends = [next(e for e in events if isinstance(e, DoneEvent)) for events, _ in inboxes]
+    texts = ["".join(e.text for e in events if isinstance(e, TokenEvent)) for events, _ in inboxes]
+    assert [d.text for d in ends] == texts
+    jsonschema.validate(json.loads(texts[0]), SCHEMAS["enum"])
+    assert re.fullmatch("[0-9]{3}", texts[1]) and texts[2] in ("alpha", "beta")
+    assert [d.finish_reason for d in ends[:3]] == ["stop"] * 3
+    assert ends[3].finish_reason == "length" and ends[3].completion_tokens == 60

@@ -27,7 +27,7 @@ for other separators through llguidance's "x-guidance" key).
 Compiled grammars are cached (by kind and spec, per tokenizer). Compiling validates, so call
 it where a bad constraint can still be refused (a server's request handler), not in a decode
 loop. The first constraint for a tokenizer also builds llguidance's view of the vocabulary:
-about 20 ms for a 512-token vocabulary, 2 s for 150k tokens.
+20-40 ms for a 512-token vocabulary, 2-4 s for 150k tokens (on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from torch import Tensor
 
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 CACHE_SIZE = 64  # compiled grammars kept per process
+MAX_MESSAGE = 400  # characters of an error message (they may quote the constraint)
 # Compact JSON, and nothing but what the schema allows (llguidance's defaults are flexible
 # whitespace, which a weak model can fill with newlines until it runs out of tokens).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -58,9 +59,10 @@ class ConstraintError(ValueError):
 class Matcher:
     """One generation's position in a grammar (from `Grammar.matcher()`)."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, forbid: tuple[int, ...] = ()) -> None:
         self._m = matcher
         self._vocab = vocab_size
+        self._forbid = list(forbid)  # end tokens never allowed (see `compile_constraint`)
 
     @property
     def done(self) -> bool:
@@ -78,7 +80,9 @@ class Matcher:
         if self._m.is_error():
             raise RuntimeError(f"the output constraint failed: {self._m.get_error()}")
         flags = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little")
-        return flags[: self._vocab].view(np.bool_)
+        allowed = flags[: self._vocab].view(np.bool_)
+        allowed[self._forbid] = False
+        return allowed
 
     def mask_(self, logits_V: Tensor) -> Tensor:
         """Set the logits of the tokens that may not come next to -inf, in place (a row of V
@@ -105,13 +109,16 @@ class Grammar:
     """A compiled constraint; `matcher()` starts a generation that follows it. Thread-safe:
     one Grammar serves many generations at once."""
 
-    def __init__(self, kind: str, template: Any, vocab_size: int) -> None:
+    def __init__(
+        self, kind: str, template: Any, vocab_size: int, forbid: tuple[int, ...] = ()
+    ) -> None:
         self.kind = kind
         self._template = template  # never advanced: each matcher starts from a copy
         self._vocab = vocab_size
+        self._forbid = forbid
 
     def matcher(self) -> Matcher:
-        return Matcher(self._template.deep_copy(), self._vocab)
+        return Matcher(self._template.deep_copy(), self._vocab, self._forbid)
 
     def __repr__(self) -> str:
         return f"Grammar({self.kind})"
@@ -127,18 +134,23 @@ def compile_constraint(
 ) -> Grammar:
     """Compile a constraint of `kind` (one of KINDS; see the module docstring for `spec`) for
     `tokenizer` (a moekit Tokenizer). `eos_ids`: the tokens that end a generation (default: the
-    tokenizer's end-of-text); `vocab_size`: the model's, when its logits are longer than the
-    tokenizer's vocabulary. Raises ConstraintError for a bad or unsupported constraint."""
+    tokenizer's end-of-text; none: only a complete output ends it); `vocab_size`: the model's,
+    when its logits are longer than the tokenizer's vocabulary. Raises ConstraintError for a
+    bad or unsupported constraint."""
     if kind not in KINDS:
         raise ConstraintError(f"unknown constraint kind {kind!r}; one of {', '.join(KINDS)}")
-    lltok = _lltokenizer(tokenizer, eos_ids, vocab_size)
-    key = (id(lltok), kind, _spec_key(kind, spec))
+    lltok, forbid = _lltokenizer(tokenizer, eos_ids, vocab_size)
+    key = (id(lltok), forbid, kind, _spec_key(kind, spec))
     with _lock:
         cached = _grammars.get(key)
         if cached is not None:
             _grammars.move_to_end(key)
             return cached
-    grammar = Grammar(kind, _matcher(lltok, kind, _grammar_text(kind, spec)), lltok.vocab_size)
+    try:
+        template = _matcher(lltok, kind, _grammar_text(kind, spec))
+    except RecursionError:
+        raise ConstraintError(f"{kind}: nested too deeply") from None
+    grammar = Grammar(kind, template, lltok.vocab_size, forbid)
     with _lock:
         _grammars[key] = grammar
         while len(_grammars) > CACHE_SIZE:
@@ -153,6 +165,8 @@ def _spec_key(kind: str, spec: Any) -> str:
         return json.dumps(spec, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ConstraintError(f"{kind}: not a JSON value ({e})") from None
+    except RecursionError:
+        raise ConstraintError(f"{kind}: nested too deeply") from None
 
 
 def _grammar_text(kind: str, spec: Any) -> str:
@@ -212,7 +226,8 @@ def _message(kind: str, error: str) -> str:
     error = re.sub(r"^at \d+\(\d+\): ", "", error.strip())  # a position in llguidance's text
     first = error.splitlines()[0] if error else "invalid"
     detail = " ".join(line.strip() for line in error.splitlines()[1:4])
-    return f"{kind}: {first}" + (f" ({detail})" if detail and kind != "json_schema" else "")
+    message = f"{kind}: {first}" + (f" ({detail})" if detail and kind != "json_schema" else "")
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
 
 
 def _type(value: Any) -> str:
@@ -224,26 +239,31 @@ def _type(value: Any) -> str:
 # ---- llguidance's view of a tokenizer, built once per (tokenizer, end tokens, vocabulary) ----
 
 _lock = threading.Lock()
-_grammars: collections.OrderedDict[tuple[int, str, str], Grammar] = collections.OrderedDict()
+_grammars: collections.OrderedDict[tuple[Any, ...], Grammar] = collections.OrderedDict()
 _lltokenizers: dict[tuple[int, tuple[int, ...], int], tuple[Any, Any]] = {}
 
 
-def _lltokenizer(tokenizer: Any, eos_ids: Iterable[int] | None, vocab_size: int | None) -> Any:
+def _lltokenizer(
+    tokenizer: Any, eos_ids: Iterable[int] | None, vocab_size: int | None
+) -> tuple[Any, tuple[int, ...]]:
+    """llguidance's tokenizer, and the end tokens it knows that must never be allowed (when
+    no token may end a generation but the grammar: llguidance needs one all the same)."""
     import llguidance
 
     backend = tokenizer.backend
     n = max(tokenizer.vocab_size, vocab_size or 0)
     if eos_ids is None:
         eos_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    eos = tuple(sorted(set(eos_ids)))
+    eos: tuple[int, ...] = tuple(sorted(set(eos_ids)))
+    forbid: tuple[int, ...] = ()
+    if not eos:
+        eos = forbid = (tokenizer.pad_id if tokenizer.eos_id is None else tokenizer.eos_id,)
     key = (id(backend), eos, n)
     with _lock:
         hit = _lltokenizers.get(key)
         if hit is not None and hit[0] is backend:
-            return hit[1]
-    if not eos:  # llguidance needs an end token: one past the logits, so never allowed
-        eos, n = (n,), n + 1
+            return hit[1], forbid
     lltok = llguidance.LLTokenizer(backend.to_str(), n_vocab=n, eos_token=list(eos))
     with _lock:
         _lltokenizers[key] = (backend, lltok)  # keeps `backend` alive, so its id stays its own
-    return lltok
+    return lltok, forbid

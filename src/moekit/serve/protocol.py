@@ -125,7 +125,7 @@ class StreamOptions(_Body):
 
 
 # The fields that constrain the output (moekit.serve.structured).
-_STRUCTURED = (
+STRUCTURED_FIELDS = (
     "response_format",
     "guided_json",
     "guided_regex",
@@ -158,7 +158,7 @@ class _Common(_Body):
         "structured_outputs": _none,
     }
     # Structured output's fields are implemented: moekit.serve.structured reads them.
-    refused = {k: v for k, v in refused.items() if k not in _STRUCTURED}
+    refused = {k: v for k, v in refused.items() if k not in STRUCTURED_FIELDS}
 
     model: Text
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)

@@ -19,16 +19,9 @@ import json
 from typing import Any
 
 from moekit.infer.constrain import ConstraintError, Grammar, compile_constraint
-from moekit.serve.protocol import APIError
+from moekit.serve.protocol import STRUCTURED_FIELDS, APIError
 
-FIELDS = (
-    "response_format",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "structured_outputs",
-)
+FIELDS = STRUCTURED_FIELDS
 _GUIDED = {
     "guided_json": "json_schema",
     "guided_regex": "regex",
@@ -49,6 +42,11 @@ def _bad(param: str, message: str) -> APIError:
 def requested(body: Any) -> tuple[str, Any, str] | None:
     """The constraint a validated request asks for, as (kind, spec, field), or None."""
     extra = body.model_extra or {}
+    if extra.get("guided_whitespace_pattern") is not None:
+        raise _bad(
+            "guided_whitespace_pattern",
+            "is not supported by this server (JSON is generated without whitespace)",
+        )
     given = [name for name in FIELDS if extra.get(name) is not None]
     if "response_format" in given and _is_text(extra["response_format"]):
         given.remove("response_format")
@@ -136,13 +134,15 @@ async def grammar_for(body: Any, engine: Any) -> Grammar | None:
         return None
     kind, spec, param = asked
     generator = engine.generator
+    # With ignore_eos, end-of-text is never allowed: only a complete output ends the request.
+    eos_ids = set() if getattr(body, "ignore_eos", False) else generator.eos_ids
 
     def compile_() -> Grammar:
         return compile_constraint(
             generator.tokenizer,
             kind,
             spec,
-            eos_ids=generator.eos_ids,
+            eos_ids=eos_ids,
             vocab_size=engine.cfg.vocab_size,
         )
 
