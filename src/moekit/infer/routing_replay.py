@@ -92,6 +92,15 @@ def decode_routing(
     except (binascii.Error, ValueError):
         raise ValueError(f"{name}.data is not valid base64") from None
     T, L, K = shape
+    if num_layers is not None and num_layers != L:
+        raise ValueError(
+            f"{name} has shape {shape}: this model has {num_layers} MoE layers, so the "
+            f"shape must be [tokens, {num_layers}, k]"
+        )
+    if max_k is not None and max_k < K:
+        raise ValueError(
+            f"{name} gives {K} experts per token: this model's router gives 1..{max_k}"
+        )
     if len(raw) != T * L * K * dtype.itemsize:
         raise ValueError(
             f"{name}.data holds {len(raw)} bytes, but shape {shape} of {obj['dtype']} needs "
@@ -105,15 +114,6 @@ def decode_routing(
         raise ValueError(
             f"{name} holds expert id {int(values.max())}: this model's experts are "
             f"0..{num_experts - 1}"
-        )
-    if num_layers is not None and num_layers != L:
-        raise ValueError(
-            f"{name} has shape {shape}: this model has {num_layers} MoE layers, so the "
-            f"shape must be [tokens, {num_layers}, k]"
-        )
-    if max_k is not None and max_k < K:
-        raise ValueError(
-            f"{name} gives {K} experts per token: this model's router gives 1..{max_k}"
         )
     experts = torch.from_numpy(values)
     _check_distinct(experts, name)

@@ -154,6 +154,7 @@ async def completions(request: Request) -> Any:
         for i in range(req.n):
             seeded = with_seed(params, req.seed, i)
             jobs.append(Job(ids, seeded, req.logprobs, echo_logprobs, prompt_only=scoring))
+    admit.replay(jobs, req.moekit)
     streams = admit.submit(jobs, "prompt")
     head = responses.head("cmpl", "text_completion", s.config.model_name)
     # Decoding a long prompt back to text, token by token, is slow too: off the event loop.
@@ -176,6 +177,7 @@ async def chat(request: Request) -> Any:
     params = admit.chat_sampling(req, len(ids))
     top = (req.top_logprobs or 0) if req.logprobs else None
     jobs = [Job(ids, with_seed(params, req.seed, i), top) for i in range(req.n)]
+    admit.replay(jobs, req.moekit)
     streams = admit.submit(jobs, "messages")
     head = responses.head("chatcmpl", "chat.completion", s.config.model_name)
     if req.stream:
