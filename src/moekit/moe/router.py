@@ -106,12 +106,7 @@ class Router(nn.Module):
     @property
     def max_top_k(self) -> int:
         """The most experts per token this router can give (what `top_k` may ask for)."""
-        cfg = self.cfg
-        if cfg.router == "switch":
-            return 1
-        if cfg.num_groups > 1:
-            return cfg.topk_groups * (cfg.num_experts // cfg.num_groups)
-        return cfg.num_experts
+        return max_top_k(self.cfg)
 
     def check_top_k(self, top_k: int | Tensor) -> int:
         """The largest count in `top_k` if this router can give it, else ValueError."""
@@ -160,6 +155,15 @@ class Router(nn.Module):
             nn.init.zeros_(self.bias)
         if self.selection_bias is not None:
             self.selection_bias.zero_()
+
+
+def max_top_k(cfg: MoEConfig) -> int:
+    """The most experts per token the router `cfg` describes can give."""
+    if cfg.router == "switch":
+        return 1
+    if cfg.num_groups > 1:
+        return cfg.topk_groups * (cfg.num_experts // cfg.num_groups)
+    return cfg.num_experts
 
 
 def check_replay(
