@@ -74,10 +74,7 @@ def optimizer_step(
     counts (bias update, statistics) and the gradient norm are global, and the result's
     figures are those of the global batch.
 
-    A batch may come with a recorded routing (`RoutedRows`, a third element) to replay: its
-    forward pass then routes each token to the recorded experts (`Transformer.forward`'s
-    `routed_experts`), dropless as generation routes (causal routing), so the loss is the one
-    of the tokens as they were sampled.
+    A batch with a third element (`RoutedRows`) replays that recorded routing (`_forward`).
     """
     model.train()
     device = next(model.parameters()).device
@@ -88,14 +85,11 @@ def optimizer_step(
     counts: dict[int, Tensor] = {}
     loss_sum = aux_sum = 0.0
     tokens = 0
-    for (inputs, targets, *replayed), n in zip(batches, targets_per_batch, strict=True):
+    for batch, n in zip(batches, targets_per_batch, strict=True):
+        inputs, targets = batch[0], batch[1]
         mask = inputs != pad_id if pad_id is not None else None
         tokens += int(mask.sum()) if mask is not None else inputs.numel()
-        replay: dict[str, Any] = {}
-        if replayed:
-            replay = {"causal_routing": True, **replayed[0].model_args()}
-        with autocast():
-            out = model(inputs, token_mask=mask, **replay)
+        out = _forward(model, batch, mask, autocast)
         loss = lm_loss(out.logits, targets) if n else out.logits.sum() * 0.0
         share = n / all_targets
         # Data parallelism averages the processes' gradients: `world` undoes the average.
@@ -127,6 +121,17 @@ def optimizer_step(
         "lr": lr,
         "finite": finite,
     }
+
+
+def _forward(model: Transformer, batch: Batch, mask: Tensor | None, autocast: Autocast) -> Any:
+    """The batch's forward pass. A batch with a recorded routing replays it: each token goes
+    to the recorded experts (`Transformer.forward`'s `routed_experts`), dropless as generation
+    routes (causal routing), so the loss is that of the tokens as they were sampled."""
+    replay: dict[str, Any] = {}
+    if len(batch) == 3:
+        replay = {"causal_routing": True, **batch[2].model_args()}
+    with autocast():
+        return model(batch[0], token_mask=mask, **replay)
 
 
 def _to(batch: Batch, device: torch.device, parallel: Parallel | None) -> Batch:
