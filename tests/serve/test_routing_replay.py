@@ -162,7 +162,12 @@ def test_bad_routings_are_a_400_naming_the_problem_and_the_server_keeps_serving(
     server, routed, message
 ):
     url, _ = server
-    body = {"prompt": PROMPT, "max_tokens": 3, "moekit": {"routed_experts": routed}}
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": 3,
+        "ignore_eos": True,
+        "moekit": {"routed_experts": routed},
+    }
     r = post(url, body)
     assert r.status_code == 400, r.text
     error = r.json()["error"]

@@ -407,8 +407,8 @@ class Engine:
         if any(k is not None for k in per_row):
             top_k = torch.tensor([k or self.default_top_k for k in per_row], device=self.device)
         # Routing replay: a slot's fed token is token prompt + produced - 1 of its sequence.
-        fed_reqs = [s.req if s is not None and bool(fed[i, 0]) else None
-                    for i, s in enumerate(self._slots[:B])]  # fmt: skip
+        fed_now = fed[:, 0].tolist()
+        fed_reqs = [s.req if s and fed_now[i] else None for i, s in enumerate(self._slots[:B])]
         fed_rows = [len(s.req.prompt_ids) + s.produced - 1 if s else 0 for s in self._slots[:B]]
         out = self.model(
             step,
