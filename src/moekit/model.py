@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from moekit.config import ModelConfig
 from moekit.files import format_bytes
 from moekit.moe.layer import DEFAULT_ROUTE, MoELayer, MoEStats, RouteOptions
+from moekit.moe.router import check_expert_ids, check_replay_shape
 from moekit.nn.attention import build_attention
 from moekit.nn.irope import IRoPEAttention, IRoPEInputs, irope_inputs
 from moekit.nn.kv_cache import KVCache
@@ -204,6 +205,8 @@ class Transformer(nn.Module):
                 raise ValueError("routed_mask was given without routed_experts")
             return {}
         layers = self.moe_layers()
+        if not layers:
+            raise ValueError("routed_experts was given, but this model has no MoE layers")
         B, S = tokens.shape
         shape = tuple(routed_experts.shape)
         if routed_experts.dim() != 4 or shape[:3] != (B, S, len(layers)):
@@ -223,8 +226,10 @@ class Transformer(nn.Module):
         out = {}
         for j, (i, layer) in enumerate(layers.items()):
             name = f"routed_experts (MoE layer {i})"
-            layer.router.check_replay(experts[:, j], B * S, name)
+            check_replay_shape(experts[:, j], B * S, layer.router.max_top_k, name)
             out[i] = replace(route, experts=experts[:, j], rows=rows)
+        # The ids of every layer at once: one device round trip, not one per layer.
+        check_expert_ids(experts, layer.router.num_experts, "routed_experts")
         return out
 
     def _positions(

@@ -158,3 +158,9 @@ def test_switch_refuses_two_slots():
         ValueError, match=r"routed_experts \(MoE layer 1\) gives 2 expert slots.*1\.\.1"
     ):
         model(torch.zeros(1, 4, dtype=torch.long), routed_experts=routed)
+
+
+def test_a_dense_model_refuses_a_routing():
+    model = build_model(ModelConfig.from_dict(BASE))
+    with pytest.raises(ValueError, match="no MoE layers"):
+        model(torch.zeros(1, 4, dtype=torch.long), routed_experts=torch.zeros(1, 4, 0, 1))

@@ -137,7 +137,9 @@ class Router(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The experts and unnormalised weights when `experts_TK` replaces the router's own
         choice `own` (None: not computed, every token replays) on the tokens of `rows_T`."""
-        self.check_replay(experts_TK, scores_TE.shape[0])
+        # The ids themselves are checked by the caller, once for every layer (the model), or
+        # with `check_replay`: here only what costs no device round trip.
+        check_replay_shape(experts_TK, scores_TE.shape[0], self.max_top_k, "experts")
         experts_TK = experts_TK.to(device=scores_TE.device, dtype=torch.long)
         weights_TK = replay_weights(scores_TE, experts_TK)
         if own is None or rows_T is None:
@@ -172,14 +174,17 @@ def check_replay(
     """ValueError naming `name` unless `experts_TK` is a (tokens, K) integer tensor with
     1 <= K <= max_k whose entries are expert ids in [0, num_experts) or -1 (an empty slot),
     with no expert twice in one token's row."""
+    check_replay_shape(experts_TK, tokens, max_k, name)
+    check_expert_ids(experts_TK, num_experts, name)
+
+
+def check_replay_shape(experts_TK: Tensor, tokens: int, max_k: int, name: str) -> None:
+    """The part of `check_replay` that reads no values: type, dtype, shape and K."""
     if not isinstance(experts_TK, Tensor):
         raise ValueError(f"{name} must be a tensor of expert ids, got {type(experts_TK).__name__}")
-    if (
-        experts_TK.dtype.is_floating_point
-        or experts_TK.dtype.is_complex
-        or (experts_TK.dtype == torch.bool)
-    ):
-        raise ValueError(f"{name} must hold integer expert ids, got dtype {experts_TK.dtype}")
+    dtype = experts_TK.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer expert ids, got dtype {dtype}")
     if experts_TK.dim() != 2 or experts_TK.shape[0] != tokens:
         raise ValueError(
             f"{name} has shape {tuple(experts_TK.shape)}: expected ({tokens}, K), one row of "
@@ -190,9 +195,14 @@ def check_replay(
         raise ValueError(
             f"{name} gives {K} expert slots per token: this model's router gives 1..{max_k}"
         )
-    if not experts_TK.numel():
+
+
+def check_expert_ids(experts: Tensor, num_experts: int, name: str) -> None:
+    """ValueError naming `name` unless every entry of `experts` (..., K) is an expert id in
+    [0, num_experts) or -1 (an empty slot), with no expert twice in one row of K."""
+    if not experts.numel():
         return
-    ids = experts_TK.long()
+    ids = experts.long()
     low, high = int(ids.min()), int(ids.max())
     if low < -1 or high >= num_experts:
         bad = low if low < -1 else high
@@ -200,13 +210,13 @@ def check_replay(
             f"{name} holds expert id {bad}: this model's experts are 0..{num_experts - 1} "
             "(-1 marks an empty slot)"
         )
-    if K > 1:
-        ordered = ids.sort(dim=1).values
-        repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if ids.shape[-1] > 1:
+        ordered = ids.sort(dim=-1).values
+        repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
         if bool(repeated.any()):
-            token = int(repeated.any(dim=1).nonzero()[0, 0])
+            where = repeated.any(dim=-1).nonzero()[0].tolist()
             raise ValueError(
-                f"{name} names an expert twice for token {token}: {ids[token].tolist()}"
+                f"{name} names an expert twice for token {where[0]}: {ids[tuple(where)].tolist()}"
             )
 
 
