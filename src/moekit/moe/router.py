@@ -100,7 +100,8 @@ class Router(nn.Module):
         choice (from its scores at those experts; see `replay_weights`), so that replaying
         the router's own choice gives the same weights and gradients reach the router through
         them as usual. `rows` (T,) bool limits the replay to those tokens (the others route
-        themselves). Bad `experts` are a ValueError (`check_replay`)."""
+        themselves). A bad shape is a ValueError here; the ids are the caller's to check
+        (`check_replay`; the model checks every layer's at once)."""
         raise NotImplementedError
 
     @property
