@@ -175,3 +175,32 @@ def test_bad_routings_are_a_400_naming_the_problem_and_the_server_keeps_serving(
     assert re.search(message, error["message"]), error["message"]
     ok = post(url, {**body, "moekit": {"routed_experts": GOOD}})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_replaying_and_plain_requests_batched_together_each_get_their_own_answer(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, engine = server
+    choice, ids, _ = record(url, top_k=1)
+    replay = {"prompt": PROMPT, "max_tokens": 12, "logprobs": 0, "ignore_eos": True,
+              "temperature": 1.0, "seed": 7, "moekit": {"routing": True,
+              "routed_experts": choice["moekit"]["routed_experts"]}}  # fmt: skip
+    plain = {"prompt": "A river runs", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+             "logprobs": 0}  # fmt: skip
+    alone = post(url, plain).json()["choices"][0]
+    steps, rows = engine.stats.decode_steps, engine.stats.batched_tokens
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(post, url, body) for body in (plain, replay, plain, replay)]
+        answers = [f.result().json()["choices"][0] for f in futures]
+    # 104 tokens in fewer steps: requests were decoded together.
+    assert engine.stats.decode_steps - steps < engine.stats.batched_tokens - rows
+    for answer in answers[0::2]:
+        assert answer["text"] == alone["text"]
+        assert answer["logprobs"]["token_logprobs"] == pytest.approx(
+            alone["logprobs"]["token_logprobs"], abs=1e-5
+        )
+    for answer in answers[1::2]:
+        assert [t["token_id"] for t in answer["moekit"]["routing"]] == ids
+        assert answer["logprobs"]["token_logprobs"] == pytest.approx(
+            choice["logprobs"]["token_logprobs"], abs=1e-5
+        )

@@ -83,7 +83,8 @@ def chunk_replay(req: EngineRequest, start: int, end: int) -> dict[str, Tensor]:
 
 def step_replay(reqs: list[EngineRequest | None], rows: list[int]) -> dict[str, Tensor]:
     """The model's replay arguments for a decode step of one token per request (`None`: an
-    idle row), request i feeding its token `rows[i]`."""
+    idle row), request i feeding its token `rows[i]`. Idle rows, whose output nobody reads,
+    go to no expert; when every other row replays too, no router makes a choice of its own."""
     forced: list[Tensor | None] = []
     for req, row in zip(reqs, rows, strict=True):
         experts = req.routed_experts if req is not None else None
@@ -94,11 +95,14 @@ def step_replay(reqs: list[EngineRequest | None], rows: list[int]) -> dict[str, 
     M = present[0].shape[0]
     K = max(f.shape[1] for f in present)
     out = torch.full((len(forced), 1, M, K), -1, dtype=torch.long)
-    mask = torch.zeros(len(forced), 1, dtype=torch.bool)
+    mask = torch.tensor(
+        [[req is None or f is not None] for req, f in zip(reqs, forced, strict=True)]
+    )
     for i, f in enumerate(forced):
         if f is not None:
             out[i, 0, :, : f.shape[1]] = f
-            mask[i, 0] = True
+    if bool(mask.all()):
+        return {"routed_experts": out}
     return {"routed_experts": out, "routed_mask": mask}
 
 
