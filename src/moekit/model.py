@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from moekit.config import ModelConfig
 from moekit.files import format_bytes
 from moekit.moe.layer import DEFAULT_ROUTE, MoELayer, MoEStats, RouteOptions
+from moekit.moe.router import check_expert_ids, check_replay_shape
 from moekit.nn.attention import build_attention
 from moekit.nn.irope import IRoPEAttention, IRoPEInputs, irope_inputs
 from moekit.nn.kv_cache import KVCache
@@ -119,6 +121,8 @@ class Transformer(nn.Module):
         return_routing: bool = False,
         routing_stats: bool = True,
         last_logits: bool = False,
+        routed_experts: Tensor | None = None,
+        routed_mask: Tensor | None = None,
     ) -> ModelOutput:
         """Run the model on token ids `tokens` (B, S).
 
@@ -142,19 +146,18 @@ class Transformer(nn.Module):
         last_logits: compute the logits of the last position only, (B, 1, vocab): all that
             generation reads (the LM head over every prompt position is a large share of a
             prefill's arithmetic).
+        routed_experts: (B, S, M, K) int, a routing to replay: each token's K experts in each
+            of the M MoE layers, in layer order (-1: an empty slot); see `_replays`.
+        routed_mask: (B, S) bool, the tokens that replay `routed_experts` (default all).
         """
         S = tokens.shape[1]
         positions, attn_mask = self._positions(tokens, positions, attn_mask, cache, valid)
         if isinstance(top_k, Tensor):
             top_k = top_k.to(tokens.device).repeat_interleave(S)  # one count per token
         mask = token_mask.reshape(-1).to(tokens.device) if token_mask is not None else None
-        route = RouteOptions(
-            causal=causal_routing,
-            top_k=top_k,
-            record=return_routing,
-            mask=mask,
-            stats=routing_stats,
-        )
+        route = RouteOptions(causal_routing, top_k, record=return_routing, mask=mask,
+                             stats=routing_stats)  # fmt: skip
+        replays = self._replays(route, tokens, routed_experts, routed_mask)
         x = self.embed(tokens)
         cfg = self.cfg
         cos, sin = per_head(
@@ -169,7 +172,8 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks()):
             sliding = window_mask is not None and self.cfg.attention.is_sliding_layer(i)
             mask = window_mask if sliding else attn_mask
-            x, layer_stats = block(x, cos, sin, mask, cache, i, route, irope)
+            layer_route = replays.get(i, route)
+            x, layer_stats = block(x, cos, sin, mask, cache, i, layer_route, irope)
             if layer_stats is not None:
                 assert isinstance(block.ffn, MoELayer)
                 stats[i] = layer_stats
@@ -180,6 +184,53 @@ class Transformer(nn.Module):
         x = self.norm(x[:, -1:] if last_logits else x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         return ModelOutput(logits, aux, stats)
+
+    def _replays(
+        self,
+        route: RouteOptions,
+        tokens: Tensor,
+        routed_experts: Tensor | None,
+        routed_mask: Tensor | None,
+    ) -> dict[int, RouteOptions]:
+        """Each MoE layer's routing options with its part of `routed_experts`; empty when
+        there is nothing to replay.
+
+        The replayed experts replace the routers' choice; each router weights them from its
+        own scores exactly as it weights its own choice, so replaying a recorded routing gives
+        the recorded logits, and gradients reach the routers as usual. Expert-choice routers
+        replay in either mode. A wrong shape, an expert id out of range, an expert twice for
+        one token or more slots than the router gives is a ValueError."""
+        if routed_experts is None:
+            if routed_mask is not None:
+                raise ValueError("routed_mask was given without routed_experts")
+            return {}
+        layers = self.moe_layers()
+        if not layers:
+            raise ValueError("routed_experts was given, but this model has no MoE layers")
+        B, S = tokens.shape
+        shape = tuple(routed_experts.shape)
+        if routed_experts.dim() != 4 or shape[:3] != (B, S, len(layers)):
+            raise ValueError(
+                f"routed_experts has shape {shape}: expected ({B}, {S}, {len(layers)}, K) for "
+                f"{B} sequences of {S} tokens through this model's {len(layers)} MoE layers"
+            )
+        rows = None
+        if routed_mask is not None:
+            if tuple(routed_mask.shape) != (B, S) or routed_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"routed_mask must be a ({B}, {S}) bool tensor, got "
+                    f"{tuple(routed_mask.shape)} {routed_mask.dtype}"
+                )
+            rows = routed_mask.reshape(-1).to(tokens.device)
+        experts = routed_experts.to(tokens.device).reshape(B * S, len(layers), shape[3])
+        out = {}
+        for j, (i, layer) in enumerate(layers.items()):
+            name = f"routed_experts (MoE layer {i})"
+            check_replay_shape(experts[:, j], B * S, layer.router.max_top_k, name)
+            out[i] = replace(route, experts=experts[:, j], rows=rows)
+        # The ids of every layer at once: one device round trip, not one per layer.
+        check_expert_ids(experts, layer.router.num_experts, "routed_experts")
+        return out
 
     def _positions(
         self,

@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +51,22 @@ def pack(token_docs: Iterable[Sequence[int]], seq_len: int, eos_id: int) -> Tens
     return torch.from_numpy(stream).unfold(0, seq_len + 1, seq_len).contiguous()
 
 
+class RoutedRows(NamedTuple):
+    """A recorded routing to replay over rows of tokens (moekit.infer.routing_replay):
+    `experts` (N, W, M, K) int16 expert ids per token and MoE layer (-1: an empty slot),
+    `mask` (N, W) bool, the tokens that replay it (the others route themselves)."""
+
+    experts: Tensor
+    mask: Tensor
+
+    def model_args(self) -> dict[str, Tensor]:
+        """What the model takes to replay it over the rows' inputs (all but the last token)."""
+        return {
+            "routed_experts": self.experts[:, :-1].long(),
+            "routed_mask": self.mask[:, :-1].contiguous(),
+        }
+
+
 @dataclass
 class TokenizedData:
     """Packed rows ready for training and evaluation.
@@ -69,6 +85,8 @@ class TokenizedData:
     # None: every token, as in language-model pre-training.
     train_mask: Tensor | None = None
     val_mask: Tensor | None = None
+    # A recorded routing the training rows replay (fine-tuning data with routed_experts).
+    train_routing: RoutedRows | None = None
 
 
 def prepare_data(
@@ -195,9 +213,11 @@ class PackedLoader:
         seed: int,
         shuffle: bool = True,
         loss_mask: Tensor | None = None,
+        routing: RoutedRows | None = None,
     ) -> None:
         """`rows` is an integer (N, seq_len + 1) tensor with N >= batch_size; `loss_mask`, if
-        given, a bool tensor of the same shape marking the tokens to predict."""
+        given, a bool tensor of the same shape marking the tokens to predict; `routing`, if
+        given, a routing of the same rows to replay (each batch then comes with its own)."""
         if rows.dim() != 2 or rows.shape[1] < 2:
             raise ValueError(
                 f"rows must be (N, seq_len + 1) with seq_len >= 1, got {tuple(rows.shape)}"
@@ -215,8 +235,13 @@ class PackedLoader:
             raise ValueError(
                 f"loss_mask {tuple(loss_mask.shape)} must match rows {tuple(rows.shape)}"
             )
+        if routing is not None and tuple(routing.mask.shape) != tuple(rows.shape):
+            raise ValueError(
+                f"routing {tuple(routing.mask.shape)} must match rows {tuple(rows.shape)}"
+            )
         self.rows = rows
         self.loss_mask = loss_mask
+        self.routing = routing
         self.batch_size = batch_size
         self.seed = int(seed)
         self.shuffle = shuffle
@@ -246,15 +271,19 @@ class PackedLoader:
                 self._order = torch.arange(self.num_rows)
         return self._order
 
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """The next (inputs, targets) pair, each (batch_size, seq_len) and contiguous."""
+    def next_batch(self) -> Batch:
+        """The next (inputs, targets) pair, each (batch_size, seq_len) and contiguous; with a
+        `routing`, a triple whose third element is the batch's `RoutedRows`."""
         start = self._index * self.batch_size
         picked = self._epoch_order()[start : start + self.batch_size]
         self._index += 1
         if self._index == self.batches_per_epoch:
             self._epoch, self._index, self._order = self._epoch + 1, 0, None
         mask = self.loss_mask[picked] if self.loss_mask is not None else None
-        return _inputs_targets(self.rows[picked], mask)
+        inputs, targets = _inputs_targets(self.rows[picked], mask)
+        if self.routing is None:
+            return inputs, targets
+        return inputs, targets, RoutedRows(*(t[picked] for t in self.routing))
 
     def state_dict(self) -> dict[str, Any]:
         """The position of the next batch and what it depends on (JSON-serialisable)."""
@@ -291,6 +320,9 @@ class PackedLoader:
 
 
 IGNORE_INDEX = -100  # what torch's cross-entropy skips
+
+# (inputs, targets), or (inputs, targets, the batch's routing to replay)
+Batch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, RoutedRows]
 
 
 def _inputs_targets(batch: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -86,6 +86,7 @@ class FineTuning:
             template=self.template,
             val_fraction=self.cfg.val_fraction,
             seed=self.seed,
+            model=self.model_cfg,
         )
         say(_data_line(data))
         return tokenizer, data

@@ -16,6 +16,7 @@ and counted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -24,18 +25,22 @@ from typing import Any
 
 import torch
 
+from moekit.config import ModelConfig
 from moekit.data.loader import TokenizedData
 from moekit.data.tokenizer import Tokenizer
 from moekit.files import read_jsonl
+from moekit.finetune.replay_data import TokenRow, check_token_ids, routed_rows, token_row
 from moekit.infer.chat import ChatTemplate
 
 
 @dataclass
 class Example:
-    """An example as (text, is_target) segments, and where it came from (file:line)."""
+    """An example as (text, is_target) segments, and where it came from (file:line); or a
+    row of token ids, with the routing to replay that was recorded on it (replay_data.py)."""
 
     segments: list[tuple[str, bool]]
     source: str
+    tokens: TokenRow | None = None
 
     def prompt(self) -> str:
         """The text before the first target segment (what generation would start from)."""
@@ -54,7 +59,16 @@ def load_examples(path: str | Path, template: ChatTemplate) -> list[Example]:
         raise FileNotFoundError(f"fine-tuning data {file} does not exist")
     examples = []
     for lineno, where, row in read_jsonl(file):
-        examples.append(Example(_segments(row, template, where), f"{file.name}:{lineno}"))
+        source = f"{file.name}:{lineno}"
+        if isinstance(row, dict) and "token_ids" in row:
+            examples.append(Example([], source, token_row(row, where)))
+        elif isinstance(row, dict) and "routed_experts" in row:
+            raise ValueError(
+                f"{where}: 'routed_experts' needs 'token_ids' (a routing is one row per token, "
+                "and text may tokenize otherwise than the tokens it was recorded on)"
+            )
+        else:
+            examples.append(Example(_segments(row, template, where), source))
     if not examples:
         raise ValueError(f"{file} holds no examples")
     return examples
@@ -92,7 +106,11 @@ def encode_example(
 ) -> tuple[list[int], list[bool]]:
     """Token ids and target flags of an example, laid out as generation will see it (the
     tokenizer's prompt prefix, e.g. an imported model's beginning-of-sequence token, in front;
-    end-of-text appended), cut to seq_len + 1."""
+    end-of-text appended), cut to seq_len + 1. A row of token ids is taken as it is: its
+    targets are the tokens after its prompt."""
+    if example.tokens is not None:
+        row = example.tokens.ids[: seq_len + 1]
+        return row, [i >= example.tokens.prompt_tokens for i in range(len(row))]
     ids: list[int] = tokenizer.prompt_prefix
     mask: list[bool] = [False] * len(ids)
     for text, target in example.segments:
@@ -127,11 +145,16 @@ def prepare_sft(
     template: ChatTemplate,
     val_fraction: float = 0.1,
     seed: int = 0,
+    model: ModelConfig | None = None,
 ) -> tuple[TokenizedData, list[Example]]:
-    """Rows, target masks and statistics for fine-tuning, and the validation examples."""
+    """Rows, target masks and statistics for fine-tuning, and the validation examples. Rows
+    of token ids with a recorded routing (finetune/replay_data.py) give the training rows a
+    routing to replay (`train_routing`; checked against `model`); validation routes itself."""
     examples = load_examples(path, template)
+    check_token_ids([(e.source, e.tokens) for e in examples], (model or tokenizer).vocab_size)
     train, val = _split(examples, val_fraction, seed)
     encoded: dict[str, list[tuple[list[int], list[bool]]]] = {}
+    kept: list[Example] = []  # the training examples, row by row
     skipped = 0
     for name, part in (("train", train), ("val", val)):
         encoded[name] = []
@@ -141,6 +164,8 @@ def prepare_sft(
                 skipped += 1
                 continue
             encoded[name].append((ids, mask))
+            if name == "train":
+                kept.append(example)
     # Rows are as wide as the longest example (at most seq_len + 1): short examples do not
     # pay for a long context in padding.
     width = max((len(ids) for pairs in encoded.values() for ids, _ in pairs), default=2)
@@ -158,6 +183,8 @@ def prepare_sft(
     digest = hashlib.sha256()
     for e in examples:
         digest.update(json.dumps([e.source, e.segments]).encode())
+        if e.tokens is not None:
+            digest.update(json.dumps(dataclasses.astuple(e.tokens)).encode())
     stats = {
         "source": str(path),
         "fingerprint": digest.hexdigest(),
@@ -175,5 +202,6 @@ def prepare_sft(
         stats=stats,
         train_mask=splits["train"][1],
         val_mask=splits["val"][1],
+        train_routing=routed_rows([(e.source, e.tokens) for e in kept], width, seq_len, model),
     )
     return data, val

@@ -31,6 +31,9 @@ class RouteOptions:
         sequence is split into forward calls). `Transformer(causal_routing=True)` sets it.
     top_k: experts per token for this call instead of the config's (token choice, and
         expert choice in causal mode): fewer for speed, more for quality.
+    experts: (T, K) expert ids (-1: an empty slot) that replace the router's choice, weighted
+        from the router's own scores (`Router.forward`); `rows` (T,) bool limits the replay
+        to some tokens.
     record: return each token's experts and weights in `MoEStats.routing`.
     stats: compute the routing statistics; False (decoding) returns None instead of
         `MoEStats` unless `record` asks for the routing.
@@ -40,6 +43,8 @@ class RouteOptions:
 
     causal: bool | None = None
     top_k: int | Tensor | None = None  # an int, or one count per token (T,)
+    experts: Tensor | None = None  # (T, K) a routing to replay, -1: an empty slot
+    rows: Tensor | None = None  # (T,) bool, the tokens that replay `experts` (None: all)
     record: bool = False
     mask: Tensor | None = None
     stats: bool = True
@@ -96,7 +101,9 @@ class MoELayer(nn.Module):
         is off and nothing is recorded; see `RouteOptions`)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        decision = self.router(x_TD, causal=route.causal, top_k=route.top_k)
+        decision = self.router(
+            x_TD, causal=route.causal, top_k=route.top_k, experts=route.experts, rows=route.rows
+        )
         if route.mask is not None:
             keep_T1 = route.mask.view(-1, 1)
             decision = decision._replace(

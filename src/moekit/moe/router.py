@@ -81,24 +81,33 @@ class Router(nn.Module):
         return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
     def forward(
-        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | Tensor | None = None
+        self,
+        x_TD: Tensor,
+        *,
+        causal: bool | None = None,
+        top_k: int | Tensor | None = None,
+        experts: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> RouterOutput:
         """Route `x_TD`. `causal=True` forces a router whose choice depends on other tokens
         (expert choice) into its causal mode; token choice is always causal and ignores it.
         `top_k` overrides the number of experts per token for this call where the router
         picks a fixed number (token choice; expert choice in causal mode): an int for every
-        token, or a (T,) tensor with one count per token."""
+        token, or a (T,) tensor with one count per token.
+
+        `experts` (T, K) int, -1 for an empty slot, replays a recorded routing: these experts
+        replace the router's own choice, and each is weighted as the router weights its own
+        choice (from its scores at those experts; see `replay_weights`), so that replaying
+        the router's own choice gives the same weights and gradients reach the router through
+        them as usual. `rows` (T,) bool limits the replay to those tokens (the others route
+        themselves). A bad shape is a ValueError here; the ids are the caller's to check
+        (`check_replay`; the model checks every layer's at once)."""
         raise NotImplementedError
 
     @property
     def max_top_k(self) -> int:
         """The most experts per token this router can give (what `top_k` may ask for)."""
-        cfg = self.cfg
-        if cfg.router == "switch":
-            return 1
-        if cfg.num_groups > 1:
-            return cfg.topk_groups * (cfg.num_experts // cfg.num_groups)
-        return cfg.num_experts
+        return max_top_k(self.cfg)
 
     def check_top_k(self, top_k: int | Tensor) -> int:
         """The largest count in `top_k` if this router can give it, else ValueError."""
@@ -114,12 +123,116 @@ class Router(nn.Module):
             raise ValueError(f"top_k={shown} is invalid for this model: must be in 1..{limit}")
         return high
 
+    def check_replay(self, experts_TK: Tensor, tokens: int, name: str = "experts") -> None:
+        """ValueError unless `experts_TK` is a routing this router could replay for `tokens`
+        tokens: (tokens, K) integers with 1 <= K <= `max_top_k`, each an expert id or -1 (an
+        empty slot), no expert twice for one token."""
+        check_replay(experts_TK, tokens, self.num_experts, self.max_top_k, name)
+
+    def _replayed(
+        self,
+        scores_TE: Tensor,
+        own: tuple[Tensor, Tensor] | None,
+        experts_TK: Tensor,
+        rows_T: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The experts and unnormalised weights when `experts_TK` replaces the router's own
+        choice `own` (None: not computed, every token replays) on the tokens of `rows_T`."""
+        # The ids themselves are checked by the caller, once for every layer (the model), or
+        # with `check_replay`: here only what costs no device round trip.
+        check_replay_shape(experts_TK, scores_TE.shape[0], self.max_top_k, "experts")
+        experts_TK = experts_TK.to(device=scores_TE.device, dtype=torch.long)
+        weights_TK = replay_weights(scores_TE, experts_TK)
+        if own is None or rows_T is None:
+            return experts_TK, weights_TK
+        own_e, own_w = own
+        K = max(own_e.shape[1], experts_TK.shape[1])
+        keep_T1 = rows_T.to(scores_TE.device).view(-1, 1)
+        experts_TK = torch.where(keep_T1, _widen(experts_TK, K, -1), _widen(own_e, K, -1))
+        weights_TK = torch.where(keep_T1, _widen(weights_TK, K, 0), _widen(own_w, K, 0))
+        return experts_TK, weights_TK
+
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=std, generator=generator)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         if self.selection_bias is not None:
             self.selection_bias.zero_()
+
+
+def max_top_k(cfg: MoEConfig) -> int:
+    """The most experts per token the router `cfg` describes can give."""
+    if cfg.router == "switch":
+        return 1
+    if cfg.num_groups > 1:
+        return cfg.topk_groups * (cfg.num_experts // cfg.num_groups)
+    return cfg.num_experts
+
+
+def check_replay(
+    experts_TK: Tensor, tokens: int, num_experts: int, max_k: int, name: str = "experts"
+) -> None:
+    """ValueError naming `name` unless `experts_TK` is a (tokens, K) integer tensor with
+    1 <= K <= max_k whose entries are expert ids in [0, num_experts) or -1 (an empty slot),
+    with no expert twice in one token's row."""
+    check_replay_shape(experts_TK, tokens, max_k, name)
+    check_expert_ids(experts_TK, num_experts, name)
+
+
+def check_replay_shape(experts_TK: Tensor, tokens: int, max_k: int, name: str) -> None:
+    """The part of `check_replay` that reads no values: type, dtype, shape and K."""
+    if not isinstance(experts_TK, Tensor):
+        raise ValueError(f"{name} must be a tensor of expert ids, got {type(experts_TK).__name__}")
+    dtype = experts_TK.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer expert ids, got dtype {dtype}")
+    if experts_TK.dim() != 2 or experts_TK.shape[0] != tokens:
+        raise ValueError(
+            f"{name} has shape {tuple(experts_TK.shape)}: expected ({tokens}, K), one row of "
+            "expert ids per token"
+        )
+    K = experts_TK.shape[1]
+    if not 1 <= K <= max_k:
+        raise ValueError(
+            f"{name} gives {K} expert slots per token: this model's router gives 1..{max_k}"
+        )
+
+
+def check_expert_ids(experts: Tensor, num_experts: int, name: str) -> None:
+    """ValueError naming `name` unless every entry of `experts` (..., K) is an expert id in
+    [0, num_experts) or -1 (an empty slot), with no expert twice in one row of K."""
+    if not experts.numel():
+        return
+    ids = experts.long()
+    low, high = int(ids.min()), int(ids.max())
+    if low < -1 or high >= num_experts:
+        bad = low if low < -1 else high
+        raise ValueError(
+            f"{name} holds expert id {bad}: this model's experts are 0..{num_experts - 1} "
+            "(-1 marks an empty slot)"
+        )
+    if ids.shape[-1] > 1:
+        ordered = ids.sort(dim=-1).values
+        repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+        if bool(repeated.any()):
+            where = repeated.any(dim=-1).nonzero()[0].tolist()
+            raise ValueError(
+                f"{name} names an expert twice for token {where[0]}: {ids[tuple(where)].tolist()}"
+            )
+
+
+def replay_weights(scores_TE: Tensor, experts_TK: Tensor) -> Tensor:
+    """The router's scores at `experts_TK` (0 in empty slots): the weights before any
+    renormalisation or scaling, exactly the values a router takes for its own choice."""
+    valid_TK = experts_TK >= 0
+    return scores_TE.gather(1, experts_TK.clamp_min(0)) * valid_TK
+
+
+def _widen(t_TK: Tensor, K: int, fill: float) -> Tensor:
+    """`t_TK` with columns of `fill` appended up to K."""
+    if t_TK.shape[1] == K:
+        return t_TK
+    return F.pad(t_TK, (0, K - t_TK.shape[1]), value=fill)
 
 
 def _keep_first(
@@ -154,15 +267,37 @@ class TopKRouter(Router):
             self.register_buffer("selection_bias", torch.zeros(cfg.num_experts))
 
     def forward(
-        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | Tensor | None = None
+        self,
+        x_TD: Tensor,
+        *,
+        causal: bool | None = None,
+        top_k: int | Tensor | None = None,
+        experts: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> RouterOutput:
         cfg = self.cfg
-        k = self.top_k if top_k is None else self.check_top_k(top_k)
         logits_TE = self.compute_logits(x_TD)
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = logits_TE.sigmoid()
+        if experts is not None and rows is None:  # every token replays: no choice to make
+            experts_TK, weights_TK = self._replayed(scores_TE, None, experts, None)
+        else:
+            experts_TK, weights_TK = self._choose(scores_TE, top_k)
+            if experts is not None:
+                own = (experts_TK, weights_TK)
+                experts_TK, weights_TK = self._replayed(scores_TE, own, experts, rows)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if cfg.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * cfg.routed_scaling_factor
+        return RouterOutput(weights_TK, experts_TK, logits_TE)
+
+    def _choose(self, scores_TE: Tensor, top_k: int | Tensor | None) -> tuple[Tensor, Tensor]:
+        """The router's own choice: experts and their weights before renormalisation."""
+        cfg = self.cfg
+        k = self.top_k if top_k is None else self.check_top_k(top_k)
         if self.selection_bias is None and cfg.num_groups == 1:
             # Choosing by the scores themselves: the top-k values are the weights.
             weights_TK, experts_TK = scores_TE.topk(k, dim=-1)
@@ -174,12 +309,7 @@ class TopKRouter(Router):
                 choice_TE = self._limit_groups(choice_TE)
             experts_TK = choice_TE.topk(k, dim=-1).indices
             weights_TK = scores_TE.gather(1, experts_TK)
-        experts_TK, weights_TK = _keep_first(experts_TK, weights_TK, top_k)
-        if self.normalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        if cfg.routed_scaling_factor != 1.0:
-            weights_TK = weights_TK * cfg.routed_scaling_factor
-        return RouterOutput(weights_TK, experts_TK, logits_TE)
+        return _keep_first(experts_TK, weights_TK, top_k)
 
     def _limit_groups(self, choice_TE: Tensor) -> Tensor:
         """Mask (to -inf) every expert outside the token's best `topk_groups` groups."""
@@ -228,8 +358,30 @@ class ExpertChoiceRouter(Router):
         )
 
     def forward(
-        self, x_TD: Tensor, *, causal: bool | None = None, top_k: int | Tensor | None = None
+        self,
+        x_TD: Tensor,
+        *,
+        causal: bool | None = None,
+        top_k: int | Tensor | None = None,
+        experts: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> RouterOutput:
+        if experts is None:
+            return self._route(x_TD, causal, top_k)
+        # A replay takes the recorded experts as they are, in either mode: each (token,
+        # expert) pair is weighted by the token's softmax score, as both modes weight it.
+        if rows is None:
+            logits_TE = self.compute_logits(x_TD)
+            experts_TK, weights_TK = self._replayed(logits_TE.softmax(dim=-1), None, experts, None)
+            return RouterOutput(weights_TK, experts_TK, logits_TE)
+        own = self._route(x_TD, causal, top_k)
+        scores_TE = own.logits.softmax(dim=-1)
+        experts_TK, weights_TK = self._replayed(
+            scores_TE, (own.experts, own.weights), experts, rows
+        )
+        return RouterOutput(weights_TK, experts_TK, own.logits)
+
+    def _route(self, x_TD: Tensor, causal: bool | None, top_k: int | Tensor | None) -> RouterOutput:
         logits_TE = self.compute_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
         if self.causal if causal is None else causal:

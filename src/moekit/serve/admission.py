@@ -20,12 +20,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
+
 from moekit.infer.chat import ChatTemplate, PromptTemplate
 from moekit.infer.constrain import ConstraintError, Grammar, compile_constraint
 from moekit.infer.generate import ContextLengthError
 from moekit.infer.sampling import SamplingParams
 from moekit.infer.token_bound import TokenBound
 from moekit.infer.tool_calls import detect_tool_parser, tool_parser
+from moekit.serve import replay
 from moekit.serve.config import ServerConfig
 from moekit.serve.engine import (
     Engine,
@@ -34,7 +37,7 @@ from moekit.serve.engine import (
     QueueFullError,
     RequestTooLargeError,
 )
-from moekit.serve.protocol import APIError, ChatRequest
+from moekit.serve.protocol import APIError, ChatRequest, MoekitOptions
 from moekit.serve.streams import EventStream, Submitted
 from moekit.serve.tools import (
     ToolPlan,
@@ -57,6 +60,8 @@ class Job:
     echo_logprobs: bool = False
     prompt_only: bool = False
     grammar: Grammar | None = None  # the output constraint (moekit.serve.structured)
+    routed_experts: Tensor | None = None  # a routing to replay (serve/replay.py)
+    return_routed_experts: bool = False
 
 
 def prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -283,6 +288,17 @@ class Admission:
                 param="moekit.top_k",
             )
 
+    def replay(self, jobs: list[Job], opts: MoekitOptions) -> None:
+        """Give `jobs` (one request's choices) the routing replay `opts` asks for: an
+        APIError naming the problem when the routing does not fit the model or the request."""
+        if not jobs:
+            return
+        prompts = [job.ids for job in jobs]
+        max_new, only = jobs[0].params.max_new_tokens, jobs[0].prompt_only
+        forced = replay.requested(opts, self.cfg, self.engine.max_top_k, prompts, max_new, only)
+        for job in jobs:
+            job.routed_experts, job.return_routed_experts = forced, opts.return_routed_experts
+
     def submit(self, jobs: list[Job], prompt_param: str) -> list[Submitted]:
         """Queue every job at once (all or none), each with the stream its events arrive on.
         Must be called on the event loop that will read the streams."""
@@ -299,6 +315,8 @@ class Admission:
                 job.prompt_only,
                 grammar=job.grammar,
             )
+            request.routed_experts = job.routed_experts
+            request.return_routed_experts = job.return_routed_experts
             out.append((request, stream))
         try:
             self.engine.submit(*(r for r, _ in out))

@@ -40,6 +40,7 @@ from moekit.infer.detokenize import TextTracker
 from moekit.infer.generate import ContextLengthError, Generator, check_fits, routing_of
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
 from moekit.nn.kv_cache import KVCache
+from moekit.serve import replay
 from moekit.serve.events import (
     DoneEvent,
     EngineRequest,
@@ -314,13 +315,16 @@ class Engine:
     def _finish(self, req: EngineRequest, done: DoneEvent) -> None:
         """End a request that holds no slot."""
         self.stats.finished[done.finish_reason] += 1
+        if req.return_routed_experts and self.cfg.moe is not None:
+            num_experts = self.cfg.moe.num_experts
+            done.routed_experts = replay.recorded(req, done.completion_tokens, num_experts)
         self._emit(req, done)
 
     def _admit(self, slot: int, req: EngineRequest) -> None:
         """Start prefilling a request into `slot`; a request that cannot start fails alone."""
         if req.cancelled.is_set():
             self._finish(req, DoneEvent("cancelled", "", 0))
-        elif req.prompt_only and not req.echo_logprobs:  # nothing to compute
+        elif req.prompt_only and not (req.echo_logprobs or req.return_routed_experts):
             self._finish(req, DoneEvent("length", "", 0))
         else:
             try:
@@ -412,6 +416,10 @@ class Engine:
         top_k = None
         if any(k is not None for k in per_row):
             top_k = torch.tensor([k or self.default_top_k for k in per_row], device=self.device)
+        # Routing replay: a slot's fed token is token prompt + produced - 1 of its sequence.
+        fed_now = fed[:, 0].tolist()
+        fed_reqs = [s.req if s and fed_now[i] else None for i, s in enumerate(self._slots[:B])]
+        fed_rows = [len(s.req.prompt_ids) + s.produced - 1 if s else 0 for s in self._slots[:B]]
         out = self.model(
             step,
             cache=self._cache.first_rows(B),
@@ -420,7 +428,11 @@ class Engine:
             top_k=top_k,
             return_routing=True,  # the routing each token's answer and the metrics show
             routing_stats=False,  # and none of training's routing statistics
+            **replay.step_replay(fed_reqs, fed_rows),
         )
+        for i, r in enumerate(fed_reqs):
+            if r is not None:
+                replay.record(r, out, i, 1)
         self.stats.decode_steps += 1
         self.stats.batched_tokens += int(fed.sum())
         self._count_experts(out, fed[:, 0])

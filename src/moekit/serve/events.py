@@ -65,6 +65,9 @@ class DoneEvent:
     text: str
     completion_tokens: int
     error: str | None = None
+    # With `return_routed_experts`: the experts each MoE layer chose for each token the model
+    # read, in the JSON form of moekit.infer.routing_replay.
+    routed_experts: dict[str, Any] | None = None
 
 
 Event = TokenEvent | PromptEvent | DoneEvent
@@ -88,6 +91,13 @@ class EngineRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     grammar: Grammar | None = None
+    # Routing replay (moekit.infer.routing_replay): (R, M, K) int64 experts to force, row j on
+    # token j of the prompt followed by the generated tokens (-1: an empty slot; past row R
+    # the model routes itself); and whether to record the routing (into `routed_log`, one
+    # (n, M, K) piece per forward pass, for the DoneEvent).
+    routed_experts: Tensor | None = None
+    return_routed_experts: bool = False
+    routed_log: list[Tensor] = field(default_factory=list, repr=False)
 
     @property
     def new_tokens(self) -> int:

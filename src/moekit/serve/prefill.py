@@ -16,6 +16,7 @@ from torch import Tensor
 
 from moekit.model import Transformer
 from moekit.nn.kv_cache import KVCache
+from moekit.serve import replay
 from moekit.serve.events import EngineRequest, TokenLogprob, prompt_logprobs
 
 
@@ -50,7 +51,10 @@ class Prefill:
             causal_routing=True,
             top_k=self.req.params.experts_per_token,
             routing_stats=False,
+            return_routing=self.req.return_routed_experts,
+            **replay.chunk_replay(self.req, self.done, end),
         )
+        replay.record(self.req, out, 0, end - self.done)
         logits = out.logits[0]  # (n, V) in the model's dtype
         if self.req.echo_logprobs:
             # Row i scores the token after it; the last row of the prompt scores none.

@@ -113,11 +113,16 @@ class _Body(BaseModel):
 
 class MoekitOptions(_Body):
     """The `moekit` extension object: `routing` returns each token's experts and weights per
-    MoE layer; `top_k` routes every token to that many experts (within what the model allows)."""
+    MoE layer; `top_k` routes every token to that many experts (within what the model allows);
+    `return_routed_experts` and `routed_experts` record and replay a routing."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
     routing: bool = False
     top_k: int | None = Field(default=None, ge=1)
+    # Routing replay (serve/replay.py): return the experts every token went to, in compact
+    # form; force a routing recorded so (checked against the model at admission).
+    return_routed_experts: bool = False
+    routed_experts: Any = None  # checked by moekit.infer.routing_replay.decode_routing
 
 
 class StreamOptions(_Body):

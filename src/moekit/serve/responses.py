@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.infer.detokenize import TokenBytes, decode_with_offsets
-from moekit.serve.events import TokenEvent, TokenLogprob
-from moekit.serve.protocol import ChatRequest, CompletionRequest
+from moekit.serve.events import DoneEvent, TokenEvent, TokenLogprob
+from moekit.serve.protocol import ChatRequest, CompletionRequest, MoekitOptions
 from moekit.serve.streams import Generation
 from moekit.serve.tools import ToolPlan
 
@@ -47,6 +47,13 @@ def routing_json(event: TokenEvent) -> dict[str, Any]:
 
 def routing_list(tokens: list[TokenEvent]) -> list[dict[str, Any]]:
     return [routing_json(t) for t in tokens if t.routing is not None]
+
+
+def add_routed_experts(choice: dict[str, Any], done: DoneEvent, opts: MoekitOptions) -> None:
+    """With `return_routed_experts`, put the choice's recorded routing (every token the model
+    read, compact: see moekit.serve.replay) in `choice["moekit"]["routed_experts"]`."""
+    if opts.return_routed_experts:
+        choice.setdefault("moekit", {})["routed_experts"] = done.routed_experts
 
 
 @dataclass
@@ -156,6 +163,7 @@ def completion_body(
         }
         if req.moekit.routing:
             choice["moekit"] = {"routing": routing_list(gen.tokens)}
+        add_routed_experts(choice, gen.done, req.moekit)
         choices.append(choice)
     completion_tokens = sum(g.done.completion_tokens for g in gens)
     return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
@@ -197,6 +205,7 @@ def chat_body(
         }
         if req.moekit.routing:
             choice["moekit"] = {"routing": routing_list(gen.tokens)}
+        add_routed_experts(choice, gen.done, req.moekit)
         choices.append(choice)
     completion_tokens = sum(g.done.completion_tokens for g in gens)
     return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}

@@ -157,6 +157,7 @@ async def completions(request: Request) -> Any:
             seeded = with_seed(params, req.seed, i)
             jobs.append(Job(ids, seeded, req.logprobs, echo_logprobs, prompt_only=scoring))
             jobs[-1].grammar = grammar
+    admit.replay(jobs, req.moekit)
     streams = admit.submit(jobs, "prompt")
     head = responses.head("cmpl", "text_completion", s.config.model_name)
     # Decoding a long prompt back to text, token by token, is slow too: off the event loop.
@@ -191,6 +192,7 @@ async def chat(request: Request) -> Any:
     jobs = [Job(ids, with_seed(params, req.seed, i), top) for i in range(req.n)]
     for job in jobs:  # each choice follows the constraint with a matcher of its own
         job.grammar = forced or grammar
+    admit.replay(jobs, req.moekit)
     streams = admit.submit(jobs, "messages")
     head = responses.head("chatcmpl", "chat.completion", s.config.model_name)
     if req.stream:

@@ -14,9 +14,10 @@ from starlette.requests import Request
 from moekit.infer.detokenize import TokenBytes
 from moekit.serve.errors import ended_badly
 from moekit.serve.events import DoneEvent, PromptEvent, TokenEvent
-from moekit.serve.protocol import ChatRequest, CompletionRequest
+from moekit.serve.protocol import ChatRequest, CompletionRequest, MoekitOptions
 from moekit.serve.responses import (
     Echo,
+    add_routed_experts,
     chat_logprob,
     prompt_entries,
     routing_json,
@@ -39,9 +40,12 @@ def event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream")
 
 
-def _finish(done: DoneEvent, chunk: dict[str, Any]) -> bytes:
-    """A choice's last event: its final chunk, or the error it ended with."""
+def _finish(done: DoneEvent, chunk: dict[str, Any], opts: MoekitOptions | None = None) -> bytes:
+    """A choice's last event: its final chunk (with the choice's recorded routing, when
+    `opts` asks for it), or the error it ended with."""
     problem = ended_badly(done)
+    if opts is not None and problem is None:
+        add_routed_experts(chunk["choices"][0], done, opts)
     return event(problem.body() if problem else chunk)
 
 
@@ -78,7 +82,7 @@ async def completion_events(
             continue
         if isinstance(ev, DoneEvent):
             completion_tokens += ev.completion_tokens
-            yield _finish(ev, chunk(i, "", None, ev.finish_reason))
+            yield _finish(ev, chunk(i, "", None, ev.finish_reason), req.moekit)
             continue
         logprobs = None
         if req.logprobs is not None and ev.logprob is not None:
@@ -129,7 +133,7 @@ async def chat_events(
                     listed = [c.to_openai(index=j) for j, c in enumerate(calls)]
                     yield event(chunk(i, {"tool_calls": listed}))
                     reason = "tool_calls" if reason == "stop" else reason
-            yield _finish(ev, chunk(i, {}, None, reason))
+            yield _finish(ev, chunk(i, {}, None, reason), req.moekit)
             continue
         logprobs = None
         if req.logprobs and ev.logprob is not None:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.data.loader import IGNORE_INDEX, iter_eval_batches
+from moekit.data.loader import IGNORE_INDEX, Batch, RoutedRows, iter_eval_batches
 from moekit.model import Transformer
 from moekit.moe.layer import MoEStats
 from moekit.parallel.data import my_rows
@@ -44,7 +44,7 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 def optimizer_step(
     model: Transformer,
     optimizer: torch.optim.Optimizer,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Batch],
     *,
     grad_accum: int,
     grad_clip: float,
@@ -73,23 +73,23 @@ def optimizer_step(
     loss weighs each process's targets by their share of the global count, the routing
     counts (bias update, statistics) and the gradient norm are global, and the result's
     figures are those of the global batch.
+
+    A batch with a third element (`RoutedRows`) replays that recorded routing (`_forward`).
     """
     model.train()
     device = next(model.parameters()).device
-    batches = [(inputs.to(device), targets.to(device)) for inputs, targets in batches]
-    if parallel is not None:
-        batches = [(my_rows(i, parallel), my_rows(t, parallel)) for i, t in batches]
-    targets_per_batch = [int((t != IGNORE_INDEX).sum()) for _, t in batches]
+    batches = [_to(batch, device, parallel) for batch in batches]
+    targets_per_batch = [int((b[1] != IGNORE_INDEX).sum()) for b in batches]
     all_targets = max(_total(sum(targets_per_batch), parallel), 1)
     world = parallel.world if parallel is not None else 1
     counts: dict[int, Tensor] = {}
     loss_sum = aux_sum = 0.0
     tokens = 0
-    for (inputs, targets), n in zip(batches, targets_per_batch, strict=True):
+    for batch, n in zip(batches, targets_per_batch, strict=True):
+        inputs, targets = batch[0], batch[1]
         mask = inputs != pad_id if pad_id is not None else None
         tokens += int(mask.sum()) if mask is not None else inputs.numel()
-        with autocast():
-            out = model(inputs, token_mask=mask)
+        out = _forward(model, batch, mask, autocast)
         loss = lm_loss(out.logits, targets) if n else out.logits.sum() * 0.0
         share = n / all_targets
         # Data parallelism averages the processes' gradients: `world` undoes the average.
@@ -121,6 +121,29 @@ def optimizer_step(
         "lr": lr,
         "finite": finite,
     }
+
+
+def _forward(model: Transformer, batch: Batch, mask: Tensor | None, autocast: Autocast) -> Any:
+    """The batch's forward pass. A batch with a recorded routing replays it: each token goes
+    to the recorded experts (`Transformer.forward`'s `routed_experts`), dropless as generation
+    routes (causal routing), so the loss is that of the tokens as they were sampled."""
+    replay: dict[str, Any] = {}
+    if len(batch) == 3:
+        replay = {"causal_routing": True, **batch[2].model_args()}
+    with autocast():
+        return model(batch[0], token_mask=mask, **replay)
+
+
+def _to(batch: Batch, device: torch.device, parallel: Parallel | None) -> Batch:
+    """A batch on `device`: this process's rows of it, with `parallel`."""
+
+    def mine(t: Tensor) -> Tensor:
+        t = t.to(device)
+        return my_rows(t, parallel) if parallel is not None else t
+
+    if len(batch) == 2:
+        return mine(batch[0]), mine(batch[1])
+    return mine(batch[0]), mine(batch[1]), RoutedRows(*(mine(t) for t in batch[2]))
 
 
 def _total(n: int, parallel: Parallel | None) -> int:

@@ -146,8 +146,9 @@ class Trainer:
         self.method.attach(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.loader = PackedLoader(
-            self.data.train, tc.batch_size, seed=tc.seed, loss_mask=self.data.train_mask
-        )
+            self.data.train, tc.batch_size, seed=tc.seed, loss_mask=self.data.train_mask,
+            routing=self.data.train_routing,
+        )  # fmt: skip
         self.step = 0
         self.tokens = 0
         self.skipped = 0
