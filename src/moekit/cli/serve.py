@@ -86,6 +86,7 @@ def add_parser(sub: Any) -> None:
         help="prompt tokens prefilled between two decode steps of the running requests, so a "
         "long prompt does not stall them (0: whole prompts at once; default 512)",
     )
+    _add_prefix_cache_argument(p)
     p.add_argument(
         "--shutdown-grace",
         type=float,
@@ -95,6 +96,18 @@ def add_parser(sub: Any) -> None:
         "long, then abort the rest (default 30; a second SIGTERM or Ctrl-C stops at once)",
     )
     p.set_defaults(run=run, json=False)
+
+
+def _add_prefix_cache_argument(p: Any) -> None:
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prompt tokens whose keys and values are kept for later prompts that start the "
+        "same way, e.g. a shared system prompt (0: off; default: a quarter of --max-batch x "
+        "--max-context)",
+    )
 
 
 # The library names a bad setting by its keyword; the command line adds the flag.
@@ -111,6 +124,7 @@ FLAGS = {
     "allowed_origins": "--allowed-origins",
     "prefill_chunk": "--prefill-chunk",
     "shutdown_grace": "--shutdown-grace",
+    "prefix_cache_tokens": "--prefix-cache-tokens",
 }
 
 
@@ -188,6 +202,7 @@ def _serve(args: argparse.Namespace, parallel: Any) -> int:
             prefill_chunk=args.prefill_chunk,
             shutdown_grace=args.shutdown_grace,
             parallel=parallel,
+            prefix_cache_tokens=args.prefix_cache_tokens,
         )
     except PortInUseError as e:
         raise ValueError(f"{e} (--port)") from None

@@ -64,6 +64,7 @@ class DoneEvent:
     text: str
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
 
 
 Event = TokenEvent | PromptEvent | DoneEvent
@@ -84,6 +85,7 @@ class EngineRequest:
     prompt_only: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    cached_tokens: int = 0  # set by the engine: prompt tokens found in the prefix cache
 
     @property
     def new_tokens(self) -> int:

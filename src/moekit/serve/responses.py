@@ -27,11 +27,13 @@ def head(prefix: str, kind: str, model: str) -> dict[str, Any]:
     return {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": model}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; `cached_tokens`: prompt tokens taken from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -157,7 +159,8 @@ def completion_body(
             choice["moekit"] = {"routing": routing_list(gen.tokens)}
         choices.append(choice)
     completion_tokens = sum(g.done.completion_tokens for g in gens)
-    return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+    cached = sum(g.done.cached_tokens for g in gens)
+    return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached)}
 
 
 def chat_body(
@@ -184,4 +187,5 @@ def chat_body(
             choice["moekit"] = {"routing": routing_list(gen.tokens)}
         choices.append(choice)
     completion_tokens = sum(g.done.completion_tokens for g in gens)
-    return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+    cached = sum(g.done.cached_tokens for g in gens)
+    return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached)}

@@ -88,6 +88,7 @@ def serve(
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S,
     offload: OffloadConfig | None = None,
     parallel: Parallel | None = None,
+    prefix_cache_tokens: int | None = None,
 ) -> None:
     """Serve a model directory over HTTP until interrupted (an OpenAI-compatible API at
     http://HOST:PORT/v1 and a playground page at http://HOST:PORT/). `max_context` bounds
@@ -101,7 +102,9 @@ def serve(
     streams). SIGTERM drains: new requests get a 503 while the queued and running ones
     finish, for at most `shutdown_grace` seconds; a second SIGTERM or Ctrl-C stops at once.
     `offload` pages the experts under a memory budget (moekit.infer.offload); `parallel`
-    (the main process of a torchrun) splits the experts over its processes. Raises
+    (the main process of a torchrun) splits the experts over its processes.
+    `prefix_cache_tokens`: prompt tokens kept for reuse by later prompts that start the same
+    way (None: a quarter of max_batch x max_context; 0: off). Raises
     PortInUseError when the port is taken, a ValueError for a setting that cannot work."""
     # long function: one keyword per server setting, each passed through to build()
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
@@ -131,6 +134,7 @@ def serve(
             prefill_chunk=prefill_chunk,
             offload=offload,
             parallel=parallel,
+            prefix_cache_tokens=prefix_cache_tokens,
         )
     except BaseException:
         sock.close()

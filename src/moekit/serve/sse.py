@@ -64,6 +64,7 @@ async def completion_events(
         return {**head, "choices": [choice]}
 
     completion_tokens = 0
+    cached_tokens = 0
     # With logprobs the echo waits for the prompt's logprobs (computed at prefill).
     echo_logprobs = req.echo and req.logprobs is not None
     if req.echo and not echo_logprobs:
@@ -77,6 +78,7 @@ async def completion_events(
             continue
         if isinstance(ev, DoneEvent):
             completion_tokens += ev.completion_tokens
+            cached_tokens += ev.cached_tokens
             yield _finish(ev, chunk(i, "", None, ev.finish_reason))
             continue
         logprobs = None
@@ -86,7 +88,8 @@ async def completion_events(
         yield event(_with_routing(chunk(i, ev.text, logprobs), ev, req.moekit.routing))
     if req.stream_options and req.stream_options.include_usage:
         prompt_tokens = sum(len(r.prompt_ids) for r, _ in streams)
-        yield event({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        totals = usage(prompt_tokens, completion_tokens, cached_tokens)
+        yield event({**head, "choices": [], "usage": totals})
     yield DONE
 
 
@@ -109,6 +112,7 @@ async def chat_events(
         return {**head, "choices": [choice]}
 
     completion_tokens = 0
+    cached_tokens = 0
     for i in range(len(streams)):
         yield event(chunk(i, {"role": "assistant", "content": ""}))
     async for i, ev in merged(request, streams):
@@ -116,6 +120,7 @@ async def chat_events(
             continue
         if isinstance(ev, DoneEvent):
             completion_tokens += ev.completion_tokens
+            cached_tokens += ev.cached_tokens
             yield _finish(ev, chunk(i, {}, None, ev.finish_reason))
             continue
         logprobs = None
@@ -124,5 +129,6 @@ async def chat_events(
         yield event(_with_routing(chunk(i, {"content": ev.text}, logprobs), ev, req.moekit.routing))
     if req.stream_options and req.stream_options.include_usage:
         prompt_tokens = prompt_len * len(streams)
-        yield event({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        totals = usage(prompt_tokens, completion_tokens, cached_tokens)
+        yield event({**head, "choices": [], "usage": totals})
     yield DONE
