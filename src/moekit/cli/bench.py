@@ -202,7 +202,8 @@ def run_generate(args: argparse.Namespace) -> int:
 def _add_serve(benches: Any) -> None:
     p = benches.add_parser(
         "serve",
-        help="server throughput with 1 vs N concurrent clients",
+        help="server throughput with 1 vs N concurrent clients (or, with --shared-prefix, "
+        "time to first token with and without the prefix cache)",
         description=doc("moekit.bench.serve", "bench_serve"),
     )
     p.add_argument("model_dir")
