@@ -353,6 +353,24 @@ def test_a_shared_system_prompt_is_reused_and_changes_no_token(servers):
     assert chat(plain, "What does coffee cost?").usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_a_later_turn_of_a_chat_reuses_the_earlier_turns(servers):
+    cached, plain = clients(servers)
+    system = "You sell tea, coffee and biscuits. Be brief."
+    turn = [{"role": "system", "content": system}, {"role": "user", "content": "Any oolong?"}]
+    first = cached.chat.completions.create(model="tiny", messages=turn, max_tokens=3,
+                                           temperature=0)  # fmt: skip
+    assert first.usage.prompt_tokens >= 16
+    turn += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And black tea?"}]  # fmt: skip
+    options = dict(model="tiny", messages=turn, max_tokens=6, temperature=0)
+    second = cached.chat.completions.create(**options)
+    reused = second.usage.prompt_tokens_details.cached_tokens
+    assert reused >= first.usage.prompt_tokens // 16 * 16 - 16 and reused > 0
+    assert second.choices[0].message.content == (
+        plain.chat.completions.create(**options).choices[0].message.content
+    )
+
+
 def test_streamed_usage_reports_cached_tokens(servers):
     cached, plain = clients(servers)
     prompt = "The tea shop opens at nine and closes at five, every day but Sunday. It sells"
