@@ -383,9 +383,10 @@ def test_streamed_usage_reports_cached_tokens(servers):
     assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16 > 0
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == plain.completions.create(**options).choices[0].text
+    system = {"role": "system", "content": "Biscuits: shortbread, ginger nuts, digestives."}
+    cached.chat.completions.create(model="tiny", messages=[system], max_tokens=1)  # stores it
     stream = cached.chat.completions.create(
-        model="tiny", messages=[{"role": "system", "content": SYSTEM},
-                                {"role": "user", "content": "hi"}],
+        model="tiny", messages=[system, {"role": "user", "content": "hi"}],
         max_tokens=4, stream=True, stream_options={"include_usage": True},
     )  # fmt: skip
     assert list(stream)[-1].usage.prompt_tokens_details.cached_tokens >= 16

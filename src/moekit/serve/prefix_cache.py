@@ -74,12 +74,8 @@ def check_prefix_tokens(tokens: object) -> None:
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """The bytes one token's keys and values take in a KV cache (all layers)."""
-    if cfg.attention.kind == "mla":
-        heads, k_dim, v_dim = cfg.num_heads, cfg.head_dim, cfg.attention.v_head_dim
-    else:
-        heads, k_dim, v_dim = cfg.kv_heads, cfg.head_dim, cfg.head_dim
-    size = torch.empty((), dtype=dtype).element_size()
-    return cfg.num_layers * heads * (k_dim + v_dim) * size
+    probe = KVCache(cfg, 1, 1, device="meta", dtype=dtype)  # the cache's own layout, no memory
+    return sum(t.nelement() * t.element_size() for t in (*probe.k, *probe.v))
 
 
 def default_tokens(max_batch: int, max_context: int) -> int:
@@ -132,7 +128,7 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self.capacity_blocks = capacity_tokens // block_tokens
         self.bytes_per_token = kv_bytes_per_token(cfg, dtype)
-        probe = KVCache(cfg, 1, 1, device=device, dtype=dtype)  # the cache's own layout
+        probe = KVCache(cfg, 1, 1, device="meta", dtype=dtype)  # the cache's own layout
         shape = (self.capacity_blocks, cfg.num_layers, probe.k[0].shape[1], block_tokens)
         self.k = torch.zeros(*shape, probe.k[0].shape[3], device=device, dtype=dtype)
         self.v = torch.zeros(*shape, probe.v[0].shape[3], device=device, dtype=dtype)
