@@ -114,6 +114,20 @@ def test_least_recently_used_blocks_go_first_and_the_bound_holds():
     assert_same_positions(cache, filled(long), 12)
 
 
+def test_a_failed_store_leaves_nothing_half_stored():
+    """Keys and values of another model's layout cannot go in: no block of that prompt is
+    findable afterwards, and the store keeps its whole capacity."""
+    store = PrefixCache(CFG, 12, block_tokens=4)
+    ids = list(range(1, 10))
+    other = KVCache(ModelConfig.from_dict({**CFG.to_dict(), "num_kv_heads": 4}), 1, len(ids))
+    other.end[0] = len(ids)
+    with pytest.raises(RuntimeError):
+        store.store(ids, None, other)
+    assert loaded(store, ids)[0] == 0 and store.stored_tokens == 0
+    long = list(range(20, 33))
+    assert store.store(long, None, filled(long)) == 3
+
+
 def test_the_store_costs_one_kv_cache_position_per_token():
     store = PrefixCache(CFG, 100, block_tokens=16)  # whole blocks: 96 tokens
     assert store.capacity_tokens == 96

@@ -14,6 +14,7 @@ share its start finds the blocks the first of them stored.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from moekit.model import Transformer
 from moekit.nn.kv_cache import KVCache
 from moekit.serve.events import EngineRequest, TokenLogprob, prompt_logprobs
 from moekit.serve.prefix_cache import PrefixCache, may_reuse, may_store
+
+log = logging.getLogger("moekit.serve")
 
 
 class Prefill:
@@ -78,5 +81,8 @@ class Prefill:
         if self.finished:
             self.logits = logits[-1].float()
             if self.prefix is not None and may_store(self.req):
-                self.prefix.store(ids, self.req.params.experts_per_token, self.cache)
+                try:
+                    self.prefix.store(ids, self.req.params.experts_per_token, self.cache)
+                except Exception:  # this request has its logits; others lose a cache hit
+                    log.exception("storing a prompt's blocks in the prefix cache failed")
         return ran

@@ -199,14 +199,22 @@ class PrefixCache:
     def store(self, ids: list[int], namespace: object, cache: KVCache) -> int:
         """Store the whole blocks of `ids`, whose keys and values row 0 of `cache` holds, that
         are not stored yet, evicting the least recently used blocks to make room; returns how
-        many blocks were added."""
+        many blocks were added. A block is findable only once its keys and values are in."""
         blocks = min(len(ids), cache.length(0)) // self.block_tokens
         path = self._path(ids, namespace, blocks)
-        start = len(path)
-        for i in range(start, blocks):
+        first = len(path)
+        slots: list[int] = []
+        for _ in range(first, blocks):
             slot = self._free_slot(protect=path)
             if slot is None:
                 break
+            slots.append(slot)
+        try:
+            self._copy_in(slots, first, cache)
+        except BaseException:
+            self._free += slots
+            raise
+        for i, slot in enumerate(slots, first):
             parent = path[-1] if path else None
             block = _Block(self._next_id, slot, self._key(ids, i, namespace, parent), parent)
             self._next_id += 1
@@ -215,24 +223,23 @@ class PrefixCache:
             self._index[block.key] = block
             self._lru[block.id] = block
             path.append(block)
-        added = path[start:]
-        if added:
-            self._copy_in(added, start, cache)
         self._touch(path)
-        self.stats.stored_blocks += len(added)
-        return len(added)
+        self.stats.stored_blocks += len(slots)
+        return len(slots)
 
-    def _copy_in(self, added: list[_Block], first: int, cache: KVCache) -> None:
-        """Copy blocks first, first+1, ... of row 0 of `cache` into the slots of `added`."""
+    def _copy_in(self, slots: list[int], first: int, cache: KVCache) -> None:
+        """Copy blocks first, first+1, ... of row 0 of `cache` into `slots`."""
+        if not slots:
+            return
         n = self.block_tokens
-        a, b = first * n, (first + len(added)) * n
-        slots = torch.tensor([blk.slot for blk in added], device=self.k.device)
+        a, b = first * n, (first + len(slots)) * n
+        index = torch.tensor(slots, device=self.k.device)
         for store, layers in ((self.k, cache.k), (self.v, cache.v)):
             for layer, src in enumerate(layers):
                 heads, dim = src.shape[1], src.shape[3]
                 # (H, blocks * n, d) -> (blocks, H, n, d)
-                part = src[0, :, a:b].reshape(heads, len(added), n, dim).transpose(0, 1)
-                store[slots, layer] = part.to(store.dtype)
+                part = src[0, :, a:b].reshape(heads, len(slots), n, dim).transpose(0, 1)
+                store[index, layer] = part.to(store.dtype)
 
     def _free_slot(self, protect: list[_Block]) -> int | None:
         """A free slot, made by evicting the least recently used block that no stored block
