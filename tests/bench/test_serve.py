@@ -66,3 +66,31 @@ def test_to_dict_has_the_json_keys():
     assert data["one_client"]["tokens_per_s"] == 50.0
     assert data["many_clients"]["tokens_per_s"] == 300.0
     assert data["speedup"] == 6.0
+
+
+def test_bench_prefix_times_first_tokens_with_and_without_the_cache(tiny_model_dir):
+    for module in ("fastapi", "uvicorn", "httpx"):
+        pytest.importorskip(module)
+    from moekit.bench.serve import bench_prefix
+
+    result = bench_prefix(tiny_model_dir, shared_prefix=70, requests=2, suffix_tokens=8)
+    assert len(result.ttft_off_s) == len(result.ttft_on_s) == 2
+    assert all(t > 0 for t in (*result.ttft_off_s, *result.ttft_on_s))
+    assert result.cached_tokens == 64  # the shared prompt's whole blocks
+    assert result.bytes_per_token == 2 * 2 * 32 * 4  # layers x kv heads x (k + v) x float32
+    assert result.capacity_tokens >= 2 * 78
+    assert result.speedup == pytest.approx(result.off_s / result.on_s)
+    assert list(result.to_dict())[-3:] == ["cached_tokens", "bytes_per_token", "capacity_tokens"]
+    with pytest.raises(ValueError, match="does not fit the server's max_context 128"):
+        bench_prefix(tiny_model_dir, shared_prefix=120, requests=1)
+
+
+def test_the_bench_command_prints_the_ratio(tiny_model_dir, capsys):
+    pytest.importorskip("uvicorn")
+    from moekit.cli import main
+
+    assert main(["bench", "serve", str(tiny_model_dir), "--shared-prefix", "40",
+                 "--requests", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "without the prefix cache" in out and "speed-up" in out
+    assert "(32 prompt tokens reused)" in out

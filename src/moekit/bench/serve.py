@@ -180,18 +180,10 @@ def bench_serve(
     server on a free loopback port (`speedup` is the ratio), with each phase's latency
     percentiles and errors; with `hostile`, a slowloris and an oversized-request client run
     beside the `clients`, and the process's peak memory during that phase is reported."""
-    from moekit.serve import build
-    from moekit.serve.server import http_server
-
-    app, engine = build(model_dir, model_name="bench", max_batch=max(clients, 1))
-    server = http_server(app, "127.0.0.1", 0)
-    http = threading.Thread(target=server.run, daemon=True)
-    http.start()
     results: dict[str, Any] = {}
 
-    def drive() -> None:
+    def drive(url: str, engine: Any) -> None:
         try:
-            url = _wait_for(server)
             _client_load(url, "bench", 1, min(2.0, seconds), new_tokens)  # warm up
             results["one"] = _client_load(url, "bench", 1, seconds, new_tokens)
             steps0, rows0 = engine.stats.decode_steps, engine.stats.batched_tokens
@@ -211,16 +203,8 @@ def bench_serve(
             results["rows"] = engine.stats.batched_tokens - rows0
         except Exception as e:  # reported below, from the main thread
             results["error"] = e
-        finally:
-            engine.stop()
 
-    # The engine runs in this (main) thread, as `moekit serve` runs it; clients in another.
-    driver = threading.Thread(target=drive)
-    driver.start()
-    engine.run()
-    driver.join()
-    server.should_exit = True
-    http.join(timeout=30)
+    _serve_while(model_dir, drive, max_batch=max(clients, 1))
     if "error" in results:
         raise results["error"]
     return ServeBench(
@@ -235,6 +219,39 @@ def bench_serve(
     )
 
 
+def _serve_while(model_dir: str | Path, drive: Any, **options: Any) -> None:
+    """Serve `model_dir` (built with `options`) on a free loopback port while
+    `drive(url, engine)` runs in another thread; the engine runs in this (main) thread, as
+    `moekit serve` runs it, and stops when `drive` returns (what `drive` raises is raised
+    here)."""
+    from moekit.serve import build
+    from moekit.serve.server import http_server
+
+    app, engine = build(model_dir, model_name="bench", **options)
+    server = http_server(app, "127.0.0.1", 0)
+    http = threading.Thread(target=server.run, daemon=True)
+    http.start()
+
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            drive(_wait_for(server), engine)
+        except Exception as e:  # raised below, from the main thread
+            errors.append(e)
+        finally:
+            engine.stop()
+
+    driver = threading.Thread(target=run)
+    driver.start()
+    engine.run()
+    driver.join()
+    server.should_exit = True
+    http.join(timeout=30)
+    if errors:
+        raise errors[0]
+
+
 def _wait_for(server: Any) -> str:
     """The URL of `server` once it listens (a RuntimeError after a minute without)."""
     deadline = time.monotonic() + 60
@@ -243,3 +260,138 @@ def _wait_for(server: Any) -> str:
             raise RuntimeError("the benchmark server did not start")
         time.sleep(0.01)
     return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+
+# ---- prefix caching: time to first token with and without it ---------------------------------
+
+
+@dataclass(frozen=True)
+class PrefixBench:
+    """What `bench_prefix` measured: each request's time to first token without the prefix
+    cache (`ttft_off_s`) and with it (`ttft_on_s`), for prompts of `shared_prefix` shared tokens
+    and `suffix_tokens` of their own; the prompt tokens each cached request reused, and what
+    the cache costs in memory per token."""
+
+    model: str
+    shared_prefix: int
+    suffix_tokens: int
+    ttft_off_s: list[float]
+    ttft_on_s: list[float]
+    cached_tokens: int
+    bytes_per_token: int
+    capacity_tokens: int
+
+    @property
+    def off_s(self) -> float:
+        return percentile(self.ttft_off_s, 0.5)
+
+    @property
+    def on_s(self) -> float:
+        return percentile(self.ttft_on_s, 0.5)
+
+    @property
+    def speedup(self) -> float:
+        """Median time to first token without the cache over the median with it."""
+        return self.off_s / self.on_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "shared_prefix": self.shared_prefix,
+            "suffix_tokens": self.suffix_tokens,
+            "ttft_off_s": self.ttft_off_s,
+            "ttft_on_s": self.ttft_on_s,
+            "median_off_s": self.off_s,
+            "median_on_s": self.on_s,
+            "speedup": self.speedup,
+            "cached_tokens": self.cached_tokens,
+            "bytes_per_token": self.bytes_per_token,
+            "capacity_tokens": self.capacity_tokens,
+        }
+
+
+def _first_token(client: Any, url: str, prompt: list[int]) -> tuple[float, int]:
+    """Send a streamed one-token completion of `prompt`; (seconds to its first chunk, the
+    prompt tokens its usage says were cached)."""
+    import json
+
+    body = {"model": "bench", "prompt": prompt, "max_tokens": 1, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    t0 = time.monotonic()
+    first, cached = None, 0
+    with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"the server answered {r.status_code}: {r.read().decode()}")
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            first = first if first is not None else time.monotonic() - t0
+            usage = json.loads(line.removeprefix("data: ")).get("usage")
+            if usage:
+                cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert first is not None, "the stream sent no chunk"
+    return first, cached
+
+
+def bench_prefix(
+    model_dir: str | Path,
+    *,
+    shared_prefix: int,
+    requests: int = 5,
+    suffix_tokens: int = 16,
+    max_context: int | None = None,
+) -> PrefixBench:
+    """Time to first token of prompts that share their first `shared_prefix` tokens (random
+    ids) and differ in their last `suffix_tokens`, without the prefix cache and with it,
+    against one server on a free loopback port: `requests` of each, one at a time, taking turns
+    (the cache is switched off and on between them), after one unmeasured request of each. The
+    cache holds twice a prompt; with it, each measured prompt finds the shared blocks stored by
+    the ones before. A ValueError when a prompt does not fit `max_context`."""
+    if shared_prefix < 1 or suffix_tokens < 1 or requests < 1:
+        raise ValueError("shared_prefix, suffix_tokens and requests must be >= 1")
+    from moekit.serve.prefix_cache import DEFAULT_BLOCK_TOKENS
+
+    block = DEFAULT_BLOCK_TOKENS
+    capacity = -(-2 * (shared_prefix + suffix_tokens) // block) * block
+    results: dict[str, Any] = {}
+
+    def drive(url: str, engine: Any) -> None:
+        import httpx
+        import torch
+
+        length = shared_prefix + suffix_tokens
+        if length + 1 > engine.max_context:
+            raise ValueError(
+                f"a prompt of {length} tokens (--shared-prefix {shared_prefix} + "
+                f"{suffix_tokens}) and one new token does not fit the server's max_context "
+                f"{engine.max_context}; shorten --shared-prefix"
+            )
+        rng = torch.Generator().manual_seed(0)
+        vocab = engine.cfg.vocab_size
+        shared = torch.randint(0, vocab, (shared_prefix,), generator=rng).tolist()
+        cache = engine.prefix_cache
+        times: dict[bool, list[float]] = {False: [], True: []}
+        reused = []
+        with httpx.Client(timeout=600) as client:
+            for i in range(requests + 1):
+                for on in (False, True):
+                    suffix = torch.randint(0, vocab, (suffix_tokens,), generator=rng).tolist()
+                    engine.prefix_cache = cache if on else None  # between requests: idle
+                    seconds, cached = _first_token(client, url, [*shared, *suffix])
+                    if i > 0:  # the first of each warms up (and stores the shared blocks)
+                        times[on].append(seconds)
+                        reused += [cached] if on else []
+        results.update(off=times[False], on=times[True], cached=min(reused), cache=cache)
+
+    _serve_while(model_dir, drive, max_context=max_context, prefix_cache_tokens=capacity)
+    cache = results["cache"]
+    return PrefixBench(
+        model=str(model_dir),
+        shared_prefix=shared_prefix,
+        suffix_tokens=suffix_tokens,
+        ttft_off_s=results["off"],
+        ttft_on_s=results["on"],
+        cached_tokens=results["cached"],
+        bytes_per_token=cache.bytes_per_token,
+        capacity_tokens=cache.capacity_tokens,
+    )

@@ -204,7 +204,8 @@ def run_generate(args: argparse.Namespace) -> int:
 def _add_serve(benches: Any) -> None:
     p = benches.add_parser(
         "serve",
-        help="server throughput with 1 vs N concurrent clients",
+        help="server throughput with 1 vs N concurrent clients (or, with --shared-prefix, "
+        "time to first token with and without the prefix cache)",
         description=doc("moekit.bench.serve", "bench_serve"),
     )
     p.add_argument("model_dir")
@@ -216,12 +217,53 @@ def _add_serve(benches: Any) -> None:
         action="store_true",
         help="without the slowloris and oversized-request clients beside the many clients",
     )
+    p.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: time to first token of prompts sharing their first N tokens, with and "
+        "without the prefix cache (see moekit.bench.serve.bench_prefix)",
+    )
+    p.add_argument(
+        "--requests", type=int, default=5, help="with --shared-prefix: requests of each kind"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_serve)
 
 
+def run_prefix(args: argparse.Namespace) -> int:
+    from moekit.bench.serve import bench_prefix
+
+    if args.shared_prefix < 1 or args.requests < 1:
+        raise ValueError("--shared-prefix and --requests must be >= 1")
+    result = bench_prefix(args.model_dir, shared_prefix=args.shared_prefix, requests=args.requests)
+    if args.json:
+        print_json(result.to_dict())
+        return 0
+    print(
+        f"time to first token, prompts of {result.shared_prefix} shared + "
+        f"{result.suffix_tokens} own tokens, {len(result.ttft_on_s)} requests each (median):"
+    )
+    print(f"  without the prefix cache {result.off_s * 1000:9.1f} ms")
+    print(
+        f"  with it                  {result.on_s * 1000:9.1f} ms "
+        f"({result.cached_tokens} prompt tokens reused)"
+    )
+    print(f"  speed-up                 {result.speedup:9.2f}x")
+    size = nbytes(result.bytes_per_token * result.capacity_tokens)
+    print(
+        f"  cost: {nbytes(result.bytes_per_token)} per cached token; this run's cache of "
+        f"{result.capacity_tokens} tokens: {size}"
+    )
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from moekit.bench.serve import bench_serve
+
+    if args.shared_prefix is not None:
+        return run_prefix(args)
 
     result = bench_serve(
         args.model_dir,

@@ -50,6 +50,7 @@ def add_parser(sub: Any) -> None:
         help="prompt tokens prefilled between two decode steps of the running requests, so a "
         "long prompt does not stall them (0: whole prompts at once; default 512)",
     )
+    _add_prefix_cache_argument(p)
     p.add_argument(
         "--shutdown-grace",
         type=float,
@@ -109,6 +110,18 @@ def _add_connection_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_prefix_cache_argument(p: Any) -> None:
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prompt tokens whose keys and values are kept for later prompts that start the "
+        "same way, e.g. a shared system prompt (0: off; default: a quarter of --max-batch x "
+        "--max-context)",
+    )
+
+
 # The library names a bad setting by its keyword; the command line adds the flag.
 FLAGS = {
     "model_name": "--model-name",
@@ -124,6 +137,7 @@ FLAGS = {
     "prefill_chunk": "--prefill-chunk",
     "shutdown_grace": "--shutdown-grace",
     "tool_call_format": "--tool-call-format",
+    "prefix_cache_tokens": "--prefix-cache-tokens",
 }
 
 
@@ -202,6 +216,7 @@ def _serve(args: argparse.Namespace, parallel: Any) -> int:
             shutdown_grace=args.shutdown_grace,
             parallel=parallel,
             tool_call_format=args.tool_call_format,
+            prefix_cache_tokens=args.prefix_cache_tokens,
         )
     except PortInUseError as e:
         raise ValueError(f"{e} (--port)") from None

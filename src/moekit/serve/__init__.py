@@ -24,6 +24,7 @@ The modules, each with one job:
     engine     continuous batching in one background thread; draining
     events     what goes into the engine (EngineRequest) and what comes back
     prefill    a prompt through the model, a chunk at a time
+    prefix_cache  prompt blocks' keys and values, reused by prompts that start the same way
     streams    engine events into the event loop; watching the client
     responses  OpenAI response bodies
     sse        streamed answers as server-sent events

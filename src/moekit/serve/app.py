@@ -25,6 +25,7 @@ from moekit.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
 from moekit.serve.errors import add_error_handlers
 from moekit.serve.guard import Guard
 from moekit.serve.metrics import Metrics
+from moekit.serve.prefix_cache import check_prefix_tokens
 from moekit.serve.routes import ServerState, router
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def build(
     offload: OffloadConfig | None = None,
     parallel: Parallel | None = None,
     tool_call_format: str | None = None,
+    prefix_cache_tokens: int | None = None,
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
@@ -81,7 +83,10 @@ def build(
     between two decode steps of the running requests (0: whole prompts at once). With
     `parallel` (the main process of a torchrun), the model's experts are split over its
     processes, which serve them (`moekit.parallel.inference`). `tool_call_format`: the format
-    the model writes tool calls in (None: the one its chat template shows). The settings
+    the model writes tool calls in (None: the one its chat template shows).
+    `prefix_cache_tokens`: prompt tokens whose keys and values are kept for later prompts that
+    start the same way (None: a quarter of max_batch x max_context; 0: off; see
+    moekit.serve.prefix_cache). The settings
     and the model's chat template are checked before the model loads: a ValueError (a
     SettingError naming the setting, or naming the template's file) for one that cannot work."""
     config = ServerConfig(
@@ -97,6 +102,7 @@ def build(
     check_count("max_context", max_context, none_ok=True)
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
         raise SettingError("prefill_chunk", prefill_chunk, "must be an integer >= 0 (0: off)")
+    check_prefix_tokens(prefix_cache_tokens)
     template = load_chat_template(model_dir)
     if isinstance(template, ChatTemplate):
         check_template(template, str(Path(model_dir) / TEMPLATE_FILE))
@@ -111,5 +117,6 @@ def build(
         max_queue=max_queue,
         max_context=max_context,
         prefill_chunk=prefill_chunk,
+        prefix_cache_tokens=prefix_cache_tokens,
     )
     return create_app(engine, config, template), engine

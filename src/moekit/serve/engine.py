@@ -20,6 +20,9 @@ complete.
 
 The KV cache holds `max_context` positions per slot (by default the model's context, capped
 at 4096): an imported model with a 32k context would otherwise claim tens of GB up front.
+
+A prefix cache (prefix_cache.py) keeps the keys and values of recent prompts' blocks, so that a
+prompt that starts as an earlier one did is prefilled from where the stored blocks end.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ from moekit.serve.events import (
     token_logprob,
 )
 from moekit.serve.prefill import Prefill
+from moekit.serve.prefix_cache import (
+    DEFAULT_BLOCK_TOKENS,
+    PrefixCache,
+    check_prefix_tokens,
+    default_tokens,
+)
 
 __all__ = [
     "DoneEvent",
@@ -123,7 +132,9 @@ class Engine:
     `max_queue`: requests waiting for a slot before `submit` refuses more; `max_context`:
     prompt plus new tokens per request, the length of each slot's KV cache (default: the
     model's max_seq_len, at most 4096); `prefill_chunk`: prompt tokens prefilled between two
-    decode steps (0: a whole prompt at once, stalling the running requests meanwhile)."""
+    decode steps (0: a whole prompt at once, stalling the running requests meanwhile);
+    `prefix_cache_tokens`: prompt tokens the prefix cache keeps (None: a quarter of
+    max_batch x max_context; 0: no prefix cache)."""
 
     def __init__(
         self,
@@ -133,6 +144,7 @@ class Engine:
         max_queue: int = 64,
         max_context: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache_tokens: int | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
@@ -183,6 +195,17 @@ class Engine:
         self._cache = KVCache(
             self.cfg, max_batch, max_context, device=self.device, dtype=generator.dtype
         )
+        self.prefix_cache = self._prefix_cache(prefix_cache_tokens)
+
+    def _prefix_cache(self, tokens: int | None) -> PrefixCache | None:
+        """The prefix cache of `tokens` tokens (None: the default size; 0: none)."""
+        check_prefix_tokens(tokens)
+        if tokens is None:  # too small a server for one block: none
+            tokens = default_tokens(self.max_batch, self.max_context)
+            tokens = tokens if tokens >= DEFAULT_BLOCK_TOKENS else 0
+        if tokens == 0:
+            return None
+        return PrefixCache(self.cfg, tokens, device=self.device, dtype=self.generator.dtype)
 
     # ---- outside the engine thread ----------------------------------------------------
     def run(self) -> None:
@@ -318,6 +341,7 @@ class Engine:
         if req.return_routed_experts and self.cfg.moe is not None:
             num_experts = self.cfg.moe.num_experts
             done.routed_experts = replay.recorded(req, done.completion_tokens, num_experts)
+        done.cached_tokens = req.cached_tokens
         self._emit(req, done)
 
     def _admit(self, slot: int, req: EngineRequest) -> None:
@@ -329,7 +353,14 @@ class Engine:
         else:
             try:
                 self._prefills.append(
-                    Prefill(req, slot, self.model, self.tokenizer, self.generator.dtype)
+                    Prefill(
+                        req,
+                        slot,
+                        self.model,
+                        self.tokenizer,
+                        self.generator.dtype,
+                        prefix=self.prefix_cache,
+                    )
                 )
             except Exception as e:
                 log.exception("a request could not start")

@@ -68,6 +68,7 @@ class DoneEvent:
     # With `return_routed_experts`: the experts each MoE layer chose for each token the model
     # read, in the JSON form of moekit.infer.routing_replay.
     routed_experts: dict[str, Any] | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
 
 
 Event = TokenEvent | PromptEvent | DoneEvent
@@ -98,6 +99,7 @@ class EngineRequest:
     routed_experts: Tensor | None = None
     return_routed_experts: bool = False
     routed_log: list[Tensor] = field(default_factory=list, repr=False)
+    cached_tokens: int = 0  # set by the engine: prompt tokens found in the prefix cache
 
     @property
     def new_tokens(self) -> int:

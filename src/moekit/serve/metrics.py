@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moekit.serve.engine import Engine
+from moekit.serve.prefix_cache import prometheus_lines
 
 CONTENT_TYPE = "text/plain; version=0.0.4"
 # Metrics are labelled by endpoint; any other path under /v1/ counts as "other", so that
@@ -60,6 +61,7 @@ def prometheus_text(engine: Engine, metrics: Metrics) -> str:
     """Every metric, HTTP and engine, as one Prometheus text page."""
     lines = [*_http_lines(metrics), *_connection_lines(metrics.connections)]
     lines += [*_engine_lines(engine), *_offload_lines(getattr(engine, "model", None))]
+    lines += prometheus_lines(getattr(engine, "prefix_cache", None))
     return "\n".join(lines) + "\n"
 
 

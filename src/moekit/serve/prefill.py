@@ -5,10 +5,16 @@ that a 4k-token prompt delays each of their tokens by one chunk's work instead o
 them for the whole prompt. A chunk attends to the cached keys of the chunks before it, so the
 logits are those of a single pass (equal up to float rounding; tested). Once the whole prompt
 is through, its cache row joins the batch.
+
+With a prefix cache (prefix_cache.py), the first chunk starts after the longest stored start
+of the prompt, copied into the request's cache; the prompt's whole blocks are stored once it
+is through. The lookup waits for the first chunk, so that a request admitted with others that
+share its start finds the blocks the first of them stored.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -18,15 +24,25 @@ from moekit.model import Transformer
 from moekit.nn.kv_cache import KVCache
 from moekit.serve import replay
 from moekit.serve.events import EngineRequest, TokenLogprob, prompt_logprobs
+from moekit.serve.prefix_cache import PrefixCache, may_reuse, may_store
+
+log = logging.getLogger("moekit.serve")
 
 
 class Prefill:
     """The prompt of `req` on its way through `model`, holding batch slot `slot` meanwhile.
     `advance` runs the next chunk; once `finished`, `logits` are those of the first new token
-    and `echo` holds the prompt's logprobs when the request asked for them (the first None)."""
+    and `echo` holds the prompt's logprobs when the request asked for them (the first None).
+    With `prefix`, the prompt starts after its cached blocks and leaves its own there."""
 
     def __init__(
-        self, req: EngineRequest, slot: int, model: Transformer, tokenizer: Any, dtype: torch.dtype
+        self,
+        req: EngineRequest,
+        slot: int,
+        model: Transformer,
+        tokenizer: Any,
+        dtype: torch.dtype,
+        prefix: PrefixCache | None = None,
     ) -> None:
         self.req, self.slot = req, slot
         self.model, self.tokenizer = model, tokenizer
@@ -35,6 +51,7 @@ class Prefill:
         self.done = 0  # prompt tokens through the model so far
         self.echo: list[TokenLogprob | None] = [None]
         self.logits: Tensor | None = None
+        self.prefix = prefix
 
     @property
     def finished(self) -> bool:
@@ -44,6 +61,9 @@ class Prefill:
     def advance(self, budget: int) -> int:
         """Run the next `budget` prompt tokens (0: all that are left); returns how many ran."""
         ids = self.req.prompt_ids
+        if self.done == 0 and self.prefix is not None and may_reuse(self.req):
+            self.done = self.prefix.load(ids, self.req.params.experts_per_token, self.cache)
+            self.req.cached_tokens = self.done
         end = len(ids) if budget <= 0 else min(len(ids), self.done + budget)
         out = self.model(
             torch.tensor([ids[self.done : end]], device=self.device),
@@ -64,4 +84,9 @@ class Prefill:
         ran, self.done = end - self.done, end
         if self.finished:
             self.logits = logits[-1].float()
+            if self.prefix is not None and may_store(self.req):
+                try:
+                    self.prefix.store(ids, self.req.params.experts_per_token, self.cache)
+                except Exception:  # this request has its logits; others lose a cache hit
+                    log.exception("storing a prompt's blocks in the prefix cache failed")
         return ran

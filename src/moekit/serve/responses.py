@@ -28,11 +28,13 @@ def head(prefix: str, kind: str, model: str) -> dict[str, Any]:
     return {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": model}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; `cached_tokens`: prompt tokens taken from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -166,7 +168,8 @@ def completion_body(
         add_routed_experts(choice, gen.done, req.moekit)
         choices.append(choice)
     completion_tokens = sum(g.done.completion_tokens for g in gens)
-    return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+    cached = sum(g.done.cached_tokens for g in gens)
+    return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached)}
 
 
 def chat_message(text: str, finish_reason: str, tools: ToolPlan) -> tuple[dict[str, Any], str]:
@@ -208,4 +211,5 @@ def chat_body(
         add_routed_experts(choice, gen.done, req.moekit)
         choices.append(choice)
     completion_tokens = sum(g.done.completion_tokens for g in gens)
-    return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+    cached = sum(g.done.cached_tokens for g in gens)
+    return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached)}

@@ -89,6 +89,7 @@ def serve(
     offload: OffloadConfig | None = None,
     parallel: Parallel | None = None,
     tool_call_format: str | None = None,
+    prefix_cache_tokens: int | None = None,
 ) -> None:
     """Serve a model directory over HTTP until interrupted (an OpenAI-compatible API at
     http://HOST:PORT/v1 and a playground page at http://HOST:PORT/). `max_context` bounds
@@ -104,7 +105,9 @@ def serve(
     `offload` pages the experts under a memory budget (moekit.infer.offload); `parallel`
     (the main process of a torchrun) splits the experts over its processes.
     `tool_call_format` names the format the model writes tool calls in (None: the one its
-    chat template shows; see moekit.infer.tool_calls). Raises
+    chat template shows; see moekit.infer.tool_calls).
+    `prefix_cache_tokens`: prompt tokens kept for reuse by later prompts that start the same
+    way (None: a quarter of max_batch x max_context; 0: off). Raises
     PortInUseError when the port is taken, a ValueError for a setting that cannot work."""
     # long function: one keyword per server setting, each passed through to build()
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
@@ -135,6 +138,7 @@ def serve(
             offload=offload,
             parallel=parallel,
             tool_call_format=tool_call_format,
+            prefix_cache_tokens=prefix_cache_tokens,
         )
     except BaseException:
         sock.close()

@@ -69,6 +69,7 @@ async def completion_events(
         return {**head, "choices": [choice]}
 
     completion_tokens = 0
+    cached_tokens = 0
     # With logprobs the echo waits for the prompt's logprobs (computed at prefill).
     echo_logprobs = req.echo and req.logprobs is not None
     if req.echo and not echo_logprobs:
@@ -82,6 +83,7 @@ async def completion_events(
             continue
         if isinstance(ev, DoneEvent):
             completion_tokens += ev.completion_tokens
+            cached_tokens += ev.cached_tokens
             yield _finish(ev, chunk(i, "", None, ev.finish_reason), req.moekit)
             continue
         logprobs = None
@@ -91,7 +93,8 @@ async def completion_events(
         yield event(_with_routing(chunk(i, ev.text, logprobs), ev, req.moekit.routing))
     if req.stream_options and req.stream_options.include_usage:
         prompt_tokens = sum(len(r.prompt_ids) for r, _ in streams)
-        yield event({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        totals = usage(prompt_tokens, completion_tokens, cached_tokens)
+        yield event({**head, "choices": [], "usage": totals})
     yield DONE
 
 
@@ -117,6 +120,7 @@ async def chat_events(
 
     completion_tokens = 0
     readers = [tools.reader() for _ in streams]
+    cached_tokens = 0
     for i in range(len(streams)):
         yield event(chunk(i, {"role": "assistant", "content": ""}))
     async for i, ev in merged(request, streams):
@@ -124,6 +128,7 @@ async def chat_events(
             continue
         if isinstance(ev, DoneEvent):
             completion_tokens += ev.completion_tokens
+            cached_tokens += ev.cached_tokens
             reason = ev.finish_reason
             if ended_badly(ev) is None:
                 text, calls = readers[i].finish()
@@ -142,5 +147,6 @@ async def chat_events(
         yield event(_with_routing(chunk(i, delta, logprobs), ev, req.moekit.routing))
     if req.stream_options and req.stream_options.include_usage:
         prompt_tokens = prompt_len * len(streams)
-        yield event({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        totals = usage(prompt_tokens, completion_tokens, cached_tokens)
+        yield event({**head, "choices": [], "usage": totals})
     yield DONE
