@@ -59,7 +59,7 @@ def speculating(target, config, stats=None):
 
 
 def drafters(tiny_model_dir, draft_dir):
-    return {
+    return {  # (draft_dir None: only "draft-self" is usable)
         "ngram": SpeculativeConfig(method="ngram", num_draft_tokens=4),
         "ngram-k1": SpeculativeConfig(method="ngram", num_draft_tokens=1, ngram=1),
         "draft-small": SpeculativeConfig(method="draft", draft_dir=str(draft_dir)),
@@ -103,6 +103,29 @@ def test_greedy_speculation_is_plain_greedy_token_for_token(
     if drafter == "draft-self" and params.experts_per_token is None:  # (it routes to top_k)
         assert stats.accepted == stats.drafted
     assert stats.tokens_per_step >= 1.0
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7])
+def test_ends_inside_an_accepted_run_of_drafts(target, tiny_model_dir, max_new_tokens):
+    """With the target drafting for itself, every step accepts 5 drafts: a stop token, a stop
+    string or max_new_tokens that falls inside such a run ends the output exactly there."""
+    spec = speculating(target, drafters(tiny_model_dir, None)["draft-self"])
+    free = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+    ids = target.generate(PROMPTS[3], free)[0].token_ids
+    stop_at = max(i for i in range(1, 20) if ids[i] not in ids[:i])  # its first occurrence
+    settings = [
+        SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True),
+        SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=[ids[stop_at]]),
+        SamplingParams(temperature=0, max_new_tokens=20, stop=[target.tokenizer.decode(ids[6:8])]),
+    ]
+    for params in settings:
+        want, got = target.generate(PROMPTS[3], params)[0], spec.generate(PROMPTS[3], params)[0]
+        assert (got.token_ids, got.text, got.finish_reason) == (
+            want.token_ids,
+            want.text,
+            want.finish_reason,
+        )
+    assert len(spec.generate(PROMPTS[3], settings[1])[0].token_ids) == stop_at
 
 
 def test_streamed_speculation_adds_up_to_the_completion(target, tiny_model_dir, draft_dir):
