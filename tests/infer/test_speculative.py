@@ -270,3 +270,37 @@ def test_routing_traces_are_refused_with_speculation(target):
     spec = speculating(target, SpeculativeConfig())
     with pytest.raises(ValueError, match="return_routing is not available"):
         spec.generate("hi", SamplingParams(return_routing=True))
+
+
+# ---- other architectures ----------------------------------------------------------------------
+
+BASE = dict(vocab_size=97, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden=48,
+            max_seq_len=96)  # fmt: skip
+MOE = dict(num_experts=4, top_k=2, expert_hidden=16)
+VARIANTS = {
+    "dense": dict(BASE),
+    "mla-sigmoid-shared": dict(
+        BASE, num_kv_heads=4,
+        attention=dict(kind="mla", q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+                       qk_rope_head_dim=4, v_head_dim=8),
+        moe=dict(MOE, score_func="sigmoid", num_groups=2, topk_groups=1, first_dense_layers=1,
+                 num_shared_experts=1),
+    ),
+    "expert-choice": dict(BASE, moe=dict(MOE, router="expert_choice", capacity_factor=2.0)),
+    "sliding-window": dict(BASE, attention=dict(sliding_window=6), moe=MOE),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_greedy_speculation_on_other_architectures(name):
+    model = build_model(ModelConfig.from_dict(VARIANTS[name]), seed=0).eval()
+    tokenizer = Tokenizer.train(["a b c"], 300)
+    plain = Generator(model, tokenizer)
+    spec = Generator(model, tokenizer)
+    stats = SpeculativeStats()
+    spec.speculative = Speculator(spec, SpeculativeConfig(num_draft_tokens=3), stats=stats)
+    prompts = [[5, 6, 7, 8, 5, 6, 7], [40, 41, 42, 43, 44, 40, 41, 42, 43, 44, 40, 41]]
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    want, got = plain.generate(prompts, params), spec.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert stats.accepted > 0
