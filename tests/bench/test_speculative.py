@@ -26,6 +26,7 @@ def test_bench_speculative_measures_both_sides(tiny_model_dir):
     # touches at least as many and at most 8.
     assert r.num_experts == 8 and r.experts_single == 2.0
     assert 2.0 <= r.experts_verify <= 8.0
+    assert r.decode_pass_s > 0 and r.verify_pass_s > 0
     assert json.loads(json.dumps(r.to_dict()))["speedup"] == pytest.approx(r.speedup)
 
 
@@ -37,7 +38,9 @@ def test_bench_generate_speculative_from_the_command_line(tiny_model_dir, tmp_pa
     assert data["same_tokens"] is True
     assert data["acceptance_rate"] == 1.0  # the model drafting for itself
     assert main(argv) == 0
-    assert "distinct experts per MoE layer: 2.00 for one token" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "distinct experts per MoE layer: 2.00 for one token" in out
+    assert "one forward pass: " in out
 
 
 def test_bench_speculative_flags_are_checked(tiny_model_dir, capsys):

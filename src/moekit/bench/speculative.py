@@ -45,6 +45,14 @@ class SpeculativeBench:
     num_experts: int | None  # routed experts per MoE layer (None: a dense model)
     experts_single: float  # distinct experts per MoE layer of one token
     experts_verify: float  # distinct experts per MoE layer of one verify pass
+    decode_pass_s: float  # one forward pass of one token through the KV cache
+    verify_pass_s: float  # one forward pass of K + 1 tokens through the KV cache
+
+    @property
+    def verify_cost(self) -> float:
+        """A verify pass's time over a one-token pass's: speculation gains when a pass yields
+        more tokens than this (`tokens_per_pass`), less the drafting's own cost."""
+        return self.verify_pass_s / self.decode_pass_s
 
     @property
     def speedup(self) -> float:
@@ -69,6 +77,9 @@ class SpeculativeBench:
             "num_experts": self.num_experts,
             "experts_per_layer_single_token": self.experts_single,
             "experts_per_layer_verify_pass": self.experts_verify,
+            "decode_pass_s": self.decode_pass_s,
+            "verify_pass_s": self.verify_pass_s,
+            "verify_cost": self.verify_cost,
         }
 
 
@@ -121,6 +132,8 @@ def bench_speculative(
     }
     stats = spec.stats = SpeculativeStats(experts=True)  # one more run, recording routing
     greedy(fast, new_tokens)
+    k = config.num_draft_tokens
+    passes = _pass_times(generator.model, prompt, plain_ids[: k + 1], repeats)
     moe = cfg.moe
     per_layer = max(stats.layer_passes, 1)
     return SpeculativeBench(
@@ -139,7 +152,33 @@ def bench_speculative(
         num_experts=moe.num_experts if moe is not None else None,
         experts_single=stats.single_experts / per_layer,
         experts_verify=stats.verify_experts / per_layer,
+        decode_pass_s=passes[0],
+        verify_pass_s=passes[1],
     )
+
+
+@torch.inference_mode()
+def _pass_times(
+    model: Any, prompt: list[int], tokens: list[int], repeats: int
+) -> tuple[float, float]:
+    """Seconds of one forward pass after `prompt` through the KV cache, of `tokens[:1]` and of
+    all of `tokens`, timed round-robin (the best of 10 x `repeats` samples of each)."""
+    from moekit.nn.kv_cache import KVCache
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.cfg, 1, len(prompt) + len(tokens), device=device, dtype=dtype)
+    run = functools.partial(model, cache=cache, causal_routing=True, routing_stats=False)
+    run(torch.tensor([prompt], device=device), last_logits=True)
+
+    def one(n: int) -> None:
+        run(torch.tensor([tokens[:n]], device=device))
+        cache.truncate_row(0, len(prompt))
+
+    t = round_robin(
+        {"one": functools.partial(one, 1), "all": functools.partial(one, len(tokens))}, 10 * repeats
+    )
+    return min(t["one"]), min(t["all"])
 
 
 def _generator(model_dir: str | Path | None, preset: str, seed: int) -> tuple[Generator, bool]:

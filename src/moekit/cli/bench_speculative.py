@@ -39,6 +39,11 @@ def run_generate_speculative(args: argparse.Namespace) -> int:
         f"  drafts accepted {r.acceptance_rate:.0%}; {r.tokens_per_pass:.2f} tokens per forward "
         "pass of the model (plain decoding: 1)"
     )
+    print(
+        f"  one forward pass: {r.decode_pass_s * 1e3:.2f} ms for one token, "
+        f"{r.verify_pass_s * 1e3:.2f} ms for {r.num_draft_tokens + 1} ({r.verify_cost:.2f}x); "
+        f"tokens per pass over that: {r.tokens_per_pass / r.verify_cost:.2f}x"
+    )
     if r.num_experts is not None:
         print(
             f"  distinct experts per MoE layer: {r.experts_single:.2f} for one token, "
