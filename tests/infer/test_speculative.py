@@ -9,7 +9,7 @@ import torch
 from moekit import build_model
 from moekit.config import ModelConfig
 from moekit.data.tokenizer import Tokenizer
-from moekit.infer.generate import Generator
+from moekit.infer.generate import ContextLengthError, Generator
 from moekit.infer.sampling import SamplingParams
 from moekit.infer.speculative import (
     SpeculativeConfig,
@@ -304,3 +304,15 @@ def test_greedy_speculation_on_other_architectures(name):
     want, got = plain.generate(prompts, params), spec.generate(prompts, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert stats.accepted > 0
+
+
+def test_a_request_longer_than_the_draft_models_context_is_refused(
+    target, tiny_model_dir, tmp_path
+):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    cfg = ModelConfig.from_dict({**small_cfg(512).to_dict(), "max_seq_len": 32})
+    save_model(build_model(cfg, seed=0), cfg, tmp_path)
+    spec = speculating(target, SpeculativeConfig(method="draft", draft_dir=str(tmp_path)))
+    with pytest.raises(ContextLengthError, match="the draft model's maximum context length is 32"):
+        spec.generate(["hi", "there"], SamplingParams(max_new_tokens=40))

@@ -159,14 +159,18 @@ class DraftModel:
 
     def start(self, total: int) -> None:
         """A fresh cache for a request of at most `total` tokens."""
+        self.check_fits(total)
+        self.cache = KVCache(self.model.cfg, 1, total, device=self.device, dtype=self.dtype)
+        self.fed = []
+
+    def check_fits(self, total: int) -> None:
+        """ContextLengthError unless a request of `total` tokens fits the draft model."""
         if total > self.model.cfg.max_seq_len:
             raise ContextLengthError(
                 f"the draft model's maximum context length is {self.model.cfg.max_seq_len} "
                 f"tokens, but {total} were requested; ask for fewer tokens or use a draft "
                 "model with a longer context"
             )
-        self.cache = KVCache(self.model.cfg, 1, total, device=self.device, dtype=self.dtype)
-        self.fed = []
 
     def propose(
         self, context: list[int], k: int, params: SamplingParams, gen: torch.Generator
@@ -371,6 +375,8 @@ class Speculator:
         ids = [generator.encode(p) for p in prompts]
         for seq in ids:
             check_fits(len(seq), params.max_new_tokens, generator.max_seq_len)
+            if self.draft is not None:
+                self.draft.check_fits(len(seq) + params.max_new_tokens)
         for b, seq in enumerate(ids):
             yield from ((b, chunk) for chunk in _Request(self, generator, seq, params, done[b]))
 
