@@ -43,7 +43,16 @@ def test_bench_generate_speculative_from_the_command_line(tiny_model_dir, tmp_pa
     assert "one forward pass: " in out
 
 
-def test_bench_speculative_flags_are_checked(tiny_model_dir, capsys):
-    argv = ["bench", "generate", str(tiny_model_dir), "--draft", str(tiny_model_dir)]
-    assert main(argv) != 0
-    assert "--draft MODEL_DIR needs --speculative draft" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--draft", "DIR"], "--draft MODEL_DIR needs --speculative draft"),
+        (["--speculative", "ngram", "--max-memory", "1GB"], "leave out --max-memory"),
+        (["--speculative", "ngram", "--batch-size", "2"], "leave out --batch-size"),
+        (["--speculative", "ngram", "--num-draft-tokens", "17"], "--num-draft-tokens 17 is out"),
+    ],
+)
+def test_bench_speculative_flags_are_checked(tiny_model_dir, capsys, flags, message):
+    argv = ["bench", "generate", str(tiny_model_dir), *flags]
+    assert main([a.replace("DIR", str(tiny_model_dir)) for a in argv]) != 0
+    assert message in capsys.readouterr().err

@@ -142,12 +142,12 @@ def _add_generate(benches: Any) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from moekit.bench.generate import bench_generate
 
-    if args.max_memory is not None:
-        return run_generate_paged(args)
     if args.speculative is not None or args.draft is not None:
         from moekit.cli.bench_speculative import run_generate_speculative
 
         return run_generate_speculative(args)
+    if args.max_memory is not None:
+        return run_generate_paged(args)
     result = bench_generate(
         args.model_dir,
         preset=args.preset,

@@ -12,6 +12,8 @@ def run_generate_speculative(args: argparse.Namespace) -> int:
     """`bench generate --speculative`: both sides ours, in one run (moekit.bench.speculative)."""
     from moekit.bench.speculative import bench_speculative
 
+    if args.max_memory is not None:
+        raise ValueError("--speculative measures a fully loaded model: leave out --max-memory")
     if args.batch_size != 1:
         raise ValueError("--speculative decodes one prompt at a time: leave out --batch-size")
     r = bench_speculative(
