@@ -11,6 +11,7 @@ from moekit.cli.bench_topk import add_topk_bench
 from moekit.cli.common import (
     add_offload_arguments,
     add_run_arguments,
+    add_speculative_arguments,
     doc,
     run_config,
     training_errors,
@@ -123,6 +124,7 @@ def _add_generate(benches: Any) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     add_offload_arguments(p)  # with --max-memory: run_generate_paged
+    add_speculative_arguments(p)  # with --speculative: run_generate_speculative
     p.add_argument(
         "--sample",
         action="store_true",
@@ -142,6 +144,10 @@ def _add_generate(benches: Any) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from moekit.bench.generate import bench_generate
 
+    if args.speculative is not None or args.draft is not None:
+        from moekit.cli.bench_speculative import run_generate_speculative
+
+        return run_generate_speculative(args)
     if args.max_memory is not None:
         return run_generate_paged(args)
     result = bench_generate(

@@ -270,3 +270,53 @@ def check_ep(args: argparse.Namespace, command: str) -> None:
 
     if torch.cuda.is_available():  # one GPU per process, as torchrun numbers them
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# ---- speculative decoding (generate, bench generate, serve) -----------------------------------
+
+
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculative",
+        choices=["ngram", "draft"],
+        default=None,
+        help="speculative decoding: drafts from prompt lookup (ngram) or a small draft model "
+        "(draft, with --draft), checked by the model in one pass",
+    )
+    p.add_argument(
+        "--draft",
+        metavar="MODEL_DIR",
+        default=None,
+        help="with --speculative draft: the draft model (same tokenizer as the model)",
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --speculative: tokens drafted per step, 1 to 16 (default 4)",
+    )
+
+
+def speculative_config(args: argparse.Namespace) -> Any:
+    """The SpeculativeConfig of `add_speculative_arguments`' flags, or None without
+    --speculative; a ValueError in flag terms for a flag that does not fit the others."""
+    from moekit.infer.speculative import MAX_DRAFT_TOKENS, SpeculativeConfig
+
+    method, draft, k = args.speculative, args.draft, args.num_draft_tokens
+    if method is None:
+        if draft is not None:
+            raise ValueError("--draft MODEL_DIR needs --speculative draft")
+        if k is not None:
+            raise ValueError("--num-draft-tokens needs --speculative ngram or --speculative draft")
+        return None
+    if method == "draft" and draft is None:
+        raise ValueError("--speculative draft needs --draft MODEL_DIR (a small model directory)")
+    if method != "draft" and draft is not None:
+        raise ValueError(
+            "--draft is for --speculative draft; prompt lookup (--speculative ngram) drafts "
+            "without a second model"
+        )
+    if k is not None and not 1 <= k <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"--num-draft-tokens {k} is out of range: use 1 to {MAX_DRAFT_TOKENS}")
+    return SpeculativeConfig(method=method, draft_dir=draft, num_draft_tokens=k or 4)

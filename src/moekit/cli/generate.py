@@ -12,10 +12,12 @@ from moekit.cli.common import (
     add_ep_argument,
     add_offload_arguments,
     add_sampling_arguments,
+    add_speculative_arguments,
     check_ep,
     doc,
     offload_config,
     sampling_params,
+    speculative_config,
 )
 from moekit.cli.format import print_json
 
@@ -33,6 +35,7 @@ def add_parser(sub: Any) -> None:
     add_offload_arguments(p)
     add_compile_argument(p)
     add_ep_argument(p, "generate")
+    add_speculative_arguments(p)
     p.add_argument("--routing", action="store_true", help="with --json: each token's experts")
     p.add_argument(
         "--json", action="store_true", help="print {text, token_ids, ...} instead of streaming"
@@ -45,9 +48,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.ep is not None:
         check_ep(args, "generate")  # before loading anything
+    speculative = speculative_config(args)
+    if speculative is not None and args.routing:
+        raise ValueError("--routing is not available with --speculative")
     generator = Generator.from_dir(
         args.model_dir, device=args.device, offload=offload_config(args), compile=args.compile
     )
+    if speculative is not None:
+        from moekit.infer.speculative import Speculator
+
+        generator.speculative = Speculator(generator, speculative)
     if args.ep is None:
         return _generate(generator, args)
     from moekit.parallel.inference import (

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -98,6 +98,19 @@ def routing_of(out: ModelOutput, row: int, position: int, seq_len: int) -> Routi
     return routes
 
 
+class Speculation(Protocol):
+    """Speculative decoding (`moekit.infer.speculative.Speculator`), set as
+    `Generator.speculative`: it decodes in place of the plain loop."""
+
+    def run(
+        self,
+        generator: Generator,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams,
+        done: list[Completion],
+    ) -> Iterator[tuple[int, Chunk]]: ...
+
+
 class Generator:
     """Generates from a model and its tokenizer. Build one with `Generator.from_dir(path)`."""
 
@@ -119,6 +132,8 @@ class Generator:
         # The compiled decode step (moekit.infer.compiled), built on first use.
         self.compile = compile
         self._decoder: CompiledDecoder | None = None
+        # Speculative decoding, when set (moekit.infer.speculative.Speculator).
+        self.speculative: Speculation | None = None
 
     @classmethod
     def from_dir(
@@ -207,6 +222,9 @@ class Generator:
 
         With `return_routing`, a token's chunk waits for the forward pass that feeds the token
         back in: that pass is where the token is routed."""
+        if self.speculative is not None:
+            yield from self.speculative.run(self, prompts, params, done)
+            return
         ids = [self.encode(p) for p in prompts]
         for seq in ids:
             check_fits(len(seq), params.max_new_tokens, self.max_seq_len)

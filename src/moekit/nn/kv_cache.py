@@ -157,6 +157,16 @@ class KVCache:
         self.valid[row, :n] = other.valid[other_row, :n]
         self.end[row] = n
 
+    def truncate_row(self, row: int, length: int) -> None:
+        """Forget every position of `row` from `length` on, as if they had never been written
+        (speculative decoding drops the drafted tokens the target rejected). `length` counts
+        cache positions, padding included, and may not exceed the row's current length."""
+        end = int(self.end[row])
+        if not 0 <= length <= end:
+            raise ValueError(f"cannot truncate row {row} of {end} positions to {length}")
+        self.valid[row, length:] = False
+        self.end[row] = length
+
     def clear_row(self, row: int) -> None:
         self.valid[row] = False
         self.end[row] = 0
