@@ -51,14 +51,14 @@ def test_max_context_bounds_the_cache_and_the_requests(long_server, long_model_d
     assert info["max_seq_len"] == 8192 and info["max_context"] == 4096  # the default cap
     assert engine._cache.k[0].shape[2] == 4096  # KV cache positions per slot
     r = httpx.post(f"{url}/v1/completions",
-                   json={"model": "tiny", "prompt": [5] * 4000, "max_tokens": 200})  # fmt: skip
+                   json={"model": "tiny", "prompt": [5] * 4000, "max_tokens": 200}, timeout=60)  # fmt: skip
     error = r.json()["error"]
     assert r.status_code == 400 and error["code"] == "context_length_exceeded"
     assert "4096" in error["message"] and "max_context" in error["message"]
     with running_server(long_model_dir, max_context=64) as (small_url, small):
         assert small._cache.k[0].shape[2] == 64
         too_long = {"model": "tiny", "prompt": [5] * 60, "max_tokens": 10}
-        r = httpx.post(f"{small_url}/v1/completions", json=too_long)
+        r = httpx.post(f"{small_url}/v1/completions", json=too_long, timeout=60)
         assert r.status_code == 400 and "max_context" in r.json()["error"]["message"]
         fits = {"model": "tiny", "prompt": [5] * 50, "max_tokens": 10}
-        assert httpx.post(f"{small_url}/v1/completions", json=fits).status_code == 200
+        assert httpx.post(f"{small_url}/v1/completions", json=fits, timeout=60).status_code == 200

@@ -11,9 +11,11 @@ from moekit.cli.common import (
     add_device_argument,
     add_ep_argument,
     add_offload_arguments,
+    add_speculative_arguments,
     check_ep,
     doc,
     offload_config,
+    speculative_config,
 )
 
 
@@ -50,7 +52,7 @@ def add_parser(sub: Any) -> None:
         help="prompt tokens prefilled between two decode steps of the running requests, so a "
         "long prompt does not stall them (0: whole prompts at once; default 512)",
     )
-    _add_prefix_cache_argument(p)
+    _add_engine_arguments(p)
     p.add_argument(
         "--shutdown-grace",
         type=float,
@@ -110,7 +112,9 @@ def _add_connection_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_prefix_cache_argument(p: Any) -> None:
+def _add_engine_arguments(p: Any) -> None:
+    """The engine's prefix cache and speculation."""
+    add_speculative_arguments(p)
     p.add_argument(
         "--prefix-cache-tokens",
         type=int,
@@ -138,7 +142,22 @@ FLAGS = {
     "shutdown_grace": "--shutdown-grace",
     "tool_call_format": "--tool-call-format",
     "prefix_cache_tokens": "--prefix-cache-tokens",
+    "speculative_tokens": "--num-draft-tokens",
 }
+
+
+def _speculative_tokens(args: argparse.Namespace) -> int:
+    """The drafts per step --speculative asks for (0 without it); the server drafts by prompt
+    lookup only."""
+    config = speculative_config(args)
+    if config is None:
+        return 0
+    if config.method != "ngram":
+        raise ValueError(
+            "moekit serve speculates by prompt lookup only (--speculative ngram); a draft "
+            "model is for moekit generate"
+        )
+    return int(config.num_draft_tokens)
 
 
 def split_list(values: list[str]) -> list[str]:
@@ -217,6 +236,7 @@ def _serve(args: argparse.Namespace, parallel: Any) -> int:
             parallel=parallel,
             tool_call_format=args.tool_call_format,
             prefix_cache_tokens=args.prefix_cache_tokens,
+            speculative_tokens=_speculative_tokens(args),
         )
     except PortInUseError as e:
         raise ValueError(f"{e} (--port)") from None

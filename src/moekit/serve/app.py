@@ -19,6 +19,7 @@ from moekit.infer.detokenize import TokenBytes
 from moekit.infer.generate import Generator
 from moekit.infer.jinja_chat import load_chat_template
 from moekit.infer.offload import OffloadConfig
+from moekit.infer.speculative import MAX_DRAFT_TOKENS
 from moekit.serve.admission import Admission
 from moekit.serve.config import ServerConfig, SettingError, check_count, listed
 from moekit.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
@@ -27,6 +28,7 @@ from moekit.serve.guard import Guard
 from moekit.serve.metrics import Metrics
 from moekit.serve.prefix_cache import check_prefix_tokens
 from moekit.serve.routes import ServerState, router
+from moekit.serve.speculate import check_speculative_tokens
 
 if TYPE_CHECKING:
     from moekit.parallel.mesh import Parallel
@@ -74,6 +76,7 @@ def build(
     parallel: Parallel | None = None,
     tool_call_format: str | None = None,
     prefix_cache_tokens: int | None = None,
+    speculative_tokens: int = 0,
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
@@ -86,7 +89,8 @@ def build(
     the model writes tool calls in (None: the one its chat template shows).
     `prefix_cache_tokens`: prompt tokens whose keys and values are kept for later prompts that
     start the same way (None: a quarter of max_batch x max_context; 0: off; see
-    moekit.serve.prefix_cache). The settings
+    moekit.serve.prefix_cache). `speculative_tokens`: prompt-lookup drafts per request and
+    decode step, checked in the step's pass (0: off; see moekit.serve.speculate). The settings
     and the model's chat template are checked before the model loads: a ValueError (a
     SettingError naming the setting, or naming the template's file) for one that cannot work."""
     config = ServerConfig(
@@ -103,6 +107,11 @@ def build(
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
         raise SettingError("prefill_chunk", prefill_chunk, "must be an integer >= 0 (0: off)")
     check_prefix_tokens(prefix_cache_tokens)
+    try:
+        check_speculative_tokens(speculative_tokens)
+    except (TypeError, ValueError):
+        allowed = f"must be an integer in [0, {MAX_DRAFT_TOKENS}] (0: off)"
+        raise SettingError("speculative_tokens", speculative_tokens, allowed) from None
     template = load_chat_template(model_dir)
     if isinstance(template, ChatTemplate):
         check_template(template, str(Path(model_dir) / TEMPLATE_FILE))
@@ -118,5 +127,6 @@ def build(
         max_context=max_context,
         prefill_chunk=prefill_chunk,
         prefix_cache_tokens=prefix_cache_tokens,
+        speculative_tokens=speculative_tokens,
     )
     return create_app(engine, config, template), engine

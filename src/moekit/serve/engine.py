@@ -43,7 +43,7 @@ from moekit.infer.detokenize import TextTracker
 from moekit.infer.generate import ContextLengthError, Generator, check_fits, routing_of
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
 from moekit.nn.kv_cache import KVCache
-from moekit.serve import replay
+from moekit.serve import replay, speculate
 from moekit.serve.events import (
     DoneEvent,
     EngineRequest,
@@ -109,6 +109,7 @@ class _Slot:
     pending: TokenEvent | None = None  # waiting for its routing
     finish: str | None = None
     matcher: Matcher | None = None  # the request's output constraint, if any
+    feed: int | None = None  # chosen while checking drafts (speculate.py): fed at the next step
 
     def __post_init__(self) -> None:
         if self.req.grammar is not None:
@@ -124,6 +125,8 @@ class EngineStats:
     finished: collections.Counter[str] = field(default_factory=collections.Counter)
     decode_steps: int = 0
     batched_tokens: int = 0  # sum over decode steps of the rows decoded together
+    drafted_tokens: int = 0  # speculative decoding (speculate.py): tokens drafted
+    accepted_tokens: int = 0  # and kept
     expert_tokens: dict[int, list[int]] = field(default_factory=dict)
 
 
@@ -134,7 +137,8 @@ class Engine:
     model's max_seq_len, at most 4096); `prefill_chunk`: prompt tokens prefilled between two
     decode steps (0: a whole prompt at once, stalling the running requests meanwhile);
     `prefix_cache_tokens`: prompt tokens the prefix cache keeps (None: a quarter of
-    max_batch x max_context; 0: no prefix cache)."""
+    max_batch x max_context; 0: no prefix cache); `speculative_tokens`: prompt-lookup drafts
+    per slot and step, checked in the decode pass (0: none; see speculate.py)."""
 
     def __init__(
         self,
@@ -145,6 +149,7 @@ class Engine:
         max_context: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix_cache_tokens: int | None = None,
+        speculative_tokens: int = 0,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
@@ -196,6 +201,8 @@ class Engine:
             self.cfg, max_batch, max_context, device=self.device, dtype=generator.dtype
         )
         self.prefix_cache = self._prefix_cache(prefix_cache_tokens)
+        speculate.check_speculative_tokens(speculative_tokens)
+        self.speculative_tokens = speculative_tokens
 
     def _prefix_cache(self, tokens: int | None) -> PrefixCache | None:
         """The prefix cache of `tokens` tokens (None: the default size; 0: none)."""
@@ -434,7 +441,7 @@ class Engine:
                 self._close(i, "cancelled")
                 continue
             try:
-                token = self._choose(i, s)
+                token, s.feed = (s.feed, None) if s.feed is not None else (self._choose(i, s), None)
             except Exception as e:  # this request's sampling failed: end it, not the batch
                 log.exception("sampling failed for one request")
                 self._close(i, "error", error=f"sampling failed: {e}")
@@ -443,6 +450,9 @@ class Engine:
                 step[i, 0], fed[i, 0] = token, True
         if not bool(fed.any()):
             return
+        drafts = speculate.propose(self, fed)
+        if drafts is not None:
+            step, fed = speculate.widen(step, fed, drafts)
         per_row = [s.req.params.experts_per_token if s else None for s in self._slots[:B]]
         top_k = None
         if any(k is not None for k in per_row):
@@ -466,19 +476,21 @@ class Engine:
                 replay.record(r, out, i, 1)
         self.stats.decode_steps += 1
         self.stats.batched_tokens += int(fed.sum())
-        self._count_experts(out, fed[:, 0])
-        logits = out.logits[:, -1].float()
+        self._count_experts(out, fed.flatten())
+        logits = out.logits[:, 0].float()  # after each row's chosen token
         for i in range(B):
             s = self._slots[i]
             if s is None or not bool(fed[i, 0]):
                 continue
             s.logits = logits[i]
             if s.pending is not None:
-                s.pending.routing = routing_of(out, i, 0, 1)
+                s.pending.routing = routing_of(out, i, 0, step.shape[1])
                 self._emit(s.req, s.pending)
                 s.pending = None
             if s.finish is not None:
                 self._close(i, s.finish)
+        if drafts is not None:
+            speculate.verify(self, out.logits, drafts)
 
     def _count_experts(self, out: Any, fed_B: Tensor) -> None:
         """Add the experts the real (not idle) rows went to, per MoE layer, to the stats."""

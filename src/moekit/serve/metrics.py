@@ -141,6 +141,13 @@ def _engine_lines(engine: Engine) -> list[str]:
         "for the mean batch size).",
         "# TYPE moekit_decode_batch_tokens_total counter",
         f"moekit_decode_batch_tokens_total {s.batched_tokens}",
+        "# HELP moekit_speculative_drafted_tokens_total Prompt-lookup drafts checked "
+        "(--speculative ngram).",
+        "# TYPE moekit_speculative_drafted_tokens_total counter",
+        f"moekit_speculative_drafted_tokens_total {s.drafted_tokens}",
+        "# HELP moekit_speculative_accepted_tokens_total Drafts kept.",
+        "# TYPE moekit_speculative_accepted_tokens_total counter",
+        f"moekit_speculative_accepted_tokens_total {s.accepted_tokens}",
         "# HELP moekit_expert_tokens_total Generated tokens routed to each expert, by MoE layer.",
         "# TYPE moekit_expert_tokens_total counter",
     ]
