@@ -209,7 +209,6 @@ class ToolCallStream:
         self.parser = parser
         self.held = ""  # text that may be the start of a call, or a call's block
         self.in_calls = False
-        self.found: list[ToolCall] = []
         # Formats whose call is the whole answer decide on its first characters.
         self.whole_answer = isinstance(parser, Llama3JsonParser)
         self.decided = False
@@ -255,13 +254,7 @@ class ToolCallStream:
         """At the end of the answer: the text still held and the calls (text and no calls
         when the held block turns out not to be a well-formed call)."""
         held, self.held = self.held, ""
-        if not self.in_calls:
-            return held, []
-        text, calls = self.parser.parse(held)
-        if not calls:
-            return held, []
-        self.found = calls
-        return text, calls
+        return self.parser.parse(held) if self.in_calls else (held, [])
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor
 
 from moekit.infer.chat import ChatTemplate, PromptTemplate
-from moekit.infer.constrain import ConstraintError, Grammar, compile_constraint
+from moekit.infer.constrain import ConstraintError, Grammar
 from moekit.infer.generate import ContextLengthError
 from moekit.infer.sampling import SamplingParams
 from moekit.infer.token_bound import TokenBound
@@ -39,6 +39,7 @@ from moekit.serve.engine import (
 )
 from moekit.serve.protocol import APIError, ChatRequest, MoekitOptions
 from moekit.serve.streams import EventStream, Submitted
+from moekit.serve.structured import compile_for
 from moekit.serve.tools import (
     ToolPlan,
     forced_schema,
@@ -137,15 +138,9 @@ class Admission:
         cannot take is a 400 before anything is queued."""
         if plan.mode != "forced":
             return None
-        gen = self.engine.generator
+        schema = forced_schema(req, plan)
         try:
-            return compile_constraint(
-                gen.tokenizer,
-                "json_schema",
-                forced_schema(req, plan),
-                eos_ids=gen.eos_ids,
-                vocab_size=self.cfg.vocab_size,
-            )
+            return compile_for(self.engine, "json_schema", schema, ignore_eos=req.ignore_eos)
         except ConstraintError as e:
             raise APIError(400, f"the tool's parameters: {e}", param="tools") from None
 

@@ -441,7 +441,8 @@ class Engine:
                 self._close(i, "cancelled")
                 continue
             try:
-                token, s.feed = (s.feed, None) if s.feed is not None else (self._choose(i, s), None)
+                token = s.feed if s.feed is not None else self._choose(i, s)
+                s.feed = None
             except Exception as e:  # this request's sampling failed: end it, not the batch
                 log.exception("sampling failed for one request")
                 self._close(i, "error", error=f"sampling failed: {e}")

@@ -112,26 +112,30 @@ def verify(engine: Any, logits: Tensor, drafts: Drafts) -> None:
     """Check each slot's drafts against the pass's `logits` (B, S, V): emit the tokens sampled
     after its fed positions while they equal the drafts, keep the first that differs for the
     next step, and cut every fed row's cache back to the positions kept."""
-    stats = engine.stats
     for i, start in drafts.start.items():
         s = engine._slots[i]
+        if s is None:
+            continue
         draft = drafts.by_slot.get(i, [])
-        kept = 0
-        for j, token in enumerate(draft):
-            if s is None or engine._slots[i] is not s:
-                break  # the slot ended (a stop, its length, an error)
-            s.logits = logits[i, j].float()
-            chosen = engine._choose(i, s)
-            if chosen is None:
-                break
-            if chosen != token:
-                s.feed = chosen  # emitted now, fed at the next step
-                break
-            kept += 1
-        else:
-            if s is not None and draft:
-                s.logits = logits[i, len(draft)].float()
-        stats.drafted_tokens += len(draft)
-        stats.accepted_tokens += kept
-        if engine._slots[i] is s and s is not None:
+        kept = _kept(engine, i, s, logits[i], draft)
+        engine.stats.drafted_tokens += len(draft)
+        engine.stats.accepted_tokens += kept
+        if engine._slots[i] is s:  # still running
             engine._cache.truncate_row(i, start + 1 + kept)
+
+
+def _kept(engine: Any, i: int, s: Any, logits_SV: Tensor, draft: list[int]) -> int:
+    """How many of slot i's drafts the tokens sampled after its fed positions confirm; the
+    first sampled token that differs waits in `s.feed`, and the slot's next logits are those
+    after the last draft when all are kept."""
+    for j, token in enumerate(draft):
+        s.logits = logits_SV[j].float()
+        chosen = engine._choose(i, s)
+        if chosen is None:  # the slot ended (a stop, its length)
+            return j
+        if chosen != token:
+            s.feed = chosen  # emitted now, fed at the next step
+            return j
+    if draft:
+        s.logits = logits_SV[len(draft)].float()
+    return len(draft)

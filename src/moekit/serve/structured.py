@@ -126,6 +126,19 @@ def _schema(value: Any, param: str) -> Any:
     return value
 
 
+def compile_for(engine: Any, kind: str, spec: Any, *, ignore_eos: bool = False) -> Grammar:
+    """A constraint compiled for `engine`'s tokenizer, end tokens and vocabulary. With
+    `ignore_eos`, end-of-text is never allowed: only a complete output ends the request."""
+    generator = engine.generator
+    return compile_constraint(
+        generator.tokenizer,
+        kind,
+        spec,
+        eos_ids=set() if ignore_eos else generator.eos_ids,
+        vocab_size=engine.cfg.vocab_size,
+    )
+
+
 async def grammar_for(body: Any, engine: Any) -> Grammar | None:
     """The compiled constraint of a request, for `engine`'s tokenizer and end tokens, or None.
     Compiled in a worker thread (a large schema takes a while); a bad one is a 400."""
@@ -133,20 +146,8 @@ async def grammar_for(body: Any, engine: Any) -> Grammar | None:
     if asked is None:
         return None
     kind, spec, param = asked
-    generator = engine.generator
-    # With ignore_eos, end-of-text is never allowed: only a complete output ends the request.
-    eos_ids = set() if getattr(body, "ignore_eos", False) else generator.eos_ids
-
-    def compile_() -> Grammar:
-        return compile_constraint(
-            generator.tokenizer,
-            kind,
-            spec,
-            eos_ids=eos_ids,
-            vocab_size=engine.cfg.vocab_size,
-        )
-
+    ignore_eos = bool(getattr(body, "ignore_eos", False))
     try:
-        return await asyncio.to_thread(compile_)
+        return await asyncio.to_thread(compile_for, engine, kind, spec, ignore_eos=ignore_eos)
     except ConstraintError as e:
         raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
