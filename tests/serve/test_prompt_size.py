@@ -103,8 +103,9 @@ def test_huge_prompts_are_tokenized_while_health_answers(unbounded_model_dir):
         slowest, results = health_while(url, lambda: huge_requests(url))
     for _, r in results:
         assert_too_long(r)  # known only once tokenized
-    # Tokenized on the event loop, /health waited for at least one of them.
-    assert slowest < tokenize_s / 3, (slowest, tokenize_s, [s for s, _ in results])
+    # Had they been tokenized on the event loop, /health would have waited for at least one
+    # whole tokenization; tokenized off it, /health answers sooner, even on a loaded machine.
+    assert slowest < tokenize_s, (slowest, tokenize_s, [s for s, _ in results])
 
 
 @pytest.mark.parametrize(

@@ -266,7 +266,8 @@ def test_bad_constraints_are_400s_naming_the_problem(server, client, extra, para
     with pytest.raises(openai.BadRequestError, match=re.escape(message)):
         client.chat.completions.create(model="tiny", messages=HI, max_tokens=5, extra_body=extra)
     ok = client.chat.completions.create(model="tiny", messages=HI, max_tokens=2)
-    assert ok.choices[0].finish_reason == "length"
+    # a sampled answer may end early on the end-of-text token
+    assert ok.choices[0].finish_reason in ("length", "stop") and ok.usage.completion_tokens <= 2
 
 
 def test_text_format_is_no_constraint(client):

@@ -160,7 +160,9 @@ def test_bad_tool_requests_are_400s_and_the_server_keeps_serving(
     answer = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
     )
-    assert answer.choices[0].finish_reason == "length"
+    # the server kept serving (a sampled answer may end early on the end-of-text token)
+    assert answer.choices[0].finish_reason in ("length", "stop")
+    assert answer.usage.completion_tokens <= 2
 
 
 def _validates(arguments, schema):
