@@ -16,7 +16,8 @@ class DataConfig(ConfigBase):
         technical prose, Python source code, generated arithmetic and generated records, each
         document labelled with its domain.
       - a path or comma-separated paths: .txt files, folders of .txt files (searched
-        recursively), .jsonl files (one JSON object per line, text in `text_field`) and
+        recursively), .jsonl files (one JSON object per line, text in `text_field`, or token
+        ids with a recorded routing: moekit.data.token_rows) and
         .parquet files (read through the `datasets` library).
       - "hf:NAME" or "hf:NAME:CONFIG": a Hugging Face dataset (needs `datasets` and a network
         connection), split `hf_split`, text in `text_field`.

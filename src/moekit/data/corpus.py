@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.data.config import DataConfig
+from moekit.data.token_rows import TokenRow, token_row
 from moekit.files import read_jsonl
 
 
@@ -35,11 +36,14 @@ class Document:
 
     `source` is a stable identifier ("pydoc:assignment", "stdlib:json/decoder.py",
     "generated:arithmetic:17", a file path, or "file.jsonl:123"); the split hashes it.
+    `tokens`: a document that is already token ids (a .jsonl line with "token_ids", see
+    moekit.data.token_rows); its `text` is empty.
     """
 
     text: str
     domain: str
     source: str
+    tokens: TokenRow | None = None
 
 
 DOMAINS = ("prose", "code", "arithmetic", "records")
@@ -409,7 +413,7 @@ def load_documents(cfg: DataConfig) -> list[Document]:
             docs += _load_hf(item, cfg)
         else:
             docs += _load_path(Path(item).expanduser(), cfg)
-    docs = [d for d in docs if d.text.strip()]
+    docs = [d for d in docs if d.text.strip() or d.tokens is not None]
     if not docs:
         raise ValueError(f"DataConfig.source={cfg.source!r} yielded no non-empty documents")
     return docs
@@ -463,8 +467,19 @@ def _load_jsonl(path: Path, cfg: DataConfig) -> list[Document]:
     for lineno, where, row in read_jsonl(path):
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        source = f"{path.name}:{lineno}"
+        if "token_ids" in row:  # already tokens: the domain, and no text
+            tokens = token_row(row, where, also=[cfg.domain_field])
+            _, domain = _fields({**row, cfg.text_field: ""}, cfg, where, fallback_domain)
+            docs.append(Document(text="", domain=domain, source=source, tokens=tokens))
+            continue
+        if "routed_experts" in row:
+            raise ValueError(
+                f"{where}: 'routed_experts' needs 'token_ids' (a routing is one row per token, "
+                "and text may tokenize otherwise than the tokens it was recorded on)"
+            )
         text, domain = _fields(row, cfg, where, fallback_domain)
-        docs.append(Document(text=text, domain=domain, source=f"{path.name}:{lineno}"))
+        docs.append(Document(text=text, domain=domain, source=source))
     return docs
 
 
@@ -567,10 +582,11 @@ def _unit_hash(seed: int, source: str) -> float:
 
 
 def fingerprint(docs: Iterable[Document]) -> str:
-    """A sha256 hex digest of the documents' sources and texts, in order (a cache key)."""
+    """A sha256 hex digest of the documents' sources and texts (or token ids), in order (a
+    cache key)."""
     h = hashlib.sha256()
     for doc in docs:
-        for part in (doc.source, doc.text):
+        for part in (doc.source, doc.text if doc.tokens is None else doc.tokens.key()):
             data = part.encode("utf-8", "surrogatepass")
             # Length prefixes keep ("ab", "c") and ("a", "bc") apart.
             h.update(len(data).to_bytes(8, "little"))

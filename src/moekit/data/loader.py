@@ -21,6 +21,7 @@ from torch import Tensor
 
 from moekit.data.config import DataConfig
 from moekit.data.corpus import Document, fingerprint, load_documents, split_documents
+from moekit.data.token_rows import TokenRow, check_token_ids
 from moekit.data.tokenizer import Tokenizer, get_tokenizer
 
 
@@ -89,6 +90,12 @@ class TokenizedData:
     train_routing: RoutedRows | None = None
 
 
+# A recorded routing's decoder: (source, row of token ids) -> (T, M, K) int16 expert ids, -1
+# in empty slots, T at most the row's length; a ValueError naming the source when it does not
+# fit the model (moekit.finetune.replay_data.routing_decoder makes one).
+RoutingOf = Callable[[str, TokenRow], Tensor]
+
+
 def prepare_data(
     cfg: DataConfig,
     vocab_size: int,
@@ -97,6 +104,7 @@ def prepare_data(
     tokenizer: Tokenizer | None = None,
     cache_dir: Path | None = None,
     say: Callable[[str], None] | None = None,
+    routing_of: RoutingOf | None = None,
 ) -> tuple[Tokenizer, TokenizedData]:
     """Load, split, tokenize and pack the data that `cfg` names.
 
@@ -105,6 +113,12 @@ def prepare_data(
     `get_tokenizer`; `say` hears what its training has to say). With `cfg.val_fraction == 0`,
     `val` is an empty (0, seq_len + 1) tensor; otherwise a validation split too small for one
     row is a ValueError.
+
+    Documents of token ids (moekit.data.token_rows) need the given tokenizer, the one they
+    were made with; they are packed as they are, their prompt tokens and the separator after
+    them are no targets (`train_mask`, `val_mask`), and a recorded routing on a training one
+    is decoded by `routing_of` and replayed (`train_routing`). Per-domain validation covers
+    text documents.
     """
     docs = load_documents(cfg)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
@@ -113,16 +127,10 @@ def prepare_data(
             f"DataConfig.val_fraction={cfg.val_fraction} left no training documents "
             f"out of {len(docs)}"
         )
-    if tokenizer is None:
-        tokenizer = get_tokenizer(train_docs, vocab_size, cache_dir, say=say)
-    elif tokenizer.vocab_size > vocab_size:
-        raise ValueError(
-            f"the given tokenizer has {tokenizer.vocab_size} tokens, more than "
-            f"vocab_size={vocab_size}: the model could not embed all of its ids"
-        )
+    token_docs = [d for d in docs if d.tokens is not None]
+    tokenizer = _tokenizer(tokenizer, train_docs, token_docs, vocab_size, cache_dir, say)
     eos = tokenizer.require_eos("packing documents into training rows")
-    train_ids = tokenizer.encode_batch([d.text for d in train_docs])
-    val_ids = tokenizer.encode_batch([d.text for d in val_docs])
+    train_ids, val_ids = _encode(tokenizer, train_docs), _encode(tokenizer, val_docs)
 
     train = _pack_split("training", train_ids, seq_len, eos)
     if val_docs:
@@ -137,7 +145,9 @@ def prepare_data(
 
     val_by_domain: dict[str, Tensor] = {}
     skipped: list[str] = []
-    for domain, ids in _group_by_domain(val_docs, val_ids).items():
+    text_val = [i for i, d in enumerate(val_docs) if d.tokens is None]
+    by_domain = _group_by_domain([val_docs[i] for i in text_val], [val_ids[i] for i in text_val])
+    for domain, ids in by_domain.items():
         if sum(len(i) + 1 for i in ids) >= seq_len + 1:
             val_by_domain[domain] = pack(ids, seq_len, eos)
         else:
@@ -153,7 +163,97 @@ def prepare_data(
         "val_domains_skipped": sorted(skipped),
     }
     data = TokenizedData(train=train, val=val, val_by_domain=val_by_domain, stats=stats)
+    if token_docs:
+        data.train_mask = pack_like(_targets(train_docs, train_ids), seq_len)
+        if len(val):
+            data.val_mask = pack_like(_targets(val_docs, val_ids), seq_len)
+        data.train_routing = _routing(train_docs, train_ids, seq_len, routing_of)
     return tokenizer, data
+
+
+def _tokenizer(
+    given: Tokenizer | None,
+    train_docs: list[Document],
+    token_docs: list[Document],
+    vocab_size: int,
+    cache_dir: Path | None,
+    say: Callable[[str], None] | None,
+) -> Tokenizer:
+    """`prepare_data`'s tokenizer: the given one, else one trained on the training split;
+    documents of token ids need the given one, and their ids must fit `vocab_size`."""
+    if given is None and token_docs:
+        raise ValueError(
+            f"{token_docs[0].source}: a line of token ids needs the tokenizer it was made with; "
+            "start from the model that made it (train.init_from)"
+        )
+    if given is None:
+        return get_tokenizer(train_docs, vocab_size, cache_dir, say=say)
+    if given.vocab_size > vocab_size:
+        raise ValueError(
+            f"the given tokenizer has {given.vocab_size} tokens, more than "
+            f"vocab_size={vocab_size}: the model could not embed all of its ids"
+        )
+    check_token_ids(((d.source, d.tokens) for d in token_docs), vocab_size)
+    return given
+
+
+def pack_like(values: Sequence[Tensor], seq_len: int, separator: Tensor | None = None) -> Tensor:
+    """Per-token values of documents, packed as `pack` packs their tokens: `values[i]` has
+    one entry (first dimension) per token of document i and then, unless `separator` gives
+    the same one for all, one for the EOS after it; (N, seq_len + 1, *entry shape), row for
+    row as `pack`'s."""
+    parts = values if separator is None else [t for v in values for t in (v, separator[None])]
+    return torch.cat(list(parts)).unfold(0, seq_len + 1, seq_len).movedim(-1, 1).contiguous()
+
+
+def _encode(tokenizer: Tokenizer, docs: Sequence[Document]) -> list[list[int]]:
+    """Each document's token ids: its text encoded, or its own ids."""
+    encoded = iter(tokenizer.encode_batch([d.text for d in docs if d.tokens is None]))
+    return [list(d.tokens.ids) if d.tokens is not None else next(encoded) for d in docs]
+
+
+def _targets(docs: Sequence[Document], ids: Sequence[list[int]]) -> list[Tensor]:
+    """Which tokens of each document, and the separator after it, are targets: all of a text
+    document's; of a document of token ids, those after its prompt (its separator not: the
+    ids end as they were sampled)."""
+    out = []
+    for doc, doc_ids in zip(docs, ids, strict=True):
+        targets = torch.ones(len(doc_ids) + 1, dtype=torch.bool)
+        if doc.tokens is not None:
+            targets[: doc.tokens.prompt_tokens] = False
+            targets[-1] = False
+        out.append(targets)
+    return out
+
+
+def _routing(
+    docs: Sequence[Document], ids: Sequence[list[int]], seq_len: int, routing_of: RoutingOf | None
+) -> RoutedRows | None:
+    """The recorded routings of the documents of token ids, laid over the packed rows (the
+    other tokens and the separators route themselves); None when no document has one."""
+    routed = [d for d in docs if d.tokens is not None and d.tokens.routed_experts is not None]
+    if not routed:
+        return None
+    if routing_of is None:
+        raise ValueError(f"{routed[0].source}: 'routed_experts' is not replayed here")
+    decoded = [
+        routing_of(d.source, d.tokens) if d.tokens and d.tokens.routed_experts is not None else None
+        for d in docs
+    ]
+    layers = next(r for r in decoded if r is not None).shape[1]
+    slots = max(r.shape[2] for r in decoded if r is not None)
+    experts, mask = [], []
+    for r, doc_ids in zip(decoded, ids, strict=True):
+        e = torch.full((len(doc_ids), layers, slots), -1, dtype=torch.int16)
+        m = torch.zeros(len(doc_ids), dtype=torch.bool)
+        if r is not None:
+            e[: r.shape[0], :, : r.shape[2]], m[: r.shape[0]] = r, True
+        experts.append(e)
+        mask.append(m)
+    no_experts = torch.full((layers, slots), -1, dtype=torch.int16)
+    return RoutedRows(
+        pack_like(experts, seq_len, no_experts), pack_like(mask, seq_len, torch.tensor(False))
+    )
 
 
 def _pack_split(name: str, ids: Sequence[list[int]], seq_len: int, eos_id: int) -> Tensor:

@@ -27,9 +27,10 @@ import torch
 
 from moekit.config import ModelConfig
 from moekit.data.loader import TokenizedData
+from moekit.data.token_rows import TokenRow, check_token_ids, token_row
 from moekit.data.tokenizer import Tokenizer
 from moekit.files import read_jsonl
-from moekit.finetune.replay_data import TokenRow, check_token_ids, routed_rows, token_row
+from moekit.finetune.replay_data import routed_rows
 from moekit.infer.chat import ChatTemplate
 
 

@@ -302,7 +302,8 @@ def resolve_run_config(
 
     `config_file` is a YAML/JSON file or the name of a shipped recipe (`recipes()`, e.g.
     "demo"). A config file may name a preset itself (a top-level `preset:` key); `preset` wins
-    over it. Its model section is merged over the preset's, field by field.
+    over it. Its model section is merged over the preset's, field by field. Without a preset
+    or a model section, a run with `train.init_from` takes that model directory's model.
     """
     data: dict[str, Any] = {}
     file_data = read_config_file(config_path(config_file)) if config_file is not None else {}
@@ -318,6 +319,11 @@ def resolve_run_config(
                 data["model"] = _merge(data["model"], values)
             else:
                 data[section] = values
+    if "model" not in data:
+        train = apply_overrides(data, overrides or []).get("train")
+        init_from = train.get("init_from") if isinstance(train, dict) else None
+        if isinstance(init_from, str):
+            data["model"] = ModelDir(init_from).require_model("train.init_from").config().to_dict()
     data = apply_overrides(data, overrides or [])
     return RunConfig.from_dict(data)
 

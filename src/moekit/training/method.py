@@ -17,6 +17,7 @@ import torch
 
 from moekit.data.loader import TokenizedData, prepare_data
 from moekit.data.tokenizer import Tokenizer
+from moekit.finetune.replay_data import routing_decoder
 from moekit.model import Transformer
 from moekit.model_dir import ModelDir, load_state_checked, load_weights
 from moekit.training.config import RunConfig
@@ -104,8 +105,9 @@ class Pretraining:
             tokenizer = Tokenizer.load(self.init_from)  # keep the source model's vocabulary
         say("preparing data ...")
         tok, data = prepare_data(
-            self.cfg.data, model.vocab_size, tc.seq_len, tokenizer=tokenizer, say=say
-        )
+            self.cfg.data, model.vocab_size, tc.seq_len, tokenizer=tokenizer, say=say,
+            routing_of=routing_decoder(model),
+        )  # fmt: skip
         if tok.vocab_size > model.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
@@ -117,9 +119,13 @@ class Pretraining:
                 f"tokens, fewer than train.batch_size={tc.batch_size}; use more data or smaller "
                 "train.seq_len / train.batch_size"
             )
+        replayed = ""
+        if data.train_routing is not None:
+            rows = int(data.train_routing.mask.any(dim=1).sum())
+            replayed = f" ({rows} replay a recorded routing)"
         say(
-            f"data: {len(data.train)} training rows, {len(data.val)} validation rows of "
-            f"{tc.seq_len} tokens; vocabulary {tok.vocab_size}"
+            f"data: {len(data.train)} training rows{replayed}, {len(data.val)} validation rows "
+            f"of {tc.seq_len} tokens; vocabulary {tok.vocab_size}"
         )
         return tok, data
 
