@@ -18,6 +18,7 @@ COMMANDS = (
     "compare",
     "finetune",
     "upcycle",
+    "experts",
     "analyze",
     "doctor",
     "compare-routing",
