@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.cli.bench_offload import add_offload_bench, run_generate_paged
+from moekit.cli.bench_prune import add_prune_bench
 from moekit.cli.bench_topk import add_topk_bench
 from moekit.cli.common import (
     add_offload_arguments,
@@ -30,6 +31,7 @@ def add_parser(sub: Any) -> None:
     _add_quant(benches)
     add_offload_bench(benches)
     add_topk_bench(benches)
+    add_prune_bench(benches)
 
 
 # ---- layer ------------------------------------------------------------------------------------
