@@ -15,6 +15,7 @@ difference over 16).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -197,7 +198,10 @@ def _measure(
         # One model at a time: the decode kernels compile per expert count, and switching
         # models between samples would time their recompilation.
         seconds = time_interleaved(
-            {"long": lambda g=g: decode(g, DECODE_STEPS + 1), "short": lambda g=g: decode(g, 1)},
+            {
+                "long": functools.partial(decode, g, DECODE_STEPS + 1),
+                "short": functools.partial(decode, g, 1),
+            },
             repeats,
         )
         step = (seconds["long"] - seconds["short"]) / DECODE_STEPS

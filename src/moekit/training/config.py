@@ -15,6 +15,7 @@ from moekit.data.config import DataConfig
 from moekit.finetune.config import FinetuneConfig
 from moekit.model_dir import ModelDir
 from moekit.training.errors import NothingToResumeError
+from moekit.training.grow import added, parse_grow
 from moekit.validate import ConfigBase, check_field_types, check_non_negative, check_positive, fail
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -59,6 +60,11 @@ class TrainConfig(ConfigBase):
     # Data parallelism on several processes: "fsdp" (FSDP2: weights, gradients and optimizer
     # state sharded) or "ddp" (replicated; for where FSDP2 does not run).
     data_parallel: str = "fsdp"
+    # Experts added during the run (moekit.training.grow): "STEP:add=N" or "STEP:split=E,F".
+    grow: list[str] = field(default_factory=list)
+    grow_noise: float = 0.01  # multiplicative noise on the copies
+    recycle_dead_every: int = 0  # > 0: every this many steps, dead experts become copies
+    recycle_dead_below: float = 0.1  # dead: fewer routed copies than this share of the fair one
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -78,8 +84,12 @@ class TrainConfig(ConfigBase):
             max_nonfinite=self.max_nonfinite,
             ep=self.ep,
         )
+        parse_grow(self.grow)  # a malformed spec is named
         check_non_negative(
             owner,
+            grow_noise=self.grow_noise,
+            recycle_dead_every=self.recycle_dead_every,
+            recycle_dead_below=self.recycle_dead_below,
             warmup_steps=self.warmup_steps,
             weight_decay=self.weight_decay,
             grad_clip=self.grad_clip,
@@ -129,6 +139,35 @@ class RunConfig(ConfigBase):
                 "is for continued pre-training; a fine-tuning run starts from finetune.base "
                 f"({self.finetune.base})",
             )  # fmt: skip
+        self._check_growth()
+
+    def _check_growth(self) -> None:
+        """Experts added or recycled during the run need experts, pre-training, and events
+        that keep a valid config (checked here, not at the step they fall due)."""
+        tc = self.train
+        if not (tc.grow or tc.recycle_dead_every):
+            return
+        name = "grow" if tc.grow else "recycle_dead_every"
+        if self.model.moe is None:
+            raise fail("TrainConfig", name, getattr(tc, name), "needs a model with experts")
+        if self.finetune is not None:
+            raise fail("TrainConfig", name, getattr(tc, name), "is for pre-training runs")
+        n, groups = self.model.moe.num_experts, self.model.moe.num_groups
+        for event in parse_grow(tc.grow):
+            bad = [e for e in event.split if not 0 <= e < n]
+            if bad or len(set(event.split)) != len(event.split):
+                raise fail("TrainConfig", "grow", tc.grow,
+                           f"step {event.step} splits {list(event.split)}: give distinct "
+                           f"experts of the {n} there are then")  # fmt: skip
+            if event.add > n:
+                raise fail("TrainConfig", "grow", tc.grow,
+                           f"step {event.step} adds {event.add} copies of the busiest of {n} "
+                           "experts: at most one each")  # fmt: skip
+            n += added(event)
+            if n % groups:
+                raise fail("TrainConfig", "grow", tc.grow,
+                           f"step {event.step} makes {n} experts, which num_groups={groups} "
+                           "does not divide")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         out = {

@@ -152,7 +152,7 @@ class Pretraining:
         pass
 
     def save(self, model: Transformer) -> None:
-        ModelDir(self.run_dir).save_model(model, self.cfg.model)
+        ModelDir(self.run_dir).save_model(model, model.cfg)  # with train.grow, the grown one
 
     def write_files(self) -> None:
         pass

@@ -164,7 +164,7 @@ def write_training_report(trainer: ReportTrainer, result: ReportResult) -> Path:
 def _summary(
     trainer: ReportTrainer, result: ReportResult, load: dict[int, LoadStats]
 ) -> dict[str, Any]:
-    params = count_params(trainer.cfg.model)
+    params = count_params(trainer.model.cfg)
     summary: dict[str, Any] = {
         "steps": result.step,
         "tokens": result.tokens,

@@ -52,6 +52,7 @@ from moekit.training.events import (
     TrainingObserver,
     TrainResult,
 )
+from moekit.training.grow import ExpertGrowth, apply_plan, config_at, load_moments, parse_grow
 from moekit.training.method import TrainingMethod, training_method
 from moekit.training.metrics import MetricsLog, RoutingAccumulator
 from moekit.training.optim import build_optimizer, build_scheduler, lr_factor
@@ -129,7 +130,15 @@ class Trainer:
             self.tokenizer, self.data = self.method.prepare_data(self.observer.message)
         self.sample_prompts = self.method.sample_prompts()
         self._order_validation_rows()
-        self.model: Transformer = build_model(cfg.model, device=self.device, seed=tc.seed)
+        # Experts added during the run (train.grow): the model as it was at the checkpoint.
+        events = parse_grow(tc.grow)
+        self.growth = ExpertGrowth(events, tc.recycle_dead_every, tc.recycle_dead_below)
+        if self.growth.active and self.parallel is not None:
+            raise ValueError("train.grow and train.recycle_dead_every run on one process")
+        at = checkpoint.step if checkpoint is not None else 0
+        self.model: Transformer = build_model(
+            config_at(cfg.model, events, at), device=self.device, seed=tc.seed
+        )
         self.method.prepare_model(self.model, self.data)
         if self.parallel is not None:
             parallelize(self.model, self.parallel, data_parallel=tc.data_parallel)
@@ -189,6 +198,7 @@ class Trainer:
         self.tokens = int(checkpoint.state["tokens"])
         self.skipped = int(checkpoint.state["skipped"])
         self.elapsed = float(checkpoint.state["elapsed"])
+        self.growth.load_state_dict(checkpoint.state.get("expert_counts"))
         # The optimizer state restores the hyperparameters it was saved with; the run's
         # current train section wins (a resumed run may change lr, decay or max_steps).
         for group, decay in zip(self.optimizer.param_groups, (tc.weight_decay, 0.0), strict=True):
@@ -228,6 +238,7 @@ class Trainer:
         """One step of the run: the optimizer step, then whatever falls due at it."""
         tc = self.cfg.train
         record = self._train_step(loop)
+        self._edit_experts()
         if self.step % tc.log_every == 0 or self.step == loop.end:
             self._log(record, loop)
         has_val = len(self.val_rows) > 0 or bool(self.val_rows_by_domain)
@@ -267,7 +278,7 @@ class Trainer:
             grad_accum=tc.grad_accum,
             grad_clip=tc.grad_clip,
             autocast=self._autocast,
-            on_stats=loop.routing.add,
+            on_stats=self._on_stats(loop),
             balance_routers=self.method.balance_routers,
             pad_id=self.method.pad_id,
             parallel=self.parallel,
@@ -300,6 +311,39 @@ class Trainer:
                 f"train.warmup_steps or check the data; {where}"
             )
         return record
+
+    def _on_stats(self, loop: _Loop) -> Any:
+        if not self.growth.active:
+            return loop.routing.add
+
+        def both(layer: int, routed: Tensor, dropped: Tensor, entropy: Tensor) -> None:
+            loop.routing.add(layer, routed, dropped, entropy)
+            self.growth.observe(layer, routed)
+
+        return both
+
+    def _edit_experts(self) -> None:
+        """Carry out the grow or recycle event due after this step (moekit.training.grow):
+        the edited model, with an optimizer that holds the edited moments, takes over."""
+        due = self.growth.plan_at(self.step, self.model.cfg) if self.growth.active else None
+        if due is None:
+            return
+        tc = self.cfg.train
+        line, plan = due
+        new_cfg, weights, moments = apply_plan(
+            self.model, self.optimizer, plan, noise=tc.grow_noise, seed=tc.seed + self.step
+        )
+        model = build_model(new_cfg, device=self.device, seed=tc.seed)
+        model.load_state_dict(weights)
+        optimizer = build_optimizer(model, tc)
+        load_moments(model, optimizer, moments)
+        scheduler = build_scheduler(optimizer, tc)
+        scheduler.load_state_dict(self.scheduler.state_dict())
+        for new, old in zip(optimizer.param_groups, self.optimizer.param_groups, strict=True):
+            new["lr"] = old["lr"]
+        self.model, self.optimizer, self.scheduler = model.train(), optimizer, scheduler
+        self.growth.counts.clear()
+        self.observer.message(line)
 
     def _log(self, record: dict[str, Any], loop: _Loop) -> None:
         entry = {
@@ -378,7 +422,7 @@ class Trainer:
             if self.parallel is None:
                 self.method.save(self.model)
             else:
-                save_model_dir(self.model, self.cfg.model, self.run_dir, self.parallel)
+                save_model_dir(self.model, self.model.cfg, self.run_dir, self.parallel)
             path = save_checkpoint(
                 self.run_dir,
                 self.step,
@@ -391,6 +435,7 @@ class Trainer:
                     "skipped": self.skipped,
                     "elapsed": self.elapsed,
                     "data_fingerprint": self.data.stats.get("fingerprint"),
+                    "expert_counts": self.growth.state_dict(),
                 },
                 keep_last=self.cfg.train.keep_last,
                 parallel=self.parallel,
