@@ -265,3 +265,27 @@ def test_edited_models_export_to_transformers(tmp_path, tiny_model_dir):
     with torch.no_grad():
         back = load_model(tmp_path / "back").eval()(tokens).logits
     torch.testing.assert_close(back, ours, rtol=0, atol=1e-5)
+
+
+def test_an_edited_gguf_loads_in_transformers(tmp_path):
+    # transformers reads a qwen3moe GGUF's expert width from its own default (768; it does not
+    # read expert_feed_forward_length), so the model here has that width.
+    pytest.importorskip("gguf")
+    transformers = pytest.importorskip("transformers")
+    from moekit.data.tokenizer import Tokenizer
+    from moekit.interop.gguf import export_gguf
+
+    from ..interop.test_gguf import TEXT, make_model
+
+    src = make_model("qwen3_moe", tmp_path, Tokenizer.train([TEXT], 300), moe_intermediate_size=768)
+    cfg = ModelDir(src).config()
+    write_edited(
+        src, tmp_path / "ed", prune_plan({i: torch.arange(8.0) for i in cfg.moe_layers}, 6, top_k=2)
+    )
+    export_gguf(tmp_path / "ed", tmp_path / "ed.gguf", type="f32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="ed.gguf").eval()
+    assert hf.config.num_experts == 6
+    tokens = torch.randint(2, 250, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_model(tmp_path / "ed").eval()(tokens).logits
+        assert (hf(tokens).logits - ours).abs().max().item() <= 1e-4
