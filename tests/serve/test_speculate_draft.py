@@ -12,9 +12,9 @@ from moekit import build_model
 from moekit.config import ModelConfig
 from moekit.data.tokenizer import Tokenizer
 from moekit.infer.generate import Generator
-from moekit.infer.sampling import SamplingParams
+from moekit.infer.sampling import SamplingParams, apply_repetition_penalty
 from moekit.model_dir import load_model, save_model
-from moekit.serve.draft import load_drafter
+from moekit.serve.draft import Drafter, load_drafter
 from moekit.serve.engine import Engine, EngineRequest, TokenEvent
 from tests.serve.test_engine import Inbox
 from tests.serve.test_speculate import PROMPTS, SETTINGS
@@ -115,13 +115,61 @@ def test_draft_model_speculation_changes_no_token(generator, near_draft_dir):
 
 
 def test_the_target_as_its_own_draft_keeps_every_greedy_draft(generator, tiny_model_dir):
-    greedy = [dict(temperature=0.0, max_new_tokens=30, ignore_eos=True)]
-    plain, drafted, stats = serve_all(generator, tiny_model_dir, MORE_PROMPTS, greedy, max_batch=4)
+    """Its draft cache holds exactly each request's text: 10 requests through 2 slots, each
+    row taken over by requests with another prompt or the same one."""
+    greedy = [
+        dict(temperature=0.0, max_new_tokens=30, ignore_eos=True),
+        dict(temperature=0.0, max_new_tokens=21, ignore_eos=True, repetition_penalty=1.3),
+    ]
+    plain, drafted, stats = serve_all(generator, tiny_model_dir, MORE_PROMPTS, greedy, max_batch=2)
     assert_same(plain, drafted)
     assert stats.drafted_tokens > 0
     assert stats.accepted_tokens == stats.drafted_tokens
-    # 30 tokens per request in passes of 5: 6 or 7 passes each, not 30.
-    assert stats.decode_steps <= 8 * len(MORE_PROMPTS)
+    # 51 tokens per prompt in passes of up to 5 tokens: 12 passes or so, not 51.
+    assert stats.decode_steps <= 14 * len(MORE_PROMPTS)
+
+
+class CheckedDrafter(Drafter):
+    """A Drafter that compares every draft with the draft model's own greedy choice after the
+    whole text, run without a cache; `wrong` collects the drafts that differ."""
+
+    def __init__(self, drafter):
+        self.__dict__.update(drafter.__dict__)
+        self.wrong, self.checked = [], 0
+
+    def propose(self, slots, rooms):
+        out = super().propose(slots, rooms)
+        for i, drafts in out.items():
+            text = slots[i].seen.tolist()
+            penalty = slots[i].req.params.repetition_penalty
+            for j, token in enumerate(drafts):
+                ids = torch.tensor(text + drafts[:j])
+                with torch.no_grad():
+                    logits = self.model(ids[None], causal_routing=True).logits[0, -1]
+                logits = apply_repetition_penalty(logits, ids, penalty)
+                self.checked += 1
+                if float(logits.max() - logits[token]) > 1e-4:
+                    self.wrong.append((i, text, drafts))
+        return out
+
+
+def test_drafts_are_the_draft_models_greedy_choices(generator, near_draft_dir):
+    """Whatever each step kept of the last drafts, and whichever request a row served before,
+    every draft is what the draft model chooses after the request's text."""
+    engine = Engine(generator, max_batch=3, speculative_tokens=3)
+    engine.drafter = drafter = CheckedDrafter(load_drafter(near_draft_dir, engine))
+    settings = [
+        dict(temperature=0.0, max_new_tokens=24, ignore_eos=True),
+        dict(temperature=0.9, seed=3, max_new_tokens=16, ignore_eos=True, repetition_penalty=1.2),
+    ]
+    engine.start()
+    try:
+        run(engine, generator, MORE_PROMPTS, settings)
+    finally:
+        engine.stop()
+    assert drafter.checked > 100
+    assert 0 < engine.stats.accepted_tokens < engine.stats.drafted_tokens
+    assert drafter.wrong == []
 
 
 def test_a_draft_model_with_a_shorter_context_drafts_within_it(generator, tiny_model_dir, tmp_path):
