@@ -141,9 +141,6 @@ def test_serve_flags_for_speculation_name_the_problem(tiny_model_dir, capsys):
     from moekit.serve import build
     from moekit.serve.config import SettingError
 
-    flags = ["--speculative", "draft", "--draft", str(tiny_model_dir)]
-    assert main(["serve", str(tiny_model_dir), "--port", "0", *flags]) == 2
-    assert "speculates by prompt lookup only" in capsys.readouterr().err
     assert main(["serve", str(tiny_model_dir), "--port", "0", "--num-draft-tokens", "3"]) == 2
     assert "--num-draft-tokens needs --speculative" in capsys.readouterr().err
     with pytest.raises(SettingError, match="speculative_tokens=-1 is invalid"):

@@ -143,21 +143,14 @@ FLAGS = {
     "tool_call_format": "--tool-call-format",
     "prefix_cache_tokens": "--prefix-cache-tokens",
     "speculative_tokens": "--num-draft-tokens",
+    "draft_dir": "--draft",
 }
 
 
 def _speculative_tokens(args: argparse.Namespace) -> int:
-    """The drafts per step --speculative asks for (0 without it); the server drafts by prompt
-    lookup only."""
+    """The drafts per step --speculative asks for (0 without it)."""
     config = speculative_config(args)
-    if config is None:
-        return 0
-    if config.method != "ngram":
-        raise ValueError(
-            "moekit serve speculates by prompt lookup only (--speculative ngram); a draft "
-            "model is for moekit generate"
-        )
-    return int(config.num_draft_tokens)
+    return 0 if config is None else int(config.num_draft_tokens)
 
 
 def split_list(values: list[str]) -> list[str]:
@@ -237,6 +230,7 @@ def _serve(args: argparse.Namespace, parallel: Any) -> int:
             tool_call_format=args.tool_call_format,
             prefix_cache_tokens=args.prefix_cache_tokens,
             speculative_tokens=_speculative_tokens(args),
+            draft_dir=args.draft,
         )
     except PortInUseError as e:
         raise ValueError(f"{e} (--port)") from None

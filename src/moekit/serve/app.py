@@ -22,6 +22,7 @@ from moekit.infer.offload import OffloadConfig
 from moekit.infer.speculative import MAX_DRAFT_TOKENS
 from moekit.serve.admission import Admission
 from moekit.serve.config import ServerConfig, SettingError, check_count, listed
+from moekit.serve.draft import check_draft_dir, load_drafter
 from moekit.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
 from moekit.serve.errors import add_error_handlers
 from moekit.serve.guard import Guard
@@ -77,6 +78,7 @@ def build(
     tool_call_format: str | None = None,
     prefix_cache_tokens: int | None = None,
     speculative_tokens: int = 0,
+    draft_dir: str | Path | None = None,
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
@@ -90,9 +92,11 @@ def build(
     `prefix_cache_tokens`: prompt tokens whose keys and values are kept for later prompts that
     start the same way (None: a quarter of max_batch x max_context; 0: off; see
     moekit.serve.prefix_cache). `speculative_tokens`: prompt-lookup drafts per request and
-    decode step, checked in the step's pass (0: off; see moekit.serve.speculate). The settings
-    and the model's chat template are checked before the model loads: a ValueError (a
-    SettingError naming the setting, or naming the template's file) for one that cannot work."""
+    decode step, checked in the step's pass (0: off; see moekit.serve.speculate). `draft_dir`:
+    a draft model drafts them instead of prompt lookup (same tokenizer; moekit.serve.draft). The
+    settings and the model's chat template are checked before the model loads: a ValueError (a
+    SettingError naming the setting, or naming the template's file) for one that cannot work;
+    the draft model's tokenizer and vocabulary are checked once both models are loaded."""
     config = ServerConfig(
         model_name=model_name or Path(model_dir).resolve().name,
         api_key=api_key,
@@ -112,6 +116,7 @@ def build(
     except (TypeError, ValueError):
         allowed = f"must be an integer in [0, {MAX_DRAFT_TOKENS}] (0: off)"
         raise SettingError("speculative_tokens", speculative_tokens, allowed) from None
+    check_draft_dir(draft_dir, speculative_tokens)
     template = load_chat_template(model_dir)
     if isinstance(template, ChatTemplate):
         check_template(template, str(Path(model_dir) / TEMPLATE_FILE))
@@ -129,4 +134,6 @@ def build(
         prefix_cache_tokens=prefix_cache_tokens,
         speculative_tokens=speculative_tokens,
     )
+    if draft_dir is not None:
+        engine.drafter = load_drafter(draft_dir, engine)
     return create_app(engine, config, template), engine

@@ -203,6 +203,7 @@ class Engine:
         self.prefix_cache = self._prefix_cache(prefix_cache_tokens)
         speculate.check_speculative_tokens(speculative_tokens)
         self.speculative_tokens = speculative_tokens
+        self.drafter: Any = None  # a draft model's drafts instead of prompt lookup's (draft.py)
 
     def _prefix_cache(self, tokens: int | None) -> PrefixCache | None:
         """The prefix cache of `tokens` tokens (None: the default size; 0: none)."""

@@ -91,6 +91,7 @@ def serve(
     tool_call_format: str | None = None,
     prefix_cache_tokens: int | None = None,
     speculative_tokens: int = 0,
+    draft_dir: str | Path | None = None,
 ) -> None:
     """Serve a model directory over HTTP until interrupted (an OpenAI-compatible API at
     http://HOST:PORT/v1 and a playground page at http://HOST:PORT/). `max_context` bounds
@@ -109,7 +110,8 @@ def serve(
     chat template shows; see moekit.infer.tool_calls).
     `prefix_cache_tokens`: prompt tokens kept for reuse by later prompts that start the same
     way (None: a quarter of max_batch x max_context; 0: off). `speculative_tokens`:
-    prompt-lookup drafts per request and decode step (0: off; moekit.serve.speculate). Raises
+    prompt-lookup drafts per request and decode step (0: off; moekit.serve.speculate), or a draft
+    model's, from `draft_dir` (moekit.serve.draft). Raises
     PortInUseError when the port is taken, a ValueError for a setting that cannot work."""
     # long function: one keyword per server setting, each passed through to build()
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
@@ -142,6 +144,7 @@ def serve(
             tool_call_format=tool_call_format,
             prefix_cache_tokens=prefix_cache_tokens,
             speculative_tokens=speculative_tokens,
+            draft_dir=draft_dir,
         )
     except BaseException:
         sock.close()

@@ -1,5 +1,5 @@
-"""Speculative decoding in the serving engine: prompt-lookup drafts, checked in the batch's own
-decode pass.
+"""Speculative decoding in the serving engine: prompt-lookup drafts (or a draft model's, see
+draft.py), checked in the batch's own decode pass.
 
 With `speculative_tokens` k > 0 (`moekit serve --speculative ngram --num-draft-tokens K`), at
 each decode step a slot that may speculate proposes up to k tokens: those that followed the
@@ -81,17 +81,25 @@ def propose(engine: Any, fed: Tensor) -> Drafts | None:
     if any(s.req.routed_experts is not None or s.req.return_routed_experts for s in slots.values()):
         return None
     drafts = Drafts({}, {i: engine._cache.length(i) for i in rows})
+    # The pass writes its width after the longest row of the batch, drafting or not.
+    longest = max(engine._cache.length(i) for i in range(fed.shape[0]))
+    rooms = {}
     for i, s in slots.items():
         if not _may_speculate(s):
             continue
         room = min(
             k,
             s.req.params.max_new_tokens - s.produced,  # the chosen token counted
-            engine.max_context - drafts.start[i] - 1,
+            engine.max_context - longest - 1,
         )
-        draft = ngram_draft(s.seen.tolist(), room, NGRAM) if room > 0 else []
-        if draft:
-            drafts.by_slot[i] = draft
+        if room > 0:
+            rooms[i] = room
+    if engine.drafter is not None:  # a draft model (draft.py)
+        drafts.by_slot.update(engine.drafter.propose(slots, rooms))
+    else:
+        for i, room in rooms.items():
+            if draft := ngram_draft(slots[i].seen.tolist(), room, NGRAM):
+                drafts.by_slot[i] = draft
     return drafts if drafts.by_slot else None
 
 
@@ -130,9 +138,10 @@ def _kept(engine: Any, i: int, s: Any, logits_SV: Tensor, draft: list[int]) -> i
     after the last draft when all are kept."""
     for j, token in enumerate(draft):
         s.logits = logits_SV[j].float()
+        seen = len(s.seen)
         chosen = engine._choose(i, s)
-        if chosen is None:  # the slot ended (a stop, its length)
-            return j
+        if chosen is None:  # the slot ended (a stop, its length): kept if it ended on the draft
+            return j + int(len(s.seen) > seen and int(s.seen[-1]) == token)
         if chosen != token:
             s.feed = chosen  # emitted now, fed at the next step
             return j
