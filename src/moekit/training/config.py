@@ -168,6 +168,11 @@ class RunConfig(ConfigBase):
                 raise fail("TrainConfig", "grow", tc.grow,
                            f"step {event.step} makes {n} experts, which num_groups={groups} "
                            "does not divide")  # fmt: skip
+            try:  # whatever else the MoE config asks of its expert count
+                dataclasses.replace(self.model.moe, num_experts=n)
+            except ValueError as e:
+                raise fail("TrainConfig", "grow", tc.grow,
+                           f"step {event.step} makes {n} experts: {e}") from None  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         out = {
