@@ -84,7 +84,19 @@ def analysis_context(text: str, png: str | None) -> dict[str, Any]:
 
 
 # One context builder per page template: a new template needs one here.
-CONTEXTS = {"analysis.html.j2": analysis_context, "training.html.j2": training_context}
+def evidence_context(text: str, png: str | None) -> dict[str, Any]:
+    from moekit.bench.evidence import Evidence, RunFigures, Verdict
+
+    run = RunFigures(text, 0, 2.5, [{"step": 1, "tokens": 8, "val_loss": 2.5}],
+                     [{"step": 1, "imbalance": 1.2}], 0.0, 1.0, 10, 5)  # fmt: skip
+    verdicts = [Verdict("aux_free", text, text, "moe", 2.5, 2.6, -0.1, 0.01, text, [run])]
+    evidence = Evidence("small", [0, 1], 10, verdicts, [{"k": 1, "val_loss": 2.7,
+                        "decode_tokens_per_s": 100.0}], 60.0)  # fmt: skip
+    return {"evidence": evidence, "images": {"aux_free": png, "aux_free_balance": png}}
+
+
+CONTEXTS = {"analysis.html.j2": analysis_context, "training.html.j2": training_context,
+            "evidence.html.j2": evidence_context}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ COMMANDS = (
     "chat",
     "plan",
     "bench",
+    "evidence",
 )
 
 

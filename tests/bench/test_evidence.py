@@ -1,0 +1,101 @@
+"""`moekit evidence`: the variants hold what their claims hold equal, verdicts read the seed
+spread, and a tiny suite runs end to end into its report."""
+
+import json
+
+import pytest
+
+from moekit.bench.evidence import (
+    COMPARISONS,
+    VARIANTS,
+    Budget,
+    Comparison,
+    RunFigures,
+    budget,
+    run_evidence,
+    verdict,
+)
+from moekit.bench.evidence_report import write_report
+from moekit.cli.commands import main
+from moekit.config import ModelConfig
+from moekit.params import count_params
+
+TINY = Budget(
+    "tiny",
+    dict(vocab_size=512, dim=32, num_layers=2, num_heads=2, num_kv_heads=2, ffn_hidden=64,
+         max_seq_len=64, moe=dict(num_experts=4, top_k=2, expert_hidden=32)),
+    {"max_chars_per_domain": 40_000},
+    dict(max_steps=4, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1, eval_every=2,
+         eval_batches=2, log_every=1),
+    seeds=(0, 1),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["small", "full"])
+def test_variants_hold_active_parameters_equal_where_the_claim_says(name):
+    base = budget(name).model
+
+    def active(model):  # without the router, whose size follows the expert count
+        pc = count_params(ModelConfig.from_dict(model))
+        return pc.active - pc.active_by["router"]
+
+    moe = active(base)
+    for variant in ("dense_active", "fine_shared", "aux_free", "capacity_1.0", "expert_choice"):
+        assert abs(active(VARIANTS[variant](base)) - moe) / moe < 0.01, variant
+    fine = ModelConfig.from_dict(VARIANTS["fine_shared"](base)).moe
+    assert fine.num_experts == 32 and fine.num_shared_experts == 1 and fine.top_k == 7
+
+
+def run(variant, seed, loss):
+    return RunFigures(variant, seed, loss, [], [], 0.0, 1.0, 1, 1)
+
+
+def test_a_difference_counts_only_beyond_the_seed_spread():
+    c = Comparison("x", "X", "a", "b")
+    clear = verdict(c, [run("a", 0, 2.0), run("a", 1, 2.1)], [run("b", 0, 2.5), run("b", 1, 2.55)])
+    assert clear.difference == pytest.approx(-0.475) and clear.spread == pytest.approx(0.1)
+    assert clear.reading.startswith("a is better by 0.4750")
+    close = verdict(c, [run("a", 0, 2.0), run("a", 1, 2.4)], [run("b", 0, 2.1), run("b", 1, 2.3)])
+    assert "within the seed spread (0.4000)" in close.reading
+    worse = verdict(c, [run("a", 0, 3.0), run("a", 1, 3.05)], [run("b", 0, 2.0), run("b", 1, 2.1)])
+    assert worse.reading.startswith("b is better")
+    one = verdict(c, [run("a", 0, 2.0)], [run("b", 0, 2.5)])
+    assert one.spread is None and "one seed" in one.reading
+
+
+def test_a_tiny_suite_runs_into_its_report(tmp_path):
+    only = ("moe_vs_dense", "aux_free", "capacity", "upcycling", "topk_inference")
+    evidence = run_evidence(TINY, tmp_path, only=only, say=lambda _: None)
+    assert [v.key for v in evidence.verdicts] == [
+        "moe_vs_dense",
+        "aux_free",
+        "upcycling",
+        "capacity",
+    ]
+    for v in evidence.verdicts:
+        assert len(v.runs) == 4 and v.spread is not None
+        assert v.difference == pytest.approx(v.variant_loss - v.baseline_loss)
+        for r in v.runs:
+            assert r.val_loss > 0 and [p["step"] for p in r.curve] == [2, 4]
+    cap = next(v for v in evidence.verdicts if v.key == "capacity")
+    assert all(r.drop_rate > 0 for r in cap.runs if r.variant == "capacity_1.0")
+    assert all(r.drop_rate == 0 for r in cap.runs if r.variant == "moe")  # dropless
+    # the base MoE trained once per seed, shared by the comparisons
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("moe-")) == [
+        "moe-s0",
+        "moe-s1",
+    ]
+    assert [r["k"] for r in evidence.topk] == [1, 2, 3, 4]
+    paths = write_report(evidence, tmp_path)
+    data = json.loads(paths[0].read_text())
+    assert data["verdicts"][0]["variant_loss"] == evidence.verdicts[0].variant_loss
+    summary = paths[1].read_text()
+    assert "| MoE vs dense at equal active parameters |" in summary and "Balance" in summary
+    html = paths[2].read_text()
+    assert html.count("<img") == 5 and "Experts per token at inference" in html
+
+
+def test_the_command_refuses_unknown_comparisons(tmp_path, capsys):
+    assert main(["evidence", "--out", str(tmp_path), "--only", "nonsense", "--steps", "2"]) != 0
+    assert "comparison 'nonsense' is unknown" in capsys.readouterr().err
+    assert {c.key for c in COMPARISONS} >= {"moe_vs_dense", "fine_grained", "aux_free"}
