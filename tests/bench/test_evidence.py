@@ -52,11 +52,14 @@ def run(variant, seed, loss):
 
 def test_a_difference_counts_only_beyond_the_seed_spread():
     c = Comparison("x", "X", "a", "b")
-    clear = verdict(c, [run("a", 0, 2.0), run("a", 1, 2.1)], [run("b", 0, 2.5), run("b", 1, 2.55)])
-    assert clear.difference == pytest.approx(-0.475) and clear.spread == pytest.approx(0.1)
-    assert clear.reading.startswith("a is better by 0.4750")
-    close = verdict(c, [run("a", 0, 2.0), run("a", 1, 2.4)], [run("b", 0, 2.1), run("b", 1, 2.3)])
-    assert "within the seed spread (0.4000)" in close.reading
+    # seed 1 is worse for both sides: paired by seed, the difference is clear
+    clear = verdict(c, [run("a", 0, 2.0), run("a", 1, 2.6)], [run("b", 0, 2.2), run("b", 1, 2.7)])
+    assert clear.difference == pytest.approx(-0.15) and clear.spread == pytest.approx(0.1)
+    assert clear.reading.startswith("a is better by 0.1500 with every seed")
+    mixed = verdict(c, [run("a", 0, 2.0), run("a", 1, 2.4)], [run("b", 0, 2.1), run("b", 1, 2.3)])
+    assert "within the seed-to-seed spread (0.2000)" in mixed.reading  # the signs differ
+    small = verdict(c, [run("a", 0, 2.0), run("a", 1, 2.5)], [run("b", 0, 2.02), run("b", 1, 2.7)])
+    assert "within" in small.reading  # same sign, mean 0.11 below the spread 0.18
     worse = verdict(c, [run("a", 0, 3.0), run("a", 1, 3.05)], [run("b", 0, 2.0), run("b", 1, 2.1)])
     assert worse.reading.startswith("b is better")
     one = verdict(c, [run("a", 0, 2.0)], [run("b", 0, 2.5)])
