@@ -55,7 +55,7 @@ class Budget:
 
 
 def budget(name: str) -> Budget:
-    """ "small": a 2-layer model for 150 steps on a fifth of the builtin corpus (the whole
+    """ "small": a 2-layer model for 300 steps on a tenth of the builtin corpus (the whole
     suite in under 20 minutes on 2 cores); "full": the demo model and recipe."""
     from moekit.presets import get_preset
 
