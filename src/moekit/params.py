@@ -111,6 +111,8 @@ def count_params(cfg: ModelConfig) -> ParamCount:
             active_experts = moe.top_k * per_expert
         pc.add("routed_experts", moe.num_experts * per_expert, active_experts)
         pc.add("router", moe.num_experts * (d + 1 if moe.router_bias else d))
+        if moe.router == "hierarchical":  # the group router; every logit of both is computed
+            pc.add("router", moe.router_groups * d)
         if moe.num_shared_experts:
             pc.add(
                 "shared_experts",
