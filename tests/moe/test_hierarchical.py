@@ -258,3 +258,16 @@ def test_a_tiny_hierarchical_model_trains_saves_loads_and_generates(tmp_path, ti
         ["The "], SamplingParams(max_new_tokens=6, temperature=0.0)
     )
     assert 1 <= len(out[0].token_ids) <= 6
+
+
+def test_the_parallel_planner_counts_the_group_router():
+    from moekit.parallel.plan import plan_parallel
+    from moekit.presets import get_preset
+
+    cfg = get_preset("demo-hierarchical")
+    plan = plan_parallel(cfg, gpus=2)
+    assert (
+        plan.params
+        == count_params(cfg).total
+        == sum(p.numel() for p in build_model(cfg).parameters())
+    )
