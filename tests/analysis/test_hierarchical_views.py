@@ -103,3 +103,16 @@ def test_group_router_weights_stay_float32_in_a_bf16_model():
     assert model.embed.weight.dtype == torch.bfloat16
     out = router(torch.randn(5, 64, dtype=torch.bfloat16))
     assert out.logits.dtype == out.weights.dtype == torch.float32
+
+
+def test_doctor_finds_a_group_router_stored_in_bf16(tmp_path, dead_group_dir):
+    from safetensors.torch import load_file, save_file
+
+    live = tmp_path / "bf16"
+    shutil.copytree(dead_group_dir, live)
+    state = load_file(live / "model.safetensors")
+    state["layers.1.ffn.router.group_weight"] = state["layers.1.ffn.router.group_weight"].bfloat16()
+    save_file(state, live / "model.safetensors", metadata={"format": "pt"})
+    check = {c.name: c for c in diagnose(live, sample_tokens=256)}["router_precision"]
+    assert check.status == "problem"
+    assert "layers.1.ffn.router.group_weight (BF16)" in check.evidence
