@@ -22,6 +22,8 @@ ROUTERS = {
     "shared": dict(MOE, num_shared_experts=1, shared_expert_gate=True),
     "expert-choice-causal": dict(MOE, router="expert_choice", capacity_factor=1.5,
                                  expert_choice_causal=True),
+    "hierarchical-biases": dict(MOE, router="hierarchical", router_groups=2, group_top_k=1,
+                                bias_update_rate=0.01, group_bias_update_rate=0.01),
 }  # fmt: skip
 
 

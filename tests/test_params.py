@@ -70,6 +70,13 @@ def tiny_variants():
         moe=dict(moe, router_bias=True, expert_bias=True, first_dense_layers=1),
     )  # fmt: skip
     yield "gelu-expert-bias", dict(base, activation="gelu", moe=dict(moe, expert_bias=True))
+    yield (
+        "hierarchical",
+        dict(
+            base,
+            moe=dict(moe, router="hierarchical", router_groups=2, group_top_k=1, router_bias=True),
+        ),
+    )
 
 
 @pytest.mark.parametrize(

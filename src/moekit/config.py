@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from moekit.files import atomic_write_text
+from moekit.hier_config import check_hierarchical
 from moekit.irope import IRoPEConfig
 from moekit.quant_config import QuantizationConfig
 from moekit.rope_scaling import RopeScalingConfig
@@ -32,7 +33,7 @@ from moekit.version import __version__
 FORMAT_VERSION = 1
 FILE_NAME = "config.json"  # its name in a model directory (moekit.model_dir.ModelDir.CONFIG)
 
-ROUTERS = ("topk", "switch", "expert_choice")
+ROUTERS = ("topk", "switch", "expert_choice", "hierarchical")
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 CAPACITY_PRIORITIES = ("weight", "position")
@@ -150,6 +151,10 @@ class MoEConfig(ConfigBase):
         tokens, which leaks the future in a causal LM. The causal mode (always used when
         generating and evaluating, and in training with `expert_choice_causal=True`) routes
         each token to its `ceil(capacity_factor)` best-scoring experts instead.
+      - "hierarchical": a group router picks `group_top_k` of `router_groups` equal groups of
+        experts, a router inside each chosen group picks `top_k // group_top_k` experts; an
+        expert's weight is its group's probability times its probability within the group
+        (checks in `moekit.hier_config`; see docs/moe-layer.md, "Hierarchical routing").
 
     Capacity (`capacity_factor`, token choice): each expert keeps at most
     `ceil(capacity_factor * T * top_k / E)` copies of a batch of T tokens; the rest are dropped
@@ -187,6 +192,10 @@ class MoEConfig(ConfigBase):
     num_groups: int = 1  # group-limited routing: experts split into groups ...
     topk_groups: int = 1  # ... and each token picks from its best `topk_groups` groups only
     group_score: str = "top2_sum"  # how a group is scored: its best score, or its best two summed
+    router_groups: int = 1  # router="hierarchical": the groups the group router chooses from
+    group_top_k: int = 1  # ... how many of them each token takes
+    group_aux_loss_weight: float = 0.01  # ... the group-level load-balancing loss
+    group_bias_update_rate: float = 0.0  # ... > 0: aux-loss-free balancing of the groups
     routed_scaling_factor: float = 1.0
     router_bias: bool = False  # a learned bias on the router logits (choice and weights; gpt-oss)
     expert_bias: bool = False  # biases on each expert's projections (gpt-oss)
@@ -248,6 +257,7 @@ class MoEConfig(ConfigBase):
                 owner, "expert_choice_causal", True, "is only used with router='expert_choice'"
             )
         self._check_groups()
+        check_hierarchical(self)
         if self.shared_expert_gate and not self.num_shared_experts:
             raise fail(owner, "shared_expert_gate", True, "needs num_shared_experts >= 1")
         self._check_dense_layers()

@@ -111,6 +111,8 @@ def count_params(cfg: ModelConfig) -> ParamCount:
             active_experts = moe.top_k * per_expert
         pc.add("routed_experts", moe.num_experts * per_expert, active_experts)
         pc.add("router", moe.num_experts * (d + 1 if moe.router_bias else d))
+        if moe.router == "hierarchical":  # the group router; every logit of both is computed
+            pc.add("router", moe.router_groups * d)
         if moe.num_shared_experts:
             pc.add(
                 "shared_experts",
@@ -202,13 +204,27 @@ class ModelSummary:
     num_experts: int
     top_k: int
     kv_latent_cache_bytes_per_1k_tokens: dict[str, int] | None = None
+    routing: str | None = None  # hierarchical routing, in words
 
     def to_dict(self) -> dict[str, Any]:
-        """The figures as a JSON-ready dict (the latent cache only where there is one)."""
+        """The figures as a JSON-ready dict (the latent cache and the routing only where there
+        is one)."""
         out = dataclasses.asdict(self)
-        if self.kv_latent_cache_bytes_per_1k_tokens is None:
-            del out["kv_latent_cache_bytes_per_1k_tokens"]
+        for name in ("kv_latent_cache_bytes_per_1k_tokens", "routing"):
+            if out[name] is None:
+                del out[name]
         return out
+
+
+def routing_words(cfg: ModelConfig) -> str | None:
+    """Hierarchical routing in words ("hierarchical: 1 of 2 groups x 2 of 4 experts"); None
+    for the other routers (the experts and top-k say it all)."""
+    moe = cfg.moe
+    if moe is None or moe.router != "hierarchical":
+        return None
+    per_group, k2 = moe.num_experts // moe.router_groups, moe.top_k // moe.group_top_k
+    groups = f"{moe.group_top_k} of {moe.router_groups} groups"
+    return f"hierarchical: {groups} x {k2} of {per_group} experts"
 
 
 def summary(cfg: ModelConfig, context: int = 2048) -> ModelSummary:
@@ -234,4 +250,5 @@ def summary(cfg: ModelConfig, context: int = 2048) -> ModelSummary:
         kv_latent_cache_bytes_per_1k_tokens=None
         if latent is None
         else {name: latent * 1000 * size for name, size in KV_DTYPES.items()},
+        routing=routing_words(cfg),
     )

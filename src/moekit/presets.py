@@ -61,6 +61,19 @@ _PRESETS: list[Preset] = [
         ),
     ),
     Preset(
+        name="demo-hierarchical",
+        description="the demo model with hierarchical routing: 2 groups of 4 experts, top-1 "
+        "group then top-2 experts inside it",
+        config=dict(
+            vocab_size=4096, dim=192, num_layers=4, num_heads=6, num_kv_heads=2, ffn_hidden=768,
+            max_seq_len=512,
+            moe=dict(
+                num_experts=8, top_k=2, expert_hidden=384, z_loss_weight=0.001,
+                router="hierarchical", router_groups=2, group_top_k=1,
+            ),
+        ),
+    ),
+    Preset(
         name="small",
         description="6 layers, 256 dims, 16 fine-grained experts top-4, first layer dense",
         config=dict(

@@ -25,6 +25,7 @@ VARIANTS = {
         moe=dict(MOE, score_func="sigmoid", num_groups=2, topk_groups=1, first_dense_layers=1),
     ),
     "expert-choice": dict(BASE, moe=dict(MOE, router="expert_choice", capacity_factor=2.0)),
+    "hierarchical": dict(BASE, moe=dict(MOE, router="hierarchical", router_groups=2)),
 }  # fmt: skip
 
 

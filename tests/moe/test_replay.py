@@ -23,6 +23,9 @@ ROUTERS = {
     "switch": dict(MOE, router="switch", top_k=1),
     "shared": dict(MOE, num_shared_experts=1, shared_expert_gate=True),
     "expert-choice-batch": dict(MOE, router="expert_choice", capacity_factor=1.5),
+    "hierarchical": dict(MOE, router="hierarchical", router_groups=4, group_top_k=2),
+    "hierarchical-biases": dict(MOE, router="hierarchical", router_groups=2, group_top_k=1,
+                                bias_update_rate=0.01, group_bias_update_rate=0.01),
     "expert-choice-causal": dict(MOE, router="expert_choice", capacity_factor=1.5,
                                  expert_choice_causal=True),
 }  # fmt: skip

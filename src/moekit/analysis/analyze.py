@@ -28,6 +28,7 @@ from moekit.analysis.result import (
     DataSection,
     ExpertPair,
     ExpertTokens,
+    GroupLoad,
     LabelSpecialisation,
     LayerCoactivation,
     LayerConsistency,
@@ -50,6 +51,7 @@ from moekit.analysis.routing import (
     conditional_coactivation,
     consistency,
     copies_per_token,
+    load_stats,
     prompt_usage,
     sample_tokens,
     stderr_progress,
@@ -304,6 +306,7 @@ def load_section(trace: RoutingTrace, moe: MoEConfig, capacity_factor: float) ->
             entropy_normalized=entropy / math.log(e) if e > 1 else 0.0,
             dropped=dropped,
             dropped_fraction=None if dropped is None else dropped / max(1, copies),
+            groups=group_load(stats.tokens_per_expert, moe),
         )
     group = "row" if moe.capacity_priority == "position" else "batch"
     return LoadSection(
@@ -314,6 +317,23 @@ def load_section(trace: RoutingTrace, moe: MoEConfig, capacity_factor: float) ->
         if expert_choice
         else f"copies over capacity per {group}",
         layers=layers,
+    )
+
+
+def group_load(tokens_per_expert: list[int], moe: MoEConfig) -> GroupLoad | None:
+    """The load per expert group of a hierarchical router (None for the other routers)."""
+    if moe.router != "hierarchical":
+        return None
+    per_group = moe.num_experts // moe.router_groups
+    copies = [sum(tokens_per_expert[g * per_group : (g + 1) * per_group])
+              for g in range(moe.router_groups)]  # fmt: skip
+    stats = load_stats(copies)
+    return GroupLoad(
+        copies_per_group=copies,
+        share=stats.share,
+        imbalance=stats.imbalance,
+        cv=stats.cv,
+        dead=stats.dead,
     )
 
 

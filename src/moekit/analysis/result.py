@@ -44,6 +44,19 @@ class DataSection:
 
 
 @dataclass(frozen=True)
+class GroupLoad:
+    """Hierarchical routing: how one layer's copies spread over its expert groups, by the
+    rule of `LayerLoad` (a group's copies are those of its experts; a token that picks a group
+    sends it `top_k // group_top_k` copies). dead: groups that received no copy."""
+
+    copies_per_group: list[int]
+    share: list[float]
+    imbalance: float
+    cv: float
+    dead: list[int]
+
+
+@dataclass(frozen=True)
 class LayerLoad:
     """One MoE layer's load (`moekit.analysis.routing.LoadStats`), router entropy and the
     copies a capacity factor would drop (None for expert choice, which drops none)."""
@@ -59,6 +72,7 @@ class LayerLoad:
     entropy_normalized: float
     dropped: int | None
     dropped_fraction: float | None
+    groups: GroupLoad | None = None  # hierarchical routing only
 
 
 @dataclass(frozen=True)
@@ -242,6 +256,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _has_default(f: dataclasses.Field[Any]) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
 def _typed(tp: Any, value: Any) -> Any:
     """`value` (parsed JSON) as the type `tp`, following the dataclasses' annotations."""
     if value is None:
@@ -252,6 +270,8 @@ def _typed(tp: Any, value: Any) -> Any:
             **{
                 f.name: _typed(hints[f.name], value[f.metadata.get("json", f.name)])
                 for f in dataclasses.fields(tp)
+                # a field added later, with a default, may be missing from an older file
+                if f.metadata.get("json", f.name) in value or not _has_default(f)
             }
         )
     origin, args = typing.get_origin(tp), typing.get_args(tp)

@@ -109,6 +109,13 @@ def print_summary(result: Analysis, out_dir: Path) -> None:
         )
     out = console()
     out.print(t)
+    for i, v in load.items():
+        if v.groups is not None:  # hierarchical routing: the load per expert group
+            dead = ", ".join(map(str, v.groups.dead)) or "none"
+            out.print(
+                f"layer {i} groups: copies {v.groups.copies_per_group}, imbalance "
+                f"{v.groups.imbalance:.2f}, dead {dead}"
+            )
     out.print(
         f"[dim]entropy: mean router entropy / ln(E). NMI: I(E;C)/H(C); chance (shuffled labels, "
         f"mean + 2 std) reaches {spec.by_class.chance:.4f} (class), {spec.by_domain.chance:.4f} "

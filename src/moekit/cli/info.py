@@ -104,6 +104,8 @@ def print_comparison(infos: list[ModelInfo]) -> None:
         "experts, top-k",
         *(f"{s.num_experts}, {s.top_k}" if s.num_experts else "dense" for s in summaries),
     )
+    if any(s.routing for s in summaries):
+        t.add_row("routing", *(s.routing or "-" for s in summaries))
     t.add_row("RoPE base, scaling", *(f"{i.rope_theta:g}, {i.rope}" for i in infos))
     if any(i.irope is not None for i in infos):
         t.add_row("NoPE layers, chunks", *(i.irope.describe() if i.irope else "-" for i in infos))
@@ -140,6 +142,8 @@ def print_info(info: ModelInfo) -> None:
     t.add_row("layers (MoE)", f"{s.num_layers} ({s.moe_layers})")
     if s.num_experts:
         t.add_row("experts, top-k", f"{s.num_experts}, {s.top_k}")
+    if s.routing:
+        t.add_row("routing", s.routing)
     t.add_row("RoPE base, scaling", f"{info.rope_theta:g}, {info.rope}")
     if info.irope is not None:
         t.add_row("NoPE layers, chunks", info.irope.describe())

@@ -105,6 +105,14 @@ def architecture_of(hf: dict[str, Any]) -> Architecture:
 def choose_architecture(cfg: ModelConfig) -> Architecture:
     """The plainest architecture that represents `cfg` exactly; UnsupportedError listing what
     each one lacks when none does."""
+    if cfg.moe is not None and cfg.moe.router == "hierarchical":
+        raise UnsupportedError(
+            "no Hugging Face architecture represents this model: config.json: "
+            "moe.router='hierarchical' has a learned group router whose probability multiplies "
+            "each expert's, which no transformers model has (DeepSeek-V3's n_group/topk_group "
+            "only limits the choice by the experts' own scores); the model stays in moekit's "
+            "format"
+        )
     reasons = {}
     for arch in ARCHITECTURES:
         problems = arch.problems(cfg)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.moe import dispatch, losses
 from moekit.moe.experts import Experts, select_backend
-from moekit.moe.router import RouterOutput, build_router
+from moekit.moe.router import HierarchicalRouter, RouterOutput, build_router
 from moekit.nn.mlp import MLP, Activation
 
 
@@ -61,8 +61,10 @@ class MoEStats(NamedTuple):
     aux_loss: () float32 load-balancing loss, unweighted, differentiable.
     z_loss: () float32 router z-loss, unweighted, differentiable.
     entropy: () float32 mean routing entropy in nats, detached.
+    group_aux_loss: () float32 group-level load-balancing loss of a hierarchical router,
+        unweighted, differentiable; None for the other routers.
 
-    The two losses are computed when autograd is enabled; under `torch.no_grad()` they are 0.
+    The losses are computed when autograd is enabled; under `torch.no_grad()` they are 0.
     """
 
     tokens_per_expert: Tensor
@@ -71,6 +73,7 @@ class MoEStats(NamedTuple):
     z_loss: Tensor
     entropy: Tensor
     routing: RouterOutput | None = None  # each token's experts and weights, when recorded
+    group_aux_loss: Tensor | None = None  # hierarchical routing only
 
 
 class MoELayer(nn.Module):
@@ -191,30 +194,46 @@ class MoELayer(nn.Module):
             zero = route.logits.new_zeros(()) + 0.0 * route.logits.sum()
             if self.reduce_counts is not None and torch.is_grad_enabled():
                 self.reduce_counts(routed_E.float())  # in step with the other processes
-            return MoEStats(routed_E, dropped, zero, zero, zero.detach())
+            return MoEStats(routed_E, dropped, zero, zero, zero.detach(), None, self._group(zero))
         entropy = losses.router_entropy(probs_TE.detach())
         # The router losses only matter for training: without autograd (evaluation, decoding)
         # they are reported as 0 and cost nothing.
+        group = None
         if torch.is_grad_enabled():
             aux = losses.load_balancing_loss(probs_TE, experts_TK, self.reduce_counts)
             z = losses.z_loss(logits_TE)
+            if isinstance(self.router, HierarchicalRouter):
+                group = losses.group_balance_loss(
+                    probs_TE, experts_TK, self.router.groups, self.reduce_counts
+                )
         else:
             aux = z = route.logits.new_zeros(())
-        return MoEStats(routed_E, dropped, aux, z, entropy)
+            if isinstance(self.router, HierarchicalRouter):
+                group = aux
+        return MoEStats(routed_E, dropped, aux, z, entropy, group_aux_loss=group)
 
     def _empty_stats(self, route: RouterOutput) -> MoEStats:
         zero = route.logits.new_zeros(()) + 0.0 * route.logits.sum()  # keeps the graph alive
         counts = torch.zeros(self.cfg.num_experts, dtype=torch.long, device=zero.device)
-        return MoEStats(counts, counts.sum(), zero, zero, zero.detach())
+        return MoEStats(counts, counts.sum(), zero, zero, zero.detach(), None, self._group(zero))
+
+    def _group(self, zero: Tensor) -> Tensor | None:
+        """The group-level loss of an empty batch: 0 for a hierarchical router, else None."""
+        return zero if isinstance(self.router, HierarchicalRouter) else None
 
     def weighted_loss(self, stats: MoEStats) -> Tensor:
         """The layer's contribution to the training loss: its aux and z losses, weighted."""
-        return self.cfg.aux_loss_weight * stats.aux_loss + self.cfg.z_loss_weight * stats.z_loss
+        loss = self.cfg.aux_loss_weight * stats.aux_loss + self.cfg.z_loss_weight * stats.z_loss
+        if stats.group_aux_loss is not None:
+            loss = loss + self.cfg.group_aux_loss_weight * stats.group_aux_loss
+        return loss
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_E: Tensor) -> None:
         """Apply one aux-loss-free bias step from the step's routed counts (no-op without bias)."""
-        if self.router.selection_bias is not None:
+        if isinstance(self.router, HierarchicalRouter):
+            self.router.update_biases(tokens_per_expert_E)
+        elif self.router.selection_bias is not None:
             losses.update_selection_bias(
                 self.router.selection_bias, tokens_per_expert_E, self.cfg.bias_update_rate
             )

@@ -38,6 +38,32 @@ def load_balancing_loss(
     return E * (f_E.detach() * P_E).sum()
 
 
+def group_balance_loss(
+    probs_TE: Tensor,
+    experts_TK: Tensor,
+    groups: int,
+    reduce_counts: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The load-balancing loss one level up (hierarchical routing): `G * sum_g f_g * P_g`.
+
+    The E experts form `groups` equal contiguous groups. `f_g` is the fraction of the tokens'
+    group choices that went to group g (a token counts once per group it uses) and `P_g` the
+    mean probability of g, the sum of `probs_TE` over g's experts. 1 when both are uniform;
+    the gradient flows through `P_g` only. `reduce_counts` as in `load_balancing_loss`.
+    """
+    T, E = probs_TE.shape
+    valid_TK = experts_TK >= 0
+    used_TG = torch.zeros(T, groups, device=probs_TE.device, dtype=probs_TE.dtype)
+    group_TK = experts_TK.clamp_min(0) // (E // groups)
+    used_TG.scatter_reduce_(1, group_TK, valid_TK.to(probs_TE.dtype), reduce="amax")
+    counts_G = used_TG.sum(dim=0)
+    if reduce_counts is not None:
+        counts_G = reduce_counts(counts_G)
+    f_G = counts_G / counts_G.sum().clamp_min(1.0)
+    P_G = probs_TE.view(T, groups, -1).sum(dim=-1).mean(dim=0)
+    return groups * (f_G.detach() * P_G).sum()
+
+
 def z_loss(logits_TE: Tensor) -> Tensor:
     """Router z-loss (ST-MoE): mean over tokens of `logsumexp(logits)^2`; keeps logits small."""
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()

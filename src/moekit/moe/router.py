@@ -164,6 +164,8 @@ def max_top_k(cfg: MoEConfig) -> int:
     """The most experts per token the router `cfg` describes can give."""
     if cfg.router == "switch":
         return 1
+    if cfg.router == "hierarchical":
+        return cfg.group_top_k * (cfg.num_experts // cfg.router_groups)
     if cfg.num_groups > 1:
         return cfg.topk_groups * (cfg.num_experts // cfg.num_groups)
     return cfg.num_experts
@@ -411,8 +413,124 @@ def _pack_token_major(chosen_TE: Tensor, scores_TE: Tensor, logits_TE: Tensor) -
     return RouterOutput(weights_TK, experts_TK, logits_TE)
 
 
+class HierarchicalRouter(Router):
+    """Two levels: a group router picks `group_top_k` (k1) of G = `router_groups` equal
+    contiguous groups of experts, and inside each chosen group the expert router picks
+    k2 = `top_k // group_top_k` experts, so a token gets k1 * k2 = `top_k` distinct experts
+    (ordinary global ids) all inside its k1 groups.
+
+    Scores: p(g) = softmax over the group router's G logits, p(e|g) = softmax of the expert
+    router's logits over the experts of g alone. An expert's weight is p(g) * p(e|g) (then
+    renormalised over the token's K when `norm_topk_prob`, and scaled by
+    `routed_scaling_factor`). The logits it returns are `group_logit[g] + log p(e|g)`: their
+    softmax over all E experts is exactly p(g) * p(e|g), so every reader of router logits
+    (load balancing, entropy, analysis, replay) sees the joint distribution, and the z-loss of
+    these logits is the group router's z-loss.
+
+    Selection biases (aux-loss-free balancing, updated outside autograd by `update_biases`):
+    `group_selection_bias` (G) is added to p(g) for choosing groups (`group_bias_update_rate`),
+    `selection_bias` (E) to p(e|g) for choosing within a group (`bias_update_rate`); neither
+    touches the weights. A per-call `top_k` of n takes ceil(n / k1) experts in each chosen group
+    and keeps the n heaviest; a replay weights the recorded experts by p(g) * p(e|g).
+    """
+
+    group_selection_bias: Tensor | None
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__(dim, cfg)
+        self.groups, self.k1 = cfg.router_groups, cfg.group_top_k
+        self.per_group = cfg.num_experts // cfg.router_groups
+        self.k2 = cfg.top_k // cfg.group_top_k
+        self.normalize = cfg.norm_topk_prob
+        self.group_weight = nn.Parameter(torch.empty(self.groups, dim, dtype=torch.float32))
+        if cfg.bias_update_rate > 0 or cfg.selection_bias:
+            self.register_buffer("selection_bias", torch.zeros(cfg.num_experts))
+        bias_G = torch.zeros(self.groups) if cfg.group_bias_update_rate > 0 else None
+        self.register_buffer("group_selection_bias", bias_G)
+
+    def _logits(self, x_TD: Tensor) -> Tensor:
+        expert_TGe = super()._logits(x_TD).view(x_TD.shape[0], self.groups, self.per_group)
+        group_TG = F.linear(x_TD, self.group_weight.float())
+        return (group_TG.unsqueeze(-1) + expert_TGe.log_softmax(dim=-1)).flatten(1)
+
+    def group_probs(self, logits_TE: Tensor) -> Tensor:
+        """p(g) (T, G) from the logits this router returns."""
+        return logits_TE.view(-1, self.groups, self.per_group).logsumexp(dim=-1).softmax(dim=-1)
+
+    def forward(
+        self,
+        x_TD: Tensor,
+        *,
+        causal: bool | None = None,
+        top_k: int | Tensor | None = None,
+        experts: Tensor | None = None,
+        rows: Tensor | None = None,
+    ) -> RouterOutput:
+        cfg = self.cfg
+        logits_TE = self.compute_logits(x_TD)
+        scores_TE = logits_TE.softmax(dim=-1)  # p(g) * p(e|g)
+        if experts is not None and rows is None:
+            experts_TK, weights_TK = self._replayed(scores_TE, None, experts, None)
+        else:
+            experts_TK, weights_TK = self._choose(logits_TE, scores_TE, top_k)
+            if experts is not None:
+                own = (experts_TK, weights_TK)
+                experts_TK, weights_TK = self._replayed(scores_TE, own, experts, rows)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if cfg.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * cfg.routed_scaling_factor
+        return RouterOutput(weights_TK, experts_TK, logits_TE)
+
+    def _choose(
+        self, logits_TE: Tensor, scores_TE: Tensor, top_k: int | Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Groups first, then experts inside them; weights before renormalisation."""
+        T, G, Ge = logits_TE.shape[0], self.groups, self.per_group
+        k = self.k1 * self.k2 if top_k is None else self.check_top_k(top_k)
+        k2 = min(Ge, -(-k // self.k1))
+        lg_TGe = logits_TE.detach().view(T, G, Ge)
+        choice_TG = self.group_probs(logits_TE.detach())
+        if self.group_selection_bias is not None:
+            choice_TG = choice_TG + self.group_selection_bias.float()
+        groups_TK1 = choice_TG.topk(self.k1, dim=-1).indices
+        inner_TGe = lg_TGe.softmax(dim=-1)  # p(e|g)
+        if self.selection_bias is not None:
+            inner_TGe = inner_TGe + self.selection_bias.float().view(G, Ge)
+        inner_TK1e = inner_TGe.gather(1, groups_TK1.unsqueeze(-1).expand(-1, -1, Ge))
+        local_TK1K2 = inner_TK1e.topk(k2, dim=-1).indices
+        experts_TK = (groups_TK1.unsqueeze(-1) * Ge + local_TK1K2).flatten(1)
+        weights_TK = scores_TE.gather(1, experts_TK)
+        if experts_TK.shape[1] != k or isinstance(top_k, Tensor):  # keep the heaviest k
+            order_TK = weights_TK.detach().argsort(dim=-1, descending=True)[:, :k]
+            experts_TK, weights_TK = experts_TK.gather(1, order_TK), weights_TK.gather(1, order_TK)
+        return _keep_first(experts_TK, weights_TK, top_k)
+
+    @torch.no_grad()
+    def update_biases(self, tokens_per_expert_E: Tensor) -> None:
+        """One aux-loss-free step at each level that has a bias: a group's load is the copies
+        of its experts, and an expert is compared with the mean of its own group (the expert
+        bias only matters against the other experts of its group)."""
+        load_GE = tokens_per_expert_E.float().view(self.groups, self.per_group)
+        if self.group_selection_bias is not None:
+            load_G = load_GE.sum(dim=-1)
+            rate = self.cfg.group_bias_update_rate
+            self.group_selection_bias.add_(rate * torch.sign(load_G.mean() - load_G))
+        if self.selection_bias is not None:
+            step_GE = torch.sign(load_GE.mean(dim=-1, keepdim=True) - load_GE)
+            self.selection_bias.add_(self.cfg.bias_update_rate * step_GE.flatten())
+
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        super().init_weights(std, generator)
+        nn.init.normal_(self.group_weight, mean=0.0, std=std, generator=generator)
+        if self.group_selection_bias is not None:
+            self.group_selection_bias.zero_()
+
+
 def build_router(dim: int, cfg: MoEConfig) -> Router:
     """The router that `cfg.router` names."""
     if cfg.router == "expert_choice":
         return ExpertChoiceRouter(dim, cfg)
+    if cfg.router == "hierarchical":
+        return HierarchicalRouter(dim, cfg)
     return TopKRouter(dim, cfg)

@@ -266,6 +266,8 @@ def _shapes(cfg: ModelConfig) -> _Shapes:
         shared = 0
         if moe.num_shared_experts:
             shared = mlp_params(cfg, moe.shared_hidden_total) + (d if moe.shared_expert_gate else 0)
+        if moe.router == "hierarchical":  # the group router
+            shared += moe.router_groups * d
         units.append((other + moe.num_experts * d + shared, moe.num_experts * _expert_params(cfg)))
         routed = _copies(cfg) * (2 * d + _hidden_elements(cfg, moe.expert_hidden))
         elements = _block_elements(cfg) + round(routed)

@@ -76,6 +76,7 @@ def optimizer_step(
 
     A batch with a third element (`RoutedRows`) replays that recorded routing (`_forward`).
     """
+    # long function: the micro-batches, their statistics and the update of one step, in order
     model.train()
     device = next(model.parameters()).device
     batches = [_to(batch, device, parallel) for batch in batches]
@@ -85,6 +86,7 @@ def optimizer_step(
     counts: dict[int, Tensor] = {}
     loss_sum = aux_sum = 0.0
     tokens = 0
+    levels: list[tuple[float, float]] = []  # hierarchical routing: balance loss per level
     for batch, n in zip(batches, targets_per_batch, strict=True):
         inputs, targets = batch[0], batch[1]
         mask = inputs != pad_id if pad_id is not None else None
@@ -96,6 +98,7 @@ def optimizer_step(
         (loss * share * world + out.aux_loss / grad_accum).backward()
         loss_sum += float(loss.detach()) * share
         aux_sum += float(out.aux_loss.detach()) / world
+        levels.extend(_level_losses(out.moe_stats))
         for layer, (routed, dropped, entropy) in _layer_stats(out.moe_stats, parallel).items():
             counts[layer] = counts[layer] + routed if layer in counts else routed
             if on_stats is not None:
@@ -120,7 +123,28 @@ def optimizer_step(
         "grad_norm": grad_norm,
         "lr": lr,
         "finite": finite,
+        **_balance_record(levels, parallel),
     }
+
+
+def _balance_record(levels: list[tuple[float, float]], parallel: Parallel | None) -> dict:
+    """{"balance_loss": {"expert": .., "group": ..}}, the mean over the step's hierarchical
+    MoE layers and micro-batches (global with `parallel`); {} without such layers."""
+    if not levels:
+        return {}
+    expert, group = (sum(v) / len(levels) for v in zip(*levels, strict=True))
+    if parallel is not None:
+        expert, group = (v / parallel.world for v in _sums((expert, group), parallel))
+    return {"balance_loss": {"expert": expert, "group": group}}
+
+
+def _level_losses(stats: dict[int, MoEStats]) -> list[tuple[float, float]]:
+    """(expert-level, group-level) unweighted balance loss of each hierarchical MoE layer."""
+    return [
+        (float(s.aux_loss.detach()), float(s.group_aux_loss.detach()))
+        for s in stats.values()
+        if s.group_aux_loss is not None
+    ]
 
 
 def _forward(model: Transformer, batch: Batch, mask: Tensor | None, autocast: Autocast) -> Any:

@@ -359,6 +359,8 @@ class Trainer:
             "skipped_steps": self.skipped,
             "routing": loop.routing.summary(),
         }
+        if "balance_loss" in record:  # hierarchical routing: the loss at each level
+            entry["balance_loss"] = record["balance_loss"]
         loop.routing.reset()
         loop.window_tokens, loop.window_seconds = 0, 0.0
         self._write_metrics(entry)

@@ -39,6 +39,7 @@ CHECK_NAMES = [
     "adapters",
     "expert_copies",
     "router_precision",
+    "dead_groups",
 ]
 
 

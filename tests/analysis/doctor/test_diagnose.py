@@ -118,7 +118,7 @@ def test_cli_json_and_exit_codes(capsys, model):
     report = json.loads(out)
     assert code == 0 and report["status"] == "ok" and report["exit_code"] == 0
     assert [c["name"] for c in report["checks"]] == CHECK_NAMES
-    assert report["counts"] == {"ok": 9, "warning": 0, "problem": 0}
+    assert report["counts"] == {"ok": 10, "warning": 0, "problem": 0}
     assert report["checks"][0]["data"]["tokens"] == 512
 
     edit_weights(model, lambda s: copy_expert(s, layer=1, src=0, dst=1))
@@ -140,7 +140,7 @@ def test_cli_prints_each_check_with_evidence_and_advice(capsys, model):
     for name in CHECK_NAMES:
         assert name.replace("_", " ") in out
     assert "problem" in out and "what to do:" in out
-    assert "9 checks: 8 ok, 0 warning(s), 1 problem(s); exit code 1" in out
+    assert "10 checks: 9 ok, 0 warning(s), 1 problem(s); exit code 1" in out
 
 
 def test_cli_run_option_reads_another_directory(capsys, tmp_path, model):
@@ -164,9 +164,9 @@ def test_statuses_order_and_exit_code():
 def test_the_diagnosis_is_a_typed_sequence_of_checks(model):
     diagnosis = diagnose(model, **FAST)
     assert isinstance(diagnosis, Diagnosis) and len(diagnosis) == len(CHECK_NAMES)
-    assert diagnosis[0].name == "dead_experts" and diagnosis[-1].name == "router_precision"
+    assert diagnosis[0].name == "dead_experts" and diagnosis[-1].name == "dead_groups"
     assert diagnosis.model_dir == str(model) and diagnosis.run_dir is None
-    assert diagnosis.status == "ok" and diagnosis.counts() == {"ok": 9, "warning": 0,
+    assert diagnosis.status == "ok" and diagnosis.counts() == {"ok": 10, "warning": 0,
                                                                "problem": 0}  # fmt: skip
     report = diagnosis.to_dict()
     assert list(report) == ["model_dir", "run_dir", "status", "counts", "exit_code", "checks"]

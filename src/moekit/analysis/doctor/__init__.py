@@ -18,6 +18,7 @@ The checks, in the order they are reported (docs/doctor.md explains each), by mo
   adapters        adapters              fine-tuned weights (LoRA B, ESFT/full experts) unchanged
   weights         expert_copies         experts that are exact copies of each other, or zeros
                   router_precision      router weights or selection biases in bf16/fp16
+  groups          dead_groups           hierarchical routing: expert groups no token chooses
 
 The other modules: `check` (Check, statuses, shared helpers), `sample` (the routing sample,
 measured with `moekit.analysis.routing`), `weight_files` (stored tensors read on demand) and

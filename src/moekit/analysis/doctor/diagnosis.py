@@ -12,6 +12,7 @@ from typing import Any, overload
 from moekit.analysis.doctor.adapters import check_adapters
 from moekit.analysis.doctor.balancing import check_load_balancing, check_selection_bias
 from moekit.analysis.doctor.check import STATUSES, Check, Status, exit_code, worst_status
+from moekit.analysis.doctor.groups import check_dead_groups
 from moekit.analysis.doctor.routing_checks import (
     check_collapse,
     check_dead_experts,
@@ -179,6 +180,7 @@ def diagnose(
         check_adapters(cfg, path, weights),
         check_expert_copies(cfg, weights),
         check_router_precision(cfg, weights, sample),
+        check_dead_groups(sample, cfg, t.dead_share),
     )
     return Diagnosis(str(model_dir), None if run is None else str(run), checks)
 

@@ -131,6 +131,8 @@ def check_router_precision(
         n
         for n in weights.dtypes
         if n.endswith((".ffn.router.weight", ".ffn.router.selection_bias"))
+        # hierarchical routing's group router
+        or n.endswith((".ffn.router.group_weight", ".ffn.router.group_selection_bias"))
     ]
     low = {
         n: weights.dtypes[n] for n in sorted(router_names) if weights.dtypes[n] not in FLOAT32_NAMES
