@@ -40,7 +40,9 @@ def test_variants_hold_active_parameters_equal_where_the_claim_says(name):
         return pc.active - pc.active_by["router"]
 
     moe = active(base)
-    for variant in ("dense_active", "fine_shared", "aux_free", "capacity_1.0", "expert_choice"):
+    variants = ("dense_active", "fine_shared", "aux_free", "capacity_1.0", "expert_choice",
+                "hierarchical")  # fmt: skip
+    for variant in variants:
         assert abs(active(VARIANTS[variant](base)) - moe) / moe < 0.01, variant
     fine = ModelConfig.from_dict(VARIANTS["fine_shared"](base)).moe
     assert fine.num_experts == 32 and fine.num_shared_experts == 1 and fine.top_k == 7

@@ -44,6 +44,8 @@ def test_grow_specs_parse_and_bad_ones_are_named():
         (['train.grow=["2:add=1"]', "model.moe.num_groups=2", "model.moe.topk_groups=1"],
          "makes 5 experts, which num_groups=2 does not divide"),
         (['train.grow=["2:add=1"]', "model.moe=null"], "needs a model with experts"),
+        (['train.grow=["2:add=2"]', "model.moe.router=hierarchical", "model.moe.router_groups=2",
+          "model.moe.group_top_k=1"], "routes hierarchically"),
     ],
 )  # fmt: skip
 def test_schedules_that_cannot_work_are_refused_before_training(tiny_run_config, extra, message):

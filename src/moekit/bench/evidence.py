@@ -115,6 +115,8 @@ VARIANTS: dict[str, Change] = {
     "aux_free": _moe({"aux_loss_weight": 0.0, "bias_update_rate": 1e-3}),
     "expert_choice": _expert_choice,
     "capacity_1.0": _moe({"capacity_factor": 1.0}),
+    # two groups, one chosen per token, top_k experts inside it: the same experts and k
+    "hierarchical": _moe({"router": "hierarchical", "router_groups": 2, "group_top_k": 1}),
 }
 
 

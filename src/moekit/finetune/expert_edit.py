@@ -70,6 +70,12 @@ def check_editable(cfg: ModelConfig, where: str) -> MoEConfig:
             f"{where} is quantised (int{cfg.quantization.bits}): its experts cannot be edited "
             "without dequantising; edit the model it was quantised from"
         )
+    if cfg.moe.router == "hierarchical":
+        raise ValueError(
+            f"{where} routes hierarchically (router='hierarchical'): its experts belong to "
+            "groups of equal size with a group router of their own, which adding, merging or "
+            "pruning experts one by one would break; these edits are for flat routers"
+        )
     return cfg.moe
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from moekit.config import ModelConfig
 from moekit.data.config import DataConfig
 from moekit.finetune.config import FinetuneConfig
+from moekit.finetune.expert_edit import check_editable
 from moekit.model_dir import ModelDir
 from moekit.training.errors import NothingToResumeError
 from moekit.training.grow import added, parse_grow
@@ -152,6 +153,10 @@ class RunConfig(ConfigBase):
             raise fail("TrainConfig", name, getattr(tc, name), "needs a model with experts")
         if self.finetune is not None:
             raise fail("TrainConfig", name, getattr(tc, name), "is for pre-training runs")
+        try:
+            check_editable(self.model, "the model")
+        except ValueError as e:
+            raise fail("TrainConfig", name, getattr(tc, name), str(e)) from None
         n, groups = self.model.moe.num_experts, self.model.moe.num_groups
         for event in parse_grow(tc.grow):
             bad = [e for e in event.split if not 0 <= e < n]
