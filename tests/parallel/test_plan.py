@@ -228,3 +228,13 @@ def test_deepseek_v3_on_256_devices():
     assert plan.splits[0].optimizer == pytest.approx(671e9 * 12 / 256, rel=0.01)
     assert not plan.splits[0].fits  # every expert of a layer gathered whole: too much
     assert plan.best.fits and plan.best.ep > 1
+
+
+@pytest.mark.parametrize(
+    "name", ["gpt-oss-20b", "demo-hierarchical", "deepseek-v3", "qwen3-30b-a3b"]
+)
+def test_every_preset_plans(name):
+    # router and expert biases (gpt-oss), the group router (hierarchical) are in the units
+    cfg = get_preset(name)
+    plan = plan_parallel(cfg, gpus=8)
+    assert plan.params == count_params(cfg).total

@@ -268,7 +268,8 @@ def _shapes(cfg: ModelConfig) -> _Shapes:
             shared = mlp_params(cfg, moe.shared_hidden_total) + (d if moe.shared_expert_gate else 0)
         if moe.router == "hierarchical":  # the group router
             shared += moe.router_groups * d
-        units.append((other + moe.num_experts * d + shared, moe.num_experts * _expert_params(cfg)))
+        router = moe.num_experts * (d + 1 if moe.router_bias else d)
+        units.append((other + router + shared, moe.num_experts * _expert_params(cfg)))
         routed = _copies(cfg) * (2 * d + _hidden_elements(cfg, moe.expert_hidden))
         elements = _block_elements(cfg) + round(routed)
         if moe.num_shared_experts:
@@ -290,8 +291,10 @@ def _shapes(cfg: ModelConfig) -> _Shapes:
 
 
 def _expert_params(cfg: ModelConfig) -> int:
-    assert cfg.moe is not None
-    return mlp_params(cfg, cfg.moe.expert_hidden)
+    moe = cfg.moe
+    assert moe is not None
+    biases = (2 if cfg.gated else 1) * moe.expert_hidden + cfg.dim if moe.expert_bias else 0
+    return mlp_params(cfg, moe.expert_hidden) + biases
 
 
 def _copies(cfg: ModelConfig) -> float:
