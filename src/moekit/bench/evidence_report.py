@@ -40,9 +40,10 @@ def summary(evidence: Evidence) -> str:
     lines = [
         f"# moekit evidence ({evidence.budget} budget)",
         "",
-        f"Seeds {evidence.seeds}, {evidence.steps} steps per run, {evidence.seconds / 60:.1f} "
-        "minutes. Validation loss at the end of training, mean over the seeds; a difference "
-        "counts when it exceeds the seed-to-seed spread.",
+        f"Seeds {evidence.seeds}, {evidence.steps} steps per run; {evidence.seconds / 60:.1f} "
+        "minutes in this invocation (runs found finished under runs/ are reused). Validation "
+        "loss at the end of training, mean over the seeds; a difference counts when every seed "
+        "shows it and it exceeds the seed-to-seed spread of the per-seed differences.",
         "",
         "| claim | variant | loss | baseline | loss | difference | seed spread | reading |",
         "|---|---|---|---|---|---|---|---|",
