@@ -16,23 +16,20 @@ difference over 16).
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from moekit.analysis.expert_importance import CRITERIA, expert_importance
 from moekit.analysis.routing import sample_tokens
-from moekit.bench.quant import validation_rows
+from moekit.bench.quant import expert_bytes, run_data, validation_rows
 from moekit.bench.timing import time_interleaved
 from moekit.bench.topk import DECODE_STEPS
 from moekit.data.config import DataConfig
 from moekit.data.corpus import load_documents, split_documents
-from moekit.data.loader import IGNORE_INDEX
 from moekit.data.tokenizer import Tokenizer
 from moekit.finetune.expert_edit import check_editable, prune_plan, write_edited
 from moekit.infer.generate import Generator
@@ -40,7 +37,7 @@ from moekit.infer.sampling import SamplingParams
 from moekit.model import Transformer
 from moekit.model_dir import ModelDir
 from moekit.training.config import RunConfig
-from moekit.training.step import lm_loss
+from moekit.training.step import eval_loss
 from moekit.training.trainer import train
 
 
@@ -69,33 +66,9 @@ class PruneBench:
         return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
 
 
-@torch.no_grad()
-def val_loss(model: Transformer, rows: Tensor, batch: int = 8) -> float:
-    """Mean next-token loss over `rows` with inference routing."""
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch):
-        x = rows[start : start + batch]
-        targets = x[:, 1:]
-        n = int((targets != IGNORE_INDEX).sum())
-        total += float(lm_loss(model(x[:, :-1], causal_routing=True).logits, targets)) * n
-        count += n
-    return total / max(count, 1)
-
-
-def _expert_bytes(model: Transformer) -> int:
-    return sum(
-        t.numel() * t.element_size()
-        for layer in model.moe_layers().values()
-        for t in [*layer.experts.parameters(), *layer.experts.buffers()]
-    )
-
-
-def run_data(src: ModelDir) -> DataConfig:
-    """The data the model was trained on (its run.json), else the builtin corpus."""
-    run = src / ModelDir.RUN_CONFIG
-    if run.is_file():
-        return DataConfig.from_dict(json.loads(run.read_text()).get("data") or {})
-    return DataConfig()
+def val_loss(model: Transformer, rows: Tensor) -> float:
+    """Mean next-token loss over all of `rows`, as training evaluates."""
+    return eval_loss(model.eval(), rows, batch_size=8, max_batches=len(rows))
 
 
 def _calibration_ids(data: DataConfig, tokenizer: Tokenizer, tokens: int) -> Tensor:
@@ -155,7 +128,7 @@ def bench_prune(
     if not len(rows):
         raise ValueError(f"{src}: its data has no validation rows to measure the loss on")
     tokenizer = Tokenizer.load(src.path)
-    data = run_data(src)
+    data, _ = run_data(src)
     ids = _calibration_ids(data, tokenizer, calibration_tokens)
     say(f"measuring the experts on {ids.numel():,} calibration tokens ...")
     importance = expert_importance(src.load_model(), ids, seq_len=seq_len)
@@ -212,7 +185,7 @@ def _measure(
                 val_loss(g.model, rows),
                 healed.get(key),
                 1.0 / step if step > 0 else float("nan"),
-                _expert_bytes(g.model),
+                expert_bytes(g.model),
             )
         )
     return PruneBench(str(src), calibration_tokens, int(rows[:, 1:].numel()), heal_steps, out)

@@ -60,26 +60,34 @@ class QuantBench:
         return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
 
 
+def run_data(model_dir: ModelDir) -> tuple[DataConfig, int]:
+    """The data and the seed of the run that trained the model (its run.json), else the
+    builtin corpus and seed 0."""
+    run = model_dir / ModelDir.RUN_CONFIG
+    if not run.is_file():
+        return DataConfig(), 0
+    fields = json.loads(run.read_text())
+    data = DataConfig.from_dict(fields.get("data") or {})
+    return data, int((fields.get("train") or {}).get("seed", 0))
+
+
 def validation_rows(model_dir: ModelDir, seq_len: int) -> Tensor:
     """The validation rows in the fixed shuffled order training evaluates them in (seeded with
     the run's seed), so that a capped number of rows samples every document, not the first."""
-    run = model_dir / ModelDir.RUN_CONFIG
-    data, seed = DataConfig(), 0
-    if run.is_file():
-        fields = json.loads(run.read_text())
-        data = DataConfig.from_dict(fields.get("data") or {})
-        seed = int((fields.get("train") or {}).get("seed", 0))
+    data, seed = run_data(model_dir)
     tokenizer = Tokenizer.load(model_dir.path)
     _, packed = prepare_data(data, tokenizer.vocab_size, seq_len, tokenizer=tokenizer)
     order = torch.randperm(len(packed.val), generator=torch.Generator().manual_seed(seed))
     return packed.val[order]
 
 
-def _expert_bytes(model: Transformer) -> int:
-    tensors = [*model.moe_layers()[next(iter(model.moe_layers()))].experts.buffers()]
-    tensors += [*model.moe_layers()[next(iter(model.moe_layers()))].experts.parameters()]
-    per_layer = sum(t.numel() * t.element_size() for t in tensors)
-    return per_layer * len(model.moe_layers())
+def expert_bytes(model: Transformer) -> int:
+    """The bytes of every MoE layer's routed experts (weights and buffers, as stored)."""
+    return sum(
+        t.numel() * t.element_size()
+        for layer in model.moe_layers().values()
+        for t in [*layer.experts.parameters(), *layer.experts.buffers()]
+    )
 
 
 @torch.no_grad()
@@ -184,7 +192,7 @@ def bench_quant(
         result.append(
             QuantRow(
                 name,
-                _expert_bytes(model),
+                expert_bytes(model),
                 loss,
                 top1,
                 greedy,
@@ -321,7 +329,7 @@ def bench_quant_kernels(
             ref = times["float32/float"]
             for (setting, kernel), _ in fns.items():
                 weights = settings[setting][0]
-                per_expert = sum(_one_expert_bytes(w) for w in weights.values()) // experts
+                per_expert = sum(_oneexpert_bytes(w) for w in weights.values()) // experts
                 t = times[f"{setting}/{kernel}"] / experts
                 rate = per_expert / t
                 row = KernelRow(
@@ -332,7 +340,7 @@ def bench_quant_kernels(
     return KernelBench(bandwidth, torch.get_num_threads(), experts, out)
 
 
-def _one_expert_bytes(w: Tensor | QuantWeight) -> int:
+def _oneexpert_bytes(w: Tensor | QuantWeight) -> int:
     if isinstance(w, QuantWeight):
         return w.nbytes()
     return w.numel() * w.element_size()

@@ -86,8 +86,9 @@ def config_at(cfg: ModelConfig, events: Iterable[GrowEvent], step: int) -> Model
 
 class ExpertGrowth:
     """The grow schedule and recycling of one run: counts routed copies per layer from the
-    training steps (`observe`), and at a step where an event falls due returns the plan
-    (`plan_at`) that `apply` carries out on the model and its optimizer."""
+    training steps (`observe`), and at a step where an event or a recycling check falls due
+    returns the plan (`plan_at`, which starts a fresh count) that `apply_plan` carries out on
+    the model and its optimizer."""
 
     def __init__(self, events: list[GrowEvent], recycle_every: int, recycle_below: float) -> None:
         self.events = {e.step: e for e in events}
@@ -98,7 +99,7 @@ class ExpertGrowth:
     def active(self) -> bool:
         return bool(self.events) or self.recycle_every > 0
 
-    def observe(self, layer: int, routed: Tensor, *_: Any) -> None:
+    def observe(self, layer: int, routed: Tensor) -> None:
         routed = routed.detach().to("cpu", torch.long)
         if layer in self.counts and self.counts[layer].shape == routed.shape:
             self.counts[layer] += routed
@@ -114,6 +115,8 @@ class ExpertGrowth:
             layer: self.counts.get(layer, torch.zeros(n, dtype=torch.long)) for layer in layers
         }
         event = self.events.get(step)
+        if event is not None or (self.recycle_every and step % self.recycle_every == 0):
+            self.counts.clear()  # the next choice counts from here
         if event is not None:
             ids = (
                 busiest(counts, event.add)
@@ -130,7 +133,6 @@ class ExpertGrowth:
             )
         if self.recycle_every and step % self.recycle_every == 0:
             plan, recycled = _recycle_plan(counts, n, self.recycle_below)
-            self.counts.clear()
             if recycled:
                 return f"step {step}: recycled dead experts {recycled} as copies of busy ones", plan
         return None

@@ -342,7 +342,6 @@ class Trainer:
         for new, old in zip(optimizer.param_groups, self.optimizer.param_groups, strict=True):
             new["lr"] = old["lr"]
         self.model, self.optimizer, self.scheduler = model.train(), optimizer, scheduler
-        self.growth.counts.clear()
         self.observer.message(line)
 
     def _log(self, record: dict[str, Any], loop: _Loop) -> None:
