@@ -19,6 +19,7 @@ from moekit.finetune.expert_edit import (
     Plan,
     busiest,
     check_editable,
+    check_out_dir,
     edited_config,
     merge_plan,
     prune_plan,
@@ -112,9 +113,7 @@ def edit_experts(
     src = ModelDir(model_dir).require_model("the model to edit")
     cfg = src.config()
     check_editable(cfg, str(model_dir))
-    ModelDir(out_dir).refuse_overwrite("moekit experts")
-    if Path(out_dir).resolve() == Path(model_dir).resolve():
-        raise ValueError("the edited model needs its own directory: --out is the source")
+    check_out_dir(model_dir, out_dir)  # before the calibration, which takes a while
     tokenizer = Tokenizer.load(src.path)
     docs, _ = text_documents(src.path, data, "text", None)
     ids = sample_tokens(docs, tokenizer, calibration_tokens).ids

@@ -199,6 +199,13 @@ def edit_adapter_state(state: Mapping[str, Tensor], plan: Plan) -> dict[str, Ten
     return out
 
 
+def check_out_dir(src_dir: str | Path, out_dir: str | Path) -> None:
+    """ValueError unless `out_dir` can take the edited model: not the source, no model yet."""
+    if Path(out_dir).resolve() == Path(src_dir).resolve():
+        raise ValueError("the edited model needs its own directory: --out is the source")
+    ModelDir(out_dir).refuse_overwrite("the edited model")
+
+
 def write_edited(
     src_dir: str | Path, out_dir: str | Path, plan: Plan, *, noise: float = 0.0, seed: int = 0,
     summary: Mapping[str, Any] | None = None,
@@ -208,9 +215,7 @@ def write_edited(
     `summary`); returns the edited config. Everything is checked before anything is written,
     and `src_dir` is only read."""
     src, out = ModelDir(src_dir).require_model("the model to edit"), ModelDir(out_dir)
-    if Path(out_dir).resolve() == Path(src_dir).resolve():
-        raise ValueError("the edited model needs its own directory: --out is the source")
-    out.refuse_overwrite("the edited model")
+    check_out_dir(src_dir, out_dir)
     cfg = src.config()
     new_cfg = edited_config(cfg, plan)
     state = edit_state(src.load_weights(), cfg, plan, noise=noise, seed=seed)
