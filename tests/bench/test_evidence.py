@@ -104,3 +104,25 @@ def test_the_command_refuses_unknown_comparisons(tmp_path, capsys):
     assert main(["evidence", "--out", str(tmp_path), "--only", "nonsense", "--steps", "2"]) != 0
     assert "comparison 'nonsense' is unknown" in capsys.readouterr().err
     assert {c.key for c in COMPARISONS} >= {"moe_vs_dense", "fine_grained", "aux_free"}
+
+
+def test_an_interrupted_run_continues_and_a_finished_one_is_read(tmp_path):
+    from dataclasses import replace
+
+    from moekit.bench.evidence import train_variant
+    from moekit.model_dir import ModelDir
+
+    whole = train_variant(TINY, "moe", 0, tmp_path / "whole")
+    # a suite stopped after the first checkpoint (step 2 of 4; with one warm-up step the
+    # learning rate up to there does not depend on max_steps): the run continues from it
+    short = replace(TINY, train={**TINY.train, "max_steps": 2})
+    stopped = train_variant(short, "moe", 0, tmp_path / "moe-s0")
+    assert [p["step"] for p in stopped.curve] == [2]
+    resumed = train_variant(TINY, "moe", 0, tmp_path / "moe-s0")
+    assert [p["step"] for p in resumed.curve] == [2, 4]
+    assert resumed.val_loss == pytest.approx(whole.val_loss, abs=1e-6)
+    # a finished run is read again, not trained again
+    weights = ModelDir(tmp_path / "moe-s0").path / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert train_variant(TINY, "moe", 0, tmp_path / "moe-s0").val_loss == resumed.val_loss
+    assert weights.stat().st_mtime_ns == before

@@ -163,14 +163,29 @@ class RunFigures:
 
 
 def run_config(b: Budget, model: dict[str, Any], seed: int, **train: Any) -> RunConfig:
+    """A variant's run: the budget's recipe with `seed`, checkpointed at every evaluation
+    (so an interrupted suite resumes its runs where they stopped)."""
+    every = b.train.get("eval_every") or b.train["max_steps"]
     return RunConfig.from_dict(
         {
             "model": model,
             "data": b.data,
-            "train": {**b.train, "seed": seed, "save_every": b.train["max_steps"],
+            "train": {**b.train, "seed": seed, "save_every": every,
                       "keep_last": 1, "samples": [], **train},
         }
     )  # fmt: skip
+
+
+def _train_once(cfg: RunConfig, out: Path, verbose: bool) -> None:
+    """Train `cfg` into `out` unless a run there has finished; a run that stopped at a
+    checkpoint continues from it (exactly); one that stopped before its first starts again."""
+    from moekit.training.checkpoint import newest_checkpoint
+    from moekit.training.trainer import train
+
+    saved = newest_checkpoint(out) if out.is_dir() else None
+    if saved is not None and saved.step >= cfg.train.max_steps and ModelDir(out).is_model():
+        return
+    train(cfg, out, resume=saved is not None, verbose=verbose, report=False)
 
 
 def figures(run_dir: Path, variant: str, seed: int) -> RunFigures:
@@ -203,16 +218,12 @@ def figures(run_dir: Path, variant: str, seed: int) -> RunFigures:
 def train_variant(
     b: Budget, variant: str, seed: int, out: Path, *, verbose: bool = False
 ) -> RunFigures:
-    """Train `variant` with `seed` into `out` (a finished run there is read, not retrained)."""
-    from moekit.training.trainer import train
-
-    if not (out / "metrics.jsonl").is_file() or not ModelDir(out).is_model():
-        if variant == "upcycled":
-            _upcycled(b, seed, out, verbose)
-        else:
-            train(
-                run_config(b, VARIANTS[variant](b.model), seed), out, verbose=verbose, report=False
-            )
+    """Train `variant` with `seed` into `out` (a finished run there is read, not retrained;
+    an interrupted one continues)."""
+    if variant == "upcycled":
+        _upcycled(b, seed, out, verbose)
+    else:
+        _train_once(run_config(b, VARIANTS[variant](b.model), seed), out, verbose)
     result = figures(out, variant, seed)
     if variant == "upcycled":  # one curve over both phases, in steps of the whole run
         dense = figures(out.parent / f"{out.name}-dense", "dense", seed)
@@ -229,22 +240,21 @@ def _upcycled(b: Budget, seed: int, out: Path, verbose: bool) -> None:
     MoE, trained the other half (its loss curve starts where the dense model's ends)."""
     from moekit.bench.upcycle import dense_for_upcycling
     from moekit.finetune.upcycle import upcycle
-    from moekit.training.trainer import train
 
     moe_cfg = ModelConfig.from_dict(copy.deepcopy(b.model))
     assert moe_cfg.moe is not None
     half = max(1, b.train["max_steps"] // 2)
+    dense_dir, start_dir = out.parent / f"{out.name}-dense", out.parent / f"{out.name}-start"
     dense = dense_for_upcycling(moe_cfg, 1)
-    train(run_config(b, dense.to_dict(), seed, max_steps=half), out.parent / f"{out.name}-dense",
-          verbose=verbose, report=False)  # fmt: skip
-    upcycle(out.parent / f"{out.name}-dense", out.parent / f"{out.name}-start",
-            num_experts=moe_cfg.moe.num_experts, top_k=moe_cfg.moe.top_k, seed=seed,
-            aux_loss_weight=moe_cfg.moe.aux_loss_weight,
-            z_loss_weight=moe_cfg.moe.z_loss_weight)  # fmt: skip
-    start = ModelDir(out.parent / f"{out.name}-start").config().to_dict()
+    _train_once(run_config(b, dense.to_dict(), seed, max_steps=half), dense_dir, verbose)
+    if not ModelDir(start_dir).is_model():
+        upcycle(dense_dir, start_dir, num_experts=moe_cfg.moe.num_experts,
+                top_k=moe_cfg.moe.top_k, seed=seed, aux_loss_weight=moe_cfg.moe.aux_loss_weight,
+                z_loss_weight=moe_cfg.moe.z_loss_weight)  # fmt: skip
+    start = ModelDir(start_dir).config().to_dict()
     cfg = run_config(b, start, seed, max_steps=b.train["max_steps"] - half,
-                     warmup_steps=0, init_from=str(out.parent / f"{out.name}-start"))  # fmt: skip
-    train(cfg, out, verbose=verbose, report=False)
+                     warmup_steps=0, init_from=str(start_dir))  # fmt: skip
+    _train_once(cfg, out, verbose)
 
 
 # ---- verdicts --------------------------------------------------------------------------------
