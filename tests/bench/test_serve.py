@@ -4,7 +4,7 @@ from moekit.bench.serve import ClientLoad, ServeBench
 
 # The keys of `moekit bench serve --json`, in order, and of each client load in it.
 KEYS = ["model", "new_tokens", "one_client", "many_clients", "speedup", "mean_decode_batch",
-        "memory", "slowloris", "oversized"]  # fmt: skip
+        "memory", "slowloris", "oversized", "compiled_steps"]  # fmt: skip
 LOAD_KEYS = ["clients", "tokens", "seconds", "tokens_per_s", "requests", "mean_latency_s",
              "p50_latency_s", "p99_latency_s", "errors"]  # fmt: skip
 
@@ -29,6 +29,18 @@ def test_bench_serve_measures_one_and_many_clients(tiny_model_dir):
     data = result.to_dict()
     assert list(data) == KEYS
     assert list(data["one_client"]) == list(data["many_clients"]) == LOAD_KEYS
+
+
+def test_bench_serve_with_the_compiled_step(tiny_model_dir):
+    for module in ("fastapi", "uvicorn", "httpx"):
+        pytest.importorskip(module)
+    from moekit.bench.serve import bench_serve
+
+    result = bench_serve(
+        tiny_model_dir, clients=1, seconds=1.0, new_tokens=8, hostile=False, compile=True
+    )
+    assert result.many_clients.tokens > 0 and result.many_clients.errors == 0
+    assert result.compiled_steps > 0  # compiled before the clients, used for their steps
 
 
 @pytest.mark.slow

@@ -68,6 +68,7 @@ class ServeBench:
     memory: MemoryUse | None = None
     slowloris: SlowLoris | None = None
     oversized: Oversized | None = None
+    compiled_steps: int = 0  # decode steps through the compiled graph (with `compile`)
 
     @property
     def speedup(self) -> float:
@@ -85,6 +86,7 @@ class ServeBench:
             "memory": self.memory.to_dict() if self.memory else None,
             "slowloris": self.slowloris.to_dict() if self.slowloris else None,
             "oversized": self.oversized.to_dict() if self.oversized else None,
+            "compiled_steps": self.compiled_steps,
         }
 
 
@@ -175,11 +177,14 @@ def bench_serve(
     seconds: float = 20.0,
     new_tokens: int = 32,
     hostile: bool = True,
+    compile: bool = False,
 ) -> ServeBench:
     """Aggregate generated tokens/s with one client, then with `clients` at once, against a
     server on a free loopback port (`speedup` is the ratio), with each phase's latency
     percentiles and errors; with `hostile`, a slowloris and an oversized-request client run
-    beside the `clients`, and the process's peak memory during that phase is reported."""
+    beside the `clients`, and the process's peak memory during that phase is reported. With
+    `compile`, the server decodes through torch.compile, compiled before the clients start
+    (`compiled_steps` counts the steps that ran compiled)."""
     results: dict[str, Any] = {}
 
     def drive(url: str, engine: Any) -> None:
@@ -201,10 +206,11 @@ def bench_serve(
             results["memory"] = memory[0]
             results["steps"] = engine.stats.decode_steps - steps0
             results["rows"] = engine.stats.batched_tokens - rows0
+            results["compiled"] = engine.compiled.steps if engine.compiled is not None else 0
         except Exception as e:  # reported below, from the main thread
             results["error"] = e
 
-    _serve_while(model_dir, drive, max_batch=max(clients, 1))
+    _serve_while(model_dir, drive, max_batch=max(clients, 1), compile=compile)
     if "error" in results:
         raise results["error"]
     return ServeBench(
@@ -216,6 +222,7 @@ def bench_serve(
         memory=results["memory"],
         slowloris=results.get("slowloris"),
         oversized=results.get("oversized"),
+        compiled_steps=results["compiled"],
     )
 
 
@@ -228,6 +235,8 @@ def _serve_while(model_dir: str | Path, drive: Any, **options: Any) -> None:
     from moekit.serve.server import http_server
 
     app, engine = build(model_dir, model_name="bench", **options)
+    if engine.compiled is not None:
+        engine.compiled.warm_up()
     server = http_server(app, "127.0.0.1", 0)
     http = threading.Thread(target=server.run, daemon=True)
     http.start()

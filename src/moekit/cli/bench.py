@@ -226,6 +226,12 @@ def _add_serve(benches: Any) -> None:
         help="without the slowloris and oversized-request clients beside the many clients",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="the server decodes through torch.compile (as `moekit serve --compile`; compiled "
+        "before the clients start)",
+    )
+    p.add_argument(
         "--shared-prefix",
         type=int,
         default=None,
@@ -279,12 +285,14 @@ def run_serve(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         new_tokens=args.new_tokens,
         hostile=not args.no_hostile,
+        compile=args.compile,
     )
     if args.json:
         print_json(result.to_dict())
         return 0
     one, many = result.one_client, result.many_clients
-    print(f"server decode throughput, {result.new_tokens} tokens per request:")
+    how = "compiled" if result.compiled_steps else "eager"
+    print(f"server decode throughput, {result.new_tokens} tokens per request ({how} steps):")
     for label, load in (("1 client", one), (f"{many.clients} clients", many)):
         print(
             f"  {label:10s} {load.tokens_per_s:8,.1f} tokens/s, {load.requests} requests, "

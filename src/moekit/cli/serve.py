@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from moekit.cli.common import (
+    add_compile_argument,
     add_device_argument,
     add_ep_argument,
     add_offload_arguments,
@@ -42,6 +43,7 @@ def add_parser(sub: Any) -> None:
     )
     add_device_argument(p)
     add_offload_arguments(p)
+    add_compile_argument(p)
     add_ep_argument(p, "serve")
     _add_connection_arguments(p)
     p.add_argument(
@@ -231,6 +233,8 @@ def _serve(args: argparse.Namespace, parallel: Any) -> int:
             prefix_cache_tokens=args.prefix_cache_tokens,
             speculative_tokens=_speculative_tokens(args),
             draft_dir=args.draft,
+            compile=args.compile,
+            on_progress=lambda message: print(message, file=sys.stderr),
         )
     except PortInUseError as e:
         raise ValueError(f"{e} (--port)") from None

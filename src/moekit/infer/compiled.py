@@ -43,7 +43,7 @@ from moekit.model import Block, Transformer
 from moekit.moe.decode_kernel import swiglu_sum
 from moekit.moe.experts import Experts
 from moekit.moe.layer import MoELayer
-from moekit.moe.router import TopKRouter
+from moekit.moe.router import RouterOutput, TopKRouter
 from moekit.nn.attention import Attention
 from moekit.nn.fuse import plain
 from moekit.nn.irope import IRoPEAttention, l2_norm
@@ -235,9 +235,10 @@ def _moe(
     gate_up_E2FD: Tensor | None,
     shared: Tensor | None,
     top_k: int | None,
-) -> Tensor:
+) -> tuple[Tensor, RouterOutput]:
     """The MoE layer on a few tokens, each token multiplied by its chosen experts' weights:
-    the expert index is read inside the reduction, so only those experts' rows are read."""
+    the expert index is read inside the reduction, so only those experts' rows are read.
+    Returns the output and the router's decision."""
     decision = layer.router(x_TD, causal=True, top_k=top_k)
     experts_TK = decision.experts
     ex = layer.experts
@@ -262,7 +263,7 @@ def _moe(
         if layer.shared_gate is not None:
             shared_TD = shared_TD * torch.sigmoid(layer.shared_gate(x_TD))
         out_TD = out_TD + shared_TD
-    return out_TD
+    return out_TD, decision
 
 
 def _attention(
@@ -346,12 +347,15 @@ def decode_step(
     end_B: Tensor,
     live_B: Tensor,
     top_k: int | None,
-) -> Tensor:
+    routing: bool = False,
+) -> Tensor | tuple[Tensor, list[RouterOutput]]:
     """One decode step on a cache's tensors, updated in place: each row's token (B, 1) is
     stored at position `end_B` (marked valid where `live_B`), attends to the valid positions,
     and the rows in `live_B` advance. `rope`: the cos and sin tables of every position (L, dim),
     made once (computed inside the graph, they would be repeated in every fused kernel).
-    Returns the next-token logits (B, vocab), float32."""
+    Returns the next-token logits (B, vocab), float32; with `routing`, also each MoE layer's
+    router decision (in layer order), as the eager model records it."""
+    # long function: the whole step is one graph (embedding, blocks, head) for the compiler
     cfg = model.cfg
     L = valid_BL.shape[1]
     seen_B = valid_BL.sum(1)  # real tokens before the new one: its RoPE position
@@ -361,6 +365,7 @@ def decode_step(
     mask = valid_BL | (keys_L == end_B[:, None])  # (B, L)
     chunk_mask, temperature_B = _irope_step(cfg.irope, valid_BL, seen_B, end_B, mask)
     x = model.embed(tokens_B1)
+    decisions: list[RouterOutput] = []
     cos, sin = rope[0][seen_B][:, None, None, :], rope[1][seen_B][:, None, None, :]
     for i, block in enumerate(model.blocks()):
         attn = block.attn
@@ -371,14 +376,18 @@ def decode_step(
         x = x + _attention(attn, w, h, cos, sin, ks[i], vs[i], end_B, m, temperature_B)
         h = block.ffn_norm(x)
         if isinstance(block.ffn, MoELayer):
-            x = x + _moe(block.ffn, h.view(-1, cfg.dim), w[2], w[3], top_k).view_as(x)
+            y, decision = _moe(block.ffn, h.view(-1, cfg.dim), w[2], w[3], top_k)
+            x = x + y.view_as(x)
+            decisions.append(decision)
         else:
             x = x + _swiglu(h, block.ffn, w[2])
     end_B += live_B.to(end_B.dtype)
     x = model.norm(x)
     if model.lm_head is not None:
-        return _linear(x[:, -1], model.lm_head).float()
-    return _dense(x[:, -1], model.embed.weight).float()
+        logits = _linear(x[:, -1], model.lm_head).float()
+    else:
+        logits = _dense(x[:, -1], model.embed.weight).float()
+    return (logits, decisions) if routing else logits
 
 
 class CompiledDecoder:
@@ -393,7 +402,7 @@ class CompiledDecoder:
         self.model = model
         self.reason = decode_support(model)
         self.failed = False
-        self._compiled: Callable[..., Tensor] | None = None
+        self._compiled: Callable[..., Any] | None = None
         self._compiler = compiler
         self._tables: tuple[Tensor, Tensor] | None = None
 
@@ -410,7 +419,7 @@ class CompiledDecoder:
     def active(self) -> bool:
         return self.reason is None and not self.failed
 
-    def _fn(self) -> Callable[..., Tensor]:
+    def _fn(self) -> Callable[..., Any]:
         if self._compiled is None:
             if self._compiler is not None:
                 self._compiled = self._compiler(decode_step)
@@ -425,21 +434,29 @@ class CompiledDecoder:
     ) -> Tensor | None:
         """Logits (B, vocab) of one decode step through the compiled graph, the cache
         updated as the eager model would; None when the compiled step is off."""
+        out = self.run(tokens_B1, cache.k, cache.v, cache.valid, cache.end, live_B1[:, 0], top_k)
+        assert out is None or isinstance(out, Tensor)
+        return out
+
+    def run(
+        self,
+        tokens_B1: Tensor,
+        ks: list[Tensor],
+        vs: list[Tensor],
+        valid_BL: Tensor,
+        end_B: Tensor,
+        live_B: Tensor,
+        top_k: int | None,
+        routing: bool = False,
+    ) -> Tensor | tuple[Tensor, list[RouterOutput]] | None:
+        """`decode_step` on a cache's tensors (or views of them: rows and positions of a
+        larger cache) through the compiled graph; None when the compiled step is off."""
         if not self.active:
             return None
         weights = [_block_weights(b) for b in self.model.blocks()]
-        args = (
-            tokens_B1,
-            self._rope(cache.max_len),
-            cache.k,
-            cache.v,
-            cache.valid,
-            cache.end,
-            live_B1[:, 0],
-            top_k,
-        )
+        args = (tokens_B1, self._rope(valid_BL.shape[1]), ks, vs, valid_BL, end_B, live_B, top_k)
         try:
-            return self._fn()(self.model, weights, *args)
+            return self._fn()(self.model, weights, *args, routing)
         except Exception as e:  # any compiler failure: fall back, and say why
             self.failed = True
             root: BaseException = e

@@ -79,6 +79,7 @@ def build(
     prefix_cache_tokens: int | None = None,
     speculative_tokens: int = 0,
     draft_dir: str | Path | None = None,
+    compile: bool = False,
 ) -> tuple[FastAPI, Engine]:
     """Load a model directory and return (app, engine); start the engine before serving.
     `max_context` bounds prompt plus new tokens per request and sizes the KV cache (default:
@@ -93,7 +94,9 @@ def build(
     start the same way (None: a quarter of max_batch x max_context; 0: off; see
     moekit.serve.prefix_cache). `speculative_tokens`: prompt-lookup drafts per request and
     decode step, checked in the step's pass (0: off; see moekit.serve.speculate). `draft_dir`:
-    a draft model drafts them instead of prompt lookup (same tokenizer; moekit.serve.draft). The
+    a draft model drafts them instead of prompt lookup (same tokenizer; moekit.serve.draft).
+    `compile`: decode steps through torch.compile (moekit.serve.compiled_step; compiled on
+    first use, or by `engine.compiled.warm_up()`). The
     settings and the model's chat template are checked before the model loads: a ValueError (a
     SettingError naming the setting, or naming the template's file) for one that cannot work;
     the draft model's tokenizer and vocabulary are checked once both models are loaded."""
@@ -120,7 +123,7 @@ def build(
     template = load_chat_template(model_dir)
     if isinstance(template, ChatTemplate):
         check_template(template, str(Path(model_dir) / TEMPLATE_FILE))
-    generator = Generator.from_dir(model_dir, device=device, offload=offload)
+    generator = Generator.from_dir(model_dir, device=device, offload=offload, compile=compile)
     if parallel is not None:  # the experts split over processes (moekit.parallel.inference)
         from moekit.parallel.inference import split_model
 

@@ -44,6 +44,7 @@ from moekit.infer.generate import ContextLengthError, Generator, check_fits, rou
 from moekit.infer.sampling import SamplingParams, make_generator, next_token
 from moekit.nn.kv_cache import KVCache
 from moekit.serve import replay, speculate
+from moekit.serve.compiled_step import CompiledSteps
 from moekit.serve.events import (
     DoneEvent,
     EngineRequest,
@@ -204,6 +205,9 @@ class Engine:
         speculate.check_speculative_tokens(speculative_tokens)
         self.speculative_tokens = speculative_tokens
         self.drafter: Any = None  # a draft model's drafts instead of prompt lookup's (draft.py)
+        self.compiled: CompiledSteps | None = None  # with generator.compile (compiled_step.py)
+        if generator.compile:
+            self.compiled = CompiledSteps(self.model, self._cache, self.tokenizer.pad_id)
 
     def _prefix_cache(self, tokens: int | None) -> PrefixCache | None:
         """The prefix cache of `tokens` tokens (None: the default size; 0: none)."""
@@ -463,16 +467,21 @@ class Engine:
         fed_now = fed[:, 0].tolist()
         fed_reqs = [s.req if s and fed_now[i] else None for i, s in enumerate(self._slots[:B])]
         fed_rows = [len(s.req.prompt_ids) + s.produced - 1 if s else 0 for s in self._slots[:B]]
-        out = self.model(
-            step,
-            cache=self._cache.first_rows(B),
-            valid=fed,
-            causal_routing=True,
-            top_k=top_k,
-            return_routing=True,  # the routing each token's answer and the metrics show
-            routing_stats=False,  # and none of training's routing statistics
-            **replay.step_replay(fed_reqs, fed_rows),
-        )
+        forced = replay.step_replay(fed_reqs, fed_rows)
+        out = None
+        if self.compiled is not None and drafts is None and top_k is None and not forced:
+            out = self.compiled.step(step, fed)  # None: the compiled step is off
+        if out is None:
+            out = self.model(
+                step,
+                cache=self._cache.first_rows(B),
+                valid=fed,
+                causal_routing=True,
+                top_k=top_k,
+                return_routing=True,  # the routing each token's answer and the metrics show
+                routing_stats=False,  # and none of training's routing statistics
+                **forced,
+            )
         for i, r in enumerate(fed_reqs):
             if r is not None:
                 replay.record(r, out, i, 1)

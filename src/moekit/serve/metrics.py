@@ -141,6 +141,10 @@ def _engine_lines(engine: Engine) -> list[str]:
         "for the mean batch size).",
         "# TYPE moekit_decode_batch_tokens_total counter",
         f"moekit_decode_batch_tokens_total {s.batched_tokens}",
+        "# HELP moekit_compiled_decode_steps_total Decode steps run through the compiled graph "
+        "(--compile).",
+        "# TYPE moekit_compiled_decode_steps_total counter",
+        f"moekit_compiled_decode_steps_total {engine.compiled.steps if engine.compiled else 0}",
         "# HELP moekit_speculative_drafted_tokens_total Prompt-lookup drafts checked "
         "(--speculative ngram).",
         "# TYPE moekit_speculative_drafted_tokens_total counter",

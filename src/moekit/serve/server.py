@@ -92,6 +92,8 @@ def serve(
     prefix_cache_tokens: int | None = None,
     speculative_tokens: int = 0,
     draft_dir: str | Path | None = None,
+    compile: bool = False,
+    on_progress: Callable[[str], None] | None = None,
 ) -> None:
     """Serve a model directory over HTTP until interrupted (an OpenAI-compatible API at
     http://HOST:PORT/v1 and a playground page at http://HOST:PORT/). `max_context` bounds
@@ -111,7 +113,9 @@ def serve(
     `prefix_cache_tokens`: prompt tokens kept for reuse by later prompts that start the same
     way (None: a quarter of max_batch x max_context; 0: off). `speculative_tokens`:
     prompt-lookup drafts per request and decode step (0: off; moekit.serve.speculate), or a draft
-    model's, from `draft_dir` (moekit.serve.draft). Raises
+    model's, from `draft_dir` (moekit.serve.draft). With `compile`, decode steps run through
+    `torch.compile` (moekit.serve.compiled_step), compiled before the server takes requests;
+    `on_progress` hears how that goes. Raises
     PortInUseError when the port is taken, a ValueError for a setting that cannot work."""
     # long function: one keyword per server setting, each passed through to build()
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
@@ -145,7 +149,10 @@ def serve(
             prefix_cache_tokens=prefix_cache_tokens,
             speculative_tokens=speculative_tokens,
             draft_dir=draft_dir,
+            compile=compile,
         )
+        if engine.compiled is not None:
+            engine.compiled.warm_up(on_progress)
     except BaseException:
         sock.close()
         raise

@@ -1,0 +1,110 @@
+"""`moekit serve --compile`: decode steps through the compiled graph give the answers, routing
+traces and recorded routing of the eager engine, alone and batched, and the steps the graph
+does not cover (per-request experts, a model it cannot compile) run eagerly."""
+
+import concurrent.futures
+import shutil
+
+import httpx
+import pytest
+
+from moekit import build_model
+from moekit.config import ModelConfig
+from moekit.model_dir import save_model
+from moekit.serve.compiled_step import batch_sizes
+
+from .conftest import running_server
+
+PROMPTS = ["The history of the city", "def main():", "12 + 30 ="]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir):
+    options = dict(max_batch=2, max_queue=8, max_tokens_limit=64)
+    with (
+        running_server(tiny_model_dir, **options) as eager,
+        running_server(tiny_model_dir, compile=True, **options) as compiled,
+    ):
+        assert compiled[1].compiled is not None
+        compiled[1].compiled.warm_up()  # before the engine's first step, as serve does
+        yield eager, compiled
+
+
+def complete(url, prompt, **extra):
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "ignore_eos": True,
+            "temperature": 0.0, "moekit": {"routing": True}, **extra}  # fmt: skip
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def same_routing(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x["token_id"] == y["token_id"]
+        for layer, pairs in x["layers"].items():
+            other = y["layers"][layer]
+            assert [e for e, _ in pairs] == [e for e, _ in other]
+            assert [w for _, w in pairs] == pytest.approx([w for _, w in other], abs=1e-4)
+
+
+def test_compiled_steps_answer_as_the_eager_engine(servers):
+    (eager, _), (url, engine) = servers
+    before = engine.compiled.steps
+    for prompt in PROMPTS:
+        want, got = complete(eager, prompt), complete(url, prompt)
+        assert got["text"] == want["text"]
+        same_routing(got["moekit"]["routing"], want["moekit"]["routing"])
+    # one step per token: a token's routing trace comes from the step that reads it
+    assert engine.compiled.steps - before == len(PROMPTS) * 8
+    metrics = httpx.get(f"{url}/metrics").text
+    assert f"moekit_compiled_decode_steps_total {engine.compiled.steps}" in metrics
+
+
+def test_batched_and_sampled_requests_match_the_eager_engine(servers):
+    (eager, _), (url, engine) = servers
+    sampled = {"temperature": 1.0, "seed": 5, "logprobs": 0}
+    want = [complete(eager, p, **sampled) for p in PROMPTS[:2]]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda p: complete(url, p, **sampled), PROMPTS[:2]))
+    for w, g in zip(want, got, strict=True):
+        assert g["text"] == w["text"]
+        assert g["logprobs"]["token_logprobs"] == pytest.approx(
+            w["logprobs"]["token_logprobs"], abs=1e-4
+        )
+    assert engine.stats.batched_tokens > engine.stats.decode_steps  # some steps held two rows
+
+
+def test_per_request_experts_and_recorded_routing_match_eagerly(servers):
+    (eager, _), (url, engine) = servers
+    before = engine.compiled.steps
+    one = {"moekit": {"routing": True, "top_k": 1}}
+    want, got = complete(eager, PROMPTS[0], **one), complete(url, PROMPTS[0], **one)
+    assert got["text"] == want["text"]
+    same_routing(got["moekit"]["routing"], want["moekit"]["routing"])
+    assert engine.compiled.steps == before  # another number of experts: the eager step
+    record = {"moekit": {"return_routed_experts": True}}
+    want, got = complete(eager, PROMPTS[1], **record), complete(url, PROMPTS[1], **record)
+    assert got["moekit"]["routed_experts"] == want["moekit"]["routed_experts"]
+
+
+def test_a_model_the_graph_does_not_cover_serves_eagerly(tmp_path, tiny_model_dir):
+    shutil.copyfile(tiny_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    cfg = ModelConfig.from_dict(
+        dict(vocab_size=512, dim=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_hidden=64,
+             max_seq_len=64, moe=dict(num_experts=4, top_k=2, expert_hidden=32,
+                                      router="hierarchical", router_groups=2, group_top_k=1))
+    )  # fmt: skip
+    save_model(build_model(cfg, seed=0), cfg, tmp_path)
+    with running_server(tmp_path, compile=True, max_batch=2) as (url, engine):
+        heard: list[str] = []
+        engine.compiled.warm_up(heard.append)
+        assert heard and "compiled decoding is off" in heard[-1] and "router" in heard[-1]
+        assert complete(url, PROMPTS[0])["text"]
+        assert engine.compiled.steps == 0
+
+
+def test_batch_sizes_cover_every_batch_with_a_few_graphs():
+    assert batch_sizes(1) == [1]
+    assert batch_sizes(8) == [1, 2, 4, 8]
+    assert batch_sizes(6) == [1, 2, 4, 6]
