@@ -30,8 +30,8 @@ def servers(tiny_model_dir):
         yield eager, compiled
 
 
-def complete(url, prompt, **extra):
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "ignore_eos": True,
+def complete(url, prompt, model="tiny", **extra):
+    body = {"model": model, "prompt": prompt, "max_tokens": 8, "ignore_eos": True,
             "temperature": 0.0, "moekit": {"routing": True}, **extra}  # fmt: skip
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text
@@ -108,3 +108,40 @@ def test_batch_sizes_cover_every_batch_with_a_few_graphs():
     assert batch_sizes(1) == [1]
     assert batch_sizes(8) == [1, 2, 4, 8]
     assert batch_sizes(6) == [1, 2, 4, 6]
+
+
+def test_the_serve_command_compiles_before_it_answers(tiny_model_dir):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "moekit.cli", "serve", str(tiny_model_dir),
+               "--port", str(port), "--max-batch", "1", "--compile"]  # fmt: skip
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # poll until it answers
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert complete(url, PROMPTS[0], model=tiny_model_dir.name)["text"]
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "moekit_compiled_decode_steps_total 8" in metrics
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        log = server.stderr.read() if server.stderr else ""
+        assert log.index("compiled the decode step for 1 rows") < log.index("serving ")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

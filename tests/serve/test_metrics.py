@@ -1,6 +1,7 @@
 """/metrics: HTTP and engine counters as Prometheus text."""
 
 import httpx
+import torch
 
 
 def test_metrics(server, client):
@@ -44,8 +45,8 @@ def test_prometheus_text_reports_http_and_engine_counters():
     metrics.observe("other", 404, 0.001)
     stats = EngineStats(prompt_tokens=7, generated_tokens=11, decode_steps=3, batched_tokens=6)
     stats.finished["length"] = 2
-    stats.expert_tokens[1] = [4, 0]
-    engine = SimpleNamespace(stats=stats, queue_depth=5, active=1)
+    stats.expert_tokens[1] = torch.tensor([4, 0])
+    engine = SimpleNamespace(stats=stats, queue_depth=5, active=1, compiled=None)
     rows = prometheus_text(engine, metrics).splitlines()  # type: ignore[arg-type]
     for row in (
         'moekit_requests_total{endpoint="/v1/completions",status="200"} 2',

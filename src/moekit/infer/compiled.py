@@ -62,6 +62,9 @@ MIN_BUCKET = 64  # the shortest cache a compiled step is built for
 # dense MLP or of the experts, gate+up of the shared experts); None where those projections
 # are quantised (the graph reads their packed weights).
 BlockWeights = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+# One MoE layer's routing in a decode step: its decision, copies per expert (E,), and the
+# mean routing entropy, over the live rows.
+LayerRouting = tuple[RouterOutput, Tensor, Tensor]
 
 
 def cache_length(needed: int, max_seq_len: int) -> int:
@@ -266,6 +269,21 @@ def _moe(
     return out_TD, decision
 
 
+def _routing_stats(layer: MoELayer, decision: RouterOutput, live_B: Tensor) -> LayerRouting:
+    """A layer's decision with the statistics the eager layer reports, over the live rows:
+    copies routed to each expert (E,) and the mean routing entropy (computed in the graph,
+    where they cost next to nothing)."""
+    experts_BK = decision.experts
+    copies_BK = ((experts_BK >= 0) & live_B[:, None]).long()
+    counts_E = torch.zeros(layer.cfg.num_experts, dtype=torch.long, device=experts_BK.device)
+    counts_E = counts_E.scatter_add(0, experts_BK.clamp_min(0).flatten(), copies_BK.flatten())
+    p = layer.router.probs(decision.logits).float().clamp_min(1e-12)
+    entropy_B = -(p * p.log()).sum(-1)
+    live = live_B.to(entropy_B.dtype)
+    entropy = (entropy_B * live).sum() / live.sum().clamp_min(1.0)
+    return decision, counts_E, entropy
+
+
 def _attention(
     attn: Attention,
     w: BlockWeights,
@@ -348,13 +366,13 @@ def decode_step(
     live_B: Tensor,
     top_k: int | None,
     routing: bool = False,
-) -> Tensor | tuple[Tensor, list[RouterOutput]]:
+) -> Tensor | tuple[Tensor, list[LayerRouting]]:
     """One decode step on a cache's tensors, updated in place: each row's token (B, 1) is
     stored at position `end_B` (marked valid where `live_B`), attends to the valid positions,
     and the rows in `live_B` advance. `rope`: the cos and sin tables of every position (L, dim),
     made once (computed inside the graph, they would be repeated in every fused kernel).
     Returns the next-token logits (B, vocab), float32; with `routing`, also each MoE layer's
-    router decision (in layer order), as the eager model records it."""
+    router decision and statistics over the live rows (`_routing_stats`), in layer order."""
     # long function: the whole step is one graph (embedding, blocks, head) for the compiler
     cfg = model.cfg
     L = valid_BL.shape[1]
@@ -365,7 +383,7 @@ def decode_step(
     mask = valid_BL | (keys_L == end_B[:, None])  # (B, L)
     chunk_mask, temperature_B = _irope_step(cfg.irope, valid_BL, seen_B, end_B, mask)
     x = model.embed(tokens_B1)
-    decisions: list[RouterOutput] = []
+    decisions: list[LayerRouting] = []
     cos, sin = rope[0][seen_B][:, None, None, :], rope[1][seen_B][:, None, None, :]
     for i, block in enumerate(model.blocks()):
         attn = block.attn
@@ -378,7 +396,8 @@ def decode_step(
         if isinstance(block.ffn, MoELayer):
             y, decision = _moe(block.ffn, h.view(-1, cfg.dim), w[2], w[3], top_k)
             x = x + y.view_as(x)
-            decisions.append(decision)
+            if routing:
+                decisions.append(_routing_stats(block.ffn, decision, live_B))
         else:
             x = x + _swiglu(h, block.ffn, w[2])
     end_B += live_B.to(end_B.dtype)
@@ -448,7 +467,7 @@ class CompiledDecoder:
         live_B: Tensor,
         top_k: int | None,
         routing: bool = False,
-    ) -> Tensor | tuple[Tensor, list[RouterOutput]] | None:
+    ) -> Tensor | tuple[Tensor, list[LayerRouting]] | None:
         """`decode_step` on a cache's tensors (or views of them: rows and positions of a
         larger cache) through the compiled graph; None when the compiled step is off."""
         if not self.active:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from moekit.infer.compiled import CompiledDecoder
+from moekit.infer.compiled import CompiledDecoder, LayerRouting
 from moekit.model import ModelOutput, Transformer
 from moekit.moe.layer import MoEStats
 from moekit.moe.router import RouterOutput
@@ -97,17 +97,16 @@ class CompiledSteps:
         out = self._run(tokens_B1, fed_B1)
         if out is None:
             return None
-        logits, decisions = out
+        logits, routes = out
         self.steps += 1
-        fed_B = fed_B1[:B, 0]
         stats = {
-            layer: _stats(RouterOutput(d.weights[:B], d.experts[:B], d.logits[:B]), fed_B)
-            for layer, d in zip(self.moe_layers, decisions, strict=True)
+            layer: _stats(decision, counts, entropy, B)
+            for layer, (decision, counts, entropy) in zip(self.moe_layers, routes, strict=True)
         }
         zero = torch.zeros((), device=logits.device)
         return ModelOutput(logits[:B, None, :], zero, stats)
 
-    def _run(self, tokens_B1: Tensor, fed_B1: Tensor) -> tuple[Tensor, list[RouterOutput]] | None:
+    def _run(self, tokens_B1: Tensor, fed_B1: Tensor) -> tuple[Tensor, list[LayerRouting]] | None:
         size, c = tokens_B1.shape[0], self.cache
         out = self.decoder.run(
             tokens_B1,
@@ -123,13 +122,9 @@ class CompiledSteps:
         return out
 
 
-def _stats(decision: RouterOutput, fed_B: Tensor) -> MoEStats:
-    """One MoE layer's statistics of a compiled step, from its router decision over the fed
-    rows (decoding drops nothing and computes no losses)."""
-    E = decision.logits.shape[-1]
-    experts = decision.experts[fed_B]
-    counts = torch.bincount(experts[experts >= 0], minlength=E)
-    p = decision.logits[fed_B].float().softmax(-1)
-    entropy = -(p * p.clamp_min(1e-20).log()).sum(-1).mean() if p.shape[0] else p.new_zeros(())
+def _stats(decision: RouterOutput, counts: Tensor, entropy: Tensor, rows: int) -> MoEStats:
+    """One MoE layer's statistics of a compiled step, for its first `rows` rows (decoding
+    drops nothing and computes no losses)."""
     zero = torch.zeros((), device=counts.device)
-    return MoEStats(counts, zero.long(), zero, zero, entropy, decision)
+    routing = RouterOutput(decision.weights[:rows], decision.experts[:rows], decision.logits[:rows])
+    return MoEStats(counts, zero.long(), zero, zero, entropy, routing)

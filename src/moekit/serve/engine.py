@@ -128,7 +128,7 @@ class EngineStats:
     batched_tokens: int = 0  # sum over decode steps of the rows decoded together
     drafted_tokens: int = 0  # speculative decoding (speculate.py): tokens drafted
     accepted_tokens: int = 0  # and kept
-    expert_tokens: dict[int, list[int]] = field(default_factory=dict)
+    expert_tokens: dict[int, Tensor] = field(default_factory=dict)  # (E,) int64 per MoE layer
 
 
 class Engine:
@@ -508,10 +508,12 @@ class Engine:
         num_experts = self.cfg.moe.num_experts if self.cfg.moe else 0
         for layer, stats in out.moe_stats.items():
             experts = stats.routing.experts[fed_B]
-            counts = torch.bincount(experts[experts >= 0], minlength=num_experts).tolist()
-            total = self.stats.expert_tokens.setdefault(layer, [0] * num_experts)
-            for e, n in enumerate(counts):
-                total[e] += n
+            counts = torch.bincount(experts[experts >= 0], minlength=num_experts).cpu()
+            total = self.stats.expert_tokens.get(layer)
+            if total is None:
+                self.stats.expert_tokens[layer] = counts
+            else:
+                total += counts  # in place: a tensor op per layer, no Python loop per expert
 
     def _choose(self, i: int, s: _Slot) -> int | None:
         """Sample slot i's next token; returns the token to feed, or None when the slot ended

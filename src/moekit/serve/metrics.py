@@ -156,7 +156,7 @@ def _engine_lines(engine: Engine) -> list[str]:
         "# TYPE moekit_expert_tokens_total counter",
     ]
     for layer, counts in sorted(s.expert_tokens.items()):
-        for e, n in enumerate(counts):
+        for e, n in enumerate(counts.tolist()):
             lines.append(f'moekit_expert_tokens_total{{layer="{layer}",expert="{e}"}} {n}')
     return lines
 
