@@ -98,6 +98,9 @@ async def info(request: Request) -> dict[str, Any]:
         "num_layers": cfg.num_layers,
         "moe_layers": cfg.moe_layers,
         "num_experts": moe.num_experts if moe else 0,
+        # hierarchical routing: experts in equal contiguous groups (0: not grouped)
+        "router_groups": moe.router_groups if moe and moe.router == "hierarchical" else 0,
+        "group_top_k": moe.group_top_k if moe and moe.router == "hierarchical" else 0,
         "top_k": engine.default_top_k,
         "max_top_k": engine.max_top_k,
         "total_params": count_params(cfg).total,

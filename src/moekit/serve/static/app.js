@@ -5,6 +5,17 @@
 const $ = (id) => document.getElementById(id);
 const state = { info: null, counts: {}, controller: null, tokens: [] };
 
+// Hierarchical routing: the experts form `router_groups` equal contiguous groups.
+function groupOf(expert) {
+  const { info } = state;
+  return info && info.router_groups ? Math.floor(expert / (info.num_experts / info.router_groups)) : null;
+}
+
+function expertName(expert) {
+  const g = groupOf(expert);
+  return g === null ? `expert ${expert}` : `expert ${expert} (group ${g})`;
+}
+
 function color(expert, n) {
   const hue = Math.round((expert * 360) / Math.max(n, 1));
   return `hsl(${hue} 70% 78%)`;
@@ -47,7 +58,10 @@ async function loadInfo() {
     n >= 1e9 ? `${(n / 1e9).toFixed(2)}B` : n >= 1e6 ? `${(n / 1e6).toFixed(2)}M` : n >= 1e3 ? `${(n / 1e3).toFixed(1)}K` : `${n}`;
   $("model-info").textContent =
     `${info.model}: ${fmt(info.total_params)} parameters, ${fmt(info.active_params)} active per token; ` +
-    `${info.num_layers} layers (${info.moe_layers.length} MoE), ${info.num_experts} experts, top-${info.top_k}`;
+    `${info.num_layers} layers (${info.moe_layers.length} MoE), ${info.num_experts} experts, ` +
+    (info.router_groups
+      ? `in ${info.router_groups} groups: top-${info.group_top_k} groups, top-${info.top_k} experts`
+      : `top-${info.top_k}`);
   const topk = $("top-k");
   for (let k = 1; k <= Math.max(info.max_top_k, 1); k++) {
     const opt = new Option(k === info.top_k ? `${k} (model default)` : `${k}`, k);
@@ -77,7 +91,9 @@ function resetCharts() {
       bar.className = "bar";
       bar.style.background = color(e, info.num_experts);
       bar.style.height = "0%";
-      bar.title = `expert ${e}: 0 tokens`;
+      bar.title = `${expertName(e)}: 0 tokens`;
+      const g = groupOf(e);
+      if (g !== null && g > 0 && groupOf(e - 1) !== g) bar.classList.add("group-start");
       bars.append(bar);
     }
     charts.append(box);
@@ -90,7 +106,7 @@ function updateCharts() {
     const max = Math.max(1, ...counts);
     box.querySelectorAll(".bar").forEach((bar, e) => {
       bar.style.height = `${(100 * counts[e]) / max}%`;
-      bar.title = `expert ${e}: ${counts[e]} tokens`;
+      bar.title = `${expertName(e)}: ${counts[e]} tokens`;
     });
   }
 }
@@ -103,7 +119,7 @@ function drawLegend() {
     const s = document.createElement("span");
     s.className = "swatch";
     s.style.background = color(e, n);
-    s.textContent = `expert ${e}`;
+    s.textContent = expertName(e);
     legend.append(s);
   }
 }
@@ -134,7 +150,8 @@ function addToken(routing, text) {
 function showTooltip(ev, routing) {
   const lines = [`token ${routing.token_id} ${JSON.stringify(routing.text)}`];
   for (const [layer, pairs] of Object.entries(routing.layers)) {
-    lines.push(`layer ${layer}: ` + pairs.map(([e, w]) => `e${e} ${(w * 100).toFixed(0)}%`).join("  "));
+    const name = (e) => (groupOf(e) === null ? `e${e}` : `e${e}/g${groupOf(e)}`);
+    lines.push(`layer ${layer}: ` + pairs.map(([e, w]) => `${name(e)} ${(w * 100).toFixed(0)}%`).join("  "));
   }
   const tip = $("tooltip");
   tip.textContent = lines.join("\n");
