@@ -251,6 +251,25 @@ def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, tokeni
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.gguf")]
 
 
+def test_a_hierarchical_model_is_refused_by_name(tmp_path, tokenizer):
+    from moekit import build_model
+    from moekit.config import ModelConfig
+    from moekit.model_dir import save_model
+
+    cfg = ModelConfig.from_dict(
+        dict(vocab_size=tokenizer.vocab_size, dim=32, num_layers=1, num_heads=2, num_kv_heads=1,
+             ffn_hidden=64, max_seq_len=64,
+             moe=dict(num_experts=4, top_k=2, expert_hidden=32, router="hierarchical",
+                      router_groups=2, group_top_k=1))
+    )  # fmt: skip
+    save_model(build_model(cfg, seed=0), cfg, tmp_path / "m")
+    tokenizer.save(tmp_path / "m")
+    with pytest.raises(UnsupportedError, match=r"moe.router='hierarchical' has a learned group "
+                                               r"router"):  # fmt: skip
+        export_gguf(tmp_path / "m", tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
 def foreign_gguf(path, arch, strings=None):
     """A GGUF file written by the gguf package alone: architecture `arch`, string metadata
     `strings`, one small embedding."""

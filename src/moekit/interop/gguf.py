@@ -77,6 +77,13 @@ def gguf_architecture(name: str, meta: dict[str, Any]) -> GgufArch:
 def choose_gguf_architecture(cfg: ModelConfig) -> GgufArch:
     """The first architecture llama.cpp computes `cfg` exactly with; UnsupportedError listing
     what each lacks when none does."""
+    if cfg.moe is not None and cfg.moe.router == "hierarchical":
+        raise UnsupportedError(
+            "no GGUF architecture llama.cpp runs represents this model: config.json: "
+            "moe.router='hierarchical' has a learned group router whose probability multiplies "
+            "each expert's, which llama.cpp does not compute (deepseek2's expert groups only "
+            "limit the choice by the experts' own scores); the model stays in moekit's format"
+        )
     reasons = {}
     for arch in gguf_architectures():
         found = arch.problems(cfg)
