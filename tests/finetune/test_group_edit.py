@@ -15,7 +15,7 @@ from moekit.analysis.expert_importance import ExpertImportance
 from moekit.cli import main
 from moekit.config import ModelConfig
 from moekit.finetune.config import LoRAConfig
-from moekit.finetune.expert_edit import Source, edit_state, split_plan, write_edited
+from moekit.finetune.expert_edit import Source, edit_state, edited_config, split_plan, write_edited
 from moekit.finetune.group_edit import (
     busiest_in_groups,
     expert_groups,
@@ -235,3 +235,13 @@ def test_moekit_experts_edits_a_hierarchical_model_and_the_results_generate(
     assert code != 0 and "they are in groups 0, 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert digest(src) == before
+
+
+def test_a_flat_model_takes_several_merges_at_once():
+    cfg = ModelConfig.from_dict({**BASE, "moe": dict(num_experts=6, top_k=2, expert_hidden=16)})
+    groups = expert_groups(cfg.moe)
+    assert (groups.count, groups.size) == (1, 6)
+    plan = merge_in_groups(cfg.moe_layers, groups, [[4, 5], [0, 2]])
+    assert plan[1] == [Source((0, 2)), Source((1,)), Source((3,)), Source((4, 5))]
+    with pytest.raises(ValueError, match="fewer than top_k=2"):
+        edited_config(cfg, merge_in_groups(cfg.moe_layers, groups, [[0, 1, 2, 3, 4, 5]]))

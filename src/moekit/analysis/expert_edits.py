@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moekit.analysis.analyze import text_documents
 from moekit.analysis.expert_importance import CRITERIA, ExpertImportance, expert_importance
 from moekit.analysis.routing import sample_tokens
@@ -127,6 +129,7 @@ def edit_experts(
     cfg = src.config()
     check_editable(cfg, str(model_dir))
     check_out_dir(model_dir, out_dir)  # before the calibration, which takes a while
+    edited_config(cfg, plan_edit(cfg, edit, _unmeasured(cfg), criterion))  # likewise
     tokenizer = Tokenizer.load(src.path)
     docs, _ = text_documents(src.path, data, "text", None)
     ids = sample_tokens(docs, tokenizer, calibration_tokens).ids
@@ -147,6 +150,13 @@ def edit_experts(
     return EditResult(
         Path(out_dir), cfg.moe.num_experts, new_cfg.moe.num_experts, used, before, after.loss, plan
     )
+
+
+def _unmeasured(cfg: ModelConfig) -> ExpertImportance:
+    """Measurements of nothing: enough to check an edit's arguments before calibrating."""
+    n = check_editable(cfg, "the model").num_experts
+    zeros = {layer: torch.zeros(n, dtype=torch.long) for layer in cfg.moe_layers}
+    return ExpertImportance(0, zeros, {k: v.double() for k, v in zeros.items()}, 0.0)
 
 
 def parse_ids(text: str) -> list[int]:

@@ -23,7 +23,7 @@ An adapter's update of a kept or copied expert moves with it; a merged expert ca
 (its mask is 0): its merged weights already hold what its parts' updates added.
 
 What a top-k layer computes changes with any edit that changes which experts a token chooses:
-`moekit experts` reports, on calibration text, the loss before and after (docs/experts.md).
+`moekit experts` reports, on calibration text, the loss before and after (docs/finetuning.md).
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def merge_in_groups(layers: Sequence[int], groups: Groups, sets: Sequence[Sequen
             f"{groups.count} expert groups ({_counts(lost)}), which would make the groups "
             "unequal: merge as many in every group"
         )
-    if groups.size - lost[0] < groups.per_token:
+    if groups.count > 1 and groups.size - lost[0] < groups.per_token:
         raise ValueError(
             f"merging {[list(s) for s in sets]} leaves each group {groups.size - lost[0]} "
             f"experts, fewer than the {groups.per_token} a token takes from a group"
