@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moekit import build_model
+from moekit.analysis.analyze import analyze
 from moekit.analysis.expert_edits import ExpertEdit, plan_edit
 from moekit.analysis.expert_importance import ExpertImportance
 from moekit.cli import main
@@ -227,6 +228,11 @@ def test_moekit_experts_edits_a_hierarchical_model_and_the_results_generate(
         for g in (0, 1):
             best = reap[4 * g : 4 * g + 4].argsort(descending=True)[:2] + 4 * g
             assert sorted(kept[2 * g : 2 * g + 2]) == sorted(best.tolist())
+    analysis = analyze(tmp_path / "merge", tmp_path / "an", max_tokens=256, seq_len=32,
+                       shuffles=1, progress=False)  # fmt: skip
+    for v in analysis.load.layers.values():  # 2 groups of 3 experts now
+        per = v.tokens_per_expert
+        assert v.groups.copies_per_group == [sum(per[:3]), sum(per[3:])] and len(per) == 6
     assert main(["doctor", str(tmp_path / "add"), "--json", "--tokens", "256"]) in (0, 1)
     report = json.loads(capsys.readouterr().out)
     assert "dead_groups" in {c["name"] for c in report["checks"]}
