@@ -25,6 +25,8 @@ from moekit.finetune.group_edit import (
     split_in_groups,
 )
 from moekit.finetune.lora import adapter_state, apply_lora, load_adapter, merge_lora, save_adapter
+from moekit.interop.fields import UnsupportedError
+from moekit.interop.hf import export_hf
 from moekit.model_dir import ModelDir, load_model, load_weights, save_model
 
 # 8 experts in 2 groups of 4; a token takes 1 group and 2 experts inside it.
@@ -236,6 +238,8 @@ def test_moekit_experts_edits_a_hierarchical_model_and_the_results_generate(
     assert main(["doctor", str(tmp_path / "add"), "--json", "--tokens", "256"]) in (0, 1)
     report = json.loads(capsys.readouterr().out)
     assert "dead_groups" in {c["name"] for c in report["checks"]}
+    with pytest.raises(UnsupportedError, match=r"moe\.router='hierarchical'"):  # no HF format
+        export_hf(tmp_path / "add", tmp_path / "hf")
     # refused by name, nothing written
     code = main(["experts", str(src), "--out", str(tmp_path / "bad"), "--merge", "3,4", *common])
     assert code != 0 and "they are in groups 0, 1" in capsys.readouterr().err
