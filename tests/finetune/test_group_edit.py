@@ -255,3 +255,13 @@ def test_a_flat_model_takes_several_merges_at_once():
     assert plan[1] == [Source((0, 2)), Source((1,)), Source((3,)), Source((4, 5))]
     with pytest.raises(ValueError, match="fewer than top_k=2"):
         edited_config(cfg, merge_in_groups(cfg.moe_layers, groups, [[0, 1, 2, 3, 4, 5]]))
+
+
+def test_bench_prune_refuses_counts_that_leave_the_groups_unequal(tmp_path):
+    from moekit.bench.prune import bench_prune
+
+    src = make(tmp_path)
+    for keep, message in (((5,), "keep a multiple of 2"), ((6, 2), "leaves each of the groups")):
+        with pytest.raises(ValueError, match=message):  # before any measuring
+            bench_prune(src, tmp_path / "b", keep=keep, say=lambda _: None)
+    assert not (tmp_path / "b").exists()
