@@ -11,7 +11,8 @@ An edit keeps that shape:
 - the group router and its bias are not touched, nor `router_groups`.
 
 Because p(e|g) is a softmax inside the group, a copy placed in its original's group shares
-its probability exactly as in a flat router (a logit bias of -ln(parts) on each part): the
+its probability exactly as in a flat router (with a router logit bias: -ln(parts) on each
+part): the
 joint probability p(g) * p(e|g) of every other expert is unchanged, and the parts sum to
 their original's.
 
@@ -22,7 +23,8 @@ The rules, per MoE layer:
 - prune to N: N a multiple of G; each group keeps its N / G most important experts, and at
   least the top_k // group_top_k experts a token takes in each chosen group.
 
-With one group (a flat router) these are the flat plans of moekit.finetune.expert_edit.
+With one group (a flat router) these are the flat plans of moekit.finetune.expert_edit
+(`merge_in_groups` also takes several sets at once).
 """
 
 from __future__ import annotations
