@@ -172,7 +172,7 @@ def test_refusals_come_before_anything_is_written_and_the_source_is_only_read(tm
     with pytest.raises(ValueError, match=r"quantised .*without dequantising"):
         write_edited(tmp_path / "q", tmp_path / "out", plan)
     hier = make(tmp_path, "hier", router="hierarchical", router_groups=2, group_top_k=1)
-    with pytest.raises(ValueError, match="routes hierarchically"):
+    with pytest.raises(ValueError, match="2 expert groups cannot share equally"):
         write_edited(hier, tmp_path / "out", plan)
     dense = ModelConfig.from_dict(BASE)
     save_model(build_model(dense), dense, tmp_path / "dense")

@@ -44,8 +44,11 @@ def test_grow_specs_parse_and_bad_ones_are_named():
         (['train.grow=["2:add=1"]', "model.moe.num_groups=2", "model.moe.topk_groups=1"],
          "makes 5 experts, which num_groups=2 does not divide"),
         (['train.grow=["2:add=1"]', "model.moe=null"], "needs a model with experts"),
-        (['train.grow=["2:add=2"]', "model.moe.router=hierarchical", "model.moe.router_groups=2",
-          "model.moe.group_top_k=1"], "routes hierarchically"),
+        (['train.grow=["2:add=1"]', "model.moe.router=hierarchical", "model.moe.router_groups=2",
+          "model.moe.group_top_k=1"], "step 2: adding 1 experts is invalid: each of the 2 expert"),
+        (['train.grow=["2:add=2","4:split=0,1"]', "model.moe.router=hierarchical",
+          "model.moe.router_groups=2", "model.moe.group_top_k=1"],
+         r"step 4: splitting experts \[0, 1\] gives the 2 expert groups unequal"),
     ],
 )  # fmt: skip
 def test_schedules_that_cannot_work_are_refused_before_training(tiny_run_config, extra, message):
@@ -116,6 +119,54 @@ def test_dead_experts_are_recycled_as_copies_of_busy_ones():
 def test_recycling_during_a_run(tmp_path, tiny_run_config):
     cfg = tiny_run_config("train.max_steps=4", "train.recycle_dead_every=2",
                           "train.recycle_dead_below=0.9")  # fmt: skip
+    train(cfg, tmp_path / "run", verbose=False, report=False)
+    assert ModelDir(tmp_path / "run").config().moe.num_experts == 4
+    assert len(losses(tmp_path / "run")) == 4
+
+
+HIER = ["model.moe.router=hierarchical", "model.moe.router_groups=2", "model.moe.group_top_k=1",
+        "model.moe.group_bias_update_rate=1e-3", "model.moe.bias_update_rate=1e-3"]  # fmt: skip
+
+
+def test_a_grown_hierarchical_run_keeps_its_groups_and_resumes_exactly(tmp_path, tiny_run_config):
+    cfg = tiny_run_config("train.max_steps=8", 'train.grow=["3:add=2","5:split=0,5"]',
+                          "train.save_every=4", *HIER)  # fmt: skip
+    train(cfg, tmp_path / "full", verbose=False, report=False)
+    grown = ModelDir(tmp_path / "full").config().moe
+    assert grown.num_experts == 8 and grown.router_groups == 2  # 2 groups of 2 -> 3 -> 4
+    train(cfg, tmp_path / "split", verbose=False, report=False, stop_after=4)
+    assert ModelDir(tmp_path / "split").config().moe.num_experts == 6
+    train(cfg, tmp_path / "split", verbose=False, report=False, resume=True)
+    assert losses(tmp_path / "full") == losses(tmp_path / "split")
+    a, b = load_weights(tmp_path / "full"), load_weights(tmp_path / "split")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert a["layers.0.ffn.router.weight"].shape[0] == 8
+    assert a["layers.0.ffn.router.group_weight"].shape[0] == 2
+
+
+def test_a_hierarchical_model_grows_and_recycles_inside_each_group(tiny_run_config):
+    cfg = tiny_run_config("model.moe.num_experts=8", *HIER).model  # 2 groups of 4
+    growth = ExpertGrowth([GrowEvent(3, add=2)], recycle_every=5, recycle_below=0.25)
+    for layer in cfg.moe_layers:
+        growth.observe(layer, torch.tensor([5, 40, 30, 20, 0, 0, 9, 1]))
+    line, plan = growth.plan_at(3, cfg)  # the busiest of each group, copied into it
+    assert "10 experts per MoE layer" in line
+    assert [s.ids[0] for s in plan[0]] == [0, 1, 2, 3, 1, 4, 5, 6, 7, 6]
+    for layer in cfg.moe_layers:  # fair share 100 / 8: experts 0, 4, 5 and 7 are dead
+        growth.observe(layer, torch.tensor([1, 40, 30, 20, 0, 0, 9, 0]))
+    line, plan = growth.plan_at(5, cfg)
+    assert "recycled dead experts {0: [0, 4, 5, 7]" in line
+    assert [s.ids[0] for s in plan[0]] == [1, 1, 2, 3, 6, 6, 6, 6]  # each from its own group
+    for layer in cfg.moe_layers:  # group 1 has no live expert: nothing to copy there
+        growth.observe(layer, torch.tensor([1, 40, 30, 20, 0, 0, 0, 0]))
+    line, plan = growth.plan_at(10, cfg)
+    assert "{0: [0], 1: [0]}" in line and [s.ids[0] for s in plan[0]][4:] == [4, 5, 6, 7]
+
+
+def test_recycling_a_hierarchical_run(tmp_path, tiny_run_config):
+    cfg = tiny_run_config("train.max_steps=4", "train.recycle_dead_every=2",
+                          "train.recycle_dead_below=0.9", *HIER)  # fmt: skip
     train(cfg, tmp_path / "run", verbose=False, report=False)
     assert ModelDir(tmp_path / "run").config().moe.num_experts == 4
     assert len(losses(tmp_path / "run")) == 4

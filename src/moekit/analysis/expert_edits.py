@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moekit.analysis.analyze import text_documents
 from moekit.analysis.expert_importance import CRITERIA, ExpertImportance, expert_importance
 from moekit.analysis.routing import sample_tokens
@@ -17,14 +19,17 @@ from moekit.config import ModelConfig
 from moekit.data.tokenizer import Tokenizer
 from moekit.finetune.expert_edit import (
     Plan,
-    busiest,
     check_editable,
     check_out_dir,
     edited_config,
-    merge_plan,
-    prune_plan,
-    split_plan,
     write_edited,
+)
+from moekit.finetune.group_edit import (
+    busiest_in_groups,
+    expert_groups,
+    merge_in_groups,
+    prune_in_groups,
+    split_in_groups,
 )
 from moekit.model_dir import ModelDir, load_model
 
@@ -33,11 +38,13 @@ EDITS = ("add", "split", "merge", "prune", "prune_to")
 
 @dataclass
 class ExpertEdit:
-    """One edit: `kind` in EDITS and its argument (a count, or expert ids)."""
+    """One edit: `kind` in EDITS and its argument (a count, or expert ids; a merge of several
+    sets at once: `sets`, each merged into one expert)."""
 
     kind: str
     count: int = 0
     ids: list[int] = field(default_factory=list)
+    sets: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -73,20 +80,28 @@ class EditResult:
 def plan_edit(
     cfg: ModelConfig, edit: ExpertEdit, importance: ExpertImportance, criterion: str
 ) -> Plan:
-    """The plan of `edit` on a model of config `cfg`, from the measured `importance`."""
+    """The plan of `edit` on a model of config `cfg`, from the measured `importance`; a
+    hierarchical model's by its groups' rules (moekit.finetune.group_edit)."""
     moe = check_editable(cfg, "the model")
-    layers, n = cfg.moe_layers, moe.num_experts
+    layers, n, groups = cfg.moe_layers, moe.num_experts, expert_groups(moe)
     if edit.kind == "add":
-        return split_plan(layers, n, busiest(importance.frequency, edit.count))
+        return split_in_groups(
+            layers, groups, busiest_in_groups(importance.frequency, edit.count, groups)
+        )
     if edit.kind == "split":
-        return split_plan(layers, n, {layer: edit.ids for layer in layers})
+        return split_in_groups(layers, groups, {layer: edit.ids for layer in layers})
     if edit.kind == "merge":
-        return merge_plan(layers, n, edit.ids)
+        return merge_in_groups(layers, groups, edit.sets or [edit.ids])
     if edit.kind in ("prune", "prune_to"):
         keep = n - edit.count if edit.kind == "prune" else edit.count
         if edit.kind == "prune" and not 1 <= edit.count < n:
             raise ValueError(f"pruning {edit.count} experts is invalid: the model has {n}")
-        return prune_plan(importance.scores(criterion), keep, moe.top_k)
+        if edit.kind == "prune" and edit.count % groups.count:
+            raise ValueError(
+                f"pruning {edit.count} experts is invalid: the {groups.count} expert groups "
+                f"must stay equal, so prune a multiple of {groups.count}"
+            )
+        return prune_in_groups(importance.scores(criterion), keep, groups, moe.top_k)
     raise ValueError(f"edit {edit.kind!r} is unknown: choose from {', '.join(EDITS)}")
 
 
@@ -114,6 +129,7 @@ def edit_experts(
     cfg = src.config()
     check_editable(cfg, str(model_dir))
     check_out_dir(model_dir, out_dir)  # before the calibration, which takes a while
+    edited_config(cfg, plan_edit(cfg, edit, _unmeasured(cfg), criterion))  # likewise
     tokenizer = Tokenizer.load(src.path)
     docs, _ = text_documents(src.path, data, "text", None)
     ids = sample_tokens(docs, tokenizer, calibration_tokens).ids
@@ -134,6 +150,13 @@ def edit_experts(
     return EditResult(
         Path(out_dir), cfg.moe.num_experts, new_cfg.moe.num_experts, used, before, after.loss, plan
     )
+
+
+def _unmeasured(cfg: ModelConfig) -> ExpertImportance:
+    """Measurements of nothing: enough to check an edit's arguments before calibrating."""
+    n = check_editable(cfg, "the model").num_experts
+    zeros = {layer: torch.zeros(n, dtype=torch.long) for layer in cfg.moe_layers}
+    return ExpertImportance(0, zeros, {k: v.double() for k, v in zeros.items()}, 0.0)
 
 
 def parse_ids(text: str) -> list[int]:

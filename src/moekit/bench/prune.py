@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from moekit.analysis.expert_importance import CRITERIA, expert_importance
@@ -31,7 +32,8 @@ from moekit.bench.topk import DECODE_STEPS
 from moekit.data.config import DataConfig
 from moekit.data.corpus import load_documents, split_documents
 from moekit.data.tokenizer import Tokenizer
-from moekit.finetune.expert_edit import check_editable, prune_plan, write_edited
+from moekit.finetune.expert_edit import check_editable, write_edited
+from moekit.finetune.group_edit import expert_groups, prune_in_groups
 from moekit.infer.generate import Generator
 from moekit.infer.sampling import SamplingParams
 from moekit.model import Transformer
@@ -120,6 +122,9 @@ def bench_prune(
             f"keeping {bad[0]} experts is invalid: choose counts in "
             f"{moe.top_k}..{moe.num_experts - 1}"
         )
+    groups = expert_groups(moe)
+    for n in keep:  # a hierarchical model's groups stay equal: refused before measuring
+        prune_in_groups({0: torch.zeros(moe.num_experts)}, n, groups, moe.top_k)
     unknown = [c for c in criteria if c not in CRITERIA]
     if unknown:
         raise ValueError(f"criterion {unknown[0]!r} is unknown: choose from {', '.join(CRITERIA)}")
@@ -138,7 +143,9 @@ def bench_prune(
         for n in keep:
             dirs[criterion, n] = out / f"{criterion}-{n}"
             say(f"pruning to {n} experts by {criterion} ...")
-            write_edited(src.path, dirs[criterion, n], prune_plan(scores, n, moe.top_k))
+            write_edited(
+                src.path, dirs[criterion, n], prune_in_groups(scores, n, groups, moe.top_k)
+            )
     healed: dict[tuple[str, int], float] = {}
     if heal_steps:
         for key, path in dirs.items():

@@ -20,7 +20,12 @@ def add_parser(sub: Any) -> None:
     edit = p.add_mutually_exclusive_group(required=True)
     edit.add_argument("--add", type=int, metavar="N", help="copies of the N busiest experts")
     edit.add_argument("--split", metavar="E,F,...", help="a copy of each of these experts")
-    edit.add_argument("--merge", metavar="E,F,...", help="these experts merged into one")
+    edit.add_argument(
+        "--merge",
+        metavar="E,F,...",
+        action="append",
+        help="these experts merged into one (repeat for several merges at once)",
+    )
     edit.add_argument("--prune", type=int, metavar="K", help="remove the K that matter least")
     edit.add_argument("--prune-to", type=int, metavar="N", help="keep the N that matter most")
     p.add_argument(
@@ -52,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.split is not None:
         edit = ExpertEdit("split", ids=parse_ids(args.split))
     elif args.merge is not None:
-        edit = ExpertEdit("merge", ids=parse_ids(args.merge))
+        sets = [parse_ids(text) for text in args.merge]
+        edit = ExpertEdit("merge", ids=sets[0], sets=sets)
     elif args.prune is not None:
         edit = ExpertEdit("prune", count=args.prune)
     else:

@@ -15,11 +15,15 @@ An edit is a plan: for each MoE layer, the list of its new experts, each made fr
   their router rows and selection biases (a logit bias: the mean plus ln(n), so the merged
   expert's softmax probability is that of n experts at the mean logit).
 
+A hierarchical model's experts form equal groups with a group router of their own: its
+plans keep every expert inside its group and the groups equal (moekit.finetune.group_edit,
+checked again by `edited_config`); the group router is not touched.
+
 An adapter's update of a kept or copied expert moves with it; a merged expert carries none
 (its mask is 0): its merged weights already hold what its parts' updates added.
 
 What a top-k layer computes changes with any edit that changes which experts a token chooses:
-`moekit experts` reports, on calibration text, the loss before and after (docs/experts.md).
+`moekit experts` reports, on calibration text, the loss before and after (docs/finetuning.md).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from moekit.model_dir import ModelDir
 
 EXPERT_TENSORS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 ROUTER_TENSORS = ("weight", "bias", "selection_bias")
+# A hierarchical router's group router: indexed by group, so an edit leaves it as it is.
+GROUP_TENSORS = ("group_weight", "group_selection_bias")
 
 
 @dataclass(frozen=True)
@@ -70,13 +76,57 @@ def check_editable(cfg: ModelConfig, where: str) -> MoEConfig:
             f"{where} is quantised (int{cfg.quantization.bits}): its experts cannot be edited "
             "without dequantising; edit the model it was quantised from"
         )
-    if cfg.moe.router == "hierarchical":
-        raise ValueError(
-            f"{where} routes hierarchically (router='hierarchical'): its experts belong to "
-            "groups of equal size with a group router of their own, which adding, merging or "
-            "pruning experts one by one would break; these edits are for flat routers"
-        )
     return cfg.moe
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The groups of a layer's experts: `count` groups of `size` experts each, of which a
+    token takes `per_token` in each group it chooses."""
+
+    count: int
+    size: int
+    per_token: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.count * self.size
+
+    def of(self, expert: int) -> int:
+        return expert // self.size
+
+    def members(self, group: int) -> range:
+        return range(group * self.size, (group + 1) * self.size)
+
+
+def expert_groups(moe: MoEConfig) -> Groups:
+    """The groups an edit must respect: the router's groups, or one group of every expert."""
+    if moe.router != "hierarchical":
+        return Groups(1, moe.num_experts, moe.top_k)
+    size = moe.num_experts // moe.router_groups
+    return Groups(moe.router_groups, size, moe.top_k // moe.group_top_k)
+
+
+def check_group_plan(plan: Plan, groups: Groups) -> None:
+    """ValueError unless each layer's new experts form `groups.count` equal contiguous groups,
+    each made only of experts of the same group of the old layer."""
+    if groups.count == 1:
+        return
+    for layer, sources in sorted(plan.items()):
+        size, rest = divmod(len(sources), groups.count)
+        if rest or not size:
+            raise ValueError(
+                f"layer {layer}: the edit leaves {len(sources)} experts, which the "
+                f"{groups.count} expert groups cannot share equally"
+            )
+        for i, s in enumerate(sources):
+            old = sorted({groups.of(e) for e in s.ids})
+            if old != [i // size]:
+                raise ValueError(
+                    f"layer {layer}: new expert {i} would sit in group {i // size} but is made "
+                    f"of experts {list(s.ids)} of group(s) {old}; a hierarchical model's "
+                    "experts stay in their group"
+                )
 
 
 def edited_config(cfg: ModelConfig, plan: Plan) -> ModelConfig:
@@ -105,6 +155,7 @@ def edited_config(cfg: ModelConfig, plan: Plan) -> ModelConfig:
             f"the edit leaves {n} experts per layer, which num_groups={moe.num_groups} does not "
             "divide (group-limited routing splits the experts into equal groups)"
         )
+    check_group_plan(plan, expert_groups(moe))
     try:
         return dataclasses.replace(cfg, moe=dataclasses.replace(moe, num_experts=n))
     except ValueError as e:
@@ -160,7 +211,7 @@ def edit_state(
     for layer in sorted(plan):
         sources, prefix = plan[layer], f"layers.{layer}.ffn"
         known = {f"{prefix}.experts.{n}" for n in EXPERT_TENSORS}
-        known |= {f"{prefix}.router.{n}" for n in ROUTER_TENSORS}
+        known |= {f"{prefix}.router.{n}" for n in ROUTER_TENSORS + GROUP_TENSORS}
         unknown = sorted(
             k for k in state
             if k.startswith((f"{prefix}.experts.", f"{prefix}.router.")) and k not in known
@@ -267,7 +318,7 @@ def _write_adapter(directory: Path, state: dict[str, Tensor], config: dict[str, 
 # ---- plans ------------------------------------------------------------------------------------
 
 
-def _check_ids(ids: Sequence[int], num_experts: int, what: str) -> None:
+def check_ids(ids: Sequence[int], num_experts: int, what: str) -> None:
     bad = [e for e in ids if not 0 <= e < num_experts]
     if bad:
         raise ValueError(
@@ -277,12 +328,21 @@ def _check_ids(ids: Sequence[int], num_experts: int, what: str) -> None:
         raise ValueError(f"{what}: an expert is named twice in {list(ids)}")
 
 
+def check_merge(group: Sequence[int], num_experts: int) -> None:
+    """ValueError unless `group` names two or more distinct experts that exist."""
+    if len(group) < 2:
+        raise ValueError(f"merging needs two experts or more, got {list(group)}")
+    if len(set(group)) != len(group):
+        raise ValueError(f"merging an expert with itself: {list(group)} names one twice")
+    check_ids(group, num_experts, "merging")
+
+
 def split_plan(layers: Sequence[int], num_experts: int, ids: Mapping[int, Sequence[int]]) -> Plan:
     """Every expert kept, then one copy of each of `ids[layer]` (the same count per layer)."""
     plan: Plan = {}
     for layer in layers:
         chosen = list(ids[layer])
-        _check_ids(chosen, num_experts, "splitting")
+        check_ids(chosen, num_experts, "splitting")
         plan[layer] = [Source((e,)) for e in range(num_experts)]
         plan[layer] += [Source((e,), copy=True) for e in chosen]
     return plan
@@ -320,11 +380,7 @@ def prune_plan(scores: Mapping[int, Tensor], keep: int, top_k: int) -> Plan:
 
 def merge_plan(layers: Sequence[int], num_experts: int, group: Sequence[int]) -> Plan:
     """In every layer, the experts of `group` merged into one at the place of the first."""
-    if len(group) < 2:
-        raise ValueError(f"merging needs two experts or more, got {list(group)}")
-    if len(set(group)) != len(group):
-        raise ValueError(f"merging an expert with itself: {list(group)} names one twice")
-    _check_ids(group, num_experts, "merging")
+    check_merge(group, num_experts)
     first, rest = min(group), set(group) - {min(group)}
     sources = [
         Source(tuple(sorted(group))) if e == first else Source((e,))

@@ -16,7 +16,7 @@ from moekit.finetune.config import FinetuneConfig
 from moekit.finetune.expert_edit import check_editable
 from moekit.model_dir import ModelDir
 from moekit.training.errors import NothingToResumeError
-from moekit.training.grow import added, parse_grow
+from moekit.training.grow import added, check_event_groups, parse_grow
 from moekit.validate import ConfigBase, check_field_types, check_non_negative, check_positive, fail
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -168,6 +168,10 @@ class RunConfig(ConfigBase):
                 raise fail("TrainConfig", "grow", tc.grow,
                            f"step {event.step} adds {event.add} copies of the busiest of {n} "
                            "experts: at most one each")  # fmt: skip
+            try:  # a hierarchical model's groups stay equal
+                check_event_groups(event, self.model.moe, n)
+            except ValueError as e:
+                raise fail("TrainConfig", "grow", tc.grow, f"step {event.step}: {e}") from None
             n += added(event)
             if n % groups:
                 raise fail("TrainConfig", "grow", tc.grow,

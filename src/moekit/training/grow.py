@@ -16,6 +16,11 @@ MoE layer) or "STEP:split=E,F" (a copy of the named experts in every MoE layer).
 Recycling: every `recycle_dead_every` steps, an expert whose routed copies since the previous
 check are below `recycle_dead_below` of the fair share (total / E) becomes a copy of one of the
 busiest experts (in turn), with noise; the expert count stays.
+
+A hierarchical model (`router="hierarchical"`) keeps its groups equal (moekit.finetune
+.group_edit): "add=N" gives each of its G groups N / G copies of its own busiest experts, a
+split must name as many experts in every group, and a dead expert becomes a copy of a busy
+expert of its own group.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.config import ModelConfig
-from moekit.finetune.expert_edit import Plan, Source, busiest, edit_state, edited_config, split_plan
+from moekit.config import ModelConfig, MoEConfig
+from moekit.finetune.expert_edit import Plan, Source, edit_state, edited_config
+from moekit.finetune.group_edit import Groups, busiest_in_groups, expert_groups, split_in_groups
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,18 @@ def added(event: GrowEvent) -> int:
     return event.add or len(event.split)
 
 
+def check_event_groups(event: GrowEvent, moe: MoEConfig, num_experts: int) -> None:
+    """ValueError unless `event`, on `moe` with `num_experts` experts then, keeps the groups of
+    a hierarchical router equal (as `plan_at` will plan it); nothing to check without groups."""
+    groups = expert_groups(dataclasses.replace(moe, num_experts=num_experts))
+    if groups.count == 1:
+        return
+    if event.add:
+        busiest_in_groups({0: torch.zeros(num_experts)}, event.add, groups)
+    else:
+        split_in_groups([0], groups, {0: event.split})
+
+
 def config_at(cfg: ModelConfig, events: Iterable[GrowEvent], step: int) -> ModelConfig:
     """The model's config after the grow events up to `step`."""
     grown = sum(added(e) for e in events if e.step <= step)
@@ -110,7 +128,7 @@ class ExpertGrowth:
         """What falls due after optimizer step `step` of a model with config `cfg`: a line
         saying what, and the plan; None when nothing does (or no expert is dead)."""
         assert cfg.moe is not None
-        layers, n = cfg.moe_layers, cfg.moe.num_experts
+        layers, n, groups = cfg.moe_layers, cfg.moe.num_experts, expert_groups(cfg.moe)
         counts = {
             layer: self.counts.get(layer, torch.zeros(n, dtype=torch.long)) for layer in layers
         }
@@ -119,7 +137,7 @@ class ExpertGrowth:
             self.counts.clear()  # the next choice counts from here
         if event is not None:
             ids = (
-                busiest(counts, event.add)
+                busiest_in_groups(counts, event.add, groups)
                 if event.add
                 else {layer: list(event.split) for layer in layers}
             )
@@ -128,11 +146,10 @@ class ExpertGrowth:
                 if event.add
                 else f"split experts {list(event.split)}"
             )
-            return f"step {step}: {what}; {n + added(event)} experts per MoE layer", split_plan(
-                layers, n, ids
-            )
+            line = f"step {step}: {what}; {n + added(event)} experts per MoE layer"
+            return line, split_in_groups(layers, groups, ids)
         if self.recycle_every and step % self.recycle_every == 0:
-            plan, recycled = _recycle_plan(counts, n, self.recycle_below)
+            plan, recycled = _recycle_plan(counts, groups, self.recycle_below)
             if recycled:
                 return f"step {step}: recycled dead experts {recycled} as copies of busy ones", plan
         return None
@@ -145,10 +162,13 @@ class ExpertGrowth:
 
 
 def _recycle_plan(
-    counts: dict[int, Tensor], n: int, below: float
+    counts: dict[int, Tensor], groups: Groups, below: float
 ) -> tuple[Plan, dict[int, list[int]]]:
     """Per layer: the dead experts (below `below` of the fair share) replaced by copies of
-    the busiest experts, in turn; and the dead ones by layer."""
+    the busiest experts of their own group, in turn (a group with no live expert keeps its
+    experts: the group router, not they, decides that no token goes there); and the
+    recycled ones by layer."""
+    n = groups.num_experts
     plan: Plan = {}
     recycled: dict[int, list[int]] = {}
     for layer, c in counts.items():
@@ -156,11 +176,16 @@ def _recycle_plan(
         dead = [e for e in range(n) if total and c[e] < below * total / n]
         order = [e for e in c.argsort(descending=True, stable=True).tolist() if e not in dead]
         sources = [Source((e,)) for e in range(n)]
-        for i, d in enumerate(dead):
-            sources[d] = Source((order[i % len(order)],), copy=True)
+        done = []
+        for g in range(groups.count):
+            live = [e for e in order if groups.of(e) == g]
+            mine = [d for d in dead if groups.of(d) == g] if live else []
+            for i, d in enumerate(mine):
+                sources[d] = Source((live[i % len(live)],), copy=True)
+            done += mine
         plan[layer] = sources
-        if dead:
-            recycled[layer] = dead
+        if done:
+            recycled[layer] = done
     return plan, recycled
 
 
