@@ -126,3 +126,19 @@ def test_an_interrupted_run_continues_and_a_finished_one_is_read(tmp_path):
     before = weights.stat().st_mtime_ns
     assert train_variant(TINY, "moe", 0, tmp_path / "moe-s0").val_loss == resumed.val_loss
     assert weights.stat().st_mtime_ns == before
+
+
+def test_runs_train_in_parallel_processes_as_they_do_one_after_the_other(tmp_path):
+    from moekit.bench.evidence import train_all
+
+    tasks = [("moe", 0), ("dense_active", 0), ("upcycled", 0)]
+    one = train_all(TINY, tasks, tmp_path / "one", say=lambda _: None)
+    heard: list[str] = []
+    two = train_all(TINY, tasks, tmp_path / "two", jobs=2, say=heard.append)
+    assert set(two) == set(tasks)
+    for key in tasks:
+        assert two[key].val_loss == pytest.approx(one[key].val_loss, abs=1e-4)
+        assert [p["step"] for p in two[key].curve] == [p["step"] for p in one[key].curve]
+    assert sum(line.startswith("finished ") for line in heard) == 3
+    with pytest.raises(ValueError, match="jobs=0 is invalid"):
+        train_all(TINY, tasks, tmp_path / "three", jobs=0)

@@ -257,6 +257,54 @@ def _upcycled(b: Budget, seed: int, out: Path, verbose: bool) -> None:
     _train_once(cfg, out, verbose)
 
 
+def train_all(
+    b: Budget,
+    tasks: list[tuple[str, int]],
+    runs_dir: Path,
+    *,
+    jobs: int = 1,
+    say: Callable[[str], None] = print,
+) -> dict[tuple[str, int], RunFigures]:
+    """Train every (variant, seed) of `tasks` into `runs_dir`/VARIANT-sSEED. With `jobs` > 1,
+    up to `jobs` runs at once, each in a process of its own with an equal share of this
+    process's threads (on a CPU, two one-thread runs finish sooner than one two-thread run
+    after the other: small models do not keep two threads busy)."""
+    import torch
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} is invalid: must be a whole number >= 1")
+    runs: dict[tuple[str, int], RunFigures] = {}
+    if jobs == 1 or len(tasks) < 2:
+        for variant, seed in tasks:
+            say(f"training {variant}, seed {seed} ...")
+            runs[variant, seed] = train_variant(b, variant, seed, runs_dir / f"{variant}-s{seed}")
+        return runs
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:  # fmt: skip
+        pending: dict[Future[RunFigures], tuple[str, int]] = {}
+        for variant, seed in tasks:
+            say(f"training {variant}, seed {seed} ...")
+            path = runs_dir / f"{variant}-s{seed}"
+            pending[pool.submit(train_variant, b, variant, seed, path)] = (variant, seed)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                variant, seed = pending.pop(future)
+                try:
+                    runs[variant, seed] = result = future.result()
+                except BaseException:
+                    for other in pending:  # those not started yet; running ones finish
+                        other.cancel()
+                    raise
+                say(f"finished {variant}, seed {seed}: validation loss {result.val_loss:.4f}")
+    return runs
+
+
 # ---- verdicts --------------------------------------------------------------------------------
 
 
@@ -342,9 +390,12 @@ def run_evidence(
     *,
     only: tuple[str, ...] | None = None,
     say: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> Evidence:
     """Run the suite (or the comparisons named in `only`) under `out_dir`/runs, one run per
-    variant and seed (shared between comparisons; a finished run is reused)."""
+    variant and seed (shared between comparisons; a finished run is reused, an interrupted
+    one continues). With `jobs` > 1, that many runs train at once in their own processes,
+    sharing this process's threads (`train_all`)."""
     import time
 
     from moekit.bench.topk import bench_topk
@@ -355,16 +406,11 @@ def run_evidence(
         names = ", ".join([c.key for c in comparisons()] + ["topk_inference"])
         raise ValueError(f"comparison {unknown[0]!r} is unknown: choose from {names}")
     t0 = time.perf_counter()
-    runs: dict[tuple[str, int], RunFigures] = {}
     needed = [v for c in chosen for v in (c.variant, c.baseline)]
     if only is None or "topk_inference" in only:
         needed.append("moe")
-    for variant in dict.fromkeys(needed):
-        for seed in b.seeds:
-            say(f"training {variant}, seed {seed} ...")
-            runs[variant, seed] = train_variant(
-                b, variant, seed, Path(out_dir) / "runs" / f"{variant}-s{seed}"
-            )
+    tasks = [(v, s) for v in dict.fromkeys(needed) for s in b.seeds]
+    runs = train_all(b, tasks, Path(out_dir) / "runs", jobs=jobs, say=say)
     verdicts = [
         verdict(c, [runs[c.variant, s] for s in b.seeds], [runs[c.baseline, s] for s in b.seeds])
         for c in chosen

@@ -24,6 +24,9 @@ def add_parser(sub: Any) -> None:
                    help="comma-separated comparisons to run (default: all)")  # fmt: skip
     p.add_argument("--seeds", default=None, help="seeds, e.g. 0,1,2 (default: 0,1)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process with an equal share "
+                   "of the threads (default 1; on a 2-core CPU, 2 finishes sooner)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print evidence.json")
     p.set_defaults(run=run)
 
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         b = dataclasses.replace(b, train=train)
     only = tuple(x.strip() for x in args.only.split(",") if x.strip()) if args.only else None
     say = (lambda line: None) if args.json else (lambda line: console().print(f"[dim]{line}[/dim]"))
-    evidence = run_evidence(b, args.out, only=only, say=say)
+    evidence = run_evidence(b, args.out, only=only, say=say, jobs=args.jobs)
     paths = write_report(evidence, args.out)
     if args.json:
         print_json(evidence.to_dict())
