@@ -145,3 +145,17 @@ def test_the_serve_command_compiles_before_it_answers(tiny_model_dir):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_speculation_beside_compiled_steps_keeps_the_greedy_answer(servers, tiny_model_dir):
+    (eager, _), _ = servers
+    prompts = ["a b a b a b a", "The cat sat on the mat. The cat"]
+    plain = {"moekit": {}, "max_tokens": 40}  # a routing trace would turn drafting off
+    want = [complete(eager, p, **plain)["text"] for p in prompts]
+    with running_server(tiny_model_dir, compile=True, max_batch=1,
+                        speculative_tokens=3) as (url, engine):  # fmt: skip
+        engine.compiled.warm_up()
+        got = [complete(url, p, **plain)["text"] for p in prompts]
+        assert engine.stats.drafted_tokens > 0  # some steps checked drafts (eagerly)
+        assert engine.compiled.steps > 0  # and the others ran compiled
+    assert got == want
