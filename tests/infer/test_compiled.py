@@ -105,6 +105,40 @@ def test_the_step_as_written_gives_the_eager_tokens_and_logprobs(tokenizer, qk_n
     _same_tokens_and_logprobs(got, want, tol=1e-5)
 
 
+HIER = dict(vocab_size=300, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden=48,
+            max_seq_len=64,
+            moe=dict(num_experts=8, top_k=4, expert_hidden=16, router="hierarchical",
+                     router_groups=4, group_top_k=2, bias_update_rate=1e-3,
+                     group_bias_update_rate=1e-3))  # fmt: skip
+
+
+def _hierarchical():
+    model = build_model(ModelConfig.from_dict(HIER), seed=0).eval()
+    with torch.no_grad():  # selection biases at both levels, away from zero
+        for layer in model.moe_layers().values():
+            layer.router.selection_bias.normal_(0.0, 0.05)
+            layer.router.group_selection_bias.normal_(0.0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_hierarchical_router_decodes_through_the_step_as_eagerly(tokenizer, compiled):
+    model = _hierarchical()
+    assert decode_support(model) is None
+    prompts = [[5, 9, 17, 33, 2, 80], [40, 41, 42], [7] * 11]
+    want = Generator(model, tokenizer).generate(prompts, GREEDY)
+    gen = Generator(model, tokenizer, compile=True)
+    if not compiled:  # the step's arithmetic without the compiler
+        gen._decoder = CompiledDecoder(model, compiler=lambda fn: fn)
+    got = gen.generate(prompts, GREEDY)
+    assert gen._decoder is not None and gen._decoder.active
+    _same_tokens_and_logprobs(got, want, tol=1e-4)
+    one = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True, experts_per_token=3)
+    assert [c.token_ids for c in gen.generate(prompts, one)] == [
+        c.token_ids for c in Generator(model, tokenizer).generate(prompts, one)
+    ]
+
+
 def _broken_backend(gm, example_inputs):
     raise RuntimeError("this backend cannot compile")
 

@@ -1,6 +1,7 @@
 """`moekit serve --compile`: decode steps through the compiled graph give the answers, routing
 traces and recorded routing of the eager engine, alone and batched, and the steps the graph
-does not cover (per-request experts, a model it cannot compile) run eagerly."""
+does not cover (per-request experts, speculative drafts, a model it cannot compile) run
+eagerly."""
 
 import concurrent.futures
 import shutil
@@ -92,14 +93,14 @@ def test_a_model_the_graph_does_not_cover_serves_eagerly(tmp_path, tiny_model_di
     shutil.copyfile(tiny_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     cfg = ModelConfig.from_dict(
         dict(vocab_size=512, dim=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_hidden=64,
-             max_seq_len=64, moe=dict(num_experts=4, top_k=2, expert_hidden=32,
-                                      router="hierarchical", router_groups=2, group_top_k=1))
+             max_seq_len=64, attention=dict(sliding_window=8),
+             moe=dict(num_experts=4, top_k=2, expert_hidden=32))
     )  # fmt: skip
     save_model(build_model(cfg, seed=0), cfg, tmp_path)
     with running_server(tmp_path, compile=True, max_batch=2) as (url, engine):
         heard: list[str] = []
         engine.compiled.warm_up(heard.append)
-        assert heard and "compiled decoding is off" in heard[-1] and "router" in heard[-1]
+        assert heard and "compiled decoding is off" in heard[-1] and "sliding" in heard[-1]
         assert complete(url, PROMPTS[0])["text"]
         assert engine.compiled.steps == 0
 

@@ -23,7 +23,7 @@ It is used only where it is exact and safe: inference without adapters, hooks, r
 records or paged experts (those load on demand between the router and the experts);
 grouped-query attention (with or without q/k norms, or with interleaved RoPE / NoPE layers;
 no sinks or sliding window), SwiGLU feed-forwards without biases and token-choice routers
-without a logit bias. `decode_support` says why a model is not supported; a compilation that
+(flat top-k or hierarchical) without a logit bias. `decode_support` says why a model is not supported; a compilation that
 fails is reported once on the `moekit` logger and the step falls back to the eager model. On
 CUDA the step asks for CUDA graphs ("reduce-overhead").
 """
@@ -43,7 +43,7 @@ from moekit.model import Block, Transformer
 from moekit.moe.decode_kernel import swiglu_sum
 from moekit.moe.experts import Experts
 from moekit.moe.layer import MoELayer
-from moekit.moe.router import RouterOutput, TopKRouter
+from moekit.moe.router import HierarchicalRouter, RouterOutput, TopKRouter
 from moekit.nn.attention import Attention
 from moekit.nn.fuse import plain
 from moekit.nn.irope import IRoPEAttention, l2_norm
@@ -123,7 +123,8 @@ def _ffn_support(ffn: MLP | MoELayer) -> str | None:
     elif ex.plain_math() is not None:
         return ex.plain_math()
     router = ffn.router
-    if type(router) is not TopKRouter or router.adapter is not None or router.bias is not None:
+    plain_router = type(router) in (TopKRouter, HierarchicalRouter)
+    if not plain_router or router.adapter is not None or router.bias is not None:
         return "a router other than plain token choice (no adapter, no logit bias)"
     if ffn.shared is not None and _ffn_support(ffn.shared) is not None:
         return "shared experts that are not a plain SwiGLU"
