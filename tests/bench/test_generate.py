@@ -28,6 +28,7 @@ KEYS = [
     "ours_warmup_s",
     "eager_decode_tokens_per_s",
     "eager_calls_per_step",
+    "no_reference",
 ]
 
 
@@ -88,7 +89,33 @@ def test_a_quantised_directory_is_measured_alone_against_its_stored_bytes(tmp_pa
     # The table names the weights and says why transformers did not run.
     assert main(argv[:-1]) == 0
     text = capsys.readouterr().out
-    assert "int4 (groups of 32), experts" in text and "transformers: not run" in text
+    assert "int4 (groups of 32), experts" in text
+    assert "transformers: not run (it cannot compute from moekit's packed weights)" in text
+
+
+def test_a_model_transformers_cannot_represent_is_measured_alone(tmp_path, capsys):
+    """A hierarchical router has no transformers architecture: ours runs alone, saying why."""
+    import json
+
+    from moekit import build_model
+    from moekit.cli import main
+    from moekit.config import ModelConfig
+    from moekit.model_dir import save_model
+
+    cfg = ModelConfig.from_dict(
+        dict(vocab_size=256, dim=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_hidden=64,
+             max_seq_len=64, moe=dict(num_experts=4, top_k=2, expert_hidden=32,
+                                      router="hierarchical", router_groups=2, group_top_k=1))
+    )  # fmt: skip
+    save_model(build_model(cfg, seed=0), cfg, tmp_path / "m")
+    argv = ["bench", "generate", str(tmp_path / "m"), "--prompt-tokens", "4", "--new-tokens",
+            "4", "--repeats", "1", "--no-compile", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["hf_decode_tokens_per_s"] is None and data["ours_decode_tokens_per_s"] > 0
+    assert "no transformers architecture represents this model" in data["no_reference"]
+    assert "hierarchical" in data["no_reference"]
 
 
 def test_count_calls_counts_each_operator():

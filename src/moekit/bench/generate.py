@@ -9,7 +9,8 @@ new tokens over the remaining time. The generated tokens are compared as a sanit
 
 A quantised model (`moekit quantize`) has no transformers side: transformers cannot compute
 from moekit's packed weights, and holding them expanded to float32 is what quantising
-avoids. Ours is then measured alone (compiled steps beside eager ones when compiling) against
+avoids; nor has a model no transformers architecture represents (hierarchical routing).
+Ours is then measured alone (compiled steps beside eager ones when compiling) against
 the bandwidth bound of its stored bytes.
 """
 
@@ -31,6 +32,7 @@ from moekit.bench.timing import round_robin
 from moekit.infer.generate import Generator
 from moekit.infer.sampling import SamplingParams
 from moekit.interop import live
+from moekit.interop.fields import UnsupportedError
 from moekit.interop.hf import choose_architecture
 from moekit.speed import SpeedPrediction, measure_bandwidth, predict_decode
 
@@ -80,6 +82,7 @@ class GenerateBench:
     # With compile: our eager path in the same run (tokens/s at decoding, calls per step).
     eager_decode_tokens_per_s: float | None = None
     eager_calls_per_step: int | None = None
+    no_reference: str | None = None  # why transformers did not run (None: it ran)
 
     @property
     def fraction_of_bound(self) -> float:
@@ -109,6 +112,7 @@ class GenerateBench:
             "ours_warmup_s": self.ours_warmup_s,
             "eager_decode_tokens_per_s": self.eager_decode_tokens_per_s,
             "eager_calls_per_step": self.eager_calls_per_step,
+            "no_reference": self.no_reference,
         }
 
 
@@ -159,10 +163,14 @@ def _bench(
             f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceeds the model's "
             f"max_seq_len {cfg.max_seq_len}"
         )
-    # transformers cannot hold moekit's packed weights: a quantised model is ours alone.
-    hf = None
+    # transformers cannot hold moekit's packed weights, nor compute a model no architecture
+    # of its represents (hierarchical routing): those are ours alone.
+    hf, alone = None, "it cannot compute from moekit's packed weights"
     if cfg.quantization is None:
-        hf = live.to_hf_model(choose_architecture(cfg), generator.model, cfg)
+        try:
+            hf = live.to_hf_model(choose_architecture(cfg), generator.model, cfg)
+        except UnsupportedError as e:
+            alone = f"no transformers architecture represents this model ({_first_reason(e)})"
     torch.manual_seed(seed)
     low = 2  # skip the special tokens
     prompts = torch.randint(low, cfg.vocab_size, (batch_size, prompt_tokens))
@@ -215,7 +223,14 @@ def _bench(
         ours_warmup_s=warmup,
         eager_decode_tokens_per_s=decode.get("eager"),
         eager_calls_per_step=calls.get("eager"),
+        no_reference=alone if hf is None else None,
     )
+
+
+def _first_reason(error: Exception) -> str:
+    """The gist of an UnsupportedError: its text up to the first colon-separated detail."""
+    text = str(error).splitlines()[0]
+    return text.split(": ", 2)[-1] if ": " in text else text
 
 
 def _speeds(

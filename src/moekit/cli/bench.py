@@ -180,7 +180,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if result.hf_calls_per_step is not None:
         print(f"  same tokens as transformers: {result.same_tokens}")
     else:
-        print("  transformers: not run (it cannot compute from moekit's packed weights)")
+        print(f"  transformers: not run ({result.no_reference})")
         if result.same_tokens is not None:
             print(f"  same tokens as our eager steps: {result.same_tokens}")
     how = "compiled" if result.compiled else "eager"

@@ -23,9 +23,9 @@ It is used only where it is exact and safe: inference without adapters, hooks, r
 records or paged experts (those load on demand between the router and the experts);
 grouped-query attention (with or without q/k norms, or with interleaved RoPE / NoPE layers;
 no sinks or sliding window), SwiGLU feed-forwards without biases and token-choice routers
-(flat top-k or hierarchical) without a logit bias. `decode_support` says why a model is not supported; a compilation that
-fails is reported once on the `moekit` logger and the step falls back to the eager model. On
-CUDA the step asks for CUDA graphs ("reduce-overhead").
+(flat top-k or hierarchical) without a logit bias. `decode_support` says why a model is not
+supported; a compilation that fails is reported once on the `moekit` logger and the step
+falls back to the eager model. On CUDA the step asks for CUDA graphs ("reduce-overhead").
 """
 
 from __future__ import annotations
