@@ -38,6 +38,38 @@ def running_server(model_dir, *, limits=None, **options):
         engine.stop()
 
 
+@contextlib.contextmanager
+def serve_command(model_dir, *flags, start_timeout=60):
+    """`moekit serve MODEL_DIR FLAGS` in a process of its own on a free loopback port, polled
+    until /health answers: yields (url, process), the process's stderr piped. Killed at the
+    end if it is still running."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "moekit.cli", "serve", str(model_dir), "--port", str(port)]
+    server = subprocess.Popen([*command, *flags], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:  # poll until it answers
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        yield url, server
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     with running_server(tiny_model_dir, max_batch=8, max_queue=64, max_tokens_limit=100) as s:

@@ -14,7 +14,7 @@ from moekit.config import ModelConfig
 from moekit.model_dir import save_model
 from moekit.serve.compiled_step import batch_sizes
 
-from .conftest import running_server
+from .conftest import running_server, serve_command
 
 PROMPTS = ["The history of the city", "def main():", "12 + 30 ="]
 
@@ -113,39 +113,16 @@ def test_batch_sizes_cover_every_batch_with_a_few_graphs():
 
 def test_the_serve_command_compiles_before_it_answers(tiny_model_dir):
     import signal
-    import socket
-    import subprocess
-    import sys
-    import time
 
-    with socket.socket() as probe:  # a port that was free a moment ago
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "moekit.cli", "serve", str(tiny_model_dir),
-               "--port", str(port), "--max-batch", "1", "--compile"]  # fmt: skip
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:  # poll until it answers
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    flags = ("--max-batch", "1", "--compile")
+    with serve_command(tiny_model_dir, *flags, start_timeout=300) as (url, server):
         assert complete(url, PROMPTS[0], model=tiny_model_dir.name)["text"]
         metrics = httpx.get(f"{url}/metrics").text
         assert "moekit_compiled_decode_steps_total 8" in metrics
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
         log = server.stderr.read() if server.stderr else ""
-        assert log.index("compiled the decode step for 1 rows") < log.index("serving ")
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    assert log.index("compiled the decode step for 1 rows") < log.index("serving ")
 
 
 def test_speculation_beside_compiled_steps_keeps_the_greedy_answer(servers, tiny_model_dir):

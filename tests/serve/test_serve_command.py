@@ -4,11 +4,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from .conftest import serve_command
 
 
 def test_serve_exits_with_a_clear_message_when_the_port_is_taken(tiny_model_dir):
@@ -28,35 +29,8 @@ def test_serve_exits_with_a_clear_message_when_the_port_is_taken(tiny_model_dir)
 
 @pytest.mark.slow
 def test_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir):
-    with socket.socket() as probe:  # a port that was free a moment ago
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "moekit.cli",
-        "serve",
-        str(tiny_model_dir),
-        "--port",
-        str(port),
-    ]
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # poll until it answers
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
+    with serve_command(tiny_model_dir) as (url, server):
         body = {"model": Path(tiny_model_dir).name, "prompt": "a", "max_tokens": 3}
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from moekit.config import ModelConfig
 from moekit.files import atomic_path
-from moekit.interop.fields import UnsupportedError
+from moekit.interop.fields import UnsupportedError, hierarchical_refusal
 from moekit.interop.gguf_arch import GGUF_ARCHITECTURES, GgufArch
 from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1
 from moekit.interop.gguf_rope import rope_meta, rope_scaling_of
@@ -78,11 +78,10 @@ def choose_gguf_architecture(cfg: ModelConfig) -> GgufArch:
     """The first architecture llama.cpp computes `cfg` exactly with; UnsupportedError listing
     what each lacks when none does."""
     if cfg.moe is not None and cfg.moe.router == "hierarchical":
-        raise UnsupportedError(
-            "no GGUF architecture llama.cpp runs represents this model: config.json: "
-            "moe.router='hierarchical' has a learned group router whose probability multiplies "
-            "each expert's, which llama.cpp does not compute (deepseek2's expert groups only "
-            "limit the choice by the experts' own scores); the model stays in moekit's format"
+        raise hierarchical_refusal(
+            "GGUF architecture llama.cpp runs",
+            "llama.cpp does not compute",
+            "deepseek2's expert groups",
         )
     reasons = {}
     for arch in gguf_architectures():

@@ -37,7 +37,7 @@ from moekit.interop.checkpoint import (
     HFCheckpoint,
     LazyTensors,
 )
-from moekit.interop.fields import UnsupportedError
+from moekit.interop.fields import UnsupportedError, hierarchical_refusal
 from moekit.interop.quantize import (
     DequantizedTensors,
     quantization_config,
@@ -106,12 +106,10 @@ def choose_architecture(cfg: ModelConfig) -> Architecture:
     """The plainest architecture that represents `cfg` exactly; UnsupportedError listing what
     each one lacks when none does."""
     if cfg.moe is not None and cfg.moe.router == "hierarchical":
-        raise UnsupportedError(
-            "no Hugging Face architecture represents this model: config.json: "
-            "moe.router='hierarchical' has a learned group router whose probability multiplies "
-            "each expert's, which no transformers model has (DeepSeek-V3's n_group/topk_group "
-            "only limits the choice by the experts' own scores); the model stays in moekit's "
-            "format"
+        raise hierarchical_refusal(
+            "Hugging Face architecture",
+            "no transformers model has",
+            "DeepSeek-V3's n_group/topk_group",
         )
     reasons = {}
     for arch in ARCHITECTURES:
