@@ -170,7 +170,7 @@ def _bench(
         try:
             hf = live.to_hf_model(choose_architecture(cfg), generator.model, cfg)
         except UnsupportedError as e:
-            alone = f"no transformers architecture represents this model ({_first_reason(e)})"
+            alone = "; ".join(line.strip() for line in str(e).splitlines())
     torch.manual_seed(seed)
     low = 2  # skip the special tokens
     prompts = torch.randint(low, cfg.vocab_size, (batch_size, prompt_tokens))
@@ -225,12 +225,6 @@ def _bench(
         eager_calls_per_step=calls.get("eager"),
         no_reference=alone if hf is None else None,
     )
-
-
-def _first_reason(error: Exception) -> str:
-    """The gist of an UnsupportedError: its text up to the first colon-separated detail."""
-    text = str(error).splitlines()[0]
-    return text.split(": ", 2)[-1] if ": " in text else text
 
 
 def _speeds(

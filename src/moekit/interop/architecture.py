@@ -79,3 +79,15 @@ class Architecture:
         to transformers' model in memory."""
         table = self.live_weights if live else self.weights
         return bind(table, cfg, hf, f"{self.name} ({'in memory' if live else 'checkpoint'})")
+
+
+def hierarchical_refusal(target: str, computes: str, beside: str) -> UnsupportedError:
+    """The error for exporting a hierarchically routed model to `target` ("Hugging Face
+    architecture", "GGUF architecture llama.cpp runs"), whose models `computes` ("no
+    transformers model has") a learned group router; `beside` names its nearest relative."""
+    return UnsupportedError(
+        f"no {target} represents this model: config.json: moe.router='hierarchical' has a "
+        f"learned group router whose probability multiplies each expert's, which {computes} "
+        f"({beside} only limits the choice by the experts' own scores); the model stays in "
+        "moekit's format"
+    )

@@ -33,18 +33,6 @@ class UnsupportedError(ValueError):
     """The checkpoint or model uses something the other side cannot represent exactly."""
 
 
-def hierarchical_refusal(target: str, computes: str, beside: str) -> UnsupportedError:
-    """The error for exporting a hierarchically routed model to `target` ("Hugging Face
-    architecture", "GGUF architecture llama.cpp runs"), whose models `computes` ("no
-    transformers model has") a learned group router; `beside` names its nearest relative."""
-    return UnsupportedError(
-        f"no {target} represents this model: config.json: moe.router='hierarchical' has a "
-        f"learned group router whose probability multiplies each expert's, which {computes} "
-        f"({beside} only limits the choice by the experts' own scores); the model stays in "
-        "moekit's format"
-    )
-
-
 def unsupported(name: str, value: Any, why: str) -> UnsupportedError:
     """The error for a Hugging Face setting moekit cannot represent, naming it and its value."""
     return UnsupportedError(f"config.json: {name}={value!r} is not supported: {why}")

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from moekit.config import ModelConfig
 from moekit.files import atomic_path
-from moekit.interop.fields import UnsupportedError, hierarchical_refusal
+from moekit.interop.architecture import hierarchical_refusal
+from moekit.interop.fields import UnsupportedError
 from moekit.interop.gguf_arch import GGUF_ARCHITECTURES, GgufArch
 from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1
 from moekit.interop.gguf_rope import rope_meta, rope_scaling_of

@@ -30,14 +30,14 @@ from moekit.interop import (
     olmoe,
     qwen_moe,
 )
-from moekit.interop.architecture import Architecture
+from moekit.interop.architecture import Architecture, hierarchical_refusal
 from moekit.interop.checkpoint import (
     HF_CONFIG,
     HF_GENERATION_CONFIG,
     HFCheckpoint,
     LazyTensors,
 )
-from moekit.interop.fields import UnsupportedError, hierarchical_refusal
+from moekit.interop.fields import UnsupportedError
 from moekit.interop.quantize import (
     DequantizedTensors,
     quantization_config,
