@@ -96,7 +96,7 @@ def build(
     decode step, checked in the step's pass (0: off; see moekit.serve.speculate). `draft_dir`:
     a draft model drafts them instead of prompt lookup (same tokenizer; moekit.serve.draft).
     `compile`: decode steps through torch.compile (moekit.serve.compiled_step; compiled on
-    first use, or by `engine.compiled.warm_up()`). The
+    first use, or by `engine.compiled.warm_up()` before requests arrive). The
     settings and the model's chat template are checked before the model loads: a ValueError (a
     SettingError naming the setting, or naming the template's file) for one that cannot work;
     the draft model's tokenizer and vocabulary are checked once both models are loaded."""

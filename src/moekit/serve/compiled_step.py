@@ -64,7 +64,8 @@ class CompiledSteps:
     def warm_up(self, say: Callable[[str], None] | None = None) -> None:
         """Compile the step for every batch size now (each takes seconds to a minute on a
         small CPU; torch's on-disk cache makes a later start quicker). Every row is idle, so
-        the cache is left as it was."""
+        the cache is left as it was; call it while no request is being decoded (before the
+        server takes requests, as `moekit serve` does), since it steps the engine's cache."""
         for size in self.sizes:
             if self.reason is not None:
                 break
