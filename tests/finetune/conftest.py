@@ -33,3 +33,14 @@ def sft_file(tmp_path_factory):
                                       {"role": "assistant", "content": str(a + b)}]})  # fmt: skip
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+def digest(directory):
+    """Each file's sha256 in `directory`: equal before and after means nothing was touched."""
+    import hashlib
+
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in directory.iterdir()
+        if p.is_file()
+    }

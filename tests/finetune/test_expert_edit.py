@@ -1,7 +1,6 @@
 """Experts added, split, merged and pruned in a trained model: every tensor indexed by expert
 moves together, the checks come before anything is written, and the source is only read."""
 
-import hashlib
 import json
 import math
 
@@ -26,6 +25,8 @@ from moekit.finetune.expert_edit import (
 from moekit.finetune.lora import adapter_state, apply_lora, load_adapter, merge_lora, save_adapter
 from moekit.model_dir import ModelDir, load_model, load_weights, save_model
 
+from .conftest import digest
+
 BASE = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden=48,
             max_seq_len=64)  # fmt: skip
 
@@ -42,14 +43,6 @@ def make(tmp_path, name="src", **moe):
                     t.copy_(torch.randn(t.shape))
     save_model(model, cfg, tmp_path / name)
     return tmp_path / name
-
-
-def digest(directory):
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in directory.iterdir()
-        if p.is_file()
-    }
 
 
 def test_pruning_keeps_the_chosen_experts_rows_in_every_tensor(tmp_path):

@@ -3,7 +3,6 @@ each new expert sits in its own group, the group router stays as it was, the joi
 probabilities p(g) * p(e|g) are kept exactly where an edit copies, and what would make the
 groups unequal is refused by name before anything is written."""
 
-import hashlib
 import json
 
 import pytest
@@ -29,6 +28,8 @@ from moekit.interop.fields import UnsupportedError
 from moekit.interop.hf import export_hf
 from moekit.model_dir import ModelDir, load_model, load_weights, save_model
 
+from .conftest import digest
+
 # 8 experts in 2 groups of 4; a token takes 1 group and 2 experts inside it.
 HIER = dict(num_experts=8, top_k=2, expert_hidden=16, router="hierarchical", router_groups=2,
             group_top_k=1)  # fmt: skip
@@ -52,14 +53,6 @@ def make(tmp_path, name="src", tokenizer=None, **moe):
             (tokenizer / "tokenizer.json").read_bytes()
         )
     return tmp_path / name
-
-
-def digest(directory):
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in directory.iterdir()
-        if p.is_file()
-    }
 
 
 def joint_probs(model_dir, x):
