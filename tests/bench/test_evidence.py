@@ -139,6 +139,7 @@ def test_runs_train_in_parallel_processes_as_they_do_one_after_the_other(tmp_pat
     for key in tasks:
         assert two[key].val_loss == pytest.approx(one[key].val_loss, abs=1e-4)
         assert [p["step"] for p in two[key].curve] == [p["step"] for p in one[key].curve]
+    assert heard[0].startswith("training 3 runs, 2 at a time")
     assert sum(line.startswith("finished ") for line in heard) == 3
     with pytest.raises(ValueError, match="jobs=0 is invalid"):
         train_all(TINY, tasks, tmp_path / "three", jobs=0)

@@ -287,8 +287,8 @@ def train_all(
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
                              initargs=(threads,)) as pool:  # fmt: skip
         pending: dict[Future[RunFigures], tuple[str, int]] = {}
+        say(f"training {len(tasks)} runs, {jobs} at a time ({threads} thread(s) each)")
         for variant, seed in tasks:
-            say(f"training {variant}, seed {seed} ...")
             path = runs_dir / f"{variant}-s{seed}"
             pending[pool.submit(train_variant, b, variant, seed, path)] = (variant, seed)
         while pending:
