@@ -12,9 +12,8 @@ An edit keeps that shape:
 
 Because p(e|g) is a softmax inside the group, a copy placed in its original's group shares
 its probability exactly as in a flat router (with a router logit bias: -ln(parts) on each
-part): the
-joint probability p(g) * p(e|g) of every other expert is unchanged, and the parts sum to
-their original's.
+part): the joint probability p(g) * p(e|g) of every other expert is unchanged, and the parts
+sum to their original's.
 
 The rules, per MoE layer:
 - add N: N a multiple of G; each group gets N / G copies of its own busiest experts;
