@@ -9,7 +9,9 @@ or autocast state: low-precision routing flips top-k choices and is a classic si
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -152,6 +154,32 @@ class Router(nn.Module):
         weights_TK = torch.where(keep_T1, _widen(weights_TK, K, 0), _widen(own_w, K, 0))
         return experts_TK, weights_TK
 
+    def _decide(
+        self,
+        logits_TE: Tensor,
+        scores_TE: Tensor,
+        choose: Callable[[], tuple[Tensor, Tensor]],
+        experts: Tensor | None,
+        rows: Tensor | None,
+        normalize: bool,
+    ) -> RouterOutput:
+        """A token-choice decision: the router's own choice (`choose()`, experts and weights),
+        replaced by `experts` on the tokens of `rows` (every token, without `rows`: then no
+        choice is made), weights renormalised over the token's experts with `normalize` and
+        scaled by `routed_scaling_factor`."""
+        if experts is not None and rows is None:  # every token replays: no choice to make
+            experts_TK, weights_TK = self._replayed(scores_TE, None, experts, None)
+        else:
+            experts_TK, weights_TK = choose()
+            if experts is not None:
+                own = (experts_TK, weights_TK)
+                experts_TK, weights_TK = self._replayed(scores_TE, own, experts, rows)
+        if normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if self.cfg.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * self.cfg.routed_scaling_factor
+        return RouterOutput(weights_TK, experts_TK, logits_TE)
+
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=std, generator=generator)
         if self.bias is not None:
@@ -283,18 +311,8 @@ class TopKRouter(Router):
             scores_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = logits_TE.sigmoid()
-        if experts is not None and rows is None:  # every token replays: no choice to make
-            experts_TK, weights_TK = self._replayed(scores_TE, None, experts, None)
-        else:
-            experts_TK, weights_TK = self._choose(scores_TE, top_k)
-            if experts is not None:
-                own = (experts_TK, weights_TK)
-                experts_TK, weights_TK = self._replayed(scores_TE, own, experts, rows)
-        if self.normalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        if cfg.routed_scaling_factor != 1.0:
-            weights_TK = weights_TK * cfg.routed_scaling_factor
-        return RouterOutput(weights_TK, experts_TK, logits_TE)
+        choose = functools.partial(self._choose, scores_TE, top_k)
+        return self._decide(logits_TE, scores_TE, choose, experts, rows, self.normalize)
 
     def _choose(self, scores_TE: Tensor, top_k: int | Tensor | None) -> tuple[Tensor, Tensor]:
         """The router's own choice: experts and their weights before renormalisation."""
@@ -466,21 +484,10 @@ class HierarchicalRouter(Router):
         experts: Tensor | None = None,
         rows: Tensor | None = None,
     ) -> RouterOutput:
-        cfg = self.cfg
         logits_TE = self.compute_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)  # p(g) * p(e|g)
-        if experts is not None and rows is None:
-            experts_TK, weights_TK = self._replayed(scores_TE, None, experts, None)
-        else:
-            experts_TK, weights_TK = self._choose(logits_TE, scores_TE, top_k)
-            if experts is not None:
-                own = (experts_TK, weights_TK)
-                experts_TK, weights_TK = self._replayed(scores_TE, own, experts, rows)
-        if self.normalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        if cfg.routed_scaling_factor != 1.0:
-            weights_TK = weights_TK * cfg.routed_scaling_factor
-        return RouterOutput(weights_TK, experts_TK, logits_TE)
+        choose = functools.partial(self._choose, logits_TE, scores_TE, top_k)
+        return self._decide(logits_TE, scores_TE, choose, experts, rows, self.normalize)
 
     def _choose(
         self, logits_TE: Tensor, scores_TE: Tensor, top_k: int | Tensor | None
