@@ -12,6 +12,7 @@ from moekit.bench.evidence import (
     Comparison,
     RunFigures,
     budget,
+    run_config,
     run_evidence,
     verdict,
 )
@@ -19,6 +20,7 @@ from moekit.bench.evidence_report import write_report
 from moekit.cli.commands import main
 from moekit.config import ModelConfig
 from moekit.params import count_params
+from moekit.training.config import resolve_run_config
 
 TINY = Budget(
     "tiny",
@@ -46,6 +48,18 @@ def test_variants_hold_active_parameters_equal_where_the_claim_says(name):
         assert abs(active(VARIANTS[variant](base)) - moe) / moe < 0.01, variant
     fine = ModelConfig.from_dict(VARIANTS["fine_shared"](base)).moe
     assert fine.num_experts == 32 and fine.num_shared_experts == 1 and fine.top_k == 7
+
+
+def test_the_full_budget_is_the_demo_recipe_for_half_its_steps():
+    demo = resolve_run_config(config_file="demo")
+    full = budget("full")
+    assert ModelConfig.from_dict(full.model) == demo.model
+    cfg = run_config(full, full.model, seed=0)
+    for name in ("batch_size", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "eval_every",
+                 "eval_batches"):  # fmt: skip
+        assert getattr(cfg.train, name) == getattr(demo.train, name), name
+    assert cfg.data == demo.data
+    assert cfg.train.max_steps * 2 == demo.train.max_steps
 
 
 def run(variant, seed, loss):
