@@ -94,10 +94,15 @@ def same_steps(
             {i: s.tokens_per_expert for i, s in split_out.moe_stats.items()}, parallel
         )
         split.update_router_biases(counts)
+    # The weights after the steps, to 1% of one step (lr 1e-2): AdamW divides each gradient
+    # by its own running size, so an element whose gradient is near zero moves by up to lr
+    # whatever its sign, and the last bits of the two sums (a different CPU's kernels) can
+    # show there as ~3e-5 where the gradients above agreed to 2e-5. A missed or doubled
+    # update of a shard would show as ~1e-2.
     reference = dict(whole.named_parameters())
     for name, p in split.named_parameters():
         torch.testing.assert_close(
-            _full(p.data), mine_of(name, reference[name].data), atol=2e-5, rtol=1e-4, msg=name
+            _full(p.data), mine_of(name, reference[name].data), atol=1e-4, rtol=1e-4, msg=name
         )
     for (name, b), (_, expected) in zip(split.named_buffers(), whole.named_buffers(), strict=True):
         if "selection_bias" in name:
