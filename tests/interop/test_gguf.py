@@ -62,6 +62,12 @@ FAMILIES = {  # name: (transformers config class, fields, the GGUF architecture)
                                   n_routed_experts=8, routed_scaling_factor=2.0, n_group=4,
                                   topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
                                   norm_topk_prob=True), "dots1"),
+    # Attention sinks, q/k/v/o biases, sliding-window layers, router and expert biases, the
+    # clamped SwiGLU; unscaled RoPE (gpt-oss's published YaRN is refused, see below).
+    "gpt_oss": ("GptOssConfig", dict(num_key_value_heads=2, head_dim=16, intermediate_size=32,
+                                     num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                                     rope_parameters={"rope_type": "default",
+                                                      "rope_theta": 150000.0}), "gpt-oss"),
 }  # fmt: skip
 
 
@@ -77,7 +83,13 @@ def make_model(name, root, tokenizer, vocab=None, **overrides):
         vocab_size=vocab or tokenizer.vocab_size, **{**COMMON, **fields, **overrides}
     )
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if config.model_type == "gpt_oss":  # its biases and sinks start at 0: make them matter
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param_name.endswith(("bias", "sinks")):
+                    param.copy_(torch.randn_like(param) * 0.3)
+    model.save_pretrained(root / "hf")
     tokenizer.save(root / "hf")
     import_hf(root / "hf", root / "moekit")
     return root / "moekit"
@@ -133,7 +145,9 @@ def test_names_and_metadata_are_llama_cpps(family, tmp_path):
 
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
         hf_names = set(f.keys())
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], COMMON["num_hidden_layers"])
+    tmap = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH[arch.upper().replace("-", "_")], COMMON["num_hidden_layers"]
+    )
     expected = set()
     for hf_name in hf_names:
         for renamed in converter_names(hf_name):
@@ -164,6 +178,17 @@ def converter_names(hf_name):
     name = name.replace("e_score_correction_bias", "e_score_correction.bias")
     if "kv_b_proj" in name:
         return [name.replace("kv_b_proj", "k_b_proj"), name.replace("kv_b_proj", "v_b_proj")]
+    # gpt-oss: the stacked experts' gate and up split apart, suffixes made .weight / .bias.
+    if name.endswith("gate_up_proj_bias"):
+        return [name.replace("gate_up_proj_bias", f"{p}_proj.bias") for p in ("gate", "up")]
+    if name.endswith("gate_up_proj"):
+        return [name.replace("gate_up_proj", f"{p}_proj.weight") for p in ("gate", "up")]
+    if name.endswith("experts.down_proj"):
+        return [name + ".weight"]
+    if name.endswith("down_proj_bias"):
+        return [name.replace("down_proj_bias", "down_proj.bias")]
+    if name.endswith("sinks"):
+        return [name + ".weight"]
     return [name]
 
 
@@ -249,6 +274,36 @@ def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, tokeni
         export_gguf(scaled, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.gguf")]
+
+
+def test_gpt_oss_sliding_layers_travel_and_its_published_yarn_is_refused(tmp_path, tokenizer):
+    """Sliding layers other than llama.cpp's default (every even layer) are written as a
+    per-layer list and read back; gpt-oss's published YaRN (no truncation) and other SwiGLU
+    constants than llama.cpp's are refused by name."""
+    types = ["full_attention", "sliding_attention", "full_attention"]
+    model_dir = make_model("gpt_oss", tmp_path / "a", tokenizer, num_hidden_layers=3,
+                           layer_types=types)  # fmt: skip
+    export_gguf(model_dir, tmp_path / "a.gguf", type="f32")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "a.gguf").fields.items()}
+    assert fields["gpt-oss.attention.sliding_window_pattern"] == [False, True, False]
+    back = import_gguf(tmp_path / "a.gguf", tmp_path / "back")
+    assert load_model(back.path).cfg.attention.sliding_layers == [1]
+    assert torch.equal(logits(back.path, TOKENS), logits(model_dir, TOKENS))
+    # The default layout writes no list (as llama.cpp's converter).
+    export_gguf(make_model("gpt_oss", tmp_path / "b", tokenizer), tmp_path / "b.gguf")
+    keys = set(gguf.GGUFReader(tmp_path / "b.gguf").fields)
+    assert "gpt-oss.attention.sliding_window_pattern" not in keys
+
+    yarn = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                beta_slow=1.0, truncate=False, original_max_position_embeddings=16)  # fmt: skip
+    published = make_model("gpt_oss", tmp_path / "c", tokenizer, rope_parameters=yarn,
+                           swiglu_limit=1.5)  # fmt: skip
+    with pytest.raises(UnsupportedError, match=r"gpt-oss \(gpt-oss\): llama.cpp's gpt-oss graph "
+                                               r"fixes the clamped SwiGLU at swiglu_alpha 1.702 "
+                                               r"and swiglu_limit 7 \(not 1.702 and 1.5\); "
+                                               r"llama.cpp rounds YaRN's ramp"):  # fmt: skip
+        export_gguf(published, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_a_hierarchical_model_is_refused_by_name(tmp_path, tokenizer):

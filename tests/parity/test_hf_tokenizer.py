@@ -225,3 +225,49 @@ def test_generation_config_and_chat_template_travel_both_ways(tmp_path):
     assert written["eos_token_id"] == [1, 5] and written["temperature"] == 0.6
     reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert reference.chat_template == template
+
+
+def test_a_chat_template_saved_as_its_own_file_is_carried(tmp_path):
+    """transformers 5 saves a chat template as chat_template.jinja, not in
+    tokenizer_config.json: import carries it, moekit renders it as transformers does, and the
+    export gives transformers the same template back."""
+    from moekit.infer.jinja_chat import JinjaChatTemplate, load_chat_template
+
+    vocab = deepseek_tokenizer(tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    tok.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "chat_template.jinja").is_file()
+    assert "chat_template" not in json.loads(
+        (tmp_path / "hf" / "tokenizer_config.json").read_text()
+    )
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(_tiny_mixtral(vocab)).save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    chat = load_chat_template(tmp_path / "ours")
+    assert isinstance(chat, JinjaChatTemplate)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "more"}]  # fmt: skip
+    expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.format(messages) == expected
+    export_hf(tmp_path / "ours", tmp_path / "exported")
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert back.chat_template == tok.chat_template
+
+
+def test_a_processor_chat_template_is_carried_when_the_tokenizer_has_none(tmp_path):
+    """A multimodal checkpoint's chat_template.json ({"chat_template": ...}) is the template
+    when tokenizer_config.json and chat_template.jinja have none."""
+    from moekit.infer.jinja_chat import load_chat_template
+
+    vocab = deepseek_tokenizer(tmp_path / "hf")
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    (tmp_path / "hf" / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(_tiny_mixtral(vocab)).save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    assert load_chat_template(tmp_path / "ours").format([{"role": "user", "content": "a"}]) == "[a]"
+    assert not (tmp_path / "ours" / "chat_template.json").exists()  # moekit's own format

@@ -30,7 +30,7 @@ from moekit.config import ModelConfig
 from moekit.files import atomic_path
 from moekit.interop.architecture import hierarchical_refusal
 from moekit.interop.fields import UnsupportedError
-from moekit.interop.gguf_arch import GGUF_ARCHITECTURES, GgufArch
+from moekit.interop.gguf_arch import GGUF_ARCHITECTURES, GPT_OSS, GgufArch
 from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1
 from moekit.interop.gguf_rope import rope_meta, rope_scaling_of
 from moekit.interop.gguf_tokenizer import tokenizer_metadata, write_tokenizer
@@ -60,7 +60,7 @@ class GgufResult:
 
 def gguf_architectures() -> tuple[GgufArch, ...]:
     """Every GGUF architecture moekit reads and writes, in the order export tries them."""
-    return (*GGUF_ARCHITECTURES, DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1)
+    return (*GGUF_ARCHITECTURES, DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1, GPT_OSS)
 
 
 def gguf_architecture(name: str, meta: dict[str, Any]) -> GgufArch:
@@ -205,7 +205,9 @@ def _qtype(name: str, shape: tuple[int, ...], type: str) -> Any:
     import gguf
 
     q = gguf.GGMLQuantizationType
-    keep_float32 = len(shape) < 2 or ".ffn_gate_inp" in name  # vectors, norms, routers
+    # Vectors, norms, routers and biases (gpt-oss's experts' are [E, F]), as llama.cpp's
+    # converter keeps them.
+    keep_float32 = len(shape) < 2 or ".ffn_gate_inp" in name or not name.endswith(".weight")
     if type == "f32" or keep_float32:
         return q.F32
     if type == "f16":

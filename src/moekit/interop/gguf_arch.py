@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor
 
 from moekit.config import ModelConfig
-from moekit.interop import mixtral, olmoe, qwen_moe
+from moekit.interop import gpt_oss, mixtral, olmoe, qwen_moe
 from moekit.interop.architecture import Architecture
 from moekit.interop.gguf_rope import rope_problems
 from moekit.interop.tensors import Binding, Spec, TensorMap, Weights, at_layer
@@ -176,6 +176,8 @@ class GgufArch:
     # Whether a file of this `name` is this architecture (several share one name).
     accepts: Callable[[dict[str, Any]], bool] = lambda meta: True
     more_problems: Callable[[ModelConfig], list[str]] = _no_problems
+    # What `more_problems` requires, in words (`moekit convert --list`).
+    notes: tuple[str, ...] = ()
 
     def all_keys(self) -> dict[str, str]:
         return {k.replace("{arch}", self.name): v for k, v in {**COMMON_KEYS, **self.keys}.items()}
@@ -201,6 +203,96 @@ class GgufArch:
 
 def _qwen2_from_tensors(names: set[str]) -> dict[str, Any]:
     return {"qkv_bias": "blk.0.attn_q.bias" in names}
+
+
+# ---- gpt-oss -----------------------------------------------------------------------------------
+
+
+def _gpt_oss_weights() -> Weights:
+    """Grouped-query attention with q/k/v/o biases and a sink logit per head, the router's
+    bias and the experts' biases; the norm before the experts is llama.cpp's post-attention
+    norm (`post_attention_norm`)."""
+    table = {
+        k: v for k, v in _common().items() if ".attn.q_norm" not in k and ".attn.k_norm" not in k
+    }
+    table |= {
+        "layers.{i}.ffn_norm.weight": tensor("ATTN_POST_NORM"),
+        "layers.{i}.attn.wo.bias": tensor("ATTN_OUT", "bias"),
+        "layers.{i}.attn.sinks": tensor("ATTN_SINKS"),
+        "layers.{i}.ffn.router.bias": tensor("FFN_GATE_INP", "bias"),
+        "layers.{i}.ffn.experts.b_gate": tensor("FFN_GATE_EXP", "bias"),  # [E, F]
+        "layers.{i}.ffn.experts.b_up": tensor("FFN_UP_EXP", "bias"),
+        "layers.{i}.ffn.experts.b_down": tensor("FFN_DOWN_EXP", "bias"),  # [E, D]
+    }
+    return table
+
+
+def _alternating(layers: int) -> list[bool]:
+    """llama.cpp's default gpt-oss layout: sliding-window attention on even layers."""
+    return [i % 2 == 0 for i in range(layers)]
+
+
+def _gpt_oss_meta(cfg: ModelConfig) -> dict[str, Any]:
+    """The sliding layers as a per-layer list, when they are not llama.cpp's default."""
+    sliding = [cfg.attention.is_sliding_layer(i) for i in range(cfg.num_layers)]
+    if sliding == _alternating(cfg.num_layers):
+        return {}
+    return {"{arch}.attention.sliding_window_pattern": sliding}
+
+
+def _gpt_oss_hf(meta: dict[str, Any]) -> dict[str, Any]:
+    """`layer_types` from the sliding-window pattern (a per-layer list, or a period n whose
+    last layer of each n is full attention), llama.cpp's default when the file has none."""
+    layers = int(meta["gpt-oss.block_count"])
+    pattern = meta.get("gpt-oss.attention.sliding_window_pattern")
+    if pattern is None:
+        sliding = _alternating(layers)
+    elif isinstance(pattern, list):
+        sliding = [bool(x) for x in pattern]
+    else:
+        n = int(pattern)
+        sliding = [n == 0 or i % n < n - 1 for i in range(layers)]
+    return {"layer_types": [gpt_oss.SLIDING if s else gpt_oss.FULL for s in sliding]}
+
+
+def _gpt_oss_problems(cfg: ModelConfig) -> list[str]:
+    found = []
+    if (cfg.swiglu_alpha, cfg.swiglu_limit) != (1.702, 7.0):
+        found.append(
+            "llama.cpp's gpt-oss graph fixes the clamped SwiGLU at swiglu_alpha 1.702 and "
+            f"swiglu_limit 7 (not {cfg.swiglu_alpha:g} and {cfg.swiglu_limit:g})"
+        )
+    if not cfg.attention.o_bias:
+        found.append("llama.cpp's gpt-oss graph needs attention biases (o_bias must be true)")
+    if cfg.tie_embeddings:
+        found.append(
+            "llama.cpp's gpt-oss graph needs an output head of its own (tie_embeddings must "
+            "be false)"
+        )
+    return found
+
+
+GPT_OSS = GgufArch(
+    name="gpt-oss",
+    hf=gpt_oss.ARCH,
+    keys={
+        "{arch}.expert_count": "num_local_experts",
+        "{arch}.expert_feed_forward_length": "intermediate_size",
+        "{arch}.attention.key_length": "head_dim",
+        "{arch}.attention.value_length": "head_dim",
+        "{arch}.attention.sliding_window": "sliding_window",
+    },
+    weights=_gpt_oss_weights(),
+    norm_topk_prob=True,
+    from_tensors=lambda names: {"attention_bias": "blk.0.attn_output.bias" in names},
+    meta_of=_gpt_oss_meta,
+    hf_of=_gpt_oss_hf,
+    more_problems=_gpt_oss_problems,
+    notes=(
+        "the clamped SwiGLU's swiglu_alpha 1.702 and swiglu_limit 7",
+        "attention biases and an output head of its own",
+    ),
+)
 
 
 GGUF_ARCHITECTURES: tuple[GgufArch, ...] = (

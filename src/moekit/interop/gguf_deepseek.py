@@ -165,6 +165,7 @@ def _deepseek2(hf: Any, gating: int) -> GgufArch:
         hf_of=_hf,
         accepts=_gating(gating),
         more_problems=_problems,
+        notes=("rms_norm_eps 1e-6", "expert groups scored by their best two experts"),
     )
 
 
@@ -226,6 +227,7 @@ DOTS1 = GgufArch(
     leading_dense=True,
     meta_of=_dots1_meta,
     hf_of=_dots1_hf,
+    notes=("as many key/value heads as query heads",),
     more_problems=lambda cfg: (
         []
         if cfg.kv_heads == cfg.num_heads

@@ -20,6 +20,10 @@ from moekit.model_dir import ModelDir
 
 HF_TOKENIZER = "tokenizer.json"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+# transformers 5 saves a tokenizer's Jinja chat template in a file of its own; multimodal
+# checkpoints keep their processor's in chat_template.json ({"chat_template": ...}).
+HF_CHAT_TEMPLATE = "chat_template.jinja"
+HF_PROCESSOR_TEMPLATE = "chat_template.json"
 
 
 def _default_files() -> dict[str, str]:
@@ -40,7 +44,8 @@ def import_tokenizer(
 ) -> None:
     """Carry the tokenizer of the Hugging Face checkpoint `src` into `out`, naming its
     end-of-text token in the tokenizer config (from the checkpoint's `eos_token_id`) when the
-    checkpoint's own leaves it out."""
+    checkpoint's own leaves it out. A chat template saved as chat_template.jinja goes into
+    the tokenizer config's `chat_template` (where chat, serve and every export read it)."""
     if not (src / HF_TOKENIZER).is_file():
         return
     for theirs, ours in fmt.files.items():
@@ -49,6 +54,10 @@ def import_tokenizer(
     config: dict[str, Any] = {}
     if (src / HF_TOKENIZER_CONFIG).is_file():
         config = read_json(src / HF_TOKENIZER_CONFIG)
+    if not config.get("chat_template"):
+        template = _separate_chat_template(src)
+        if template is not None:
+            config["chat_template"] = template
     if not config.get("eos_token"):
         added = read_json(src / HF_TOKENIZER).get("added_tokens", [])
         by_id = {t["id"]: t["content"] for t in added}
@@ -57,6 +66,16 @@ def import_tokenizer(
         if eos in by_id:
             config["eos_token"] = by_id[eos]
     write_json(out / fmt.files.get(HF_TOKENIZER_CONFIG, ModelDir.TOKENIZER_CONFIG), config)
+
+
+def _separate_chat_template(src: Path) -> str | None:
+    """A checkpoint's Jinja chat template kept outside tokenizer_config.json, or None."""
+    if (src / HF_CHAT_TEMPLATE).is_file():
+        return (src / HF_CHAT_TEMPLATE).read_text(encoding="utf-8")
+    if (src / HF_PROCESSOR_TEMPLATE).is_file():
+        template = read_json(src / HF_PROCESSOR_TEMPLATE).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
 
 
 def export_tokenizer(fmt: TokenizerFormat, src: ModelDir, out: Path) -> None:
