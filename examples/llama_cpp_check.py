@@ -2,9 +2,9 @@
 
     python examples/llama_cpp_check.py LLAMA_CPP_BIN_DIR [MODEL_DIR ...] [--types f32 q8_0]
 
-For each family llama.cpp runs (Mixtral as llama, Qwen2-MoE, Qwen3-MoE, OLMoE) a tiny random
-model is built with transformers and imported (plus every MODEL_DIR given, e.g. the trained
-demo model); each is written as GGUF in every type asked for, run by `llama-simple` (greedy),
+For each family llama.cpp runs (Mixtral as llama, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3,
+dots.llm1, gpt-oss, Llama 4) a tiny random model is built with transformers and imported (plus every
+MODEL_DIR given, e.g. the trained demo model); each is written as GGUF in every type asked for, run by `llama-simple` (greedy),
 and its continuation compared with moekit's greedy continuation of the same prompt from the
 same weights (for quantised types: from the GGUF file read back, i.e. the same quantised
 weights). With `llama-tokenize` in the same directory, tokenizers with each pre-tokenizer
@@ -35,10 +35,22 @@ PROMPT = "The quick brown"
 TINY = {name: (cls, fields) for name, (cls, fields, _) in FAMILIES.items()}
 # RoPE scaling: YaRN (with DeepSeek's magnitude correction) and linear.
 _YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)
-TINY["qwen3_moe-yarn"] = (TINY["qwen3_moe"][0],
-                          {**TINY["qwen3_moe"][1], "rope_parameters": {**_YARN, "rope_theta": 1e6}})
-TINY["deepseek_v3-yarn"] = (TINY["deepseek_v3"][0], {**TINY["deepseek_v3"][1], "rope_parameters": {
-    **_YARN, "rope_theta": 1e4, "mscale": 0.707, "mscale_all_dim": 0.707}})
+TINY["qwen3_moe-yarn"] = (
+    TINY["qwen3_moe"][0],
+    {**TINY["qwen3_moe"][1], "rope_parameters": {**_YARN, "rope_theta": 1e6}},
+)
+TINY["deepseek_v3-yarn"] = (
+    TINY["deepseek_v3"][0],
+    {
+        **TINY["deepseek_v3"][1],
+        "rope_parameters": {**_YARN, "rope_theta": 1e4, "mscale": 0.707, "mscale_all_dim": 0.707},
+    },
+)
+# gpt-oss with sliding-window attention on the second layer, not llama.cpp's default first.
+TINY["gpt_oss-layers"] = (
+    TINY["gpt_oss"][0],
+    {**TINY["gpt_oss"][1], "layer_types": ["full_attention", "sliding_attention"]},
+)
 TINY["mixtral-linear"] = (TINY["mixtral"][0], {**TINY["mixtral"][1], "rope_parameters": {
     "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})  # fmt: skip
 
@@ -75,12 +87,18 @@ def tiny_model(name: str, root: Path, tok: Tokenizer | None = None) -> Path:
 
     tok = tok or Tokenizer.train([TEXT], 300)
     cls, fields = TINY[name]
-    config = getattr(transformers, cls)(
-        vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False, **fields,
-    )  # fmt: skip
+    common = dict(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128, initializer_range=0.2,
+                  tie_word_embeddings=False)  # fmt: skip
+    config = getattr(transformers, cls)(**{**common, **fields})
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if config.model_type == "gpt_oss":  # its biases and sinks start at 0: make them matter
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param_name.endswith(("bias", "sinks")):
+                    param.copy_(torch.randn_like(param) * 0.3)
+    model.save_pretrained(root / "hf")
     tok.save(root / "hf")
     import_hf(root / "hf", root / "moekit")
     # transformers' default special ids (e.g. DeepSeek's eos 1) mean nothing to this tokenizer.
@@ -140,7 +158,9 @@ def main() -> int:
                 if kind != "f32":  # the quantised weights themselves, read back
                     same_weights = import_gguf(gguf_file, root / f"{gguf_file.stem}-back").path
                 a, b = ours(same_weights, args.tokens), theirs(args.bin_dir, gguf_file, args.tokens)
-                agree = next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                agree = next(
+                    (n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))
+                )
                 same = a == b
                 failures += kind == "f32" and not same
                 verdict = "same" if same else f"first {agree} of {len(a)} bytes agree"

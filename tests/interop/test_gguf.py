@@ -68,6 +68,18 @@ FAMILIES = {  # name: (transformers config class, fields, the GGUF architecture)
                                      num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
                                      rope_parameters={"rope_type": "default",
                                                       "rope_theta": 150000.0}), "gpt-oss"),
+    # Llama 4 as llama.cpp fixes it: MoE every other layer (1, 3) with dense layers between, a
+    # NoPE layer every fourth (3), chunks of 8192 and temperature tuning from position 8192 on,
+    # L2 q/k norms; the routing weight scales the expert's input; a shared expert.
+    "llama4_text": ("Llama4TextConfig", dict(num_hidden_layers=4, num_key_value_heads=2,
+                                             intermediate_size=32, intermediate_size_mlp=96,
+                                             num_local_experts=4, num_experts_per_tok=2,
+                                             interleave_moe_layer_step=2,
+                                             no_rope_layer_interval=4, attention_chunk_size=8192,
+                                             attn_temperature_tuning=True, floor_scale=8192,
+                                             attn_scale=0.1, use_qk_norm=True,
+                                             rope_parameters={"rope_type": "default",
+                                                              "rope_theta": 5e5}), "llama4"),
 }  # fmt: skip
 
 
@@ -145,9 +157,8 @@ def test_names_and_metadata_are_llama_cpps(family, tmp_path):
 
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
         hf_names = set(f.keys())
-    tmap = gguf.get_tensor_name_map(
-        gguf.MODEL_ARCH[arch.upper().replace("-", "_")], COMMON["num_hidden_layers"]
-    )
+    layers = load_model(model_dir).cfg.num_layers
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], layers)
     expected = set()
     for hf_name in hf_names:
         for renamed in converter_names(hf_name):
@@ -303,6 +314,31 @@ def test_gpt_oss_sliding_layers_travel_and_its_published_yarn_is_refused(tmp_pat
                                                r"and swiglu_limit 7 \(not 1.702 and 1.5\); "
                                                r"llama.cpp rounds YaRN's ramp"):  # fmt: skip
         export_gguf(published, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_llama4_settings_llama_cpp_fixes_are_refused_by_name(tmp_path, tokenizer):
+    """llama.cpp's llama4 graph fixes the NoPE layers, the chunk size within the context, the
+    temperature tuning and the q/k norms; Llama 4 models that differ are refused, naming each."""
+    odd = make_model("llama4_text", tmp_path / "a", tokenizer, attention_chunk_size=5,
+                     use_qk_norm=False, moe_layers=[0, 3])  # fmt: skip
+    with pytest.raises(UnsupportedError) as refused:
+        export_gguf(odd, tmp_path / "out.gguf")
+    reason = str(refused.value).split("llama4 (Llama 4): ")[1]
+    assert (
+        "places MoE layers every interleave_moe_layer_step-th layer (not at layers [0, 3])"
+        in reason
+    )
+    assert "chunks attention by 8192 positions (chunk_size 5 acts within" in reason
+    assert "L2 q/k norms exactly when there are not 128 experts (qk_l2_norm must be true)" in reason
+    nope = make_model("llama4_text", tmp_path / "b", tokenizer, no_rope_layers=[1, 0, 1, 1])
+    with pytest.raises(UnsupportedError, match=r"NoPE layers exactly every 4th layer \(\[3\]; "
+                                               r"this model: \[1\]\)"):  # fmt: skip
+        export_gguf(nope, tmp_path / "out.gguf")
+    # Within a context shorter than 8192 neither chunks nor the temperature act: written.
+    short = make_model("llama4_text", tmp_path / "c", tokenizer, attention_chunk_size=None,
+                       attn_temperature_tuning=False)  # fmt: skip
+    assert export_gguf(short, tmp_path / "short.gguf").architecture == "llama4"
     assert not (tmp_path / "out.gguf").exists()
 
 

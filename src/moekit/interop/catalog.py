@@ -46,6 +46,8 @@ def catalog() -> list[CatalogEntry]:
                 state = "renormalised" if g.norm_topk_prob else "not renormalised"
                 limits.append(f"GGUF ({g.name}): the chosen experts' weights are {state}")
             dense = "leading dense layers only" if g.leading_dense else "no dense layers"
+            if g.stepped_dense:
+                dense = "MoE every interleave_moe_layer_step-th layer, dense layers between"
             limits.append(
                 f"GGUF ({g.name}): {dense}; RoPE scaling: linear, and YaRN with its ramp "
                 "truncated and beta_fast 32, beta_slow 1 (llama3 not written)"

@@ -32,6 +32,7 @@ from moekit.interop.architecture import hierarchical_refusal
 from moekit.interop.fields import UnsupportedError
 from moekit.interop.gguf_arch import GGUF_ARCHITECTURES, GPT_OSS, GgufArch
 from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1
+from moekit.interop.gguf_llama4 import LLAMA4
 from moekit.interop.gguf_rope import rope_meta, rope_scaling_of
 from moekit.interop.gguf_tokenizer import tokenizer_metadata, write_tokenizer
 from moekit.interop.quantize import DequantizedTensors
@@ -60,7 +61,7 @@ class GgufResult:
 
 def gguf_architectures() -> tuple[GgufArch, ...]:
     """Every GGUF architecture moekit reads and writes, in the order export tries them."""
-    return (*GGUF_ARCHITECTURES, DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1, GPT_OSS)
+    return (*GGUF_ARCHITECTURES, DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1, GPT_OSS, LLAMA4)
 
 
 def gguf_architecture(name: str, meta: dict[str, Any]) -> GgufArch:

@@ -169,6 +169,8 @@ class GgufArch:
     # config.json fields read from which tensors the file holds, on import.
     from_tensors: Callable[[set[str]], dict[str, Any]] = _nothing
     leading_dense: bool = False
+    # Dense layers allowed between MoE layers placed by a step (`more_problems` checks it).
+    stepped_dense: bool = False
     # Metadata computed from the config (keys with `{arch}`), on export; and config.json
     # fields computed from the metadata (keys with the architecture's name), on import.
     meta_of: Callable[[ModelConfig], dict[str, Any]] = _nothing
@@ -194,7 +196,7 @@ class GgufArch:
                 f"llama.cpp's {self.name} graph {state} the chosen experts' weights "
                 f"(norm_topk_prob must be {str(norm).lower()})"
             )
-        if cfg.dense_layer_indices and not self.leading_dense:
+        if cfg.dense_layer_indices and not (self.leading_dense or self.stepped_dense):
             found.append(f"llama.cpp's {self.name} graph has no dense layers")
         found += self.more_problems(cfg)
         found += rope_problems(cfg, deepseek=self.name == "deepseek2")
