@@ -51,6 +51,14 @@ TINY["gpt_oss-layers"] = (
     TINY["gpt_oss"][0],
     {**TINY["gpt_oss"][1], "layer_types": ["full_attention", "sliding_attention"]},
 )
+# Llama 3 RoPE scaling (a rope_freqs tensor in the file), 60 tokens past the pretrained 32.
+_LLAMA3 = dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0,
+               high_freq_factor=4.0, original_max_position_embeddings=32)  # fmt: skip
+TINY["mixtral-llama3"] = (TINY["mixtral"][0], {**TINY["mixtral"][1], "rope_parameters": _LLAMA3})
+TINY["llama4_text-llama3"] = (
+    TINY["llama4_text"][0],
+    {**TINY["llama4_text"][1], "rope_parameters": _LLAMA3},
+)
 TINY["mixtral-linear"] = (TINY["mixtral"][0], {**TINY["mixtral"][1], "rope_parameters": {
     "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})  # fmt: skip
 

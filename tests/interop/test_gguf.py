@@ -8,6 +8,7 @@ name where llama.cpp would compute something else.
 """
 
 import json
+import math
 import re
 
 import pytest
@@ -281,7 +282,8 @@ def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, tokeni
     llama3 = dict(rope_type="llama3", rope_theta=1e6, factor=4.0, low_freq_factor=1.0,
                   high_freq_factor=4.0, original_max_position_embeddings=32)  # fmt: skip
     scaled = make_model("qwen3_moe", tmp_path / "d", tokenizer, rope_parameters=llama3)
-    with pytest.raises(UnsupportedError, match=r"only YaRN and linear RoPE scaling to GGUF"):
+    with pytest.raises(UnsupportedError, match=r"qwen3moe graph reads no per-dimension RoPE "
+                                               r"factors, which Llama 3 scaling needs"):  # fmt: skip
         export_gguf(scaled, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.gguf")]
@@ -520,6 +522,69 @@ def test_rope_scaling_round_trips(tmp_path, tokenizer, name, scaling, keys):
     assert load_model(back.path).cfg.rope_scaling == load_model(model_dir).cfg.rope_scaling
     long = torch.randint(2, 250, (1, 100), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(logits(back.path, long), logits(model_dir, long), rtol=0, atol=1e-6)
+
+
+LLAMA3 = dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0,
+              high_freq_factor=4.0, original_max_position_embeddings=64)  # fmt: skip
+
+
+def llama3_factors(head_dim, theta, s):
+    """Llama 3's per-dimension factors as llama.cpp's converter computes them (in double
+    precision, from the published formula): the oracle for the rope_freqs tensor."""
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)
+        original = s["original_max_position_embeddings"]
+        if wavelength < original / s["high_freq_factor"]:
+            out.append(1.0)
+        elif wavelength > original / s["low_freq_factor"]:
+            out.append(s["factor"])
+        else:
+            smooth = (original / wavelength - s["low_freq_factor"]) / (
+                s["high_freq_factor"] - s["low_freq_factor"]
+            )
+            out.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "llama4_text"])
+def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path, tokenizer, name):
+    """Llama 3 scaling is written as llama.cpp reads it, a rope_freqs tensor of per-dimension
+    factors (equal to the converter's formula), with its settings under moekit's keys; read
+    back, the same scaling and the same logits past the pretrained context. A file with bare
+    factors (no settings) is refused by name."""
+    model_dir = make_model(name, tmp_path, tokenizer, rope_parameters=LLAMA3)
+    result = export_gguf(model_dir, tmp_path / "m.gguf", type="f32")
+    reader = gguf.GGUFReader(result.path)
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    head_dim = load_model(model_dir).cfg.head_dim
+    expected = llama3_factors(head_dim, LLAMA3["rope_theta"], LLAMA3)
+    stored = torch.tensor(freqs.data.copy())
+    torch.testing.assert_close(stored, expected, rtol=1e-6, atol=0)
+    assert expected.min() == 1.0 and expected.max() == 8.0  # both ends and a blend
+    assert ((expected > 1) & (expected < 8)).any()
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["moekit.rope.llama3.original_context_length"] == 64
+    back = import_gguf(result.path, tmp_path / "back")
+    assert load_model(back.path).cfg.rope_scaling == load_model(model_dir).cfg.rope_scaling
+    long = torch.randint(2, 250, (1, 100), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(logits(back.path, long), logits(model_dir, long))
+
+    bare = gguf.GGUFWriter(tmp_path / "bare.gguf", result.architecture)
+    for key, field in reader.fields.items():
+        if not key.startswith(("GGUF.", "moekit.rope", "general.architecture")):
+            bare.add_key_value(key, field.contents(), field.types[0], sub_type=(
+                field.types[-1] if len(field.types) > 1 else None))  # fmt: skip
+    for t in reader.tensors:
+        bare.add_tensor(t.name, t.data.copy(), raw_shape=None)
+    bare.write_header_to_file()
+    bare.write_kv_data_to_file()
+    bare.write_tensors_to_file()
+    bare.close()
+    with pytest.raises(UnsupportedError, match=r"rope_freqs.weight holds per-dimension RoPE "
+                                               r"factors without the Llama 3 settings"):  # fmt: skip
+        import_gguf(tmp_path / "bare.gguf", tmp_path / "back-bare")
+    assert not (tmp_path / "back-bare").exists()
 
 
 def test_the_chat_template_travels(tmp_path, tokenizer):

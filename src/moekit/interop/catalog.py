@@ -28,6 +28,7 @@ class CatalogEntry:
 def catalog() -> list[CatalogEntry]:
     """Every architecture `moekit convert` supports, in the order export tries them."""
     from moekit.interop.gguf import gguf_architectures
+    from moekit.interop.gguf_rope import FREQ_FACTOR_ARCHS
     from moekit.interop.hf import ARCHITECTURES
 
     gguf_of = {g.hf.name: g for g in gguf_architectures()}
@@ -48,9 +49,10 @@ def catalog() -> list[CatalogEntry]:
             dense = "leading dense layers only" if g.leading_dense else "no dense layers"
             if g.stepped_dense:
                 dense = "MoE every interleave_moe_layer_step-th layer, dense layers between"
+            llama3 = "Llama 3" if g.name in FREQ_FACTOR_ARCHS else "not Llama 3"
             limits.append(
-                f"GGUF ({g.name}): {dense}; RoPE scaling: linear, and YaRN with its ramp "
-                "truncated and beta_fast 32, beta_slow 1 (llama3 not written)"
+                f"GGUF ({g.name}): {dense}; RoPE scaling: linear, YaRN with its ramp truncated "
+                f"and beta_fast 32, beta_slow 1, {llama3}"
             )
             limits += [f"GGUF ({g.name}): {note}" for note in g.notes]
         out.append(

@@ -33,7 +33,7 @@ from moekit.interop.fields import UnsupportedError
 from moekit.interop.gguf_arch import GGUF_ARCHITECTURES, GPT_OSS, GgufArch
 from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1
 from moekit.interop.gguf_llama4 import LLAMA4
-from moekit.interop.gguf_rope import rope_meta, rope_scaling_of
+from moekit.interop.gguf_rope import ROPE_FREQS, rope_freq_factors, rope_meta, rope_scaling_of
 from moekit.interop.gguf_tokenizer import tokenizer_metadata, write_tokenizer
 from moekit.interop.quantize import DequantizedTensors
 from moekit.interop.tensors import TensorMap, bind
@@ -123,6 +123,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, type: str = "f16
         for key, value in meta.items():
             _add(writer, key, value)
         plan = [(name, shape, _qtype(name, shape, type)) for name, shape in _names(maps)]
+        factors = rope_freq_factors(cfg)  # Llama 3 RoPE scaling, as llama.cpp reads it
+        if factors is not None:
+            plan.append((ROPE_FREQS, tuple(factors.shape), _qtype(ROPE_FREQS, (1,), "f32")))
         for name, shape, qtype in plan:
             _describe(writer, name, shape, qtype)
         writer.write_header_to_file()
@@ -133,6 +136,8 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, type: str = "f16
             values = m.to_theirs([weights.get(n) for n in m.ours])
             for name, value in zip(m.theirs, values, strict=True):
                 writer.write_tensor_data(_encode(value, done[name]))
+        if factors is not None:
+            writer.write_tensor_data(_encode(factors, done[ROPE_FREQS]))
         writer.close()
     return GgufResult(arch.name, out, type, len(plan))
 
@@ -280,6 +285,9 @@ def import_gguf(
     cfg = arch.hf.config_from_hf(_hf_config(arch, meta, set(tensors), vocab))
     maps = bind(arch.weights, cfg, {}, f"GGUF {arch.name}")
     used = {name for m in maps for name in m.theirs}
+    if ROPE_FREQS in tensors:
+        _check_rope_freqs(cfg, _decode(tensors, ROPE_FREQS, path), path)
+        used.add(ROPE_FREQS)
     extra = sorted(set(tensors) - used)
     if extra:
         raise UnsupportedError(
@@ -303,6 +311,23 @@ def import_gguf(
         write_tokenizer(meta, out.path)
     out.save_config(cfg)  # last: a directory with a config is a complete model
     return GgufResult(arch.name, out.path, str(target).removeprefix("torch."), len(used))
+
+
+def _check_rope_freqs(cfg: ModelConfig, stored: Tensor, path: Path) -> None:
+    """A file's `rope_freqs` (per-dimension RoPE factors) must be what the Llama 3 settings
+    moekit wrote beside them make: bare factors name no scaling moekit can carry."""
+    ours = rope_freq_factors(cfg)
+    if ours is None:
+        raise UnsupportedError(
+            f"{path}: {ROPE_FREQS} holds per-dimension RoPE factors without the Llama 3 "
+            "settings moekit writes beside them (moekit.rope.llama3.*); moekit carries Llama 3 "
+            "scaling by its settings and cannot tell them from the factors alone"
+        )
+    if ours.shape != stored.shape or not torch.allclose(ours, stored, rtol=1e-6, atol=0):
+        raise UnsupportedError(
+            f"{path}: {ROPE_FREQS} differs from the factors its Llama 3 settings make "
+            f"({cfg.rope_scaling.describe() if cfg.rope_scaling else ''})"
+        )
 
 
 def _hf_config(

@@ -199,7 +199,7 @@ class GgufArch:
         if cfg.dense_layer_indices and not (self.leading_dense or self.stepped_dense):
             found.append(f"llama.cpp's {self.name} graph has no dense layers")
         found += self.more_problems(cfg)
-        found += rope_problems(cfg, deepseek=self.name == "deepseek2")
+        found += rope_problems(cfg, self.name)
         return found
 
 

@@ -7,8 +7,14 @@ not YaRN's default) and, for deepseek2, `rope.scaling.yarn_log_multiplier` (0.1 
 own fixed `beta_fast` 32 and `beta_slow` 1 for these architectures, and multiplies the
 rotation by `attn_factor * (0.1 ln(factor) + 1)`. Its deepseek2 graph puts the magnitude
 correction into the softmax scale assuming `mscale == mscale_all_dim`, which DeepSeek's own
-checkpoints state. What it would compute differently is refused by name; Llama 3 scaling
-(which llama.cpp stores as a per-dimension `rope_freqs` tensor) is not written yet.
+checkpoints state. What it would compute differently is refused by name.
+
+Llama 3 scaling is stored as llama.cpp's converter stores it, for the architectures whose
+graphs read it ("llama", "llama4"): a `rope_freqs` tensor of per-dimension factors (each
+unscaled frequency divided by the scaled one). The factors alone do not say which Llama 3
+settings made them, so moekit writes those settings beside them under its own keys
+(`moekit.rope.llama3.*`, which llama.cpp ignores) and reads a file back only with them,
+checking that they reproduce the tensor.
 """
 
 from __future__ import annotations
@@ -16,20 +22,43 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+import torch
+from torch import Tensor
+
 from moekit.config import ModelConfig
+from moekit.nn.rope import inverse_frequencies
+
+ROPE_FREQS = "rope_freqs.weight"
+FREQ_FACTOR_ARCHS = ("llama", "llama4")  # llama.cpp graphs that read `rope_freqs`
+# moekit's keys for the Llama 3 settings behind `rope_freqs` -> the Hugging Face field.
+LLAMA3_KEYS = {
+    "moekit.rope.llama3.factor": "factor",
+    "moekit.rope.llama3.low_freq_factor": "low_freq_factor",
+    "moekit.rope.llama3.high_freq_factor": "high_freq_factor",
+    "moekit.rope.llama3.original_context_length": "original_max_position_embeddings",
+}
 
 
 def _magnitude(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def rope_problems(cfg: ModelConfig, deepseek: bool) -> list[str]:
-    """What keeps llama.cpp from computing `cfg`'s RoPE scaling exactly (empty: nothing)."""
-    s = cfg.rope_scaling
+def rope_problems(cfg: ModelConfig, arch: str) -> list[str]:
+    """What keeps llama.cpp's `arch` graph from computing `cfg`'s RoPE scaling exactly (empty:
+    nothing)."""
+    s, deepseek = cfg.rope_scaling, arch == "deepseek2"
     if s is None or s.kind == "linear":
         return []
+    if s.kind == "llama3":
+        if arch in FREQ_FACTOR_ARCHS:
+            return []
+        return [
+            f"llama.cpp's {arch} graph reads no per-dimension RoPE factors, which Llama 3 "
+            f"scaling needs ({s.describe()}; written for {' and '.join(FREQ_FACTOR_ARCHS)})"
+        ]
     if s.kind != "yarn":
-        return [f"moekit writes only YaRN and linear RoPE scaling to GGUF ({s.describe()})"]
+        return [f"moekit writes YaRN, linear and Llama 3 RoPE scaling to GGUF ({s.describe()})"]
     found = []
     if not s.truncate:
         found.append("llama.cpp rounds YaRN's ramp ends outwards (truncate must be true)")
@@ -49,10 +78,19 @@ def rope_problems(cfg: ModelConfig, deepseek: bool) -> list[str]:
 
 
 def rope_meta(cfg: ModelConfig, deepseek: bool) -> dict[str, Any]:
-    """The `{arch}.rope.scaling.*` metadata of `cfg` (check `rope_problems` first)."""
+    """The `{arch}.rope.scaling.*` metadata of `cfg` (check `rope_problems` first); for Llama 3
+    scaling moekit's own keys (the factors travel as the `rope_freqs` tensor)."""
     s = cfg.rope_scaling
     if s is None:
         return {}
+    if s.kind == "llama3":
+        values = {
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_seq_len,
+        }
+        return {key: values[field] for key, field in LLAMA3_KEYS.items()}
     meta: dict[str, Any] = {
         "{arch}.rope.scaling.type": s.kind,
         "{arch}.rope.scaling.factor": s.factor,
@@ -68,9 +106,26 @@ def rope_meta(cfg: ModelConfig, deepseek: bool) -> dict[str, Any]:
     return meta
 
 
+def rope_freq_factors(cfg: ModelConfig) -> Tensor | None:
+    """The `rope_freqs` tensor of a model with Llama 3 scaling (None: any other): each
+    dimension's unscaled frequency over its scaled one, as llama.cpp divides by it."""
+    s = cfg.rope_scaling
+    if s is None or s.kind != "llama3":
+        return None
+    cpu = torch.device("cpu")
+    plain = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cpu)
+    return plain / inverse_frequencies(cfg.head_dim, cfg.rope_theta, cpu, s)
+
+
 def rope_scaling_of(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
     """The Hugging Face `rope_scaling` a file's metadata states (None: unscaled); a
     ValueError naming a scaling type moekit does not read."""
+    if LLAMA3_KEYS.keys() <= meta.keys():
+        scaling: dict[str, Any] = {"rope_type": "llama3"}
+        for key, field in LLAMA3_KEYS.items():
+            value = meta[key]
+            scaling[field] = float(str(np.float32(value))) if isinstance(value, float) else value
+        return scaling
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
@@ -82,7 +137,7 @@ def rope_scaling_of(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
             f"GGUF metadata {arch}.rope.scaling.type={kind!r} is not supported: moekit reads "
             "yarn and linear RoPE scaling"
         )
-    scaling: dict[str, Any] = {
+    scaling = {
         "rope_type": "yarn",
         "factor": factor,
         "original_max_position_embeddings": meta[f"{arch}.rope.scaling.original_context_length"],
