@@ -29,7 +29,7 @@ from moekit.interop.gguf import export_gguf, import_gguf
 from moekit.interop.hf import import_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
-from test_gguf import FAMILIES, TEXT, split_tokenizer  # noqa: E402  (the GGUF tests' models)
+from test_gguf import FAMILIES, TEXT, random_model, split_tokenizer  # noqa: E402  (the GGUF tests' models)
 
 PROMPT = "The quick brown"
 TINY = {name: (cls, fields) for name, (cls, fields, _) in FAMILIES.items()}
@@ -99,14 +99,7 @@ def tiny_model(name: str, root: Path, tok: Tokenizer | None = None) -> Path:
                   num_attention_heads=4, max_position_embeddings=128, initializer_range=0.2,
                   tie_word_embeddings=False)  # fmt: skip
     config = getattr(transformers, cls)(**{**common, **fields})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    if config.model_type == "gpt_oss":  # its biases and sinks start at 0: make them matter
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                if param_name.endswith(("bias", "sinks")):
-                    param.copy_(torch.randn_like(param) * 0.3)
-    model.save_pretrained(root / "hf")
+    random_model(config).save_pretrained(root / "hf")
     tok.save(root / "hf")
     import_hf(root / "hf", root / "moekit")
     # transformers' default special ids (e.g. DeepSeek's eos 1) mean nothing to this tokenizer.

@@ -95,17 +95,23 @@ def make_model(name, root, tokenizer, vocab=None, **overrides):
     config = getattr(transformers, cls)(
         vocab_size=vocab or tokenizer.vocab_size, **{**COMMON, **fields, **overrides}
     )
+    random_model(config).save_pretrained(root / "hf")
+    tokenizer.save(root / "hf")
+    import_hf(root / "hf", root / "moekit")
+    return root / "moekit"
+
+
+def random_model(config):
+    """A transformers model of `config` with seeded random weights (gpt-oss's biases and
+    sinks, which start at 0, random too, so they matter)."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    if config.model_type == "gpt_oss":  # its biases and sinks start at 0: make them matter
+    if config.model_type == "gpt_oss":
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if param_name.endswith(("bias", "sinks")):
                     param.copy_(torch.randn_like(param) * 0.3)
-    model.save_pretrained(root / "hf")
-    tokenizer.save(root / "hf")
-    import_hf(root / "hf", root / "moekit")
-    return root / "moekit"
+    return model
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
