@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 from moekit.data.tokenizer import Tokenizer
 from moekit.infer.generate import Generator
 from moekit.infer.sampling import SamplingParams
