@@ -27,8 +27,8 @@ demo: setup
 check: setup lint layers typecheck
 
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
 
 # The import-linter contracts in pyproject.toml: layers from the ground up, no cycles.
 layers: setup
@@ -38,8 +38,8 @@ typecheck: setup
 	$(BIN)/mypy
 
 format: setup
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests examples
+	$(BIN)/ruff check --fix src tests examples
 
 test: check
 	$(BIN)/python -m pytest -n 2 --durations=15

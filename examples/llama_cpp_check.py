@@ -3,13 +3,14 @@
     python examples/llama_cpp_check.py LLAMA_CPP_BIN_DIR [MODEL_DIR ...] [--types f32 q8_0]
 
 For each family llama.cpp runs (Mixtral as llama, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3,
-dots.llm1, gpt-oss, Llama 4) a tiny random model is built with transformers and imported (plus every
-MODEL_DIR given, e.g. the trained demo model); each is written as GGUF in every type asked for, run by `llama-simple` (greedy),
-and its continuation compared with moekit's greedy continuation of the same prompt from the
-same weights (for quantised types: from the GGUF file read back, i.e. the same quantised
-weights). With `llama-tokenize` in the same directory, tokenizers with each pre-tokenizer
-moekit names in GGUF files (gpt-2, qwen2, llama-bpe) are also checked to encode texts to the
-same ids in llama.cpp as in moekit. Not part of the test suite: it needs a llama.cpp build.
+dots.llm1, gpt-oss, Llama 4) a tiny random model is built with transformers and imported (plus
+every MODEL_DIR given, e.g. the trained demo model); each is written as GGUF in every type asked
+for, run by `llama-simple` (greedy), and its continuation compared with moekit's greedy
+continuation of the same prompt from the same weights (for quantised types: from the GGUF file
+read back, i.e. the same quantised weights). With `llama-tokenize` in the same directory,
+tokenizers with each pre-tokenizer moekit names in GGUF files (gpt-2, qwen2, llama-bpe) are also
+checked to encode texts to the same ids in llama.cpp as in moekit. Not part of the test suite:
+it needs a llama.cpp build.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from moekit.interop.gguf import export_gguf, import_gguf
 from moekit.interop.hf import import_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
-from test_gguf import FAMILIES, TEXT, random_model, split_tokenizer  # noqa: E402  (the GGUF tests' models)
+from test_gguf import FAMILIES, TEXT, random_model, split_tokenizer  # the GGUF tests' models
 
 PROMPT = "The quick brown"
 TINY = {name: (cls, fields) for name, (cls, fields, _) in FAMILIES.items()}
@@ -157,9 +158,8 @@ def main() -> int:
                 if kind != "f32":  # the quantised weights themselves, read back
                     same_weights = import_gguf(gguf_file, root / f"{gguf_file.stem}-back").path
                 a, b = ours(same_weights, args.tokens), theirs(args.bin_dir, gguf_file, args.tokens)
-                agree = next(
-                    (n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))
-                )
+                pairs = enumerate(zip(a, b, strict=False))
+                agree = next((n for n, (x, y) in pairs if x != y), min(len(a), len(b)))
                 same = a == b
                 failures += kind == "f32" and not same
                 verdict = "same" if same else f"first {agree} of {len(a)} bytes agree"

@@ -2,15 +2,16 @@
 
     python examples/llama_cpp_converter_check.py LLAMA_CPP_SOURCE_DIR [FAMILY ...]
 
-For each family (qwen3_moe, qwen2_moe, olmoe, deepseek_v3, deepseek_v2, dots1, gpt_oss;
-mixtral too when the `sentencepiece` package is installed, which llama.cpp's converter tries
-first for it) a tiny random transformers checkpoint with a moekit-trained tokenizer is imported into moekit and
-written as GGUF, and the same transformers checkpoint is converted by llama.cpp's
-`convert_hf_to_gguf.py` (run from the llama.cpp source tree, in a subprocess). That converter
-identifies a BPE pre-tokenizer by hashing the ids a fixed text encodes to, which no newly
-trained vocabulary matches, so for this comparison its lookup is answered "gpt-2" (what moekit
-states). The script prints whether tensor names, shapes, types and bytes are identical and
-every metadata key whose value differs. Not part of the test suite: it needs llama.cpp's source.
+For each family (qwen3_moe, qwen2_moe, olmoe, deepseek_v3, deepseek_v2, dots1, gpt_oss,
+llama4_text; mixtral too when the `sentencepiece` package is installed, which llama.cpp's
+converter tries first for it) a tiny random transformers checkpoint with a moekit-trained
+tokenizer is imported into moekit and written as GGUF, and the same transformers checkpoint is
+converted by llama.cpp's `convert_hf_to_gguf.py` (run from the llama.cpp source tree, in a
+subprocess). That converter identifies a BPE pre-tokenizer by hashing the ids a fixed text
+encodes to, which no newly trained vocabulary matches, so for this comparison its lookup is
+answered "gpt-2" (what moekit states). The script prints whether tensor names, shapes, types and
+bytes are identical and every metadata key whose value differs. Not part of the test suite: it
+needs llama.cpp's source.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def compare(family: str, root: Path, llama_cpp: Path) -> bool:
 def main() -> int:
     llama_cpp = Path(sys.argv[1])
     names = sys.argv[2:] or [
-        "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "dots1", "gpt_oss"
-    ]
+        "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "dots1", "gpt_oss",
+        "llama4_text",
+    ]  # fmt: skip
     failures = 0
     for family in names:
         root = Path(tempfile.mkdtemp())

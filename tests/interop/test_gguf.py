@@ -576,21 +576,89 @@ def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path, tokenizer, name):
     long = torch.randint(2, 250, (1, 100), generator=torch.Generator().manual_seed(3))
     assert torch.equal(logits(back.path, long), logits(model_dir, long))
 
-    bare = gguf.GGUFWriter(tmp_path / "bare.gguf", result.architecture)
-    for key, field in reader.fields.items():
-        if not key.startswith(("GGUF.", "moekit.rope", "general.architecture")):
-            bare.add_key_value(key, field.contents(), field.types[0], sub_type=(
-                field.types[-1] if len(field.types) > 1 else None))  # fmt: skip
-    for t in reader.tensors:
-        bare.add_tensor(t.name, t.data.copy(), raw_shape=None)
-    bare.write_header_to_file()
-    bare.write_kv_data_to_file()
-    bare.write_tensors_to_file()
-    bare.close()
+    rewrite(result.path, tmp_path / "bare.gguf", drop=("moekit.rope",))
     with pytest.raises(UnsupportedError, match=r"rope_freqs.weight holds per-dimension RoPE "
                                                r"factors without the Llama 3 settings"):  # fmt: skip
         import_gguf(tmp_path / "bare.gguf", tmp_path / "back-bare")
     assert not (tmp_path / "back-bare").exists()
+    # The settings without the factors: llama.cpp would run the file unscaled.
+    rewrite(result.path, tmp_path / "settings.gguf", drop=("rope_freqs.weight",))
+    with pytest.raises(UnsupportedError, match=r"states Llama 3 RoPE scaling .* but llama.cpp "
+                                               r"would run this \w+ file unscaled"):  # fmt: skip
+        import_gguf(tmp_path / "settings.gguf", tmp_path / "back-settings")
+
+
+def rewrite(src, dst, drop=(), add=None):
+    """Copy the GGUF file `src` to `dst` without the metadata keys and tensors whose names
+    start with one of `drop`, with the metadata `add` (key -> (value, GGUF type))."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch)
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "general.architecture", *drop)):
+            continue
+        sub = field.types[-1] if len(field.types) > 1 else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    for key, (value, kind) in (add or {}).items():
+        writer.add_key_value(key, value, kind)
+    for t in reader.tensors:
+        if not t.name.startswith(drop):
+            writer.add_tensor(t.name, t.data.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_llama4_and_gpt_oss_files_that_move_llama_cpps_layout_are_refused(tmp_path, tokenizer):
+    """Metadata llama.cpp acts on and moekit cannot carry: a llama4 file without chunked
+    attention (sliding_window 0) or with chunks on other layers, a RoPE base of the sliding
+    layers' own; a gpt-oss file's sliding layers stated as a period come back as layers."""
+    u32, f32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
+    model_dir = make_model("llama4_text", tmp_path / "l4", tokenizer)
+    export_gguf(model_dir, tmp_path / "l4.gguf", type="f32")
+    cases = {
+        "llama4.attention.sliding_window": ((0, u32), r"sliding_window=0 is not supported"),
+        "llama4.attention.sliding_window_pattern": (
+            (2, u32), r"chunks attention exactly on the RoPE layers"),
+        "llama4.rope.freq_base_swa": ((1e4, f32), r"freq_base_swa=10000.0 is not supported"),
+    }  # fmt: skip
+    for key, (value, message) in cases.items():
+        rewrite(tmp_path / "l4.gguf", tmp_path / "x.gguf", add={key: value})
+        with pytest.raises(UnsupportedError, match=message):
+            import_gguf(tmp_path / "x.gguf", tmp_path / "back")
+        assert not (tmp_path / "back").exists()
+
+    oss = make_model("gpt_oss", tmp_path / "oss", tokenizer, num_hidden_layers=3)
+    export_gguf(oss, tmp_path / "oss.gguf", type="f32")
+    for period, sliding in ((3, [0, 1]), (0, [0, 1, 2]), (1, None)):
+        key = "gpt-oss.attention.sliding_window_pattern"
+        rewrite(tmp_path / "oss.gguf", tmp_path / f"p{period}.gguf", add={key: (period, u32)})
+        back = import_gguf(tmp_path / f"p{period}.gguf", tmp_path / f"back{period}")
+        assert load_model(back.path).cfg.attention.sliding_layers == sliding
+
+
+def test_llama4_context_boundaries_of_chunks_and_temperature(tmp_path, tokenizer):
+    """llama.cpp's chunks act from position 8192 and its temperature from 8191: a model without
+    them is written up to a context of 8192 (chunks) and 8191 (temperature), and refused past
+    it; a temperature tuned otherwise is refused where it acts."""
+    from moekit.config import ModelConfig
+    from moekit.interop.gguf_llama4 import LLAMA4
+
+    base = load_model(make_model("llama4_text", tmp_path, tokenizer)).cfg.to_dict()
+
+    def problems(max_seq_len, **irope):
+        cfg = dict(base, max_seq_len=max_seq_len, irope={**base["irope"], **irope})
+        return " ".join(LLAMA4.problems(ModelConfig.from_dict(cfg)))
+
+    assert problems(128) == ""
+    assert problems(8192, chunk_size=None, temperature_tuning=True) == ""
+    assert "chunks attention by 8192" in problems(8193, chunk_size=None)
+    assert "chunks attention by 8192" not in problems(20000)  # 8192 itself
+    assert problems(8191, temperature_tuning=False, chunk_size=None) == ""
+    assert "query temperature" in problems(8192, temperature_tuning=False, chunk_size=None)
+    assert "query temperature" in problems(128, floor_scale=64)  # acts at position 63
+    assert "query temperature" not in problems(64, floor_scale=65, attn_scale=2.0)
 
 
 def test_the_chat_template_travels(tmp_path, tokenizer):

@@ -229,8 +229,9 @@ def test_generation_config_and_chat_template_travel_both_ways(tmp_path):
 
 def test_a_chat_template_saved_as_its_own_file_is_carried(tmp_path):
     """transformers 5 saves a chat template as chat_template.jinja, not in
-    tokenizer_config.json: import carries it, moekit renders it as transformers does, and the
-    export gives transformers the same template back."""
+    tokenizer_config.json: import carries it (before any template in tokenizer_config.json),
+    moekit renders it as transformers does, and the export gives transformers the same
+    template back."""
     from moekit.infer.jinja_chat import JinjaChatTemplate, load_chat_template
 
     vocab = deepseek_tokenizer(tmp_path / "hf")
@@ -241,9 +242,13 @@ def test_a_chat_template_saved_as_its_own_file_is_carried(tmp_path):
     )
     tok.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "chat_template.jinja").is_file()
-    assert "chat_template" not in json.loads(
-        (tmp_path / "hf" / "tokenizer_config.json").read_text()
-    )
+    config_file = tmp_path / "hf" / "tokenizer_config.json"
+    assert "chat_template" not in json.loads(config_file.read_text())
+    # A stale template left in tokenizer_config.json: the file of its own comes first, as in
+    # transformers.
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "chat_template": "stale"}))  # fmt: skip
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template != "stale"
     torch.manual_seed(0)
     transformers.MixtralForCausalLM(_tiny_mixtral(vocab)).save_pretrained(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "ours")

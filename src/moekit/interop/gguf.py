@@ -33,7 +33,13 @@ from moekit.interop.fields import UnsupportedError
 from moekit.interop.gguf_arch import GGUF_ARCHITECTURES, GPT_OSS, GgufArch
 from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1
 from moekit.interop.gguf_llama4 import LLAMA4
-from moekit.interop.gguf_rope import ROPE_FREQS, rope_freq_factors, rope_meta, rope_scaling_of
+from moekit.interop.gguf_rope import (
+    FREQ_FACTOR_ARCHS,
+    ROPE_FREQS,
+    rope_freq_factors,
+    rope_meta,
+    rope_scaling_of,
+)
 from moekit.interop.gguf_tokenizer import tokenizer_metadata, write_tokenizer
 from moekit.interop.quantize import DequantizedTensors
 from moekit.interop.tensors import TensorMap, bind
@@ -285,8 +291,8 @@ def import_gguf(
     cfg = arch.hf.config_from_hf(_hf_config(arch, meta, set(tensors), vocab))
     maps = bind(arch.weights, cfg, {}, f"GGUF {arch.name}")
     used = {name for m in maps for name in m.theirs}
-    if ROPE_FREQS in tensors:
-        _check_rope_freqs(cfg, _decode(tensors, ROPE_FREQS, path), path)
+    if ROPE_FREQS in tensors or rope_freq_factors(cfg) is not None:
+        _check_rope_freqs(cfg, arch.name, tensors, path)
         used.add(ROPE_FREQS)
     extra = sorted(set(tensors) - used)
     if extra:
@@ -313,10 +319,19 @@ def import_gguf(
     return GgufResult(arch.name, out.path, str(target).removeprefix("torch."), len(used))
 
 
-def _check_rope_freqs(cfg: ModelConfig, stored: Tensor, path: Path) -> None:
+def _check_rope_freqs(cfg: ModelConfig, arch: str, tensors: dict[str, Any], path: Path) -> None:
     """A file's `rope_freqs` (per-dimension RoPE factors) must be what the Llama 3 settings
-    moekit wrote beside them make: bare factors name no scaling moekit can carry."""
+    moekit wrote beside them make, in an architecture whose graph reads them: bare factors
+    name no scaling moekit can carry, and settings without factors are not what llama.cpp
+    computes."""
     ours = rope_freq_factors(cfg)
+    if ours is not None and (ROPE_FREQS not in tensors or arch not in FREQ_FACTOR_ARCHS):
+        raise UnsupportedError(
+            f"{path}: the metadata states Llama 3 RoPE scaling (moekit.rope.llama3.*), but "
+            f"llama.cpp would run this {arch} file unscaled: it reads the scaling only from a "
+            f"{ROPE_FREQS} tensor, in {' and '.join(FREQ_FACTOR_ARCHS)} files"
+        )
+    stored = _decode(tensors, ROPE_FREQS, path)
     if ours is None:
         raise UnsupportedError(
             f"{path}: {ROPE_FREQS} holds per-dimension RoPE factors without the Llama 3 "

@@ -25,6 +25,7 @@ from torch import Tensor
 from moekit.config import ModelConfig
 from moekit.interop import gpt_oss, mixtral, olmoe, qwen_moe
 from moekit.interop.architecture import Architecture
+from moekit.interop.fields import UnsupportedError
 from moekit.interop.gguf_rope import rope_problems
 from moekit.interop.tensors import Binding, Spec, TensorMap, Weights, at_layer
 
@@ -242,18 +243,38 @@ def _gpt_oss_meta(cfg: ModelConfig) -> dict[str, Any]:
     return {"{arch}.attention.sliding_window_pattern": sliding}
 
 
+def sliding_layers(meta: dict[str, Any], arch: str, period: int) -> list[bool]:
+    """Which layers llama.cpp gives sliding-window (or chunked) attention: the file's
+    `attention.sliding_window_pattern` (a per-layer list, or a period n whose last layer of
+    each n is full attention; 0: every layer), else the architecture's default `period`."""
+    layers = int(meta[f"{arch}.block_count"])
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", period)
+    if isinstance(pattern, list):
+        if len(pattern) != layers:
+            raise UnsupportedError(
+                f"GGUF metadata {arch}.attention.sliding_window_pattern has {len(pattern)} "
+                f"entries for {layers} layers"
+            )
+        return [bool(x) for x in pattern]
+    n = int(pattern)
+    return [n == 0 or i % n < n - 1 for i in range(layers)]
+
+
+def refuse_swa_rope_base(meta: dict[str, Any], arch: str) -> None:
+    """A separate RoPE base for the sliding-window layers (`rope.freq_base_swa`), which moekit
+    does not have, is refused unless it equals the other layers'."""
+    swa, base = meta.get(f"{arch}.rope.freq_base_swa"), meta.get(f"{arch}.rope.freq_base")
+    if swa is not None and swa != base:
+        raise UnsupportedError(
+            f"GGUF metadata {arch}.rope.freq_base_swa={swa} is not supported: moekit uses one "
+            f"RoPE base ({arch}.rope.freq_base={base}) for every layer"
+        )
+
+
 def _gpt_oss_hf(meta: dict[str, Any]) -> dict[str, Any]:
-    """`layer_types` from the sliding-window pattern (a per-layer list, or a period n whose
-    last layer of each n is full attention), llama.cpp's default when the file has none."""
-    layers = int(meta["gpt-oss.block_count"])
-    pattern = meta.get("gpt-oss.attention.sliding_window_pattern")
-    if pattern is None:
-        sliding = _alternating(layers)
-    elif isinstance(pattern, list):
-        sliding = [bool(x) for x in pattern]
-    else:
-        n = int(pattern)
-        sliding = [n == 0 or i % n < n - 1 for i in range(layers)]
+    """`layer_types` from the sliding-window pattern (llama.cpp's default: even layers)."""
+    refuse_swa_rope_base(meta, "gpt-oss")
+    sliding = sliding_layers(meta, "gpt-oss", period=2)
     return {"layer_types": [gpt_oss.SLIDING if s else gpt_oss.FULL for s in sliding]}
 
 

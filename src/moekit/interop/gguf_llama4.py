@@ -10,8 +10,9 @@ llama.cpp's graph fixes much of Llama 4's attention: NoPE layers exactly every f
 tuning on the NoPE layers with floor scale 8192 and scale 0.1, weightless L2 q/k norms on the
 RoPE layers unless the model has 128 experts (Maverick's shape, which has none), and MoE
 layers every `interleave_moe_layer_step`-th layer. A model computed differently within its
-own context length is refused by name; chunking and temperature tuning only act from
-position 8192 on, so a model whose context is shorter may state other values for them.
+own context length is refused by name: llama.cpp's chunks first act at position 8192 and its
+temperature at position 8191, so a model whose context is at most 8192 (chunks) or 8191
+(temperature) positions long may state other values for them.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from typing import Any
 
 from moekit.config import ModelConfig
 from moekit.interop import llama4
+from moekit.interop.fields import UnsupportedError
 from moekit.interop.gguf_arch import (
     GgufArch,
     Interleaved,
     moe_weights,
+    refuse_swa_rope_base,
     shared_expert_weights,
+    sliding_layers,
     tensor,
 )
 from moekit.interop.tensors import Weights
@@ -68,7 +72,23 @@ def _meta(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _hf(meta: dict[str, Any]) -> dict[str, Any]:
-    """config.json fields from a llama4 file's metadata: what llama.cpp's graph fixes."""
+    """config.json fields from a llama4 file's metadata: what llama.cpp's graph fixes. A file
+    that moves it (no chunked attention, chunked layers other than all but every fourth, a
+    RoPE base of their own) is refused by name."""
+    if meta.get("llama4.attention.sliding_window") == 0:
+        raise UnsupportedError(
+            "GGUF metadata llama4.attention.sliding_window=0 is not supported: it turns off "
+            "llama.cpp's chunked attention and temperature tuning and makes only the last "
+            "layer NoPE, a layout moekit does not read"
+        )
+    refuse_swa_rope_base(meta, "llama4")
+    layers = int(meta["llama4.block_count"])
+    chunked = sliding_layers(meta, "llama4", period=NOPE_INTERVAL)
+    if chunked != [(i + 1) % NOPE_INTERVAL != 0 for i in range(layers)]:
+        raise UnsupportedError(
+            "GGUF metadata llama4.attention.sliding_window_pattern is not supported: moekit "
+            f"chunks attention exactly on the RoPE layers (all but every {NOPE_INTERVAL}th)"
+        )
     experts = meta.get("llama4.expert_count")
     return {
         "interleave_moe_layer_step": meta.get("llama4.interleave_moe_layer_step", 1),

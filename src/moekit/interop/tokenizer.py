@@ -44,8 +44,10 @@ def import_tokenizer(
 ) -> None:
     """Carry the tokenizer of the Hugging Face checkpoint `src` into `out`, naming its
     end-of-text token in the tokenizer config (from the checkpoint's `eos_token_id`) when the
-    checkpoint's own leaves it out. A chat template saved as chat_template.jinja goes into
-    the tokenizer config's `chat_template` (where chat, serve and every export read it)."""
+    checkpoint's own leaves it out. A chat template saved as chat_template.jinja (or a
+    processor's chat_template.json) goes into the tokenizer config's `chat_template`, where
+    chat, serve and every export read it; as in transformers, it comes before a template in
+    the checkpoint's tokenizer_config.json."""
     if not (src / HF_TOKENIZER).is_file():
         return
     for theirs, ours in fmt.files.items():
@@ -54,10 +56,9 @@ def import_tokenizer(
     config: dict[str, Any] = {}
     if (src / HF_TOKENIZER_CONFIG).is_file():
         config = read_json(src / HF_TOKENIZER_CONFIG)
-    if not config.get("chat_template"):
-        template = _separate_chat_template(src)
-        if template is not None:
-            config["chat_template"] = template
+    template = _separate_chat_template(src)  # transformers: it comes before the config's
+    if template is not None:
+        config["chat_template"] = template
     if not config.get("eos_token"):
         added = read_json(src / HF_TOKENIZER).get("added_tokens", [])
         by_id = {t["id"]: t["content"] for t in added}
@@ -73,7 +74,8 @@ def _separate_chat_template(src: Path) -> str | None:
     if (src / HF_CHAT_TEMPLATE).is_file():
         return (src / HF_CHAT_TEMPLATE).read_text(encoding="utf-8")
     if (src / HF_PROCESSOR_TEMPLATE).is_file():
-        template = read_json(src / HF_PROCESSOR_TEMPLATE).get("chat_template")
+        data = read_json(src / HF_PROCESSOR_TEMPLATE, what="the processor's chat template")
+        template = data.get("chat_template") if isinstance(data, dict) else None
         return template if isinstance(template, str) else None
     return None
 
