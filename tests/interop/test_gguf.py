@@ -312,6 +312,16 @@ def test_gpt_oss_sliding_layers_travel_and_its_published_yarn_is_refused(tmp_pat
     export_gguf(make_model("gpt_oss", tmp_path / "b", tokenizer), tmp_path / "b.gguf")
     keys = set(gguf.GGUFReader(tmp_path / "b.gguf").fields)
     assert "gpt-oss.attention.sliding_window_pattern" not in keys
+    # No sliding layer (llama.cpp's graph cannot run that): the default layout with a window as
+    # wide as the context, which hides nothing, read back as full attention.
+    full = make_model("gpt_oss", tmp_path / "f", tokenizer, layer_types=["full_attention"] * 2)
+    export_gguf(full, tmp_path / "f.gguf", type="f32")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "f.gguf").fields.items()}
+    assert "gpt-oss.attention.sliding_window_pattern" not in fields
+    assert fields["gpt-oss.attention.sliding_window"] == fields["gpt-oss.context_length"] == 128
+    back = import_gguf(tmp_path / "f.gguf", tmp_path / "back-f")
+    assert load_model(back.path).cfg.attention.sliding_layers is None
+    assert torch.equal(logits(back.path, TOKENS), logits(full, TOKENS))
 
     yarn = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
                 beta_slow=1.0, truncate=False, original_max_position_embeddings=16)  # fmt: skip

@@ -236,9 +236,11 @@ def _alternating(layers: int) -> list[bool]:
 
 
 def _gpt_oss_meta(cfg: ModelConfig) -> dict[str, Any]:
-    """The sliding layers as a per-layer list, when they are not llama.cpp's default."""
+    """The sliding layers as a per-layer list, when they are not llama.cpp's default. A model
+    without sliding layers keeps the default layout with a window as wide as its context,
+    which hides nothing (llama.cpp's gpt-oss graph cannot run without sliding layers)."""
     sliding = [cfg.attention.is_sliding_layer(i) for i in range(cfg.num_layers)]
-    if sliding == _alternating(cfg.num_layers):
+    if sliding == _alternating(cfg.num_layers) or not any(sliding):
         return {}
     return {"{arch}.attention.sliding_window_pattern": sliding}
 
@@ -272,9 +274,15 @@ def refuse_swa_rope_base(meta: dict[str, Any], arch: str) -> None:
 
 
 def _gpt_oss_hf(meta: dict[str, Any]) -> dict[str, Any]:
-    """`layer_types` from the sliding-window pattern (llama.cpp's default: even layers)."""
+    """`layer_types` from the sliding-window pattern (llama.cpp's default: even layers); a
+    window as wide as the context hides nothing, and comes back as full attention."""
     refuse_swa_rope_base(meta, "gpt-oss")
     sliding = sliding_layers(meta, "gpt-oss", period=2)
+    window, context = (
+        meta.get(f"gpt-oss.{k}") for k in ("attention.sliding_window", "context_length")
+    )
+    if window is not None and context is not None and window >= context:
+        sliding = [False] * len(sliding)
     return {"layer_types": [gpt_oss.SLIDING if s else gpt_oss.FULL for s in sliding]}
 
 
