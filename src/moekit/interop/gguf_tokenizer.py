@@ -1,16 +1,16 @@
 """The tokenizer inside a GGUF file, both ways.
 
-GGUF stores a byte-level BPE tokenizer as `tokenizer.ggml.model = "gpt2"`: the token strings
-by id, the merges in rank order ("a b"), a type per token (normal, control for special tokens,
+GGUF stores a byte-level BPE tokenizer as `tokenizer.ggml.model = "gpt2"`: the token strings by
+id, the merges in rank order ("a b"), a type per token (normal, control for special tokens,
 user-defined for other added ones), the special token ids and a pre-tokenizer name that
-llama.cpp implements in its own code. moekit's tokenizers (and any byte-level BPE whose
-pre-tokenizer is GPT-2's: the ByteLevel split with its standard regex and no normaliser) are
-"gpt-2" there; byte-level tokenizers with Qwen2's or Llama 3's split are "qwen2" and
-"llama-bpe" (`SPLITS`). llama.cpp's own converter names the pre-tokenizer by hashing a fixed
-text's token ids, so it recognises only vocabularies it has registered; writing the GGUF here
-states the pre-tokenizer directly. A tokenizer of another kind (SentencePiece, another split)
-is refused by name rather than written with a pre-tokenizer that would split text
-differently.
+llama.cpp implements in its own code. moekit's tokenizers (and any byte-level BPE whose pre-
+tokenizer is GPT-2's: the ByteLevel split with its standard regex and no normaliser) are "gpt-2"
+there; byte-level tokenizers with Qwen2's, Llama 3's or the o200k split (gpt-oss, Llama 4) are
+"qwen2", "llama-bpe" and "gpt-4o" (`SPLITS`). llama.cpp's own converter names the pre-tokenizer
+by hashing a fixed text's token ids, so it recognises only vocabularies it has registered;
+writing the GGUF here states the pre-tokenizer directly. A tokenizer of another kind
+(SentencePiece, another split) is refused by name rather than written with a pre-tokenizer that
+would split text differently.
 """
 
 from __future__ import annotations
@@ -36,9 +36,20 @@ _REST = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 SPLITS: dict[str, tuple[str, str | None]] = {
     # Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE: digits one by one, NFC-normalised text.
     "qwen2": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" + _REST, "NFC"),
-    # Llama 3 and 4: digits in groups of up to three.
+    # Llama 3: digits in groups of up to three.
     "llama-bpe": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|" + _REST, None),
+    # gpt-oss and Llama 4 (OpenAI's o200k split): words by letter case, contractions attached,
+    # digits in groups of up to three. llama.cpp reads it as "gpt-4o" or "llama4".
+    "gpt-4o": (
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        None,
+    ),
 }
+ALIASES = {"llama4": "gpt-4o", "default": "gpt-2"}  # other names llama.cpp reads them by
 
 
 def pre_tokenizer_name(spec: dict[str, Any], where: str) -> str:
@@ -69,7 +80,8 @@ def pre_tokenizer_of(name: str) -> tuple[Any, Any]:
     """The `tokenizers` (normaliser, pre-tokenizer) of llama.cpp's pre-tokenizer `name`."""
     from tokenizers import Regex, normalizers, pre_tokenizers
 
-    if name in ("gpt-2", "default"):
+    name = ALIASES.get(name, name)
+    if name == "gpt-2":
         return None, pre_tokenizers.ByteLevel(add_prefix_space=False)
     pattern, norm = SPLITS[name]
     split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
@@ -157,11 +169,11 @@ def write_tokenizer(meta: dict[str, Any], out: Path) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in ("gpt-2", "default", *SPLITS):
+    if kind != "gpt2" or pre not in ("gpt-2", *ALIASES, *SPLITS):
         raise UnsupportedError(
             f"GGUF tokenizer.ggml.model={kind!r} with tokenizer.ggml.pre={pre!r} is not "
             "supported: moekit rebuilds byte-level BPE tokenizers (model 'gpt2') with the "
-            f"pre-tokenizers gpt-2, {', '.join(SPLITS)}"
+            f"pre-tokenizers gpt-2, {', '.join([*SPLITS, *ALIASES])}"
         )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
