@@ -652,6 +652,47 @@ def test_llama4_and_gpt_oss_files_that_move_llama_cpps_layout_are_refused(tmp_pa
         assert load_model(back.path).cfg.attention.sliding_layers == sliding
 
 
+def test_a_gpt_oss_file_with_mxfp4_experts_is_read(tmp_path, tokenizer):
+    """gpt-oss GGUF files keep the experts in MXFP4 (as llama.cpp's converter writes OpenAI's
+    checkpoints): they are read through the gguf package's own dequantisation, exactly."""
+    model_dir = make_model("gpt_oss", tmp_path, tokenizer)
+    export_gguf(model_dir, tmp_path / "f32.gguf", type="f32")
+    reader = gguf.GGUFReader(tmp_path / "f32.gguf")
+    mxfp4 = gguf.GGMLQuantizationType.MXFP4
+    writer = gguf.GGUFWriter(tmp_path / "mxfp4.gguf", "gpt-oss")
+    for key, field in reader.fields.items():
+        if not key.startswith(("GGUF.", "general.architecture")):
+            sub = field.types[-1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    expected = {}
+    for t in reader.tensors:
+        data = t.data.copy()
+        if t.name.endswith("_exps.weight"):
+            packed = gguf.quants.quantize(data, mxfp4)
+            expected[t.name] = torch.from_numpy(gguf.quants.dequantize(packed, mxfp4))
+            writer.add_tensor(t.name, packed, raw_dtype=mxfp4)
+        else:
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "mxfp4.gguf").tensors}
+    assert kinds["blk.0.ffn_down_exps.weight"] == mxfp4
+    back = import_gguf(tmp_path / "mxfp4.gguf", tmp_path / "back")
+    from moekit.model_dir import load_weights
+
+    weights = load_weights(back.path)
+    assert torch.equal(
+        weights["layers.0.ffn.experts.w_gate"], expected["blk.0.ffn_gate_exps.weight"]
+    )
+    assert torch.equal(
+        weights["layers.1.ffn.experts.w_down"], expected["blk.1.ffn_down_exps.weight"]
+    )
+    original = load_weights(model_dir)["layers.0.ffn.experts.w_up"]
+    assert not torch.equal(weights["layers.0.ffn.experts.w_up"], original)  # 4 bits, not f32
+
+
 def test_llama4_context_boundaries_of_chunks_and_temperature(tmp_path, tokenizer):
     """llama.cpp's chunks act from position 8192 and its temperature from 8191: a model without
     them is written up to a context of 8192 (chunks) and 8191 (temperature), and refused past
