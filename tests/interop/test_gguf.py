@@ -602,6 +602,25 @@ def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path, tokenizer, name):
         import_gguf(tmp_path / "settings.gguf", tmp_path / "back-settings")
 
 
+@pytest.mark.parametrize(
+    ("name", "low", "high"), [("llama4_text", 1.0, 1.0), ("mixtral", 1.0, 4.0)]
+)
+def test_bare_rope_freqs_of_published_llama3_settings_are_recognised(
+    tmp_path, tokenizer, name, low, high
+):
+    """A file from llama.cpp's converter has rope_freqs without moekit's keys: Llama 4 Scout's
+    settings (low = high = 1) and Llama 3.1's (1 and 4, pretrained context 8192) are
+    recognised from the factors and read back exactly."""
+    scaling = dict(LLAMA3, factor=16.0, low_freq_factor=low, high_freq_factor=high,
+                   original_max_position_embeddings=8192)  # fmt: skip
+    model_dir = make_model(name, tmp_path, tokenizer, rope_parameters=scaling)
+    export_gguf(model_dir, tmp_path / "m.gguf", type="f32")
+    rewrite(tmp_path / "m.gguf", tmp_path / "bare.gguf", drop=("moekit.rope",))
+    back = import_gguf(tmp_path / "bare.gguf", tmp_path / "back")
+    assert load_model(back.path).cfg.rope_scaling == load_model(model_dir).cfg.rope_scaling
+    assert torch.equal(logits(back.path, TOKENS), logits(model_dir, TOKENS))
+
+
 def rewrite(src, dst, drop=(), add=None):
     """Copy the GGUF file `src` to `dst` without the metadata keys and tensors whose names
     start with one of `drop`, with the metadata `add` (key -> (value, GGUF type))."""

@@ -35,7 +35,9 @@ from moekit.interop.gguf_deepseek import DEEPSEEK2_V2, DEEPSEEK2_V3, DOTS1
 from moekit.interop.gguf_llama4 import LLAMA4
 from moekit.interop.gguf_rope import (
     FREQ_FACTOR_ARCHS,
+    LLAMA3_KEYS,
     ROPE_FREQS,
+    llama3_settings_of,
     rope_freq_factors,
     rope_meta,
     rope_scaling_of,
@@ -288,6 +290,8 @@ def import_gguf(
     if "token_embd.weight" not in tensors:
         raise UnsupportedError(f"{path}: the file has no token embedding (token_embd.weight)")
     vocab = int(tensors["token_embd.weight"].shape[-1])  # GGUF lists dimensions innermost first
+    if ROPE_FREQS in tensors and not LLAMA3_KEYS.keys() <= meta.keys():
+        meta |= _bare_rope_freqs(arch, meta, _decode(tensors, ROPE_FREQS, path))
     cfg = arch.hf.config_from_hf(_hf_config(arch, meta, set(tensors), vocab))
     maps = bind(arch.weights, cfg, {}, f"GGUF {arch.name}")
     used = {name for m in maps for name in m.theirs}
@@ -319,6 +323,22 @@ def import_gguf(
     return GgufResult(arch.name, out.path, str(target).removeprefix("torch."), len(used))
 
 
+def _bare_rope_freqs(arch: GgufArch, meta: dict[str, Any], factors: Tensor) -> dict[str, Any]:
+    """The Llama 3 settings behind a file's `rope_freqs` without moekit's keys (written by
+    llama.cpp's converter), when published settings make exactly those factors; {} when none
+    does (the tensor is then refused by name)."""
+    name = arch.name
+    heads = meta.get(f"{name}.attention.head_count")
+    head_dim = meta.get(f"{name}.rope.dimension_count") or meta.get(f"{name}.attention.key_length")
+    if head_dim is None and heads:
+        head_dim = int(meta[f"{name}.embedding_length"]) // int(heads)
+    theta = meta.get(f"{name}.rope.freq_base", 10000.0)
+    if not head_dim:
+        return {}
+    theta = float(str(np.float32(theta)))  # as the config reads it
+    return llama3_settings_of(factors, int(head_dim), theta) or {}
+
+
 def _check_rope_freqs(cfg: ModelConfig, arch: str, tensors: dict[str, Any], path: Path) -> None:
     """A file's `rope_freqs` (per-dimension RoPE factors) must be what the Llama 3 settings
     moekit wrote beside them make, in an architecture whose graph reads them: bare factors
@@ -335,8 +355,8 @@ def _check_rope_freqs(cfg: ModelConfig, arch: str, tensors: dict[str, Any], path
     if ours is None:
         raise UnsupportedError(
             f"{path}: {ROPE_FREQS} holds per-dimension RoPE factors without the Llama 3 "
-            "settings moekit writes beside them (moekit.rope.llama3.*); moekit carries Llama 3 "
-            "scaling by its settings and cannot tell them from the factors alone"
+            "settings moekit writes beside them (moekit.rope.llama3.*), and no published Llama 3 "
+            "settings make them; moekit carries Llama 3 scaling by its settings"
         )
     if ours.shape != stored.shape or not torch.allclose(ours, stored, rtol=1e-6, atol=0):
         raise UnsupportedError(

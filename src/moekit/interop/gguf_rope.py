@@ -117,6 +117,38 @@ def rope_freq_factors(cfg: ModelConfig) -> Tensor | None:
     return plain / inverse_frequencies(cfg.head_dim, cfg.rope_theta, cpu, s)
 
 
+# Llama 3 settings published checkpoints use, tried when a file has bare `rope_freqs`
+# (pretrained context, low and high frequency factors).
+_PUBLISHED_LLAMA3 = [
+    (original, low, high)
+    for original in (8192, 4096, 16384, 32768, 65536, 131072)
+    for low, high in ((1.0, 4.0), (1.0, 1.0))
+]
+
+
+def llama3_settings_of(factors: Tensor, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """The `moekit.rope.llama3.*` metadata of bare per-dimension factors (a file from
+    llama.cpp's converter), when published Llama 3 settings (Llama 3.1's, Llama 4 Scout's and
+    their pretrained contexts) make exactly these factors; None when none does."""
+    from moekit.config import RopeScalingConfig
+
+    factor = float(str(np.float32(factors.max().item())))
+    cpu = torch.device("cpu")
+    plain = inverse_frequencies(head_dim, theta, cpu)
+    for original, low, high in _PUBLISHED_LLAMA3:
+        s = RopeScalingConfig(
+            kind="llama3",
+            factor=factor,
+            original_max_seq_len=original,
+            low_freq_factor=low,
+            high_freq_factor=high,
+        )
+        made = plain / inverse_frequencies(head_dim, theta, cpu, s)
+        if made.shape == factors.shape and torch.allclose(made, factors, rtol=1e-6, atol=0):
+            return dict(zip(LLAMA3_KEYS, (factor, low, high, original), strict=True))
+    return None
+
+
 def rope_scaling_of(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
     """The Hugging Face `rope_scaling` a file's metadata states (None: unscaled); a
     ValueError naming a scaling type moekit does not read."""
