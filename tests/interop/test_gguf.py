@@ -456,7 +456,7 @@ def test_a_quantised_model_is_written_from_its_dequantised_weights(tmp_path, tok
 
 def split_tokenizer(name):
     """A tokenizer trained with the pre-tokenizer llama.cpp calls `name` (qwen2, llama-bpe,
-    gpt-4o), laid out as those families' tokenizer.json files are."""
+    gpt-4o, deepseek-v3), laid out as those families' tokenizer.json files are."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, trainers
 
@@ -470,7 +470,8 @@ def split_tokenizer(name):
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
                                   initial_alphabet=pre_tokenizers_alphabet(),
                                   show_progress=False)  # fmt: skip
-    backend.train_from_iterator([TEXT, "I'll pay 12345 dollars.\n\nWe'VE 3.14 cafés"], trainer)
+    extra = "I'll pay 12345 dollars.\n\nWe'VE 3.14 cafés. 数字和日本語テキスト" * 3
+    backend.train_from_iterator([TEXT, extra], trainer)
     return Tokenizer(backend)
 
 
@@ -480,11 +481,11 @@ def pre_tokenizers_alphabet():
     return pre_tokenizers.ByteLevel.alphabet()
 
 
-@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt-4o"])
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt-4o", "deepseek-v3"])
 def test_split_pre_tokenizers_are_named_and_rebuilt(tmp_path, pre):
-    """Byte-level tokenizers with Qwen's, Llama 3's or the o200k split are written under
-    llama.cpp's name for it, and read back into a pipeline that encodes every text the same
-    way."""
+    """Byte-level tokenizers with Qwen's, Llama 3's, the o200k or DeepSeek-V3's split are written
+    under llama.cpp's name for it, and read back into a pipeline that encodes every text the
+    same way."""
     tok = split_tokenizer(pre)
     model_dir = make_model("qwen3_moe", tmp_path, tok)
     export_gguf(model_dir, tmp_path / "m.gguf", type="f32")
@@ -496,6 +497,9 @@ def test_split_pre_tokenizers_are_named_and_rebuilt(tmp_path, pre):
         assert back.encode(text) == ours.encode(text), text
     pieces = back.backend.pre_tokenizer.pre_tokenize_str("12345")  # digits: 1 or up to 3
     assert len(pieces) == (5 if pre == "qwen2" else 2)
+    if pre == "deepseek-v3":  # runs of CJK ideographs and kana split from their neighbours
+        words = back.backend.pre_tokenizer.pre_tokenize_str("ab世界cd")
+        assert len(words) == 3
     if pre == "gpt-4o":  # words split by letter case, contractions kept on their word
         words = back.backend.pre_tokenizer.pre_tokenize_str("HelloWorld we'LL")
         assert [w for w, _ in words] == ["Hello", "World", "Ġwe'LL"]

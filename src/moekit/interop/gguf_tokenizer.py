@@ -5,12 +5,12 @@ id, the merges in rank order ("a b"), a type per token (normal, control for spec
 user-defined for other added ones), the special token ids and a pre-tokenizer name that
 llama.cpp implements in its own code. moekit's tokenizers (and any byte-level BPE whose pre-
 tokenizer is GPT-2's: the ByteLevel split with its standard regex and no normaliser) are "gpt-2"
-there; byte-level tokenizers with Qwen2's, Llama 3's or the o200k split (gpt-oss, Llama 4) are
-"qwen2", "llama-bpe" and "gpt-4o" (`SPLITS`). llama.cpp's own converter names the pre-tokenizer
-by hashing a fixed text's token ids, so it recognises only vocabularies it has registered;
-writing the GGUF here states the pre-tokenizer directly. A tokenizer of another kind
-(SentencePiece, another split) is refused by name rather than written with a pre-tokenizer that
-would split text differently.
+there; byte-level tokenizers with Qwen2's, Llama 3's, the o200k (gpt-oss, Llama 4) or
+DeepSeek-V3's splits are "qwen2", "llama-bpe", "gpt-4o" and "deepseek-v3" (`SPLITS`).
+llama.cpp's own converter names the pre-tokenizer by hashing a fixed text's token ids, so it
+recognises only vocabularies it has registered; writing the GGUF here states the pre-tokenizer
+directly. A tokenizer of another kind (SentencePiece, another split) is refused by name rather
+than written with a pre-tokenizer that would split text differently.
 """
 
 from __future__ import annotations
@@ -28,24 +28,37 @@ NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 GPT2_PRE = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 
 # The split expressions of the byte-level pre-tokenizers moekit names in GGUF files, as the
-# published tokenizer.json files of each family spell them (a `Split` before a ByteLevel
-# that maps bytes only), with the normaliser that goes with them. llama.cpp implements each
-# under the name on the left.
+# published tokenizer.json files of each family spell them (`Split`s, in order, before a
+# ByteLevel that maps bytes only), with the normaliser that goes with them. llama.cpp
+# implements each under the name on the left.
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _REST = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-SPLITS: dict[str, tuple[str, str | None]] = {
+SPLITS: dict[str, tuple[tuple[str, ...], str | None]] = {
     # Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE: digits one by one, NFC-normalised text.
-    "qwen2": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" + _REST, "NFC"),
+    "qwen2": ((_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" + _REST,), "NFC"),
     # Llama 3: digits in groups of up to three.
-    "llama-bpe": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|" + _REST, None),
+    "llama-bpe": ((_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|" + _REST,), None),
     # gpt-oss and Llama 4 (OpenAI's o200k split): words by letter case, contractions attached,
     # digits in groups of up to three. llama.cpp reads it as "gpt-4o" or "llama4".
     "gpt-4o": (
-        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        (
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ),
+        None,
+    ),
+    # DeepSeek-V3 (and R1): digit groups of up to three, runs of CJK ideographs and kana, then
+    # words, punctuation runs and whitespace.
+    "deepseek-v3": (
+        (
+            r"\p{N}{1,3}",
+            r"[一-龥぀-ゟ゠-ヿ]+",
+            r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+            r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ),
         None,
     ),
 }
@@ -59,15 +72,19 @@ def pre_tokenizer_name(spec: dict[str, Any], where: str) -> str:
     if not normalizer and all(pre.get(k) == v for k, v in GPT2_PRE.items()):
         return "gpt-2"
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
-    if steps and len(steps) == 2:
-        split, byte_level = steps
-        pattern = (split.get("pattern") or {}).get("Regex")
-        plain_split = split.get("type") == "Split" and split.get("behavior") == "Isolated"
-        plain_split = plain_split and not split.get("invert")
+    if steps and len(steps) >= 2:
+        *splits, byte_level = steps
+        plain = all(
+            split.get("type") == "Split"
+            and split.get("behavior") == "Isolated"
+            and not split.get("invert")
+            for split in splits
+        )
+        patterns = tuple((split.get("pattern") or {}).get("Regex") for split in splits)
         bytes_only = byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex")
         norm = (normalizer or {}).get("type")
         for name, (expected, expected_norm) in SPLITS.items():
-            if plain_split and bytes_only and pattern == expected and norm == expected_norm:
+            if plain and bytes_only and patterns == expected and norm == expected_norm:
                 return name
     raise UnsupportedError(
         f"{where}: pre_tokenizer {json.dumps(pre)} (normalizer {json.dumps(normalizer)}) is "
@@ -83,11 +100,14 @@ def pre_tokenizer_of(name: str) -> tuple[Any, Any]:
     name = ALIASES.get(name, name)
     if name == "gpt-2":
         return None, pre_tokenizers.ByteLevel(add_prefix_space=False)
-    pattern, norm = SPLITS[name]
-    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+    patterns, norm = SPLITS[name]
+    splits = [
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+        for pattern in patterns
+    ]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     normalizer = normalizers.NFC() if norm == "NFC" else None
-    return normalizer, pre_tokenizers.Sequence([split, byte_level])
+    return normalizer, pre_tokenizers.Sequence([*splits, byte_level])
 
 
 def tokenizer_metadata(model_dir: ModelDir, vocab_size: int) -> dict[str, Any]:
