@@ -322,6 +322,12 @@ def test_gpt_oss_sliding_layers_travel_and_its_published_yarn_is_refused(tmp_pat
     back = import_gguf(tmp_path / "f.gguf", tmp_path / "back-f")
     assert load_model(back.path).cfg.attention.sliding_layers is None
     assert torch.equal(logits(back.path, TOKENS), logits(full, TOKENS))
+    # A window stated but used by no layer is written as wide as the context too.
+    cfg = load_model(full).cfg
+    cfg.attention.sliding_window, cfg.attention.sliding_layers = 8, []
+    from moekit.interop.gguf_arch import GPT_OSS
+
+    assert GPT_OSS.meta_of(cfg) == {"{arch}.attention.sliding_window": 128}
 
     yarn = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
                 beta_slow=1.0, truncate=False, original_max_position_embeddings=16)  # fmt: skip
@@ -470,7 +476,7 @@ def split_tokenizer(name):
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
                                   initial_alphabet=pre_tokenizers_alphabet(),
                                   show_progress=False)  # fmt: skip
-    extra = "I'll pay 12345 dollars.\n\nWe'VE 3.14 cafés. 数字和日本語テキスト" * 3
+    extra = "I'll pay 12345 dollars.\n\nWe'VE 3.14 cafés. 数字和日本語テキスト HÉLLO ÉCOLE" * 3
     backend.train_from_iterator([TEXT, extra], trainer)
     return Tokenizer(backend)
 
@@ -503,6 +509,39 @@ def test_split_pre_tokenizers_are_named_and_rebuilt(tmp_path, pre):
     if pre == "gpt-4o":  # words split by letter case, contractions kept on their word
         words = back.backend.pre_tokenizer.pre_tokenize_str("HelloWorld we'LL")
         assert [w for w, _ in words] == ["Hello", "World", "Ġwe'LL"]
+
+
+# The pre-tokenizers of published tokenizer.json files, as the files spell them (JSON text):
+# gpt-oss's (o200k) and DeepSeek-V3's, whose normaliser is an empty sequence.
+_BYTES = (
+    '{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}'
+)
+_SPLIT = '{"type": "Split", "pattern": {"Regex": %s}, "behavior": "Isolated", "invert": false}'
+_O200K = r'''"[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"'''
+_DEEPSEEK_WORDS = r'''"[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"'''
+PUBLISHED = {
+    "gpt-4o": (
+        '{"type": "Sequence", "pretokenizers": [' + _SPLIT % _O200K + ", " + _BYTES + "]}",
+        "null",
+    ),
+    "deepseek-v3": (
+        '{"type": "Sequence", "pretokenizers": ['
+        + ", ".join([_SPLIT % r'"\\p{N}{1,3}"', _SPLIT % '"[一-龥぀-ゟ゠-ヿ]+"',
+                     _SPLIT % _DEEPSEEK_WORDS, _BYTES])
+        + "]}",
+        '{"type": "Sequence", "normalizers": []}',
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_pre_tokenizers_are_named(name):
+    """The published files' own spelling (not moekit's table) is recognised."""
+    from moekit.interop.gguf_tokenizer import pre_tokenizer_name
+
+    pre, normalizer = PUBLISHED[name]
+    spec = {"pre_tokenizer": json.loads(pre), "normalizer": json.loads(normalizer)}
+    assert pre_tokenizer_name(spec, "tokenizer.json") == name
 
 
 def test_other_pre_tokenizers_are_refused_by_name(tmp_path, tokenizer):

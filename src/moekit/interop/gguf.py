@@ -330,8 +330,9 @@ def _bare_rope_freqs(arch: GgufArch, meta: dict[str, Any], factors: Tensor) -> d
     name = arch.name
     heads = meta.get(f"{name}.attention.head_count")
     head_dim = meta.get(f"{name}.rope.dimension_count") or meta.get(f"{name}.attention.key_length")
-    if head_dim is None and heads:
-        head_dim = int(meta[f"{name}.embedding_length"]) // int(heads)
+    width = meta.get(f"{name}.embedding_length")
+    if head_dim is None and heads and width:
+        head_dim = int(width) // int(heads)
     theta = meta.get(f"{name}.rope.freq_base", 10000.0)
     if not head_dim:
         return {}
@@ -340,10 +341,10 @@ def _bare_rope_freqs(arch: GgufArch, meta: dict[str, Any], factors: Tensor) -> d
 
 
 def _check_rope_freqs(cfg: ModelConfig, arch: str, tensors: dict[str, Any], path: Path) -> None:
-    """A file's `rope_freqs` (per-dimension RoPE factors) must be what the Llama 3 settings
-    moekit wrote beside them make, in an architecture whose graph reads them: bare factors
-    name no scaling moekit can carry, and settings without factors are not what llama.cpp
-    computes."""
+    """A file's `rope_freqs` (per-dimension RoPE factors) must be what the file's Llama 3
+    settings make (moekit's keys, or published settings recognised from the factors), in an
+    architecture whose graph reads them: factors no known settings make name no scaling moekit
+    can carry, and settings without factors are not what llama.cpp computes."""
     ours = rope_freq_factors(cfg)
     if ours is not None and (ROPE_FREQS not in tensors or arch not in FREQ_FACTOR_ARCHS):
         raise UnsupportedError(

@@ -240,7 +240,9 @@ def _gpt_oss_meta(cfg: ModelConfig) -> dict[str, Any]:
     without sliding layers keeps the default layout with a window as wide as its context,
     which hides nothing (llama.cpp's gpt-oss graph cannot run without sliding layers)."""
     sliding = [cfg.attention.is_sliding_layer(i) for i in range(cfg.num_layers)]
-    if sliding == _alternating(cfg.num_layers) or not any(sliding):
+    if not any(sliding):  # whatever window the config states, none of its layers uses it
+        return {"{arch}.attention.sliding_window": cfg.max_seq_len}
+    if sliding == _alternating(cfg.num_layers):
         return {}
     return {"{arch}.attention.sliding_window_pattern": sliding}
 

@@ -13,8 +13,10 @@ Llama 3 scaling is stored as llama.cpp's converter stores it, for the architectu
 graphs read it ("llama", "llama4"): a `rope_freqs` tensor of per-dimension factors (each
 unscaled frequency divided by the scaled one). The factors alone do not say which Llama 3
 settings made them, so moekit writes those settings beside them under its own keys
-(`moekit.rope.llama3.*`, which llama.cpp ignores) and reads a file back only with them,
-checking that they reproduce the tensor.
+(`moekit.rope.llama3.*`, which llama.cpp ignores) and, reading a file back, checks that they
+reproduce the tensor. A file without them (llama.cpp's converter writes none) is read when one
+of the published settings (`llama3_settings_of`) makes exactly its factors; on a tiny model
+several may, all computing the same rotation, and the first is recorded.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def rope_freq_factors(cfg: ModelConfig) -> Tensor | None:
 
 
 # Llama 3 settings published checkpoints use, tried when a file has bare `rope_freqs`
-# (pretrained context, low and high frequency factors).
+# (pretrained context, low and high frequency factors): the powers of two from 4096 to 131072,
+# with Llama 3.1's factors (1 and 4) and Llama 4 Scout's (1 and 1).
 _PUBLISHED_LLAMA3 = [
     (original, low, high)
     for original in (8192, 4096, 16384, 32768, 65536, 131072)

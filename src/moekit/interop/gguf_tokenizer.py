@@ -56,8 +56,10 @@ SPLITS: dict[str, tuple[tuple[str, ...], str | None]] = {
         (
             r"\p{N}{1,3}",
             r"[一-龥぀-ゟ゠-ヿ]+",
-            r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
-            r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            # Spelt as the published file holds it once read: a plain quote, and carriage
+            # return and line feed as the characters themselves.
+            "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?"
+            "[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
         ),
         None,
     ),
@@ -69,6 +71,8 @@ def pre_tokenizer_name(spec: dict[str, Any], where: str) -> str:
     """llama.cpp's name for the pre-tokenizer of tokenizer.json `spec`; UnsupportedError
     naming it when it is none moekit knows (it would split text differently there)."""
     pre, normalizer = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    if normalizer == {"type": "Sequence", "normalizers": []}:  # DeepSeek-V3's: none at all
+        normalizer = None
     if not normalizer and all(pre.get(k) == v for k, v in GPT2_PRE.items()):
         return "gpt-2"
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
