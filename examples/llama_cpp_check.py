@@ -8,9 +8,9 @@ every MODEL_DIR given, e.g. the trained demo model); each is written as GGUF in 
 for, run by `llama-simple` (greedy), and its continuation compared with moekit's greedy
 continuation of the same prompt from the same weights (for quantised types: from the GGUF file
 read back, i.e. the same quantised weights). With `llama-tokenize` in the same directory,
-tokenizers with each pre-tokenizer moekit names in GGUF files (gpt-2, qwen2, llama-bpe, gpt-4o,
-deepseek-v3) are also checked to encode texts to the same ids in llama.cpp as in moekit. Not
-part of the test suite: it needs a llama.cpp build.
+tokenizers with each pre-tokenizer moekit names in GGUF files (gpt-2, olmo, qwen2, llama-bpe,
+gpt-4o, deepseek-v3) are also checked to encode texts to the same ids in llama.cpp as in moekit.
+Not part of the test suite: it needs a llama.cpp build.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ TOKENIZER_TEXTS = ["I'll pay 12345 dollars.\n\n  We'VE 3.14 cafés", "a\r\nb\tc 
 def check_tokenizers(bin_dir: Path, root: Path) -> int:
     """Encode texts with llama-tokenize from GGUF files of each pre-tokenizer; the failures."""
     failures = 0
-    for pre in ("gpt-2", "qwen2", "llama-bpe", "gpt-4o", "deepseek-v3"):
+    for pre in ("gpt-2", "olmo", "qwen2", "llama-bpe", "gpt-4o", "deepseek-v3"):
         tok = Tokenizer.train([TEXT], 300) if pre == "gpt-2" else split_tokenizer(pre)
         model_dir = tiny_model("qwen3_moe", root / f"tok-{pre}", tok)
         gguf_file = root / f"tok-{pre}.gguf"

@@ -462,7 +462,7 @@ def test_a_quantised_model_is_written_from_its_dequantised_weights(tmp_path, tok
 
 def split_tokenizer(name):
     """A tokenizer trained with the pre-tokenizer llama.cpp calls `name` (qwen2, llama-bpe,
-    gpt-4o, deepseek-v3), laid out as those families' tokenizer.json files are."""
+    gpt-4o, deepseek-v3, olmo), laid out as those families' tokenizer.json files are."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, trainers
 
@@ -487,7 +487,7 @@ def pre_tokenizers_alphabet():
     return pre_tokenizers.ByteLevel.alphabet()
 
 
-@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt-4o", "deepseek-v3"])
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt-4o", "deepseek-v3", "olmo"])
 def test_split_pre_tokenizers_are_named_and_rebuilt(tmp_path, pre):
     """Byte-level tokenizers with Qwen's, Llama 3's, the o200k or DeepSeek-V3's split are written
     under llama.cpp's name for it, and read back into a pipeline that encodes every text the
@@ -502,7 +502,7 @@ def test_split_pre_tokenizers_are_named_and_rebuilt(tmp_path, pre):
     for text in ("I'll pay 12345 dollars.\n\n  We'VE 3.14 cafés", "a\r\nb\tc   d", TEXT[:300]):
         assert back.encode(text) == ours.encode(text), text
     pieces = back.backend.pre_tokenizer.pre_tokenize_str("12345")  # digits: 1 or up to 3
-    assert len(pieces) == (5 if pre == "qwen2" else 2)
+    assert len(pieces) == {"qwen2": 5, "olmo": 1}.get(pre, 2)
     if pre == "deepseek-v3":  # runs of CJK ideographs and kana split from their neighbours
         words = back.backend.pre_tokenizer.pre_tokenize_str("ab世界cd")
         assert len(words) == 3
@@ -531,6 +531,9 @@ PUBLISHED = {
         + "]}",
         '{"type": "Sequence", "normalizers": []}',
     ),
+    # OLMoE's (GPT-NeoX's): GPT-2's byte-level split after NFC.
+    "olmo": ('{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, '
+             '"use_regex": true}', '{"type": "NFC"}'),
 }  # fmt: skip
 
 

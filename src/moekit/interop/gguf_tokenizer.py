@@ -26,6 +26,9 @@ from moekit.model_dir import ModelDir
 # llama.cpp's token types (llama_token_type).
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 GPT2_PRE = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+# GPT-2's byte-level split alone, by normaliser: none (GPT-2's, moekit's own tokenizers) or NFC
+# (GPT-NeoX's: OLMo and OLMoE, which llama.cpp names "olmo").
+BYTE_LEVEL = {"gpt-2": None, "olmo": "NFC"}
 
 # The split expressions of the byte-level pre-tokenizers moekit names in GGUF files, as the
 # published tokenizer.json files of each family spell them (`Split`s, in order, before a
@@ -73,8 +76,10 @@ def pre_tokenizer_name(spec: dict[str, Any], where: str) -> str:
     pre, normalizer = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
     if normalizer == {"type": "Sequence", "normalizers": []}:  # DeepSeek-V3's: none at all
         normalizer = None
-    if not normalizer and all(pre.get(k) == v for k, v in GPT2_PRE.items()):
-        return "gpt-2"
+    if all(pre.get(k) == v for k, v in GPT2_PRE.items()):
+        for name, norm in BYTE_LEVEL.items():
+            if (normalizer or {}).get("type") == norm:
+                return name
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if steps and len(steps) >= 2:
         *splits, byte_level = steps
@@ -92,8 +97,8 @@ def pre_tokenizer_name(spec: dict[str, Any], where: str) -> str:
                 return name
     raise UnsupportedError(
         f"{where}: pre_tokenizer {json.dumps(pre)} (normalizer {json.dumps(normalizer)}) is "
-        f"none moekit names in GGUF files: GPT-2's byte-level split (moekit's own), "
-        f"{', '.join(SPLITS)}"
+        f"none moekit names in GGUF files: GPT-2's byte-level split without a normaliser "
+        f"(gpt-2, moekit's own) or with NFC (olmo), {', '.join(SPLITS)}"
     )
 
 
@@ -102,8 +107,9 @@ def pre_tokenizer_of(name: str) -> tuple[Any, Any]:
     from tokenizers import Regex, normalizers, pre_tokenizers
 
     name = ALIASES.get(name, name)
-    if name == "gpt-2":
-        return None, pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if name in BYTE_LEVEL:
+        normalizer = normalizers.NFC() if BYTE_LEVEL[name] == "NFC" else None
+        return normalizer, pre_tokenizers.ByteLevel(add_prefix_space=False)
     patterns, norm = SPLITS[name]
     splits = [
         pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
@@ -193,11 +199,12 @@ def write_tokenizer(meta: dict[str, Any], out: Path) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in ("gpt-2", *ALIASES, *SPLITS):
+    names = [*BYTE_LEVEL, *SPLITS, *ALIASES]
+    if kind != "gpt2" or pre not in names:
         raise UnsupportedError(
             f"GGUF tokenizer.ggml.model={kind!r} with tokenizer.ggml.pre={pre!r} is not "
             "supported: moekit rebuilds byte-level BPE tokenizers (model 'gpt2') with the "
-            f"pre-tokenizers gpt-2, {', '.join([*SPLITS, *ALIASES])}"
+            f"pre-tokenizers {', '.join(names)}"
         )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
