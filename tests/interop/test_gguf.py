@@ -468,7 +468,8 @@ def split_tokenizer(name):
 
     from moekit.interop.gguf_tokenizer import pre_tokenizer_of
 
-    backend = Backend(models.BPE())
+    # Llama 3's tokenizer takes a piece that is a token before merging (as llama.cpp does).
+    backend = Backend(models.BPE(ignore_merges=name == "llama-bpe"))
     normalizer, backend.pre_tokenizer = pre_tokenizer_of(name)
     if normalizer is not None:
         backend.normalizer = normalizer
@@ -501,6 +502,8 @@ def test_split_pre_tokenizers_are_named_and_rebuilt(tmp_path, pre):
     ours = Tokenizer.load(model_dir)
     for text in ("I'll pay 12345 dollars.\n\n  We'VE 3.14 cafés", "a\r\nb\tc   d", TEXT[:300]):
         assert back.encode(text) == ours.encode(text), text
+    rebuilt = json.loads((tmp_path / "back" / "tokenizer.json").read_text())["model"]
+    assert rebuilt["ignore_merges"] == (pre == "llama-bpe")  # as llama.cpp reads the name
     pieces = back.backend.pre_tokenizer.pre_tokenize_str("12345")  # digits: 1 or up to 3
     assert len(pieces) == {"qwen2": 5, "olmo": 1}.get(pre, 2)
     if pre == "deepseek-v3":  # runs of CJK ideographs and kana split from their neighbours
@@ -545,6 +548,18 @@ def test_published_pre_tokenizers_are_named(name):
     pre, normalizer = PUBLISHED[name]
     spec = {"pre_tokenizer": json.loads(pre), "normalizer": json.loads(normalizer)}
     assert pre_tokenizer_name(spec, "tokenizer.json") == name
+
+
+def test_a_merge_rule_llama_cpp_would_not_follow_is_refused(tmp_path):
+    """llama.cpp takes whole-word tokens before merging exactly after "llama-bpe": a Llama
+    3-split tokenizer that merges them anyway is refused by name."""
+    model_dir = make_model("qwen3_moe", tmp_path, split_tokenizer("llama-bpe"))
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    spec["model"]["ignore_merges"] = False
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UnsupportedError, match=r"llama.cpp takes whole-word tokens before "
+                                               r"merging after the 'llama-bpe'"):  # fmt: skip
+        export_gguf(model_dir, tmp_path / "m.gguf")
 
 
 def test_other_pre_tokenizers_are_refused_by_name(tmp_path, tokenizer):

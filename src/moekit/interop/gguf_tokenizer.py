@@ -68,6 +68,9 @@ SPLITS: dict[str, tuple[tuple[str, ...], str | None]] = {
     ),
 }
 ALIASES = {"llama4": "gpt-4o", "default": "gpt-2"}  # other names llama.cpp reads them by
+# The pre-tokenizers after which llama.cpp takes a piece that is a token as it is, before any
+# merge (the BPE model's `ignore_merges`, which Llama 3's tokenizer.json sets).
+IGNORE_MERGES = {"llama-bpe"}
 
 
 def pre_tokenizer_name(spec: dict[str, Any], where: str) -> str:
@@ -136,6 +139,13 @@ def tokenizer_metadata(model_dir: ModelDir, vocab_size: int) -> dict[str, Any]:
             "GGUF; moekit writes byte-level BPE tokenizers (GGUF's gpt2 model)"
         )
     pre = pre_tokenizer_name(spec, str(model_dir.tokenizer_path))
+    if bool(model.get("ignore_merges")) != (pre in IGNORE_MERGES):
+        state = "takes" if pre in IGNORE_MERGES else "does not take"
+        raise UnsupportedError(
+            f"{model_dir.tokenizer_path}: llama.cpp {state} whole-word tokens before merging "
+            f"after the {pre!r} pre-tokenizer, but this BPE model's ignore_merges is "
+            f"{bool(model.get('ignore_merges'))}"
+        )
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     for token_id, t in added.items():
@@ -216,7 +226,8 @@ def write_tokenizer(meta: dict[str, Any], out: Path) -> None:
     while used and types[used - 1] == UNUSED:
         used -= 1
     vocab = {t: i for i, t in enumerate(tokens[:used])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    ignore = ALIASES.get(pre, pre) in IGNORE_MERGES
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore))
     normalizer, backend.pre_tokenizer = pre_tokenizer_of(pre)
     if normalizer is not None:
         backend.normalizer = normalizer
