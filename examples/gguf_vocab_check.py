@@ -20,6 +20,14 @@ from pathlib import Path
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
 
+def plain(value: object) -> object:
+    """A metadata value with numpy scalars as Python ones."""
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
+
+
 def check(vocab: Path) -> bool | None:
     """True when every text gives the expected ids, False when one does not, None when moekit
     does not read this tokenizer."""
@@ -27,11 +35,10 @@ def check(vocab: Path) -> bool | None:
 
     from moekit.data.tokenizer import Tokenizer
     from moekit.interop.fields import UnsupportedError
-    from moekit.interop.gguf import _plain
     from moekit.interop.gguf_tokenizer import write_tokenizer
 
     reader = gguf.GGUFReader(vocab)
-    meta = {k: _plain(f.contents()) for k, f in reader.fields.items() if k.startswith("tok")}
+    meta = {k: plain(f.contents()) for k, f in reader.fields.items() if k.startswith("tok")}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             write_tokenizer(meta, Path(tmp))
