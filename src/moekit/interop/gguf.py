@@ -41,6 +41,7 @@ from moekit.interop.gguf_rope import (
     rope_freq_factors,
     rope_meta,
     rope_scaling_of,
+    same_factors,
 )
 from moekit.interop.gguf_tokenizer import tokenizer_metadata, write_tokenizer
 from moekit.interop.quantize import DequantizedTensors
@@ -359,7 +360,7 @@ def _check_rope_freqs(cfg: ModelConfig, arch: str, tensors: dict[str, Any], path
             "settings moekit writes beside them (moekit.rope.llama3.*), and no published Llama 3 "
             "settings make them; moekit carries Llama 3 scaling by its settings"
         )
-    if ours.shape != stored.shape or not torch.allclose(ours, stored, rtol=1e-6, atol=0):
+    if not same_factors(ours, stored):
         raise UnsupportedError(
             f"{path}: {ROPE_FREQS} differs from the factors its Llama 3 settings make "
             f"({cfg.rope_scaling.describe() if cfg.rope_scaling else ''})"

@@ -230,9 +230,10 @@ def _gpt_oss_weights() -> Weights:
     return table
 
 
-def _alternating(layers: int) -> list[bool]:
-    """llama.cpp's default gpt-oss layout: sliding-window attention on even layers."""
-    return [i % 2 == 0 for i in range(layers)]
+def periodic_sliding(layers: int, n: int) -> list[bool]:
+    """llama.cpp's sliding-window layers for a period n: every layer but the last of each n
+    (0: every layer). gpt-oss's default is 2 (the even layers), llama4's 4."""
+    return [n == 0 or i % n < n - 1 for i in range(layers)]
 
 
 def _gpt_oss_meta(cfg: ModelConfig) -> dict[str, Any]:
@@ -242,7 +243,7 @@ def _gpt_oss_meta(cfg: ModelConfig) -> dict[str, Any]:
     sliding = [cfg.attention.is_sliding_layer(i) for i in range(cfg.num_layers)]
     if not any(sliding):  # whatever window the config states, none of its layers uses it
         return {"{arch}.attention.sliding_window": cfg.max_seq_len}
-    if sliding == _alternating(cfg.num_layers):
+    if sliding == periodic_sliding(cfg.num_layers, 2):
         return {}
     return {"{arch}.attention.sliding_window_pattern": sliding}
 
@@ -260,8 +261,7 @@ def sliding_layers(meta: dict[str, Any], arch: str, period: int) -> list[bool]:
                 f"entries for {layers} layers"
             )
         return [bool(x) for x in pattern]
-    n = int(pattern)
-    return [n == 0 or i % n < n - 1 for i in range(layers)]
+    return periodic_sliding(layers, int(pattern))
 
 
 def refuse_swa_rope_base(meta: dict[str, Any], arch: str) -> None:

@@ -26,6 +26,7 @@ from moekit.interop.gguf_arch import (
     GgufArch,
     Interleaved,
     moe_weights,
+    periodic_sliding,
     refuse_swa_rope_base,
     shared_expert_weights,
     sliding_layers,
@@ -84,7 +85,7 @@ def _hf(meta: dict[str, Any]) -> dict[str, Any]:
     refuse_swa_rope_base(meta, "llama4")
     layers = int(meta["llama4.block_count"])
     chunked = sliding_layers(meta, "llama4", period=NOPE_INTERVAL)
-    if chunked != [(i + 1) % NOPE_INTERVAL != 0 for i in range(layers)]:
+    if chunked != periodic_sliding(layers, NOPE_INTERVAL):
         raise UnsupportedError(
             "GGUF metadata llama4.attention.sliding_window_pattern is not supported: moekit "
             f"chunks attention exactly on the RoPE layers (all but every {NOPE_INTERVAL}th)"

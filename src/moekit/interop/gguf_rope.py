@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.config import ModelConfig
+from moekit.config import ModelConfig, RopeScalingConfig
 from moekit.nn.rope import inverse_frequencies
 
 ROPE_FREQS = "rope_freqs.weight"
@@ -114,9 +114,18 @@ def rope_freq_factors(cfg: ModelConfig) -> Tensor | None:
     s = cfg.rope_scaling
     if s is None or s.kind != "llama3":
         return None
+    return _llama3_factors(cfg.head_dim, cfg.rope_theta, s)
+
+
+def _llama3_factors(head_dim: int, theta: float, s: RopeScalingConfig) -> Tensor:
     cpu = torch.device("cpu")
-    plain = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cpu)
-    return plain / inverse_frequencies(cfg.head_dim, cfg.rope_theta, cpu, s)
+    plain = inverse_frequencies(head_dim, theta, cpu)
+    return plain / inverse_frequencies(head_dim, theta, cpu, s)
+
+
+def same_factors(a: Tensor, b: Tensor) -> bool:
+    """Whether two `rope_freqs` tensors are the same factors (to float32 rounding)."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=0)
 
 
 # Llama 3 settings published checkpoints use, tried when a file has bare `rope_freqs`
@@ -133,11 +142,7 @@ def llama3_settings_of(factors: Tensor, head_dim: int, theta: float) -> dict[str
     """The `moekit.rope.llama3.*` metadata of bare per-dimension factors (a file from
     llama.cpp's converter), when published Llama 3 settings (Llama 3.1's, Llama 4 Scout's and
     their pretrained contexts) make exactly these factors; None when none does."""
-    from moekit.config import RopeScalingConfig
-
     factor = float(str(np.float32(factors.max().item())))
-    cpu = torch.device("cpu")
-    plain = inverse_frequencies(head_dim, theta, cpu)
     for original, low, high in _PUBLISHED_LLAMA3:
         s = RopeScalingConfig(
             kind="llama3",
@@ -146,8 +151,7 @@ def llama3_settings_of(factors: Tensor, head_dim: int, theta: float) -> dict[str
             low_freq_factor=low,
             high_freq_factor=high,
         )
-        made = plain / inverse_frequencies(head_dim, theta, cpu, s)
-        if made.shape == factors.shape and torch.allclose(made, factors, rtol=1e-6, atol=0):
+        if same_factors(_llama3_factors(head_dim, theta, s), factors):
             return dict(zip(LLAMA3_KEYS, (factor, low, high, original), strict=True))
     return None
 
