@@ -121,3 +121,20 @@ def test_a_large_weight_is_expanded_in_blocks_with_the_same_product(monkeypatch,
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if bits == 4:
         assert expanded == [48, 48, 48, 48, 8]  # never the whole weight at once
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+def test_auto_takes_torchs_kernels_only_for_bfloat16_on_avx512(monkeypatch, avx512):
+    # PyTorch's weight-only CPU kernels are vectorised for bfloat16 inputs on AVX-512 only;
+    # for float32 and float16 they cost milliseconds per row (docs/benchmarks.md).
+    from moekit.quant import weight
+
+    monkeypatch.setattr(weight, "_avx512", lambda: avx512)
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.float16):
+        assert weight.auto_kernel(cpu, 4, dtype) == "compiled"
+        assert weight.auto_kernel(cpu, 8, dtype) == "dequant"
+    want = "torch" if avx512 else None
+    assert weight.auto_kernel(cpu, 4, torch.bfloat16) == (want or "compiled")
+    assert weight.auto_kernel(cpu, 8, torch.bfloat16) == (want or "dequant")
+    assert weight.auto_kernel(torch.device("meta"), 4) == "dequant"  # not the CPU

@@ -8,7 +8,9 @@ stacked tensor:
 
 - "torch": the weight-only kernels PyTorch ships (`aten._weight_int8pack_mm`,
   `aten._weight_int4pack_mm_for_cpu`), reading the packed weights directly. PyTorch vectorises
-  them on CPUs with AVX-512; elsewhere they run a plain scalar loop.
+  them on CPUs with AVX-512 for bfloat16 inputs; for float32 and float16 inputs, and on other
+  CPUs, they run a loop whose time grows with every row (4 ms per row for a 2048 x 1024
+  int4 expert on an AVX-512 Xeon, against 0.4 ms for one row through "compiled").
 - "compiled" (int4 on CPU): `torch.compile`d kernels that read the stored nibbles directly
   (`moekit.quant.kernels`): for up to `kernels.FEW_ROWS` rows one fused loop that unpacks,
   scales and multiplies without writing a float weight; for more rows one compiled unpacking
@@ -22,7 +24,8 @@ stacked tensor:
   kernel's many-rows pass, which expands the weight, hands such weights to this path).
 
 "auto" (the default) is a fixed rule from measurements (`moekit bench quant --kernels`; the
-figures are in docs/benchmarks.md): "torch" on AVX-512 CPUs; elsewhere "compiled" for int4
+figures are in docs/benchmarks.md): "torch" for bfloat16 inputs on AVX-512 CPUs (0.12 ms
+for that expert's row, 3.5x "compiled"); otherwise "compiled" for int4
 on CPU (1.6-1.8x a float32 matmul at one row at real expert shapes on an AVX2 CPU, where
 "torch" and "dequant" are 8-9x slower than float32) and "dequant" for int8 (about 0.8x
 float32; the scalar "torch" kernel 0.2x). A fixed rule rather than timing each choice at
@@ -45,11 +48,12 @@ KERNELS = ("auto", "torch", "dequant", "compiled")
 DEQUANT_CHUNK = 1 << 22
 
 
-def auto_kernel(device: torch.device, bits: int = 8) -> str:
-    """The kernel "auto" means for `bits`-bit weights on `device` (see the module docstring)."""
+def auto_kernel(device: torch.device, bits: int = 8, dtype: torch.dtype = torch.float32) -> str:
+    """The kernel "auto" means for `bits`-bit weights on `device` multiplying inputs of
+    `dtype` (see the module docstring)."""
     if device.type != "cpu":
         return "dequant"
-    if _avx512():
+    if _avx512() and dtype == torch.bfloat16:
         return "torch"
     return "compiled" if bits == 4 else "dequant"
 
@@ -114,7 +118,9 @@ class QuantWeight(nn.Module):
 
     def matmul(self, x_MK: Tensor, e: int | None = None) -> Tensor:
         """`x_MK @ w^T` (w: expert `e`'s weight when stacked): (M, N) in x's dtype."""
-        kernel = self.kernel if self.kernel != "auto" else auto_kernel(x_MK.device, self.bits)
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = auto_kernel(x_MK.device, self.bits, x_MK.dtype)
         if kernel == "torch" and self._torch_kernel_fits(x_MK):
             return self._torch_matmul(x_MK.contiguous(), e)
         big = self.shape[-2] * self.shape[-1] > DEQUANT_CHUNK
