@@ -240,3 +240,23 @@ def test_paged_experts_decode_eagerly_with_compile_on(tiny_model_dir):
     prompts = ["The history of", "Water boils at"]
     want = [c.token_ids for c in full.generate(prompts, GREEDY)]
     assert [c.token_ids for c in paged.generate(prompts, GREEDY)] == want
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_large_weights_through_the_library_products_give_the_eager_tokens(
+    tokenizer, monkeypatch, compiled
+):
+    # Every weight counts as large: dense projections go to the library's product and the
+    # experts to `grouped_swiglu`, in the step as written and compiled.
+    import moekit.moe.decode_kernel as dk
+
+    monkeypatch.setattr(dk, "LIBRARY_MIN_ELEMENTS", 1)
+    model = _model(seed=3)
+    gen = Generator(model, tokenizer, compile=True)
+    if not compiled:
+        gen._decoder = CompiledDecoder(model, compiler=lambda fn: fn)
+    prompts = [[5, 9, 17, 33, 2, 80], [40, 41, 42]]
+    want = Generator(model, tokenizer).generate(prompts, GREEDY)
+    got = gen.generate(prompts, GREEDY)
+    assert gen._decoder is not None and gen._decoder.active
+    _same_tokens_and_logprobs(got, want, tol=1e-4)

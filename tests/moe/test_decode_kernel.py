@@ -112,3 +112,68 @@ def test_a_kernel_chosen_for_quantised_experts_is_the_one_that_runs():
     assert q.token_kernel() is not None  # "auto"
     q.w_down.kernel = "dequant"  # as `set_kernel(model, "dequant")` asks
     assert q.token_kernel() is None
+
+
+def _reference(x, experts, weights, ex, scale_input=False):
+    """Each token's chosen experts one at a time, weighted and summed (-1: nothing)."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k, e in enumerate(experts[t].tolist()):
+            if e < 0:
+                continue
+            w = weights[t, k]
+            xin = x[t : t + 1] * w if scale_input else x[t : t + 1]
+            gate = xin @ ex.w_gate[e].T
+            y = (torch.nn.functional.silu(gate) * (xin @ ex.w_up[e].T)) @ ex.w_down[e].T
+            out[t] += (y if scale_input else y * w)[0]
+    return out
+
+
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_large_experts_through_the_library_products_equal_a_plain_loop(scale_input):
+    from moekit.moe.decode_kernel import grouped_swiglu
+
+    ex = _experts()
+    x = torch.randn(3, 64)
+    weights = torch.rand(3, 2).softmax(-1)
+    with torch.inference_mode():
+        gate_up = ex.fused_gate_up()
+        for chosen in ([[5, 0], [0, 7], [5, 5]], [[2, -1], [-1, -1], [6, 2]]):
+            experts = torch.tensor(chosen)
+            for rows in (1, 3):  # one token (its own path) and several, grouped by expert
+                args = (x[:rows], experts[:rows], weights[:rows])
+                got = grouped_swiglu(*args, gate_up, ex.w_down, scale_input)
+                want = _reference(*args, ex, scale_input)
+                torch.testing.assert_close(got, want, **TOL)
+
+
+def test_the_library_operator_runs_unchanged_inside_a_compiled_graph():
+    from moekit.moe.decode_kernel import grouped_swiglu
+
+    ex = _experts(num_experts=5, dim=24, hidden=8)  # a shape of its own: compiled once here
+
+    def step(x, experts, weights, gate_up, down):
+        return grouped_swiglu(torch.tanh(x), experts, weights, gate_up, down, False) * 2.0
+
+    compiled = torch.compile(step, dynamic=False, fullgraph=True)  # no graph break
+    x, weights = torch.randn(1, 24), torch.rand(1, 2).softmax(-1)
+    with torch.inference_mode():
+        args = (ex.fused_gate_up(), ex.w_down)
+        for chosen in ([[4, 1]], [[0, -1]]):  # the same graph for other experts
+            experts = torch.tensor(chosen)
+            want = _reference(torch.tanh(x), experts, weights, ex) * 2.0
+            torch.testing.assert_close(compiled(x, experts, weights, *args), want, **TOL)
+
+
+def test_large_experts_take_the_library_products_and_small_ones_the_kernel(monkeypatch):
+    import moekit.moe.decode_kernel as dk
+
+    ex = _experts()
+    assert ex.token_kernel() is not None  # 32 x 64 weights: the generated kernel
+    monkeypatch.setattr(dk, "LIBRARY_MIN_ELEMENTS", 32 * 64)
+    assert ex.token_kernel() is None  # as large as the threshold: the library's products
+    x, weights = torch.randn(1, 64), torch.rand(1, 3).softmax(-1)
+    experts = torch.tensor([[5, 0, 7]])
+    with torch.inference_mode():
+        got = decode_experts(x, experts, weights, ex)
+    torch.testing.assert_close(got, _reference(x, experts, weights, ex), **TOL)

@@ -10,10 +10,12 @@ has the same shapes every time. So the step here is written for static shapes:
 - each row writes its new key and value at its own position (an indexed store, no slicing
   by a Python integer), and the cache's positions and mask advance inside the graph;
 - an MoE layer multiplies each token by its chosen experts' weights, indexed inside the
-  reduction (only the chosen experts are read), with no Python loop over experts;
-- at a single row on the CPU, dense projections are reductions over each weight row
-  (`_dense`): fused with their neighbours, and faster than the library's matrix-vector
-  product at reading the weights;
+  reduction (only the chosen experts are read), with no Python loop over experts; large
+  float experts (`moekit.moe.decode_kernel.library_reads`) go instead to an operator that
+  calls the library's products on the chosen experts' weights (`grouped_swiglu`);
+- at a single row on the CPU, dense projections below that size are reductions over each
+  weight row (`_dense`): fused with their neighbours, and cheaper per call than the
+  library's matrix-vector product;
 - quantised weights (int8 and int4 experts, and with `--only all` every other projection)
   are read packed: the expert index, the unpacking and the scaling sit inside the same
   reduction, so the step reads only the chosen experts' packed bytes and never writes a
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 
 from moekit.irope import IRoPEConfig
 from moekit.model import Block, Transformer
-from moekit.moe.decode_kernel import swiglu_sum
+from moekit.moe.decode_kernel import grouped_swiglu, library_reads, swiglu_sum
 from moekit.moe.experts import Experts
 from moekit.moe.layer import MoELayer
 from moekit.moe.router import HierarchicalRouter, RouterOutput, TopKRouter
@@ -191,12 +193,13 @@ def _quant_product(x: Tensor, w: QuantWeight) -> Tensor:
 
 
 def _dense(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, w, bias)`; on the CPU, for a single row, written as a reduction over each
-    weight row instead, which the compiler fuses with its neighbours and which reads the
-    weight faster than the library's matrix-vector product (measured in docs/benchmarks.md:
-    1.4-1.6x the demo model's batch-1 step, 1.1x on a 7B model with int4 experts). With
-    more rows the library matmul stays (as a reduction it re-reads the weight per row)."""
-    if x.device.type != "cpu" or x.numel() != x.shape[-1]:
+    """`F.linear(x, w, bias)`; on the CPU, for a single row and a weight below
+    `LIBRARY_MIN_ELEMENTS`, written as a reduction over each weight row instead, which the
+    compiler fuses with its neighbours (measured in docs/benchmarks.md: 1.4x the demo model's
+    batch-1 step). Large weights stay with the library's product, which reads them faster
+    on the CPUs measured; with more rows the library matmul stays too (as a reduction it
+    re-reads the weight per row)."""
+    if x.device.type != "cpu" or x.numel() != x.shape[-1] or library_reads(w):
         return F.linear(x, w, bias)
     out = (w * x.reshape(1, -1)).sum(-1).view(*x.shape[:-1], w.shape[0])
     return out if bias is None else out + bias
@@ -249,6 +252,10 @@ def _moe(
     if isinstance(ex, QuantExperts):  # the packed weights, as the one-token kernel reads them
         product, gate, up, down = ex.token_math()
         out_TD = swiglu_sum(x_TD, experts_TK, decision.weights, gate, up, down, product)
+    elif gate_up_E2FD is not None and library_reads(ex.w_down[0]):
+        # Large float experts: the library's products, called from the graph as an operator.
+        weights_TK, on_input = decision.weights, layer.cfg.scale_expert_input
+        out_TD = grouped_swiglu(x_TD, experts_TK, weights_TK, gate_up_E2FD, ex.w_down, on_input)
     else:
         # Float experts: gate and up as one reduction over their fused rows (as separate
         # reductions through `swiglu_sum` the demo model's step measured 1.6x slower).

@@ -12,6 +12,13 @@ shape), so only the chosen experts' weights are read and the step is one call. A
 `swiglu_experts` takes float weights; quantised stores build an `ExpertsKernel` over their own
 `product` (`moekit.quant.kernels.int4_product`, `int8_product`). Inference only: the caller
 runs without autograd.
+
+Large float experts are the exception (`library_reads`): where one expert's weights are
+megabytes, reading them is the whole cost and the library's matrix products (MKL on x86) read
+them faster than a generated reduction (measured in docs/benchmarks.md, "Large weights through
+the library's products"). `grouped_swiglu` computes them so, one product per projection per
+chosen expert, and is also an operator (`torch.ops.moekit.grouped_swiglu`) that a compiled
+graph calls as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +34,96 @@ from moekit.nn.static_kernel import StaticKernels, layout
 
 # product(x (T, 1 or K, Din), weight parts..., experts (T, K)) -> (T, K, Dout)
 Product = Callable[..., Tensor]
+
+# Weights of at least this many elements (4 MiB in float32: one projection of one expert,
+# or a dense projection) are multiplied by the library on the CPU rather than by a generated
+# reduction. Below it the reduction wins: its fixed cost is lower and it fuses with its
+# neighbours (measured on the demo model, whose largest weight has 786k elements).
+LIBRARY_MIN_ELEMENTS = 2**20
+
+
+def library_reads(w: Tensor) -> bool:
+    """Whether a decode-time product with weight `w` (one expert's, or a dense projection's)
+    should go to the library's matrix product rather than a generated reduction: on the CPU,
+    for weights of `LIBRARY_MIN_ELEMENTS` or more."""
+    return w.device.type == "cpu" and w.numel() >= LIBRARY_MIN_ELEMENTS
+
+
+def grouped_rows(
+    x_TD: Tensor,
+    experts_TK: Tensor,
+    weights_TK: Tensor,
+    one: Callable[[Tensor, int], Tensor],
+    scale_input: bool = False,
+) -> Tensor:
+    """Each token's chosen experts, weighted and summed, (T, D): the copies grouped by expert
+    so that each chosen expert's weights are read once, `one(x_ND, e)` computing expert e on
+    its rows. -1 marks an empty slot. With `scale_input`, the routing weight scales the
+    expert's input instead of its output (Llama 4)."""
+    T, K = experts_TK.shape
+    rows = experts_TK.tolist()
+    w_TK = weights_TK.to(x_TD.dtype)
+    if T == 1 and not scale_input:
+        slots = [k for k, e in enumerate(rows[0]) if e >= 0]
+        if not slots:
+            return torch.zeros_like(x_TD)
+        y_KD = torch.cat([one(x_TD, rows[0][k]) for k in slots])
+        w_1K = w_TK if len(slots) == K else w_TK[:, slots]
+        return w_1K @ y_KD
+    by_expert: dict[int, list[int]] = {}
+    for t, row in enumerate(rows):
+        for k, e in enumerate(row):
+            if e >= 0:
+                by_expert.setdefault(e, []).append(t * K + k)
+    order = [s for e in sorted(by_expert) for s in by_expert[e]]
+    index = torch.tensor([order, [s // K for s in order]], device=x_TD.device)
+    x_SD = x_TD.index_select(0, index[1])
+    w_S1 = w_TK.reshape(-1).index_select(0, index[0]).unsqueeze(1)
+    if scale_input:
+        x_SD = x_SD * w_S1
+    outs, start = [], 0
+    for e in sorted(by_expert):
+        n = len(by_expert[e])
+        outs.append(one(x_SD[start : start + n], e))
+        start += n
+    y_SD = torch.cat(outs) if outs else x_SD.new_zeros(0, x_TD.shape[1])
+    if not scale_input:
+        y_SD = y_SD * w_S1
+    return y_SD.new_zeros(T, x_TD.shape[1]).index_add_(0, index[1], y_SD)
+
+
+@torch.library.custom_op("moekit::grouped_swiglu", mutates_args=())
+def grouped_swiglu(
+    x_TD: Tensor,
+    experts_TK: Tensor,
+    weights_TK: Tensor,
+    gate_up_E2FD: Tensor,
+    down_EDF: Tensor,
+    scale_input: bool,
+) -> Tensor:
+    """SwiGLU experts through the library's products (`grouped_rows`): gate and up as one
+    product over each expert's fused rows (E, 2F, D), then its down projection (E, D, F).
+    Inference only. An operator, so that a compiled graph calls it unchanged (its products
+    read the chosen experts' weights where they lie; traced, the index would gather them)."""
+    hidden = down_EDF.shape[-1]
+
+    def one(x_ND: Tensor, e: int) -> Tensor:
+        gate, up = F.linear(x_ND, gate_up_E2FD[e]).split(hidden, dim=-1)
+        return F.linear(F.silu(gate) * up, down_EDF[e])
+
+    return grouped_rows(x_TD, experts_TK, weights_TK, one, scale_input)
+
+
+@grouped_swiglu.register_fake
+def _grouped_swiglu_shape(
+    x_TD: Tensor,
+    experts_TK: Tensor,
+    weights_TK: Tensor,
+    gate_up_E2FD: Tensor,
+    down_EDF: Tensor,
+    scale_input: bool,
+) -> Tensor:
+    return x_TD.new_empty(x_TD.shape)
 
 
 def float_product(x_PK: Tensor, w_ENK: Tensor, experts_TK: Tensor) -> Tensor:

@@ -38,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.moe.decode_kernel import Product, float_product, swiglu_experts
+from moekit.moe.decode_kernel import (
+    Product,
+    float_product,
+    grouped_rows,
+    library_reads,
+    swiglu_experts,
+)
 from moekit.nn.fuse import UNFUSED, Fused
 from moekit.nn.mlp import Activation
 
@@ -238,6 +244,8 @@ class Experts(nn.Module):
         as one compiled kernel (None from `fn`: run eagerly); None for GELU experts or with
         `one_token_kernel` off."""
         if self.w_gate is None or not self.one_token_kernel or self.plain_math() is not None:
+            return None
+        if library_reads(self.w_down[0]):  # large experts: the library's products read faster
             return None
         _, gate, up, down = self.token_math()
         return lambda x, e, w: swiglu_experts(x, e, w, gate, up, down)
@@ -451,35 +459,11 @@ def decode_experts(
     `experts_TK` may hold -1 for an empty slot. The caller guarantees that the store can
     decode (`can_decode`: no adapters) and that autograd is off.
     """
-    T, K = experts_TK.shape
-    if T == 1 and (kernel := ex.token_kernel()) is not None:
+    if experts_TK.shape[0] == 1 and (kernel := ex.token_kernel()) is not None:
         y_1D = kernel(x_TD, experts_TK, weights_TK)
         if y_1D is not None:
             return y_1D
-    one = ex.decode_fn()
-    rows = experts_TK.tolist()
-    w_TK = weights_TK.to(x_TD.dtype)
-    if T == 1:
-        slots = [k for k, e in enumerate(rows[0]) if e >= 0]
-        y_KD = torch.cat([one(x_TD, rows[0][k]) for k in slots])
-        w_1K = w_TK if len(slots) == K else w_TK[:, slots]
-        return w_1K @ y_KD
-    # Group the copies by expert so each expert's weights are read once for the step.
-    by_expert: dict[int, list[int]] = {}
-    for t, row in enumerate(rows):
-        for k, e in enumerate(row):
-            if e >= 0:
-                by_expert.setdefault(e, []).append(t * K + k)
-    order = [s for e in sorted(by_expert) for s in by_expert[e]]
-    index = torch.tensor([order, [s // K for s in order]], device=x_TD.device)
-    x_SD = x_TD.index_select(0, index[1])
-    outs, start = [], 0
-    for e in sorted(by_expert):
-        n = len(by_expert[e])
-        outs.append(one(x_SD[start : start + n], e))
-        start += n
-    y_SD = torch.cat(outs) * w_TK.reshape(-1).index_select(0, index[0]).unsqueeze(1)
-    return y_SD.new_zeros(T, ex.dim).index_add_(0, index[1], y_SD)
+    return grouped_rows(x_TD, experts_TK, weights_TK, ex.decode_fn())
 
 
 def select_backend(
