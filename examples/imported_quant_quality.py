@@ -120,6 +120,8 @@ def same_int4(a: Path, b: Path) -> bool:
         return out
 
     x, y = state(a), state(b)
+    if not x:
+        raise SystemExit(f"{a}: no weights to compare")
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 

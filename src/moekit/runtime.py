@@ -1,5 +1,6 @@
 """Process-level runtime settings: where models run (`resolve_device`, the one device policy)
-and fast CPU execution (`tune_cpu_allocator`).
+and fast CPU execution (`tune_cpu_allocator`; `cpu_has_avx512`, which the kernel choices that
+differ between CPUs read).
 
 PyTorch's CPU allocator hands large tensors straight to glibc, which serves blocks above its
 mmap threshold with fresh `mmap` pages and unmaps them on free. Every forward pass then pays a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 from typing import TYPE_CHECKING
 
@@ -75,3 +77,13 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
                 f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
             )
     return device
+
+
+@functools.cache
+def cpu_has_avx512() -> bool:
+    """Whether PyTorch runs this CPU's vectorised kernels at AVX-512 (the CPUs on which the
+    library's matrix products and PyTorch's bfloat16 weight-only kernels were measured fastest;
+    see moekit.moe.decode_kernel and moekit.quant.weight)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")

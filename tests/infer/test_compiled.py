@@ -242,16 +242,22 @@ def test_paged_experts_decode_eagerly_with_compile_on(tiny_model_dir):
     assert [c.token_ids for c in paged.generate(prompts, GREEDY)] == want
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("compiled", "scale_input"),
+    [(False, False), (False, True), pytest.param(True, False, marks=pytest.mark.slow)],
+)
 def test_large_weights_through_the_library_products_give_the_eager_tokens(
-    tokenizer, monkeypatch, compiled
+    tokenizer, monkeypatch, compiled, scale_input
 ):
-    # Every weight counts as large: dense projections go to the library's product and the
-    # experts to `grouped_swiglu`, in the step as written and compiled.
+    # Every weight counts as large on an AVX-512 CPU: dense projections go to the library's
+    # product and the experts to `grouped_swiglu`, in the step as written and compiled (and
+    # with the routing weights on the experts' inputs, as Llama 4 weights them).
     import moekit.moe.decode_kernel as dk
 
     monkeypatch.setattr(dk, "LIBRARY_MIN_ELEMENTS", 1)
-    model = _model(seed=3)
+    monkeypatch.setattr(dk, "cpu_has_avx512", lambda: True)
+    moe = dict(CFG["moe"], scale_expert_input=scale_input)
+    model = build_model(ModelConfig.from_dict(dict(CFG, moe=moe)), seed=3).eval()
     gen = Generator(model, tokenizer, compile=True)
     if not compiled:
         gen._decoder = CompiledDecoder(model, compiler=lambda fn: fn)

@@ -138,7 +138,8 @@ def test_large_experts_through_the_library_products_equal_a_plain_loop(scale_inp
     weights = torch.rand(3, 2).softmax(-1)
     with torch.inference_mode():
         gate_up = ex.fused_gate_up()
-        for chosen in ([[5, 0], [0, 7], [5, 5]], [[2, -1], [-1, -1], [6, 2]]):
+        empty = [[-1, -1], [-1, -1], [-1, -1]]  # no expert at all: zeros
+        for chosen in ([[5, 0], [0, 7], [5, 5]], [[2, -1], [-1, -1], [6, 2]], empty):
             experts = torch.tensor(chosen)
             for rows in (1, 3):  # one token (its own path) and several, grouped by expert
                 args = (x[:rows], experts[:rows], weights[:rows])
@@ -165,13 +166,28 @@ def test_the_library_operator_runs_unchanged_inside_a_compiled_graph():
             torch.testing.assert_close(compiled(x, experts, weights, *args), want, **TOL)
 
 
-def test_large_experts_take_the_library_products_and_small_ones_the_kernel(monkeypatch):
+def test_the_library_operator_passes_torchs_operator_checks():
+    from moekit.moe.decode_kernel import grouped_swiglu
+
+    ex = _experts(num_experts=4, dim=16, hidden=8)
+    with torch.no_grad():
+        gate_up, down = ex.fused_gate_up().clone(), ex.w_down.detach().clone()
+    x, weights = torch.randn(2, 16), torch.rand(2, 2).softmax(-1)
+    for scale_input in (False, True):
+        args = (x, torch.tensor([[3, 0], [1, -1]]), weights, gate_up, down, scale_input)
+        torch.library.opcheck(grouped_swiglu, args)  # schema, fake tensor, aliasing
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+def test_large_experts_take_the_library_products_on_avx512_cpus(monkeypatch, avx512):
     import moekit.moe.decode_kernel as dk
 
+    monkeypatch.setattr(dk, "cpu_has_avx512", lambda: avx512)
     ex = _experts()
     assert ex.token_kernel() is not None  # 32 x 64 weights: the generated kernel
     monkeypatch.setattr(dk, "LIBRARY_MIN_ELEMENTS", 32 * 64)
-    assert ex.token_kernel() is None  # as large as the threshold: the library's products
+    # As large as the threshold: the library's products on AVX-512, the kernel elsewhere.
+    assert (ex.token_kernel() is None) == avx512
     x, weights = torch.randn(1, 64), torch.rand(1, 3).softmax(-1)
     experts = torch.tensor([[5, 0, 7]])
     with torch.inference_mode():

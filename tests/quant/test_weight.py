@@ -129,7 +129,7 @@ def test_auto_takes_torchs_kernels_only_for_bfloat16_on_avx512(monkeypatch, avx5
     # for float32 and float16 they cost milliseconds per row (docs/benchmarks.md).
     from moekit.quant import weight
 
-    monkeypatch.setattr(weight, "_avx512", lambda: avx512)
+    monkeypatch.setattr(weight, "cpu_has_avx512", lambda: avx512)
     cpu = torch.device("cpu")
     for dtype in (torch.float32, torch.float16):
         assert weight.auto_kernel(cpu, 4, dtype) == "compiled"
@@ -138,3 +138,26 @@ def test_auto_takes_torchs_kernels_only_for_bfloat16_on_avx512(monkeypatch, avx5
     assert weight.auto_kernel(cpu, 4, torch.bfloat16) == (want or "compiled")
     assert weight.auto_kernel(cpu, 8, torch.bfloat16) == (want or "dequant")
     assert weight.auto_kernel(torch.device("meta"), 4) == "dequant"  # not the CPU
+
+
+def test_auto_float32_products_on_avx512_never_reach_torchs_kernels(monkeypatch):
+    from moekit.quant import weight
+
+    def refuse(*args):
+        raise AssertionError("PyTorch's weight-only kernel was called for these inputs")
+
+    monkeypatch.setattr(weight, "cpu_has_avx512", lambda: True)
+    monkeypatch.setattr(QuantWeight, "_torch_matmul", refuse)
+    torch.manual_seed(0)
+    w = torch.randn(2, 32, 64)
+    for bits, group in SETTINGS:
+        qw = QuantWeight.from_float(w, bits, group)
+        x = torch.randn(3, 64)
+        want = x @ qw.dequantize(1).T
+        torch.testing.assert_close(qw.matmul(x, 1), want, rtol=1e-4, atol=1e-4)
+    # bfloat16 where PyTorch's int4 kernel cannot take the weight (24 output rows, not a
+    # multiple of 16): auto falls back to its choice for other inputs, not to "torch".
+    qw = QuantWeight.from_float(torch.randn(24, 64), 4, 32)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    want = x.float() @ qw.dequantize().T
+    torch.testing.assert_close(qw.matmul(x).float(), want, rtol=2e-2, atol=2e-2)

@@ -80,11 +80,12 @@ def longest_gap_while_prefilling(url, engine, prompt_len):
 def test_a_long_prompt_does_not_stall_a_running_stream(long_model_dir):
     """A running stream's longest gap between tokens while an 8k-token prompt is admitted:
     with prefill in chunks, a fraction of the gap it has when the prompt is prefilled whole
-    (measured on the same server, the least of two rounds each)."""
+    (measured on the same server, the least of three rounds each: beside other work on a
+    2-core machine, one round's chunked gap can take a scheduling stall of 0.1-0.2 s)."""
     # Without the prefix cache: the same prompt again would be prefilled from its last block.
     with running_server(long_model_dir, max_context=8192, prefix_cache_tokens=0) as (url, engine):
         rounds = []
-        for _ in range(2):
+        for _ in range(3):
             engine.prefill_chunk = 0
             whole = longest_gap_while_prefilling(url, engine, 8000)
             engine.prefill_chunk = 512

@@ -34,7 +34,7 @@ from moekit.infer.sampling import SamplingParams
 from moekit.interop import live
 from moekit.interop.fields import UnsupportedError
 from moekit.interop.hf import choose_architecture
-from moekit.speed import BandwidthProbe, SpeedPrediction, predict_decode
+from moekit.speed import SpeedPrediction, measure_bandwidth, predict_decode
 
 if TYPE_CHECKING:
     from moekit.data.tokenizer import Tokenizer
@@ -190,16 +190,18 @@ def _bench(
     same_tokens = None
     if "hf" in sides or compiled:
         same_tokens = ours_tokens == sides["hf" if "hf" in sides else "eager"](new_tokens)
-    probe = BandwidthProbe()  # the bound's bandwidth, sampled while the speeds are timed
+    # The bound's bandwidth: the higher of a measurement before and one after the timed runs
+    # (one swings by 2x on a shared machine; between runs it would empty their caches).
+    bandwidth = measure_bandwidth()
     prompt_total, decode_total = batch_size * prompt_tokens, batch_size * (new_tokens - 1)
-    prefill, decode = _speeds(sides, new_tokens, repeats, prompt_total, decode_total, probe)
+    prefill, decode = _speeds(sides, new_tokens, repeats, prompt_total, decode_total)
     # Compiled code (the decode step, and the eager path's one-token kernels) is invisible to
     # a dispatch mode, and does not run under one: every side's PyTorch calls and kernels
     # are counted with the profiler.
     calls = {side: calls_per_step(fn, profiled_calls) for side, fn in sides.items()}
     bound = predict_decode(
         cfg,
-        probe.bytes_per_s,
+        max(bandwidth, measure_bandwidth()),
         batch=batch_size,
         context=prompt_tokens + new_tokens // 2,
         bytes_per_weight=next(generator.model.parameters()).element_size(),
@@ -226,28 +228,17 @@ def _bench(
 
 
 def _speeds(
-    sides: dict[str, Greedy],
-    new_tokens: int,
-    repeats: int,
-    prompt_total: int,
-    decode_total: int,
-    probe: BandwidthProbe,
+    sides: dict[str, Greedy], new_tokens: int, repeats: int, prompt_total: int, decode_total: int
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Prefill and decode tokens/s of each side, timed round-robin: the first new token costs
     the prefill, the rest of the time is decoding. The best sample of each is kept: on a
-    machine shared with other work, the least disturbed. `probe` samples the memory
-    bandwidth before, between and after them, in each round (one measurement on a shared
-    machine swings by 2x: the bound sees the same moments as the speeds, and its fastest read
-    is the stricter bound)."""
-    fns: dict[str, Callable[[], object]] = {
+    machine shared with other work, the least disturbed."""
+    fns = {
         f"{side}_{n}": functools.partial(fn, n)
         for side, fn in sides.items()
         for n in (1, new_tokens)
     }
-    fns["bandwidth"] = probe.sample
-    probe.sample()
     t = {name: min(ts) for name, ts in round_robin(fns, repeats).items()}
-    probe.sample()
     prefill = {side: prompt_total / t[f"{side}_1"] for side in sides}
     decode = {
         side: decode_total / max(t[f"{side}_{new_tokens}"] - t[f"{side}_1"], 1e-9) for side in sides

@@ -11,11 +11,12 @@ has the same shapes every time. So the step here is written for static shapes:
   by a Python integer), and the cache's positions and mask advance inside the graph;
 - an MoE layer multiplies each token by its chosen experts' weights, indexed inside the
   reduction (only the chosen experts are read), with no Python loop over experts; large
-  float experts (`moekit.moe.decode_kernel.library_reads`) go instead to an operator that
-  calls the library's products on the chosen experts' weights (`grouped_swiglu`);
-- at a single row on the CPU, dense projections below that size are reductions over each
-  weight row (`_dense`): fused with their neighbours, and cheaper per call than the
-  library's matrix-vector product;
+  float experts on AVX-512 CPUs (`moekit.moe.decode_kernel.library_reads`) go instead to an
+  operator that calls the library's products on the chosen experts' weights
+  (`grouped_swiglu`);
+- at a single row on the CPU, dense projections (below that size on AVX-512 CPUs) are
+  reductions over each weight row (`_dense`): fused with their neighbours, and cheaper per
+  call than the library's matrix-vector product;
 - quantised weights (int8 and int4 experts, and with `--only all` every other projection)
   are read packed: the expert index, the unpacking and the scaling sit inside the same
   reduction, so the step reads only the chosen experts' packed bytes and never writes a
@@ -194,11 +195,11 @@ def _quant_product(x: Tensor, w: QuantWeight) -> Tensor:
 
 def _dense(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, w, bias)`; on the CPU, for a single row and a weight below
-    `LIBRARY_MIN_ELEMENTS`, written as a reduction over each weight row instead, which the
-    compiler fuses with its neighbours (measured in docs/benchmarks.md: 1.4x the demo model's
-    batch-1 step). Large weights stay with the library's product, which reads them faster
-    on the CPUs measured; with more rows the library matmul stays too (as a reduction it
-    re-reads the weight per row)."""
+    `LIBRARY_MIN_ELEMENTS` (or any weight on a CPU without AVX-512), written as a reduction
+    over each weight row instead, which the compiler fuses with its neighbours (measured in
+    docs/benchmarks.md: 1.4x the demo model's batch-1 step). Large weights on AVX-512 CPUs
+    stay with the library's product, which reads them faster there (`library_reads`); with
+    more rows the library matmul stays too (as a reduction it re-reads the weight per row)."""
     if x.device.type != "cpu" or x.numel() != x.shape[-1] or library_reads(w):
         return F.linear(x, w, bias)
     out = (w * x.reshape(1, -1)).sum(-1).view(*x.shape[:-1], w.shape[0])

@@ -13,12 +13,12 @@ shape), so only the chosen experts' weights are read and the step is one call. A
 `product` (`moekit.quant.kernels.int4_product`, `int8_product`). Inference only: the caller
 runs without autograd.
 
-Large float experts are the exception (`library_reads`): where one expert's weights are
-megabytes, reading them is the whole cost and the library's matrix products (MKL on x86) read
-them faster than a generated reduction (measured in docs/benchmarks.md, "Large weights through
-the library's products"). `grouped_swiglu` computes them so, one product per projection per
-chosen expert, and is also an operator (`torch.ops.moekit.grouped_swiglu`) that a compiled
-graph calls as it is.
+Large float experts on AVX-512 CPUs are the exception (`library_reads`): where one expert's
+weights are megabytes, reading them is the whole cost, and there the library's matrix products
+(MKL) read them faster than a generated reduction (measured in docs/benchmarks.md, "Large
+weights through the library's products"). `grouped_swiglu` computes them so, one product per
+projection per chosen expert, and is also an operator (`torch.ops.moekit.grouped_swiglu`)
+that a compiled graph calls as it is.
 """
 
 from __future__ import annotations
@@ -31,22 +31,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.nn.static_kernel import StaticKernels, layout
+from moekit.runtime import cpu_has_avx512
 
 # product(x (T, 1 or K, Din), weight parts..., experts (T, K)) -> (T, K, Dout)
 Product = Callable[..., Tensor]
 
 # Weights of at least this many elements (4 MiB in float32: one projection of one expert,
-# or a dense projection) are multiplied by the library on the CPU rather than by a generated
-# reduction. Below it the reduction wins: its fixed cost is lower and it fuses with its
-# neighbours (measured on the demo model, whose largest weight has 786k elements).
+# or a dense projection) are multiplied by the library on AVX-512 CPUs rather than by a
+# generated reduction (`library_reads`). Below it the reduction wins: its fixed cost is lower
+# and it fuses with its neighbours (measured on the demo model, whose largest weight has 786k
+# elements).
 LIBRARY_MIN_ELEMENTS = 2**20
 
 
 def library_reads(w: Tensor) -> bool:
     """Whether a decode-time product with weight `w` (one expert's, or a dense projection's)
-    should go to the library's matrix product rather than a generated reduction: on the CPU,
-    for weights of `LIBRARY_MIN_ELEMENTS` or more."""
-    return w.device.type == "cpu" and w.numel() >= LIBRARY_MIN_ELEMENTS
+    should go to the library's matrix product rather than a generated reduction: for
+    weights of `LIBRARY_MIN_ELEMENTS` or more on CPUs of the kind where it was measured
+    faster. Measured on two: an AVX-512 Xeon, where MKL read such weights 1.2-1.5x faster than
+    the reductions, and an AVX2 EPYC, where the reductions were 1.1x faster over a whole step;
+    the rule follows them (AVX-512: the library; otherwise the reductions)."""
+    return w.device.type == "cpu" and w.numel() >= LIBRARY_MIN_ELEMENTS and cpu_has_avx512()
 
 
 def grouped_rows(
@@ -75,6 +80,8 @@ def grouped_rows(
         for k, e in enumerate(row):
             if e >= 0:
                 by_expert.setdefault(e, []).append(t * K + k)
+    if not by_expert:
+        return torch.zeros_like(x_TD)
     order = [s for e in sorted(by_expert) for s in by_expert[e]]
     index = torch.tensor([order, [s // K for s in order]], device=x_TD.device)
     x_SD = x_TD.index_select(0, index[1])
@@ -86,7 +93,7 @@ def grouped_rows(
         n = len(by_expert[e])
         outs.append(one(x_SD[start : start + n], e))
         start += n
-    y_SD = torch.cat(outs) if outs else x_SD.new_zeros(0, x_TD.shape[1])
+    y_SD = torch.cat(outs)
     if not scale_input:
         y_SD = y_SD * w_S1
     return y_SD.new_zeros(T, x_TD.shape[1]).index_add_(0, index[1], y_SD)

@@ -10,7 +10,8 @@ stacked tensor:
   `aten._weight_int4pack_mm_for_cpu`), reading the packed weights directly. PyTorch vectorises
   them on CPUs with AVX-512 for bfloat16 inputs; for float32 and float16 inputs, and on other
   CPUs, they run a loop whose time grows with every row (4 ms per row for a 2048 x 1024
-  int4 expert on an AVX-512 Xeon, against 0.4 ms for one row through "compiled").
+  int4 expert on an AVX-512 Xeon, against 0.4 ms for one row through "compiled"; 1.4-2.3 ms
+  per row for int8).
 - "compiled" (int4 on CPU): `torch.compile`d kernels that read the stored nibbles directly
   (`moekit.quant.kernels`): for up to `kernels.FEW_ROWS` rows one fused loop that unpacks,
   scales and multiplies without writing a float weight; for more rows one compiled unpacking
@@ -35,13 +36,12 @@ differences it would resolve are smaller than that noise.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.quant import formats, kernels
+from moekit.runtime import cpu_has_avx512
 
 KERNELS = ("auto", "torch", "dequant", "compiled")
 # Weights of more elements than this (16 MiB in float32) are expanded in blocks of output rows.
@@ -53,14 +53,9 @@ def auto_kernel(device: torch.device, bits: int = 8, dtype: torch.dtype = torch.
     `dtype` (see the module docstring)."""
     if device.type != "cpu":
         return "dequant"
-    if _avx512() and dtype == torch.bfloat16:
+    if cpu_has_avx512() and dtype == torch.bfloat16:
         return "torch"
     return "compiled" if bits == 4 else "dequant"
-
-
-@functools.cache
-def _avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 class QuantWeight(nn.Module):
@@ -121,6 +116,8 @@ class QuantWeight(nn.Module):
         kernel = self.kernel
         if kernel == "auto":
             kernel = auto_kernel(x_MK.device, self.bits, x_MK.dtype)
+            if kernel == "torch" and not self._torch_kernel_fits(x_MK):
+                kernel = auto_kernel(x_MK.device, self.bits)  # the choice for other inputs
         if kernel == "torch" and self._torch_kernel_fits(x_MK):
             return self._torch_matmul(x_MK.contiguous(), e)
         big = self.shape[-2] * self.shape[-1] > DEQUANT_CHUNK
