@@ -255,14 +255,16 @@ def test_large_weights_through_the_library_products_give_the_eager_tokens(
     import moekit.moe.decode_kernel as dk
 
     monkeypatch.setattr(dk, "LIBRARY_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(dk, "cpu_has_avx512", lambda: True)
+    monkeypatch.setattr(dk, "LIBRARY_CPU", True)
     moe = dict(CFG["moe"], scale_expert_input=scale_input)
     model = build_model(ModelConfig.from_dict(dict(CFG, moe=moe)), seed=3).eval()
     gen = Generator(model, tokenizer, compile=True)
-    if not compiled:
-        gen._decoder = CompiledDecoder(model, compiler=lambda fn: fn)
+    # Compiled as one graph or not at all (a graph break would fail here, and the decoder
+    # would then be off): the operator and the size rule must not split the step.
+    one_graph = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)  # noqa: E731
+    gen._decoder = CompiledDecoder(model, compiler=one_graph if compiled else lambda fn: fn)
     prompts = [[5, 9, 17, 33, 2, 80], [40, 41, 42]]
     want = Generator(model, tokenizer).generate(prompts, GREEDY)
     got = gen.generate(prompts, GREEDY)
-    assert gen._decoder is not None and gen._decoder.active
+    assert gen._decoder.active
     _same_tokens_and_logprobs(got, want, tol=1e-4)

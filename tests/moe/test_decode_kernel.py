@@ -182,7 +182,7 @@ def test_the_library_operator_passes_torchs_operator_checks():
 def test_large_experts_take_the_library_products_on_avx512_cpus(monkeypatch, avx512):
     import moekit.moe.decode_kernel as dk
 
-    monkeypatch.setattr(dk, "cpu_has_avx512", lambda: avx512)
+    monkeypatch.setattr(dk, "LIBRARY_CPU", avx512)
     ex = _experts()
     assert ex.token_kernel() is not None  # 32 x 64 weights: the generated kernel
     monkeypatch.setattr(dk, "LIBRARY_MIN_ELEMENTS", 32 * 64)

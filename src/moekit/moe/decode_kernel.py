@@ -42,6 +42,9 @@ Product = Callable[..., Tensor]
 # and it fuses with its neighbours (measured on the demo model, whose largest weight has 786k
 # elements).
 LIBRARY_MIN_ELEMENTS = 2**20
+# Whether this CPU is of the kind where that was measured (read once: `library_reads` runs
+# inside compiled graphs, where a cached function call would break the graph).
+LIBRARY_CPU = cpu_has_avx512()
 
 
 def library_reads(w: Tensor) -> bool:
@@ -51,7 +54,7 @@ def library_reads(w: Tensor) -> bool:
     faster. Measured on two: an AVX-512 Xeon, where MKL read such weights 1.2-1.5x faster than
     the reductions, and an AVX2 EPYC, where the reductions were 1.1x faster over a whole step;
     the rule follows them (AVX-512: the library; otherwise the reductions)."""
-    return w.device.type == "cpu" and w.numel() >= LIBRARY_MIN_ELEMENTS and cpu_has_avx512()
+    return w.device.type == "cpu" and w.numel() >= LIBRARY_MIN_ELEMENTS and LIBRARY_CPU
 
 
 def grouped_rows(
