@@ -67,16 +67,21 @@ def test_batched_and_sampled_requests_match_the_eager_engine(servers):
     # long enough that the two requests surely share decode steps
     sampled = {"temperature": 1.0, "seed": 5, "logprobs": 0, "max_tokens": 48}
     want = [complete(eager, p, **sampled) for p in PROMPTS[:2]]
-    steps, rows = engine.stats.decode_steps, engine.stats.batched_tokens
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        got = list(pool.map(lambda p: complete(url, p, **sampled), PROMPTS[:2]))
-    for w, g in zip(want, got, strict=True):
-        assert g["text"] == w["text"]
-        assert g["logprobs"]["token_logprobs"] == pytest.approx(
-            w["logprobs"]["token_logprobs"], abs=1e-4
-        )
-    # some steps held two rows
-    assert engine.stats.batched_tokens - rows > engine.stats.decode_steps - steps
+    # Sent together, the two requests share steps unless the machine delays one past the
+    # other's last token (seen once beside other work on 2 cores): up to three tries.
+    for _ in range(3):
+        steps, rows = engine.stats.decode_steps, engine.stats.batched_tokens
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda p: complete(url, p, **sampled), PROMPTS[:2]))
+        for w, g in zip(want, got, strict=True):
+            assert g["text"] == w["text"]
+            assert g["logprobs"]["token_logprobs"] == pytest.approx(
+                w["logprobs"]["token_logprobs"], abs=1e-4
+            )
+        if engine.stats.batched_tokens - rows > engine.stats.decode_steps - steps:
+            break  # some steps held two rows
+    else:
+        pytest.fail("no decode step held both requests in three tries")
 
 
 def test_per_request_experts_and_recorded_routing_match_eagerly(servers):
