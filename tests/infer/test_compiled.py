@@ -243,19 +243,34 @@ def test_paged_experts_decode_eagerly_with_compile_on(tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    ("compiled", "scale_input"),
-    [(False, False), (False, True), pytest.param(True, False, marks=pytest.mark.slow)],
+    ("compiled", "scale_input", "streamed"),
+    [
+        (False, False, False),
+        (False, True, False),
+        pytest.param(True, False, False, marks=pytest.mark.slow),
+        (False, False, True),
+        (False, True, True),
+        pytest.param(True, False, True, marks=pytest.mark.slow),
+    ],
 )
 def test_large_weights_through_the_library_products_give_the_eager_tokens(
-    tokenizer, monkeypatch, compiled, scale_input
+    tokenizer, monkeypatch, compiled, scale_input, streamed
 ):
     # Every weight counts as large on an AVX-512 CPU: dense projections go to the library's
     # product and the experts to `grouped_swiglu`, in the step as written and compiled (and
-    # with the routing weights on the experts' inputs, as Llama 4 weights them).
+    # with the routing weights on the experts' inputs, as Llama 4 weights them); `streamed`:
+    # to the native kernels instead (moekit.moe.native), which need a real AVX-512 CPU.
     import moekit.moe.decode_kernel as dk
+    from moekit.moe import native
 
     monkeypatch.setattr(dk, "LIBRARY_MIN_ELEMENTS", 1)
     monkeypatch.setattr(dk, "LIBRARY_CPU", True)
+    if streamed and not native.enabled():
+        pytest.skip("the native kernels need an AVX-512 CPU (and MOEKIT_NATIVE not 0)")
+    if streamed:
+        assert native.load()
+    else:
+        monkeypatch.setattr(native, "_loaded", False)
     moe = dict(CFG["moe"], scale_expert_input=scale_input)
     model = build_model(ModelConfig.from_dict(dict(CFG, moe=moe)), seed=3).eval()
     gen = Generator(model, tokenizer, compile=True)
@@ -265,6 +280,10 @@ def test_large_weights_through_the_library_products_give_the_eager_tokens(
     gen._decoder = CompiledDecoder(model, compiler=one_graph if compiled else lambda fn: fn)
     prompts = [[5, 9, 17, 33, 2, 80], [40, 41, 42]]
     want = Generator(model, tokenizer).generate(prompts, GREEDY)
-    got = gen.generate(prompts, GREEDY)
+    with torch.profiler.profile() as prof:  # which operators the steps called
+        got = gen.generate(prompts, GREEDY)
     assert gen._decoder.active
     _same_tokens_and_logprobs(got, want, tol=1e-4)
+    ran = {e.key for e in prof.key_averages()}
+    native_ops = {"moekit_native::grouped_swiglu", "moekit_native::linear"}
+    assert (native_ops <= ran) == streamed and (native_ops & ran == set()) == (not streamed)

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from moekit.irope import IRoPEConfig
 from moekit.model import Block, Transformer
+from moekit.moe import native
 from moekit.moe.decode_kernel import grouped_swiglu, library_reads, swiglu_sum
 from moekit.moe.experts import Experts
 from moekit.moe.layer import MoELayer
@@ -200,6 +201,9 @@ def _dense(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     docs/benchmarks.md: 1.4x the demo model's batch-1 step). Large weights on AVX-512 CPUs
     stay with the library's product, which reads them faster there (`library_reads`); with
     more rows the library matmul stays too (as a reduction it re-reads the weight per row)."""
+    if library_reads(w) and native.takes_linear(x2 := x.reshape(-1, x.shape[-1]), w):
+        out = native.linear(x2, w).view(*x.shape[:-1], w.shape[0])  # streamed (moekit.moe.native)
+        return out if bias is None else out + bias
     if x.device.type != "cpu" or x.numel() != x.shape[-1] or library_reads(w):
         return F.linear(x, w, bias)
     out = (w * x.reshape(1, -1)).sum(-1).view(*x.shape[:-1], w.shape[0])
@@ -256,7 +260,9 @@ def _moe(
     elif gate_up_E2FD is not None and library_reads(ex.w_down[0]):
         # Large float experts: the library's products, called from the graph as an operator.
         weights_TK, on_input = decision.weights, layer.cfg.scale_expert_input
-        out_TD = grouped_swiglu(x_TD, experts_TK, weights_TK, gate_up_E2FD, ex.w_down, on_input)
+        stream = native.takes(x_TD, gate_up_E2FD, ex.w_down)  # the native kernel where built
+        op = native.grouped_swiglu if stream else grouped_swiglu
+        out_TD = op(x_TD, experts_TK, weights_TK, gate_up_E2FD, ex.w_down, on_input)
     else:
         # Float experts: gate and up as one reduction over their fused rows (as separate
         # reductions through `swiglu_sum` the demo model's step measured 1.6x slower).
@@ -449,6 +455,8 @@ class CompiledDecoder:
 
     def _fn(self) -> Callable[..., Any]:
         if self._compiled is None:
+            if any(library_reads(p) for p in self.model.parameters() if p.dim() >= 2):
+                native.load()  # built before tracing: the graph calls its operators
             if self._compiler is not None:
                 self._compiled = self._compiler(decode_step)
             else:

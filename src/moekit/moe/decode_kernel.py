@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.moe import native
 from moekit.nn.static_kernel import StaticKernels, layout
 from moekit.runtime import cpu_has_avx512
 
@@ -114,7 +115,12 @@ def grouped_swiglu(
     """SwiGLU experts through the library's products (`grouped_rows`): gate and up as one
     product over each expert's fused rows (E, 2F, D), then its down projection (E, D, F).
     Inference only. An operator, so that a compiled graph calls it unchanged (its products
-    read the chosen experts' weights where they lie; traced, the index would gather them)."""
+    read the chosen experts' weights where they lie; traced, the index would gather them).
+    A decode step's few float32 tokens go to the native streaming kernel where it is built
+    (`moekit.moe.native`)."""
+    if native.load() and native.takes(x_TD, gate_up_E2FD, down_EDF):
+        weights = gate_up_E2FD, down_EDF
+        return native.grouped_swiglu(x_TD, experts_TK, weights_TK, *weights, scale_input)
     hidden = down_EDF.shape[-1]
 
     def one(x_ND: Tensor, e: int) -> Tensor:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.moe import native
 from moekit.moe.decode_kernel import (
     Product,
     float_product,
@@ -245,10 +246,18 @@ class Experts(nn.Module):
         `one_token_kernel` off."""
         if self.w_gate is None or not self.one_token_kernel or self.plain_math() is not None:
             return None
-        if library_reads(self.w_down[0]):  # large experts: the library's products read faster
-            return None
+        if library_reads(self.w_down[0]):  # large experts: streamed, or the library's products
+            return self._streamed
         _, gate, up, down = self.token_math()
         return lambda x, e, w: swiglu_experts(x, e, w, gate, up, down)
+
+    def _streamed(self, x_1D: Tensor, experts_1K: Tensor, weights_1K: Tensor) -> Tensor | None:
+        """Large experts through the native streaming kernel (`moekit.moe.native`), or None
+        where it is not built (the caller then runs the library's products)."""
+        gate_up, w_down = self.fused_gate_up(), self.w_down
+        if gate_up is None or not (native.load() and native.takes(x_1D, gate_up, w_down)):
+            return None
+        return native.grouped_swiglu(x_1D, experts_1K, weights_1K, gate_up, w_down, False)
 
     def token_math(self) -> tuple[Product, tuple[Tensor], tuple[Tensor], tuple[Tensor]]:
         """What `moekit.moe.decode_kernel.swiglu_sum` takes for these SwiGLU experts: the

@@ -1,0 +1,156 @@
+"""The native decode kernels (moekit.moe.native), built here from their source, against plain
+PyTorch: SwiGLU experts for a few tokens and a dense product, at shapes with tails (rows not a
+multiple of four, a model dim not a multiple of 16) and over thread counts that split experts
+between threads. Skipped, with the reason, on a CPU without AVX-512 (the kernels are not used
+there); on one with it, a failed build fails here."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.moe import native
+from moekit.moe.experts import Experts, decode_experts
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32 rounding: summed in another order
+
+
+@pytest.fixture
+def built():
+    if not native.enabled():
+        pytest.skip("the native kernels need an AVX-512 CPU (and MOEKIT_NATIVE not 0)")
+    assert native.load(), "the native kernels did not build on an AVX-512 CPU"
+
+
+@pytest.fixture(params=[1, 2, 3])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _experts(num_experts=6, dim=40, hidden=10, seed=0):
+    torch.manual_seed(seed)
+    ex = Experts(num_experts, dim, hidden)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0.0, 0.2)
+    return ex
+
+
+def _reference(x, experts, weights, ex, scale_input=False):
+    """Each token's chosen experts one at a time, weighted and summed (-1: nothing)."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k, e in enumerate(experts[t].tolist()):
+            if e < 0:
+                continue
+            w = weights[t, k]
+            xin = x[t : t + 1] * w if scale_input else x[t : t + 1]
+            h = F.silu(xin @ ex.w_gate[e].T) * (xin @ ex.w_up[e].T)
+            y = h @ ex.w_down[e].T
+            out[t] += (y if scale_input else y * w)[0]
+    return out
+
+
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_streamed_experts_equal_a_plain_loop(built, threads, scale_input):
+    ex = _experts()
+    x = torch.randn(4, 40)
+    weights = torch.rand(4, 2).softmax(-1)
+    chosen = (
+        [[5, 0], [0, 3], [5, 5], [1, 2]],  # expert 5 twice in one token; 0 by two tokens
+        [[2, -1], [-1, -1], [4, 2], [3, 1]],  # empty slots, a token with none
+        [[-1, -1]] * 4,  # no expert at all: zeros
+    )
+    with torch.inference_mode():
+        gate_up = ex.fused_gate_up()
+        for rows in (1, 2, 4):
+            for c in chosen:
+                args = (x[:rows], torch.tensor(c[:rows]), weights[:rows])
+                assert native.takes(args[0], gate_up, ex.w_down)
+                got = native.grouped_swiglu(*args, gate_up, ex.w_down, scale_input)
+                want = _reference(*args, ex, scale_input)
+                torch.testing.assert_close(got, want, **TOL)
+
+
+def test_the_dense_product_equals_the_library(built, threads):
+    torch.manual_seed(1)
+    w = torch.randn(37, 40)
+    for rows in (1, 3, native.NATIVE_MAX_TOKENS):
+        x = torch.randn(rows, 40)
+        assert native.takes_linear(x, w)
+        torch.testing.assert_close(native.linear(x, w), F.linear(x, w), **TOL)
+
+
+def test_the_operators_pass_torchs_operator_checks(built):
+    ex = _experts(num_experts=4, dim=16, hidden=8)
+    with torch.no_grad():
+        gate_up, down = ex.fused_gate_up().clone(), ex.w_down.detach().clone()
+    x, weights = torch.randn(2, 16), torch.rand(2, 2).softmax(-1)
+    for scale_input in (False, True):
+        args = (x, torch.tensor([[3, 0], [1, -1]]), weights, gate_up, down, scale_input)
+        torch.library.opcheck(torch.ops.moekit_native.grouped_swiglu, args)
+    torch.library.opcheck(torch.ops.moekit_native.linear, (x, torch.randn(5, 16)))
+
+
+def test_what_the_kernels_do_not_take(built, monkeypatch):
+    ex = _experts()
+    gate_up, down = ex.fused_gate_up(), ex.w_down
+    x = torch.randn(1, 40)
+    assert native.takes(x, gate_up, down)
+    too_many = torch.randn(native.NATIVE_MAX_TOKENS + 1, 40)  # a prefill: the library's GEMM
+    assert not native.takes(too_many, gate_up, down)
+    assert not native.takes(x.bfloat16(), gate_up, down)
+    assert not native.takes(x, gate_up.bfloat16(), down.bfloat16())
+    assert not native.takes(x, gate_up, down.transpose(1, 2).contiguous().transpose(1, 2))
+    w = torch.randn(8, 40)
+    assert native.takes_linear(x, w) and not native.takes_linear(x, torch.randn(40, 8).T)
+    monkeypatch.setattr(native, "_loaded", False)  # not built: nothing is taken
+    assert not native.takes(x, gate_up, down) and not native.takes_linear(x, w)
+
+
+def test_eager_decoding_of_large_experts_streams_them(built, monkeypatch):
+    import moekit.moe.decode_kernel as dk
+
+    ex = _experts()
+    monkeypatch.setattr(dk, "LIBRARY_CPU", True)
+    monkeypatch.setattr(dk, "LIBRARY_MIN_ELEMENTS", 1)  # every expert counts as large
+    x, weights, experts = torch.randn(1, 40), torch.rand(1, 2).softmax(-1), torch.tensor([[4, 1]])
+    with torch.inference_mode():
+        kernel = ex.token_kernel()
+        assert kernel is not None
+        got = kernel(x, experts, weights)
+        assert got is not None  # the native kernel ran
+        torch.testing.assert_close(got, _reference(x, experts, weights, ex), **TOL)
+        monkeypatch.setattr(native, "_loaded", False)
+        assert kernel(x, experts, weights) is None  # not built: the library's products
+        torch.testing.assert_close(
+            decode_experts(x, experts, weights, ex), _reference(x, experts, weights, ex), **TOL
+        )
+
+
+def test_a_failed_build_is_logged_once_and_falls_back(monkeypatch, tmp_path, caplog):
+    if not native.enabled():
+        pytest.skip("the native kernels need an AVX-512 CPU (and MOEKIT_NATIVE not 0)")
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "NAME", "moekit_native_broken")  # not the real build's folder
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(native, "_loaded", None)
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        assert not native.load()
+        assert not native.load()  # tried once
+    failures = [r for r in caplog.records if "could not be built" in r.getMessage()]
+    assert len(failures) == 1 and "MOEKIT_NATIVE=0" in failures[0].getMessage()
+
+
+def test_moekit_native_0_never_builds(monkeypatch, caplog):
+    monkeypatch.setenv("MOEKIT_NATIVE", "0")
+    monkeypatch.setattr(native, "_loaded", None)
+    with caplog.at_level(logging.INFO, logger="moekit"):
+        assert not native.load()
+    assert not caplog.records
