@@ -154,3 +154,92 @@ def test_moekit_native_0_never_builds(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="moekit"):
         assert not native.load()
     assert not caplog.records
+
+
+def _int4(ex, group):
+    from moekit.quant.experts import QuantExperts
+
+    q = QuantExperts.like(ex, 4, group)
+    oracle = _experts(ex.num_experts, ex.dim, ex.hidden)  # the dequantised weights, as floats
+    with torch.no_grad():
+        for name in ("w_gate", "w_up", "w_down"):
+            getattr(oracle, name).copy_(getattr(q, name).dequantize())
+    return q, oracle
+
+
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_streamed_int4_experts_equal_the_dequantised_oracle(built, threads, group, scale_input):
+    q, oracle = _int4(_experts(num_experts=6, dim=128, hidden=64), group)
+    torch.manual_seed(2)
+    x = torch.randn(native.NATIVE_MAX_TOKENS, 128)
+    weights = torch.rand(native.NATIVE_MAX_TOKENS, 2).softmax(-1)
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 5, native.NATIVE_MAX_TOKENS):  # tokens in fours, then the rest
+            experts = torch.randint(-1, 6, (rows, 2))  # repeats and empty slots
+            parts = q.native_parts(x[:rows])
+            assert parts is not None and len(parts) == 9
+            args = (x[:rows], experts, weights[:rows])
+            got = native.grouped_swiglu_int4(*args, *parts, scale_input=scale_input)
+            want = _reference(*args, oracle, scale_input)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_int4_experts_the_native_kernel_does_not_take(built, monkeypatch):
+    from moekit.quant.experts import QuantExperts
+
+    ex = _experts(num_experts=4, dim=64, hidden=32)
+    x = torch.randn(1, 64)
+    assert QuantExperts.like(ex, 4, 32).native_parts(x) is not None
+    assert QuantExperts.like(ex, 4, 16).native_parts(x) is None  # groups of 16 bytes or more
+    assert QuantExperts.like(ex, 8, None).native_parts(x) is None  # int8: the compiled kernel
+    q = QuantExperts.like(ex, 4, 32)
+    q.w_up.kernel = "dequant"  # a kernel asked for by name runs as asked
+    assert q.native_parts(x) is None
+    assert QuantExperts.like(ex, 4, 32).native_parts(torch.randn(9, 64)) is None  # prefill
+
+
+def test_int4_operator_passes_torchs_operator_checks(built):
+    q, _ = _int4(_experts(num_experts=4, dim=64, hidden=32), 32)
+    x, weights = torch.randn(2, 64), torch.rand(2, 2).softmax(-1)
+    parts = q.native_parts(x)
+    args = (x, torch.tensor([[3, 0], [1, -1]]), weights, *parts, False)
+    torch.library.opcheck(torch.ops.moekit_native.grouped_swiglu_int4, args)
+
+
+@pytest.mark.slow  # compiles the decode step
+def test_an_int4_model_decodes_through_the_native_kernel_as_through_the_oracle(built):
+    from moekit import build_model
+    from moekit.config import ModelConfig, QuantizationConfig
+    from moekit.data.tokenizer import Tokenizer
+    from moekit.infer.generate import Generator
+    from moekit.infer.sampling import SamplingParams
+    from moekit.quant.build import quantize_model
+    from moekit.quant.weight import QuantWeight
+
+    cfg = dict(
+        vocab_size=300, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden=64,
+        max_seq_len=64, moe=dict(num_experts=4, top_k=2, expert_hidden=32),
+    )  # fmt: skip
+    tokenizer = Tokenizer.train(["a b c d e f g h"], 300)
+    model = build_model(ModelConfig.from_dict(cfg), seed=4).eval()
+    model = quantize_model(model, QuantizationConfig(bits=4))
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    prompts = [[5, 9, 17, 33], [40, 41]]
+    compiled = Generator(model, tokenizer, compile=True)
+    with torch.profiler.profile() as prof:
+        got = compiled.generate(prompts, greedy)
+    assert compiled._decoder is not None and compiled._decoder.active
+    assert "moekit_native::grouped_swiglu_int4" in {e.key for e in prof.key_averages()}
+    for m in model.modules():
+        if isinstance(m, QuantWeight):
+            m.kernel = "dequant"  # the oracle: dequantise, then the float product, eagerly
+    want = Generator(model, tokenizer).generate(prompts, greedy)
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in g.tokens]),
+            torch.tensor([t.logprob for t in w.tokens]),
+            rtol=1e-4,
+            atol=1e-4,
+        )

@@ -254,7 +254,12 @@ def _moe(
     decision = layer.router(x_TD, causal=True, top_k=top_k)
     experts_TK = decision.experts
     ex = layer.experts
-    if isinstance(ex, QuantExperts):  # the packed weights, as the one-token kernel reads them
+    if isinstance(ex, QuantExperts) and (parts := ex.native_parts(x_TD)) is not None:
+        # int4 experts through the native kernel (moekit.moe.native), where it is built
+        out_TD = native.grouped_swiglu_int4(
+            x_TD, experts_TK, decision.weights, *parts, scale_input=layer.cfg.scale_expert_input
+        )
+    elif isinstance(ex, QuantExperts):  # the packed weights, as the one-token kernel reads them
         product, gate, up, down = ex.token_math()
         out_TD = swiglu_sum(x_TD, experts_TK, decision.weights, gate, up, down, product)
     elif gate_up_E2FD is not None and library_reads(ex.w_down[0]):
@@ -424,6 +429,16 @@ def decode_step(
     return (logits, decisions) if routing else logits
 
 
+def _native_weights(model: nn.Module) -> bool:
+    """Whether the model holds weights that the native kernels may read (`moekit.moe.native`:
+    large float weights on AVX-512 CPUs, int4 experts)."""
+    if not native.enabled():
+        return False
+    if any(isinstance(m, QuantExperts) and m.bits == 4 for m in model.modules()):
+        return True
+    return any(library_reads(p) for p in model.parameters() if p.dim() >= 2)
+
+
 class CompiledDecoder:
     """`decode_step` under `torch.compile` for one model, with a fallback to the eager model.
 
@@ -455,7 +470,7 @@ class CompiledDecoder:
 
     def _fn(self) -> Callable[..., Any]:
         if self._compiled is None:
-            if any(library_reads(p) for p in self.model.parameters() if p.dim() >= 2):
+            if _native_weights(self.model):
                 native.load()  # built before tracing: the graph calls its operators
             if self._compiler is not None:
                 self._compiled = self._compiler(decode_step)

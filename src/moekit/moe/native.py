@@ -88,6 +88,7 @@ def _build() -> bool:
         return False
     torch.library.register_fake("moekit_native::grouped_swiglu")(_swiglu_shape)
     torch.library.register_fake("moekit_native::linear")(_linear_shape)
+    torch.library.register_fake("moekit_native::grouped_swiglu_int4")(_swiglu_shape)
     return True
 
 
@@ -129,9 +130,30 @@ def takes(x_TD: Tensor, gate_up_E2FD: Tensor, down_EDF: Tensor) -> bool:
     return _loaded is True and _fits(x_TD, gate_up_E2FD) and _fits(x_TD, down_EDF)
 
 
+def takes_int4(x_TD: Tensor, group: int, *parts: Tensor) -> bool:
+    """Whether `grouped_swiglu_int4` below computes these int4 experts (`parts`: each
+    projection's packed bytes, scales and minimums, as `moekit.quant.formats` stores them):
+    conditions as `takes`, and a group size that is a multiple of 32."""
+    return (
+        _loaded is True
+        and group % 32 == 0
+        and _fits(x_TD, x_TD)
+        and all(p.dim() == 3 and p.stride(-1) == 1 and p.stride(-2) == p.shape[-1] for p in parts)
+    )
+
+
 def takes_linear(x_TD: Tensor, w_ND: Tensor) -> bool:
     """Whether `linear` below computes `x_TD @ w_ND.T` (conditions as `takes`)."""
     return _loaded is True and w_ND.dim() == 2 and _fits(x_TD, w_ND)
+
+
+def grouped_swiglu_int4(
+    x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, *parts: Tensor, scale_input: bool
+) -> Tensor:
+    """`grouped_swiglu` for int4 experts: `parts` are the gate's, the up's and the down's
+    packed bytes, scales and minimums (nine tensors); only where `takes_int4` said so."""
+    op = torch.ops.moekit_native.grouped_swiglu_int4
+    return op(x_TD, experts_TK, weights_TK, *parts, scale_input)
 
 
 def linear(x_TD: Tensor, w_ND: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from moekit.moe import native
 from moekit.moe.decode_kernel import ExpertsKernel, Product
 from moekit.moe.experts import ExpertBackend, Experts, beyond_plain, decode_experts
 from moekit.nn.mlp import Activation
@@ -144,7 +145,27 @@ class QuantExperts(nn.Module):
             return None
         kernel = _TOKEN_KERNELS[self.bits]
         _, gate, up, down = self.token_math()
+        if self.bits == 4 and native.enabled() and all(w.kernel == "auto" for w in weights):
+            return lambda x, e, w: (  # the native kernel where it builds, else the compiled one
+                native.grouped_swiglu_int4(x, e, w, *parts, scale_input=False)
+                if native.load() and (parts := self.native_parts(x)) is not None
+                else kernel(x, e, w, gate, up, down)
+            )
         return lambda x, e, w: kernel(x, e, w, gate, up, down)
+
+    def native_parts(self, x_TD: Tensor) -> tuple[Tensor, ...] | None:
+        """The nine stored tensors that the native int4 kernel reads (`moekit.moe.native`:
+        the gate's, the up's and the down's packed bytes, scales and minimums) where it
+        computes these experts for `x_TD`: int4 SwiGLU experts, every projection's kernel
+        "auto", the kernel loaded; else None."""
+        if self.bits != 4 or self.w_gate is None or self.plain_math() is not None:
+            return None
+        weights = (self.w_gate, self.w_up, self.w_down)
+        if any(w.kernel != "auto" or w.min is None for w in weights):
+            return None
+        parts = tuple(t for w in weights for t in (w.qweight, w.scale, w.min) if t is not None)
+        group = min(w.group or 0 for w in weights)
+        return parts if native.takes_int4(x_TD, group, *parts) else None
 
     def token_math(
         self,

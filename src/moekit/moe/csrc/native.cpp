@@ -75,23 +75,95 @@ inline void rows_dot(const float* w, int64_t ld, int64_t lo, int64_t hi, int64_t
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
-}  // namespace
+// A projection's stacked float32 weights (E, N, K), each expert's contiguous. Its inputs are
+// the float vectors themselves.
+struct Float32Weights {
+  const float* w;
+  int64_t expert_stride, K;
+  int64_t prepared_size() const { return K; }
+  void prepare(const float* x, float c, float* out) const {
+    for (int64_t k = 0; k < K; ++k) out[k] = c * x[k];
+  }
+  void rows(int64_t e, int64_t lo, int64_t hi, const std::vector<const float*>& xs,
+            const std::vector<float*>& outs) const {
+    rows_dot(w + e * expert_stride, K, lo, hi, K, xs, outs);
+  }
+};
 
-// x (T, D), experts (T, K) int64 with -1 for an empty slot, weights (T, K), gate_up (E, 2F, D),
-// down (E, D, F); the last two dims of each weight contiguous. Returns (T, D).
-at::Tensor grouped_swiglu(at::Tensor x, at::Tensor experts, at::Tensor weights,
-                             at::Tensor gate_up, at::Tensor down, bool scale_input) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 (T, D)");
-  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && down.scalar_type() == at::kFloat,
-              "expert weights must be float32");
-  TORCH_CHECK(gate_up.stride(2) == 1 && down.stride(2) == 1 &&
-                  gate_up.stride(1) == gate_up.size(2) && down.stride(1) == down.size(2),
-              "each expert's weight must be contiguous");
-  x = x.contiguous();
+// A projection's stacked int4 weights (moekit.quant.formats): packed bytes (E, N, K/2), column
+// 2i in the low nibble of byte i and 2i+1 in the high one; scale and min (E, N, K/G) float32,
+// w = min + scale * q. An input is prepared once as its even columns, its odd columns and its
+// sums over each group, so that a row's product is, per group, scale * (q_even . x_even +
+// q_odd . x_odd), plus min . sums at the end. G is a multiple of 32 (16 bytes per step).
+struct Int4Weights {
+  const uint8_t* q;
+  const float* scale;
+  const float* min;
+  int64_t q_stride, s_stride, K, G;
+  int64_t prepared_size() const { return K + K / G; }
+  void prepare(const float* x, float c, float* out) const {
+    float* even = out;
+    float* odd = out + K / 2;
+    float* sums = out + K;
+    for (int64_t i = 0; i < K / 2; ++i) even[i] = c * x[2 * i], odd[i] = c * x[2 * i + 1];
+    for (int64_t g = 0; g < K / G; ++g) {
+      float t = 0;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) t += c * x[k];
+      sums[g] = t;
+    }
+  }
+  template <int NT>
+  void rows_nt(int64_t e, int64_t lo, int64_t hi, const float* const* xs, float* const* outs) const {
+    const int64_t groups = K / G, steps = G / 32, half = K / 2;
+    const __m512i low = _mm512_set1_epi32(15);
+    for (int64_t r = lo; r < hi; ++r) {
+      const uint8_t* qr = q + e * q_stride + r * half;
+      const float* sr = scale + e * s_stride + r * groups;
+      __m512 acc[NT];
+      for (int j = 0; j < NT; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 part[NT];
+        for (int j = 0; j < NT; ++j) part[j] = _mm512_setzero_ps();
+        for (int64_t st = 0; st < steps; ++st) {
+          const int64_t i = (g * steps + st) * 16;  // index into the even / odd columns
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + i)));
+          const __m512 qe = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
+          const __m512 qo = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+          for (int j = 0; j < NT; ++j) {
+            part[j] = _mm512_fmadd_ps(qe, _mm512_loadu_ps(xs[j] + i), part[j]);
+            part[j] = _mm512_fmadd_ps(qo, _mm512_loadu_ps(xs[j] + half + i), part[j]);
+          }
+        }
+        const __m512 sg = _mm512_set1_ps(sr[g]);
+        for (int j = 0; j < NT; ++j) acc[j] = _mm512_fmadd_ps(part[j], sg, acc[j]);
+      }
+      const float* mr = min + e * s_stride + r * groups;
+      for (int j = 0; j < NT; ++j)
+        outs[j][r] = _mm512_reduce_add_ps(acc[j]) + dot1(mr, xs[j] + K, groups);
+    }
+  }
+  void rows(int64_t e, int64_t lo, int64_t hi, const std::vector<const float*>& xs,
+            const std::vector<float*>& outs) const {
+    size_t j = 0;  // four inputs at a time (each row's bytes are then read once per four)
+    for (; j + 4 <= xs.size(); j += 4) rows_nt<4>(e, lo, hi, &xs[j], &outs[j]);
+    switch (xs.size() - j) {
+      case 3: rows_nt<3>(e, lo, hi, &xs[j], &outs[j]); break;
+      case 2: rows_nt<2>(e, lo, hi, &xs[j], &outs[j]); break;
+      case 1: rows_nt<1>(e, lo, hi, &xs[j], &outs[j]); break;
+      default: break;
+    }
+  }
+};
+
+// Each token's chosen SwiGLU experts, weighted and summed: x (T, D), experts (T, K) with -1
+// for an empty slot, weights (T, K); gate and up (E, F, D) and down (E, D, F) as `W` holds
+// them. Returns (T, D).
+template <class W>
+at::Tensor swiglu_experts(const at::Tensor& x_in, const at::Tensor& experts,
+                          const at::Tensor& weights, const W& gate, const W& up, const W& down,
+                          int64_t num_experts, int64_t F, bool scale_input) {
+  auto x = x_in.contiguous();
   const int64_t T = x.size(0), D = x.size(1), K = experts.size(1);
-  const int64_t F = down.size(2);
-  TORCH_CHECK(gate_up.size(1) == 2 * F && gate_up.size(2) == D && down.size(1) == D,
-              "weight shapes do not match");
   auto ex = experts.to(at::kLong).contiguous();
   auto wt = weights.to(at::kFloat).contiguous();
   const int64_t* ep = ex.data_ptr<int64_t>();
@@ -102,7 +174,7 @@ at::Tensor grouped_swiglu(at::Tensor x, at::Tensor experts, at::Tensor weights,
   std::map<int64_t, std::vector<int64_t>> by_expert;
   for (int64_t s = 0; s < T * K; ++s)
     if (ep[s] >= 0) {
-      TORCH_CHECK(ep[s] < gate_up.size(0), "expert index out of range");
+      TORCH_CHECK(ep[s] < num_experts, "expert index out of range");
       by_expert[ep[s]].push_back(s);
     }
   auto out = at::zeros({T, D}, x.options());
@@ -117,14 +189,13 @@ at::Tensor grouped_swiglu(at::Tensor x, at::Tensor experts, at::Tensor weights,
   first.push_back(static_cast<int64_t>(order.size()));
   const int64_t U = static_cast<int64_t>(expert.size()), S = static_cast<int64_t>(order.size());
 
-  auto g = at::empty({S, F}, x.options());  // gate, then the activation
-  auto u = at::empty({S, F}, x.options());  // up
-  float* gp = g.data_ptr<float>();
-  float* up = u.data_ptr<float>();
-  const int64_t gu_e = gate_up.stride(0), dn_e = down.stride(0);
-  const float* gu_p = gate_up.data_ptr<float>();
-  const float* dn_p = down.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  // Each slot's input as the gate and up weights read it (scaled by its routing weight when
+  // that weight applies to the expert's input).
+  const int64_t pin = gate.prepared_size(), pdown = down.prepared_size();
+  std::vector<float> xin(S * pin), hin(S * pdown);
+  for (int64_t j = 0; j < S; ++j)
+    gate.prepare(xp + (order[j] / K) * D, scale_input ? wp[order[j]] : 1.0f, &xin[j * pin]);
+  std::vector<float> g(S * F), u(S * F);  // gate (then the activation) and up
 
   // Pass 1: for every used expert, gate row f and up row f for f in the thread's share.
   at::parallel_for(0, U * F, 1, [&](int64_t lo, int64_t hi) {
@@ -135,23 +206,20 @@ at::Tensor grouped_swiglu(at::Tensor x, at::Tensor experts, at::Tensor weights,
       if (a >= b) continue;
       xs.clear(), go.clear(), uo.clear();
       for (int64_t j = first[i]; j < first[i + 1]; ++j) {
-        xs.push_back(xp + (order[j] / K) * D);
-        go.push_back(gp + j * F);
-        uo.push_back(up + j * F);
+        xs.push_back(&xin[j * pin]);
+        go.push_back(&g[j * F]);
+        uo.push_back(&u[j * F]);
       }
-      const float* w = gu_p + expert[i] * gu_e;
-      rows_dot(w, D, a, b, D, xs, go);
-      rows_dot(w + F * D, D, a, b, D, xs, uo);
-      for (int64_t j = first[i]; j < first[i + 1]; ++j) {
-        const float c = scale_input ? wp[order[j]] : 1.0f;
-        float* gj = gp + j * F;
-        const float* uj = up + j * F;
-        for (int64_t f = a; f < b; ++f) gj[f] = silu(c * gj[f]) * (c * uj[f]);
-      }
+      gate.rows(expert[i], a, b, xs, go);
+      up.rows(expert[i], a, b, xs, uo);
+      for (int64_t j = first[i]; j < first[i + 1]; ++j)
+        for (int64_t f = a; f < b; ++f) g[j * F + f] = silu(g[j * F + f]) * u[j * F + f];
     }
   });
+  for (int64_t j = 0; j < S; ++j) down.prepare(&g[j * F], 1.0f, &hin[j * pdown]);
 
   // Pass 2: output rows [lo, hi) of every used expert's down projection, weighted and summed.
+  float* op = out.data_ptr<float>();
   at::parallel_for(0, D, 1, [&](int64_t lo, int64_t hi) {
     const int64_t n = hi - lo;
     std::vector<float> y;
@@ -162,10 +230,10 @@ at::Tensor grouped_swiglu(at::Tensor x, at::Tensor experts, at::Tensor weights,
       y.resize(slots * n);
       hs.clear(), ys.clear();
       for (int64_t j = 0; j < slots; ++j) {
-        hs.push_back(gp + (first[i] + j) * F);
+        hs.push_back(&hin[(first[i] + j) * pdown]);
         ys.push_back(y.data() + j * n - lo);
       }
-      rows_dot(dn_p + expert[i] * dn_e, F, lo, hi, F, hs, ys);
+      down.rows(expert[i], lo, hi, hs, ys);
       for (int64_t j = 0; j < slots; ++j) {
         const int64_t s = order[first[i] + j];
         const float c = scale_input ? 1.0f : wp[s];
@@ -176,6 +244,75 @@ at::Tensor grouped_swiglu(at::Tensor x, at::Tensor experts, at::Tensor weights,
     }
   });
   return out;
+}
+
+void check_float(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 (T, D)");
+  TORCH_CHECK(experts.dim() == 2 && weights.sizes() == experts.sizes() &&
+                  experts.size(0) == x.size(0),
+              "experts and weights must be (T, K)");
+}
+
+bool rows_contiguous(const at::Tensor& w) {
+  return w.dim() == 3 && w.stride(2) == 1 && w.stride(1) == w.size(2);
+}
+
+}  // namespace
+
+// Float32 experts: gate_up (E, 2F, D), each expert's gate rows then its up rows; down (E, D, F).
+at::Tensor grouped_swiglu(at::Tensor x, at::Tensor experts, at::Tensor weights,
+                          at::Tensor gate_up, at::Tensor down, bool scale_input) {
+  check_float(x, experts, weights);
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && down.scalar_type() == at::kFloat,
+              "expert weights must be float32");
+  TORCH_CHECK(rows_contiguous(gate_up) && rows_contiguous(down),
+              "each expert's weight must be contiguous");
+  const int64_t D = x.size(1), F = down.size(2), E = gate_up.size(0);
+  TORCH_CHECK(gate_up.size(1) == 2 * F && gate_up.size(2) == D && down.size(1) == D &&
+                  down.size(0) == E,
+              "weight shapes do not match");
+  const float* gu = gate_up.data_ptr<float>();
+  const Float32Weights gate{gu, gate_up.stride(0), D}, up{gu + F * D, gate_up.stride(0), D};
+  const Float32Weights dn{down.data_ptr<float>(), down.stride(0), F};
+  return swiglu_experts(x, experts, weights, gate, up, dn, E, F, scale_input);
+}
+
+namespace {
+
+Int4Weights int4_weights(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
+                         const char* name) {
+  TORCH_CHECK(q.scalar_type() == at::kByte && scale.scalar_type() == at::kFloat &&
+                  min.scalar_type() == at::kFloat,
+              name, ": int4 weights are uint8 bytes with float32 scales and minimums");
+  TORCH_CHECK(rows_contiguous(q) && rows_contiguous(scale) && rows_contiguous(min) &&
+                  scale.strides() == min.strides() && scale.sizes() == min.sizes(),
+              name, ": each expert's stored tensors must be contiguous");
+  const int64_t K = q.size(2) * 2, groups = scale.size(2);
+  TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 32 == 0 &&
+                  scale.size(1) == q.size(1) && scale.size(0) == q.size(0),
+              name, ": the group size must be a multiple of 32 dividing the input dim");
+  return Int4Weights{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), min.data_ptr<float>(),
+                     q.stride(0), scale.stride(0), K, K / groups};
+}
+
+}  // namespace
+
+// Int4 experts (moekit.quant.formats): each projection as packed bytes, scales and minimums;
+// gate and up (E, F, D) and down (E, D, F) in float shape.
+at::Tensor grouped_swiglu_int4(at::Tensor x, at::Tensor experts, at::Tensor weights,
+                               at::Tensor gate_q, at::Tensor gate_scale, at::Tensor gate_min,
+                               at::Tensor up_q, at::Tensor up_scale, at::Tensor up_min,
+                               at::Tensor down_q, at::Tensor down_scale, at::Tensor down_min,
+                               bool scale_input) {
+  check_float(x, experts, weights);
+  const Int4Weights gate = int4_weights(gate_q, gate_scale, gate_min, "gate");
+  const Int4Weights up = int4_weights(up_q, up_scale, up_min, "up");
+  const Int4Weights dn = int4_weights(down_q, down_scale, down_min, "down");
+  const int64_t D = x.size(1), F = gate_q.size(1), E = gate_q.size(0);
+  TORCH_CHECK(gate.K == D && up.K == D && up_q.sizes() == gate_q.sizes() && dn.K == F &&
+                  down_q.size(1) == D && down_q.size(0) == E,
+              "weight shapes do not match");
+  return swiglu_experts(x, experts, weights, gate, up, dn, E, F, scale_input);
 }
 
 // x (T, D) against w (N, D), rows contiguous: (T, N), the weight streamed once.
@@ -206,9 +343,14 @@ TORCH_LIBRARY(moekit_native, m) {
   m.def(
       "grouped_swiglu(Tensor x, Tensor experts, Tensor weights, Tensor gate_up, Tensor down, "
       "bool scale_input) -> Tensor");
+  m.def(
+      "grouped_swiglu_int4(Tensor x, Tensor experts, Tensor weights, Tensor gate_q, "
+      "Tensor gate_scale, Tensor gate_min, Tensor up_q, Tensor up_scale, Tensor up_min, "
+      "Tensor down_q, Tensor down_scale, Tensor down_min, bool scale_input) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moekit_native, CPU, m) {
   m.impl("grouped_swiglu", &grouped_swiglu);
+  m.impl("grouped_swiglu_int4", &grouped_swiglu_int4);
   m.impl("linear", &linear);
 }
