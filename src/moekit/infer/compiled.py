@@ -11,12 +11,14 @@ has the same shapes every time. So the step here is written for static shapes:
   by a Python integer), and the cache's positions and mask advance inside the graph;
 - an MoE layer multiplies each token by its chosen experts' weights, indexed inside the
   reduction (only the chosen experts are read), with no Python loop over experts; large
-  float experts on AVX-512 CPUs (`moekit.moe.decode_kernel.library_reads`) go instead to an
-  operator that calls the library's products on the chosen experts' weights
-  (`grouped_swiglu`);
+  float experts on AVX-512 CPUs (`moekit.moe.decode_kernel.library_reads`) go instead to the
+  native streaming kernel (`moekit.moe.native`, built before tracing), or where it cannot be
+  built to an operator that calls the library's products on the chosen experts' weights
+  (`grouped_swiglu`); int4 experts there go to the native int4 kernel;
 - at a single row on the CPU, dense projections (below that size on AVX-512 CPUs) are
   reductions over each weight row (`_dense`): fused with their neighbours, and cheaper per
-  call than the library's matrix-vector product;
+  call than the library's matrix-vector product; larger ones there are streamed by the native
+  dense kernel (up to `moekit.moe.native.NATIVE_MAX_TOKENS` rows) or the library's product;
 - quantised weights (int8 and int4 experts, and with `--only all` every other projection)
   are read packed: the expert index, the unpacking and the scaling sit inside the same
   reduction, so the step reads only the chosen experts' packed bytes and never writes a

@@ -31,7 +31,10 @@ on CPU (1.6-1.8x a float32 matmul at one row at real expert shapes on an AVX2 CP
 "torch" and "dequant" are 8-9x slower than float32) and "dequant" for int8 (about 0.8x
 float32; the scalar "torch" kernel 0.2x). A fixed rule rather than timing each choice at
 start-up: on a shared machine a start-up timing picks differently from run to run, and the
-differences it would resolve are smaller than that noise.
+differences it would resolve are smaller than that noise. Beyond single products: int4 SwiGLU
+experts whose projections are all "auto" decode a step's few float32 tokens through the
+native kernel of `moekit.moe.native` on AVX-512 CPUs, all three projections in one call
+(`QuantExperts.native_parts`).
 """
 
 from __future__ import annotations
