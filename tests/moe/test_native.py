@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from moekit.moe import native
 from moekit.moe.experts import Experts, decode_experts
+from tests.moe.test_decode_kernel import _reference
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32 rounding: summed in another order
 
@@ -38,21 +39,6 @@ def _experts(num_experts=6, dim=40, hidden=10, seed=0):
         for p in ex.parameters():
             p.normal_(0.0, 0.2)
     return ex
-
-
-def _reference(x, experts, weights, ex, scale_input=False):
-    """Each token's chosen experts one at a time, weighted and summed (-1: nothing)."""
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for k, e in enumerate(experts[t].tolist()):
-            if e < 0:
-                continue
-            w = weights[t, k]
-            xin = x[t : t + 1] * w if scale_input else x[t : t + 1]
-            h = F.silu(xin @ ex.w_gate[e].T) * (xin @ ex.w_up[e].T)
-            y = h @ ex.w_down[e].T
-            out[t] += (y if scale_input else y * w)[0]
-    return out
 
 
 @pytest.mark.parametrize("scale_input", [False, True])
