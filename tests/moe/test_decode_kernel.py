@@ -130,8 +130,17 @@ def _reference(x, experts, weights, ex, scale_input=False):
 
 
 @pytest.mark.parametrize("scale_input", [False, True])
-def test_large_experts_through_the_library_products_equal_a_plain_loop(scale_input):
+@pytest.mark.parametrize("native_built", [False, True])
+def test_large_experts_through_the_library_products_equal_a_plain_loop(
+    monkeypatch, scale_input, native_built
+):
+    # With the native kernels not built (the library's products), and as built here (on an
+    # AVX-512 CPU the native kernel computes them).
+    from moekit.moe import native
     from moekit.moe.decode_kernel import grouped_swiglu
+
+    if not native_built:
+        monkeypatch.setattr(native, "_loaded", False)
 
     ex = _experts()
     x = torch.randn(3, 64)

@@ -5,6 +5,8 @@ between threads. Skipped, with the reason, on a CPU without AVX-512 (the kernels
 there); on one with it, a failed build fails here."""
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -32,7 +34,7 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-def _experts(num_experts=6, dim=40, hidden=10, seed=0):
+def _experts(num_experts=6, dim=40, hidden=40, seed=0):
     torch.manual_seed(seed)
     ex = Experts(num_experts, dim, hidden)
     with torch.no_grad():
@@ -41,9 +43,10 @@ def _experts(num_experts=6, dim=40, hidden=10, seed=0):
     return ex
 
 
+@pytest.mark.parametrize("hidden", [10, 40])  # the down rows: one partial step, or two and a part
 @pytest.mark.parametrize("scale_input", [False, True])
-def test_streamed_experts_equal_a_plain_loop(built, threads, scale_input):
-    ex = _experts()
+def test_streamed_experts_equal_a_plain_loop(built, threads, scale_input, hidden):
+    ex = _experts(hidden=hidden)
     x = torch.randn(4, 40)
     weights = torch.rand(4, 2).softmax(-1)
     chosen = (
@@ -82,10 +85,50 @@ def test_the_operators_pass_torchs_operator_checks(built):
     torch.library.opcheck(torch.ops.moekit_native.linear, (x, torch.randn(5, 16)))
 
 
+def test_nothing_autograd_follows_is_taken(built):
+    x, w = torch.randn(1, 40), torch.randn(8, 40, requires_grad=True)
+    assert not native.takes_linear(x, w)  # the operators have no backward
+    with torch.no_grad():
+        assert native.takes_linear(x, w)
+
+
+def test_the_operators_refuse_what_they_cannot_compute(built):
+    ex = _experts()
+    x, weights = torch.randn(1, 40), torch.rand(1, 2)
+    gate_up, down = ex.fused_gate_up(), ex.w_down
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="expert index out of range"):
+            native.grouped_swiglu(x, torch.tensor([[0, 6]]), weights, gate_up, down, False)
+        with pytest.raises(RuntimeError, match="weight shapes do not match"):
+            native.grouped_swiglu(x[:, :32], torch.tensor([[0, 1]]), weights, gate_up, down, False)
+        q64, _ = _int4(_experts(num_experts=4, dim=128, hidden=64), 64)
+        q32, _ = _int4(_experts(num_experts=4, dim=128, hidden=64), 32)
+        x = torch.randn(1, 128)
+        parts = list(q32.native_parts(x))
+        parts[3:6] = q64.native_parts(x)[3:6]  # up in groups of 64, gate in groups of 32
+        assert not native.takes_int4(x, 32, *parts)
+        with pytest.raises(RuntimeError, match="same groups"):
+            native.grouped_swiglu_int4(
+                x, torch.tensor([[0, 1]]), weights, *parts, scale_input=False
+            )
+
+
+def test_a_failed_builds_reason_is_the_compilers_error_line():
+    message = (
+        "Error building extension 'moekit_native': [1/2] c++ -c native.cpp -o native.o\n"
+        "FAILED: native.o\nnative.cpp:3:1: error: 'this' does not name a type\n"
+        "ninja: build stopped: subcommand failed.\n"
+    )
+    assert native._reason(message) == "native.cpp:3:1: error: 'this' does not name a type"
+    assert native._reason("no such file: ninja") == "no such file: ninja"
+
+
 def test_what_the_kernels_do_not_take(built, monkeypatch):
     ex = _experts()
     gate_up, down = ex.fused_gate_up(), ex.w_down
     x = torch.randn(1, 40)
+    assert not native.takes(x, gate_up, down)  # trainable weights, autograd on: no backward
+    torch.set_grad_enabled(False)  # as when decoding (restored by the fixture below)
     assert native.takes(x, gate_up, down)
     too_many = torch.randn(native.NATIVE_MAX_TOKENS + 1, 40)  # a prefill: the library's GEMM
     assert not native.takes(too_many, gate_up, down)
@@ -96,6 +139,13 @@ def test_what_the_kernels_do_not_take(built, monkeypatch):
     assert native.takes_linear(x, w) and not native.takes_linear(x, torch.randn(40, 8).T)
     monkeypatch.setattr(native, "_loaded", False)  # not built: nothing is taken
     assert not native.takes(x, gate_up, down) and not native.takes_linear(x, w)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    before = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(before)
 
 
 def test_eager_decoding_of_large_experts_streams_them(built, monkeypatch):
@@ -118,7 +168,7 @@ def test_eager_decoding_of_large_experts_streams_them(built, monkeypatch):
         )
 
 
-def test_a_failed_build_is_logged_once_and_falls_back(monkeypatch, tmp_path, caplog):
+def test_a_failed_build_is_logged_once_with_the_compilers_error(monkeypatch, tmp_path, caplog):
     if not native.enabled():
         pytest.skip("the native kernels need an AVX-512 CPU (and MOEKIT_NATIVE not 0)")
     broken = tmp_path / "broken.cpp"
@@ -127,11 +177,20 @@ def test_a_failed_build_is_logged_once_and_falls_back(monkeypatch, tmp_path, cap
     monkeypatch.setattr(native, "NAME", "moekit_native_broken")  # not the real build's folder
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.setattr(native, "_loaded", None)
+    # A lock left by a killed build would make PyTorch's builder wait forever: it is cleared.
+    lock = tmp_path / "ext" / "moekit_native_broken" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
     with caplog.at_level(logging.WARNING, logger="moekit"):
         assert not native.load()
         assert not native.load()  # tried once
-    failures = [r for r in caplog.records if "could not be built" in r.getMessage()]
-    assert len(failures) == 1 and "MOEKIT_NATIVE=0" in failures[0].getMessage()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("stale build lock" in m for m in messages)
+    failures = [m for m in messages if "could not be built" in m]
+    assert len(failures) == 1 and "MOEKIT_NATIVE=0" in failures[0]
+    assert "broken.cpp" in failures[0] and "error" in failures[0]  # the compiler's own line
 
 
 def test_moekit_native_0_never_builds(monkeypatch, caplog):
@@ -198,6 +257,7 @@ def test_an_int4_model_decodes_through_the_native_kernel_as_through_the_oracle(b
     from moekit import build_model
     from moekit.config import ModelConfig, QuantizationConfig
     from moekit.data.tokenizer import Tokenizer
+    from moekit.infer.compiled import CompiledDecoder
     from moekit.infer.generate import Generator
     from moekit.infer.sampling import SamplingParams
     from moekit.quant.build import quantize_model
@@ -213,6 +273,9 @@ def test_an_int4_model_decodes_through_the_native_kernel_as_through_the_oracle(b
     greedy = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
     prompts = [[5, 9, 17, 33], [40, 41]]
     compiled = Generator(model, tokenizer, compile=True)
+    # One graph or none: a graph break in the kernel's conditions would turn the step off.
+    one_graph = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)  # noqa: E731
+    compiled._decoder = CompiledDecoder(model, compiler=one_graph)
     with torch.profiler.profile() as prof:
         got = compiled.generate(prompts, greedy)
     assert compiled._decoder is not None and compiled._decoder.active

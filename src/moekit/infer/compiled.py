@@ -434,7 +434,7 @@ def decode_step(
 def _native_weights(model: nn.Module) -> bool:
     """Whether the model holds weights that the native kernels may read (`moekit.moe.native`:
     large float weights on AVX-512 CPUs, int4 experts)."""
-    if not native.enabled():
+    if not native.enabled() or next(model.parameters()).device.type != "cpu":
         return False
     if any(isinstance(m, QuantExperts) and m.bits == 4 for m in model.modules()):
         return True

@@ -4,19 +4,22 @@ first time they are needed (csrc/native.cpp; AVX-512).
 Reading a large weight is the whole cost of a decode-time product with it, and these kernels
 stream each weight once, all threads over contiguous shares of its rows:
 - `moekit_native::grouped_swiglu`: a few tokens through their chosen SwiGLU experts, in two
-  parallel passes (gate and up with the activation; the down projection split by output row);
+  parallel passes (each thread's share of the gate and up rows, then the activation on it;
+  the down projection split by output row); `grouped_swiglu_int4` the same for int4 experts
+  read from their packed bytes;
 - `moekit_native::linear`: a few tokens through one dense weight.
 Against the library's products (one per projection per chosen expert, what
 `moekit.moe.decode_kernel.grouped_swiglu` falls back to) they read the weights faster and drop
 the Python between the products (measured in docs/benchmarks.md, "A streaming kernel for large
-float weights"). Both are operators that a compiled graph calls as they are.
+float weights"). All are operators that a compiled graph calls as they are.
 
-It is built with PyTorch's C++ extension builder (`torch.utils.cpp_extension.load`, which
+They are built with PyTorch's C++ extension builder (`torch.utils.cpp_extension.load`, which
 needs a C++ compiler and ninja; `torch.compile` on CPU needs the compiler already) into
 PyTorch's extension cache, once per machine: about 20 s the first time, a fraction of a
-second after. Where the build fails the reason is logged once on the `moekit` logger and the
-library's products are used, with the same results up to float rounding. Set `MOEKIT_NATIVE=0`
-to never build or use it.
+second after (a build killed halfway leaves a lock that is cleared after `STALE_LOCK_S`).
+Where the build fails the compiler's error is logged once on the `moekit` logger and the
+previous paths run (the library's products; for int4 experts the compiled kernel), with the
+same results up to float rounding. Set `MOEKIT_NATIVE=0` to never build or use them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +44,7 @@ NAME = "moekit_native"  # the extension's name: its folder in PyTorch's extensio
 # reader (they reuse each weight row across the tokens in registers and caches).
 NATIVE_MAX_TOKENS = 8
 FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp"]
+STALE_LOCK_S = 600
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -70,6 +75,7 @@ def _build() -> bool:
         from torch.utils.cpp_extension import load as build
 
         _find_ninja()
+        _clear_stale_lock()
         log.info("moekit: loading the native decode kernels (built once per machine, ~20 s)")
         build(
             NAME,
@@ -78,18 +84,53 @@ def _build() -> bool:
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
+        _register_fakes()
     except Exception as exc:  # a missing compiler or ninja, a failed build: fall back
         log.warning(
             "moekit: the native decode kernels could not be built (%s: %s); large float "
-            "weights use the library's products instead (set MOEKIT_NATIVE=0 to skip the try)",
+            "weights use the library's products and int4 experts the compiled kernel instead "
+            "(set MOEKIT_NATIVE=0 to skip the try)",
             type(exc).__name__,
-            str(exc).strip().splitlines()[-1] if str(exc).strip() else "",
+            _reason(str(exc)),
         )
         return False
-    torch.library.register_fake("moekit_native::grouped_swiglu")(_swiglu_shape)
-    torch.library.register_fake("moekit_native::linear")(_linear_shape)
-    torch.library.register_fake("moekit_native::grouped_swiglu_int4")(_swiglu_shape)
     return True
+
+
+def _reason(message: str) -> str:
+    """The compiler's error lines of a failed build (ninja's own last line says only that a
+    command failed), or the message's last line."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line.lower() and "ninja:" not in line]
+    return " | ".join(errors[:3]) if errors else (lines[-1] if lines else "no message")
+
+
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    """The operators' output shapes for compilers (once per process)."""
+    global _fakes_registered
+    if not _fakes_registered:
+        torch.library.register_fake("moekit_native::grouped_swiglu")(_swiglu_shape)
+        torch.library.register_fake("moekit_native::linear")(_linear_shape)
+        torch.library.register_fake("moekit_native::grouped_swiglu_int4")(_swiglu_shape)
+        _fakes_registered = True
+
+
+def _clear_stale_lock() -> None:
+    """PyTorch's builder waits, without a time limit, for the lock file of a build in
+    progress; a build that was killed leaves that file behind. A lock older than
+    `STALE_LOCK_S` cannot be a live build (one takes well under a minute): remove it."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(NAME, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            log.warning("moekit: removed a stale build lock left by a killed build: %s", lock)
+    except FileNotFoundError:
+        pass
 
 
 def _find_ninja() -> None:
@@ -112,9 +153,11 @@ def _linear_shape(x_TD: Tensor, w_ND: Tensor) -> Tensor:
 
 
 def _fits(x_TD: Tensor, w: Tensor) -> bool:
-    """A few float32 rows on the CPU, and a float32 weight whose last two dims are contiguous."""
+    """A few float32 rows on the CPU, and a float32 weight whose last two dims are contiguous;
+    nothing that autograd would follow (the operators have no backward)."""
     return (
-        x_TD.dim() == 2
+        not (torch.is_grad_enabled() and (x_TD.requires_grad or w.requires_grad))
+        and x_TD.dim() == 2
         and x_TD.shape[0] <= NATIVE_MAX_TOKENS
         and x_TD.device.type == "cpu"
         and x_TD.dtype == torch.float32
@@ -131,14 +174,16 @@ def takes(x_TD: Tensor, gate_up_E2FD: Tensor, down_EDF: Tensor) -> bool:
 
 
 def takes_int4(x_TD: Tensor, group: int, *parts: Tensor) -> bool:
-    """Whether `grouped_swiglu_int4` below computes these int4 experts (`parts`: each
-    projection's packed bytes, scales and minimums, as `moekit.quant.formats` stores them):
-    conditions as `takes`, and a group size that is a multiple of 32."""
+    """Whether `grouped_swiglu_int4` below computes these int4 experts (`parts`: the gate's,
+    the up's and the down's packed bytes, scales and minimums, as `moekit.quant.formats`
+    stores them): conditions as `takes`, a group size (`group`, the smallest of the three)
+    that is a multiple of 32, and gate and up in the same groups."""
     return (
         _loaded is True
         and group % 32 == 0
         and _fits(x_TD, x_TD)
         and all(p.dim() == 3 and p.stride(-1) == 1 and p.stride(-2) == p.shape[-1] for p in parts)
+        and parts[1].shape == parts[4].shape  # gate and up in the same groups
     )
 
 

@@ -2,11 +2,12 @@
 // their chosen SwiGLU experts (`grouped_swiglu`) or through one dense weight (`linear`).
 //
 // grouped_swiglu is the decode case of `moekit.moe.decode_kernel.grouped_swiglu`: each chosen
-// expert's weights are read once, whatever number of the tokens chose it, by all threads at
-// once, each over its own contiguous share of the rows, with four rows in flight per thread.
-// Two parallel passes: gate and up (a row of each at a time, so the activation is applied as
-// the pair is finished), then the down projection split by output row (each output element
-// is owned by one thread, so no atomics). Built on first use by `moekit.moe.native`, which
+// expert's weights are read by all threads at once, each over its own contiguous share of the
+// rows, with four float rows in flight per thread, once for all the tokens that chose it
+// (int4: once per four such tokens). Two parallel passes: gate then up over the thread's
+// share of the hidden units, with the activation applied to that share as soon as both are
+// done; then the down projection split by output row (each output element is owned by one
+// thread, so no atomics). Built on first use by `moekit.moe.native`, which
 // says when these are used.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -312,6 +313,8 @@ at::Tensor grouped_swiglu_int4(at::Tensor x, at::Tensor experts, at::Tensor weig
   TORCH_CHECK(gate.K == D && up.K == D && up_q.sizes() == gate_q.sizes() && dn.K == F &&
                   down_q.size(1) == D && down_q.size(0) == E,
               "weight shapes do not match");
+  // One prepared input serves both the gate and the up rows: their groups must agree.
+  TORCH_CHECK(up_scale.sizes() == gate_scale.sizes(), "gate and up must have the same groups");
   return swiglu_experts(x, experts, weights, gate, up, dn, E, F, scale_input);
 }
 
