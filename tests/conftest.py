@@ -33,8 +33,12 @@ DEVICES = [
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
-    """Tokenizer caches go to a temporary folder, shared by the tests of one worker."""
+    """Tokenizer caches go to a temporary folder, shared by the tests of one worker. Compiled
+    decode steps keep inductor's Python wrapper (each C++ wrapper costs ~20 s more to compile,
+    and the suite compiles dozens of steps, in-process and in the commands it runs); the tests
+    of the default, C++-wrapped step turn it back on (tests/infer/test_compiled.py)."""
     os.environ["MOEKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("moekit-cache"))
+    os.environ["MOEKIT_CPP_WRAPPER"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,11 @@ def test_the_cache_length_is_bucketed_and_capped():
 
 
 @pytest.mark.slow  # compiles a graph (tens of seconds on a small CPU)
-def test_compiled_decoding_gives_the_eager_tokens_and_logprobs(tokenizer):
+def test_compiled_decoding_gives_the_eager_tokens_and_logprobs(tokenizer, monkeypatch):
+    from moekit.infer.compiled import cpp_wrapper
+
+    monkeypatch.setenv("MOEKIT_CPP_WRAPPER", "1")  # the default: a C++-driven graph
+    assert cpp_wrapper()
     model = _model()
     eager = Generator(model, tokenizer)
     compiled = Generator(model, tokenizer, compile=True)
@@ -276,7 +280,9 @@ def test_large_weights_through_the_library_products_give_the_eager_tokens(
     gen = Generator(model, tokenizer, compile=True)
     # Compiled as one graph or not at all (a graph break would fail here, and the decoder
     # would then be off): the operator and the size rule must not split the step.
-    one_graph = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)  # noqa: E731
+    # C++-driven, as by default: the wrapper calls the operators through the dispatcher.
+    options = {"cpp_wrapper": True}
+    one_graph = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True, options=options)  # noqa: E731
     gen._decoder = CompiledDecoder(model, compiler=one_graph if compiled else lambda fn: fn)
     prompts = [[5, 9, 17, 33, 2, 80], [40, 41, 42]]
     want = Generator(model, tokenizer).generate(prompts, GREEDY)

@@ -274,7 +274,8 @@ def test_an_int4_model_decodes_through_the_native_kernel_as_through_the_oracle(b
     prompts = [[5, 9, 17, 33], [40, 41]]
     compiled = Generator(model, tokenizer, compile=True)
     # One graph or none: a graph break in the kernel's conditions would turn the step off.
-    one_graph = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)  # noqa: E731
+    options = {"cpp_wrapper": True}  # C++-driven, as by default
+    one_graph = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True, options=options)  # noqa: E731
     compiled._decoder = CompiledDecoder(model, compiler=one_graph)
     with torch.profiler.profile() as prof:
         got = compiled.generate(prompts, greedy)
