@@ -164,6 +164,31 @@ def test_a_failed_compilation_falls_back_to_eager_and_says_why_once(tokenizer, c
     assert not gen._decoder.active
 
 
+@pytest.mark.slow  # compiles a graph
+def test_a_failed_cpp_wrapped_step_is_compiled_again_with_the_python_wrapper(
+    tokenizer, caplog, monkeypatch
+):
+    monkeypatch.setenv("MOEKIT_CPP_WRAPPER", "1")
+    real = torch.compile
+
+    def cpp_fails(fn, **kwargs):  # the C++-driven compile breaks, the Python-driven one works
+        if (kwargs.get("options") or {}).get("cpp_wrapper"):
+            return real(fn, backend=_broken_backend)
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", cpp_fails)
+    model = _model()
+    want = Generator(model, tokenizer).generate([[3, 4, 5]], GREEDY)[0].token_ids
+    gen = Generator(model, tokenizer, compile=True)
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        got = gen.generate([[3, 4, 5]], GREEDY)[0].token_ids
+    assert got == want
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("C++-driven step failed" in m and "cannot compile" in m for m in messages) == 1
+    assert not any("compiled decoding is off" in m for m in messages)
+    assert gen._decoder is not None and gen._decoder.active
+
+
 def test_models_the_compiled_step_does_not_cover_are_named():
     assert decode_support(_model()) is None
     assert decode_support(_model().train()) == "the model is in training mode"

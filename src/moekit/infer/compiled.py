@@ -432,6 +432,16 @@ def decode_step(
     return (logits, decisions) if routing else logits
 
 
+def _root_cause(e: BaseException) -> str:
+    """The compiler's own error, not its wrappers' (a backend's is `inner_exception`): its type
+    and the first line of its message."""
+    root = e
+    while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
+        root = inner
+    text = str(root).strip()
+    return f"{type(root).__name__}: {text.splitlines()[0][:200] if text else 'no message'}"
+
+
 def cpp_wrapper() -> bool:
     """Whether the CPU step's graph is driven by generated C++ rather than Python
     (inductor's `cpp_wrapper`): the calls between its kernels then cost no Python, 1.08-1.13x
@@ -463,6 +473,7 @@ class CompiledDecoder:
         self.failed = False
         self._compiled: Callable[..., Any] | None = None
         self._compiler = compiler
+        self._cpp = compiler is None and cpp_wrapper()  # driven by C++ (until that fails)
         self._tables: tuple[Tensor, Tensor] | None = None
 
     def _rope(self, length: int) -> tuple[Tensor, Tensor]:
@@ -488,7 +499,7 @@ class CompiledDecoder:
                 cuda = next(self.model.parameters()).device.type == "cuda"
                 mode = "reduce-overhead" if cuda else None  # CUDA graphs on a GPU
                 options: dict[str, Any] | None = None
-                if cpp_wrapper() and not cuda:
+                if self._cpp and not cuda:
                     options = {"cpp_wrapper": True}
                 self._compiled = torch.compile(
                     decode_step, dynamic=False, mode=mode, options=options
@@ -524,15 +535,17 @@ class CompiledDecoder:
         try:
             return self._fn()(self.model, weights, *args, routing)
         except Exception as e:  # any compiler failure: fall back, and say why
+            if self._cpp:  # first without the C++ wrapper, once
+                self._cpp, self._compiled = False, None
+                log.warning(
+                    "compiled decoding: the C++-driven step failed (%s); compiling it with "
+                    "inductor's Python wrapper instead",
+                    _root_cause(e),
+                )
+                return self.run(tokens_B1, ks, vs, valid_BL, end_B, live_B, top_k, routing)
             self.failed = True
-            root: BaseException = e
-            # The compiler's own error, not its wrappers (a backend's is `inner_exception`).
-            while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
-                root = inner
-            text = str(root).strip()
             log.warning(
-                "compiled decoding is off: torch.compile failed (%s: %s); decoding eagerly",
-                type(root).__name__,
-                text.splitlines()[0][:200] if text else "no message",
+                "compiled decoding is off: torch.compile failed (%s); decoding eagerly",
+                _root_cause(e),
             )
             return None
