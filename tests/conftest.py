@@ -38,7 +38,7 @@ def _private_cache(tmp_path_factory):
     and the suite compiles dozens of steps, in-process and in the commands it runs); the tests
     of the default, C++-wrapped step turn it back on (tests/infer/test_compiled.py)."""
     os.environ["MOEKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("moekit-cache"))
-    os.environ["MOEKIT_CPP_WRAPPER"] = "0"
+    os.environ.setdefault("MOEKIT_CPP_WRAPPER", "0")  # export 1 to run them all C++-driven
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,9 @@ grouped-query attention (with or without q/k norms, or with interleaved RoPE / N
 no sinks or sliding window), SwiGLU feed-forwards without biases and token-choice routers
 (flat top-k or hierarchical) without a logit bias. `decode_support` says why a model is not
 supported; a compilation that fails is reported once on the `moekit` logger and the step
-falls back to the eager model. On CUDA the step asks for CUDA graphs ("reduce-overhead").
+falls back to the eager model. On the CPU the graph is driven by inductor's C++ wrapper
+(`cpp_wrapper`; a first compile that fails with it is retried once without). On CUDA the step
+asks for CUDA graphs ("reduce-overhead").
 """
 
 from __future__ import annotations
@@ -444,8 +446,9 @@ def _root_cause(e: BaseException) -> str:
 
 def cpp_wrapper() -> bool:
     """Whether the CPU step's graph is driven by generated C++ rather than Python
-    (inductor's `cpp_wrapper`): the calls between its kernels then cost no Python, 1.08-1.13x
-    the step's speed, for about 20 s more compiling. `MOEKIT_CPP_WRAPPER=0` turns it off."""
+    (inductor's `cpp_wrapper`): the calls between its kernels then cost no Python, about 1.1x
+    the step's speed, for 20-30 s more compiling per shape. `MOEKIT_CPP_WRAPPER=0` (exactly
+    "0") turns it off; read when a `CompiledDecoder` is made."""
     return os.environ.get("MOEKIT_CPP_WRAPPER", "1") != "0"
 
 
@@ -473,7 +476,10 @@ class CompiledDecoder:
         self.failed = False
         self._compiled: Callable[..., Any] | None = None
         self._compiler = compiler
-        self._cpp = compiler is None and cpp_wrapper()  # driven by C++ (until that fails)
+        # Driven by C++ on the CPU (read here, once); given up if it fails before ever running.
+        cpu = next(model.parameters()).device.type == "cpu"
+        self._cpp = compiler is None and cpu and cpp_wrapper()
+        self._ran = False  # a step has run through the compiled graph
         self._tables: tuple[Tensor, Tensor] | None = None
 
     def _rope(self, length: int) -> tuple[Tensor, Tensor]:
@@ -499,7 +505,7 @@ class CompiledDecoder:
                 cuda = next(self.model.parameters()).device.type == "cuda"
                 mode = "reduce-overhead" if cuda else None  # CUDA graphs on a GPU
                 options: dict[str, Any] | None = None
-                if self._cpp and not cuda:
+                if self._cpp:
                     options = {"cpp_wrapper": True}
                 self._compiled = torch.compile(
                     decode_step, dynamic=False, mode=mode, options=options
@@ -533,9 +539,13 @@ class CompiledDecoder:
         weights = [_block_weights(b) for b in self.model.blocks()]
         args = (tokens_B1, self._rope(valid_BL.shape[1]), ks, vs, valid_BL, end_B, live_B, top_k)
         try:
-            return self._fn()(self.model, weights, *args, routing)
+            out = self._fn()(self.model, weights, *args, routing)
+            self._ran = True
+            return out
         except Exception as e:  # any compiler failure: fall back, and say why
-            if self._cpp:  # first without the C++ wrapper, once
+            # Without the C++ wrapper, once, if no step ever ran: a compile failure raises
+            # before the graph touches the cache (a later failure may come after it did).
+            if self._cpp and not self._ran:
                 self._cpp, self._compiled = False, None
                 log.warning(
                     "compiled decoding: the C++-driven step failed (%s); compiling it with "
