@@ -1,5 +1,5 @@
-"""Native CPU kernels for decoding with large float32 weights, compiled on this machine the
-first time they are needed (csrc/native.cpp; AVX-512).
+"""Native CPU kernels for decoding with large float32 weights and int4 experts, compiled on
+this machine the first time they are needed (csrc/native.cpp; AVX-512).
 
 Reading a large weight is the whole cost of a decode-time product with it, and these kernels
 stream each weight once, all threads over contiguous shares of its rows:
