@@ -145,7 +145,7 @@ class QuantExperts(nn.Module):
             return None
         kernel = _TOKEN_KERNELS[self.bits]
         _, gate, up, down = self.token_math()
-        if self.bits == 4 and native.enabled() and all(w.kernel == "auto" for w in weights):
+        if self.bits == 4 and native.enabled():  # `native_parts` says when it applies
             return lambda x, e, w: (  # the native kernel where it builds, else the compiled one
                 native.grouped_swiglu_int4(x, e, w, *parts, scale_input=False)
                 if native.load() and (parts := self.native_parts(x)) is not None
