@@ -19,6 +19,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.moe.decode_kernel import library_reads
+
+
+def _project(x_TD: Tensor, w_ED: Tensor, bias_E: Tensor | None = None) -> Tensor:
+    """`F.linear(x_TD, w_ED, bias_E)`; for one token on the CPU under `torch.compile` (a
+    compiled decode step), written as a reduction over each weight row instead (unless the
+    weight is one the library reads faster, `library_reads`), which the compiler fuses with
+    the softmax and top-k around it. As a product the step called the library for a (1, E)
+    result and first copied its input (docs/benchmarks.md measures the difference)."""
+    one_row = x_TD.shape[0] == 1 and x_TD.device.type == "cpu"
+    if one_row and torch.compiler.is_compiling() and not library_reads(w_ED):
+        out_TE = (w_ED * x_TD).sum(-1).view(1, -1)
+        return out_TE if bias_E is None else out_TE + bias_E
+    return F.linear(x_TD, w_ED, bias_E)
 
 
 class RouterOutput(NamedTuple):
@@ -70,7 +84,7 @@ class Router(nn.Module):
 
     def _logits(self, x_TD: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.float()
-        logits_TE = F.linear(x_TD, self.weight.float(), bias)
+        logits_TE = _project(x_TD, self.weight.float(), bias)
         if self.adapter is not None and not self.adapter.merged:
             logits_TE = logits_TE + self.adapter(x_TD)
         return logits_TE
@@ -468,7 +482,7 @@ class HierarchicalRouter(Router):
 
     def _logits(self, x_TD: Tensor) -> Tensor:
         expert_TGe = super()._logits(x_TD).view(x_TD.shape[0], self.groups, self.per_group)
-        group_TG = F.linear(x_TD, self.group_weight.float())
+        group_TG = _project(x_TD, self.group_weight.float())
         return (group_TG.unsqueeze(-1) + expert_TGe.log_softmax(dim=-1)).flatten(1)
 
     def group_probs(self, logits_TE: Tensor) -> Tensor:
