@@ -110,7 +110,10 @@ def step_bytes(
     return StepBytes(batch, context, {k: round(v) for k, v in parts.items()})
 
 
-def measure_bandwidth(size_mib: int = 256, repeats: int = 5) -> float:
+READER_BYTES = 256 * 2**20  # what `measure_bandwidth` reads by default
+
+
+def measure_bandwidth(size_mib: int = READER_BYTES >> 20, repeats: int = 5) -> float:
     """Memory read bandwidth of this machine in bytes/s: the fastest of `repeats` reads of a
     `size_mib` MiB float32 tensor (large enough to miss every CPU cache) with PyTorch's own
     threads, each read made twice, as a sum and as a matrix-vector product (the library's,

@@ -150,3 +150,44 @@ def test_to_dict_has_the_json_keys_and_ratios():
     assert data["ours_prefill_tokens_per_s"] == 300.0 and data["hf_decode_tokens_per_s"] == 20.0
     assert data["prefill_ours_over_hf"] == 3.0 and data["decode_ours_over_hf"] == 0.5
     assert data["decode_fraction_of_bound"] == 10.0 / data["bound"]["predicted_tokens_per_s"]
+
+
+def test_speeds_run_between_at_the_start_of_every_round_untimed():
+    from moekit.bench.generate import _speeds
+
+    order = []
+
+    def ours(n):
+        order.append(n)
+        return [[0] * n]
+
+    prefill, decode = _speeds(
+        {"ours": ours}, 4, 3, prompt_total=8, decode_total=3, between=lambda: order.append("read")
+    )
+    assert order == ["read", 1, 4] * 3
+    assert set(prefill) == set(decode) == {"ours"}
+
+
+@pytest.mark.parametrize("streams", [False, True])
+def test_the_bound_reads_bandwidth_between_rounds_only_when_a_step_outreads_the_reader(
+    tiny_model_dir, monkeypatch, streams
+):
+    """A step that reads more than the bandwidth reader is bounded by reads taken between its
+    rounds too (the highest of all); a smaller model's rounds are left alone."""
+    import moekit.bench.generate as gen
+
+    reads = iter(range(1, 100))
+    got = []
+
+    def measure():
+        got.append(next(reads) * 1e9)
+        return got[-1]
+
+    monkeypatch.setattr(gen, "measure_bandwidth", measure)
+    if streams:
+        monkeypatch.setattr(gen, "READER_BYTES", 0)
+    result = gen.bench_generate(
+        tiny_model_dir, prompt_tokens=8, new_tokens=4, repeats=3, compile=False
+    )
+    assert len(got) == (2 + 3 if streams else 2)  # before, (each round,) after
+    assert result.bound.bandwidth == max(got)

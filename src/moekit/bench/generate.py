@@ -34,7 +34,13 @@ from moekit.infer.sampling import SamplingParams
 from moekit.interop import live
 from moekit.interop.fields import UnsupportedError
 from moekit.interop.hf import choose_architecture
-from moekit.speed import SpeedPrediction, measure_bandwidth, predict_decode
+from moekit.speed import (
+    READER_BYTES,
+    SpeedPrediction,
+    measure_bandwidth,
+    predict_decode,
+    step_bytes,
+)
 
 if TYPE_CHECKING:
     from moekit.data.tokenizer import Tokenizer
@@ -190,22 +196,24 @@ def _bench(
     same_tokens = None
     if "hf" in sides or compiled:
         same_tokens = ours_tokens == sides["hf" if "hf" in sides else "eager"](new_tokens)
-    # The bound's bandwidth: the higher of a measurement before and one after the timed runs
-    # (one swings by 2x on a shared machine; between runs it would empty their caches).
-    bandwidth = measure_bandwidth()
+    # The bound's bandwidth: the highest of reads before and after the timed runs and, when a
+    # decode step itself reads more than the reader does (so the read leaves no cache colder
+    # than a step leaves it), before every round too: on a shared machine the bandwidth can
+    # move by 2x within a run, and the bound should come from the stretch of time it bounds.
+    # A smaller model's rounds are left alone (the read would empty the caches it runs from).
+    context = prompt_tokens + new_tokens // 2
+    bpw = next(generator.model.parameters()).element_size()
+    per_step = step_bytes(cfg, batch=batch_size, context=context, bytes_per_weight=bpw).total
+    reads = [measure_bandwidth()]
+    between = (lambda: reads.append(measure_bandwidth())) if per_step > READER_BYTES else None
     prompt_total, decode_total = batch_size * prompt_tokens, batch_size * (new_tokens - 1)
-    prefill, decode = _speeds(sides, new_tokens, repeats, prompt_total, decode_total)
+    prefill, decode = _speeds(sides, new_tokens, repeats, prompt_total, decode_total, between)
     # Compiled code (the decode step, and the eager path's one-token kernels) is invisible to
     # a dispatch mode, and does not run under one: every side's PyTorch calls and kernels
     # are counted with the profiler.
     calls = {side: calls_per_step(fn, profiled_calls) for side, fn in sides.items()}
-    bound = predict_decode(
-        cfg,
-        max(bandwidth, measure_bandwidth()),
-        batch=batch_size,
-        context=prompt_tokens + new_tokens // 2,
-        bytes_per_weight=next(generator.model.parameters()).element_size(),
-    )
+    reads.append(measure_bandwidth())
+    bound = predict_decode(cfg, max(reads), batch=batch_size, context=context, bytes_per_weight=bpw)
     return GenerateBench(
         model=str(model_dir) if model_dir else f"{preset} (random weights)",
         batch_size=batch_size,
@@ -228,12 +236,19 @@ def _bench(
 
 
 def _speeds(
-    sides: dict[str, Greedy], new_tokens: int, repeats: int, prompt_total: int, decode_total: int
+    sides: dict[str, Greedy],
+    new_tokens: int,
+    repeats: int,
+    prompt_total: int,
+    decode_total: int,
+    between: Callable[[], object] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Prefill and decode tokens/s of each side, timed round-robin: the first new token costs
     the prefill, the rest of the time is decoding. The best sample of each is kept: on a
-    machine shared with other work, the least disturbed."""
-    fns = {
+    machine shared with other work, the least disturbed. `between`, if given, runs at the
+    start of every round (untimed)."""
+    fns: dict[str, Callable[[], object]] = {"": between} if between is not None else {}
+    fns |= {
         f"{side}_{n}": functools.partial(fn, n)
         for side, fn in sides.items()
         for n in (1, new_tokens)
