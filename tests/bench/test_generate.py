@@ -29,6 +29,7 @@ KEYS = [
     "eager_decode_tokens_per_s",
     "eager_calls_per_step",
     "no_reference",
+    "stolen_cpu",
 ]
 
 

@@ -1,4 +1,10 @@
+import time
+from pathlib import Path
+
+import pytest
+
 from moekit.bench.timing import (
+    StolenTime,
     calls_per_sample,
     fastest,
     medians,
@@ -60,3 +66,34 @@ def test_medians_fastest_and_prefixes():
 def test_seconds_times_one_call():
     fn, calls = _counter()
     assert seconds(fn) >= 0 and calls == [0]
+
+
+def _stat(path, steal, idle):
+    # user nice system idle iowait irq softirq steal guest guest_nice, then a CPU's own line
+    path.write_text(f"cpu  100 0 20 {idle} 0 0 0 {steal} 0 0\ncpu0 50 0 10 {idle} 0 0 0 0 0 0\n")
+
+
+def test_stolen_time_is_the_hypervisors_share_of_the_ticks_in_between(tmp_path):
+    stat = tmp_path / "stat"
+    _stat(stat, steal=10, idle=870)  # 1000 ticks since boot
+    with StolenTime(stat) as stolen:
+        _stat(stat, steal=40, idle=940)  # 100 more ticks, 30 of them stolen
+    assert stolen.share == pytest.approx(0.3)
+
+
+def test_stolen_time_is_none_where_it_cannot_be_read(tmp_path):
+    with StolenTime(tmp_path / "missing") as stolen:
+        pass
+    assert stolen.share is None
+    bad = tmp_path / "stat"
+    bad.write_text("intr 1 2 3\n")
+    with StolenTime(bad) as stolen:
+        pass
+    assert stolen.share is None
+
+
+def test_stolen_time_reads_this_machine():
+    with StolenTime() as stolen:
+        time.sleep(0.2)  # a few clock ticks of every CPU
+    if Path("/proc/stat").exists():
+        assert stolen.share is not None and 0.0 <= stolen.share <= 1.0

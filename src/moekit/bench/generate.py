@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moekit.bench.timing import round_robin
+from moekit.bench.timing import StolenTime, round_robin
 from moekit.infer.generate import Generator
 from moekit.infer.sampling import SamplingParams
 from moekit.interop import live
@@ -89,6 +89,9 @@ class GenerateBench:
     eager_decode_tokens_per_s: float | None = None
     eager_calls_per_step: int | None = None
     no_reference: str | None = None  # why transformers did not run (None: it ran)
+    # The share of CPU time the hypervisor gave to others during the timed runs (Linux; None
+    # elsewhere): above a few percent the timings are disturbed (moekit.bench.timing).
+    stolen_cpu: float | None = None
 
     @property
     def fraction_of_bound(self) -> float:
@@ -119,6 +122,7 @@ class GenerateBench:
             "eager_decode_tokens_per_s": self.eager_decode_tokens_per_s,
             "eager_calls_per_step": self.eager_calls_per_step,
             "no_reference": self.no_reference,
+            "stolen_cpu": self.stolen_cpu,
         }
 
 
@@ -207,7 +211,8 @@ def _bench(
     reads = [measure_bandwidth()]
     between = (lambda: reads.append(measure_bandwidth())) if per_step > READER_BYTES else None
     prompt_total, decode_total = batch_size * prompt_tokens, batch_size * (new_tokens - 1)
-    prefill, decode = _speeds(sides, new_tokens, repeats, prompt_total, decode_total, between)
+    with StolenTime() as stolen:
+        prefill, decode = _speeds(sides, new_tokens, repeats, prompt_total, decode_total, between)
     # Compiled code (the decode step, and the eager path's one-token kernels) is invisible to
     # a dispatch mode, and does not run under one: every side's PyTorch calls and kernels
     # are counted with the profiler.
@@ -232,6 +237,7 @@ def _bench(
         eager_decode_tokens_per_s=decode.get("eager"),
         eager_calls_per_step=calls.get("eager"),
         no_reference=alone if hf is None else None,
+        stolen_cpu=stolen.share,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 Candidates = Mapping[str, Callable[[], object]]
 
@@ -69,3 +70,37 @@ def with_prefix(times: Mapping[str, float], prefix: str) -> dict[str, float]:
 def fastest(times: Mapping[str, float]) -> str | None:
     """The name with the fewest seconds, or None when there is none."""
     return min(times, key=times.__getitem__) if times else None
+
+
+def _cpu_ticks(stat: Path) -> tuple[int, int] | None:
+    """(ticks stolen, ticks in all) over every CPU since boot, from Linux's /proc/stat (the
+    eighth number of its `cpu` line is the time a hypervisor ran something else while this
+    machine's virtual CPUs wanted to run); None where that cannot be read."""
+    try:
+        fields = stat.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(f) for f in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return ticks[7], sum(ticks)
+
+
+class StolenTime:
+    """The share of this machine's CPU time that its hypervisor gave to others while the
+    `with` block ran (Linux; `share` is None elsewhere). On a shared virtual machine this is
+    when timings stop meaning what they say: a thread that waits for its partner at a barrier
+    waits for as long as the partner's virtual CPU is descheduled."""
+
+    def __init__(self, stat: str | Path = "/proc/stat") -> None:
+        self.stat = Path(stat)
+        self.share: float | None = None
+
+    def __enter__(self) -> StolenTime:
+        self._start = _cpu_ticks(self.stat)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = _cpu_ticks(self.stat)
+        if self._start is not None and end is not None and end[1] > self._start[1]:
+            self.share = (end[0] - self._start[0]) / (end[1] - self._start[1])

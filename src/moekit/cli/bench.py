@@ -19,6 +19,10 @@ from moekit.cli.common import (
 )
 from moekit.cli.format import console, human, nbytes, print_json, table
 
+# A share of CPU time stolen by the hypervisor above which `bench generate` says its timings
+# are disturbed.
+STOLEN_WARN = 0.03
+
 
 def add_parser(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
@@ -203,6 +207,11 @@ def run_generate(args: argparse.Namespace) -> int:
         f"{bound.bandwidth / 1e9:.1f} GB/s = {bound.tokens_per_s:,.0f} tok/s predicted; "
         f"ours decodes at {result.fraction_of_bound:.0%} of it"
     )
+    if result.stolen_cpu is not None and result.stolen_cpu >= STOLEN_WARN:
+        print(
+            f"  note: the hypervisor gave {result.stolen_cpu:.0%} of this machine's CPU time "
+            "to others during the timed runs; timings are disturbed, run again when it is quieter"
+        )
     return 0
 
 
