@@ -9,8 +9,9 @@ moekit.moe.native builds the package's), so both live in one process. By default
 are int4 with groups of 32 in `olmoe-1b-7b`'s shape (64 experts, top-8, dim 2048, hidden 1024,
 random weights); `--float32` takes float32 experts of the 1.15B Mixtral-shaped model's shape
 instead (8 experts, top-2, dim 1024, hidden 3584). For 1, 2, 4 and 8 tokens the two builds
-alternate, each keeping its fastest pass over the eight layers; prints both times, the packed
-bytes read per second and whether the two outputs are bit-for-bit equal. Needs an AVX-512 CPU
+alternate, each keeping its fastest pass over the eight layers; prints both times, the stored
+bytes read per second (int4: the packed values with their scales and minimums) and whether
+the two outputs are bit-for-bit equal. Needs an AVX-512 CPU
 (where the kernels build) and, with `--float32`, about 3 GiB of memory.
 """
 
@@ -44,7 +45,8 @@ def build(source: Path, name: str) -> object:
 
 def experts(float32: bool) -> tuple[list[tuple[torch.Tensor, ...]], int, int, int, int]:
     """Each layer's stored tensors as the experts operator takes them, the bytes one expert's
-    three projections store, and (experts, top-k, dim)."""
+    three projections store (int4: packed values, scales and minimums), and (experts, top-k,
+    dim)."""
     num, k, dim, hidden = (8, 2, 1024, 3584) if float32 else (64, 8, 2048, 1024)
     layers = []
     for _ in range(LAYERS):

@@ -41,7 +41,8 @@ def main() -> None:
         for name, project in variants.items():
             router._project = project  # type: ignore[assignment]
             decoders[name] = CompiledDecoder(model)
-            caches[name] = KVCache(model.cfg, 1, 256, device=torch.device("cpu"))
+            length = 1 + 5 * args.rounds  # every step of the run
+            caches[name] = KVCache(model.cfg, 1, length, device=torch.device("cpu"))
             start = time.perf_counter()
             logits[name] = decoders[name].step(token, caches[name], live, None)
             print(f"{name}: compiled in {time.perf_counter() - start:.1f} s", flush=True)

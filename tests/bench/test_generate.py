@@ -177,11 +177,12 @@ def test_the_bound_reads_bandwidth_between_rounds_only_when_a_step_outreads_the_
     rounds too (the highest of all); a smaller model's rounds are left alone."""
     import moekit.bench.generate as gen
 
-    reads = iter(range(1, 100))
+    # The largest read comes second: between the rounds where they are read, else after them.
+    reads = iter([1e9, 9e9, 2e9, 3e9, 4e9])
     got = []
 
     def measure():
-        got.append(next(reads) * 1e9)
+        got.append(next(reads))
         return got[-1]
 
     monkeypatch.setattr(gen, "measure_bandwidth", measure)
@@ -190,5 +191,30 @@ def test_the_bound_reads_bandwidth_between_rounds_only_when_a_step_outreads_the_
     result = gen.bench_generate(
         tiny_model_dir, prompt_tokens=8, new_tokens=4, repeats=3, compile=False
     )
-    assert len(got) == (2 + 3 if streams else 2)  # before, (each round,) after
-    assert result.bound.bandwidth == max(got)
+    assert len(got) == (3 + 1 if streams else 2)  # each round's or one before; one after
+    assert result.bound.bandwidth == 9e9
+
+
+@pytest.mark.parametrize("stolen", [None, 0.0, 0.029, 0.05])
+def test_the_report_says_when_the_hypervisor_took_enough_to_disturb_it(capsys, stolen):
+    from moekit.cli.bench import STOLEN_WARN, print_generate
+
+    result = GenerateBench(
+        model="m",
+        batch_size=1,
+        prompt_tokens=8,
+        new_tokens=4,
+        prefill=PhaseSpeed(ours_tokens_per_s=300.0, hf_tokens_per_s=100.0),
+        decode=PhaseSpeed(ours_tokens_per_s=10.0, hf_tokens_per_s=20.0),
+        same_tokens=True,
+        hf_experts_implementation="grouped_mm",
+        ours_calls_per_step=100,
+        hf_calls_per_step=200,
+        bound=predict_decode(get_preset("demo"), 1e10),
+        stolen_cpu=stolen,
+    )
+    print_generate(result)
+    out = capsys.readouterr().out
+    assert "ours decodes at" in out
+    warned = stolen is not None and stolen >= STOLEN_WARN
+    assert ("the hypervisor gave 5% of this machine's CPU time" in out) == warned

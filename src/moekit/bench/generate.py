@@ -208,8 +208,10 @@ def _bench(
     context = prompt_tokens + new_tokens // 2
     bpw = next(generator.model.parameters()).element_size()
     per_step = step_bytes(cfg, batch=batch_size, context=context, bytes_per_weight=bpw).total
-    reads = [measure_bandwidth()]
+    reads: list[float] = []
     between = (lambda: reads.append(measure_bandwidth())) if per_step > READER_BYTES else None
+    if between is None:
+        reads.append(measure_bandwidth())  # else the first round starts with one
     prompt_total, decode_total = batch_size * prompt_tokens, batch_size * (new_tokens - 1)
     with StolenTime() as stolen:
         prefill, decode = _speeds(sides, new_tokens, repeats, prompt_total, decode_total, between)

@@ -103,4 +103,5 @@ class StolenTime:
     def __exit__(self, *exc: object) -> None:
         end = _cpu_ticks(self.stat)
         if self._start is not None and end is not None and end[1] > self._start[1]:
-            self.share = (end[0] - self._start[0]) / (end[1] - self._start[1])
+            share = (end[0] - self._start[0]) / (end[1] - self._start[1])
+            self.share = min(max(share, 0.0), 1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moekit.cli.bench_offload import add_offload_bench, run_generate_paged
 from moekit.cli.bench_prune import add_prune_bench
@@ -18,6 +18,9 @@ from moekit.cli.common import (
     training_errors,
 )
 from moekit.cli.format import console, human, nbytes, print_json, table
+
+if TYPE_CHECKING:
+    from moekit.bench.generate import GenerateBench
 
 # A share of CPU time stolen by the hypervisor above which `bench generate` says its timings
 # are disturbed.
@@ -167,7 +170,13 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     if args.json:
         print_json(result.to_dict())
-        return 0
+    else:
+        print_generate(result)
+    return 0
+
+
+def print_generate(result: GenerateBench) -> None:
+    """`bench generate`'s report, as text."""
     weights = "float32" if result.quantization is None else result.quantization
     print(
         f"greedy generation, {result.model}, batch {result.batch_size}, "
@@ -212,7 +221,6 @@ def run_generate(args: argparse.Namespace) -> int:
             f"  note: the hypervisor gave {result.stolen_cpu:.0%} of this machine's CPU time "
             "to others during the timed runs; timings are disturbed, run again when it is quieter"
         )
-    return 0
 
 
 # ---- serve ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <map>
 #include <vector>
 
@@ -72,6 +73,13 @@ inline void rows_dot(const float* w, int64_t ld, int64_t lo, int64_t hi, int64_t
   }
   for (; r < hi; ++r)
     for (size_t j = 0; j < xs.size(); ++j) outs[j][r] = dot1(w + r * ld, xs[j], n);
+}
+
+// A hint to fetch the line at `base` + `bytes` (which may lie past the end of the data a
+// prefetch runs ahead of: a prefetch never faults, and the address is formed as an integer).
+inline void prefetch(const void* base, int64_t bytes) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + bytes),
+               _MM_HINT_T0);
 }
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
@@ -131,11 +139,11 @@ struct Int4Weights {
     __m512 acc[R][NT];
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
-    const float* next_min = min + e * s_stride + (r0 + R) * groups;
+    const float* min0 = min + e * s_stride + r0 * groups;
     for (int64_t g = 0; g < groups; ++g) {
-      if (R > 1 && (g & 3) == 0) {  // a line per four groups: the next block's
-        _mm_prefetch(reinterpret_cast<const char*>(sr[0] + R * groups + R * g), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(next_min + R * g), _MM_HINT_T0);
+      if (R > 1 && (g & 3) == 0) {  // every fourth group: the next block's scales and minimums
+        prefetch(sr[0], (R * groups + R * g) * 4);
+        prefetch(min0, (R * groups + R * g) * 4);
       }
       __m512 part[R][NT];
       for (int i = 0; i < R; ++i)
@@ -143,7 +151,7 @@ struct Int4Weights {
       for (int64_t st = 0; st < steps; ++st) {
         const int64_t c = (g * steps + st) * 16;  // index into the even / odd columns
         if (R > 1)  // one line per step: the next R rows (R = 2: the next 2R) over the block
-          _mm_prefetch(reinterpret_cast<const char*>(qr[0] + R * half + 4 * c), _MM_HINT_T0);
+          prefetch(qr[0], R * half + 4 * c);
         __m512 xe[NT], xo[NT];
         for (int j = 0; j < NT; ++j) {
           xe[j] = _mm512_loadu_ps(xs[j] + c);
