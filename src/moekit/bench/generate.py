@@ -37,6 +37,7 @@ from moekit.interop.hf import choose_architecture
 from moekit.speed import (
     READER_BYTES,
     SpeedPrediction,
+    StepBytes,
     measure_bandwidth,
     predict_decode,
     step_bytes,
@@ -173,14 +174,7 @@ def _bench(
             f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceeds the model's "
             f"max_seq_len {cfg.max_seq_len}"
         )
-    # transformers cannot hold moekit's packed weights, nor compute a model no architecture
-    # of its represents (hierarchical routing): those are ours alone.
-    hf, alone = None, "it cannot compute from moekit's packed weights"
-    if cfg.quantization is None:
-        try:
-            hf = live.to_hf_model(choose_architecture(cfg), generator.model, cfg)
-        except UnsupportedError as e:
-            alone = "; ".join(line.strip() for line in str(e).splitlines())
+    hf, alone = _reference(generator)
     torch.manual_seed(seed)
     low = 2  # skip the special tokens
     prompts = torch.randint(low, cfg.vocab_size, (batch_size, prompt_tokens))
@@ -200,27 +194,22 @@ def _bench(
     same_tokens = None
     if "hf" in sides or compiled:
         same_tokens = ours_tokens == sides["hf" if "hf" in sides else "eager"](new_tokens)
-    # The bound's bandwidth: the highest of reads before and after the timed runs and, when a
-    # decode step itself reads more than the reader does (so the read leaves no cache colder
-    # than a step leaves it), before every round too: on a shared machine the bandwidth can
-    # move by 2x within a run, and the bound should come from the stretch of time it bounds.
-    # A smaller model's rounds are left alone (the read would empty the caches it runs from).
     context = prompt_tokens + new_tokens // 2
     bpw = next(generator.model.parameters()).element_size()
-    per_step = step_bytes(cfg, batch=batch_size, context=context, bytes_per_weight=bpw).total
-    reads: list[float] = []
-    between = (lambda: reads.append(measure_bandwidth())) if per_step > READER_BYTES else None
-    if between is None:
-        reads.append(measure_bandwidth())  # else the first round starts with one
+    reads = _BandwidthReads(
+        step_bytes(cfg, batch=batch_size, context=context, bytes_per_weight=bpw)
+    )
     prompt_total, decode_total = batch_size * prompt_tokens, batch_size * (new_tokens - 1)
     with StolenTime() as stolen:
-        prefill, decode = _speeds(sides, new_tokens, repeats, prompt_total, decode_total, between)
+        prefill, decode = _speeds(
+            sides, new_tokens, repeats, prompt_total, decode_total, reads.between
+        )
     # Compiled code (the decode step, and the eager path's one-token kernels) is invisible to
     # a dispatch mode, and does not run under one: every side's PyTorch calls and kernels
     # are counted with the profiler.
     calls = {side: calls_per_step(fn, profiled_calls) for side, fn in sides.items()}
-    reads.append(measure_bandwidth())
-    bound = predict_decode(cfg, max(reads), batch=batch_size, context=context, bytes_per_weight=bpw)
+    bandwidth = reads.highest()
+    bound = predict_decode(cfg, bandwidth, batch=batch_size, context=context, bytes_per_weight=bpw)
     return GenerateBench(
         model=str(model_dir) if model_dir else f"{preset} (random weights)",
         batch_size=batch_size,
@@ -241,6 +230,42 @@ def _bench(
         no_reference=alone if hf is None else None,
         stolen_cpu=stolen.share,
     )
+
+
+def _reference(generator: Generator) -> tuple[Any, str]:
+    """transformers' model holding the same weights, or None and why not: it cannot hold
+    moekit's packed weights, nor compute a model no architecture of its represents
+    (hierarchical routing); those are ours alone."""
+    cfg = generator.model.cfg
+    if cfg.quantization is not None:
+        return None, "it cannot compute from moekit's packed weights"
+    try:
+        return live.to_hf_model(choose_architecture(cfg), generator.model, cfg), ""
+    except UnsupportedError as e:
+        return None, "; ".join(line.strip() for line in str(e).splitlines())
+
+
+class _BandwidthReads:
+    """The bound's bandwidth: the highest of reads before and after the timed runs and, when a
+    decode step itself reads more than the reader does (so the read leaves no cache colder
+    than a step leaves it), before every round too (`between`): on a shared machine the
+    bandwidth can move by 2x within a run, and the bound should come from the stretch of time
+    it bounds. A smaller model's rounds are left alone (the read would empty the caches it
+    runs from)."""
+
+    def __init__(self, step: StepBytes) -> None:
+        self.reads: list[float] = []
+        self.between = self.read if step.total > READER_BYTES else None
+        if self.between is None:
+            self.read()  # else the first round starts with one
+
+    def read(self) -> None:
+        self.reads.append(measure_bandwidth())
+
+    def highest(self) -> float:
+        """The highest read, one more taken now."""
+        self.read()
+        return max(self.reads)
 
 
 def _speeds(
