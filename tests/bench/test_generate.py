@@ -132,10 +132,11 @@ def test_profiled_calls_count_the_operators_called_from_python():
     assert profiled_calls(lambda: torch.nn.functional.linear(x, w)) == 1
 
 
-def test_to_dict_has_the_json_keys_and_ratios():
-    result = GenerateBench(
+def _result(batch_size=2, stolen_cpu=None):
+    """A bench result with made-up speeds (300 / 100 tok/s prefill, 10 / 20 decode)."""
+    return GenerateBench(
         model="m",
-        batch_size=2,
+        batch_size=batch_size,
         prompt_tokens=8,
         new_tokens=4,
         prefill=PhaseSpeed(ours_tokens_per_s=300.0, hf_tokens_per_s=100.0),
@@ -144,9 +145,13 @@ def test_to_dict_has_the_json_keys_and_ratios():
         hf_experts_implementation="grouped_mm",
         ours_calls_per_step=100,
         hf_calls_per_step=200,
-        bound=predict_decode(get_preset("demo"), 1e10, batch=2),
+        bound=predict_decode(get_preset("demo"), 1e10, batch=batch_size),
+        stolen_cpu=stolen_cpu,
     )
-    data = result.to_dict()
+
+
+def test_to_dict_has_the_json_keys_and_ratios():
+    data = _result().to_dict()
     assert list(data) == KEYS
     assert data["ours_prefill_tokens_per_s"] == 300.0 and data["hf_decode_tokens_per_s"] == 20.0
     assert data["prefill_ours_over_hf"] == 3.0 and data["decode_ours_over_hf"] == 0.5
@@ -199,20 +204,7 @@ def test_the_bound_reads_bandwidth_between_rounds_only_when_a_step_outreads_the_
 def test_the_report_says_when_the_hypervisor_took_enough_to_disturb_it(capsys, stolen):
     from moekit.cli.bench import STOLEN_WARN, print_generate
 
-    result = GenerateBench(
-        model="m",
-        batch_size=1,
-        prompt_tokens=8,
-        new_tokens=4,
-        prefill=PhaseSpeed(ours_tokens_per_s=300.0, hf_tokens_per_s=100.0),
-        decode=PhaseSpeed(ours_tokens_per_s=10.0, hf_tokens_per_s=20.0),
-        same_tokens=True,
-        hf_experts_implementation="grouped_mm",
-        ours_calls_per_step=100,
-        hf_calls_per_step=200,
-        bound=predict_decode(get_preset("demo"), 1e10),
-        stolen_cpu=stolen,
-    )
+    result = _result(batch_size=1, stolen_cpu=stolen)
     print_generate(result)
     out = capsys.readouterr().out
     assert "ours decodes at" in out
