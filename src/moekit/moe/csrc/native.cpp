@@ -4,11 +4,11 @@
 // grouped_swiglu is the decode case of `moekit.moe.decode_kernel.grouped_swiglu`: each chosen
 // expert's weights are read by all threads at once, each over its own contiguous share of the
 // rows, with four rows in flight per thread (int4: two from three tokens up, the next rows
-// prefetched), once for all the tokens that chose it (int4: once per four such tokens). Two parallel passes: gate then up over the thread's
-// share of the hidden units, with the activation applied to that share as soon as both are
-// done; then the down projection split by output row (each output element is owned by one
-// thread, so no atomics). Built on first use by `moekit.moe.native`, which
-// says when these are used.
+// prefetched), once for all the tokens that chose it (int4: once per four such tokens). Two
+// parallel passes: gate then up over the thread's share of the hidden units, with the
+// activation applied to that share as soon as both are done; then the down projection split
+// by output row (each output element is owned by one thread, so no atomics). Built on first
+// use by `moekit.moe.native`, which says when these are used.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -124,8 +124,8 @@ struct Int4Weights {
   // Rows [r0, r0 + R) against NT inputs, sharing each load of the inputs; each row's
   // arithmetic is done in the same order whatever R is. While a block is read, the next
   // block's bytes, scales and minimums are prefetched (rows are contiguous, so the next
-  // block starts R rows on): one row at a time, without prefetching, read the packed weights
-  // at about 9 GB/s where the same code with them in cache ran twice as fast.
+  // block starts R rows on). Against one row at a time without prefetching this measured
+  // 1.4-1.7x on olmoe-1b-7b's experts, most of it from the prefetching (docs/benchmarks.md).
   template <int R, int NT>
   void rows_block(int64_t e, int64_t r0, const float* const* xs, float* const* outs) const {
     const int64_t groups = K / G, steps = G / 32, half = K / 2;
@@ -142,8 +142,8 @@ struct Int4Weights {
     const float* min0 = min + e * s_stride + r0 * groups;
     for (int64_t g = 0; g < groups; ++g) {
       if (R > 1 && (g & 3) == 0) {  // every fourth group: the next block's scales and minimums
-        prefetch(sr[0], (R * groups + R * g) * 4);
-        prefetch(min0, (R * groups + R * g) * 4);
+        prefetch(sr[0], (R * groups + R * g) * sizeof(float));
+        prefetch(min0, (R * groups + R * g) * sizeof(float));
       }
       __m512 part[R][NT];
       for (int i = 0; i < R; ++i)
