@@ -22,11 +22,22 @@
 
 namespace {
 
-// Sums of the products of four rows (`a`, stride `lda`) with `x`, all of length n.
+// A hint to fetch the line at `base` + `bytes` (which may lie past the end of the data a
+// prefetch runs ahead of: a prefetch never faults, and the address is formed as an integer).
+inline void prefetch(const void* base, int64_t bytes) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + bytes),
+               _MM_HINT_T0);
+}
+
+// Sums of the products of four rows (`a`, stride `lda`) with `x`, all of length n. With
+// `ahead`, the next four rows' lines are prefetched as these are read (one per row per step).
+template <bool ahead>
 inline void dot4(const float* a, int64_t lda, const float* x, int64_t n, float* out) {
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
+    if (ahead)
+      for (int i = 4; i < 8; ++i) prefetch(a, (i * lda + k) * sizeof(float));
     const __m512 xv = _mm512_loadu_ps(x + k);
     s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), xv, s0);
     s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + lda + k), xv, s1);
@@ -67,19 +78,15 @@ inline void rows_dot(const float* w, int64_t ld, int64_t lo, int64_t hi, int64_t
   int64_t r = lo;
   for (; r + 4 <= hi; r += 4) {
     for (size_t j = 0; j < xs.size(); ++j) {
-      dot4(w + r * ld, ld, xs[j], n, d);
+      if (j == 0)
+        dot4<true>(w + r * ld, ld, xs[j], n, d);
+      else
+        dot4<false>(w + r * ld, ld, xs[j], n, d);
       std::copy(d, d + 4, outs[j] + r);
     }
   }
   for (; r < hi; ++r)
     for (size_t j = 0; j < xs.size(); ++j) outs[j][r] = dot1(w + r * ld, xs[j], n);
-}
-
-// A hint to fetch the line at `base` + `bytes` (which may lie past the end of the data a
-// prefetch runs ahead of: a prefetch never faults, and the address is formed as an integer).
-inline void prefetch(const void* base, int64_t bytes) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + bytes),
-               _MM_HINT_T0);
 }
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
