@@ -3,8 +3,8 @@
 //
 // grouped_swiglu is the decode case of `moekit.moe.decode_kernel.grouped_swiglu`: each chosen
 // expert's weights are read by all threads at once, each over its own contiguous share of the
-// rows, with four rows in flight per thread (int4: two from three tokens up, the next rows
-// prefetched), once for all the tokens that chose it (int4: once per four such tokens). Two
+// rows, with four rows in flight per thread (int4: two from three tokens up) and the next
+// ones prefetched, once for all the tokens that chose it (int4: once per four such tokens). Two
 // parallel passes: gate then up over the thread's share of the hidden units, with the
 // activation applied to that share as soon as both are done; then the down projection split
 // by output row (each output element is owned by one thread, so no atomics). Built on first
