@@ -13,50 +13,21 @@ without AVX-512 both variants are the reductions (moekit.moe.decode_kernel.LIBRA
 
 from __future__ import annotations
 
-import argparse
-import time
-
-import torch
+from step_ab import Variant, arguments, model_of, report, time_steps
 
 import moekit.moe.decode_kernel as dk
-from moekit.infer.compiled import CompiledDecoder
-from moekit.model_dir import load_model
-from moekit.nn.kv_cache import KVCache
-from moekit.speed import measure_bandwidth
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("--rounds", type=int, default=8)
-    args = ap.parse_args()
-    model = load_model(args.model_dir).eval()
-    thresholds = {"before": 1 << 62, "after": dk.LIBRARY_MIN_ELEMENTS}
-    token, live = torch.tensor([[5]]), torch.ones(1, 1, dtype=torch.bool)
-    decoders, caches, logits = {}, {}, {}
-    with torch.inference_mode():
-        for name, threshold in thresholds.items():
-            dk.LIBRARY_MIN_ELEMENTS = threshold
-            decoders[name] = CompiledDecoder(model)
-            caches[name] = KVCache(model.cfg, 1, 256, device=torch.device("cpu"))
-            start = time.perf_counter()
-            logits[name] = decoders[name].step(token, caches[name], live, None)
-            print(f"{name}: compiled in {time.perf_counter() - start:.1f} s", flush=True)
-        best = dict.fromkeys(thresholds, float("inf"))
-        bandwidth = 0.0
-        for _ in range(args.rounds):
-            bandwidth = max(bandwidth, measure_bandwidth())
-            for name, threshold in thresholds.items():
-                dk.LIBRARY_MIN_ELEMENTS = threshold  # the guard picks that variant's graph
-                for _ in range(2):
-                    start = time.perf_counter()
-                    decoders[name].step(token, caches[name], live, None)
-                    best[name] = min(best[name], time.perf_counter() - start)
-    diff = (logits["before"] - logits["after"]).abs().max().item()
-    for name, seconds in best.items():
-        print(f"{name}: fastest step {seconds * 1e3:.1f} ms")
-    print(f"gain {best['before'] / best['after']:.3f}x; largest logit difference {diff:.1e}; "
-          f"bandwidth (fastest read) {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
+    args = arguments(__doc__, rounds=8).parse_args()
+    model = model_of(args.model_dir)
+
+    def threshold(elements: int) -> Variant:
+        return Variant(select=lambda: setattr(dk, "LIBRARY_MIN_ELEMENTS", elements))
+
+    variants = {"before": threshold(1 << 62), "after": threshold(dk.LIBRARY_MIN_ELEMENTS)}
+    steps = time_steps(model, variants, rounds=args.rounds, steps=2, read_bandwidth=True)
+    report(steps, digits=1)
 
 
 if __name__ == "__main__":
