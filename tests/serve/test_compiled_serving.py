@@ -62,6 +62,23 @@ def test_compiled_steps_answer_as_the_eager_engine(servers):
     assert f"moekit_compiled_decode_steps_total {engine.compiled.steps}" in metrics
 
 
+def test_the_default_cpp_driven_step_answers_as_the_eager_engine(
+    servers, tiny_model_dir, monkeypatch
+):
+    """The other tests here run the graph driven by Python (quicker to compile, see
+    conftest.py); a server's default is the C++-driven graph, with its routing outputs."""
+    monkeypatch.setenv("MOEKIT_CPP_WRAPPER", "1")
+    (eager, _), _ = servers
+    options = dict(max_batch=1, max_queue=8, max_tokens_limit=64)
+    with running_server(tiny_model_dir, compile=True, **options) as (url, engine):
+        assert engine.compiled.decoder._cpp
+        want, got = complete(eager, PROMPTS[0]), complete(url, PROMPTS[0])
+        assert engine.compiled.steps == 8
+        assert engine.compiled.decoder._cpp  # it ran C++-driven: no fallback to Python
+    assert got["text"] == want["text"]
+    same_routing(got["moekit"]["routing"], want["moekit"]["routing"])
+
+
 def test_batched_and_sampled_requests_match_the_eager_engine(servers):
     (eager, _), (url, engine) = servers
     # long enough that the two requests surely share decode steps
