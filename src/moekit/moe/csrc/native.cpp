@@ -4,7 +4,8 @@
 // grouped_swiglu is the decode case of `moekit.moe.decode_kernel.grouped_swiglu`: each chosen
 // expert's weights are read by all threads at once, each over its own contiguous share of the
 // rows, with four rows in flight per thread (int4: two from three tokens up) and the next
-// ones prefetched, once for all the tokens that chose it (int4: once per four such tokens). Two
+// ones prefetched, once for all the tokens that chose it, each load serving up to four of
+// those tokens. Two
 // parallel passes: gate then up over the thread's share of the hidden units, with the
 // activation applied to that share as soon as both are done; then the down projection split
 // by output row (each output element is owned by one thread, so no atomics). Built on first
@@ -29,33 +30,38 @@ inline void prefetch(const void* base, int64_t bytes) {
                _MM_HINT_T0);
 }
 
-// Sums of the products of four rows (`a`, stride `lda`) with `x`, all of length n. With
-// `ahead`, the next four rows' lines are prefetched as these are read (one per row per step).
-template <bool ahead>
-inline void dot4(const float* a, int64_t lda, const float* x, int64_t n, float* out) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+// Sums of the products of four rows (`a`, stride `lda`) with each of NT inputs `xs`, all of
+// length n, into outs[j][r + i], sharing each load of the rows between the inputs (each sum's
+// arithmetic in the same order whatever NT is). With `ahead`, the next four rows' lines are
+// prefetched as these are read (one per row per step).
+template <int NT, bool ahead>
+inline void dot4(const float* a, int64_t lda, const float* const* xs, int64_t n,
+                 float* const* outs, int64_t r) {
+  __m512 s[4][NT];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < NT; ++j) s[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
     if (ahead)
       for (int i = 4; i < 8; ++i) prefetch(a, (i * lda + k) * sizeof(float));
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), xv, s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + lda + k), xv, s1);
-    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 2 * lda + k), xv, s2);
-    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 3 * lda + k), xv, s3);
+    __m512 xv[NT];
+    for (int j = 0; j < NT; ++j) xv[j] = _mm512_loadu_ps(xs[j] + k);
+    for (int i = 0; i < 4; ++i) {
+      const __m512 av = _mm512_loadu_ps(a + i * lda + k);
+      for (int j = 0; j < NT; ++j) s[i][j] = _mm512_fmadd_ps(av, xv[j], s[i][j]);
+    }
   }
   if (k < n) {
     const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1u);
-    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), xv, s0);
-    s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + lda + k), xv, s1);
-    s2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + 2 * lda + k), xv, s2);
-    s3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + 3 * lda + k), xv, s3);
+    __m512 xv[NT];
+    for (int j = 0; j < NT; ++j) xv[j] = _mm512_maskz_loadu_ps(m, xs[j] + k);
+    for (int i = 0; i < 4; ++i) {
+      const __m512 av = _mm512_maskz_loadu_ps(m, a + i * lda + k);
+      for (int j = 0; j < NT; ++j) s[i][j] = _mm512_fmadd_ps(av, xv[j], s[i][j]);
+    }
   }
-  out[0] = _mm512_reduce_add_ps(s0);
-  out[1] = _mm512_reduce_add_ps(s1);
-  out[2] = _mm512_reduce_add_ps(s2);
-  out[3] = _mm512_reduce_add_ps(s3);
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < NT; ++j) outs[j][r + i] = _mm512_reduce_add_ps(s[i][j]);
 }
 
 inline float dot1(const float* a, const float* x, int64_t n) {
@@ -71,19 +77,31 @@ inline float dot1(const float* a, const float* x, int64_t n) {
 }
 
 // rows [lo, hi) of `w` (row stride `ld`, row length n) against each of `xs`:
-// out[j][r - base] = w[r] . xs[j]
+// out[j][r] = w[r] . xs[j]; four rows at a time against four inputs at a time (then two, then
+// one), the next rows prefetched while the first inputs read them.
+template <bool ahead>
+inline void rows_dot4(const float* w, int64_t ld, int64_t r, int64_t n, const float* const* xs,
+                      float* const* outs, size_t count) {
+  switch (count) {
+    case 4: dot4<4, ahead>(w + r * ld, ld, xs, n, outs, r); break;
+    case 2: dot4<2, ahead>(w + r * ld, ld, xs, n, outs, r); break;
+    case 1: dot4<1, ahead>(w + r * ld, ld, xs, n, outs, r); break;
+    default: break;
+  }
+}
+
 inline void rows_dot(const float* w, int64_t ld, int64_t lo, int64_t hi, int64_t n,
                      const std::vector<const float*>& xs, const std::vector<float*>& outs) {
-  float d[4];
   int64_t r = lo;
   for (; r + 4 <= hi; r += 4) {
-    for (size_t j = 0; j < xs.size(); ++j) {
-      if (j == 0)
-        dot4<true>(w + r * ld, ld, xs[j], n, d);
-      else
-        dot4<false>(w + r * ld, ld, xs[j], n, d);
-      std::copy(d, d + 4, outs[j] + r);
-    }
+    size_t j = 0;
+    for (const size_t count : {4, 2, 1})
+      for (; j + count <= xs.size(); j += count) {
+        if (j == 0)
+          rows_dot4<true>(w, ld, r, n, &xs[j], &outs[j], count);
+        else
+          rows_dot4<false>(w, ld, r, n, &xs[j], &outs[j], count);
+      }
   }
   for (; r < hi; ++r)
     for (size_t j = 0; j < xs.size(); ++j) outs[j][r] = dot1(w + r * ld, xs[j], n);
