@@ -5,11 +5,10 @@
 // expert's weights are read by all threads at once, each over its own contiguous share of the
 // rows, with four rows in flight per thread (int4: two from three tokens up) and the next
 // ones prefetched, once for all the tokens that chose it, each load serving up to four of
-// those tokens. Two
-// parallel passes: gate then up over the thread's share of the hidden units, with the
-// activation applied to that share as soon as both are done; then the down projection split
-// by output row (each output element is owned by one thread, so no atomics). Built on first
-// use by `moekit.moe.native`, which says when these are used.
+// those tokens. Two parallel passes: gate then up over the thread's share of the hidden
+// units, with the activation applied to that share as soon as both are done; then the down
+// projection split by output row (each output element is owned by one thread, so no
+// atomics). Built on first use by `moekit.moe.native`, which says when these are used.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
