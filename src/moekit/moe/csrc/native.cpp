@@ -75,9 +75,7 @@ inline float dot1(const float* a, const float* x, int64_t n) {
   return _mm512_reduce_add_ps(s);
 }
 
-// rows [lo, hi) of `w` (row stride `ld`, row length n) against each of `xs`:
-// out[j][r] = w[r] . xs[j]; four rows at a time against four inputs at a time (then two, then
-// one), the next rows prefetched while the first inputs read them.
+// Rows [r, r + 4) of `w` against `count` (4, 2 or 1) of the inputs.
 template <bool ahead>
 inline void rows_dot4(const float* w, int64_t ld, int64_t r, int64_t n, const float* const* xs,
                       float* const* outs, size_t count) {
@@ -89,6 +87,9 @@ inline void rows_dot4(const float* w, int64_t ld, int64_t r, int64_t n, const fl
   }
 }
 
+// rows [lo, hi) of `w` (row stride `ld`, row length n) against each of `xs`:
+// out[j][r] = w[r] . xs[j]; four rows at a time against four inputs at a time (then two, then
+// one), the next rows prefetched while the first inputs read them.
 inline void rows_dot(const float* w, int64_t ld, int64_t lo, int64_t hi, int64_t n,
                      const std::vector<const float*>& xs, const std::vector<float*>& outs) {
   int64_t r = lo;
